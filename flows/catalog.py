@@ -1,0 +1,98 @@
+"""Every runbook, what it is for, how it is triggered and what it may change. Plain data: the
+CLI lists and validates from here without importing Prefect or the flows."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tasks.models import Params
+from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
+
+if TYPE_CHECKING:
+    from prefect import Flow
+
+    from tasks.settings import Settings
+
+
+@dataclass(frozen=True)
+class Runbook:
+    name: str
+    entrypoint: str  # module:function
+    purpose: str
+    seeds: str
+    inventory: str  # the inventory section its targets come from
+    params: type[Params]
+    changes: str
+    destructive: bool
+    cron: str  # its schedule, UTC
+    # The parameters of scheduled runs; a manual run is always a dry run unless --apply.
+    scheduled: dict[str, Any] = field(default_factory=dict)
+    needs_jobs_table: bool = False
+
+    @property
+    def triggers(self) -> str:
+        mode = "applies" if not self.scheduled.get("dry_run", True) else "diagnose only"
+        return f"schedule `{self.cron}` ({mode}); manual"
+
+    def load(self) -> Flow[..., Any]:
+        module, function = self.entrypoint.split(":")
+        flow: Flow[..., Any] = getattr(importlib.import_module(module), function)
+        return flow
+
+    def targets(self, settings: Settings) -> list[str]:
+        """The inventory targets this runbook can run on."""
+        return sorted(
+            name for name, target in settings.postgres.items()
+            if not self.needs_jobs_table or target.jobs is not None
+        )
+
+
+RUNBOOKS: dict[str, Runbook] = {
+    rb.name: rb
+    for rb in (
+        Runbook(
+            name="postgres-connections",
+            entrypoint="flows.postgres_connections:postgres_connections",
+            purpose="Connections against max_connections, sessions idle in transaction, long "
+                    "queries, lock waits; cancels, then terminates, what is over the limits.",
+            seeds="000 s2, 002 s5, 003 Database Connection Issues, 004 s5 (DBPoolExhausted)",
+            inventory="postgres",
+            params=ConnectionsParams,
+            changes="cancels queries and terminates client backends (never superusers, "
+                    "replication or background workers; allow-lists and a cap per run)",
+            destructive=True,
+            cron="*/5 * * * *",
+            scheduled={"dry_run": True},
+        ),
+        Runbook(
+            name="postgres-maintenance",
+            entrypoint="flows.postgres_maintenance:postgres_maintenance",
+            purpose="Top queries (pg_stat_statements), dead tuples, vacuum/analyze age, table "
+                    "and index sizes; VACUUM (ANALYZE) of bloated tables.",
+            seeds="002 s1 and monthly checklist, 004 s2",
+            inventory="postgres",
+            params=MaintenanceParams,
+            changes="runs VACUUM (ANALYZE) on tables over the dead-tuple threshold, one at a "
+                    "time, with lock and statement timeouts",
+            destructive=False,
+            cron="30 3 * * *",
+            scheduled={"dry_run": False, "approval": "auto"},
+        ),
+        Runbook(
+            name="stuck-jobs",
+            entrypoint="flows.stuck_jobs:stuck_jobs",
+            purpose="Jobs left running longer than the threshold in a jobs table; resets them "
+                    "to pending in one transaction.",
+            seeds="004 s6 (crawler stuck jobs)",
+            inventory="postgres",
+            params=StuckJobsParams,
+            changes="UPDATEs stuck rows of the configured jobs table back to pending",
+            destructive=True,
+            cron="*/10 * * * *",
+            scheduled={"dry_run": False, "approval": "auto"},
+            needs_jobs_table=True,
+        ),
+    )
+}

@@ -1,0 +1,52 @@
+"""postgres-connections: pool exhaustion, leaked transactions, runaway queries, lock pile-ups
+(seeds 000 s2, 002 s5, 003 "Database Connection Issues", 004 s5)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.engine import finish, run_action, utcnow
+from tasks.gate import Approval, gate
+from tasks.models import Report
+from tasks.postgres import await_queries_ended, cancel_query, read_activity, terminate_backend
+from tasks.postgres_rules import ConnectionsParams, connection_findings, plan_connections
+from tasks.settings import load_settings
+
+RUNBOOK = "postgres-connections"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def postgres_connections(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: ConnectionsParams | None = None,
+) -> Report:
+    started = utcnow()
+    name, pg = load_settings().postgres_target(target)
+    p = ConnectionsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
+
+    # 1. diagnose
+    activity = read_activity(name, pg)
+    before = connection_findings(name, activity, pg, p)
+    # 2. plan
+    actions = plan_connections(name, activity, pg, p)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act: cancels first, a terminate only for queries that outlive the grace period
+    cancels = [a for a in approved if a.kind == "cancel_query"]
+    for action in cancels:
+        run_action(action, cancel_query, name, pg, action.args)
+    signalled = [a for a in cancels if a.detail == "cancelled"]
+    if signalled:
+        still = set(await_queries_ended(name, pg, [a.args for a in signalled],
+                                        p.cancel_grace_seconds))
+        for action in (a for a in signalled if a.args["pid"] in still):
+            run_action(action, terminate_backend, name, pg, action.args, "active")
+            action.detail = f"cancel ignored for {p.cancel_grace_seconds} s; {action.detail}"
+    for action in (a for a in approved if a.kind == "terminate_backend"):
+        run_action(action, terminate_backend, name, pg, action.args, "idle_in_transaction")
+    # 5. verify and report
+    after = connection_findings(name, read_activity(name, pg), pg, p) if approved else before
+    return finish(RUNBOOK, name, dry_run=dry_run, started_at=started, before=before,
+                  after=after, actions=actions)

@@ -1,0 +1,52 @@
+"""postgres-maintenance: slow queries, bloat and stale statistics (seed 002 s1 and its monthly
+checklist, 004 s2): VACUUM (ANALYZE) the tables over the dead-tuple threshold, one at a time."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.engine import finish, run_action, utcnow
+from tasks.gate import Approval, gate
+from tasks.models import Report
+from tasks.postgres import read_table_stats, read_top_queries, vacuum_table
+from tasks.postgres_rules import MaintenanceParams, maintenance_findings, plan_maintenance
+from tasks.settings import load_settings
+
+RUNBOOK = "postgres-maintenance"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def postgres_maintenance(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: MaintenanceParams | None = None,
+) -> Report:
+    started = utcnow()
+    name, pg = load_settings().postgres_target(target)
+    p = MaintenanceParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
+
+    # 1. diagnose
+    tables = read_table_stats(name, pg)
+    top = read_top_queries(name, pg, p.top_queries)
+    before = maintenance_findings(name, tables, top, p)
+    # 2. plan
+    actions = plan_maintenance(name, tables, p)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act: one table at a time, each bounded by lock and statement timeouts
+    vacuum = vacuum_table.with_options(timeout_seconds=p.vacuum_timeout_seconds + 30)
+    for action in approved:
+        run_action(action, vacuum, name, pg, action.args["schema_name"], action.args["table"],
+                   p.lock_timeout_seconds, p.vacuum_timeout_seconds)
+    # 5. verify and report: dead tuples before and after, per table
+    after = before
+    if approved:
+        tables = read_table_stats(name, pg)
+        after = maintenance_findings(name, tables, top, p)
+        dead = {(t.schema_name, t.table): t.dead_tuples for t in tables}
+        for action in approved:
+            now = dead.get((action.args["schema_name"], action.args["table"]))
+            action.detail += f"; dead tuples {action.args['dead_before']} -> {now}"
+    return finish(RUNBOOK, name, dry_run=dry_run, started_at=started, before=before,
+                  after=after, actions=actions)

@@ -1,0 +1,54 @@
+"""stuck-jobs: jobs left 'running' by a dead worker (seed 004 s6) go back to 'pending'."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.engine import finish, run_action, utcnow
+from tasks.errors import ConfigError
+from tasks.gate import Approval, gate
+from tasks.models import Report
+from tasks.postgres import find_stuck_jobs, reset_stuck_jobs
+from tasks.postgres_rules import StuckJobsParams, listing, plan_stuck_jobs, stuck_findings
+from tasks.settings import load_settings
+
+RUNBOOK = "stuck-jobs"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def stuck_jobs(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: StuckJobsParams | None = None,
+) -> Report:
+    started = utcnow()
+    name, pg = load_settings().postgres_target(target)
+    if pg.jobs is None:
+        raise ConfigError(
+            f"postgres target {name!r} has no jobs table: add [postgres.{name}.jobs] with "
+            "table = \"SCHEMA.TABLE\" (see README, Configuration)"
+        )
+    jobs = pg.jobs
+    p = StuckJobsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
+
+    # 1. diagnose
+    stuck = find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes)
+    before = stuck_findings(name, jobs, stuck, p, utcnow())
+    # 2. plan
+    actions = plan_stuck_jobs(name, jobs, stuck, p)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act: one transaction, only rows still stuck
+    for action in approved:
+        reset = run_action(action, reset_stuck_jobs, name, pg, jobs, action.args["ids"],
+                           p.stuck_after_minutes)
+        if reset is not None:
+            action.detail = f"reset {len(reset)} jobs: ids {listing(reset)}"
+    # 5. verify and report
+    after = before
+    if approved:
+        after = stuck_findings(name, jobs, find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes),
+                               p, utcnow())
+    return finish(RUNBOOK, name, dry_run=dry_run, started_at=started, before=before,
+                  after=after, actions=actions)

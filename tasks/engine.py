@@ -1,0 +1,165 @@
+"""What every runbook flow shares: the retryable task shape, running approved actions, and
+finishing a run (status, report, artifacts)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+from prefect import Task, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from tasks.errors import RunbookError, TargetUnreachable
+from tasks.models import Action, ActionStatus, Finding, Report, final_status
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry connection trouble only: never auth errors, bad config or a refused action."""
+    try:
+        state.result()
+    except TargetUnreachable as exc:
+        return exc.transient
+    except Exception:
+        return False
+    return False
+
+
+def io_task(
+    name: str, *, timeout_seconds: float = 60, retries: int = 2
+) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """One verb on one target: retried on transient connection errors, bounded in time.
+
+    No caching: inputs carry secrets and every run must look at the live system."""
+    return task(
+        name=name,
+        retries=retries,
+        retry_delay_seconds=[1, 3],
+        retry_condition_fn=_transient,
+        timeout_seconds=timeout_seconds,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+
+
+def run_action(action: Action, do: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | None:
+    """Carry out one approved action. Its outcome lands on the action (a str result becomes its
+    detail); a failure is logged, marks the run failed, and the report says which and why."""
+    try:
+        result = do(*args, **kwargs)
+    except RunbookError as exc:
+        action.status = ActionStatus.failed
+        action.detail = str(exc)
+        get_run_logger().error("%s on %s failed: %s", action.kind, action.target, exc)
+        return None
+    action.status = ActionStatus.done
+    if isinstance(result, str):
+        action.detail = result
+    return result
+
+
+def finish(
+    runbook: str,
+    target: str,
+    *,
+    dry_run: bool,
+    started_at: datetime,
+    before: list[Finding],
+    after: list[Finding],
+    actions: list[Action],
+) -> Report:
+    report = Report(
+        runbook=runbook,
+        target=target,
+        dry_run=dry_run,
+        status=final_status(before, after, actions),
+        findings=after,
+        actions=actions,
+        started_at=started_at,
+        finished_at=utcnow(),
+        flow_run_id=flow_run.get_id(),
+    )
+    publish(report, before)
+    log = get_run_logger()
+    log.log(
+        logging.INFO if report.exit_code == 0 else logging.WARNING,
+        "%s on %s: %s", runbook, target, report.status.value,
+    )
+    return report
+
+
+def artifact_key(runbook: str, target: str) -> str:
+    """Stable per runbook and target, so the UI shows a history; keys allow [a-z0-9-]."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"runbook-{runbook}-{target}".lower()).strip("-")
+
+
+def publish(report: Report, before: list[Finding]) -> None:
+    key = artifact_key(report.runbook, report.target)
+    create_markdown_artifact(
+        markdown=render_markdown(report, before),
+        key=key,
+        description=f"{report.runbook} on {report.target}: {report.status.value}",
+    )
+    rows: list[dict[str, Any]] = [
+        {"step": "finding", "name": f.check, "severity_or_status": f.severity.value,
+         "observed": str(f.observed), "message": f.message}
+        for f in report.findings
+    ] + [
+        {"step": "action", "name": a.kind, "severity_or_status": a.status.value,
+         "observed": a.target, "message": f"{a.description}. {a.detail}".strip()}
+        for a in report.actions
+    ]
+    create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: Report, before: list[Finding]) -> str:
+    lines = [
+        f"# {report.runbook} on `{report.target}`: **{report.status.value}**",
+        "",
+        f"dry run: {'yes' if report.dry_run else 'no'}; "
+        f"started {report.started_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"{(report.finished_at - report.started_at).total_seconds():.1f} s",
+        "",
+    ]
+    sections: list[tuple[str, list[Finding]]] = [("Findings", report.findings)]
+    if before != report.findings:
+        sections.insert(0, ("Found before acting", before))
+        sections[1] = ("After acting", report.findings)
+    for title, findings in sections:
+        lines += [f"## {title}", "", "| check | severity | observed | threshold | message |",
+                  "|---|---|---|---|---|"]
+        lines += [
+            f"| {_cell(f.check)} | {f.severity.value} | {_cell(f.observed)} | "
+            f"{_cell(f.threshold)} | {_cell(f.message)} |"
+            for f in findings
+        ]
+        lines.append("")
+    lines += ["## Actions", ""]
+    if report.actions:
+        lines += ["| action | target | destructive | status | detail |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {_cell(a.description)} | {_cell(a.target)} | {'yes' if a.destructive else 'no'} "
+            f"| {a.status.value} | {_cell(a.detail)} |"
+            for a in report.actions
+        ]
+    else:
+        lines.append("none needed")
+    return "\n".join(lines) + "\n"

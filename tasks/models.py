@@ -1,0 +1,110 @@
+"""Finding, Action and Report: the typed results of every runbook (DESIGN.md's report JSON)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import ConfigError
+
+
+class Severity(StrEnum):
+    ok = "ok"
+    warning = "warning"
+    critical = "critical"
+
+
+class ActionStatus(StrEnum):
+    planned = "planned"
+    skipped = "skipped"
+    done = "done"
+    failed = "failed"
+
+
+class RunStatus(StrEnum):
+    healthy = "healthy"
+    fixed = "fixed"
+    unhealthy = "unhealthy"
+    failed = "failed"
+
+
+class Finding(BaseModel):
+    check: str
+    target: str
+    severity: Severity
+    observed: Any = None
+    threshold: Any = None
+    message: str
+
+
+class Action(BaseModel):
+    kind: str
+    target: str
+    description: str
+    destructive: bool
+    status: ActionStatus = ActionStatus.planned
+    detail: str = ""
+    # What the act step needs to carry the action out (pid, table, ids). Not part of the report.
+    args: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+
+class Report(BaseModel):
+    runbook: str
+    target: str
+    dry_run: bool
+    status: RunStatus
+    findings: list[Finding]
+    actions: list[Action]
+    started_at: datetime
+    finished_at: datetime
+    flow_run_id: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {RunStatus.healthy: 0, RunStatus.fixed: 0, RunStatus.unhealthy: 1}.get(
+            self.status, 3
+        )
+
+
+def problems(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity is not Severity.ok]
+
+
+def final_status(before: list[Finding], after: list[Finding], actions: list[Action]) -> RunStatus:
+    """healthy: nothing was wrong; fixed: something was, actions ran and now nothing is;
+    unhealthy: problems remain; failed: an action failed."""
+    if any(a.status is ActionStatus.failed for a in actions):
+        return RunStatus.failed
+    if problems(after):
+        return RunStatus.unhealthy
+    if problems(before) and any(a.status is ActionStatus.done for a in actions):
+        return RunStatus.fixed
+    return RunStatus.healthy
+
+
+class Params(BaseModel):
+    """A runbook's tunable parameters. Set with --set key=value, from the Prefect UI, or per
+    target in the inventory's `thresholds`; values given for the run win over the target's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def resolve(cls, given: Params | None, target_values: dict[str, Any], where: str) -> Self:
+        data = {k: v for k, v in target_values.items() if k in cls.model_fields}
+        if given is not None:
+            data.update(given.model_dump(exclude_unset=True))
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {explain_params(cls, exc)}") from None
+
+
+def explain_params(cls: type[Params], exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
+    return f"{problems} (valid parameters: {', '.join(cls.model_fields)})"

@@ -1,0 +1,370 @@
+"""PostgreSQL: read-only checks and the few verbs the runbooks may use, one task each.
+
+Every connection has a connect timeout and a statement timeout; identifiers go through
+psycopg.sql.Identifier; signals and VACUUM run in autocommit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from pydantic import BaseModel
+
+from tasks.engine import io_task
+from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
+from tasks.settings import JobsTable, PostgresTarget
+
+CONNECT_TIMEOUT_SECONDS = 5
+APPLICATION_NAME = "runbook"
+# SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
+_PERMANENT = {"28P01", "28000", "3D000"}
+
+
+@contextmanager
+def connect(
+    name: str, target: PostgresTarget, *, statement_timeout_s: float = 30,
+    lock_timeout_s: float = 5, autocommit: bool = True,
+) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    options = (
+        f"-c statement_timeout={int(statement_timeout_s * 1000)} "
+        f"-c lock_timeout={int(lock_timeout_s * 1000)}"
+    )
+    try:
+        conn = psycopg.connect(
+            target.dsn.get_secret_value(), connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            autocommit=autocommit, application_name=APPLICATION_NAME, options=options,
+            row_factory=dict_row,
+        )
+    except psycopg.OperationalError as exc:
+        permanent = exc.sqlstate in _PERMANENT
+        fix = ("check the credentials and database name in its dsn" if permanent
+               else "check that the server is up and the dsn's host and port")
+        raise TargetUnreachable(
+            f"postgres target {name!r} ({target.description}): cannot connect: "
+            f"{_first_line(exc)}; {fix}",
+            transient=not permanent,
+        ) from exc
+    try:
+        with conn:
+            yield conn
+    except psycopg.OperationalError as exc:
+        raise TargetUnreachable(
+            f"postgres target {name!r} ({target.description}): connection lost: {_first_line(exc)}",
+            transient=True,
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# --- connections -------------------------------------------------------------------------
+
+
+class Backend(BaseModel):
+    pid: int
+    backend_type: str
+    usename: str | None
+    datname: str | None
+    application_name: str
+    state: str | None
+    wait_event_type: str | None
+    wait_event: str | None
+    backend_start: datetime
+    xact_start: datetime | None
+    query_start: datetime | None
+    state_change: datetime | None
+    blocked_by: list[int]
+    superuser: bool
+    ours: bool
+
+
+class Activity(BaseModel):
+    now: datetime
+    max_connections: int
+    backends: list[Backend]
+
+
+_ACTIVITY = """
+SELECT a.pid, a.backend_type, a.usename, a.datname, coalesce(a.application_name, '')
+         AS application_name,
+       a.state, a.wait_event_type, a.wait_event, a.backend_start, a.xact_start,
+       a.query_start, a.state_change, pg_blocking_pids(a.pid) AS blocked_by,
+       coalesce(r.rolsuper, false) AS superuser, a.pid = pg_backend_pid() AS ours
+FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
+"""
+
+
+@io_task("read-activity", timeout_seconds=45)
+def read_activity(name: str, target: PostgresTarget) -> Activity:
+    with connect(name, target) as conn:
+        head = conn.execute(
+            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections"
+        ).fetchone()
+        assert head is not None
+        rows = conn.execute(_ACTIVITY).fetchall()
+    return Activity(now=head["now"], max_connections=head["max_connections"],
+                    backends=[Backend(**r) for r in rows])
+
+
+# The WHERE clauses below make each signal idempotent and pid-reuse safe: a backend is
+# signalled only while it is still the same backend in the same state as when planned.
+_CANCEL = """
+SELECT pg_cancel_backend(pid) AS ok FROM pg_stat_activity
+WHERE pid = %(pid)s AND backend_start = %(backend_start)s AND query_start = %(query_start)s
+  AND state = 'active'
+"""
+_STILL_RUNNING = """
+SELECT pid FROM pg_stat_activity
+WHERE pid = ANY(%(pids)s) AND state = 'active' AND (pid, query_start) IN (
+  SELECT * FROM unnest(%(pids)s::int[], %(starts)s::timestamptz[]))
+"""
+_TERMINATE = """
+SELECT pg_terminate_backend(pid, 5000) AS ok FROM pg_stat_activity
+WHERE pid = %(pid)s AND backend_start = %(backend_start)s AND {condition}
+"""
+
+
+def _signal(name: str, target: PostgresTarget, query: str | sql.Composed,
+            args: dict[str, Any]) -> bool | None:
+    """True: signalled; None: the backend is no longer in the planned state."""
+    with connect(name, target) as conn:
+        try:
+            row = conn.execute(query, args).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ActionFailed(
+                f"postgres target {name!r}: not allowed to signal pid {args['pid']}: "
+                f"{_first_line(exc)}; grant pg_signal_backend to the runbook's role"
+            ) from exc
+    if row is None:
+        return None
+    if not row["ok"]:
+        raise ActionFailed(
+            f"postgres target {name!r}: pid {args['pid']} did not end within 5 s of the signal"
+        )
+    return True
+
+
+@io_task("cancel-query", timeout_seconds=30)
+def cancel_query(name: str, target: PostgresTarget, args: dict[str, Any]) -> str:
+    if _signal(name, target, _CANCEL, args) is None:
+        return "query had already finished"
+    return "cancelled"
+
+
+@io_task("await-queries-ended", timeout_seconds=600)
+def await_queries_ended(
+    name: str, target: PostgresTarget, queries: list[dict[str, Any]], grace_seconds: float
+) -> list[int]:
+    """Wait up to grace_seconds for cancelled queries to end; return the pids still running."""
+    args = {"pids": [q["pid"] for q in queries], "starts": [q["query_start"] for q in queries]}
+    deadline = time.monotonic() + grace_seconds
+    while True:
+        with connect(name, target) as conn:
+            running = [r["pid"] for r in conn.execute(_STILL_RUNNING, args).fetchall()]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+@io_task("terminate-backend", timeout_seconds=30)
+def terminate_backend(name: str, target: PostgresTarget, args: dict[str, Any], when: str) -> str:
+    """End a backend that is still `when`: idle_in_transaction or active (a query that ignored
+    its cancel)."""
+    condition = {
+        "idle_in_transaction": "state = 'idle in transaction' AND state_change = %(state_change)s",
+        "active": "state = 'active' AND query_start = %(query_start)s",
+    }[when]
+    if _signal(name, target, _TERMINATE.format(condition=condition), args) is None:
+        return "backend had already ended or moved on"
+    return "terminated"
+
+
+# --- maintenance ---------------------------------------------------------------------------
+
+
+class TableStats(BaseModel):
+    schema_name: str
+    table: str
+    live_tuples: int
+    dead_tuples: int
+    last_vacuum: datetime | None
+    last_autovacuum: datetime | None
+    last_analyze: datetime | None
+    last_autoanalyze: datetime | None
+    table_bytes: int
+    index_bytes: int
+    total_bytes: int
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema_name}.{self.table}"
+
+    @property
+    def dead_ratio(self) -> float:
+        total = self.live_tuples + self.dead_tuples
+        return self.dead_tuples / total if total else 0.0
+
+
+_TABLE_STATS = """
+SELECT s.schemaname AS schema_name, s.relname AS table, s.n_live_tup AS live_tuples,
+       s.n_dead_tup AS dead_tuples, s.last_vacuum, s.last_autovacuum, s.last_analyze,
+       s.last_autoanalyze, pg_table_size(s.relid) AS table_bytes,
+       pg_indexes_size(s.relid) AS index_bytes, pg_total_relation_size(s.relid) AS total_bytes
+FROM pg_stat_user_tables s ORDER BY total_bytes DESC
+"""
+
+
+@io_task("read-table-stats", timeout_seconds=60)
+def read_table_stats(name: str, target: PostgresTarget) -> list[TableStats]:
+    with connect(name, target) as conn:
+        return [TableStats(**r) for r in conn.execute(_TABLE_STATS).fetchall()]
+
+
+class QueryStat(BaseModel):
+    query: str
+    calls: int
+    total_ms: float
+    mean_ms: float
+    rows: int
+
+
+class TopQueries(BaseModel):
+    available: bool
+    reason: str = ""
+    by_total: list[QueryStat] = []
+    by_mean: list[QueryStat] = []
+
+
+_TOP_QUERIES = sql.SQL("""
+SELECT left(query, 300) AS query, calls, total_exec_time AS total_ms, mean_exec_time AS mean_ms,
+       rows
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY {order} DESC LIMIT %(limit)s
+""")
+
+
+@io_task("read-top-queries", timeout_seconds=60)
+def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQueries:
+    with connect(name, target) as conn:
+        installed = conn.execute(
+            "SELECT extnamespace::regnamespace::text AS schema FROM pg_extension "
+            "WHERE extname = 'pg_stat_statements'"
+        ).fetchone()
+        if installed is None:
+            return TopQueries(available=False, reason=(
+                "pg_stat_statements is not installed in this database: run CREATE EXTENSION "
+                "pg_stat_statements (it also needs shared_preload_libraries)"))
+        conn.execute(sql.SQL("SET search_path = {}, pg_catalog").format(
+            sql.Identifier(installed["schema"])))
+        try:
+            ranked = {
+                order: [QueryStat(**r) for r in conn.execute(
+                    _TOP_QUERIES.format(order=sql.Identifier(order)), {"limit": limit}
+                ).fetchall()]
+                for order in ("total_exec_time", "mean_exec_time")
+            }
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            return TopQueries(available=False, reason=(
+                f"pg_stat_statements cannot be read: {_first_line(exc)}; add it to "
+                "shared_preload_libraries and restart the server"))
+    return TopQueries(available=True, by_total=ranked["total_exec_time"],
+                      by_mean=ranked["mean_exec_time"])
+
+
+@io_task("vacuum-table", timeout_seconds=3600, retries=1)
+def vacuum_table(
+    name: str, target: PostgresTarget, schema_name: str, table: str,
+    lock_timeout_s: float, statement_timeout_s: float,
+) -> str:
+    with connect(name, target, statement_timeout_s=statement_timeout_s,
+                 lock_timeout_s=lock_timeout_s) as conn:
+        try:
+            conn.execute(sql.SQL("VACUUM (ANALYZE) {}.{}").format(
+                sql.Identifier(schema_name), sql.Identifier(table)))
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            raise ActionFailed(
+                f"postgres target {name!r}: VACUUM of {schema_name}.{table} gave up: "
+                f"{_first_line(exc)} (lock_timeout {lock_timeout_s} s, statement_timeout "
+                f"{statement_timeout_s} s); retry off-peak or raise the timeouts"
+            ) from exc
+    return "vacuumed and analyzed"
+
+
+# --- jobs table --------------------------------------------------------------------------
+
+
+class StuckJobs(BaseModel):
+    ids: list[Any]
+    oldest_started: datetime | None
+
+
+def _jobs_sql(jobs: JobsTable) -> dict[str, sql.Composable]:
+    return {
+        "table": sql.Identifier(*jobs.table_parts),
+        "id": sql.Identifier(jobs.id_column),
+        "status": sql.Identifier(jobs.status_column),
+        "started": sql.Identifier(jobs.started_column),
+    }
+
+
+_STUCK_WHERE = (
+    "{status} = %(running)s AND {started} < now() - make_interval(mins => %(minutes)s)"
+)
+
+
+@contextmanager
+def _jobs_errors(name: str, jobs: JobsTable) -> Iterator[None]:
+    try:
+        yield
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
+            psycopg.errors.InvalidSchemaName) as exc:
+        raise ConfigError(
+            f"[postgres.{name}.jobs]: {_first_line(exc)} (table {jobs.table!r}, columns "
+            f"{jobs.id_column!r}, {jobs.status_column!r}, {jobs.started_column!r}); correct "
+            "the table and column names in the config"
+        ) from exc
+    except psycopg.DatabaseError as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            raise
+        raise TargetError(
+            f"postgres target {name!r}: jobs table {jobs.table!r}: {_first_line(exc)}"
+        ) from exc
+
+
+@io_task("find-stuck-jobs", timeout_seconds=60)
+def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable,
+                    minutes: int) -> StuckJobs:
+    query = sql.SQL(
+        "SELECT {id} AS id, {started} AS started FROM {table} WHERE " + _STUCK_WHERE
+        + " ORDER BY {started}"
+    ).format(**_jobs_sql(jobs))
+    with connect(name, target) as conn, _jobs_errors(name, jobs):
+        rows = conn.execute(query, {"running": jobs.running_value, "minutes": minutes}).fetchall()
+    return StuckJobs(ids=[r["id"] for r in rows],
+                     oldest_started=rows[0]["started"] if rows else None)
+
+
+@io_task("reset-stuck-jobs", timeout_seconds=120)
+def reset_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, ids: list[Any],
+                     minutes: int) -> list[Any]:
+    """Back to pending, in one transaction, only rows that are still stuck; returns the ids."""
+    parts = _jobs_sql(jobs)
+    assignments = [sql.SQL("{status} = %(pending)s").format(**parts)]
+    if jobs.clear_started:
+        assignments.append(sql.SQL("{started} = NULL").format(**parts))
+    query = sql.SQL(
+        "UPDATE {table} SET {assign} WHERE {id} = ANY(%(ids)s) AND " + _STUCK_WHERE
+        + " RETURNING {id} AS id"
+    ).format(assign=sql.SQL(", ").join(assignments), **parts)
+    with connect(name, target, autocommit=False) as conn, _jobs_errors(name, jobs):
+        rows = conn.execute(query, {"pending": jobs.pending_value, "running": jobs.running_value,
+                                    "minutes": minutes, "ids": ids}).fetchall()
+    return [r["id"] for r in rows]

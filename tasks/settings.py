@@ -1,0 +1,175 @@
+"""Settings and inventory: a TOML file (path in RUNBOOK_CONFIG, default ./runbook.toml) with
+environment overrides (prefix RUNBOOK_, nested delimiter __), e.g.
+RUNBOOK_POSTGRES__MAIN__DSN=postgresql://app@127.0.0.1:5432/app.
+
+Every problem becomes one ConfigError that names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tasks.errors import ConfigError
+from tasks.postgres_rules import THRESHOLD_NAMES
+
+DEFAULT_CONFIG = "runbook.toml"
+ENV_PREFIX = "RUNBOOK_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobsTable(_Strict):
+    """A queue of jobs kept in a table (seed 004 section 6: crawler.job)."""
+
+    table: str = Field(description="table name, may be schema-qualified: crawler.job")
+    id_column: str = "id"
+    status_column: str = "status"
+    running_value: str = "running"
+    pending_value: str = "pending"
+    started_column: str = "startedat"
+    clear_started: bool = True
+
+    @field_validator("table")
+    @classmethod
+    def _one_or_two_parts(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError("must be TABLE or SCHEMA.TABLE")
+        return value
+
+    @property
+    def table_parts(self) -> tuple[str, ...]:
+        return tuple(self.table.split("."))
+
+
+class PostgresTarget(_Strict):
+    dsn: SecretStr
+    # Unset: no narrowing beyond the built-in rules (client backends, not superusers, not us).
+    allow_roles: list[str] | None = None
+    allow_databases: list[str] | None = None
+    allow_applications: list[str] | None = None
+    jobs: JobsTable | None = None
+    # Per-target values for a runbook's thresholds, e.g. idle_in_transaction_seconds = 300.
+    thresholds: dict[str, int | float] = Field(default_factory=dict)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, int | float]) -> dict[str, int | float]:
+        unknown = sorted(set(value) - THRESHOLD_NAMES)
+        if unknown:
+            raise ValueError(
+                f"unknown {', '.join(unknown)}; known: {', '.join(sorted(THRESHOLD_NAMES))}"
+            )
+        return value
+
+    @property
+    def description(self) -> str:
+        return describe_dsn(self.dsn)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    postgres: dict[str, PostgresTarget] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init values; the environment overrides it.
+        return env_settings, init_settings
+
+    def postgres_target(self, name: str | None) -> tuple[str, PostgresTarget]:
+        return _pick("postgres", self.postgres, name)
+
+
+def _pick(kind: str, targets: dict[str, Any], name: str | None) -> tuple[str, Any]:
+    names = ", ".join(sorted(targets)) or "none"
+    if name is None:
+        if len(targets) == 1:
+            return next(iter(targets.items()))
+        if not targets:
+            raise ConfigError(
+                f"no {kind} target is configured in {config_path()}: add a [{kind}.NAME] "
+                f"section (see README, Configuration) or set {ENV_PREFIX}{kind.upper()}__NAME__..."
+            )
+        raise ConfigError(f"several {kind} targets are configured ({names}): pass --target NAME")
+    if name not in targets:
+        raise ConfigError(
+            f"unknown {kind} target {name!r} in {config_path()}; configured: {names}. "
+            f"Add a [{kind}.{name}] section or pass one of those with --target."
+        )
+    return name, targets[name]
+
+
+def describe_dsn(dsn: SecretStr) -> str:
+    """host:port/dbname user=... of a DSN, never its password."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(dsn.get_secret_value())
+    except psycopg.ProgrammingError:
+        return "<unparsable dsn>"
+    host = parts.get("host") or "local socket"
+    port, dbname, user = parts.get("port") or 5432, parts.get("dbname"), parts.get("user")
+    return f"{host}:{port}/{dbname or '?'} user={user or '?'}"
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(f"{ENV_PREFIX}CONFIG", DEFAULT_CONFIG))
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    path = path or config_path()
+    explicit = path != Path(DEFAULT_CONFIG) or f"{ENV_PREFIX}CONFIG" in os.environ
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}. Fix the syntax there.") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    elif explicit:
+        raise ConfigError(
+            f"{path}: no such file ({ENV_PREFIX}CONFIG points at it). Create it, or unset "
+            f"{ENV_PREFIX}CONFIG to use ./{DEFAULT_CONFIG}."
+        )
+    # RUNBOOK_CONFIG is ours, not a setting: keep it out of the environment source's view.
+    saved = os.environ.pop(f"{ENV_PREFIX}CONFIG", None)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(path, exc)) from None
+    finally:
+        if saved is not None:
+            os.environ[f"{ENV_PREFIX}CONFIG"] = saved
+
+
+def _explain(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(p) for p in err["loc"])
+        env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        if err["type"] == "extra_forbidden":
+            fix = "remove it or correct its spelling"
+        elif err["type"] == "missing":
+            fix = f"add it to {path} or set {env}"
+        else:
+            fix = f"correct it in {path} or {env}"
+        lines.append(f"{path}: {key}: {err['msg']}; {fix}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
