@@ -31,9 +31,7 @@ def _bindir() -> Path:
     pg_ctl = shutil.which("pg_ctl")
     if pg_ctl:
         return Path(pg_ctl).parent
-    raise RuntimeError(
-        "no PostgreSQL server binaries (pg_ctl) found: apt-get install postgresql"
-    )
+    raise RuntimeError("no PostgreSQL server binaries (pg_ctl) found: apt-get install postgresql")
 
 
 class LocalPostgres:
@@ -63,8 +61,16 @@ class LocalPostgres:
     def start(self) -> LocalPostgres:
         if not self.data.exists():
             self._run(
-                str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                "-A", "trust", "-E", "UTF8", "--no-sync",
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
             )
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
@@ -72,8 +78,17 @@ class LocalPostgres:
             f"-c max_connections={self.max_connections}"
         )
         self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"),
-            "-w", "-t", "60", "-o", options, "start",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
         )
         return self
 
@@ -87,8 +102,15 @@ class LocalPostgres:
     def stop(self, *, remove: bool = True) -> None:
         if (self.data / "postmaster.pid").exists():
             with contextlib.suppress(subprocess.SubprocessError):
-                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                          "-w", "stop")
+                self._run(
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                )
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -44,7 +44,8 @@ class Runbook:
     def targets(self, settings: Settings) -> list[str]:
         """The inventory targets this runbook can run on."""
         return sorted(
-            name for name, target in settings.postgres.items()
+            name
+            for name, target in settings.postgres.items()
             if not self.needs_jobs_table or target.jobs is not None
         )
 
@@ -56,12 +57,12 @@ RUNBOOKS: dict[str, Runbook] = {
             name="postgres-connections",
             entrypoint="flows.postgres_connections:postgres_connections",
             purpose="Connections against max_connections, sessions idle in transaction, long "
-                    "queries, lock waits; cancels, then terminates, what is over the limits.",
+            "queries, lock waits; cancels, then terminates, what is over the limits.",
             seeds="000 s2, 002 s5, 003 Database Connection Issues, 004 s5 (DBPoolExhausted)",
             inventory="postgres",
             params=ConnectionsParams,
             changes="cancels queries and terminates client backends (never superusers, "
-                    "replication or background workers; allow-lists and a cap per run)",
+            "replication or background workers; allow-lists and a cap per run)",
             destructive=True,
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
@@ -70,12 +71,12 @@ RUNBOOKS: dict[str, Runbook] = {
             name="postgres-maintenance",
             entrypoint="flows.postgres_maintenance:postgres_maintenance",
             purpose="Top queries (pg_stat_statements), dead tuples, vacuum/analyze age, table "
-                    "and index sizes; VACUUM (ANALYZE) of bloated tables.",
+            "and index sizes; VACUUM (ANALYZE) of bloated tables.",
             seeds="002 s1 and monthly checklist, 004 s2",
             inventory="postgres",
             params=MaintenanceParams,
             changes="runs VACUUM (ANALYZE) on tables over the dead-tuple threshold, one at a "
-                    "time, with lock and statement timeouts",
+            "time, with lock and statement timeouts",
             destructive=False,
             cron="30 3 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
@@ -84,7 +85,7 @@ RUNBOOKS: dict[str, Runbook] = {
             name="stuck-jobs",
             entrypoint="flows.stuck_jobs:stuck_jobs",
             purpose="Jobs left running longer than the threshold in a jobs table; resets them "
-                    "to pending in one transaction.",
+            "to pending in one transaction.",
             seeds="004 s6 (crawler stuck jobs)",
             inventory="postgres",
             params=StuckJobsParams,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.engine import finish, run_action, utcnow
+from tasks.engine import finish, run_action
 from tasks.gate import Approval, gate
-from tasks.models import Report
+from tasks.models import Report, utcnow
 from tasks.postgres import await_queries_ended, cancel_query, read_activity, terminate_backend
 from tasks.postgres_rules import ConnectionsParams, connection_findings, plan_connections
 from tasks.settings import load_settings
@@ -39,8 +39,9 @@ def postgres_connections(
         run_action(action, cancel_query, name, pg, action.args)
     signalled = [a for a in cancels if a.detail == "cancelled"]
     if signalled:
-        still = set(await_queries_ended(name, pg, [a.args for a in signalled],
-                                        p.cancel_grace_seconds))
+        still = set(
+            await_queries_ended(name, pg, [a.args for a in signalled], p.cancel_grace_seconds)
+        )
         for action in (a for a in signalled if a.args["pid"] in still):
             run_action(action, terminate_backend, name, pg, action.args, "active")
             action.detail = f"cancel ignored for {p.cancel_grace_seconds} s; {action.detail}"
@@ -48,5 +49,12 @@ def postgres_connections(
         run_action(action, terminate_backend, name, pg, action.args, "idle_in_transaction")
     # 5. verify and report
     after = connection_findings(name, read_activity(name, pg), pg, p) if approved else before
-    return finish(RUNBOOK, name, dry_run=dry_run, started_at=started, before=before,
-                  after=after, actions=actions)
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )

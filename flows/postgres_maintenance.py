@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.engine import finish, run_action, utcnow
+from tasks.engine import finish, run_action
 from tasks.gate import Approval, gate
-from tasks.models import Report
+from tasks.models import Report, utcnow
 from tasks.postgres import read_table_stats, read_top_queries, vacuum_table
 from tasks.postgres_rules import MaintenanceParams, maintenance_findings, plan_maintenance
 from tasks.settings import load_settings
@@ -37,8 +37,16 @@ def postgres_maintenance(
     # 4. act: one table at a time, each bounded by lock and statement timeouts
     vacuum = vacuum_table.with_options(timeout_seconds=p.vacuum_timeout_seconds + 30)
     for action in approved:
-        run_action(action, vacuum, name, pg, action.args["schema_name"], action.args["table"],
-                   p.lock_timeout_seconds, p.vacuum_timeout_seconds)
+        run_action(
+            action,
+            vacuum,
+            name,
+            pg,
+            action.args["schema_name"],
+            action.args["table"],
+            p.lock_timeout_seconds,
+            p.vacuum_timeout_seconds,
+        )
     # 5. verify and report: dead tuples before and after, per table
     after = before
     if approved:
@@ -48,5 +56,12 @@ def postgres_maintenance(
         for action in approved:
             now = dead.get((action.args["schema_name"], action.args["table"]))
             action.detail += f"; dead tuples {action.args['dead_before']} -> {now}"
-    return finish(RUNBOOK, name, dry_run=dry_run, started_at=started, before=before,
-                  after=after, actions=actions)
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )

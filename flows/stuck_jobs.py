@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.engine import finish, run_action, utcnow
+from tasks.engine import finish, run_action
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
-from tasks.models import Report
+from tasks.models import Report, utcnow
 from tasks.postgres import find_stuck_jobs, reset_stuck_jobs
 from tasks.postgres_rules import StuckJobsParams, listing, plan_stuck_jobs, stuck_findings
 from tasks.settings import load_settings
@@ -27,7 +27,7 @@ def stuck_jobs(
     if pg.jobs is None:
         raise ConfigError(
             f"postgres target {name!r} has no jobs table: add [postgres.{name}.jobs] with "
-            "table = \"SCHEMA.TABLE\" (see README, Configuration)"
+            'table = "SCHEMA.TABLE" (see README, Configuration)'
         )
     jobs = pg.jobs
     p = StuckJobsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
@@ -41,14 +41,23 @@ def stuck_jobs(
     approved = gate(actions, dry_run=dry_run, approval=approval)
     # 4. act: one transaction, only rows still stuck
     for action in approved:
-        reset = run_action(action, reset_stuck_jobs, name, pg, jobs, action.args["ids"],
-                           p.stuck_after_minutes)
+        reset = run_action(
+            action, reset_stuck_jobs, name, pg, jobs, action.args["ids"], p.stuck_after_minutes
+        )
         if reset is not None:
             action.detail = f"reset {len(reset)} jobs: ids {listing(reset)}"
     # 5. verify and report
     after = before
     if approved:
-        after = stuck_findings(name, jobs, find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes),
-                               p, utcnow())
-    return finish(RUNBOOK, name, dry_run=dry_run, started_at=started, before=before,
-                  after=after, actions=actions)
+        after = stuck_findings(
+            name, jobs, find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes), p, utcnow()
+        )
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )

@@ -6,26 +6,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import State
 
 from tasks.errors import RunbookError, TargetUnreachable
-from tasks.models import Action, ActionStatus, Finding, Report, final_status
+from tasks.models import Action, ActionStatus, Finding, Report, final_status, utcnow
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -97,7 +92,10 @@ def finish(
     log = get_run_logger()
     log.log(
         logging.INFO if report.exit_code == 0 else logging.WARNING,
-        "%s on %s: %s", runbook, target, report.status.value,
+        "%s on %s: %s",
+        runbook,
+        target,
+        report.status.value,
     )
     return report
 
@@ -115,12 +113,22 @@ def publish(report: Report, before: list[Finding]) -> None:
         description=f"{report.runbook} on {report.target}: {report.status.value}",
     )
     rows: list[dict[str, Any]] = [
-        {"step": "finding", "name": f.check, "severity_or_status": f.severity.value,
-         "observed": str(f.observed), "message": f.message}
+        {
+            "step": "finding",
+            "name": f.check,
+            "severity_or_status": f.severity.value,
+            "observed": str(f.observed),
+            "message": f.message,
+        }
         for f in report.findings
     ] + [
-        {"step": "action", "name": a.kind, "severity_or_status": a.status.value,
-         "observed": a.target, "message": f"{a.description}. {a.detail}".strip()}
+        {
+            "step": "action",
+            "name": a.kind,
+            "severity_or_status": a.status.value,
+            "observed": a.target,
+            "message": f"{a.description}. {a.detail}".strip(),
+        }
         for a in report.actions
     ]
     create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
@@ -144,8 +152,12 @@ def render_markdown(report: Report, before: list[Finding]) -> str:
         sections.insert(0, ("Found before acting", before))
         sections[1] = ("After acting", report.findings)
     for title, findings in sections:
-        lines += [f"## {title}", "", "| check | severity | observed | threshold | message |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| check | severity | observed | threshold | message |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {_cell(f.check)} | {f.severity.value} | {_cell(f.observed)} | "
             f"{_cell(f.threshold)} | {_cell(f.message)} |"

@@ -26,7 +26,7 @@ _approver: ContextVar[Approver | None] = ContextVar("runbook_approver", default=
 
 
 @contextmanager
-def approver(decide: Approver) -> Iterator[None]:
+def approver(decide: Approver | None) -> Iterator[None]:
     token = _approver.set(decide)
     try:
         yield

@@ -28,8 +28,12 @@ _PERMANENT = {"28P01", "28000", "3D000"}
 
 @contextmanager
 def connect(
-    name: str, target: PostgresTarget, *, statement_timeout_s: float = 30,
-    lock_timeout_s: float = 5, autocommit: bool = True,
+    name: str,
+    target: PostgresTarget,
+    *,
+    statement_timeout_s: float = 30,
+    lock_timeout_s: float = 5,
+    autocommit: bool = True,
 ) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     options = (
         f"-c statement_timeout={int(statement_timeout_s * 1000)} "
@@ -37,14 +41,20 @@ def connect(
     )
     try:
         conn = psycopg.connect(
-            target.dsn.get_secret_value(), connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            autocommit=autocommit, application_name=APPLICATION_NAME, options=options,
+            target.dsn.get_secret_value(),
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            autocommit=autocommit,
+            application_name=APPLICATION_NAME,
+            options=options,
             row_factory=dict_row,
         )
     except psycopg.OperationalError as exc:
         permanent = exc.sqlstate in _PERMANENT
-        fix = ("check the credentials and database name in its dsn" if permanent
-               else "check that the server is up and the dsn's host and port")
+        fix = (
+            "check the credentials and database name in its dsn"
+            if permanent
+            else "check that the server is up and the dsn's host and port"
+        )
         raise TargetUnreachable(
             f"postgres target {name!r} ({target.description}): cannot connect: "
             f"{_first_line(exc)}; {fix}",
@@ -109,8 +119,11 @@ def read_activity(name: str, target: PostgresTarget) -> Activity:
         ).fetchone()
         assert head is not None
         rows = conn.execute(_ACTIVITY).fetchall()
-    return Activity(now=head["now"], max_connections=head["max_connections"],
-                    backends=[Backend(**r) for r in rows])
+    return Activity(
+        now=head["now"],
+        max_connections=head["max_connections"],
+        backends=[Backend(**r) for r in rows],
+    )
 
 
 # The WHERE clauses below make each signal idempotent and pid-reuse safe: a backend is
@@ -131,8 +144,9 @@ WHERE pid = %(pid)s AND backend_start = %(backend_start)s AND {condition}
 """
 
 
-def _signal(name: str, target: PostgresTarget, query: str | sql.Composed,
-            args: dict[str, Any]) -> bool | None:
+def _signal(
+    name: str, target: PostgresTarget, query: str | sql.Composed, args: dict[str, Any]
+) -> bool | None:
     """True: signalled; None: the backend is no longer in the planned state."""
     with connect(name, target) as conn:
         try:
@@ -259,36 +273,57 @@ def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQuerie
             "WHERE extname = 'pg_stat_statements'"
         ).fetchone()
         if installed is None:
-            return TopQueries(available=False, reason=(
-                "pg_stat_statements is not installed in this database: run CREATE EXTENSION "
-                "pg_stat_statements (it also needs shared_preload_libraries)"))
-        conn.execute(sql.SQL("SET search_path = {}, pg_catalog").format(
-            sql.Identifier(installed["schema"])))
+            return TopQueries(
+                available=False,
+                reason=(
+                    "pg_stat_statements is not installed in this database: run CREATE EXTENSION "
+                    "pg_stat_statements (it also needs shared_preload_libraries)"
+                ),
+            )
+        conn.execute(
+            sql.SQL("SET search_path = {}, pg_catalog").format(sql.Identifier(installed["schema"]))
+        )
         try:
             ranked = {
-                order: [QueryStat(**r) for r in conn.execute(
-                    _TOP_QUERIES.format(order=sql.Identifier(order)), {"limit": limit}
-                ).fetchall()]
+                order: [
+                    QueryStat(**r)
+                    for r in conn.execute(
+                        _TOP_QUERIES.format(order=sql.Identifier(order)), {"limit": limit}
+                    ).fetchall()
+                ]
                 for order in ("total_exec_time", "mean_exec_time")
             }
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
-            return TopQueries(available=False, reason=(
-                f"pg_stat_statements cannot be read: {_first_line(exc)}; add it to "
-                "shared_preload_libraries and restart the server"))
-    return TopQueries(available=True, by_total=ranked["total_exec_time"],
-                      by_mean=ranked["mean_exec_time"])
+            return TopQueries(
+                available=False,
+                reason=(
+                    f"pg_stat_statements cannot be read: {_first_line(exc)}; add it to "
+                    "shared_preload_libraries and restart the server"
+                ),
+            )
+    return TopQueries(
+        available=True, by_total=ranked["total_exec_time"], by_mean=ranked["mean_exec_time"]
+    )
 
 
 @io_task("vacuum-table", timeout_seconds=3600, retries=1)
 def vacuum_table(
-    name: str, target: PostgresTarget, schema_name: str, table: str,
-    lock_timeout_s: float, statement_timeout_s: float,
+    name: str,
+    target: PostgresTarget,
+    schema_name: str,
+    table: str,
+    lock_timeout_s: float,
+    statement_timeout_s: float,
 ) -> str:
-    with connect(name, target, statement_timeout_s=statement_timeout_s,
-                 lock_timeout_s=lock_timeout_s) as conn:
+    with connect(
+        name, target, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
+    ) as conn:
         try:
-            conn.execute(sql.SQL("VACUUM (ANALYZE) {}.{}").format(
-                sql.Identifier(schema_name), sql.Identifier(table)))
+            conn.execute(
+                sql.SQL("VACUUM (ANALYZE) {}.{}").format(
+                    sql.Identifier(schema_name), sql.Identifier(table)
+                )
+            )
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
             raise ActionFailed(
                 f"postgres target {name!r}: VACUUM of {schema_name}.{table} gave up: "
@@ -315,17 +350,18 @@ def _jobs_sql(jobs: JobsTable) -> dict[str, sql.Composable]:
     }
 
 
-_STUCK_WHERE = (
-    "{status} = %(running)s AND {started} < now() - make_interval(mins => %(minutes)s)"
-)
+_STUCK_WHERE = "{status} = %(running)s AND {started} < now() - make_interval(mins => %(minutes)s)"
 
 
 @contextmanager
 def _jobs_errors(name: str, jobs: JobsTable) -> Iterator[None]:
     try:
         yield
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
-            psycopg.errors.InvalidSchemaName) as exc:
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedColumn,
+        psycopg.errors.InvalidSchemaName,
+    ) as exc:
         raise ConfigError(
             f"[postgres.{name}.jobs]: {_first_line(exc)} (table {jobs.table!r}, columns "
             f"{jobs.id_column!r}, {jobs.status_column!r}, {jobs.started_column!r}); correct "
@@ -340,31 +376,41 @@ def _jobs_errors(name: str, jobs: JobsTable) -> Iterator[None]:
 
 
 @io_task("find-stuck-jobs", timeout_seconds=60)
-def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable,
-                    minutes: int) -> StuckJobs:
+def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, minutes: int) -> StuckJobs:
     query = sql.SQL(
-        "SELECT {id} AS id, {started} AS started FROM {table} WHERE " + _STUCK_WHERE
+        "SELECT {id} AS id, {started} AS started FROM {table} WHERE "
+        + _STUCK_WHERE
         + " ORDER BY {started}"
     ).format(**_jobs_sql(jobs))
     with connect(name, target) as conn, _jobs_errors(name, jobs):
         rows = conn.execute(query, {"running": jobs.running_value, "minutes": minutes}).fetchall()
-    return StuckJobs(ids=[r["id"] for r in rows],
-                     oldest_started=rows[0]["started"] if rows else None)
+    return StuckJobs(
+        ids=[r["id"] for r in rows], oldest_started=rows[0]["started"] if rows else None
+    )
 
 
 @io_task("reset-stuck-jobs", timeout_seconds=120)
-def reset_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, ids: list[Any],
-                     minutes: int) -> list[Any]:
+def reset_stuck_jobs(
+    name: str, target: PostgresTarget, jobs: JobsTable, ids: list[Any], minutes: int
+) -> list[Any]:
     """Back to pending, in one transaction, only rows that are still stuck; returns the ids."""
     parts = _jobs_sql(jobs)
     assignments = [sql.SQL("{status} = %(pending)s").format(**parts)]
     if jobs.clear_started:
         assignments.append(sql.SQL("{started} = NULL").format(**parts))
     query = sql.SQL(
-        "UPDATE {table} SET {assign} WHERE {id} = ANY(%(ids)s) AND " + _STUCK_WHERE
+        "UPDATE {table} SET {assign} WHERE {id} = ANY(%(ids)s) AND "
+        + _STUCK_WHERE
         + " RETURNING {id} AS id"
     ).format(assign=sql.SQL(", ").join(assignments), **parts)
     with connect(name, target, autocommit=False) as conn, _jobs_errors(name, jobs):
-        rows = conn.execute(query, {"pending": jobs.pending_value, "running": jobs.running_value,
-                                    "minutes": minutes, "ids": ids}).fetchall()
+        rows = conn.execute(
+            query,
+            {
+                "pending": jobs.pending_value,
+                "running": jobs.running_value,
+                "minutes": minutes,
+                "ids": ids,
+            },
+        ).fetchall()
     return [r["id"] for r in rows]

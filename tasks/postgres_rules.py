@@ -41,7 +41,8 @@ class StuckJobsParams(Params):
 
 
 THRESHOLD_NAMES = frozenset(
-    name for model in (ConnectionsParams, MaintenanceParams, StuckJobsParams)
+    name
+    for model in (ConnectionsParams, MaintenanceParams, StuckJobsParams)
     for name in model.model_fields
 )
 
@@ -87,8 +88,10 @@ def _who(b: Backend) -> str:
 
 def idle_in_transaction(activity: Activity, p: ConnectionsParams) -> list[Backend]:
     return [
-        b for b in activity.backends
-        if b.state == "idle in transaction" and b.state_change is not None
+        b
+        for b in activity.backends
+        if b.state == "idle in transaction"
+        and b.state_change is not None
         and (activity.now - b.state_change).total_seconds() > p.idle_in_transaction_seconds
     ]
 
@@ -97,8 +100,11 @@ def long_queries(activity: Activity, p: ConnectionsParams) -> list[Backend]:
     """Active queries over the limit, leaving out the ones only waiting on a lock: they are
     victims, and ending whoever blocks them is what helps."""
     return [
-        b for b in activity.backends
-        if b.state == "active" and b.query_start is not None and not b.blocked_by
+        b
+        for b in activity.backends
+        if b.state == "active"
+        and b.query_start is not None
+        and not b.blocked_by
         and (activity.now - b.query_start).total_seconds() > p.long_query_seconds
     ]
 
@@ -110,42 +116,72 @@ def connection_findings(
     used = len(clients) / activity.max_connections
     states = Counter(b.state or "unknown" for b in clients)
     waits = Counter(
-        f"{b.wait_event_type}/{b.wait_event}" for b in clients
+        f"{b.wait_event_type}/{b.wait_event}"
+        for b in clients
         if b.wait_event_type and b.state != "idle"
     )
     breakdown = ", ".join(f"{s} {n}" for s, n in states.most_common())
     if waits:
         breakdown += "; waiting on " + ", ".join(f"{w} {n}" for w, n in waits.most_common(5))
-    findings = [Finding(
-        check="connections", target=target_name,
-        severity=(Severity.critical if used >= CONNECTIONS_CRITICAL
-                  else Severity.warning if used >= CONNECTIONS_WARNING else Severity.ok),
-        observed=len(clients),
-        threshold=int(activity.max_connections * CONNECTIONS_WARNING),
-        message=f"{len(clients)} of max_connections {activity.max_connections} "
-                f"({used:.0%}): {breakdown or 'none'}",
-    )]
+    findings = [
+        Finding(
+            check="connections",
+            target=target_name,
+            severity=(
+                Severity.critical
+                if used >= CONNECTIONS_CRITICAL
+                else Severity.warning
+                if used >= CONNECTIONS_WARNING
+                else Severity.ok
+            ),
+            observed=len(clients),
+            threshold=int(activity.max_connections * CONNECTIONS_WARNING),
+            message=f"{len(clients)} of max_connections {activity.max_connections} "
+            f"({used:.0%}): {breakdown or 'none'}",
+        )
+    ]
 
-    def per_backend(check: str, found: list[Backend], since: str, limit: int,
-                    what: str) -> None:
+    def per_backend(check: str, found: list[Backend], since: str, limit: int, what: str) -> None:
         for b in found:
             age = (activity.now - getattr(b, since)).total_seconds()
             reason = ineligible(b, target)
-            findings.append(Finding(
-                check=check, target=target_name, severity=Severity.warning,
-                observed=round(age), threshold=limit,
-                message=f"{_who(b)} {what} for {_age(age)}"
-                        + (f"; left alone: {reason}" if reason else ""),
-            ))
+            findings.append(
+                Finding(
+                    check=check,
+                    target=target_name,
+                    severity=Severity.warning,
+                    observed=round(age),
+                    threshold=limit,
+                    message=f"{_who(b)} {what} for {_age(age)}"
+                    + (f"; left alone: {reason}" if reason else ""),
+                )
+            )
         if not found:
-            findings.append(Finding(check=check, target=target_name, severity=Severity.ok,
-                                    observed=0, threshold=limit,
-                                    message=f"no session {what} longer than {_age(limit)}"))
+            findings.append(
+                Finding(
+                    check=check,
+                    target=target_name,
+                    severity=Severity.ok,
+                    observed=0,
+                    threshold=limit,
+                    message=f"no session {what} longer than {_age(limit)}",
+                )
+            )
 
-    per_backend("idle_in_transaction", idle_in_transaction(activity, p), "state_change",
-                p.idle_in_transaction_seconds, "idle in transaction")
-    per_backend("long_query", long_queries(activity, p), "query_start",
-                p.long_query_seconds, "running one query")
+    per_backend(
+        "idle_in_transaction",
+        idle_in_transaction(activity, p),
+        "state_change",
+        p.idle_in_transaction_seconds,
+        "idle in transaction",
+    )
+    per_backend(
+        "long_query",
+        long_queries(activity, p),
+        "query_start",
+        p.long_query_seconds,
+        "running one query",
+    )
 
     by_pid = {b.pid: b for b in activity.backends}
     blocked = [b for b in activity.backends if b.blocked_by]
@@ -155,14 +191,26 @@ def connection_findings(
             for pid in b.blocked_by
         )
         waited = (activity.now - b.query_start).total_seconds() if b.query_start else 0
-        findings.append(Finding(
-            check="blocked", target=target_name, severity=Severity.warning,
-            observed=b.blocked_by, threshold=None,
-            message=f"{_who(b)} waiting {_age(waited)} on a lock held by {blockers}",
-        ))
+        findings.append(
+            Finding(
+                check="blocked",
+                target=target_name,
+                severity=Severity.warning,
+                observed=b.blocked_by,
+                threshold=None,
+                message=f"{_who(b)} waiting {_age(waited)} on a lock held by {blockers}",
+            )
+        )
     if not blocked:
-        findings.append(Finding(check="blocked", target=target_name, severity=Severity.ok,
-                                observed=0, message="no session waits on another's lock"))
+        findings.append(
+            Finding(
+                check="blocked",
+                target=target_name,
+                severity=Severity.ok,
+                observed=0,
+                message="no session waits on another's lock",
+            )
+        )
     return findings
 
 
@@ -174,25 +222,40 @@ def plan_connections(
     actions: list[Action] = []
     for b in long_queries(activity, p):
         if ineligible(b, target) is None:
-            actions.append(Action(
-                kind="cancel_query", target=target_name, destructive=True,
-                description=f"cancel the query of {_who(b)}; terminate it if still running "
-                            f"{p.cancel_grace_seconds} s later",
-                args={"pid": b.pid, "backend_start": b.backend_start,
-                      "query_start": b.query_start},
-            ))
+            actions.append(
+                Action(
+                    kind="cancel_query",
+                    target=target_name,
+                    destructive=True,
+                    description=f"cancel the query of {_who(b)}; terminate it if still running "
+                    f"{p.cancel_grace_seconds} s later",
+                    args={
+                        "pid": b.pid,
+                        "backend_start": b.backend_start,
+                        "query_start": b.query_start,
+                    },
+                )
+            )
     for b in idle_in_transaction(activity, p):
         if ineligible(b, target) is None:
-            actions.append(Action(
-                kind="terminate_backend", target=target_name, destructive=True,
-                description=f"terminate {_who(b)}, idle in transaction",
-                args={"pid": b.pid, "backend_start": b.backend_start,
-                      "state_change": b.state_change},
-            ))
-    for action in actions[p.max_backends_ended:]:
+            actions.append(
+                Action(
+                    kind="terminate_backend",
+                    target=target_name,
+                    destructive=True,
+                    description=f"terminate {_who(b)}, idle in transaction",
+                    args={
+                        "pid": b.pid,
+                        "backend_start": b.backend_start,
+                        "state_change": b.state_change,
+                    },
+                )
+            )
+    for action in actions[p.max_backends_ended :]:
         action.status = ActionStatus.skipped
-        action.detail = f"over the cap of {p.max_backends_ended} backends per run " \
-                        "(max_backends_ended)"
+        action.detail = (
+            f"over the cap of {p.max_backends_ended} backends per run (max_backends_ended)"
+        )
     return actions
 
 
@@ -201,9 +264,13 @@ def plan_connections(
 
 def bloated(tables: list[TableStats], p: MaintenanceParams) -> list[TableStats]:
     return sorted(
-        (t for t in tables
-         if t.dead_tuples >= p.min_dead_tuples and t.dead_ratio >= p.dead_tuple_ratio),
-        key=lambda t: t.dead_tuples, reverse=True,
+        (
+            t
+            for t in tables
+            if t.dead_tuples >= p.min_dead_tuples and t.dead_ratio >= p.dead_tuple_ratio
+        ),
+        key=lambda t: t.dead_tuples,
+        reverse=True,
     )
 
 
@@ -217,43 +284,79 @@ def maintenance_findings(
 ) -> list[Finding]:
     findings: list[Finding] = []
     if top.available:
-        for check, ranked, key in (("top_queries_total", top.by_total, "total_ms"),
-                                   ("top_queries_mean", top.by_mean, "mean_ms")):
+        for check, ranked, key in (
+            ("top_queries_total", top.by_total, "total_ms"),
+            ("top_queries_mean", top.by_mean, "mean_ms"),
+        ):
             head = ranked[0] if ranked else None
-            findings.append(Finding(
-                check=check, target=target_name, severity=Severity.ok,
-                observed=[q.model_dump() for q in ranked], threshold=p.top_queries,
-                message=(f"top {len(ranked)} by {key}; first: {getattr(head, key):.1f} ms, "
-                         f"{head.calls} calls: {head.query[:120]}") if head
-                        else "pg_stat_statements has no queries for this database yet",
-            ))
+            findings.append(
+                Finding(
+                    check=check,
+                    target=target_name,
+                    severity=Severity.ok,
+                    observed=[q.model_dump() for q in ranked],
+                    threshold=p.top_queries,
+                    message=(
+                        f"top {len(ranked)} by {key}; first: {getattr(head, key):.1f} ms, "
+                        f"{head.calls} calls: {head.query[:120]}"
+                    )
+                    if head
+                    else "pg_stat_statements has no queries for this database yet",
+                )
+            )
     else:
-        findings.append(Finding(check="pg_stat_statements", target=target_name,
-                                severity=Severity.ok, observed="unavailable",
-                                message=top.reason))
+        findings.append(
+            Finding(
+                check="pg_stat_statements",
+                target=target_name,
+                severity=Severity.ok,
+                observed="unavailable",
+                message=top.reason,
+            )
+        )
     for t in bloated(tables, p):
-        findings.append(Finding(
-            check="dead_tuples", target=target_name, severity=Severity.warning,
-            observed=round(t.dead_ratio, 3), threshold=p.dead_tuple_ratio,
-            message=f"{t.qualified}: {t.dead_tuples} dead of {t.live_tuples + t.dead_tuples} "
-                    f"tuples; last vacuum {_last(t.last_vacuum, t.last_autovacuum)}, "
-                    f"last analyze {_last(t.last_analyze, t.last_autoanalyze)}",
-        ))
+        findings.append(
+            Finding(
+                check="dead_tuples",
+                target=target_name,
+                severity=Severity.warning,
+                observed=round(t.dead_ratio, 3),
+                threshold=p.dead_tuple_ratio,
+                message=f"{t.qualified}: {t.dead_tuples} dead of {t.live_tuples + t.dead_tuples} "
+                f"tuples; last vacuum {_last(t.last_vacuum, t.last_autovacuum)}, "
+                f"last analyze {_last(t.last_analyze, t.last_autoanalyze)}",
+            )
+        )
     if not bloated(tables, p):
-        findings.append(Finding(
-            check="dead_tuples", target=target_name, severity=Severity.ok, observed=0,
-            threshold=p.dead_tuple_ratio,
-            message=f"no table over {p.dead_tuple_ratio:.0%} dead tuples "
-                    f"(and {p.min_dead_tuples} at least) among {len(tables)}",
-        ))
-    findings.append(Finding(
-        check="table_sizes", target=target_name, severity=Severity.ok,
-        observed=[{"table": t.qualified, "total_bytes": t.total_bytes,
-                   "table_bytes": t.table_bytes, "index_bytes": t.index_bytes}
-                  for t in tables[:LISTED]],
-        message=f"{len(tables)} tables, "
-                f"{sum(t.total_bytes for t in tables) / 2**20:.1f} MiB with indexes",
-    ))
+        findings.append(
+            Finding(
+                check="dead_tuples",
+                target=target_name,
+                severity=Severity.ok,
+                observed=0,
+                threshold=p.dead_tuple_ratio,
+                message=f"no table over {p.dead_tuple_ratio:.0%} dead tuples "
+                f"(and {p.min_dead_tuples} at least) among {len(tables)}",
+            )
+        )
+    findings.append(
+        Finding(
+            check="table_sizes",
+            target=target_name,
+            severity=Severity.ok,
+            observed=[
+                {
+                    "table": t.qualified,
+                    "total_bytes": t.total_bytes,
+                    "table_bytes": t.table_bytes,
+                    "index_bytes": t.index_bytes,
+                }
+                for t in tables[:LISTED]
+            ],
+            message=f"{len(tables)} tables, "
+            f"{sum(t.total_bytes for t in tables) / 2**20:.1f} MiB with indexes",
+        )
+    )
     return findings
 
 
@@ -261,13 +364,16 @@ def plan_maintenance(
     target_name: str, tables: list[TableStats], p: MaintenanceParams
 ) -> list[Action]:
     actions = [
-        Action(kind="vacuum_analyze", target=target_name, destructive=False,
-               description=f"VACUUM (ANALYZE) {t.qualified} ({t.dead_tuples} dead tuples)",
-               args={"schema_name": t.schema_name, "table": t.table,
-                     "dead_before": t.dead_tuples})
+        Action(
+            kind="vacuum_analyze",
+            target=target_name,
+            destructive=False,
+            description=f"VACUUM (ANALYZE) {t.qualified} ({t.dead_tuples} dead tuples)",
+            args={"schema_name": t.schema_name, "table": t.table, "dead_before": t.dead_tuples},
+        )
         for t in bloated(tables, p)
     ]
-    for action in actions[p.max_tables:]:
+    for action in actions[p.max_tables :]:
         action.status = ActionStatus.skipped
         action.detail = f"over the cap of {p.max_tables} tables per run (max_tables)"
     return actions
@@ -276,31 +382,45 @@ def plan_maintenance(
 # --- stuck-jobs ----------------------------------------------------------------------------
 
 
-def stuck_findings(target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams,
-                   now: Any) -> list[Finding]:
+def stuck_findings(
+    target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams, now: Any
+) -> list[Finding]:
     n = len(stuck.ids)
-    oldest = (f"; oldest started {_age((now - stuck.oldest_started).total_seconds())} ago"
-              if stuck.oldest_started else "")
-    return [Finding(
-        check="stuck_jobs", target=target_name,
-        severity=Severity.warning if n else Severity.ok,
-        observed=n, threshold=p.stuck_after_minutes,
-        message=(f"{n} jobs in {jobs.table} {jobs.running_value!r} for over "
-                 f"{p.stuck_after_minutes} min: ids {listing(stuck.ids)}{oldest}") if n
-                else f"no job in {jobs.table} {jobs.running_value!r} for over "
-                     f"{p.stuck_after_minutes} min",
-    )]
+    oldest = (
+        f"; oldest started {_age((now - stuck.oldest_started).total_seconds())} ago"
+        if stuck.oldest_started
+        else ""
+    )
+    return [
+        Finding(
+            check="stuck_jobs",
+            target=target_name,
+            severity=Severity.warning if n else Severity.ok,
+            observed=n,
+            threshold=p.stuck_after_minutes,
+            message=(
+                f"{n} jobs in {jobs.table} {jobs.running_value!r} for over "
+                f"{p.stuck_after_minutes} min: ids {listing(stuck.ids)}{oldest}"
+            )
+            if n
+            else f"no job in {jobs.table} {jobs.running_value!r} for over "
+            f"{p.stuck_after_minutes} min",
+        )
+    ]
 
 
-def plan_stuck_jobs(target_name: str, jobs: JobsTable, stuck: StuckJobs,
-                    p: StuckJobsParams) -> list[Action]:
+def plan_stuck_jobs(
+    target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams
+) -> list[Action]:
     if not stuck.ids:
         return []
-    ids = stuck.ids[:p.max_jobs_reset]
+    ids = stuck.ids[: p.max_jobs_reset]
     action = Action(
-        kind="reset_stuck_jobs", target=target_name, destructive=True,
+        kind="reset_stuck_jobs",
+        target=target_name,
+        destructive=True,
         description=f"set {len(ids)} stuck jobs in {jobs.table} back to "
-                    f"{jobs.pending_value!r}: ids {listing(ids)}",
+        f"{jobs.pending_value!r}: ids {listing(ids)}",
         args={"ids": ids},
     )
     if not ids:

@@ -1,0 +1,283 @@
+"""The `runbook` command: list, run, serve (DESIGN.md's CLI contract).
+
+Exit codes: 0 healthy or fixed; 1 problems remain; 2 bad usage or configuration; 3 the runbook
+failed. Prefect is imported only by the commands that run a flow."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, cast
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.prompt import Confirm
+from rich.status import Status
+from rich.table import Table
+from rich.text import Text
+
+from flows.catalog import RUNBOOKS, Runbook
+from tasks.errors import ConfigError, RunbookError
+from tasks.gate import approver
+from tasks.models import Action, Finding, Report, RunStatus, Severity, explain_params, utcnow
+from tasks.settings import load_settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Incident runbooks as Prefect flows: diagnose, plan, gate, act, verify.",
+)
+out = Console()
+err = Console(stderr=True)
+
+# Flow parameters the CLI sets itself: --target, --apply and --yes, never --set.
+RESERVED = ("target", "dry_run", "approval")
+LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
+
+
+def fail(exc: RunbookError) -> typer.Exit:
+    err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+@app.command("list")
+def list_runbooks() -> None:
+    """Every runbook with its purpose, triggers and what it may change."""
+    table = Table("runbook", "purpose", "triggers", "may change", show_lines=True)
+    for rb in RUNBOOKS.values():
+        table.add_row(rb.name, Text(rb.purpose), Text(rb.triggers), Text(rb.changes))
+    out.print(table)
+
+
+def find_runbook(name: str) -> Runbook:
+    if name not in RUNBOOKS:
+        raise ConfigError(
+            f"unknown runbook {name!r}; known: {', '.join(RUNBOOKS)} (see `runbook list`)"
+        )
+    return RUNBOOKS[name]
+
+
+def parse_sets(rb: Runbook, pairs: list[str]) -> dict[str, Any]:
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--set {pair!r}: expected key=value, e.g. --set "
+                f"{next(iter(rb.params.model_fields))}=60"
+            )
+        if key in RESERVED:
+            raise ConfigError(f"--set {key}: use --target, --apply and --yes instead")
+        values[key] = value
+    try:
+        rb.params.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{rb.name} --set: {explain_params(rb.params, exc)}") from None
+    return values
+
+
+def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]]:
+    settings = load_settings()
+    name, cfg = settings.postgres_target(target)
+    if name not in rb.targets(settings):
+        raise ConfigError(
+            f"{rb.name} needs a jobs table on postgres target {name!r}: add "
+            f'[postgres.{name}.jobs] with table = "SCHEMA.TABLE"'
+        )
+    return name, cfg.thresholds
+
+
+def local_prefect_api() -> str | None:
+    """A running local Prefect server (e.g. `runbook serve`) spares the 8-20 s start of a
+    temporary one and puts the run in its UI."""
+    import httpx
+
+    url = os.environ.get("RUNBOOK_PREFECT_API", LOCAL_PREFECT_API)
+    try:
+        ok = httpx.get(f"{url}/health", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return None
+    return url if ok else None
+
+
+@contextmanager
+def prefect_context() -> Iterator[None]:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The report says what happened; Prefect's console logs (with tracebacks) would bury it.
+    # They still reach the Prefect API and UI.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    # Heartbeats detect crashed runs of unattended workers; a CLI run is watched by the
+    # person who started it, and joining the heartbeat thread costs about 1 s per run.
+    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if get_current_settings().api.url is None and (url := local_prefect_api()):
+        updates[PREFECT_API_URL] = url
+    with temporary_settings(updates=updates):
+        yield
+
+
+def terminal_approver(status: Status) -> Any:
+    def decide(actions: list[Action]) -> bool:
+        status.stop()
+        err.print("[bold]These actions change the system:[/]")
+        for a in actions:
+            err.print(f"  - {a.description} ({a.target})", highlight=False, markup=False)
+        answer = Confirm.ask("Carry them out?", console=err, default=False)
+        status.start()
+        return answer
+
+    return decide
+
+
+@app.command()
+def run(
+    name: Annotated[str, typer.Argument(help="the runbook, see `runbook list`")],
+    target: Annotated[str | None, typer.Option(help="inventory target name")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="parameter key=value, repeatable")
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="carry out the plan (default: plan only)")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="approve destructive actions")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Run a runbook: plan only unless --apply."""
+    try:
+        rb = find_runbook(name)
+        params = parse_sets(rb, set_ or [])
+        target_name, thresholds = resolve_target(rb, target)
+        rb.params.resolve(
+            rb.params.model_validate(params), thresholds, f"{rb.name} on {target_name}"
+        )
+    except RunbookError as exc:
+        raise fail(exc) from None
+    started = utcnow()
+    try:
+        with prefect_context(), err.status(f"{rb.name} on {target_name}…") as status:
+            flow = rb.load()
+            decide = (
+                (lambda actions: True)
+                if yes
+                else (terminal_approver(status) if sys.stdin.isatty() else None)
+            )
+            with approver(decide):
+                report = cast(
+                    Report,
+                    flow(target=target_name, dry_run=not apply, approval="ask", params=params),
+                )
+    except RunbookError as exc:
+        if as_json:
+            out.print_json(
+                failed_report(rb, target_name, not apply, started, exc).model_dump_json()
+            )
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get("RUNBOOK_DEBUG"):
+            traceback.print_exc()
+        raise fail(
+            RunbookError(
+                f"{rb.name} failed: {type(exc).__name__}: {exc} "
+                "(RUNBOOK_DEBUG=1 shows the traceback)"
+            )
+        ) from None
+    if as_json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    else:
+        show(report)
+    raise typer.Exit(report.exit_code)
+
+
+def failed_report(
+    rb: Runbook, target: str, dry_run: bool, started: Any, exc: RunbookError
+) -> Report:
+    return Report(
+        runbook=rb.name,
+        target=target,
+        dry_run=dry_run,
+        status=RunStatus.failed,
+        findings=[
+            Finding(check="runbook", target=target, severity=Severity.critical, message=str(exc))
+        ],
+        actions=[],
+        started_at=started,
+        finished_at=utcnow(),
+    )
+
+
+SEVERITY_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red"}
+STATUS_STYLE = {
+    "healthy": "green",
+    "fixed": "green",
+    "unhealthy": "yellow",
+    "failed": "bold red",
+    "planned": "cyan",
+    "skipped": "dim",
+    "done": "green",
+}
+
+
+def show(report: Report) -> None:
+    findings = Table("check", "severity", "observed", "threshold", "message", title="Findings")
+    for f in report.findings:
+        observed = f.observed if not isinstance(f.observed, list) else f"{len(f.observed)} items"
+        findings.add_row(
+            f.check,
+            Text(f.severity, SEVERITY_STYLE[f.severity]),
+            Text(str(observed)),
+            "" if f.threshold is None else str(f.threshold),
+            Text(f.message),
+        )
+    out.print(findings)
+    if report.actions:
+        actions = Table("action", "destructive", "status", "detail", title="Actions")
+        for a in report.actions:
+            actions.add_row(
+                Text(a.description),
+                "yes" if a.destructive else "no",
+                Text(a.status, STATUS_STYLE[a.status]),
+                Text(a.detail),
+            )
+        out.print(actions)
+    mode = "dry run" if report.dry_run else "applied"
+    out.print(
+        Text.assemble(
+            f"{report.runbook} on {report.target} ({mode}): ",
+            (report.status.value, STATUS_STYLE[report.status]),
+        )
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address of the embedded Prefect server")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the embedded Prefect server")] = 4200,
+) -> None:
+    """Serve every runbook as a deployment with its schedule (a sandbox if nothing is
+    configured); Ctrl-C stops all it started."""
+    from deployments.serve import serve_all
+
+    try:
+        serve_all(host=host, port=port)
+    except RunbookError as exc:
+        raise fail(exc) from None
+
+
+def main() -> None:
+    app()
