@@ -24,6 +24,8 @@ CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
 # SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
 _PERMANENT = {"28P01", "28000", "3D000"}
+# The server is shutting down or restarting under us: worth another try.
+_SHUTDOWN = {"57P01", "57P02", "57P03"}
 
 
 @contextmanager
@@ -63,10 +65,15 @@ def connect(
     try:
         with conn:
             yield conn
-    except psycopg.OperationalError as exc:
-        raise TargetUnreachable(
-            f"postgres target {name!r} ({target.description}): connection lost: {_first_line(exc)}",
-            transient=True,
+    except psycopg.Error as exc:
+        if exc.sqlstate is None or exc.sqlstate[:2] == "08" or exc.sqlstate in _SHUTDOWN:
+            raise TargetUnreachable(
+                f"postgres target {name!r} ({target.description}): connection lost: "
+                f"{_first_line(exc)}",
+                transient=True,
+            ) from exc
+        raise TargetError(
+            f"postgres target {name!r} ({target.description}): {_first_line(exc)}"
         ) from exc
 
 
@@ -366,12 +373,6 @@ def _jobs_errors(name: str, jobs: JobsTable) -> Iterator[None]:
             f"[postgres.{name}.jobs]: {_first_line(exc)} (table {jobs.table!r}, columns "
             f"{jobs.id_column!r}, {jobs.status_column!r}, {jobs.started_column!r}); correct "
             "the table and column names in the config"
-        ) from exc
-    except psycopg.DatabaseError as exc:
-        if isinstance(exc, psycopg.OperationalError):
-            raise
-        raise TargetError(
-            f"postgres target {name!r}: jobs table {jobs.table!r}: {_first_line(exc)}"
         ) from exc
 
 

@@ -1,0 +1,117 @@
+"""Real services for the tests: one PostgreSQL server and one Prefect API per session, a fresh
+database and inventory file per test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from deployments.localpg import LocalPostgres
+
+# Before Prefect is imported anywhere: its home in a temp dir, quiet, offline.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="runbook-test-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+os.environ.pop("PREFECT_API_URL", None)
+for key in [k for k in os.environ if k.startswith("RUNBOOK_")]:
+    del os.environ[key]
+
+APP_ROLE = "app"  # a plain role: the sessions that play the incidents log in as it
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[LocalPostgres]:
+    server = LocalPostgres().start()
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
+        url = PREFECT_API_URL.value()
+        assert url
+        yield url
+
+
+@dataclass
+class Db:
+    """A fresh database, its inventory file, and the incident sessions opened on it."""
+
+    server: LocalPostgres
+    name: str
+    config: Path
+    sessions: list[psycopg.Connection[Any]] = field(default_factory=list)
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn_for(self.name)
+
+    def admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def session(
+        self, application_name: str = "web", user: str = APP_ROLE, autocommit: bool = False
+    ) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
+            self.server.dsn_for(self.name, user),
+            application_name=application_name,
+            autocommit=autocommit,
+        )
+        self.sessions.append(conn)
+        return conn
+
+    def idle_in_transaction(self, n: int = 1, **kwargs: Any) -> list[int]:
+        pids = []
+        for _ in range(n):
+            conn = self.session(**kwargs)
+            conn.execute("SELECT 1")  # opens the transaction and leaves it open
+            pids.append(conn.info.backend_pid)
+        return pids
+
+    def alive(self, pids: list[int]) -> set[int]:
+        with self.admin() as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(f'[postgres.main]\ndsn = "{self.dsn}"\n{extra}')
+
+    def close(self) -> None:
+        for conn in self.sessions:
+            conn.close()
+
+
+@pytest.fixture
+def db(pg: LocalPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Db]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg.create_database(name)
+    with psycopg.connect(pg.dsn_for(name), autocommit=True) as conn:
+        conn.execute(f"GRANT ALL ON SCHEMA public TO {APP_ROLE}")
+    database = Db(server=pg, name=name, config=tmp_path / "runbook.toml")
+    database.write_config()
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(database.config))
+    yield database
+    database.close()

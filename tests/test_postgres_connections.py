@@ -1,0 +1,147 @@
+"""postgres-connections against a real server: the incidents are real sessions."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from flows.postgres_connections import postgres_connections
+from tasks.errors import TargetUnreachable
+from tasks.models import ActionStatus, RunStatus, Severity
+from tests.conftest import Db
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+FAST = {"idle_in_transaction_seconds": 1, "long_query_seconds": 1, "cancel_grace_seconds": 2}
+
+
+def run(dry_run: bool = False, **params: Any) -> Any:
+    return postgres_connections("main", dry_run=dry_run, approval="auto", params={**FAST, **params})
+
+
+def wait_past_threshold() -> None:
+    threading.Event().wait(1.5)
+
+
+def test_idle_in_transaction_dry_run_then_apply(db: Db) -> None:
+    pids = db.idle_in_transaction(3)
+    wait_past_threshold()
+
+    report = run(dry_run=True)
+    assert report.status is RunStatus.unhealthy and report.dry_run
+    idle = [f for f in report.findings if f.check == "idle_in_transaction"]
+    assert {f.severity for f in idle} == {Severity.warning} and len(idle) == 3
+    assert all(a.status is ActionStatus.planned for a in report.actions)
+    assert db.alive(pids) == set(pids)  # a dry run touches nothing
+
+    report = run()
+    assert report.status is RunStatus.fixed, report.findings
+    assert [a.status for a in report.actions] == [ActionStatus.done] * 3
+    assert db.alive(pids) == set()
+    assert {f.check: f.severity for f in report.findings}["idle_in_transaction"] is Severity.ok
+    # A second run finds nothing left to do.
+    assert run().status is RunStatus.healthy
+
+
+def test_leaves_superusers_and_unlisted_applications_alone(db: Db) -> None:
+    db.write_config('allow_applications = ["worker"]\n')
+    worker = db.idle_in_transaction(1, application_name="worker")
+    web = db.idle_in_transaction(1, application_name="web")
+    root = db.idle_in_transaction(1, user="postgres")
+    wait_past_threshold()
+
+    report = run()
+    assert db.alive(worker + web + root) == set(web + root)
+    assert report.status is RunStatus.unhealthy  # what it may not touch is still reported
+    left = [f.message for f in report.findings if "left alone" in f.message]
+    assert len(left) == 2
+    assert any("superuser" in m for m in left) and any("allow_applications" in m for m in left)
+
+
+def test_cap_on_backends_ended(db: Db) -> None:
+    pids = db.idle_in_transaction(3)
+    wait_past_threshold()
+    report = run(max_backends_ended=2)
+    assert len(db.alive(pids)) == 1
+    assert [a.status for a in report.actions].count(ActionStatus.skipped) == 1
+    assert report.status is RunStatus.unhealthy
+
+
+def in_thread(conn: psycopg.Connection[Any], query: str) -> tuple[threading.Thread, list[Any]]:
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            conn.execute(query)
+            outcome.append("finished")
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_long_query_is_cancelled(db: Db) -> None:
+    conn = db.session(autocommit=True)
+    thread, outcome = in_thread(conn, "SELECT pg_sleep(60)")
+    wait_past_threshold()
+    report = run()
+    thread.join(10)
+    assert isinstance(outcome[0], psycopg.errors.QueryCanceled)
+    assert report.status is RunStatus.fixed
+    assert report.actions[0].detail == "cancelled"
+    assert not conn.closed  # cancelled, not terminated
+    conn.execute("SELECT 1")
+
+
+def test_query_that_ignores_cancel_is_terminated_after_the_grace_period(db: Db) -> None:
+    with db.admin() as admin:
+        # Swallows every cancel, as some application code does: only a terminate ends it.
+        admin.execute("""
+            CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN LOOP BEGIN PERFORM pg_sleep(60);
+            EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; END $$""")
+    conn = db.session(autocommit=True)
+    pid = conn.info.backend_pid
+    thread, outcome = in_thread(conn, "SELECT stubborn()")
+    wait_past_threshold()
+    report = run()
+    thread.join(10)
+    assert isinstance(outcome[0], psycopg.OperationalError)
+    assert db.alive([pid]) == set()
+    assert report.status is RunStatus.fixed
+    assert report.actions[0].detail.startswith("cancel ignored for 2 s; terminated")
+
+
+def test_lock_blocker_is_ended_and_the_waiter_goes_on(db: Db) -> None:
+    with db.admin() as admin:
+        admin.execute("CREATE TABLE account (id int PRIMARY KEY, balance int)")
+        admin.execute("INSERT INTO account VALUES (1, 100)")
+        admin.execute("GRANT ALL ON account TO app")
+    holder = db.session()
+    holder.execute("UPDATE account SET balance = 0 WHERE id = 1")  # and never commits
+    waiter = db.session(autocommit=True)
+    thread, outcome = in_thread(waiter, "UPDATE account SET balance = 50 WHERE id = 1")
+    wait_past_threshold()
+
+    before = run(dry_run=True, long_query_seconds=3600)
+    blocked = [f for f in before.findings if f.check == "blocked"]
+    assert len(blocked) == 1 and blocked[0].observed == [holder.info.backend_pid]
+
+    report = run(long_query_seconds=3600)
+    thread.join(10)
+    assert outcome == ["finished"]
+    assert report.status is RunStatus.fixed
+    assert {f.check: f.severity for f in report.findings}["blocked"] is Severity.ok
+    with db.admin() as admin:
+        assert admin.execute("SELECT balance FROM account").fetchone() == (50,)
+
+
+def test_refused_connection_is_a_clear_error(db: Db) -> None:
+    db.config.write_text('[postgres.main]\ndsn = "postgresql://app:hunter2@127.0.0.1:1/app"\n')
+    with pytest.raises(TargetUnreachable) as caught:
+        run()
+    assert "127.0.0.1:1/app" in str(caught.value) and "hunter2" not in str(caught.value)

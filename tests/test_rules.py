@@ -1,0 +1,165 @@
+"""Pure decisions: no server needed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import SecretStr
+
+from tasks.gate import approver, gate
+from tasks.models import Action, ActionStatus, Finding, RunStatus, Severity, final_status
+from tasks.postgres import Activity, Backend
+from tasks.postgres_rules import (
+    ConnectionsParams,
+    connection_findings,
+    ineligible,
+    plan_connections,
+)
+from tasks.settings import PostgresTarget
+
+NOW = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
+
+
+def backend(pid: int, state: str = "idle in transaction", age: int = 3600, **kw: object) -> Backend:
+    values: dict[str, object] = {
+        "pid": pid,
+        "backend_type": "client backend",
+        "usename": "app",
+        "datname": "app",
+        "application_name": "web",
+        "state": state,
+        "wait_event_type": None,
+        "wait_event": None,
+        "backend_start": NOW - timedelta(days=1),
+        "xact_start": NOW - timedelta(seconds=age),
+        "query_start": NOW - timedelta(seconds=age),
+        "state_change": NOW - timedelta(seconds=age),
+        "blocked_by": [],
+        "superuser": False,
+        "ours": False,
+    }
+    values.update(kw)
+    return Backend.model_validate(values)
+
+
+TARGET = PostgresTarget(dsn=SecretStr("postgresql://x@h/d"))
+
+
+def test_only_plain_client_backends_are_eligible() -> None:
+    assert ineligible(backend(1), TARGET) is None
+    assert "own" in (ineligible(backend(1, ours=True), TARGET) or "")
+    assert "walsender" in (ineligible(backend(1, backend_type="walsender"), TARGET) or "")
+    assert "autovacuum" in (ineligible(backend(1, backend_type="autovacuum worker"), TARGET) or "")
+    assert "superuser" in (ineligible(backend(1, superuser=True), TARGET) or "")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "attr"),
+    [
+        ("allow_roles", ["other"], "usename"),
+        ("allow_databases", ["other"], "datname"),
+        ("allow_applications", ["other"], "application_name"),
+    ],
+)
+def test_allow_lists_narrow(field: str, value: list[str], attr: str) -> None:
+    narrowed = TARGET.model_copy(update={field: value})
+    assert ineligible(backend(1), narrowed) is not None
+    assert ineligible(backend(1, **{attr: "other"}), narrowed) is None
+
+
+def test_plan_cancels_before_terminating_and_respects_the_cap() -> None:
+    activity = Activity(
+        now=NOW,
+        max_connections=100,
+        backends=[
+            backend(1),
+            backend(2),
+            backend(3, state="active"),
+            backend(4, superuser=True),
+            backend(5, state="active", blocked_by=[1]),  # a victim of pid 1: never cancelled
+            backend(6, age=5),  # under the threshold
+        ],
+    )
+    actions = plan_connections("main", activity, TARGET, ConnectionsParams(max_backends_ended=2))
+    assert [(a.kind, a.args["pid"], a.status) for a in actions] == [
+        ("cancel_query", 3, ActionStatus.planned),
+        ("terminate_backend", 1, ActionStatus.planned),
+        ("terminate_backend", 2, ActionStatus.skipped),
+    ]
+    assert all(a.destructive for a in actions)
+
+
+def test_connection_findings_name_blockers_and_usage() -> None:
+    activity = Activity(
+        now=NOW,
+        max_connections=4,
+        backends=[
+            backend(1),
+            backend(
+                2,
+                state="active",
+                blocked_by=[1],
+                wait_event_type="Lock",
+                wait_event="transactionid",
+            ),
+            backend(3, state="idle", age=1),
+            backend(4, state="idle", age=1),
+        ],
+    )
+    findings = {
+        (f.check, f.severity)
+        for f in connection_findings("main", activity, TARGET, ConnectionsParams())
+    }
+    assert ("connections", Severity.critical) in findings  # 4 of 4
+    assert ("idle_in_transaction", Severity.warning) in findings
+    assert ("blocked", Severity.warning) in findings
+    blocked = next(
+        f
+        for f in connection_findings("main", activity, TARGET, ConnectionsParams())
+        if f.check == "blocked"
+    )
+    assert blocked.observed == [1] and "pid 1" in blocked.message
+
+
+def action(destructive: bool = True) -> Action:
+    return Action(kind="k", target="t", description="d", destructive=destructive)
+
+
+def test_gate_dry_run_stops_everything() -> None:
+    actions = [action(), action(False)]
+    assert gate(actions, dry_run=True, approval="auto") == []
+    assert all(a.status is ActionStatus.planned for a in actions)
+
+
+def test_gate_policy_and_approver() -> None:
+    actions = [action(), action(False)]
+    assert gate(actions, dry_run=False, approval="never") == [actions[1]]
+    assert actions[0].status is ActionStatus.skipped
+    actions = [action(), action(False)]
+    assert gate(actions, dry_run=False, approval="ask") == [actions[1]]
+    assert "no approver" in actions[0].detail
+    actions = [action()]
+    with approver(lambda a: False):
+        assert gate(actions, dry_run=False, approval="ask") == []
+    assert "declined" in actions[0].detail
+    actions = [action()]
+    with approver(lambda a: True):
+        assert gate(actions, dry_run=False, approval="ask") == actions
+
+
+def finding(severity: Severity) -> Finding:
+    return Finding(check="c", target="t", severity=severity, message="m")
+
+
+def test_final_status() -> None:
+    ok, bad = [finding(Severity.ok)], [finding(Severity.warning)]
+    done = action()
+    done.status = ActionStatus.done
+    failed = action()
+    failed.status = ActionStatus.failed
+    assert final_status(ok, ok, []) is RunStatus.healthy
+    assert final_status(bad, ok, [done]) is RunStatus.fixed
+    assert final_status(bad, bad, [done]) is RunStatus.unhealthy
+    assert final_status(bad, bad, [action()]) is RunStatus.unhealthy
+    assert final_status(bad, ok, [done, failed]) is RunStatus.failed
