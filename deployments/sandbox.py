@@ -1,0 +1,88 @@
+"""A local sandbox for `runbook serve` with no inventory: a throwaway PostgreSQL with real
+incidents planted in it, and an inventory pointing at it."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import psycopg
+
+from deployments.localpg import LocalPostgres
+
+ROLE = "app"
+DATABASE = "app"
+# Low limits so that a newcomer sees the runbooks act within a minute or two.
+CONFIG = """\
+# Written by `runbook serve`: the sandbox's inventory.
+[postgres.main]
+dsn = "{dsn}"
+
+[postgres.main.jobs]
+table = "crawler.job"
+
+[postgres.main.thresholds]
+idle_in_transaction_seconds = 30
+long_query_seconds = 60
+cancel_grace_seconds = 5
+"""
+# Sandbox runs carry out their plans: nothing there is anybody's data.
+PARAMETERS: dict[str, Any] = {"dry_run": False, "approval": "auto"}
+CRON = "* * * * *"
+
+
+class Sandbox:
+    def __init__(self) -> None:
+        self.pg = LocalPostgres()
+        self.sessions: list[psycopg.Connection[Any]] = []
+        self.config = self.pg.dir / "runbook.toml"
+
+    def start(self) -> Sandbox:
+        self.pg.start()
+        with psycopg.connect(self.pg.dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {ROLE} LOGIN")
+            conn.execute(f"CREATE DATABASE {DATABASE} OWNER {ROLE}")
+        dsn = self.pg.dsn_for(DATABASE)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pg_stat_statements")
+        self.config.write_text(CONFIG.format(dsn=dsn))
+        self.plant()
+        return self
+
+    def plant(self) -> None:
+        """Stuck jobs, a bloated table, sessions idle in transaction and a runaway query."""
+        app = self.pg.dsn_for(DATABASE, ROLE)
+        with psycopg.connect(app, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA crawler")
+            conn.execute("""CREATE TABLE crawler.job (id bigserial PRIMARY KEY, sourceid int,
+                            status text NOT NULL, startedat timestamptz)""")
+            conn.execute("""INSERT INTO crawler.job (sourceid, status, startedat)
+                SELECT g, CASE WHEN g <= 5 THEN 'running' ELSE 'done' END,
+                       now() - make_interval(hours => g) FROM generate_series(1, 20) g""")
+            conn.execute(
+                "CREATE TABLE event (id int PRIMARY KEY, payload text) "
+                "WITH (autovacuum_enabled = false)"
+            )
+            conn.execute("INSERT INTO event SELECT g, 'x' FROM generate_series(1, 50000) g")
+            conn.execute("UPDATE event SET payload = 'y'")
+        for n in range(3):
+            conn = psycopg.connect(app, application_name=f"worker-{n}")
+            conn.execute("SELECT 1")  # a transaction left open: idle in transaction
+            self.sessions.append(conn)
+        runaway = psycopg.connect(app, application_name="report", autocommit=True)
+        self.sessions.append(runaway)
+        threading.Thread(
+            target=_quietly, args=(runaway, "SELECT pg_sleep(3600)"), daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        for conn in self.sessions:
+            conn.close()
+        self.pg.stop()
+
+
+def _quietly(conn: psycopg.Connection[Any], query: str) -> None:
+    # The runbook cancelling it is the point.
+    with contextlib.suppress(psycopg.Error):
+        conn.execute(query)
