@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.prompt import Confirm
 from rich.status import Status
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from flows.catalog import RUNBOOKS, Runbook
@@ -48,7 +48,8 @@ def fail(exc: RunbookError) -> typer.Exit:
 @app.command("list")
 def list_runbooks() -> None:
     """Every runbook with its purpose, triggers and what it may change."""
-    table = Table("runbook", "purpose", "triggers", "may change", show_lines=True)
+    table = Table("purpose", "triggers", "may change", show_lines=True)
+    table.columns.insert(0, Column("runbook", no_wrap=True))
     for rb in RUNBOOKS.values():
         table.add_row(rb.name, Text(rb.purpose), Text(rb.triggers), Text(rb.changes))
     out.print(table)

@@ -83,14 +83,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDeployment]:
-    deployments = []
+    from prefect.schedules import Cron
+
+    deployments: list[RunnerDeployment] = []
     for rb in RUNBOOKS.values():
         flow = rb.load()
         for target in rb.targets(settings):
             deployments.append(
-                flow.to_deployment(
+                flow.to_deployment(  # type: ignore[arg-type]  # sync outside an event loop
                     name=target,
-                    cron=sandbox.CRON if in_sandbox else rb.cron,
+                    schedule=Cron(sandbox.CRON if in_sandbox else rb.cron, timezone="UTC"),
                     parameters={
                         "target": target,
                         **(sandbox.PARAMETERS if in_sandbox else rb.scheduled),

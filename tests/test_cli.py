@@ -1,0 +1,140 @@
+"""The `runbook` command as an on-call engineer runs it: a real process, a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Db
+
+RUNBOOK = str(Path(sys.executable).parent / "runbook")
+
+
+def cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    # The environment an engineer has: not the test session's Prefect logging settings.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+    return subprocess.run(
+        [RUNBOOK, *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**base, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_list_shows_every_runbook() -> None:
+    proc = cli("list")
+    assert proc.returncode == 0
+    for name in ("postgres-connections", "postgres-maintenance", "stuck-jobs"):
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("run", "nope"), "unknown runbook 'nope'"),
+        (("run", "postgres-connections", "--target", "other"), "unknown postgres target 'other'"),
+        (("run", "postgres-connections", "--set", "nope=1"), "valid parameters: idle_in_"),
+        (("run", "postgres-connections", "--set", "long_query_seconds=abc"), "valid integer"),
+        (("run", "postgres-connections", "--set", "long_query_seconds=0"), "greater than or equal"),
+        (("run", "postgres-connections", "--set", "dry_run=false"), "use --target, --apply"),
+        (("run", "postgres-connections", "--set", "novalue"), "expected key=value"),
+        (("run", "stuck-jobs"), "needs a jobs table"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_clear_message(
+    db: Db, args: tuple[str, ...], expected: str
+) -> None:
+    proc = cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    no_traceback(proc)
+
+
+def test_malformed_config_exits_2(db: Db) -> None:
+    db.config.write_text("[postgres.main\n")
+    proc = cli("run", "postgres-connections")
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+    no_traceback(proc)
+
+
+def test_unreachable_target_exits_3_without_leaking_the_password(db: Db, prefect_api: str) -> None:
+    db.config.write_text('[postgres.main]\ndsn = "postgresql://app:hunter2@127.0.0.1:1/app"\n')
+    proc = cli("run", "postgres-connections", "--json", env={"PREFECT_API_URL": prefect_api})
+    assert proc.returncode == 3, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["status"] == "failed" and "Connection refused" in report["findings"][0]["message"]
+    assert "hunter2" not in proc.stdout + proc.stderr
+    no_traceback(proc)
+
+
+def test_plan_then_apply_idle_in_transaction(db: Db, prefect_api: str) -> None:
+    pids = db.idle_in_transaction(2)
+    env = {"PREFECT_API_URL": prefect_api}
+    sets = ("--set", "idle_in_transaction_seconds=1")
+    time.sleep(1.5)
+
+    proc = cli("run", "postgres-connections", "--target", "main", *sets, "--json", env=env)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == {
+        "runbook",
+        "target",
+        "dry_run",
+        "status",
+        "findings",
+        "actions",
+        "started_at",
+        "finished_at",
+        "flow_run_id",
+    }
+    assert report["status"] == "unhealthy" and report["dry_run"] is True
+    assert [a["status"] for a in report["actions"]] == ["planned", "planned"]
+    assert db.alive(pids) == set(pids)
+
+    # --apply without --yes and without a terminal: destructive actions are not approved.
+    proc = cli("run", "postgres-connections", *sets, "--apply", "--json", env=env)
+    assert proc.returncode == 1
+    assert {a["status"] for a in json.loads(proc.stdout)["actions"]} == {"skipped"}
+    assert db.alive(pids) == set(pids)
+
+    proc = cli("run", "postgres-connections", *sets, "--apply", "--yes", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "fixed" in proc.stdout and "Findings" in proc.stdout
+    assert db.alive(pids) == set()
+    no_traceback(proc)
+
+
+def test_stuck_jobs_and_maintenance_from_the_cli(db: Db, prefect_api: str) -> None:
+    with db.admin() as conn:
+        conn.execute("CREATE TABLE job (id int PRIMARY KEY, status text, startedat timestamptz)")
+        conn.execute("INSERT INTO job VALUES (1, 'running', now() - interval '1 hour')")
+        conn.execute("CREATE TABLE t (id int) WITH (autovacuum_enabled = false)")
+        conn.execute("INSERT INTO t SELECT generate_series(1, 5000)")
+        conn.execute("DELETE FROM t")
+    db.write_config('[postgres.main.jobs]\ntable = "job"\n')
+    env = {"PREFECT_API_URL": prefect_api}
+    assert cli("run", "stuck-jobs", "--json", env=env).returncode == 1
+    proc = cli("run", "stuck-jobs", "--apply", "--yes", "--json", env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "fixed"
+    with db.admin() as conn:
+        assert conn.execute("SELECT status FROM job").fetchone() == ("pending",)
+
+    assert cli("run", "postgres-maintenance", "--json", env=env).returncode == 1
+    proc = cli("run", "postgres-maintenance", "--apply", "--json", env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "fixed"

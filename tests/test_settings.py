@@ -1,0 +1,70 @@
+"""Configuration: one clear error naming the file, the key and the fix; env overrides TOML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import ConfigError
+from tasks.settings import load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "runbook.toml"
+    path.write_text(text)
+    return path
+
+
+def test_environment_overrides_the_file_and_merges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        '[postgres.main]\ndsn = "postgresql://a@h/file"\n'
+        'allow_roles = ["app"]\n[postgres.main.jobs]\ntable = "crawler.job"\n',
+    )
+    monkeypatch.setenv("RUNBOOK_POSTGRES__MAIN__DSN", "postgresql://a:pw@h/env")
+    monkeypatch.setenv("RUNBOOK_POSTGRES__SECOND__DSN", "postgresql://b@h/two")
+    settings = load_settings(path)
+    main = settings.postgres["main"]
+    assert main.dsn.get_secret_value().endswith("/env")
+    assert main.allow_roles == ["app"] and main.jobs and main.jobs.table_parts == ("crawler", "job")
+    assert set(settings.postgres) == {"main", "second"}
+    assert "pw" not in repr(settings) and "pw" not in main.description
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[postgres.main\ndsn = "x"', "not valid TOML"),
+        ("[postgres.main]\nallow_roles = []\n", "postgres.main.dsn: Field required"),
+        ('[postgres.main]\ndsn = "x"\ndns = "y"\n', "postgres.main.dns: Extra inputs"),
+        ('[postgres.main]\ndsn = "x"\n[postgres.main.jobs]\ntable = "a.b.c"\n', "SCHEMA.TABLE"),
+        (
+            '[postgres.main]\ndsn = "x"\n[postgres.main.thresholds]\nidle_seconds = 3\n',
+            "unknown idle_seconds",
+        ),
+        ('[redis.cache]\nurl = "redis://h"\n', "redis: Extra inputs"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert expected in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_named_config_that_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings()
+
+
+def test_unknown_and_ambiguous_targets(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[postgres.a]\ndsn = "x"\n[postgres.b]\ndsn = "y"\n'))
+    with pytest.raises(ConfigError, match=r"unknown postgres target 'c'.*configured: a, b"):
+        settings.postgres_target("c")
+    with pytest.raises(ConfigError, match="pass --target"):
+        settings.postgres_target(None)
+    assert settings.postgres_target("b")[0] == "b"
