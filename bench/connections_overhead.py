@@ -40,14 +40,19 @@ TASKS = 20
 
 def plain(dsn: str) -> None:
     target = load_settings().postgres["main"]
-    with psycopg.connect(dsn, connect_timeout=5, autocommit=True,
-                         row_factory=psycopg.rows.dict_row) as conn:
-        head = conn.execute("SELECT now() AS now, current_setting('max_connections')::int "
-                            "AS max_connections").fetchone()
+    with psycopg.connect(
+        dsn, connect_timeout=5, autocommit=True, row_factory=psycopg.rows.dict_row
+    ) as conn:
+        head = conn.execute(
+            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections"
+        ).fetchone()
         assert head is not None
         rows = conn.execute(_ACTIVITY).fetchall()
-    activity = Activity(now=head["now"], max_connections=head["max_connections"],
-                        backends=[Backend(**r) for r in rows])
+    activity = Activity(
+        now=head["now"],
+        max_connections=head["max_connections"],
+        backends=[Backend(**r) for r in rows],
+    )
     connection_findings("main", activity, target, ConnectionsParams())
 
 
@@ -82,8 +87,10 @@ def main() -> None:
             fh.write(f'[postgres.main]\ndsn = "{dsn}"\n')
         os.environ["RUNBOOK_CONFIG"] = config
         sessions = [psycopg.connect(dsn, autocommit=True) for _ in range(30)]
-        with prefect_test_harness(server_startup_timeout=120), temporary_settings(
-                updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with (
+            prefect_test_harness(server_startup_timeout=120),
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+        ):
             runs: dict[str, list[float]] = {}
             # Separate phases: a flow of many tasks leaves the server busy recording task-run
             # events (SQLite), which stalls the next flow run by up to ~2 s.
@@ -107,8 +114,10 @@ def main() -> None:
     print(f"postgres-connections flow {med['flow']:8.1f}   {med['flow'] / base:5.2f}x")
     print(f"empty flow                {med['empty0']:8.1f}   {med['empty0'] / base:5.2f}x")
     per_task = (med["empty20"] - med["empty0"]) / TASKS
-    print(f"per-task overhead         {per_task:8.1f}   ({TASKS} empty tasks: "
-          f"{med['empty20']:.1f} ms)")
+    print(
+        f"per-task overhead         {per_task:8.1f}   ({TASKS} empty tasks: "
+        f"{med['empty20']:.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

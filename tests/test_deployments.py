@@ -104,3 +104,11 @@ def test_serve_starts_everything_and_sigterm_stops_it(tmp_path: Path) -> None:
         httpx.get(f"{api}/health", timeout=2)
     leftovers = subprocess.run(["pgrep", "-f", Path(sandbox_dir).name], capture_output=True)
     assert leftovers.returncode == 1
+
+
+def test_readme_catalogue_matches_the_catalogue() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for rb in RUNBOOKS.values():
+        assert f"| `{rb.name}` | {rb.seeds} | {rb.triggers} | {rb.changes} |" in readme
+        for name, field in rb.params.model_fields.items():
+            assert f"`{name}` [{field.default}]" in readme
