@@ -237,11 +237,10 @@ STATUS_STYLE = {
 def show(report: Report) -> None:
     findings = Table("check", "severity", "observed", "threshold", "message", title="Findings")
     for f in report.findings:
-        observed = f.observed if not isinstance(f.observed, list) else f"{len(f.observed)} items"
         findings.add_row(
             f.check,
             Text(f.severity, SEVERITY_STYLE[f.severity]),
-            Text(str(observed)),
+            Text(str(f.observed_brief)),
             "" if f.threshold is None else str(f.threshold),
             Text(f.message),
         )

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 
 def free_port() -> int:
@@ -116,7 +117,7 @@ class LocalPostgres:
 
     def create_database(self, name: str) -> str:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         with psycopg.connect(self.dsn_for(name), autocommit=True, connect_timeout=5) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         return self.dsn_for(name)

@@ -8,7 +8,13 @@ from prefect import flow
 from tasks.engine import finish, run_action
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
-from tasks.postgres import await_queries_ended, cancel_query, read_activity, terminate_backend
+from tasks.postgres import (
+    CANCELLED,
+    await_queries_ended,
+    cancel_query,
+    read_activity,
+    terminate_backend,
+)
 from tasks.postgres_rules import ConnectionsParams, connection_findings, plan_connections
 from tasks.settings import load_settings
 
@@ -37,7 +43,7 @@ def postgres_connections(
     cancels = [a for a in approved if a.kind == "cancel_query"]
     for action in cancels:
         run_action(action, cancel_query, name, pg, action.args)
-    signalled = [a for a in cancels if a.detail == "cancelled"]
+    signalled = [a for a in cancels if a.detail == CANCELLED]
     if signalled:
         still = set(
             await_queries_ended(name, pg, [a.args for a in signalled], p.cancel_grace_seconds)

@@ -116,8 +116,9 @@ def publish(report: Report, before: list[Finding]) -> None:
         {
             "step": "finding",
             "name": f.check,
-            "severity_or_status": f.severity.value,
-            "observed": str(f.observed),
+            "state": f.severity.value,
+            "observed": str(f.observed_brief),
+            "threshold": str(f.threshold or ""),
             "message": f.message,
         }
         for f in report.findings
@@ -125,8 +126,9 @@ def publish(report: Report, before: list[Finding]) -> None:
         {
             "step": "action",
             "name": a.kind,
-            "severity_or_status": a.status.value,
-            "observed": a.target,
+            "state": a.status.value,
+            "observed": "",
+            "threshold": "",
             "message": f"{a.description}. {a.detail}".strip(),
         }
         for a in report.actions
@@ -167,7 +169,7 @@ def render_markdown(report: Report, before: list[Finding]) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {_cell(f.check)} | {f.severity.value} | {_cell(_brief(f.observed))} | "
+            f"| {_cell(f.check)} | {f.severity.value} | {_cell(f.observed_brief)} | "
             f"{_cell(f.threshold)} | {_cell(f.message)} |"
             for f in findings
         ]

@@ -43,6 +43,14 @@ class Finding(BaseModel):
     threshold: Any = None
     message: str
 
+    @property
+    def observed_brief(self) -> object:
+        """Rows of data (top queries, table sizes) are summarised; the rows follow elsewhere."""
+        rows = self.observed
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+            return f"{len(rows)} rows"
+        return rows
+
 
 class Action(BaseModel):
     kind: str

@@ -22,6 +22,7 @@ from tasks.settings import JobsTable, PostgresTarget
 
 CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
+CANCELLED = "cancelled"
 # SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
 _PERMANENT = {"28P01", "28000", "3D000"}
 # The server is shutting down or restarting under us: worth another try.
@@ -176,7 +177,7 @@ def _signal(
 def cancel_query(name: str, target: PostgresTarget, args: dict[str, Any]) -> str:
     if _signal(name, target, _CANCEL, args) is None:
         return "query had already finished"
-    return "cancelled"
+    return CANCELLED
 
 
 @io_task("await-queries-ended", timeout_seconds=600)
