@@ -85,12 +85,9 @@ def parse_sets(rb: Runbook, pairs: list[str]) -> dict[str, Any]:
 
 def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]]:
     settings = load_settings()
-    name, cfg = settings.postgres_target(target)
-    if name not in rb.targets(settings):
-        raise ConfigError(
-            f"{rb.name} needs a jobs table on postgres target {name!r}: add "
-            f'[postgres.{name}.jobs] with table = "SCHEMA.TABLE"'
-        )
+    name, cfg = settings.target(rb.inventory, target)
+    if not rb.accepts(cfg):
+        raise ConfigError(f"{rb.name} needs {rb.requires} on {rb.inventory} target {name!r}")
     return name, cfg.thresholds
 
 

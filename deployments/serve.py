@@ -92,7 +92,9 @@ def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDep
             deployments.append(
                 flow.to_deployment(  # type: ignore[arg-type]  # sync outside an event loop
                     name=target,
-                    schedule=Cron(sandbox.CRON if in_sandbox else rb.cron, timezone="UTC"),
+                    schedule=None
+                    if rb.cron is None
+                    else Cron(sandbox.CRON if in_sandbox else rb.cron, timezone="UTC"),
                     parameters={
                         "target": target,
                         **(sandbox.PARAMETERS if in_sandbox else rb.scheduled),
@@ -105,7 +107,7 @@ def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDep
 
 
 def has_inventory(settings: Settings) -> bool:
-    return bool(settings.postgres)
+    return bool(settings.postgres or settings.redis)
 
 
 def serve_all(host: str, port: int) -> None:

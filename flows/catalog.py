@@ -4,11 +4,13 @@ CLI lists and validates from here without importing Prefect or the flows."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasks.models import Params
 from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
+from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -26,13 +28,17 @@ class Runbook:
     params: type[Params]
     changes: str
     destructive: bool
-    cron: str  # its schedule, UTC
+    cron: str | None  # its schedule, UTC; None: run by hand only
     # The parameters of scheduled runs; a manual run is always a dry run unless --apply.
     scheduled: dict[str, Any] = field(default_factory=dict)
-    needs_jobs_table: bool = False
+    # What a target needs for this runbook, said in words and as a test.
+    requires: str = ""
+    accepts: Callable[[Any], bool] = field(default=lambda target: True)
 
     @property
     def triggers(self) -> str:
+        if self.cron is None:
+            return "manual"
         mode = "applies" if not self.scheduled.get("dry_run", True) else "diagnose only"
         return f"schedule `{self.cron}` ({mode}); manual"
 
@@ -45,8 +51,8 @@ class Runbook:
         """The inventory targets this runbook can run on."""
         return sorted(
             name
-            for name, target in settings.postgres.items()
-            if not self.needs_jobs_table or target.jobs is not None
+            for name, target in settings.targets(self.inventory).items()
+            if self.accepts(target)
         )
 
 
@@ -93,7 +99,50 @@ RUNBOOKS: dict[str, Runbook] = {
             destructive=True,
             cron="*/10 * * * *",
             scheduled={"dry_run": False, "approval": "auto"},
-            needs_jobs_table=True,
+            requires='a jobs table ([postgres.NAME.jobs] with table = "SCHEMA.TABLE")',
+            accepts=lambda target: target.jobs is not None,
+        ),
+        Runbook(
+            name="redis-health",
+            entrypoint="flows.redis_health:redis_health",
+            purpose="PING latency, memory against maxmemory, fragmentation, evictions, the "
+            "eviction policy the role wants, persistence and clients; sets the policy.",
+            seeds="000 s1, 001 Redis unavailable, 004 s4",
+            inventory="redis",
+            params=RedisHealthParams,
+            changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
+            "queue: noeviction) and CONFIG REWRITE; restarts need a service controller",
+            destructive=True,
+            cron="*/5 * * * *",
+            scheduled={"dry_run": True},
+        ),
+        Runbook(
+            name="login-lockouts",
+            entrypoint="flows.login_lockouts:login_lockouts",
+            purpose="Clears the login lockouts of one user, email or IP (or all) from Redis, "
+            "and from a lockout table in PostgreSQL when configured.",
+            seeds="001 Excessive login lockouts",
+            inventory="redis",
+            params=LockoutParams,
+            changes="UNLINKs lockout keys found with SCAN (never KEYS or FLUSHALL); DELETEs "
+            "the subject's rows from the configured lockout table",
+            destructive=True,
+            cron=None,
+        ),
+        Runbook(
+            name="queue-backlog",
+            entrypoint="flows.queue_backlog:queue_backlog",
+            purpose="BullMQ counts per queue, sampled twice for the drain rate and an ETA; "
+            "backlogs over the threshold and stalled workers.",
+            seeds="000 s3 (waiting > 1000), 004 s4",
+            inventory="redis",
+            params=QueueBacklogParams,
+            changes="nothing yet: scaling workers is planned and needs a service controller",
+            destructive=False,
+            cron="*/5 * * * *",
+            scheduled={"dry_run": True},
+            requires="BullMQ queue names (queues = [...] in [redis.NAME])",
+            accepts=lambda target: bool(target.queues),
         ),
     )
 }

@@ -5,6 +5,7 @@ psycopg.sql.Identifier; signals and VACUUM run in autocommit."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
-from tasks.settings import JobsTable, PostgresTarget
+from tasks.settings import JobsTable, LockoutTable, PostgresTarget
 
 CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
@@ -362,7 +363,8 @@ _STUCK_WHERE = "{status} = %(running)s AND {started} < now() - make_interval(min
 
 
 @contextmanager
-def _jobs_errors(name: str, jobs: JobsTable) -> Iterator[None]:
+def _configured_table(section: str, described: str) -> Iterator[None]:
+    """A table or column the config names but the database lacks is a config error."""
     try:
         yield
     except (
@@ -371,10 +373,17 @@ def _jobs_errors(name: str, jobs: JobsTable) -> Iterator[None]:
         psycopg.errors.InvalidSchemaName,
     ) as exc:
         raise ConfigError(
-            f"[postgres.{name}.jobs]: {_first_line(exc)} (table {jobs.table!r}, columns "
-            f"{jobs.id_column!r}, {jobs.status_column!r}, {jobs.started_column!r}); correct "
-            "the table and column names in the config"
+            f"[{section}]: {_first_line(exc)} ({described}); correct the table and column "
+            "names in the config"
         ) from exc
+
+
+def _jobs_errors(name: str, jobs: JobsTable) -> contextlib.AbstractContextManager[None]:
+    return _configured_table(
+        f"postgres.{name}.jobs",
+        f"table {jobs.table!r}, columns {jobs.id_column!r}, {jobs.status_column!r}, "
+        f"{jobs.started_column!r}",
+    )
 
 
 @io_task("find-stuck-jobs", timeout_seconds=60)
@@ -416,3 +425,43 @@ def reset_stuck_jobs(
             },
         ).fetchall()
     return [r["id"] for r in rows]
+
+
+# --- lockout table ---------------------------------------------------------------------------
+
+
+def _lockout_query(verb: str, table: LockoutTable, subject: str | None) -> sql.Composed:
+    where = (
+        sql.SQL(" WHERE {} = %(subject)s").format(sql.Identifier(table.column))
+        if subject is not None
+        else sql.SQL("")
+    )
+    return sql.SQL(verb + " {}{}").format(sql.Identifier(*table.table_parts), where)
+
+
+@io_task("count-lockout-rows", timeout_seconds=60)
+def count_lockout_rows(
+    name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
+) -> int:
+    with connect(name, target) as conn, _lockout_errors(redis_name, table):
+        row = conn.execute(
+            _lockout_query("SELECT count(*) AS n FROM", table, subject), {"subject": subject}
+        ).fetchone()
+    return int(row["n"]) if row else 0
+
+
+@io_task("delete-lockout-rows", timeout_seconds=120)
+def delete_lockout_rows(
+    name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
+) -> int:
+    with connect(name, target, autocommit=False) as conn, _lockout_errors(redis_name, table):
+        cur = conn.execute(_lockout_query("DELETE FROM", table, subject), {"subject": subject})
+        return cur.rowcount
+
+
+def _lockout_errors(
+    redis_name: str, table: LockoutTable
+) -> contextlib.AbstractContextManager[None]:
+    return _configured_table(
+        f"redis.{redis_name}.lockout_table", f"table {table.table!r}, column {table.column!r}"
+    )

@@ -10,14 +10,24 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tasks.errors import ConfigError
-from tasks.postgres_rules import THRESHOLD_NAMES
+from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
+from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
 
 DEFAULT_CONFIG = "runbook.toml"
 ENV_PREFIX = "RUNBOOK_"
@@ -27,16 +37,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class JobsTable(_Strict):
-    """A queue of jobs kept in a table (seed 004 section 6: crawler.job)."""
-
+class _TableRef(_Strict):
     table: str = Field(description="table name, may be schema-qualified: crawler.job")
-    id_column: str = "id"
-    status_column: str = "status"
-    running_value: str = "running"
-    pending_value: str = "pending"
-    started_column: str = "startedat"
-    clear_started: bool = True
 
     @field_validator("table")
     @classmethod
@@ -51,29 +53,72 @@ class JobsTable(_Strict):
         return tuple(self.table.split("."))
 
 
-class PostgresTarget(_Strict):
+class JobsTable(_TableRef):
+    """A queue of jobs kept in a table (seed 004 section 6: crawler.job)."""
+
+    id_column: str = "id"
+    status_column: str = "status"
+    running_value: str = "running"
+    pending_value: str = "pending"
+    started_column: str = "startedat"
+    clear_started: bool = True
+
+
+class _Target(_Strict):
+    # Per-target values for a runbook's parameters, e.g. idle_in_transaction_seconds = 300.
+    thresholds: dict[str, int | float] = Field(default_factory=dict)
+    _threshold_names: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, int | float]) -> dict[str, int | float]:
+        unknown = sorted(set(value) - cls._threshold_names)
+        if unknown:
+            known = ", ".join(sorted(cls._threshold_names))
+            raise ValueError(f"unknown {', '.join(unknown)}; known: {known}")
+        return value
+
+
+class PostgresTarget(_Target):
     dsn: SecretStr
     # Unset: no narrowing beyond the built-in rules (client backends, not superusers, not us).
     allow_roles: list[str] | None = None
     allow_databases: list[str] | None = None
     allow_applications: list[str] | None = None
     jobs: JobsTable | None = None
-    # Per-target values for a runbook's thresholds, e.g. idle_in_transaction_seconds = 300.
-    thresholds: dict[str, int | float] = Field(default_factory=dict)
-
-    @field_validator("thresholds")
-    @classmethod
-    def _known_thresholds(cls, value: dict[str, int | float]) -> dict[str, int | float]:
-        unknown = sorted(set(value) - THRESHOLD_NAMES)
-        if unknown:
-            raise ValueError(
-                f"unknown {', '.join(unknown)}; known: {', '.join(sorted(THRESHOLD_NAMES))}"
-            )
-        return value
+    _threshold_names = POSTGRES_THRESHOLDS
 
     @property
     def description(self) -> str:
         return describe_dsn(self.dsn)
+
+
+class LockoutTable(_TableRef):
+    """Lockouts also kept in PostgreSQL (seed 001: a Prisma Lockout table)."""
+
+    postgres: str = Field(description="a [postgres.NAME] target")
+    column: str
+
+
+class RedisTarget(_Target):
+    url: SecretStr
+    password: SecretStr | None = None
+    role: Literal["cache", "queue"] = "cache"
+    # The policy the role wants (cache: allkeys-lru, queue: noeviction) unless set here.
+    maxmemory_policy: str | None = None
+    queues: list[str] = Field(default_factory=list)
+    prefix: str = "bull"
+    lockout_prefix: str = "login_attempt"
+    lockout_table: LockoutTable | None = None
+    _threshold_names = REDIS_THRESHOLDS
+
+    @property
+    def wanted_policy(self) -> str:
+        return self.maxmemory_policy or ("noeviction" if self.role == "queue" else "allkeys-lru")
+
+    @property
+    def description(self) -> str:
+        return describe_url(self.url)
 
 
 class Settings(BaseSettings):
@@ -82,6 +127,18 @@ class Settings(BaseSettings):
     )
 
     postgres: dict[str, PostgresTarget] = Field(default_factory=dict)
+    redis: dict[str, RedisTarget] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _lockout_tables_name_postgres_targets(self) -> Settings:
+        for name, target in self.redis.items():
+            table = target.lockout_table
+            if table is not None and table.postgres not in self.postgres:
+                raise ValueError(
+                    f"redis.{name}.lockout_table.postgres names {table.postgres!r}, which is "
+                    f"not a [postgres.*] target (configured: {', '.join(self.postgres) or 'none'})"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -97,6 +154,17 @@ class Settings(BaseSettings):
 
     def postgres_target(self, name: str | None) -> tuple[str, PostgresTarget]:
         return _pick("postgres", self.postgres, name)
+
+    def redis_target(self, name: str | None) -> tuple[str, RedisTarget]:
+        return _pick("redis", self.redis, name)
+
+    def targets(self, kind: str) -> dict[str, Any]:
+        """The targets of one inventory section: postgres or redis."""
+        found: dict[str, Any] = getattr(self, kind)
+        return found
+
+    def target(self, kind: str, name: str | None) -> tuple[str, Any]:
+        return _pick(kind, self.targets(kind), name)
 
 
 def _pick(kind: str, targets: dict[str, Any], name: str | None) -> tuple[str, Any]:
@@ -127,6 +195,17 @@ def describe_dsn(dsn: SecretStr) -> str:
     host = parts.get("host") or "local socket"
     port, dbname, user = parts.get("port") or 5432, parts.get("dbname"), parts.get("user")
     return f"{host}:{port}/{dbname or '?'} user={user or '?'}"
+
+
+def describe_url(url: SecretStr) -> str:
+    """scheme://host:port/db of a URL, never its credentials."""
+    parts = urlsplit(url.get_secret_value())
+    host = parts.hostname or "?"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.scheme}://{host}:{port or 6379}{parts.path or ''}"
 
 
 def config_path() -> Path:

@@ -115,3 +115,33 @@ def db(pg: LocalPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setenv("RUNBOOK_CONFIG", str(database.config))
     yield database
     database.close()
+
+
+@pytest.fixture
+def inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Write the inventory file for this test: inventory('[redis.cache]\\nurl = ...')."""
+    path = tmp_path / "runbook.toml"
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(path))
+
+    def write(text: str) -> Path:
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """Start redis-servers for this test; all are stopped after it."""
+    from deployments.localredis import LocalRedis
+
+    started: list[LocalRedis] = []
+
+    def start(**kwargs: Any) -> LocalRedis:
+        server = LocalRedis(**kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,3 +139,44 @@ def test_stuck_jobs_and_maintenance_from_the_cli(db: Db, prefect_api: str) -> No
     assert cli("run", "postgres-maintenance", "--json", env=env).returncode == 1
     proc = cli("run", "postgres-maintenance", "--apply", "--json", env=env)
     assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "fixed"
+
+
+def test_redis_health_plan_then_fix(redis_server: Any, inventory: Any, prefect_api: str) -> None:
+    server = redis_server(maxmemory="64mb")
+    inventory(
+        f'[redis.cache]\nurl = "{server.url}"\nrole = "cache"\n'
+        "[redis.cache.thresholds]\nsample_seconds = 0\n"
+    )
+    env = {"PREFECT_API_URL": prefect_api}
+    proc = cli("run", "redis-health", "--target", "cache", "--json", env=env)
+    assert proc.returncode == 1, proc.stderr
+    policy = next(
+        f for f in json.loads(proc.stdout)["findings"] if f["check"] == "maxmemory_policy"
+    )
+    assert policy["observed"] == "noeviction" and policy["severity"] == "warning"
+    proc = cli("run", "redis-health", "--target", "cache", "--apply", "--yes", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "fixed"
+    assert server.client().config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+
+
+def test_login_lockouts_and_queue_backlog_from_the_cli(
+    redis_server: Any, inventory: Any, prefect_api: str
+) -> None:
+    server = redis_server(policy="noeviction")
+    with server.client() as r:
+        r.mset({"login_attempt:alice": 1, "login_attempt:bob": 1})
+        r.hset("bull:emails:meta", "opts.maxLenEvents", 10000)
+        r.rpush("bull:emails:wait", *range(1500))
+    inventory(f'[redis.queue]\nurl = "{server.url}"\nrole = "queue"\nqueues = ["emails"]\n')
+    env = {"PREFECT_API_URL": prefect_api}
+    proc = cli("run", "login-lockouts", "--set", "subject=alice", "--apply", "--yes", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert server.client().keys("login_attempt:*") == ["login_attempt:bob"]
+    proc = cli("run", "login-lockouts", env=env)
+    assert proc.returncode == 2 and "subject=USER_EMAIL_OR_IP or all=true" in proc.stderr
+
+    proc = cli("run", "queue-backlog", "--set", "sample_seconds=0.2", "--json", env=env)
+    assert proc.returncode == 1, proc.stderr
+    counts = {f["check"]: f["observed"] for f in json.loads(proc.stdout)["findings"]}
+    assert counts["emails.waiting"] == 1500 and counts["emails.backlog"] == 1500

@@ -1,0 +1,100 @@
+"""A throwaway redis-server from the machine's own binary, on 127.0.0.1 and a free port, with
+its files in a temp dir: the tests' Redis and the sandbox's."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from deployments.localpg import free_port
+
+
+class LocalRedis:
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        appendonly: bool = False,
+        config_file: bool = False,
+        maxmemory: str | None = None,
+        policy: str | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="runbook-redis-"))
+        self.password = password
+        settings = {
+            "bind": "127.0.0.1",
+            "port": str(self.port),
+            "dir": str(self.dir),
+            "save": '""',
+            "appendonly": "yes" if appendonly else "no",
+        }
+        if password:
+            settings["requirepass"] = password
+        if maxmemory:
+            settings["maxmemory"] = maxmemory
+        if policy:
+            settings["maxmemory-policy"] = policy
+        # Only a server started from a file can CONFIG REWRITE.
+        self.config = self.dir / "redis.conf" if config_file else None
+        if self.config is not None:
+            self.config.write_text("".join(f"{k} {v}\n" for k, v in settings.items()))
+            self.argv = ["redis-server", str(self.config)]
+        else:
+            self.argv = ["redis-server"] + [
+                a for k, v in settings.items() for a in (f"--{k}", v.strip('"'))
+            ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            decode_responses=True,
+            socket_timeout=5,
+        )
+
+    def start(self) -> LocalRedis:
+        binary = shutil.which(self.argv[0])
+        if binary is None:
+            raise RuntimeError("no redis-server found: apt-get install redis-server")
+        self.proc = subprocess.Popen(
+            [binary, *self.argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as r:
+                    r.ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: {self.argv}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,58 @@
+"""queue-backlog: BullMQ queues backing up or stalled (seed 000 s3: waiting > 1000)."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+
+from tasks.engine import finish
+from tasks.errors import ConfigError
+from tasks.gate import Approval, gate
+from tasks.models import Report, utcnow
+from tasks.redis import read_queue_counts
+from tasks.redis_rules import QueueBacklogParams, plan_backlog, queue_findings
+from tasks.settings import load_settings
+
+RUNBOOK = "queue-backlog"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def queue_backlog(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: QueueBacklogParams | None = None,
+) -> Report:
+    started = utcnow()
+    name, rd = load_settings().redis_target(target)
+    if not rd.queues:
+        raise ConfigError(
+            f'redis target {name!r} lists no queues: add queues = ["NAME", ...] '
+            f"to [redis.{name}] (BullMQ queue names)"
+        )
+    p = QueueBacklogParams.resolve(params, rd.thresholds, f"{RUNBOOK} on {name}")
+
+    # 1. diagnose: two samples, for the drain rate and whether workers make progress
+    first = read_queue_counts(name, rd, rd.queues)
+    begun = time.monotonic()
+    time.sleep(p.sample_seconds)
+    second = read_queue_counts(name, rd, rd.queues)
+    seconds = time.monotonic() - begun
+    findings = [
+        f for q in rd.queues for f in queue_findings(name, q, first[q], second[q], seconds, p)
+    ]
+    # 2. plan
+    actions = plan_backlog(name, findings, p)
+    # 3. gate and 4. act: scaling needs a service controller; the plan says so
+    gate(actions, dry_run=dry_run, approval=approval)
+    # 5. report: nothing was changed, so the diagnosis stands as the verification
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=findings,
+        after=findings,
+        actions=actions,
+    )

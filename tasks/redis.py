@@ -1,0 +1,200 @@
+"""Redis: read-only checks and the verbs the runbooks may use, one task each. Every call has
+a connect and a socket timeout; keys are found with SCAN, never KEYS, and removed with UNLINK."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import redis
+
+from tasks.engine import io_task
+from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.redis_rules import QueueCounts, RedisHealth, lockout_patterns
+from tasks.settings import RedisTarget
+
+TIMEOUT_SECONDS = 5
+SCAN_COUNT = 1000
+UNLINK_BATCH = 500
+ACTIVE_IDS_SAMPLE = 100
+
+
+@contextmanager
+def connect(name: str, target: RedisTarget) -> Iterator[redis.Redis]:
+    extra: dict[str, Any] = {}
+    if target.password is not None:
+        extra["password"] = target.password.get_secret_value()
+    where = f"redis target {name!r} ({target.description})"
+    try:
+        client = redis.Redis.from_url(
+            target.url.get_secret_value(),
+            socket_timeout=TIMEOUT_SECONDS,
+            socket_connect_timeout=TIMEOUT_SECONDS,
+            decode_responses=True,
+            **extra,
+        )
+    except ValueError as exc:
+        raise TargetError(f"{where}: the url is not a redis:// URL: {exc}") from None
+    try:
+        with client:
+            yield client
+    except redis.AuthenticationError as exc:
+        raise TargetUnreachable(
+            f"{where}: authentication failed ({exc}); check the password in its url or `password`",
+            transient=False,
+        ) from exc
+    except redis.ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            raise TargetUnreachable(
+                f"{where}: not authorised ({exc}); check the password and the user's ACL",
+                transient=False,
+            ) from exc
+        raise TargetError(f"{where}: {exc}") from exc
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise TargetUnreachable(
+            f"{where}: cannot connect: {exc}; check that it is up and the url's host and port",
+            transient=True,
+        ) from exc
+    except redis.RedisError as exc:
+        raise TargetError(f"{where}: {exc}") from exc
+
+
+# --- health ----------------------------------------------------------------------------------
+
+
+@io_task("read-redis-health", timeout_seconds=120, retries=0)
+def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> RedisHealth:
+    """Unreachable is a finding here, not an error: it is what this runbook diagnoses."""
+    try:
+        with connect(name, target) as r:
+            pings = []
+            for _ in range(3):
+                start = time.perf_counter()
+                r.ping()
+                pings.append((time.perf_counter() - start) * 1000)
+            raw = cast(dict[str, Any], r.info("all"))
+            info = {k: str(v) for k, v in raw.items() if not isinstance(v, dict)}
+            if sample_seconds:
+                time.sleep(sample_seconds)
+                evicted = int(cast(dict[str, Any], r.info("stats"))["evicted_keys"])
+                rate = (evicted - int(info.get("evicted_keys", 0))) / sample_seconds
+            else:
+                rate = 0.0
+    except TargetUnreachable as exc:
+        return RedisHealth(reachable=False, error=str(exc).split(": ", 1)[-1])
+    return RedisHealth(
+        reachable=True, ping_ms=statistics.median(pings), info=info, evicted_per_second=rate
+    )
+
+
+@io_task("set-maxmemory-policy", timeout_seconds=30)
+def set_maxmemory_policy(name: str, target: RedisTarget, policy: str) -> str:
+    with connect(name, target) as r:
+        try:
+            r.config_set("maxmemory-policy", policy)
+        except redis.ResponseError as exc:
+            raise ActionFailed(
+                f"redis target {name!r}: CONFIG SET refused: {exc}; managed "
+                "Redis often disables CONFIG: set the policy in the provider's "
+                "console"
+            ) from exc
+        try:
+            r.config_rewrite()
+        except redis.ResponseError as exc:
+            return (
+                f"set to {policy}, but CONFIG REWRITE failed ({exc}): the change will not "
+                "survive a restart; set maxmemory-policy in the server's config too"
+            )
+    return f"set to {policy} and written to the server's config file"
+
+
+# --- lockouts --------------------------------------------------------------------------------
+
+
+def _lockout_keys(r: redis.Redis, prefix: str, subject: str | None) -> Iterator[str]:
+    exact, glob = lockout_patterns(prefix, subject)
+    if exact is not None and r.exists(exact):
+        yield exact
+    yield from r.scan_iter(match=glob, count=SCAN_COUNT)
+
+
+@io_task("find-lockout-keys", timeout_seconds=300)
+def find_lockout_keys(
+    name: str, target: RedisTarget, subject: str | None, sample: int = 10
+) -> tuple[int, list[str]]:
+    with connect(name, target) as r:
+        count, shown = 0, list[str]()
+        for key in _lockout_keys(r, target.lockout_prefix, subject):
+            count += 1
+            if len(shown) < sample:
+                shown.append(key)
+    return count, shown
+
+
+@io_task("clear-lockout-keys", timeout_seconds=300)
+def clear_lockout_keys(name: str, target: RedisTarget, subject: str | None) -> int:
+    """UNLINK in batches what matches now: idempotent, and new lockouts of the same subject
+    made since the plan are cleared too."""
+    removed = 0
+    with connect(name, target) as r:
+        batch: list[str] = []
+        for key in _lockout_keys(r, target.lockout_prefix, subject):
+            batch.append(key)
+            if len(batch) >= UNLINK_BATCH:
+                removed += cast(int, r.unlink(*batch))
+                batch = []
+        if batch:
+            removed += cast(int, r.unlink(*batch))
+    return removed
+
+
+# --- BullMQ queues ---------------------------------------------------------------------------
+
+
+def _list_len(length: int, last: str | None) -> int:
+    # BullMQ before v5 kept a marker ("0:...") at the tail of the wait list; it is no job.
+    return length - 1 if length and last is not None and last.startswith("0:") else length
+
+
+@io_task("read-queue-counts", timeout_seconds=60)
+def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict[str, QueueCounts]:
+    """The counts BullMQ's own getJobCounts reports, read without changing anything."""
+    with connect(name, target) as r:
+        pipe = r.pipeline(transaction=True)
+        for queue in queues:
+            key = f"{target.prefix}:{queue}:"
+            pipe.exists(key + "meta", key + "id", key + "events")
+            pipe.hget(key + "meta", "paused")
+            pipe.llen(key + "wait")
+            pipe.lindex(key + "wait", -1)
+            pipe.llen(key + "paused")
+            pipe.lindex(key + "paused", -1)
+            pipe.llen(key + "active")
+            pipe.lrange(key + "active", 0, ACTIVE_IDS_SAMPLE - 1)
+            for zset in ("delayed", "prioritized", "waiting-children", "failed", "completed"):
+                pipe.zcard(key + zset)
+        replies = iter(pipe.execute())
+    counts = {}
+    for queue in queues:
+        exists, paused_flag = next(replies), next(replies)
+        wait = _list_len(next(replies), next(replies))
+        paused = _list_len(next(replies), next(replies))
+        active, active_ids = next(replies), next(replies)
+        delayed, prioritized, children, failed, completed = (next(replies) for _ in range(5))
+        counts[queue] = QueueCounts(
+            exists=bool(exists),
+            is_paused=paused_flag == "1" or paused > 0,
+            waiting=wait,
+            paused=paused,
+            active=active,
+            delayed=delayed,
+            prioritized=prioritized,
+            waiting_children=children,
+            failed=failed,
+            completed=completed,
+            active_ids=active_ids,
+        )
+    return counts
