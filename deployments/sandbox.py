@@ -1,5 +1,5 @@
-"""A local sandbox for `runbook serve` with no inventory: a throwaway PostgreSQL with real
-incidents planted in it, and an inventory pointing at it."""
+"""A local sandbox for `runbook serve` with no inventory: a throwaway PostgreSQL and two
+redis-servers with real incidents planted in them, and an inventory pointing at them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from deployments.localpg import LocalPostgres
+from deployments.localredis import LocalRedis
 
 ROLE = "app"
 DATABASE = "app"
@@ -26,6 +27,15 @@ table = "crawler.job"
 idle_in_transaction_seconds = 30
 long_query_seconds = 60
 cancel_grace_seconds = 5
+
+[redis.cache]
+url = "{cache_url}"
+role = "cache"
+
+[redis.queue]
+url = "{queue_url}"
+role = "queue"
+queues = ["emails"]
 """
 # Sandbox runs carry out their plans: nothing there is anybody's data.
 PARAMETERS: dict[str, Any] = {"dry_run": False, "approval": "auto"}
@@ -35,6 +45,10 @@ CRON = "* * * * *"
 class Sandbox:
     def __init__(self) -> None:
         self.pg = LocalPostgres()
+        # A cache on Redis's default noeviction policy, and a queue on allkeys-lru that
+        # would lose jobs: both wrong for their role.
+        self.cache = LocalRedis(maxmemory="64mb")
+        self.queue = LocalRedis(policy="allkeys-lru")
         self.sessions: list[psycopg.Connection[Any]] = []
         self.config = self.pg.dir / "runbook.toml"
 
@@ -46,12 +60,24 @@ class Sandbox:
         dsn = self.pg.dsn_for(DATABASE)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION pg_stat_statements")
-        self.config.write_text(CONFIG.format(dsn=dsn))
+        self.cache.start()
+        self.queue.start()
+        self.config.write_text(
+            CONFIG.format(dsn=dsn, cache_url=self.cache.url, queue_url=self.queue.url)
+        )
         self.plant()
         return self
 
     def plant(self) -> None:
-        """Stuck jobs, a bloated table, sessions idle in transaction and a runaway query."""
+        """Stuck jobs, a bloated table, sessions idle in transaction, a runaway query, login
+        lockouts and a queue backlog."""
+        with self.cache.client() as r:
+            r.mset({f"login_attempt:user{n}@example.com": 5 for n in range(3)})
+            r.set("login_attempt:user0@example.com:203.0.113.7", 5)
+        with self.queue.client() as r:
+            # BullMQ's key layout: a queue's meta hash and its list of waiting job ids.
+            r.hset("bull:emails:meta", "opts.maxLenEvents", 10000)
+            r.rpush("bull:emails:wait", *range(1, 1501))
         app = self.pg.dsn_for(DATABASE, ROLE)
         with psycopg.connect(app, autocommit=True) as conn:
             conn.execute("CREATE SCHEMA crawler")
@@ -80,6 +106,8 @@ class Sandbox:
         for conn in self.sessions:
             conn.close()
         self.pg.stop()
+        self.cache.stop()
+        self.queue.stop()
 
 
 def _quietly(conn: psycopg.Connection[Any], query: str) -> None:

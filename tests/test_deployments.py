@@ -34,7 +34,7 @@ def test_prefect_yaml_matches_the_catalogue() -> None:
     assert set(by_flow) == {rb.entrypoint for rb in RUNBOOKS.values()}
     for rb in RUNBOOKS.values():
         d = by_flow[rb.entrypoint]
-        assert d["schedules"][0]["cron"] == rb.cron
+        assert [s["cron"] for s in d.get("schedules", [])] == ([rb.cron] if rb.cron else [])
         assert {k: v for k, v in d["parameters"].items() if k != "target"} == rb.scheduled
         flow = rb.load()
         assert flow.name == rb.name
@@ -46,7 +46,7 @@ def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
     try:
         settings = load_settings(box.config)
         deployments = build_deployments(settings, in_sandbox=True)
-        assert sorted(d.flow_name for d in deployments) == sorted(RUNBOOKS)
+        assert {d.flow_name for d in deployments} == set(RUNBOOKS)
         assert all(d.parameters["dry_run"] is False for d in deployments)
         with psycopg.connect(settings.postgres["main"].dsn.get_secret_value()) as conn:
             states = [
@@ -79,7 +79,7 @@ def test_serve_starts_everything_and_sigterm_stops_it(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 150
         names: list[str] = []
-        while time.monotonic() < deadline and len(names) < 3:
+        while time.monotonic() < deadline and len(names) < len(RUNBOOKS):
             time.sleep(2)
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             try:
@@ -88,7 +88,7 @@ def test_serve_starts_everything_and_sigterm_stops_it(tmp_path: Path) -> None:
                 deployed = httpx.post(f"{api}/deployments/filter", json={}, timeout=2).json()
             except httpx.HTTPError:
                 continue
-            if len(deployed) < 3:
+            if len(deployed) < 8:  # three Postgres runbooks on main, Redis ones per target
                 names = []
         assert sorted(names) == sorted(RUNBOOKS)
     finally:
@@ -111,4 +111,4 @@ def test_readme_catalogue_matches_the_catalogue() -> None:
     for rb in RUNBOOKS.values():
         assert f"| `{rb.name}` | {rb.seeds} | {rb.triggers} | {rb.changes} |" in readme
         for name, field in rb.params.model_fields.items():
-            assert f"`{name}` [{field.default}]" in readme
+            assert f"`{name}` [{field.default}]" in readme, name

@@ -45,7 +45,7 @@ def test_environment_overrides_the_file_and_merges(
             '[postgres.main]\ndsn = "x"\n[postgres.main.thresholds]\nidle_seconds = 3\n',
             "unknown idle_seconds",
         ),
-        ('[redis.cache]\nurl = "redis://h"\n', "redis: Extra inputs"),
+        ('[nosuch.x]\nurl = "h"\n', "nosuch: Extra inputs"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
@@ -68,3 +68,34 @@ def test_unknown_and_ambiguous_targets(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pass --target"):
         settings.postgres_target(None)
     assert settings.postgres_target("b")[0] == "b"
+
+
+def test_redis_targets(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            (
+                '[redis.queue]\nurl = "redis://:pw-in-url@10.1.2.3:6380/2"\nrole = "queue"\n'
+                'queues = ["emails"]\n[redis.cache]\nurl = "redis://127.0.0.1/0"\n'
+                'maxmemory_policy = "allkeys-lfu"\n'
+            ),
+        )
+    )
+    queue, cache = settings.redis["queue"], settings.redis["cache"]
+    assert queue.wanted_policy == "noeviction" and cache.wanted_policy == "allkeys-lfu"
+    assert queue.description == "redis://10.1.2.3:6380/2"
+    assert "pw-in-url" not in repr(settings)
+    assert settings.target("redis", "cache")[1] is cache
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[redis.r]\nurl = "redis://h"\nrole = "db"\n', "redis.r.role: Input should be 'cache' or"),
+        ('[redis.r]\nurl = "redis://h"\n[redis.r.thresholds]\nwaiting = 3\n', "unknown waiting"),
+    ],
+)
+def test_bad_redis_config(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert expected in str(caught.value)
