@@ -56,12 +56,13 @@ class LocalPostgres:
     def dsn_for(self, dbname: str, user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
 
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
+    def _run(self, *argv: str) -> None:
+        subprocess.run(list(argv), check=True, capture_output=True, timeout=120)
 
     def start(self) -> LocalPostgres:
         if not self.data.exists():
             self._run(
+                *self._as,
                 str(self.bindir / "initdb"),
                 "-D",
                 str(self.data),
@@ -73,25 +74,23 @@ class LocalPostgres:
                 "UTF8",
                 "--no-sync",
             )
+        self._run(*self.ctl_argv("start"))
+        return self
+
+    def ctl_argv(self, action: str) -> list[str]:
+        """The pg_ctl command line for start, stop, restart or status of this server: also
+        what a `command` service controller runs."""
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
             f"-c shared_preload_libraries=pg_stat_statements -c fsync=off "
             f"-c max_connections={self.max_connections}"
         )
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.dir / "log"),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            options,
-            "start",
-        )
-        return self
+        extra = {
+            "start": ["-l", str(self.dir / "log"), "-w", "-t", "60", "-o", options],
+            "restart": ["-l", str(self.dir / "log"), "-w", "-t", "60", "-o", options],
+            "stop": ["-m", "immediate", "-w"],  # as abrupt as a crash
+        }.get(action, [])
+        return [*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), *extra, action]
 
     def is_running(self) -> bool:
         try:
@@ -103,15 +102,7 @@ class LocalPostgres:
     def stop(self, *, remove: bool = True) -> None:
         if (self.data / "postmaster.pid").exists():
             with contextlib.suppress(subprocess.SubprocessError):
-                self._run(
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                )
+                self._run(*self.ctl_argv("stop"))
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -465,3 +465,43 @@ def _lockout_errors(
     return _configured_table(
         f"redis.{redis_name}.lockout_table", f"table {table.table!r}, column {table.column!r}"
     )
+
+
+# --- reachability ------------------------------------------------------------------------------
+
+
+class Probe(BaseModel):
+    ok: bool
+    transient: bool = True  # False: credentials or database wrong; a restart will not help
+    error: str = ""
+    ms: float | None = None
+
+
+@io_task("probe-postgres", timeout_seconds=30, retries=0)
+def probe_postgres(name: str, target: PostgresTarget) -> Probe:
+    """Like pg_isready, plus a query: a server that accepts connections but cannot answer
+    SELECT 1 is not up."""
+    start = time.perf_counter()
+    try:
+        with connect(name, target, statement_timeout_s=5) as conn:
+            conn.execute("SELECT 1")
+    except TargetUnreachable as exc:
+        return Probe(ok=False, transient=exc.transient, error=str(exc))
+    except TargetError as exc:
+        return Probe(ok=False, error=str(exc))
+    return Probe(ok=True, ms=(time.perf_counter() - start) * 1000)
+
+
+@io_task("await-postgres-ready", timeout_seconds=3700, retries=0)
+def await_postgres_ready(name: str, target: PostgresTarget, timeout_s: float) -> float | None:
+    """Seconds until SELECT 1 answers, backing off from 0.5 s to 5 s; None if it never did
+    within timeout_s."""
+    start, delay = time.monotonic(), 0.5
+    while True:
+        if probe_postgres.fn(name, target).ok:
+            return time.monotonic() - start
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            return None
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 5)

@@ -8,6 +8,7 @@ Every problem becomes one ConfigError that names the file, the key and the fix.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from tasks.errors import ConfigError
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
+from tasks.service_rules import THRESHOLD_NAMES as SERVICE_THRESHOLDS
 
 DEFAULT_CONFIG = "runbook.toml"
 ENV_PREFIX = "RUNBOOK_"
@@ -86,11 +88,59 @@ class PostgresTarget(_Target):
     allow_databases: list[str] | None = None
     allow_applications: list[str] | None = None
     jobs: JobsTable | None = None
-    _threshold_names = POSTGRES_THRESHOLDS
+    service: str | None = Field(None, description="the [services.NAME] that runs it")
+    data_directory: str | None = Field(None, description="local data directory, for disk space")
+    _threshold_names = POSTGRES_THRESHOLDS | {"ready_timeout_seconds"}
 
     @property
     def description(self) -> str:
         return describe_dsn(self.dsn)
+
+
+class ServiceTarget(_Target):
+    """How to see and restart one service: through Docker's API, systemd, or given commands."""
+
+    kind: Literal["docker", "systemd", "command"]
+    # docker: one container, or every container of a compose service
+    container: str | None = None
+    compose_project: str | None = None
+    compose_service: str | None = None
+    docker_host: str | None = None
+    # systemd
+    unit: str | None = None
+    # command: argv lists, run without a shell
+    status_command: list[str] | None = None
+    start_command: list[str] | None = None
+    restart_command: list[str] | None = None
+    logs_command: list[str] | None = None
+    # any kind
+    health_url: str | None = None
+    ready_url: str | None = None
+    timeout_seconds: float = Field(30, gt=0, le=3600)
+    # Health-body components and the inventory target each stands for, e.g.
+    # database = "postgres.main"; unset: inferred when there is one target of that kind.
+    dependencies: dict[str, str] = Field(default_factory=dict)
+    _threshold_names = SERVICE_THRESHOLDS
+
+    @model_validator(mode="after")
+    def _kind_has_what_it_needs(self) -> ServiceTarget:
+        needs = {
+            "docker": self.container or (self.compose_project and self.compose_service),
+            "systemd": self.unit,
+            "command": self.status_command and self.restart_command,
+        }[self.kind]
+        if not needs:
+            raise ValueError(
+                {
+                    "docker": "kind docker needs container, or compose_project and compose_service",
+                    "systemd": "kind systemd needs unit",
+                    "command": "kind command needs status_command and restart_command (argv lists)",
+                }[self.kind]
+            )
+        for ref in self.dependencies.values():
+            if not re.fullmatch(r"(postgres|redis)\.[^.]+", ref):
+                raise ValueError(f"dependency {ref!r} must be postgres.NAME or redis.NAME")
+        return self
 
 
 class LockoutTable(_TableRef):
@@ -110,6 +160,7 @@ class RedisTarget(_Target):
     prefix: str = "bull"
     lockout_prefix: str = "login_attempt"
     lockout_table: LockoutTable | None = None
+    service: str | None = Field(None, description="the [services.NAME] that runs it")
     _threshold_names = REDIS_THRESHOLDS
 
     @property
@@ -128,16 +179,29 @@ class Settings(BaseSettings):
 
     postgres: dict[str, PostgresTarget] = Field(default_factory=dict)
     redis: dict[str, RedisTarget] = Field(default_factory=dict)
+    services: dict[str, ServiceTarget] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _lockout_tables_name_postgres_targets(self) -> Settings:
-        for name, target in self.redis.items():
-            table = target.lockout_table
+    def _references_resolve(self) -> Settings:
+        for name, redis_target in self.redis.items():
+            table = redis_target.lockout_table
             if table is not None and table.postgres not in self.postgres:
                 raise ValueError(
                     f"redis.{name}.lockout_table.postgres names {table.postgres!r}, which is "
                     f"not a [postgres.*] target (configured: {', '.join(self.postgres) or 'none'})"
                 )
+        for kind in ("postgres", "redis"):
+            for name, target in self.targets(kind).items():
+                if target.service is not None and target.service not in self.services:
+                    raise ValueError(
+                        f"{kind}.{name}.service names {target.service!r}, which is not a "
+                        f"[services.*] entry (configured: {', '.join(self.services) or 'none'})"
+                    )
+        for name, service in self.services.items():
+            for component, ref in service.dependencies.items():
+                kind, target_name = ref.split(".", 1)
+                if target_name not in self.targets(kind):
+                    raise ValueError(f"services.{name}.dependencies.{component}: no [{ref}]")
         return self
 
     @classmethod
@@ -157,6 +221,9 @@ class Settings(BaseSettings):
 
     def redis_target(self, name: str | None) -> tuple[str, RedisTarget]:
         return _pick("redis", self.redis, name)
+
+    def service(self, name: str) -> ServiceTarget:
+        return _pick("services", self.services, name)[1]  # type: ignore[no-any-return]
 
     def targets(self, kind: str) -> dict[str, Any]:
         """The targets of one inventory section: postgres or redis."""

@@ -1,0 +1,112 @@
+"""postgres-down: PostgreSQL unreachable (seeds 001 "Postgres unavailable", 002 s2, 003
+"Database Connection Issues", 004 s3): status, logs and disk of its service, a gated restart,
+and readiness awaited with backoff."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.engine import finish, run_action
+from tasks.gate import Approval, gate
+from tasks.host import read_disk_usage
+from tasks.models import Action, ActionStatus, Finding, Report, Severity, utcnow
+from tasks.postgres import Probe, await_postgres_ready, probe_postgres
+from tasks.service_rules import PostgresDownParams, disk_finding, status_finding
+from tasks.services import restart_service, service_logs, service_status
+from tasks.settings import load_settings
+
+RUNBOOK = "postgres-down"
+
+
+def reachability(name: str, probe: Probe) -> Finding:
+    if probe.ok:
+        return Finding(
+            check="reachable",
+            target=name,
+            severity=Severity.ok,
+            observed=True,
+            message=f"SELECT 1 answered in {probe.ms:.0f} ms",
+        )
+    return Finding(
+        check="reachable",
+        target=name,
+        severity=Severity.critical,
+        observed=False,
+        message=probe.error,
+    )
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def postgres_down(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: PostgresDownParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    name, pg = settings.postgres_target(target)
+    p = PostgresDownParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
+    svc = settings.service(pg.service) if pg.service else None
+
+    def diagnose() -> tuple[Probe, list[Finding]]:
+        probe = probe_postgres(name, pg)
+        found = [reachability(name, probe)]
+        if not probe.ok and svc is not None and pg.service is not None:
+            found.append(status_finding(name, pg.service, service_status(pg.service, svc)))
+            logs = service_logs(pg.service, svc)
+            found.append(
+                Finding(
+                    check="logs",
+                    target=name,
+                    severity=Severity.ok,
+                    observed=logs,
+                    message=f"last {len(logs)} log lines of {pg.service!r}",
+                )
+            )
+        if pg.data_directory and (disk := read_disk_usage(pg.data_directory)):
+            found.append(disk_finding(name, disk))
+        return probe, found
+
+    # 1. diagnose
+    probe, before = diagnose()
+    # 2. plan: a restart, only when the server is down (not when credentials are wrong)
+    actions: list[Action] = []
+    if not probe.ok and probe.transient:
+        restart = Action(
+            kind="restart_service",
+            target=name,
+            destructive=True,
+            description=f"restart {pg.service or 'its service'} and wait up to "
+            f"{p.ready_timeout_seconds:g} s for SELECT 1",
+        )
+        if svc is None:
+            restart.status = ActionStatus.skipped
+            restart.detail = (
+                f"no service is configured for postgres target {name!r}: add "
+                f'service = "NAME" and a [services.NAME] section'
+            )
+        actions.append(restart)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act
+    for action in approved:
+        assert svc is not None and pg.service is not None
+        if run_action(action, restart_service, pg.service, svc) is not None:
+            waited = await_postgres_ready(name, pg, p.ready_timeout_seconds)
+            action.detail += (
+                f"; ready after {waited:.1f} s"
+                if waited is not None
+                else f"; not ready within {p.ready_timeout_seconds:g} s"
+            )
+    # 5. verify and report
+    after = diagnose()[1] if approved else before
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )

@@ -1,0 +1,378 @@
+"""Service control: see, restart, scale and measure a service through Docker's API (Docker or
+Podman's Docker-compatible socket), systemd, or operator-given commands. One small interface,
+chosen per service by `kind`; every call is bounded by the service's timeout_seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+import docker.errors
+from pydantic import BaseModel
+
+from tasks.engine import io_task
+from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.settings import ServiceTarget
+
+LOG_LINES = 50
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_SERVICE = "com.docker.compose.service"
+COMPOSE_NUMBER = "com.docker.compose.container-number"
+
+
+class ServiceStatus(BaseModel):
+    running: bool
+    state: str
+    health: str | None = None
+    restarts: int = 0
+    oom_killed: bool = False
+    replicas: int = 1
+    detail: str = ""
+
+
+class ServiceStats(BaseModel):
+    cpu_percent: float | None = None
+    memory_bytes: int | None = None
+    memory_limit_bytes: int | None = None  # None: no limit of its own; judged against the host
+
+    def memory_percent(self, host_total: int) -> float | None:
+        if self.memory_bytes is None:
+            return None
+        return 100 * self.memory_bytes / (self.memory_limit_bytes or host_total)
+
+
+class Controller(Protocol):
+    def status(self) -> ServiceStatus: ...
+    def restart(self) -> str: ...
+    def logs(self, lines: int) -> list[str]: ...
+    def stats(self) -> ServiceStats | None: ...
+    def scale(self, replicas: int) -> str: ...
+
+
+def _tail(text: str, lines: int) -> list[str]:
+    return text.strip().splitlines()[-lines:] if text.strip() else []
+
+
+# --- command ---------------------------------------------------------------------------------
+
+
+class CommandController:
+    """For hosts the other kinds do not reach (fly.io, a pg_ctl cluster): argv lists, no shell."""
+
+    def __init__(self, name: str, cfg: ServiceTarget) -> None:
+        self.name, self.cfg = name, cfg
+
+    def _run(self, what: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                argv, capture_output=True, text=True, timeout=self.cfg.timeout_seconds, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise ActionFailed(
+                f"service {self.name!r}: {what} command {argv[0]!r} did not "
+                f"finish within {self.cfg.timeout_seconds:g} s (timeout_seconds)"
+            ) from None
+        except OSError as exc:
+            raise ActionFailed(
+                f"service {self.name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
+            ) from None
+
+    def _checked(self, what: str, argv: list[str]) -> str:
+        proc = self._run(what, argv)
+        if proc.returncode != 0:
+            raise ActionFailed(
+                f"service {self.name!r}: {what} command exited "
+                f"{proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+            )
+        return proc.stdout
+
+    def status(self) -> ServiceStatus:
+        assert self.cfg.status_command is not None
+        try:
+            proc = self._run("status", self.cfg.status_command)
+        except ActionFailed as exc:
+            return ServiceStatus(running=False, state="unknown", detail=str(exc))
+        running = proc.returncode == 0
+        return ServiceStatus(
+            running=running,
+            state="running" if running else "stopped",
+            detail=(proc.stdout or proc.stderr).strip()[-500:],
+        )
+
+    def restart(self) -> str:
+        assert self.cfg.restart_command is not None
+        down = self.cfg.start_command is not None and not self.status().running
+        argv = (
+            self.cfg.start_command if down and self.cfg.start_command else self.cfg.restart_command
+        )
+        self._checked("start" if down else "restart", argv)
+        return "started" if down else "restarted"
+
+    def logs(self, lines: int) -> list[str]:
+        if not self.cfg.logs_command:
+            return []
+        return _tail(self._checked("logs", self.cfg.logs_command), lines)
+
+    def stats(self) -> ServiceStats | None:
+        return None
+
+    def scale(self, replicas: int) -> str:
+        raise ActionFailed(f"service {self.name!r}: a command service cannot be scaled here")
+
+
+# --- systemd ---------------------------------------------------------------------------------
+
+
+def proc_stats(pid: int, interval: float = 0.5) -> ServiceStats:
+    """CPU (over `interval`) and resident memory of one process, from /proc."""
+
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    try:
+        first, start = cpu_ticks(), time.monotonic()
+        time.sleep(interval)
+        used = cpu_ticks() - first
+        rss = next(
+            int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return ServiceStats()
+    seconds = time.monotonic() - start
+    return ServiceStats(
+        cpu_percent=100 * used / os.sysconf("SC_CLK_TCK") / seconds, memory_bytes=rss
+    )
+
+
+class SystemdController(CommandController):
+    def __init__(self, name: str, cfg: ServiceTarget) -> None:
+        super().__init__(name, cfg)
+        self.unit = cfg.unit or ""
+
+    def status(self) -> ServiceStatus:
+        proc = self._run(
+            "status",
+            [
+                "systemctl",
+                "show",
+                self.unit,
+                "--property",
+                "ActiveState,SubState,NRestarts,Result,MainPID",
+            ],
+        )
+        props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        state = props.get("ActiveState", "unknown")
+        return ServiceStatus(
+            running=state == "active",
+            state=f"{state}/{props.get('SubState', '?')}",
+            restarts=int(props.get("NRestarts") or 0),
+            oom_killed=props.get("Result") == "oom-kill",
+            detail=proc.stderr.strip()[-300:],
+        )
+
+    def restart(self) -> str:
+        self._checked("restart", ["systemctl", "restart", self.unit])
+        return "restarted"
+
+    def logs(self, lines: int) -> list[str]:
+        return _tail(
+            self._checked(
+                "logs", ["journalctl", "-u", self.unit, "-n", str(lines), "--no-pager", "-o", "cat"]
+            ),
+            lines,
+        )
+
+    def stats(self) -> ServiceStats | None:
+        pid = self._checked(
+            "status", ["systemctl", "show", self.unit, "--property", "MainPID", "--value"]
+        ).strip()
+        return proc_stats(int(pid)) if pid.isdigit() and int(pid) > 0 else None
+
+    def scale(self, replicas: int) -> str:
+        raise ActionFailed(f"service {self.name!r}: a systemd unit cannot be scaled here")
+
+
+# --- docker ----------------------------------------------------------------------------------
+
+
+def cpu_percent(stats: dict[str, Any]) -> float | None:
+    """Docker's own formula (as `docker stats` prints it)."""
+    cpu, pre = stats.get("cpu_stats", {}), stats.get("precpu_stats", {})
+    try:
+        used = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
+        system = cpu["system_cpu_usage"] - pre["system_cpu_usage"]
+    except KeyError:
+        return None
+    cpus = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or [1])
+    return 100.0 * used / system * cpus if system > 0 else 0.0
+
+
+class DockerController:
+    def __init__(self, name: str, cfg: ServiceTarget) -> None:
+        self.name, self.cfg = name, cfg
+        try:
+            self.client = docker.DockerClient(
+                base_url=cfg.docker_host
+                or os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+                timeout=int(cfg.timeout_seconds),
+            )
+        except docker.errors.DockerException as exc:
+            raise TargetUnreachable(
+                f"service {name!r}: cannot reach the Docker API: {exc}", transient=True
+            ) from exc
+
+    def _containers(self) -> list[Any]:
+        try:
+            if self.cfg.container:
+                return [self.client.containers.get(self.cfg.container)]
+            found: list[Any] = self.client.containers.list(
+                all=True,
+                filters={
+                    "label": [
+                        f"{COMPOSE_PROJECT}={self.cfg.compose_project}",
+                        f"{COMPOSE_SERVICE}={self.cfg.compose_service}",
+                    ]
+                },
+            )
+        except docker.errors.NotFound:
+            raise TargetError(
+                f"service {self.name!r}: no container {self.cfg.container!r}; "
+                "check `container` in the config"
+            ) from None
+        except docker.errors.DockerException as exc:
+            raise TargetUnreachable(
+                f"service {self.name!r}: Docker API: {exc}", transient=True
+            ) from exc
+        if not found:
+            raise TargetError(
+                f"service {self.name!r}: no container carries the compose labels "
+                f"{self.cfg.compose_project}/{self.cfg.compose_service}"
+            )
+        return sorted(found, key=lambda c: c.name)
+
+    def status(self) -> ServiceStatus:
+        containers = self._containers()
+        states = [c.attrs["State"] for c in containers]
+        health = [s.get("Health", {}).get("Status") for s in states]
+        known = [h for h in health if h]
+        return ServiceStatus(
+            running=all(s.get("Running") for s in states),
+            state=", ".join(
+                f"{c.name} {s.get('Status')}" for c, s in zip(containers, states, strict=True)
+            ),
+            health=None
+            if not known
+            else ("healthy" if all(h == "healthy" for h in known) else ", ".join(known)),
+            restarts=sum(c.attrs.get("RestartCount", 0) for c in containers),
+            oom_killed=any(s.get("OOMKilled") for s in states),
+            replicas=len(containers),
+        )
+
+    def restart(self) -> str:
+        containers = self._containers()
+        try:
+            for c in containers:
+                c.restart(timeout=int(self.cfg.timeout_seconds))
+        except docker.errors.DockerException as exc:
+            raise ActionFailed(f"service {self.name!r}: restart failed: {exc}") from exc
+        return f"restarted {', '.join(c.name for c in containers)}"
+
+    def logs(self, lines: int) -> list[str]:
+        out: list[str] = []
+        for c in self._containers():
+            out += _tail(c.logs(tail=lines).decode(errors="replace"), lines)
+        return out[-lines:]
+
+    def stats(self) -> ServiceStats | None:
+        total = ServiceStats(cpu_percent=0.0, memory_bytes=0, memory_limit_bytes=0)
+        for c in self._containers():
+            if c.status != "running":
+                continue
+            raw = c.stats(stream=False)
+            mem = raw.get("memory_stats", {})
+            total.cpu_percent = (total.cpu_percent or 0) + (cpu_percent(raw) or 0)
+            total.memory_bytes = (total.memory_bytes or 0) + int(mem.get("usage", 0))
+            total.memory_limit_bytes = (total.memory_limit_bytes or 0) + int(mem.get("limit", 0))
+        return total
+
+    def scale(self, replicas: int) -> str:
+        """Compose services only: add containers cloned from the first, or remove the highest
+        numbered, so that `replicas` carry the service's labels."""
+        if self.cfg.container:
+            raise ActionFailed(
+                f"service {self.name!r} is one container: scaling needs "
+                "compose_project and compose_service"
+            )
+        containers = self._containers()
+        have = len(containers)
+        try:
+            if replicas > have:
+                base = containers[0].attrs
+                numbers = {int(c.labels.get(COMPOSE_NUMBER, 0)) for c in containers}
+                for n in range(replicas - have):
+                    number = max(numbers) + 1 + n
+                    labels = {**base["Config"]["Labels"], COMPOSE_NUMBER: str(number)}
+                    self.client.containers.run(
+                        base["Config"]["Image"],
+                        base["Config"]["Cmd"],
+                        environment=base["Config"].get("Env"),
+                        labels=labels,
+                        detach=True,
+                        name=f"{self.cfg.compose_project}-{self.cfg.compose_service}-{number}",
+                        network_mode=base["HostConfig"].get("NetworkMode") or "none",
+                    )
+            for c in containers[replicas:][::-1] if replicas < have else []:
+                c.stop(timeout=int(self.cfg.timeout_seconds))
+                c.remove()
+        except docker.errors.DockerException as exc:
+            raise ActionFailed(
+                f"service {self.name!r}: scaling to {replicas} failed: {exc}"
+            ) from exc
+        return f"{have} -> {replicas} replicas"
+
+
+def controller(name: str, cfg: ServiceTarget) -> Controller:
+    kinds: dict[str, type[Controller]] = {
+        "docker": DockerController,
+        "systemd": SystemdController,
+        "command": CommandController,
+    }
+    return kinds[cfg.kind](name, cfg)  # type: ignore[call-arg]
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+@io_task("service-status", timeout_seconds=120, retries=1)
+def service_status(name: str, cfg: ServiceTarget) -> ServiceStatus:
+    return controller(name, cfg).status()
+
+
+@io_task("service-logs", timeout_seconds=120, retries=0)
+def service_logs(name: str, cfg: ServiceTarget, lines: int = LOG_LINES) -> list[str]:
+    try:
+        return controller(name, cfg).logs(lines)
+    except (ActionFailed, TargetError) as exc:
+        return [f"(logs unavailable: {exc})"]
+
+
+@io_task("service-stats", timeout_seconds=120, retries=1)
+def service_stats(name: str, cfg: ServiceTarget) -> ServiceStats | None:
+    return controller(name, cfg).stats()
+
+
+@io_task("restart-service", timeout_seconds=3600, retries=0)
+def restart_service(name: str, cfg: ServiceTarget) -> str:
+    return controller(name, cfg).restart()
+
+
+@io_task("scale-service", timeout_seconds=3600, retries=0)
+def scale_service(name: str, cfg: ServiceTarget, replicas: int) -> str:
+    return controller(name, cfg).scale(replicas)
