@@ -24,7 +24,7 @@ from flows.catalog import RUNBOOKS, Runbook
 from tasks.errors import ConfigError, RunbookError
 from tasks.gate import approver
 from tasks.models import Action, Finding, Report, RunStatus, Severity, explain_params, utcnow
-from tasks.settings import load_settings
+from tasks.settings import config_path, load_settings
 
 app = typer.Typer(
     add_completion=False,
@@ -85,6 +85,13 @@ def parse_sets(rb: Runbook, pairs: list[str]) -> dict[str, Any]:
 
 def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]]:
     settings = load_settings()
+    if target is None and rb.default_target is not None:
+        if not rb.targets(settings):
+            raise ConfigError(
+                f"{rb.name} needs [{rb.inventory}.NAME] entries with "
+                f"{rb.requires or 'a kind'} in {config_path()}"
+            )
+        return rb.default_target, {}
     name, cfg = settings.target(rb.inventory, target)
     if not rb.accepts(cfg):
         raise ConfigError(f"{rb.name} needs {rb.requires} on {rb.inventory} target {name!r}")

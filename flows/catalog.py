@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.models import Params
 from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
 from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
+from tasks.service_rules import PostgresDownParams, ResourceParams, ServiceHealthParams
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -34,6 +35,8 @@ class Runbook:
     # What a target needs for this runbook, said in words and as a test.
     requires: str = ""
     accepts: Callable[[Any], bool] = field(default=lambda target: True)
+    # Runbooks that look at every target of their section at once run as this one target.
+    default_target: str | None = None
 
     @property
     def triggers(self) -> str:
@@ -49,11 +52,14 @@ class Runbook:
 
     def targets(self, settings: Settings) -> list[str]:
         """The inventory targets this runbook can run on."""
-        return sorted(
+        eligible = sorted(
             name
             for name, target in settings.targets(self.inventory).items()
             if self.accepts(target)
         )
+        if self.default_target is not None:
+            return [self.default_target] if eligible else []
+        return eligible
 
 
 RUNBOOKS: dict[str, Runbook] = {
@@ -143,6 +149,50 @@ RUNBOOKS: dict[str, Runbook] = {
             scheduled={"dry_run": True},
             requires="BullMQ queue names (queues = [...] in [redis.NAME])",
             accepts=lambda target: bool(target.queues),
+        ),
+        Runbook(
+            name="postgres-down",
+            entrypoint="flows.postgres_down:postgres_down",
+            purpose="PostgreSQL unreachable: service status, last log lines and disk of the "
+            "data directory; a restart through its service, then readiness with backoff.",
+            seeds="001 Postgres unavailable, 002 s2, 003 Database Connection Issues, 004 s3",
+            inventory="postgres",
+            params=PostgresDownParams,
+            changes="restarts the service that runs PostgreSQL (docker, systemd or command)",
+            destructive=True,
+            cron="*/2 * * * *",
+            scheduled={"dry_run": True},
+        ),
+        Runbook(
+            name="service-health",
+            entrypoint="flows.service_health:service_health",
+            purpose="Probes each service's health and ready URLs; a failing dependency goes to "
+            "its runbook (postgres-down, redis-health), a failing app gets a restart.",
+            seeds="001, 002 s2, 003 Application Not Responding, 004 s1 and s10, 000 s7",
+            inventory="services",
+            params=ServiceHealthParams,
+            changes="restarts an app that fails its own health check; what a hand-off "
+            "runbook may change",
+            destructive=True,
+            cron="*/2 * * * *",
+            scheduled={"dry_run": True},
+            requires="a health_url or ready_url",
+            accepts=lambda target: bool(target.health_url or target.ready_url),
+            default_target="all",
+        ),
+        Runbook(
+            name="resource-pressure",
+            entrypoint="flows.resource_pressure:resource_pressure",
+            purpose="CPU and memory per service, OOM kills and restarts, host memory and load, "
+            "top consumers first; restarts a service over its own memory limit.",
+            seeds="002 s4, 003 High CPU/Memory Usage",
+            inventory="services",
+            params=ResourceParams,
+            changes="restarts a service using more than memory_percent of its memory limit",
+            destructive=True,
+            cron="*/15 * * * *",
+            scheduled={"dry_run": True},
+            default_target="all",
         ),
     )
 }

@@ -71,5 +71,5 @@ def probe_http(url: str, timeout_s: float) -> HttpProbe:
         try:
             probe.components = components(response.json())
         except json.JSONDecodeError:
-            probe.body_note = "the body claims to be JSON but is not"
+            probe.body_note = "the body says it is JSON but is not JSON"
     return probe

@@ -1,0 +1,81 @@
+"""resource-pressure: CPU and memory of the services, OOM kills and restarts, the host's memory
+and load (seeds 002 s4, 003 "High CPU/Memory Usage"); a gated restart of a service over its
+own memory limit."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.engine import finish, run_action
+from tasks.gate import Approval, gate
+from tasks.host import read_host_stats
+from tasks.models import Action, Finding, Report, Severity, utcnow
+from tasks.service_rules import ResourceParams, host_findings, resource_findings
+from tasks.services import ServiceStats, restart_service, service_stats, service_status
+from tasks.settings import load_settings
+
+RUNBOOK = "resource-pressure"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def resource_pressure(
+    target: str = "all",
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: ResourceParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    services = dict(settings.services) if target == "all" else {target: settings.service(target)}
+    p = ResourceParams.resolve(params, {}, RUNBOOK)
+
+    def diagnose() -> tuple[list[Finding], dict[str, ServiceStats | None]]:
+        host = read_host_stats()
+        found, stats = host_findings(host, p), {}
+        for name, svc in services.items():
+            stats[name] = service_stats(name, svc)
+            found += resource_findings(name, service_status(name, svc), stats[name], host, p)
+        # Top consumers first: the report is read from the top at 3 a.m.
+        found.sort(
+            key=lambda f: (
+                f.severity is Severity.ok,
+                f.check != "memory",
+                -(f.observed if isinstance(f.observed, float) else 0),
+            )
+        )
+        return found, stats
+
+    # 1. diagnose
+    before, stats = diagnose()
+    # 2. plan: restart only what is over its own limit (not merely large on the host)
+    actions = [
+        Action(
+            kind="restart_service",
+            target=f.target,
+            destructive=True,
+            description=f"restart {f.target}: {f.message}",
+            args={"service": f.target},
+        )
+        for f in before
+        if f.check == "memory"
+        and f.severity is not Severity.ok
+        and (s := stats.get(f.target)) is not None
+        and s.memory_limit_bytes
+    ]
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act
+    for action in approved:
+        name = action.args["service"]
+        run_action(action, restart_service, name, services[name])
+    # 5. verify and report
+    after = diagnose()[0] if approved else before
+    return finish(
+        RUNBOOK,
+        target,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )

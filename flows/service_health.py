@@ -1,0 +1,125 @@
+"""service-health: an app not responding, or answering that a dependency is down (seeds 001,
+002 s2, 003 "Application Not Responding", 004 s1 and s10, 000 s7). A failing dependency is
+handed to its own runbook as a subflow instead of restarting the app; a failing app gets a
+gated restart, then readiness is awaited."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import Flow, flow
+
+from flows.postgres_down import postgres_down
+from flows.redis_health import redis_health
+from tasks.engine import finish, run_action
+from tasks.errors import ConfigError
+from tasks.gate import Approval, gate
+from tasks.http import HttpProbe, probe_http
+from tasks.models import Action, ActionStatus, Finding, Report, utcnow
+from tasks.service_rules import ServiceHealthParams, dependency_for, probe_findings
+from tasks.services import restart_service
+from tasks.settings import ServiceTarget, load_settings
+
+RUNBOOK = "service-health"
+HANDOFF: dict[str, Flow[..., Report]] = {"postgres": postgres_down, "redis": redis_health}
+
+
+def probe_all(services: dict[str, ServiceTarget]) -> dict[str, list[HttpProbe]]:
+    return {
+        name: [
+            probe_http(url, svc.timeout_seconds) for url in (svc.health_url, svc.ready_url) if url
+        ]
+        for name, svc in services.items()
+    }
+
+
+def findings_of(probes: dict[str, list[HttpProbe]]) -> list[Finding]:
+    return [
+        f for name, found in probes.items() for probe in found for f in probe_findings(name, probe)
+    ]
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def service_health(
+    target: str = "all",
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: ServiceHealthParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    p = ServiceHealthParams.resolve(params, {}, RUNBOOK)
+    chosen = p.service or target
+    if chosen == "all":
+        services = {n: s for n, s in settings.services.items() if s.health_url or s.ready_url}
+    else:
+        services = {chosen: settings.service(chosen)}
+    if not services or not any(s.health_url or s.ready_url for s in services.values()):
+        raise ConfigError(
+            f"{RUNBOOK}: no service with a health_url or ready_url in "
+            f'{chosen!r}: add health_url = "http://..." to [services.NAME]'
+        )
+
+    # 1. diagnose
+    probes = probe_all(services)
+    before = findings_of(probes)
+    # 2. plan: dependencies go to their runbook; only an app failing on its own is restarted
+    actions: list[Action] = []
+    for name, found in probes.items():
+        failing = {c: s for probe in found for c, s in probe.failing.items()}
+        refs = {ref for c in failing if (ref := dependency_for(c, services[name], settings))}
+        for ref in sorted(refs):
+            kind, dep = ref.split(".", 1)
+            actions.append(
+                Action(
+                    kind="handoff",
+                    target=name,
+                    destructive=False,
+                    description=f"{', '.join(failing)} failing: hand over to "
+                    f"{HANDOFF[kind].name} on {dep}",
+                    args={"kind": kind, "target": dep},
+                )
+            )
+        if not refs and any(not probe.ok for probe in found):
+            actions.append(
+                Action(
+                    kind="restart_service",
+                    target=name,
+                    destructive=True,
+                    description=f"restart {name} and wait up to "
+                    f"{p.ready_timeout_seconds:g} s for it to answer",
+                    args={"service": name},
+                )
+            )
+    # 3. gate: hand-offs run either way; the runbook they start has its own dry run and gate
+    handoffs = [a for a in actions if a.kind == "handoff"]
+    approved = gate([a for a in actions if a.kind != "handoff"], dry_run=dry_run, approval=approval)
+    # 4. act
+    for action in handoffs:
+        sub = HANDOFF[action.args["kind"]](
+            target=action.args["target"], dry_run=dry_run, approval=approval
+        )
+        action.status = ActionStatus.done
+        action.detail = f"{sub.runbook} on {sub.target}: {sub.status.value}"
+    for action in approved:
+        name = action.args["service"]
+        if run_action(action, restart_service, name, services[name]) is not None:
+            deadline = time.monotonic() + p.ready_timeout_seconds
+            while not all(pr.ok for pr in probe_all({name: services[name]})[name]):
+                if time.monotonic() > deadline:
+                    action.detail += f"; not answering within {p.ready_timeout_seconds:g} s"
+                    break
+                time.sleep(1)
+            else:
+                action.detail += "; answering again"
+    # 5. verify and report
+    after = findings_of(probe_all(services)) if handoffs or approved else before
+    return finish(
+        RUNBOOK,
+        chosen,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )
