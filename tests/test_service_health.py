@@ -88,7 +88,7 @@ def test_healthy_app(stack: Any) -> None:
 
 
 def test_database_error_goes_to_postgres_down_not_an_app_restart(stack: Any) -> None:
-    pg, app = stack
+    pg, _ = stack
     pg.stop(remove=False)
     plan = service_health()
     assert plan.status is RunStatus.unhealthy
