@@ -4,7 +4,9 @@ redis-servers with real incidents planted in them, and an inventory pointing at 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
@@ -19,6 +21,8 @@ CONFIG = """\
 # Written by `runbook serve`: the sandbox's inventory.
 [postgres.main]
 dsn = "{dsn}"
+service = "db"
+data_directory = "{data}"
 
 [postgres.main.jobs]
 table = "crawler.job"
@@ -36,6 +40,24 @@ role = "cache"
 url = "{queue_url}"
 role = "queue"
 queues = ["emails"]
+
+# The sandbox's PostgreSQL, controlled with pg_ctl: stop it to watch postgres-down and
+# service-health bring it back.
+[services.db]
+kind = "command"
+status_command = {status}
+start_command = {start}
+restart_command = {restart}
+logs_command = ["tail", "-n", "50", "{log}"]
+
+# A small app inside `runbook serve` whose /health checks the database, as seed 001's API
+# does. It cannot be restarted from outside: its restart command does nothing.
+[services.api]
+kind = "command"
+health_url = "{health_url}"
+status_command = ["true"]
+restart_command = ["true"]
+timeout_seconds = 5
 """
 # Sandbox runs carry out their plans: nothing there is anybody's data.
 PARAMETERS: dict[str, Any] = {"dry_run": False, "approval": "auto"}
@@ -62,8 +84,19 @@ class Sandbox:
             conn.execute("CREATE EXTENSION pg_stat_statements")
         self.cache.start()
         self.queue.start()
+        self.app = HealthApp(dsn)
         self.config.write_text(
-            CONFIG.format(dsn=dsn, cache_url=self.cache.url, queue_url=self.queue.url)
+            CONFIG.format(
+                dsn=dsn,
+                cache_url=self.cache.url,
+                queue_url=self.queue.url,
+                data=self.pg.dir,
+                status=json.dumps(self.pg.ctl_argv("status")),
+                start=json.dumps(self.pg.ctl_argv("start")),
+                restart=json.dumps(self.pg.ctl_argv("restart")),
+                log=self.pg.dir / "log",
+                health_url=self.app.url,
+            )
         )
         self.plant()
         return self
@@ -103,6 +136,8 @@ class Sandbox:
         ).start()
 
     def stop(self) -> None:
+        if hasattr(self, "app"):
+            self.app.close()
         for conn in self.sessions:
             conn.close()
         self.pg.stop()
@@ -114,3 +149,35 @@ def _quietly(conn: psycopg.Connection[Any], query: str) -> None:
     # The runbook cancelling it is the point.
     with contextlib.suppress(psycopg.Error):
         conn.execute(query)
+
+
+class HealthApp:
+    """GET /health: 200 {"status": "ok", "database": "ok"}, or 503 with "database": "error"
+    when the sandbox's PostgreSQL does not answer."""
+
+    def __init__(self, dsn: str) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                try:
+                    with psycopg.connect(dsn, connect_timeout=2) as conn:
+                        conn.execute("SELECT 1")
+                    code, body = 200, {"status": "ok", "database": "ok"}
+                except psycopg.OperationalError:
+                    code, body = 503, {"status": "error", "database": "error"}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -117,7 +117,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="redis",
             params=RedisHealthParams,
             changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
-            "queue: noeviction) and CONFIG REWRITE; restarts need a service controller",
+            "queue: noeviction) and CONFIG REWRITE; restarts it through its service",
             destructive=True,
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
@@ -143,7 +143,8 @@ RUNBOOKS: dict[str, Runbook] = {
             seeds="000 s3 (waiting > 1000), 004 s4",
             inventory="redis",
             params=QueueBacklogParams,
-            changes="nothing yet: scaling workers is planned and needs a service controller",
+            changes="scales the worker_service (a docker compose service) to "
+            "scale_workers_to replicas",
             destructive=False,
             cron="*/5 * * * *",
             scheduled={"dry_run": True},

@@ -6,12 +6,13 @@ import time
 
 from prefect import flow
 
-from tasks.engine import finish
+from tasks.engine import finish, run_action
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
 from tasks.redis import read_queue_counts
 from tasks.redis_rules import QueueBacklogParams, plan_backlog, queue_findings
+from tasks.services import scale_service
 from tasks.settings import load_settings
 
 RUNBOOK = "queue-backlog"
@@ -25,7 +26,8 @@ def queue_backlog(
     params: QueueBacklogParams | None = None,
 ) -> Report:
     started = utcnow()
-    name, rd = load_settings().redis_target(target)
+    settings = load_settings()
+    name, rd = settings.redis_target(target)
     if not rd.queues:
         raise ConfigError(
             f'redis target {name!r} lists no queues: add queues = ["NAME", ...] '
@@ -43,10 +45,20 @@ def queue_backlog(
         f for q in rd.queues for f in queue_findings(name, q, first[q], second[q], seconds, p)
     ]
     # 2. plan
-    actions = plan_backlog(name, findings, p)
-    # 3. gate and 4. act: scaling needs a service controller; the plan says so
-    gate(actions, dry_run=dry_run, approval=approval)
-    # 5. report: nothing was changed, so the diagnosis stands as the verification
+    actions = plan_backlog(name, rd, findings, p)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act: more workers through the service controller
+    for action in approved:
+        assert rd.worker_service is not None
+        run_action(
+            action,
+            scale_service,
+            rd.worker_service,
+            settings.service(rd.worker_service),
+            action.args["replicas"],
+        )
+    # 5. report: new workers need time to drain a backlog; the next scheduled run verifies
     return finish(
         RUNBOOK,
         name,

@@ -8,8 +8,9 @@ from prefect import flow
 from tasks.engine import finish, run_action
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
-from tasks.redis import read_redis_health, set_maxmemory_policy
+from tasks.redis import await_redis_ready, read_redis_health, set_maxmemory_policy
 from tasks.redis_rules import RedisHealthParams, health_findings, plan_health
+from tasks.services import restart_service
 from tasks.settings import load_settings
 
 RUNBOOK = "redis-health"
@@ -23,7 +24,8 @@ def redis_health(
     params: RedisHealthParams | None = None,
 ) -> Report:
     started = utcnow()
-    name, rd = load_settings().redis_target(target)
+    settings = load_settings()
+    name, rd = settings.redis_target(target)
     p = RedisHealthParams.resolve(params, rd.thresholds, f"{RUNBOOK} on {name}")
 
     # 1. diagnose
@@ -35,7 +37,15 @@ def redis_health(
     approved = gate(actions, dry_run=dry_run, approval=approval)
     # 4. act
     for action in approved:
-        run_action(action, set_maxmemory_policy, name, rd, action.args["policy"])
+        if action.kind == "set_maxmemory_policy":
+            run_action(action, set_maxmemory_policy, name, rd, action.args["policy"])
+        elif (
+            rd.service
+            and run_action(action, restart_service, rd.service, settings.service(rd.service))
+            is not None
+        ):
+            waited = await_redis_ready(name, rd, settings.service(rd.service).timeout_seconds)
+            action.detail += "; answering PING" if waited else "; not answering PING"
     # 5. verify and report
     after = before
     if approved:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes a fresh Debian machine ready: PostgreSQL and Redis server binaries (the tests and the
-# sandbox start their own servers from them) and the Python environment in .venv, pinned by
+# Makes a fresh Debian machine ready: PostgreSQL, Redis and Docker Engine binaries (the tests
+# and the sandbox start their own servers from them) and the Python environment in .venv, pinned by
 # constraints.txt. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need+=(postgresql postgresql-contrib)
 command -v redis-server >/dev/null || need+=(redis-server)
+# The docker controller's tests run a real Docker Engine with an image built from busybox.
+command -v dockerd >/dev/null || need+=(docker.io)
+[ -x /bin/busybox ] || need+=(busybox-static)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)

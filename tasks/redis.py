@@ -84,7 +84,9 @@ def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> 
             else:
                 rate = 0.0
     except TargetUnreachable as exc:
-        return RedisHealth(reachable=False, error=str(exc).split(": ", 1)[-1])
+        return RedisHealth(
+            reachable=False, transient=exc.transient, error=str(exc).split(": ", 1)[-1]
+        )
     return RedisHealth(
         reachable=True, ping_ms=statistics.median(pings), info=info, evicted_per_second=rate
     )
@@ -198,3 +200,17 @@ def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict
             active_ids=active_ids,
         )
     return counts
+
+
+@io_task("await-redis-ready", timeout_seconds=3700, retries=0)
+def await_redis_ready(name: str, target: RedisTarget, timeout_s: float) -> bool:
+    deadline, delay = time.monotonic() + timeout_s, 0.2
+    while True:
+        try:
+            with connect(name, target) as r:
+                return bool(r.ping())
+        except TargetUnreachable:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 2)

@@ -17,8 +17,8 @@ MiB = 2**20
 # Below this resident size a high fragmentation ratio is noise (a near-empty allocator).
 FRAGMENTATION_MIN_RSS = 64 * MiB
 NO_CONTROLLER = (
-    "no service controller is configured, so this is not done here: {what} by hand "
-    "(e.g. `docker compose {command}`)"
+    "no service is configured for this target ({setting}), so this is not done here: {what} "
+    "by hand (e.g. `docker compose {command}`)"
 )
 
 
@@ -57,6 +57,7 @@ THRESHOLD_NAMES = frozenset(
 
 class RedisHealth(BaseModel):
     reachable: bool
+    transient: bool = True  # False: refused credentials; a restart will not help
     error: str = ""
     ping_ms: float | None = None
     info: dict[str, str] = Field(default_factory=dict)
@@ -217,16 +218,19 @@ def health_findings(
 
 def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[Action]:
     if not h.reachable:
-        return [
-            Action(
-                kind="restart_redis",
-                target=name,
-                destructive=True,
-                description=f"restart redis target {name!r}",
-                status=ActionStatus.skipped,
-                detail=NO_CONTROLLER.format(what="restart Redis", command="restart redis"),
+        restart = Action(
+            kind="restart_service",
+            target=name,
+            destructive=True,
+            description=f"restart {target.service or 'the service of'} redis "
+            f"target {name!r} and wait for PING",
+        )
+        if target.service is None:
+            restart.status = ActionStatus.skipped
+            restart.detail = NO_CONTROLLER.format(
+                setting='service = "NAME"', what="restart Redis", command="restart redis"
             )
-        ]
+        return [restart] if h.transient else []
     policy = h.info.get("maxmemory_policy")
     if policy is None or policy == target.wanted_policy:
         return []
@@ -363,7 +367,9 @@ def queue_findings(
     return found
 
 
-def plan_backlog(name: str, findings: list[Finding], p: QueueBacklogParams) -> list[Action]:
+def plan_backlog(
+    name: str, target: RedisTarget, findings: list[Finding], p: QueueBacklogParams
+) -> list[Action]:
     stuck = [
         f.check.rsplit(".", 1)[0]
         for f in findings
@@ -371,16 +377,19 @@ def plan_backlog(name: str, findings: list[Finding], p: QueueBacklogParams) -> l
     ]
     if not stuck:
         return []
-    return [
-        Action(
-            kind="scale_workers",
-            target=name,
-            destructive=False,
-            status=ActionStatus.skipped,
-            description=f"scale the workers of {', '.join(sorted(set(stuck)))} to "
-            f"{p.scale_workers_to} replicas",
-            detail=NO_CONTROLLER.format(
-                what="scale the workers", command=f"up -d --scale worker={p.scale_workers_to}"
-            ),
+    scale = Action(
+        kind="scale_workers",
+        target=name,
+        destructive=False,
+        description=f"scale {target.worker_service or 'the workers'} of "
+        f"{', '.join(sorted(set(stuck)))} to {p.scale_workers_to} replicas",
+        args={"replicas": p.scale_workers_to},
+    )
+    if target.worker_service is None:
+        scale.status = ActionStatus.skipped
+        scale.detail = NO_CONTROLLER.format(
+            setting='worker_service = "NAME"',
+            what="scale the workers",
+            command=f"up -d --scale worker={p.scale_workers_to}",
         )
-    ]
+    return [scale]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.settings import ServiceTarget
 
 LOG_LINES = 50
+HOST_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 COMPOSE_NUMBER = "com.docker.compose.container-number"
@@ -51,6 +53,7 @@ class Controller(Protocol):
     def logs(self, lines: int) -> list[str]: ...
     def stats(self) -> ServiceStats | None: ...
     def scale(self, replicas: int) -> str: ...
+    def close(self) -> None: ...
 
 
 def _tail(text: str, lines: int) -> list[str]:
@@ -122,6 +125,9 @@ class CommandController:
 
     def scale(self, replicas: int) -> str:
         raise ActionFailed(f"service {self.name!r}: a command service cannot be scaled here")
+
+    def close(self) -> None:
+        pass
 
 
 # --- systemd ---------------------------------------------------------------------------------
@@ -299,7 +305,12 @@ class DockerController:
             mem = raw.get("memory_stats", {})
             total.cpu_percent = (total.cpu_percent or 0) + (cpu_percent(raw) or 0)
             total.memory_bytes = (total.memory_bytes or 0) + int(mem.get("usage", 0))
-            total.memory_limit_bytes = (total.memory_limit_bytes or 0) + int(mem.get("limit", 0))
+            limit = int(mem.get("limit", 0))
+            # Docker reports the host's memory as the limit of an unlimited container.
+            if limit and limit < HOST_MEMORY:
+                total.memory_limit_bytes = (total.memory_limit_bytes or 0) + limit
+        if not total.memory_limit_bytes:
+            total.memory_limit_bytes = None
         return total
 
     def scale(self, replicas: int) -> str:
@@ -337,6 +348,9 @@ class DockerController:
             ) from exc
         return f"{have} -> {replicas} replicas"
 
+    def close(self) -> None:
+        self.client.close()
+
 
 def controller(name: str, cfg: ServiceTarget) -> Controller:
     kinds: dict[str, type[Controller]] = {
@@ -352,27 +366,32 @@ def controller(name: str, cfg: ServiceTarget) -> Controller:
 
 @io_task("service-status", timeout_seconds=120, retries=1)
 def service_status(name: str, cfg: ServiceTarget) -> ServiceStatus:
-    return controller(name, cfg).status()
+    with closing(controller(name, cfg)) as c:
+        return c.status()
 
 
 @io_task("service-logs", timeout_seconds=120, retries=0)
 def service_logs(name: str, cfg: ServiceTarget, lines: int = LOG_LINES) -> list[str]:
     try:
-        return controller(name, cfg).logs(lines)
+        with closing(controller(name, cfg)) as c:
+            return c.logs(lines)
     except (ActionFailed, TargetError) as exc:
         return [f"(logs unavailable: {exc})"]
 
 
 @io_task("service-stats", timeout_seconds=120, retries=1)
 def service_stats(name: str, cfg: ServiceTarget) -> ServiceStats | None:
-    return controller(name, cfg).stats()
+    with closing(controller(name, cfg)) as c:
+        return c.stats()
 
 
 @io_task("restart-service", timeout_seconds=3600, retries=0)
 def restart_service(name: str, cfg: ServiceTarget) -> str:
-    return controller(name, cfg).restart()
+    with closing(controller(name, cfg)) as c:
+        return c.restart()
 
 
 @io_task("scale-service", timeout_seconds=3600, retries=0)
 def scale_service(name: str, cfg: ServiceTarget, replicas: int) -> str:
-    return controller(name, cfg).scale(replicas)
+    with closing(controller(name, cfg)) as c:
+        return c.scale(replicas)

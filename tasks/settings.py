@@ -161,6 +161,9 @@ class RedisTarget(_Target):
     lockout_prefix: str = "login_attempt"
     lockout_table: LockoutTable | None = None
     service: str | None = Field(None, description="the [services.NAME] that runs it")
+    worker_service: str | None = Field(
+        None, description="the [services.NAME] of the queue's workers, scaled by queue-backlog"
+    )
     _threshold_names = REDIS_THRESHOLDS
 
     @property
@@ -192,11 +195,14 @@ class Settings(BaseSettings):
                 )
         for kind in ("postgres", "redis"):
             for name, target in self.targets(kind).items():
-                if target.service is not None and target.service not in self.services:
-                    raise ValueError(
-                        f"{kind}.{name}.service names {target.service!r}, which is not a "
-                        f"[services.*] entry (configured: {', '.join(self.services) or 'none'})"
-                    )
+                for key in ("service", "worker_service"):
+                    ref = getattr(target, key, None)
+                    if ref is not None and ref not in self.services:
+                        known = ", ".join(self.services) or "none"
+                        raise ValueError(
+                            f"{kind}.{name}.{key} names {ref!r}, which is not a "
+                            f"[services.*] entry (configured: {known})"
+                        )
         for name, service in self.services.items():
             for component, ref in service.dependencies.items():
                 kind, target_name = ref.split(".", 1)

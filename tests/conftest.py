@@ -145,3 +145,12 @@ def redis_server() -> Iterator[Any]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[Any]:
+    from tests.docker_engine import DockerEngine
+
+    engine = DockerEngine().start()
+    yield engine
+    engine.stop()

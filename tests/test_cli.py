@@ -180,3 +180,27 @@ def test_login_lockouts_and_queue_backlog_from_the_cli(
     assert proc.returncode == 1, proc.stderr
     counts = {f["check"]: f["observed"] for f in json.loads(proc.stdout)["findings"]}
     assert counts["emails.waiting"] == 1500 and counts["emails.backlog"] == 1500
+
+
+def test_postgres_down_dry_run_then_brought_back(inventory: Any, prefect_api: str) -> None:
+    from deployments.localpg import LocalPostgres
+
+    pg = LocalPostgres().start()
+    try:
+        inventory(
+            f'[postgres.main]\ndsn = "{pg.dsn}"\nservice = "db"\n'
+            f'[services.db]\nkind = "command"\n'
+            f"status_command = {json.dumps(pg.ctl_argv('status'))}\n"
+            f"start_command = {json.dumps(pg.ctl_argv('start'))}\n"
+            f"restart_command = {json.dumps(pg.ctl_argv('restart'))}\n"
+        )
+        pg.stop(remove=False)
+        env = {"PREFECT_API_URL": prefect_api}
+        proc = cli("run", "postgres-down", "--json", env=env)
+        assert proc.returncode == 1 and json.loads(proc.stdout)["status"] == "unhealthy"
+        assert not pg.is_running()
+        proc = cli("run", "postgres-down", "--apply", "--yes", "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["status"] == "fixed" and pg.is_running()
+    finally:
+        pg.stop()

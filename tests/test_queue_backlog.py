@@ -135,7 +135,7 @@ def test_backlog_not_draining_is_flagged_and_scaling_is_planned(
     assert report.status is RunStatus.unhealthy
     assert report.actions[0].kind == "scale_workers"
     assert report.actions[0].status is ActionStatus.skipped
-    assert "service controller" in report.actions[0].detail
+    assert 'worker_service = "NAME"' in report.actions[0].detail
 
 
 def test_draining_backlog_is_healthy_with_an_eta(redis_server: Any, inventory: Any) -> None:

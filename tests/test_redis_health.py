@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 from typing import Any
 
@@ -100,7 +102,7 @@ def test_unreachable_is_a_critical_finding_and_a_restart_it_cannot_do(inventory:
     assert report.findings[0].check == "reachable"
     assert report.findings[0].severity is Severity.critical
     assert "Connection refused" in report.findings[0].message
-    assert report.actions[0].kind == "restart_redis"
+    assert report.actions[0].kind == "restart_service"
     assert report.actions[0].status is ActionStatus.skipped
 
 
@@ -111,3 +113,43 @@ def test_wrong_password_is_a_clear_critical_finding(redis_server: Any, inventory
     finding = report.findings[0]
     assert finding.severity is Severity.critical and "authentication failed" in finding.message
     assert "wrong-one" not in report.model_dump_json()
+
+
+def test_down_redis_is_restarted_through_its_service(tmp_path: Any, inventory: Any) -> None:
+    port = free_port()
+    server = [
+        "redis-server",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+        "--daemonize",
+        "yes",
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]
+    ping = ["redis-cli", "-p", str(port), "ping"]
+    inventory(
+        f'[redis.cache]\nurl = "redis://127.0.0.1:{port}/0"\nservice = "cache"\n'
+        f'[services.cache]\nkind = "command"\ntimeout_seconds = 10\n'
+        f"status_command = {json.dumps(ping)}\nstart_command = {json.dumps(server)}\n"
+        f"restart_command = {json.dumps(server)}\n"
+    )
+    plan = redis_health("cache", params=QUICK)
+    assert plan.findings[0].check == "reachable" and plan.actions[0].status is ActionStatus.planned
+    try:
+        report = redis_health("cache", dry_run=False, approval="auto", params=QUICK)
+        assert report.status is RunStatus.fixed, report.findings
+        assert report.actions[0].detail == "started; answering PING"
+    finally:
+        subprocess.run(
+            ["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False
+        )

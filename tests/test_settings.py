@@ -99,3 +99,29 @@ def test_bad_redis_config(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text))
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[services.a]\nkind = "docker"\n', "kind docker needs container"),
+        (
+            '[services.a]\nkind = "command"\nstatus_command = ["true"]\n',
+            "needs status_command and ",
+        ),
+        ('[services.a]\nkind = "ssh"\n', "services.a.kind"),
+        ('[postgres.main]\ndsn = "x"\nservice = "nope"\n', "postgres.main.service names 'nope'"),
+        (
+            '[services.a]\nkind = "systemd"\nunit = "a"\ndependencies = { db = "mysql.x" }\n',
+            "must be postgres.NAME or redis.NAME",
+        ),
+        (
+            '[services.a]\nkind = "systemd"\nunit = "a"\ndependencies = { db = "postgres.x" }\n',
+            "no [postgres.x]",
+        ),
+    ],
+)
+def test_bad_service_config(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert expected in str(caught.value)
