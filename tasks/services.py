@@ -4,8 +4,11 @@ chosen per service by `kind`; every call is bounded by the service's timeout_sec
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
@@ -70,19 +73,33 @@ class CommandController:
         self.name, self.cfg = name, cfg
 
     def _run(self, what: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                argv, capture_output=True, text=True, timeout=self.cfg.timeout_seconds, check=False
+        """Output goes to files, not pipes: a daemon the command leaves behind keeps its
+        stdout open, and waiting for a pipe's end would then never return. On timeout the
+        whole process group is killed."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+                )
+            except OSError as exc:
+                raise ActionFailed(
+                    f"service {self.name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
+                ) from None
+            try:
+                code = proc.wait(self.cfg.timeout_seconds)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise ActionFailed(
+                    f"service {self.name!r}: {what} command {argv[0]!r} did not finish within "
+                    f"{self.cfg.timeout_seconds:g} s (timeout_seconds)"
+                ) from None
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(
+                argv, code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
             )
-        except subprocess.TimeoutExpired:
-            raise ActionFailed(
-                f"service {self.name!r}: {what} command {argv[0]!r} did not "
-                f"finish within {self.cfg.timeout_seconds:g} s (timeout_seconds)"
-            ) from None
-        except OSError as exc:
-            raise ActionFailed(
-                f"service {self.name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
-            ) from None
 
     def _checked(self, what: str, argv: list[str]) -> str:
         proc = self._run(what, argv)
