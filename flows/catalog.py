@@ -12,6 +12,7 @@ from tasks.models import Params
 from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
 from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
 from tasks.service_rules import PostgresDownParams, ResourceParams, ServiceHealthParams
+from tasks.tls_rules import TlsParams
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -193,6 +194,21 @@ RUNBOOKS: dict[str, Runbook] = {
             destructive=True,
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
+            default_target="all",
+        ),
+        Runbook(
+            name="tls-certificates",
+            entrypoint="flows.tls_certificates:tls_certificates",
+            purpose="The certificate each endpoint serves: days left, hostname, chain, issuer; "
+            "renews those in the renewal window, reloads the proxy, checks the new one is served.",
+            seeds="000 s5, 002 s3 and its thresholds, 003 SSL Certificate Issues",
+            inventory="tls",
+            params=TlsParams,
+            changes="runs the renew command (certbot renew --cert-name ...) and the reload "
+            "command (nginx -s reload) or restarts the proxy's service",
+            destructive=False,
+            cron="0 6 * * *",
+            scheduled={"dry_run": False, "approval": "auto"},
             default_target="all",
         ),
     )

@@ -30,6 +30,7 @@ from tasks.errors import ConfigError
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
 from tasks.service_rules import THRESHOLD_NAMES as SERVICE_THRESHOLDS
+from tasks.tls_rules import THRESHOLD_NAMES as TLS_THRESHOLDS
 
 DEFAULT_CONFIG = "runbook.toml"
 ENV_PREFIX = "RUNBOOK_"
@@ -143,6 +144,20 @@ class ServiceTarget(_Target):
         return self
 
 
+class TlsEndpoint(_Target):
+    host: str
+    port: int = Field(443, ge=1, le=65535)
+    server_name: str | None = None
+    ca_file: str | None = None
+    renew_command: list[str] | None = None
+    reload_command: list[str] | None = None
+    service: str | None = Field(
+        None, description="restarted through its controller instead of reload_command"
+    )
+    cert_name: str | None = None
+    _threshold_names = TLS_THRESHOLDS
+
+
 class LockoutTable(_TableRef):
     """Lockouts also kept in PostgreSQL (seed 001: a Prisma Lockout table)."""
 
@@ -183,6 +198,7 @@ class Settings(BaseSettings):
     postgres: dict[str, PostgresTarget] = Field(default_factory=dict)
     redis: dict[str, RedisTarget] = Field(default_factory=dict)
     services: dict[str, ServiceTarget] = Field(default_factory=dict)
+    tls: dict[str, TlsEndpoint] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -193,7 +209,7 @@ class Settings(BaseSettings):
                     f"redis.{name}.lockout_table.postgres names {table.postgres!r}, which is "
                     f"not a [postgres.*] target (configured: {', '.join(self.postgres) or 'none'})"
                 )
-        for kind in ("postgres", "redis"):
+        for kind in ("postgres", "redis", "tls"):
             for name, target in self.targets(kind).items():
                 for key in ("service", "worker_service"):
                     ref = getattr(target, key, None)

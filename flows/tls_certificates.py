@@ -1,0 +1,84 @@
+"""tls-certificates: certificates about to expire, expired, for the wrong name or untrusted,
+checked on what each endpoint actually serves; renewal (certbot or a given command), a proxy
+reload, and proof that the new certificate is served (seeds 000 s5, 002 s3, 003)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.engine import finish, run_action
+from tasks.gate import Approval, gate
+from tasks.models import ActionStatus, Report, utcnow
+from tasks.services import restart_service
+from tasks.settings import load_settings
+from tasks.tls import read_served_certificates, reload_proxy, renew_certificate
+from tasks.tls_rules import TlsParams, plan_renewals, renew_argv, served_new, tls_findings
+
+RUNBOOK = "tls-certificates"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def tls_certificates(
+    target: str = "all",
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: TlsParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    endpoints = dict(settings.tls) if target == "all" else dict([settings.target("tls", target)])
+    overrides = next(iter(endpoints.values())).thresholds if len(endpoints) == 1 else {}
+    p = TlsParams.resolve(params, overrides, RUNBOOK)
+
+    # 1. diagnose: every endpoint at once, each bounded by timeout_seconds
+    certs = read_served_certificates(endpoints, p.timeout_seconds)
+    before = tls_findings(certs, utcnow(), p)
+    # 2. plan
+    actions = plan_renewals(certs, endpoints, utcnow(), p)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act: renew, reload what serves it
+    for action in approved:
+        ep = endpoints[action.target]
+        argv = renew_argv(ep)
+        assert argv is not None
+        if run_action(action, renew_certificate, action.target, argv) is None:
+            continue
+        if ep.reload_command:
+            run_action(action, reload_proxy, action.target, ep.reload_command)
+        elif ep.service:
+            run_action(action, restart_service, ep.service, settings.service(ep.service))
+    # 5. verify: the new certificate must be the one served
+    if not approved:
+        return finish(
+            RUNBOOK,
+            target,
+            dry_run=dry_run,
+            started_at=started,
+            before=before,
+            after=before,
+            actions=actions,
+        )
+    certs = read_served_certificates(endpoints, p.timeout_seconds)
+    served = {c.endpoint: c for c in certs}
+    for action in approved:
+        if action.status is not ActionStatus.done:
+            continue
+        problem = served_new(action.args, served[action.target])
+        if problem:
+            action.status = ActionStatus.failed
+            action.detail = problem
+        else:
+            new = served[action.target]
+            action.detail = (
+                f"renewed and served: now valid until {new.not_after:%Y-%m-%d %H:%M} UTC"
+            )
+    return finish(
+        RUNBOOK,
+        target,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=tls_findings(certs, utcnow(), p),
+        actions=actions,
+    )

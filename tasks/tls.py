@@ -1,0 +1,177 @@
+"""TLS: the certificate each endpoint actually serves, checked concurrently (one task, asyncio
+inside: a Prefect task per endpoint would cost more than the handshakes), and renewal and
+reload commands run with timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import subprocess
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+from pydantic import BaseModel
+
+from tasks.engine import io_task
+from tasks.errors import ActionFailed
+from tasks.settings import TlsEndpoint
+
+COMMAND_TIMEOUT_SECONDS = 300
+
+
+class ServedCert(BaseModel):
+    endpoint: str
+    address: str
+    reachable: bool
+    error: str = ""
+    subject: str = ""
+    names: list[str] = []
+    issuer: str = ""
+    not_after: datetime | None = None
+    fingerprint: str = ""
+    chain_ok: bool = False
+    chain_error: str = ""
+    hostname_ok: bool = False
+
+
+def hostname_matches(name: str, names: list[str]) -> bool:
+    """RFC 6125: exact, or one wildcard for the whole left-most label."""
+    name = name.lower().rstrip(".")
+    for pattern in (n.lower().rstrip(".") for n in names):
+        if pattern == name:
+            return True
+        if pattern.startswith("*.") and "." in name and name.split(".", 1)[1] == pattern[2:]:
+            return True
+    return False
+
+
+def describe(der: bytes) -> dict[str, object]:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in sans.get_values_for_type(x509.DNSName)]
+        names += [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = []
+    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return {
+        "subject": str(common[0].value) if common else cert.subject.rfc4514_string(),
+        "names": names,
+        "issuer": str(issuer[0].value) if issuer else cert.issuer.rfc4514_string(),
+        "not_after": cert.not_valid_after_utc,
+        "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
+    }
+
+
+async def _handshake(
+    host: str, port: int, sni: str, context: ssl.SSLContext, timeout: float
+) -> bytes:
+    _reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(
+            host, port, ssl=context, server_hostname=sni, ssl_handshake_timeout=timeout
+        ),
+        timeout,
+    )
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der: bytes = ssl_object.getpeercert(binary_form=True)
+        return der
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            await asyncio.wait_for(writer.wait_closed(), 1)
+
+
+async def _check(name: str, ep: TlsEndpoint, timeout: float) -> ServedCert:
+    sni = ep.server_name or ep.host
+    address = f"{ep.host}:{ep.port} (SNI {sni})"
+    seen = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    seen.check_hostname, seen.verify_mode = False, ssl.CERT_NONE
+    try:
+        der = await _handshake(ep.host, ep.port, sni, seen, timeout)
+    except TimeoutError:
+        return ServedCert(
+            endpoint=name,
+            address=address,
+            reachable=False,
+            error=f"no TLS handshake within {timeout:g} s",
+        )
+    except ssl.SSLError as exc:
+        return ServedCert(
+            endpoint=name,
+            address=address,
+            reachable=False,
+            error=f"does not speak TLS: {exc.reason or exc}",
+        )
+    except OSError as exc:
+        return ServedCert(
+            endpoint=name,
+            address=address,
+            reachable=False,
+            error=f"cannot connect: {exc.strerror or exc}",
+        )
+    result = ServedCert(endpoint=name, address=address, reachable=True, **describe(der))
+    result.hostname_ok = hostname_matches(sni, result.names)
+    verify = ssl.create_default_context(cafile=ep.ca_file)
+    verify.check_hostname = False  # judged above, so that the chain is judged on its own
+    try:
+        await _handshake(ep.host, ep.port, sni, verify, timeout)
+        result.chain_ok = True
+    except ssl.SSLCertVerificationError as exc:
+        result.chain_error = exc.verify_message or str(exc)
+    except (OSError, TimeoutError) as exc:
+        result.chain_error = f"second handshake failed: {exc}"
+    return result
+
+
+@io_task("read-served-certificates", timeout_seconds=600, retries=0)
+def read_served_certificates(endpoints: dict[str, TlsEndpoint], timeout: float) -> list[ServedCert]:
+    """Every endpoint at once: the whole check takes about the slowest handshake."""
+
+    async def all_of_them() -> list[ServedCert]:
+        return list(await asyncio.gather(*(_check(n, ep, timeout) for n, ep in endpoints.items())))
+
+    return asyncio.run(all_of_them())
+
+
+def _run(what: str, name: str, argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise ActionFailed(
+            f"tls endpoint {name!r}: {what} command {argv[0]!r} did not finish "
+            f"within {COMMAND_TIMEOUT_SECONDS} s"
+        ) from None
+    except OSError as exc:
+        raise ActionFailed(
+            f"tls endpoint {name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
+        ) from None
+    if proc.returncode != 0:
+        raise ActionFailed(
+            f"tls endpoint {name!r}: {what} command exited {proc.returncode}: "
+            f"{proc.stderr.strip()[-800:]}"
+        )
+    return proc.stdout
+
+
+@io_task("renew-certificate", timeout_seconds=COMMAND_TIMEOUT_SECONDS + 30, retries=0)
+def renew_certificate(name: str, argv: list[str]) -> str:
+    _run("renew", name, argv)
+    return "renewed"
+
+
+@io_task("reload-proxy", timeout_seconds=COMMAND_TIMEOUT_SECONDS + 30, retries=0)
+def reload_proxy(name: str, argv: list[str]) -> str:
+    _run("reload", name, argv)
+    return "reloaded"
