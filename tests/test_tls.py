@@ -89,11 +89,11 @@ def test_failing_renew_command_reports_its_exit_and_stderr(
             port,
             ca,
             extra=(
-                'renew_command = ["sh", "-c", "echo Challenge failed for domain app.test >&2; exit 1"]'
+                'renew_command = ["sh", "-c", "echo Challenge failed for app.test >&2; exit 1"]'
                 '\nreload_command = ["true"]\n'
             ),
         )
     )
     report = tls_certificates(dry_run=False, approval="auto")
     assert report.actions[0].status is ActionStatus.failed
-    assert "exited 1: Challenge failed for domain app.test" in report.actions[0].detail
+    assert "exited 1: Challenge failed for app.test" in report.actions[0].detail
