@@ -13,6 +13,7 @@ import psycopg
 
 from deployments.localpg import LocalPostgres
 from deployments.localredis import LocalRedis
+from deployments.localtls import CA, Servers
 
 ROLE = "app"
 DATABASE = "app"
@@ -50,6 +51,14 @@ start_command = {start}
 restart_command = {restart}
 logs_command = ["tail", "-n", "50", "{log}"]
 
+# A TLS endpoint served inside `runbook serve` with a certificate 5 days from expiry; it has
+# no renew_command, so the runbook says how to renew instead of renewing.
+[tls.sandbox]
+host = "127.0.0.1"
+port = {tls_port}
+server_name = "sandbox.test"
+ca_file = "{tls_ca}"
+
 # A small app inside `runbook serve` whose /health checks the database, as seed 001's API
 # does. It cannot be restarted from outside: its restart command does nothing.
 [services.api]
@@ -85,6 +94,9 @@ class Sandbox:
         self.cache.start()
         self.queue.start()
         self.app = HealthApp(dsn)
+        self.tls = Servers()
+        ca = CA(self.pg.dir, "Runbook Sandbox CA")
+        tls_port = self.tls.tls(*ca.issue("sandbox", ["sandbox.test"], days=5))
         self.config.write_text(
             CONFIG.format(
                 dsn=dsn,
@@ -96,6 +108,8 @@ class Sandbox:
                 restart=json.dumps(self.pg.ctl_argv("restart")),
                 log=self.pg.dir / "log",
                 health_url=self.app.url,
+                tls_port=tls_port,
+                tls_ca=ca.pem,
             )
         )
         self.plant()
@@ -138,6 +152,7 @@ class Sandbox:
     def stop(self) -> None:
         if hasattr(self, "app"):
             self.app.close()
+            self.tls.close()
         for conn in self.sessions:
             conn.close()
         self.pg.stop()

@@ -4,6 +4,8 @@ reload, and proof that the new certificate is served (seeds 000 s5, 002 s3, 003)
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow
 
 from tasks.engine import finish, run_action
@@ -15,6 +17,7 @@ from tasks.tls import read_served_certificates, reload_proxy, renew_certificate
 from tasks.tls_rules import TlsParams, plan_renewals, renew_argv, served_new, tls_findings
 
 RUNBOOK = "tls-certificates"
+RELOAD_GRACE_SECONDS = 10
 
 
 @flow(name=RUNBOOK, flow_run_name="{target}")
@@ -59,8 +62,16 @@ def tls_certificates(
             after=before,
             actions=actions,
         )
-    certs = read_served_certificates(endpoints, p.timeout_seconds)
-    served = {c.endpoint: c for c in certs}
+    # A reload is asynchronous (old workers finish their connections): give it a few seconds.
+    done = [a for a in approved if a.status is ActionStatus.done]
+    deadline = time.monotonic() + RELOAD_GRACE_SECONDS
+    while True:
+        certs = read_served_certificates(endpoints, p.timeout_seconds)
+        served = {c.endpoint: c for c in certs}
+        waiting = [a for a in done if served_new(a.args, served[a.target])]
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for action in approved:
         if action.status is not ActionStatus.done:
             continue

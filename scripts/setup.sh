@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes a fresh Debian machine ready: PostgreSQL, Redis and Docker Engine binaries (the tests
-# and the sandbox start their own servers from them) and the Python environment in .venv, pinned by
+# Makes a fresh Debian machine ready: PostgreSQL, Redis, Docker Engine, Pebble, certbot and
+# nginx (the tests and the sandbox start their own servers from them) and the Python environment in .venv, pinned by
 # constraints.txt. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,10 @@ command -v redis-server >/dev/null || need+=(redis-server)
 # The docker controller's tests run a real Docker Engine with an image built from busybox.
 command -v dockerd >/dev/null || need+=(docker.io)
 [ -x /bin/busybox ] || need+=(busybox-static)
+# The TLS renewal is tested for real: Pebble (a test ACME server), certbot and nginx.
+command -v pebble >/dev/null || need+=(pebble)
+command -v certbot >/dev/null || need+=(certbot)
+command -v nginx >/dev/null || need+=(nginx-light)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)

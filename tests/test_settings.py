@@ -125,3 +125,19 @@ def test_bad_service_config(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text))
     assert expected in str(caught.value)
+
+
+def test_tls_endpoints(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            (
+                '[tls.api]\nhost = "api.example.com"\ncert_name = "api"\n'
+                'reload_command = ["nginx", "-s", "reload"]\n'
+            ),
+        )
+    )
+    api = settings.tls["api"]
+    assert api.port == 443 and api.server_name is None
+    with pytest.raises(ConfigError, match=r"tls\.x\.port"):
+        load_settings(write(tmp_path, '[tls.x]\nhost = "h"\nport = 70000\n'))
