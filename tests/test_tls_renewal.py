@@ -6,6 +6,7 @@ the new certificate is the one served."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +86,7 @@ def site(tmp_path: Path, inventory: Any) -> Iterator[dict[str, Any]]:
             f'ca_file = "{roots}"\nrenew_command = {json.dumps(renew)}\n'
             f"reload_command = {json.dumps([*nginx, '-s', 'reload'])}\n"
         )
-        yield {"nginx": nginx}
+        yield {"nginx": nginx, "renew_server": long.directory}
     finally:
         subprocess.run([*nginx, "-s", "stop"], capture_output=True, timeout=30, check=False)
         short.stop()
@@ -111,3 +112,26 @@ def test_nginx_certificate_with_3_days_left_is_renewed_and_served(
     assert report["actions"][0]["detail"].startswith("renewed and served: now valid until")
     assert report["findings"][0]["severity"] == Severity.ok
     assert report["findings"][0]["observed"] > 89
+
+
+@pytest.mark.timeout(300)
+def test_certbot_failing_puts_its_exit_code_and_stderr_in_the_report(
+    site: dict[str, Any], prefect_api: str
+) -> None:
+    config = Path(os.environ["RUNBOOK_CONFIG"])
+    # An ACME server that is not there: certbot itself fails, as when the CA is unreachable.
+    config.write_text(
+        config.read_text().replace(site["renew_server"], f"https://127.0.0.1:{free_port()}/dir")
+    )
+    proc = cli(
+        "run",
+        "tls-certificates",
+        "--apply",
+        "--yes",
+        "--json",
+        env={"PREFECT_API_URL": prefect_api},
+    )
+    assert proc.returncode == 3, proc.stderr
+    action = json.loads(proc.stdout)["actions"][0]
+    assert action["status"] == ActionStatus.failed
+    assert "renew command exited 1" in action["detail"]
