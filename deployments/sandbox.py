@@ -168,18 +168,16 @@ def _quietly(conn: psycopg.Connection[Any], query: str) -> None:
 
 class HealthApp:
     """GET /health: 200 {"status": "ok", "database": "ok"}, or 503 with "database": "error"
-    when the sandbox's PostgreSQL does not answer."""
+    when the database does not answer (as seed 001's API does)."""
 
     def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        app = self
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                try:
-                    with psycopg.connect(dsn, connect_timeout=2) as conn:
-                        conn.execute("SELECT 1")
-                    code, body = 200, {"status": "ok", "database": "ok"}
-                except psycopg.OperationalError:
-                    code, body = 503, {"status": "error", "database": "error"}
-                data = json.dumps(body).encode()
+                code, body = app.answer()
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -192,6 +190,14 @@ class HealthApp:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self) -> tuple[int, object]:
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return 503, {"status": "error", "database": "error", "redis": "ok"}
+        return 200, {"status": "ok", "database": "ok", "redis": "ok"}
 
     def close(self) -> None:
         self.server.shutdown()

@@ -4,16 +4,14 @@ PostgreSQL; resource-pressure on the host's real figures."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from deployments.localpg import LocalPostgres
+from deployments.sandbox import HealthApp
 from flows.resource_pressure import resource_pressure
 from flows.service_health import service_health
 from tasks.models import ActionStatus, RunStatus, Severity
@@ -22,46 +20,20 @@ from tasks.services import proc_stats
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-class App:
-    """/health answers like seed 001's API: 503 with "database": "error" when Postgres is
-    down; 500 while `broken` exists (the app itself is stuck); `mode` = "text" for a body that
-    says JSON but is not."""
+class App(HealthApp):
+    """The sandbox's health app, plus: 500 while `broken` exists (the app itself is stuck),
+    and `mode` = "text" for a body that says JSON but is not."""
 
     def __init__(self, dsn: str, tmp: Path) -> None:
-        self.dsn, self.broken, self.mode = dsn, tmp / "broken", "json"
-        app = self
+        self.broken, self.mode = tmp / "broken", "json"
+        super().__init__(dsn)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if app.broken.exists():
-                    return self.reply(500, {"status": "error"})
-                if app.mode == "text":
-                    return self.reply(200, "OK")
-                try:
-                    with psycopg.connect(app.dsn, connect_timeout=1) as conn:
-                        conn.execute("SELECT 1")
-                    return self.reply(200, {"status": "ok", "database": "ok", "redis": "ok"})
-                except psycopg.OperationalError:
-                    return self.reply(503, {"status": "error", "database": "error", "redis": "ok"})
-
-            def reply(self, code: int, body: Any) -> None:
-                data = (json.dumps(body) if not isinstance(body, str) else body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self) -> tuple[int, object]:
+        if self.broken.exists():
+            return 500, {"status": "error"}
+        if self.mode == "text":
+            return 200, "OK"
+        return super().answer()
 
 
 @pytest.fixture
