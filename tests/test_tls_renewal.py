@@ -48,12 +48,22 @@ def certbot(d: Path, ca: CA, *args: str) -> list[str]:
 @pytest.fixture
 def site(tmp_path: Path, inventory: Any) -> Iterator[dict[str, Any]]:
     ca = CA(tmp_path)
-    short, long = Pebble(tmp_path, ca, 3 * 86400), Pebble(tmp_path, ca, 90 * 86400)
-    roots = tmp_path / "roots.pem"
-    roots.write_bytes(short.root() + long.root())
     nginx_dir = tmp_path / "nginx"
     (nginx_dir / "tmp").mkdir(parents=True)
+    nginx = [
+        "nginx",
+        "-p",
+        str(nginx_dir),
+        "-c",
+        str(nginx_dir / "nginx.conf"),
+        "-e",
+        str(nginx_dir / "e.log"),
+    ]
+    short = Pebble(tmp_path, ca, 3 * 86400)
+    long = Pebble(tmp_path, ca, 90 * 86400)
     try:
+        roots = tmp_path / "roots.pem"
+        roots.write_bytes(short.root() + long.root())
         subprocess.run(
             certbot(
                 tmp_path,
@@ -78,8 +88,7 @@ def site(tmp_path: Path, inventory: Any) -> Iterator[dict[str, Any]]:
                 d=nginx_dir, port=port, name=NAME, live=tmp_path / "certbot" / "live" / "app"
             )
         )
-        nginx = ["nginx", "-p", str(nginx_dir), "-c", str(conf), "-e", str(nginx_dir / "e.log")]
-        subprocess.run(nginx, check=True, capture_output=True, timeout=30)
+        subprocess.run(nginx, check=True, capture_output=True, timeout=30)  # starts it
         renew = certbot(tmp_path, ca, "renew", "--cert-name", "app", "--server", long.directory)
         inventory(
             f'[tls.app]\nhost = "127.0.0.1"\nport = {port}\nserver_name = "{NAME}"\n'
