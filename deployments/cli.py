@@ -88,8 +88,9 @@ def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]
     if target is None and rb.default_target is not None:
         if not rb.targets(settings):
             raise ConfigError(
-                f"{rb.name} needs [{rb.inventory}.NAME] entries with "
-                f"{rb.requires or 'a kind'} in {config_path()}"
+                f"{rb.name} needs at least one [{rb.inventory}.NAME] entry"
+                + (f" with {rb.requires}" if rb.requires else "")
+                + f" in {config_path()} (see README, Configuration)"
             )
         return rb.default_target, {}
     name, cfg = settings.target(rb.inventory, target)
