@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -59,6 +60,11 @@ port = {tls_port}
 server_name = "sandbox.test"
 ca_file = "{tls_ca}"
 
+# Last night's dump, and tonight's, which stopped half-way: backup-verification flags it.
+[backups.app]
+database = "main"
+directory = "{backups}"
+
 # A small app inside `runbook serve` whose /health checks the database, as seed 001's API
 # does. It cannot be restarted from outside: its restart command does nothing.
 [services.api]
@@ -82,6 +88,7 @@ class Sandbox:
         self.queue = LocalRedis(policy="allkeys-lru")
         self.sessions: list[psycopg.Connection[Any]] = []
         self.config = self.pg.dir / "runbook.toml"
+        self.backups = self.pg.dir / "backups"
 
     def start(self) -> Sandbox:
         self.pg.start()
@@ -109,11 +116,21 @@ class Sandbox:
                 log=self.pg.dir / "log",
                 health_url=self.app.url,
                 tls_port=tls_port,
+                backups=self.backups,
                 tls_ca=ca.pem,
             )
         )
         self.plant()
+        self.dump_backups(dsn)
         return self
+
+    def dump_backups(self, dsn: str) -> None:
+        self.backups.mkdir(exist_ok=True)
+        good = self.backups / "app-1.dump"
+        subprocess.run(
+            ["pg_dump", "-Fc", "-f", str(good), dsn], check=True, capture_output=True, timeout=120
+        )
+        (self.backups / "app-2.dump").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
 
     def plant(self) -> None:
         """Stuck jobs, a bloated table, sessions idle in transaction, a runaway query, login

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tasks.backup_rules import BackupParams
 from tasks.models import Params
 from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
 from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
@@ -210,6 +211,19 @@ RUNBOOKS: dict[str, Runbook] = {
             cron="0 6 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             default_target="all",
+        ),
+        Runbook(
+            name="backup-verification",
+            entrypoint="flows.backup_verification:backup_verification",
+            purpose="The newest backup in S3 or a directory: age, size against the previous, "
+            "a streamed gzip or pg_restore --list check, and its checksum.",
+            seeds="002 Backup & Recovery and daily checklist, 001 backups",
+            inventory="backups",
+            params=BackupParams,
+            changes="nothing: read-only",
+            destructive=False,
+            cron="0 7 * * *",
+            scheduled={"dry_run": True},
         ),
     )
 }

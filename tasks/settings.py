@@ -158,6 +158,35 @@ class TlsEndpoint(_Target):
     _threshold_names = TLS_THRESHOLDS
 
 
+class S3Target(_Strict):
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    # Unset: the standard AWS variables and files.
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    timeout_seconds: float = Field(10, gt=0, le=600)
+
+
+class BackupSet(_Strict):
+    """Where one database's backups are kept: an [s3.NAME] (with this prefix) or a directory."""
+
+    database: str | None = Field(None, description="the [postgres.NAME] they are dumps of")
+    s3: str | None = None
+    prefix: str | None = Field(None, description="under the s3 target's prefix")
+    directory: str | None = None
+    pattern: list[str] = Field(default_factory=lambda: ["*.sql.gz", "*.dump"])
+    max_age_hours: float = Field(26, gt=0)
+    min_size_ratio: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> BackupSet:
+        if (self.s3 is None) == (self.directory is None):
+            raise ValueError('set either s3 = "NAME" or directory = "/path"')
+        return self
+
+
 class LockoutTable(_TableRef):
     """Lockouts also kept in PostgreSQL (seed 001: a Prisma Lockout table)."""
 
@@ -199,6 +228,8 @@ class Settings(BaseSettings):
     redis: dict[str, RedisTarget] = Field(default_factory=dict)
     services: dict[str, ServiceTarget] = Field(default_factory=dict)
     tls: dict[str, TlsEndpoint] = Field(default_factory=dict)
+    s3: dict[str, S3Target] = Field(default_factory=dict)
+    backups: dict[str, BackupSet] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -219,6 +250,14 @@ class Settings(BaseSettings):
                             f"{kind}.{name}.{key} names {ref!r}, which is not a "
                             f"[services.*] entry (configured: {known})"
                         )
+        for name, backup in self.backups.items():
+            if backup.s3 is not None and backup.s3 not in self.s3:
+                raise ValueError(f"backups.{name}.s3 names {backup.s3!r}: no [s3.{backup.s3}]")
+            if backup.database is not None and backup.database not in self.postgres:
+                raise ValueError(
+                    f"backups.{name}.database names {backup.database!r}: no "
+                    f"[postgres.{backup.database}]"
+                )
         for name, service in self.services.items():
             for component, ref in service.dependencies.items():
                 kind, target_name = ref.split(".", 1)

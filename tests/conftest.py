@@ -154,3 +154,13 @@ def docker_engine() -> Iterator[Any]:
     engine = DockerEngine().start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[Any]:
+    """An S3 endpoint on loopback (moto's server), talked to over HTTP like any other."""
+    from tests.s3_helpers import MotoServer
+
+    server = MotoServer().start()
+    yield server
+    server.stop()

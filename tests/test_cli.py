@@ -206,11 +206,13 @@ def test_postgres_down_dry_run_then_brought_back(inventory: Any, prefect_api: st
         pg.stop()
 
 
-@pytest.mark.parametrize(("runbook", "expected"), [
-    ("service-health", "needs at least one [services.NAME] entry with a health_url"),
-    ("tls-certificates", "needs at least one [tls.NAME] entry in"),
-])
-def test_runbooks_over_a_whole_section_need_one_entry(db: Db, runbook: str,
-                                                     expected: str) -> None:
+@pytest.mark.parametrize(
+    ("runbook", "expected"),
+    [
+        ("service-health", "needs at least one [services.NAME] entry with a health_url"),
+        ("tls-certificates", "needs at least one [tls.NAME] entry in"),
+    ],
+)
+def test_runbooks_over_a_whole_section_need_one_entry(db: Db, runbook: str, expected: str) -> None:
     proc = cli("run", runbook)
     assert proc.returncode == 2 and expected in proc.stderr

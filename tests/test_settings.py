@@ -141,3 +141,17 @@ def test_tls_endpoints(tmp_path: Path) -> None:
     assert api.port == 443 and api.server_name is None
     with pytest.raises(ConfigError, match=r"tls\.x\.port"):
         load_settings(write(tmp_path, '[tls.x]\nhost = "h"\nport = 70000\n'))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[backups.app]\npattern = ["*.gz"]\n', "set either s3"),
+        ('[backups.app]\ns3 = "nope"\n', "backups.app.s3 names 'nope'"),
+        ('[backups.app]\ndirectory = "/x"\ndatabase = "nope"\n', "backups.app.database names"),
+    ],
+)
+def test_bad_backup_config(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert expected in str(caught.value)

@@ -1,0 +1,48 @@
+"""backup-verification: is the newest backup there, recent, of a plausible size, readable
+to its end and the checksum it claims? (seed 002 "Backup & Recovery", its daily checklist)"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.backup_rules import BackupParams, backup_findings, storage_finding
+from tasks.engine import finish
+from tasks.errors import TargetUnreachable
+from tasks.gate import Approval
+from tasks.models import Report, utcnow
+from tasks.settings import load_settings
+from tasks.storage import list_backups, verify_backup
+
+RUNBOOK = "backup-verification"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def backup_verification(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: BackupParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    name, cfg = settings.target("backups", target)
+    s3 = settings.s3[cfg.s3] if cfg.s3 else None
+    where = f"s3://{s3.bucket}/{s3.prefix}{cfg.prefix or ''}" if s3 else str(cfg.directory)
+
+    # 1. diagnose (read-only: this runbook plans, gates and changes nothing)
+    try:
+        backups = list_backups(name, cfg, s3)
+        integrity = verify_backup(name, cfg, s3, backups[0].key) if backups else None
+        findings = backup_findings(name, where, cfg, backups, integrity, utcnow())
+    except TargetUnreachable as exc:
+        findings = [storage_finding(name, str(exc))]
+    # 5. report
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=findings,
+        after=findings,
+        actions=[],
+    )
