@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
@@ -370,12 +371,12 @@ class DockerController:
 
 
 def controller(name: str, cfg: ServiceTarget) -> Controller:
-    kinds: dict[str, type[Controller]] = {
+    kinds: dict[str, Callable[[str, ServiceTarget], Controller]] = {
         "docker": DockerController,
         "systemd": SystemdController,
         "command": CommandController,
     }
-    return kinds[cfg.kind](name, cfg)  # type: ignore[call-arg]
+    return kinds[cfg.kind](name, cfg)
 
 
 # --- tasks -----------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ class Settings(BaseSettings):
         return _pick("redis", self.redis, name)
 
     def service(self, name: str) -> ServiceTarget:
-        return _pick("services", self.services, name)[1]  # type: ignore[no-any-return]
+        found: ServiceTarget = _pick("services", self.services, name)[1]
+        return found
 
     def targets(self, kind: str) -> dict[str, Any]:
         """The targets of one inventory section: postgres or redis."""

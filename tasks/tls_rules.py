@@ -4,7 +4,7 @@ Certificate Issues")."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pydantic import Field
 
@@ -131,6 +131,6 @@ def served_new(old: dict[str, object], new: ServedCert) -> str | None:
             "renewed, but the old certificate is still served: the proxy did not pick it up "
             "(does it point at certbot's live/ symlinks?)"
         )
-    if sorted(new.names) != sorted(old["names"]):  # type: ignore[call-overload]
+    if sorted(new.names) != sorted(cast(list[str], old["names"])):
         return f"a certificate for other names is served now: {', '.join(new.names)}"
     return None
