@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from deployments.localpg import free_port
+from deployments.localpg import free_port, stop_process
 
 
 class LocalRedis:
@@ -84,13 +84,7 @@ class LocalRedis:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRedis:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from deployments import sandbox
+from deployments.localpg import stop_process
 from flows.catalog import RUNBOOKS
 from tasks.errors import ConfigError, TargetError
 from tasks.settings import ENV_PREFIX, Settings, load_settings
@@ -53,7 +54,7 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stack.callback(_stop, proc)
+    stack.callback(stop_process, proc)
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while not api_healthy(url):
         if proc.poll() is not None:
@@ -70,16 +71,6 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
         time.sleep(0.5)
     print(f"Prefect server and UI at http://{host}:{port}", flush=True)
     return url
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDeployment]:

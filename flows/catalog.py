@@ -30,7 +30,6 @@ class Runbook:
     inventory: str  # the inventory section its targets come from
     params: type[Params]
     changes: str
-    destructive: bool
     cron: str | None  # its schedule, UTC; None: run by hand only
     # The parameters of scheduled runs; a manual run is always a dry run unless --apply.
     scheduled: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +76,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=ConnectionsParams,
             changes="cancels queries and terminates client backends (never superusers, "
             "replication or background workers; allow-lists and a cap per run)",
-            destructive=True,
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -91,7 +89,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=MaintenanceParams,
             changes="runs VACUUM (ANALYZE) on tables over the dead-tuple threshold, one at a "
             "time, with lock and statement timeouts",
-            destructive=False,
             cron="30 3 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
         ),
@@ -104,7 +101,6 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="postgres",
             params=StuckJobsParams,
             changes="UPDATEs stuck rows of the configured jobs table back to pending",
-            destructive=True,
             cron="*/10 * * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             requires='a jobs table ([postgres.NAME.jobs] with table = "SCHEMA.TABLE")',
@@ -120,7 +116,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=RedisHealthParams,
             changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
             "queue: noeviction) and CONFIG REWRITE; restarts it through its service",
-            destructive=True,
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -134,7 +129,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=LockoutParams,
             changes="UNLINKs lockout keys found with SCAN (never KEYS or FLUSHALL); DELETEs "
             "the subject's rows from the configured lockout table",
-            destructive=True,
             cron=None,
         ),
         Runbook(
@@ -147,7 +141,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=QueueBacklogParams,
             changes="scales the worker_service (a docker compose service) to "
             "scale_workers_to replicas",
-            destructive=False,
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
             requires="BullMQ queue names (queues = [...] in [redis.NAME])",
@@ -162,7 +155,6 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="postgres",
             params=PostgresDownParams,
             changes="restarts the service that runs PostgreSQL (docker, systemd or command)",
-            destructive=True,
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -176,7 +168,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=ServiceHealthParams,
             changes="restarts an app that fails its own health check; what a hand-off "
             "runbook may change",
-            destructive=True,
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
             requires="a health_url or ready_url",
@@ -192,7 +183,6 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="services",
             params=ResourceParams,
             changes="restarts a service using more than memory_percent of its memory limit",
-            destructive=True,
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
             default_target="all",
@@ -207,7 +197,6 @@ RUNBOOKS: dict[str, Runbook] = {
             params=TlsParams,
             changes="runs the renew command (certbot renew --cert-name ...) and the reload "
             "command (nginx -s reload) or restarts the proxy's service",
-            destructive=False,
             cron="0 6 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             default_target="all",
@@ -221,7 +210,6 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="backups",
             params=BackupParams,
             changes="nothing: read-only",
-            destructive=False,
             cron="0 7 * * *",
             scheduled={"dry_run": True},
         ),

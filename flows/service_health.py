@@ -5,7 +5,7 @@ gated restart, then readiness is awaited."""
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 from prefect import Flow, flow
 
@@ -15,7 +15,7 @@ from tasks.engine import finish, run_action
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
 from tasks.http import HttpProbe, probe_http
-from tasks.models import Action, ActionStatus, Finding, Report, utcnow
+from tasks.models import Action, ActionStatus, Finding, Report, utcnow, wait_until
 from tasks.service_rules import ServiceHealthParams, dependency_for, probe_findings
 from tasks.services import restart_service
 from tasks.settings import ServiceTarget, load_settings
@@ -31,6 +31,10 @@ def probe_all(services: dict[str, ServiceTarget]) -> dict[str, list[HttpProbe]]:
         ]
         for name, svc in services.items()
     }
+
+
+def is_answering(name: str, svc: ServiceTarget) -> bool:
+    return all(probe.ok for probe in probe_all({name: svc})[name])
 
 
 def findings_of(probes: dict[str, list[HttpProbe]]) -> list[Finding]:
@@ -104,14 +108,17 @@ def service_health(
     for action in approved:
         name = action.args["service"]
         if run_action(action, restart_service, name, services[name]) is not None:
-            deadline = time.monotonic() + p.ready_timeout_seconds
-            while not all(pr.ok for pr in probe_all({name: services[name]})[name]):
-                if time.monotonic() > deadline:
-                    action.detail += f"; not answering within {p.ready_timeout_seconds:g} s"
-                    break
-                time.sleep(1)
-            else:
-                action.detail += "; answering again"
+            waited = wait_until(
+                partial(is_answering, name, services[name]),
+                p.ready_timeout_seconds,
+                first_delay=1,
+                max_delay=1,
+            )
+            action.detail += (
+                "; answering again"
+                if waited is not None
+                else f"; not answering within {p.ready_timeout_seconds:g} s"
+            )
     # 5. verify and report
     after = findings_of(probe_all(services)) if handoffs or approved else before
     return finish(

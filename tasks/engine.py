@@ -136,14 +136,6 @@ def publish(report: Report, before: list[Finding]) -> None:
     create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
 
 
-def _brief(observed: object) -> object:
-    return (
-        f"{len(observed)} rows, below"
-        if isinstance(observed, list) and observed and isinstance(observed[0], dict)
-        else observed
-    )
-
-
 def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -175,17 +167,15 @@ def render_markdown(report: Report, before: list[Finding]) -> str:
         ]
         lines.append("")
     for f in report.findings:
-        if isinstance(f.observed, list) and f.observed and isinstance(f.observed[0], dict):
-            keys = list(f.observed[0])
+        if f.rows:
+            keys = list(f.rows[0])
             lines += [
                 f"### {f.check}",
                 "",
                 "| " + " | ".join(keys) + " |",
                 "|" + "---|" * len(keys),
             ]
-            lines += [
-                "| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in f.observed
-            ]
+            lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in f.rows]
             lines.append("")
     lines += ["## Actions", ""]
     if report.actions:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self
@@ -13,6 +15,22 @@ from tasks.errors import ConfigError
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def wait_until(
+    ready: Callable[[], bool], timeout_s: float, *, first_delay: float = 0.5, max_delay: float = 5
+) -> float | None:
+    """Seconds until ready() is true, polling with backoff; None if it was not within
+    timeout_s."""
+    start, delay = time.monotonic(), first_delay
+    while True:
+        if ready():
+            return time.monotonic() - start
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            return None
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, max_delay)
 
 
 class Severity(StrEnum):
@@ -44,12 +62,15 @@ class Finding(BaseModel):
     message: str
 
     @property
-    def observed_brief(self) -> object:
-        """Rows of data (top queries, table sizes) are summarised; the rows follow elsewhere."""
+    def rows(self) -> list[dict[str, Any]] | None:
+        """The observed value when it is rows of data (top queries, table sizes)."""
         rows = self.observed
-        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-            return f"{len(rows)} rows"
-        return rows
+        return rows if isinstance(rows, list) and rows and isinstance(rows[0], dict) else None
+
+    @property
+    def observed_brief(self) -> object:
+        """Rows of data are summarised; the rows follow elsewhere."""
+        return f"{len(self.rows)} rows" if self.rows else self.observed
 
 
 class Action(BaseModel):

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
+from tasks.models import wait_until
 from tasks.settings import JobsTable, LockoutTable, PostgresTarget
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -496,12 +497,4 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
 def await_postgres_ready(name: str, target: PostgresTarget, timeout_s: float) -> float | None:
     """Seconds until SELECT 1 answers, backing off from 0.5 s to 5 s; None if it never did
     within timeout_s."""
-    start, delay = time.monotonic(), 0.5
-    while True:
-        if probe_postgres.fn(name, target).ok:
-            return time.monotonic() - start
-        left = timeout_s - (time.monotonic() - start)
-        if left <= 0:
-            return None
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 5)
+    return wait_until(lambda: probe_postgres.fn(name, target).ok, timeout_s)

@@ -13,6 +13,7 @@ import redis
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.models import wait_until
 from tasks.redis_rules import QueueCounts, RedisHealth, lockout_patterns
 from tasks.settings import RedisTarget
 
@@ -204,13 +205,11 @@ def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict
 
 @io_task("await-redis-ready", timeout_seconds=3700, retries=0)
 def await_redis_ready(name: str, target: RedisTarget, timeout_s: float) -> bool:
-    deadline, delay = time.monotonic() + timeout_s, 0.2
-    while True:
+    def answers() -> bool:
         try:
             with connect(name, target) as r:
                 return bool(r.ping())
         except TargetUnreachable:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 2)
+            return False
+
+    return wait_until(answers, timeout_s, first_delay=0.2, max_delay=2) is not None

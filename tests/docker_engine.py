@@ -14,6 +14,8 @@ from pathlib import Path
 import docker
 import requests
 
+from deployments.localpg import stop_process
+
 IMAGE = "runbook-busybox:local"
 APPLETS = ("sh", "sleep", "httpd", "echo", "cat", "rm", "mkdir", "head", "tr", "dd", "cp")
 
@@ -103,12 +105,7 @@ class DockerEngine:
             for c in client.containers.list(all=True):
                 c.remove(force=True)
             client.close()
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         netns = self.dir / "exec" / "netns" / "default"
         if netns.exists():
             subprocess.run(["umount", str(netns)], capture_output=True, check=False)
