@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes a fresh Debian machine ready: PostgreSQL, Redis, Docker Engine, Pebble, certbot and
-# nginx (the tests and the sandbox start their own servers from them) and the Python environment in .venv, pinned by
+# nginx, Prometheus' promtool and Alertmanager (the tests and the sandbox start their own servers from them) and the Python environment in .venv, pinned by
 # constraints.txt. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,9 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v pebble >/dev/null || need+=(pebble)
 command -v certbot >/dev/null || need+=(certbot)
 command -v nginx >/dev/null || need+=(nginx-light)
+# Alert rules are checked by promtool; the alert path is tested through a real Alertmanager.
+command -v promtool >/dev/null || need+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
