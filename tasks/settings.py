@@ -179,6 +179,10 @@ class BackupSet(_Strict):
     pattern: list[str] = Field(default_factory=lambda: ["*.sql.gz", "*.dump"])
     max_age_hours: float = Field(26, gt=0)
     min_size_ratio: float = Field(0.5, ge=0, le=1)
+    # restore-drill: the [postgres.NAME] on the server to restore into (never `database`),
+    # and SQL assertions run on the restored copy, each a query returning one boolean.
+    scratch: str | None = None
+    checks: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_place(self) -> BackupSet:
@@ -253,11 +257,10 @@ class Settings(BaseSettings):
         for name, backup in self.backups.items():
             if backup.s3 is not None and backup.s3 not in self.s3:
                 raise ValueError(f"backups.{name}.s3 names {backup.s3!r}: no [s3.{backup.s3}]")
-            if backup.database is not None and backup.database not in self.postgres:
-                raise ValueError(
-                    f"backups.{name}.database names {backup.database!r}: no "
-                    f"[postgres.{backup.database}]"
-                )
+            for key in ("database", "scratch"):
+                ref = getattr(backup, key)
+                if ref is not None and ref not in self.postgres:
+                    raise ValueError(f"backups.{name}.{key} names {ref!r}: no [postgres.{ref}]")
         for name, service in self.services.items():
             for component, ref in service.dependencies.items():
                 kind, target_name = ref.split(".", 1)
