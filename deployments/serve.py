@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -73,7 +73,38 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
     return url
 
 
+# What the receiver emits, in trigger mode, for an alert routed to a runbook and target.
+ALERT_DISPATCH_EVENT = "runbook.alert.dispatch"
+
+
+def _from_event(field: str) -> dict[str, Any]:
+    """A parameter taken from the dispatch event's payload with its JSON type: a bare
+    template renders to a string, and a plain {"__prefect_kind": "json", "value": "{{ ... }}"}
+    is parsed before it is rendered (InvalidJSON), so the JSON kind wraps a Jinja kind."""
+    template = "{{ event.payload.parameters." + field + " | tojson }}"
+    return {"__prefect_kind": "json", "value": {"__prefect_kind": "jinja", "template": template}}
+
+
+def alert_trigger_spec(runbook: str, target: str) -> dict[str, Any]:
+    """The deployment trigger of one runbook on one target, as prefect.yaml spells it.
+
+    The target is the deployment's own, not a template: the match already requires the
+    event's runbook.target to be it, and nothing from an alert's labels is rendered into it."""
+    return {
+        "name": f"{runbook}/{target}: alert",
+        "expect": [ALERT_DISPATCH_EVENT],
+        "match": {"runbook.runbook": runbook, "runbook.target": target},
+        "parameters": {
+            "target": target,
+            "dry_run": _from_event("dry_run"),
+            "approval": _from_event("approval"),
+            "params": _from_event("params"),
+        },
+    }
+
+
 def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDeployment]:
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
     deployments: list[RunnerDeployment] = []
@@ -92,6 +123,10 @@ def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDep
                     },
                     description=rb.purpose,
                     tags=["runbook", rb.inventory] + (["sandbox"] if in_sandbox else []),
+                    # Always served: only the receiver's trigger mode emits the event.
+                    triggers=[
+                        DeploymentEventTrigger.model_validate(alert_trigger_spec(rb.name, target))
+                    ],
                 )
             )
     return deployments

@@ -17,7 +17,7 @@ import yaml
 
 from deployments.localpg import free_port
 from deployments.sandbox import Sandbox
-from deployments.serve import build_deployments
+from deployments.serve import alert_trigger_spec, build_deployments
 from flows.catalog import RUNBOOKS
 from tasks.settings import load_settings
 
@@ -39,6 +39,34 @@ def test_prefect_yaml_matches_the_catalogue() -> None:
         flow = rb.load()
         assert flow.name == rb.name
         assert set(d["parameters"]) <= set(flow.parameters.properties)
+        assert d["triggers"] == [alert_trigger_spec(rb.name, d["parameters"]["target"])]
+
+
+def test_alert_trigger_renders_typed_parameters_from_the_event() -> None:
+    """The trigger's parameters, rendered by the server's own hydration with a dispatch event,
+    keep the event's JSON types; a label-like value in the event stays inert data."""
+    from prefect.events import DeploymentEventTrigger
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    spec = alert_trigger_spec("postgres-connections", "main")
+    trigger = DeploymentEventTrigger.model_validate(spec)
+    assert trigger.expect == {"runbook.alert.dispatch"}
+    RunDeployment.validate_parameters(spec["parameters"])  # what the server checks on create
+    params = {"idle_in_transaction_seconds": 60, "ratio": 0.5, "names": ["a", "b"], "x": None}
+    event = {
+        "payload": {"parameters": {"dry_run": False, "approval": "auto", "params": params}},
+        "resource": {"runbook.target": "{{ 7 * 7 }}"},
+    }
+    rendered = hydrate(
+        spec["parameters"], HydrationContext(render_jinja=True, jinja_context={"event": event})
+    )
+    assert rendered == {"target": "main", "dry_run": False, "approval": "auto", "params": params}
+    event["payload"]["parameters"]["approval"] = "{{ 7 * 7 }}"
+    rendered = hydrate(
+        spec["parameters"], HydrationContext(render_jinja=True, jinja_context={"event": event})
+    )
+    assert rendered["approval"] == "{{ 7 * 7 }}"
 
 
 def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
@@ -48,6 +76,11 @@ def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
         deployments = build_deployments(settings, in_sandbox=True)
         assert {d.flow_name for d in deployments} == set(RUNBOOKS)
         assert all(d.parameters["dry_run"] is False for d in deployments)
+        assert all(
+            [t.match.model_dump() for t in d.triggers]
+            == [{"runbook.runbook": d.flow_name, "runbook.target": d.name}]
+            for d in deployments
+        )
         with psycopg.connect(settings.postgres["main"].dsn.get_secret_value()) as conn:
             states = [
                 r[0]
