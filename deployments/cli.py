@@ -284,5 +284,35 @@ def serve(
         raise fail(exc) from None
 
 
+@app.command()
+def receiver(
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to listen on (default: receiver.listen)")
+    ] = None,
+) -> None:
+    """Run the alert receiver alone, against the Prefect API in PREFECT_API_URL or a local one
+    on 127.0.0.1:4200; runs start through their deployments. Ctrl-C stops it."""
+    try:
+        settings = load_settings()
+        if settings.receiver is None or not settings.receiver.has_credentials:
+            raise ConfigError(
+                f'no [receiver] token in {config_path()}: add [receiver] with token = "..." '
+                "(or RUNBOOK_RECEIVER__TOKEN) (see README, Alerts)"
+            )
+        if not os.environ.get("PREFECT_API_URL"):
+            url = local_prefect_api()
+            if url is None:
+                raise ConfigError(
+                    "no Prefect API: set PREFECT_API_URL, or start `runbook serve` "
+                    "(which also receives alerts)"
+                )
+            os.environ["PREFECT_API_URL"] = url
+        from deployments.receiver import run_receiver
+
+        run_receiver(settings, listen)
+    except RunbookError as exc:
+        raise fail(exc) from None
+
+
 def main() -> None:
     app()

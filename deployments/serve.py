@@ -159,6 +159,9 @@ def serve_all(host: str, port: int) -> None:
             raise ConfigError("no runbook has a target in the inventory: see README, Configuration")
         from prefect import serve
 
+        from deployments.receiver import start_receiver
+
+        start_receiver(settings, stack)
         with suppress(KeyboardInterrupt):
             serve(*deployments)
         print("Stopping: everything started here is being shut down", flush=True)

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tasks.alert_routes import ReceiverSettings, Route, check_route
 from tasks.errors import ConfigError
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
@@ -234,6 +235,9 @@ class Settings(BaseSettings):
     tls: dict[str, TlsEndpoint] = Field(default_factory=dict)
     s3: dict[str, S3Target] = Field(default_factory=dict)
     backups: dict[str, BackupSet] = Field(default_factory=dict)
+    # The alert receiver and its routes (README, Alerts); no routes: deployments/alerts/routes.toml.
+    receiver: ReceiverSettings | None = None
+    routes: list[Route] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -266,6 +270,25 @@ class Settings(BaseSettings):
                 kind, target_name = ref.split(".", 1)
                 if target_name not in self.targets(kind):
                     raise ValueError(f"services.{name}.dependencies.{component}: no [{ref}]")
+        return self
+
+    @model_validator(mode="after")
+    def _routes_resolve(self) -> Settings:
+        # Imported here: the catalogue imports the tasks modules, this one among them.
+        from flows.catalog import RUNBOOKS
+
+        params = {name: rb.params for name, rb in RUNBOOKS.items()}
+        for i, route in enumerate(self.routes):
+            try:
+                check_route(f"routes[{i}]", route, params)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            targets = RUNBOOKS[route.runbook].targets(self)
+            if route.target is not None and route.target not in targets:
+                raise ValueError(
+                    f"routes[{i}].target names {route.target!r}, not a {route.runbook} target "
+                    f"(configured: {', '.join(targets) or 'none'}); fix it or use target_label"
+                )
         return self
 
     @classmethod

@@ -1,0 +1,376 @@
+"""Alerts in, remediations out: the [receiver] and [[routes]] configuration, the webhook payloads
+we accept (Alertmanager v4, Grafana unified alerting, our generic schema), one Alert per
+fingerprint, and the pure decisions (which route, which target, which parameters, and whether
+storm control lets a run start). No I/O here.
+
+Label values only ever select a target among the inventory's names by exact equality; they are
+never interpolated into anything (a template, a query, a tag, a run name)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+from tasks.models import Params, explain_params
+
+DEFAULT_ROUTES = Path(__file__).resolve().parents[1] / "deployments" / "alerts" / "routes.toml"
+# Flow parameters the route sets itself (target from labels, dry_run from apply): never `set`.
+RESERVED = ("target", "dry_run", "approval")
+CAP_PERIOD = timedelta(hours=1)
+
+Source = Literal["alertmanager", "grafana", "generic"]
+Status = Literal["firing", "resolved"]
+# Alertmanager's fingerprints are 16 hex digits; ours and Grafana's fit the same shape. The
+# fingerprint names an event resource, so it is kept to characters that need no escaping.
+Fingerprint = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+LabelSet = dict[Annotated[str, Field(min_length=1, max_length=256)], str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+class ReceiverSettings(_Strict):
+    """[receiver]: where it listens, how callers authenticate, storm control, dispatch."""
+
+    listen: str = Field("127.0.0.1:8787", pattern=r"^[^\s:]+:\d{1,5}$")
+    token: SecretStr | None = Field(None, description="Authorization: Bearer TOKEN")
+    hmac_secret: SecretStr | None = Field(
+        None, description="X-Runbook-Signature: sha256=<hex HMAC-SHA256 of the body>"
+    )
+    dedup_window_seconds: int = Field(600, ge=0, le=7 * 86400)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    max_runs_per_hour: int = Field(20, ge=0, le=100_000)
+    dispatch: Literal["direct", "trigger"] = "direct"
+    state_file: Path | None = Field(None, description="storm-control SQLite file")
+    # In-process runs at once in `runbook serve`; more wait, Pending, in order.
+    max_concurrent_runs: int = Field(4, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _secrets_not_empty(self) -> ReceiverSettings:
+        for key in ("token", "hmac_secret"):
+            secret = getattr(self, key)
+            if secret is not None and len(secret.get_secret_value()) < 8:
+                raise ValueError(f"receiver.{key} must be at least 8 characters")
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        port = int(self.listen.rsplit(":", 1)[1])
+        if not 0 < port < 65536:
+            raise ConfigError(f"receiver.listen {self.listen!r}: the port must be 1-65535")
+        return port
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.token is not None or self.hmac_secret is not None
+
+
+class Route(_Strict):
+    """[[routes]]: an alert (name plus label matchers) to a runbook, a target and parameters."""
+
+    alert: str = Field(min_length=1, max_length=256)
+    matchers: dict[str, str] = Field(default_factory=dict)
+    runbook: str
+    target: str | None = Field(None, description="a fixed inventory target")
+    target_label: str | None = Field(
+        None, description='the label naming the target; unset: "target"'
+    )
+    apply: bool = False
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_target_source(self) -> Route:
+        if self.target is not None and self.target_label is not None:
+            raise ValueError("set either target or target_label, not both")
+        return self
+
+    def matches(self, alert: Alert) -> bool:
+        return alert.name == self.alert and all(
+            alert.labels.get(label) == value for label, value in self.matchers.items()
+        )
+
+
+def check_route(where: str, route: Route, params: Mapping[str, type[Params]]) -> None:
+    """A route names a known runbook and only that runbook's parameters, with valid values."""
+    if route.runbook not in params:
+        raise ConfigError(
+            f"{where}.runbook: unknown runbook {route.runbook!r}; known: {', '.join(params)}"
+        )
+    reserved = sorted(set(route.set) & set(RESERVED))
+    if reserved:
+        raise ConfigError(
+            f"{where}.set: {', '.join(reserved)} cannot be set: the target comes from "
+            "target/target_label and the dry run from apply"
+        )
+    try:
+        params[route.runbook].model_validate(route.set)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{where}.set: {explain_params(params[route.runbook], exc)}; fix the value or "
+            "remove the key"
+        ) from None
+
+
+def load_routes(path: Path, params: Mapping[str, type[Params]]) -> list[Route]:
+    """The [[routes]] of a TOML file (the shipped defaults), checked like configured ones."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the default alert routes: {exc}") from None
+    routes: list[Route] = []
+    for i, raw in enumerate(data.get("routes", [])):
+        try:
+            route = Route.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in exc.errors(include_url=False, include_input=False)
+            )
+            raise ConfigError(f"{path}: routes[{i}]: {problems}") from None
+        check_route(f"{path}: routes[{i}]", route, params)
+        routes.append(route)
+    return routes
+
+
+# -- payloads ------------------------------------------------------------------------------
+
+
+class _Payload(BaseModel):
+    # Senders add fields over time; what we use is typed and required, the rest is ignored.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class AlertmanagerAlert(_Payload):
+    status: Status
+    labels: LabelSet
+    annotations: LabelSet = Field(default_factory=dict)
+    startsAt: str | None = None
+    endsAt: str | None = None
+    generatorURL: str | None = None
+    fingerprint: Fingerprint
+
+    @model_validator(mode="after")
+    def _named(self) -> AlertmanagerAlert:
+        if not self.labels.get("alertname"):
+            raise ValueError("labels.alertname is missing or empty")
+        return self
+
+
+class AlertmanagerPayload(_Payload):
+    """Alertmanager's webhook_config payload, version 4: one group of alerts."""
+
+    version: Literal["4"]
+    status: Status
+    receiver: str = ""
+    groupKey: str = ""
+    truncatedAlerts: int = Field(0, ge=0)
+    alerts: list[AlertmanagerAlert] = Field(min_length=1)
+
+
+class GrafanaAlert(_Payload):
+    status: Status
+    labels: LabelSet
+    annotations: LabelSet = Field(default_factory=dict)
+    startsAt: str | None = None
+    endsAt: str | None = None
+    fingerprint: Fingerprint | None = None
+    valueString: str | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> GrafanaAlert:
+        if not self.labels.get("alertname"):
+            raise ValueError("labels.alertname is missing or empty")
+        return self
+
+
+class GrafanaPayload(_Payload):
+    """Grafana unified alerting's webhook contact point payload."""
+
+    status: Status
+    receiver: str = ""
+    orgId: int | None = None
+    alerts: list[GrafanaAlert] = Field(min_length=1)
+
+
+class GenericAlert(_Payload):
+    name: str = Field(min_length=1, max_length=256)
+    status: Status
+    labels: LabelSet = Field(default_factory=dict)
+    annotations: LabelSet = Field(default_factory=dict)
+    fingerprint: Fingerprint | None = None
+
+
+class GenericPayload(_Payload):
+    """Our own small schema, for anything that can POST JSON."""
+
+    alerts: list[GenericAlert] = Field(min_length=1)
+
+
+PAYLOADS: dict[Source, type[AlertmanagerPayload | GrafanaPayload | GenericPayload]] = {
+    "alertmanager": AlertmanagerPayload,
+    "grafana": GrafanaPayload,
+    "generic": GenericPayload,
+}
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert, whatever sent it."""
+
+    source: Source
+    name: str
+    status: Status
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    fingerprint: str
+
+
+def fingerprint_of(name: str, labels: Mapping[str, str]) -> str:
+    """Stable for the same name and label set, like Alertmanager's own: a re-send dedups."""
+    canonical = json.dumps({"alertname": name, **labels}, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def split_alerts(
+    source: Source, payload: AlertmanagerPayload | GrafanaPayload | GenericPayload
+) -> list[Alert]:
+    """One Alert per fingerprint: a group that repeats a fingerprint keeps its last entry."""
+    alerts: dict[str, Alert] = {}
+    for item in payload.alerts:
+        name = item.name if isinstance(item, GenericAlert) else item.labels["alertname"]
+        fp = item.fingerprint or fingerprint_of(name, item.labels)
+        alerts[fp] = Alert(
+            source=source,
+            name=name,
+            status=item.status,
+            labels=dict(item.labels),
+            annotations=dict(item.annotations),
+            fingerprint=fp,
+        )
+    return list(alerts.values())
+
+
+# -- decisions -----------------------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    started = "started"
+    deduplicated = "deduplicated"
+    unrouted = "unrouted"
+    resolved = "resolved"
+    capped = "capped"
+    rejected = "rejected"
+
+
+def route_for(alert: Alert, routes: list[Route]) -> Route | None:
+    """The first route that matches, in configuration order."""
+    return next((r for r in routes if r.matches(alert)), None)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A run to start: deployment <runbook>/<target> with these flow parameters."""
+
+    runbook: str
+    target: str
+    parameters: dict[str, Any]
+
+    @property
+    def deployment(self) -> str:
+        return f"{self.runbook}/{self.target}"
+
+
+def pick_target(alert: Alert, route: Route, targets: list[str]) -> str:
+    """The target among the runbook's inventory targets; ConfigError says why there is none.
+
+    A label can only select one of `targets` by exact equality."""
+    if route.target is not None:
+        wanted, whence = route.target, "the route's target"
+    else:
+        label = route.target_label or "target"
+        value = alert.labels.get(label)
+        if value is None:
+            if len(targets) == 1:
+                return targets[0]
+            raise ConfigError(
+                f"the alert has no {label!r} label to pick one of {len(targets)} targets of "
+                f"{route.runbook}: add it to the alert rule, or set target in the route"
+            )
+        wanted, whence = value, f"label {label!r}"
+    if wanted not in targets:
+        raise ConfigError(
+            f"{whence} names no {route.runbook} target in the inventory "
+            f"(targets: {', '.join(targets) or 'none'})"
+        )
+    return wanted
+
+
+def plan_dispatch(alert: Alert, route: Route, targets: list[str], params: type[Params]) -> Dispatch:
+    """The run the route asks for; parameters typed by the runbook's Params class, so numbers
+    and lists reach the flow as numbers and lists."""
+    target = pick_target(alert, route, targets)
+    try:
+        typed = params.model_validate(route.set).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as exc:
+        raise ConfigError(f"route set: {explain_params(params, exc)}") from None
+    return Dispatch(
+        runbook=route.runbook,
+        target=target,
+        parameters={
+            "target": target,
+            "dry_run": not route.apply,
+            "approval": "auto" if route.apply else "never",
+            "params": typed,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What storm control remembers of one fingerprint."""
+
+    status: Status
+    started_at: datetime | None  # the run started for the current firing episode, if any
+    flow_run_id: str | None = None
+
+
+def storm_decision(
+    previous: Episode | None,
+    runs_in_last_hour: int,
+    now: datetime,
+    *,
+    window_seconds: int,
+    max_runs_per_hour: int,
+) -> Outcome:
+    """For a firing alert that routes to a run: start it, or not.
+
+    One run per fingerprint until it resolves or the window passes; at most max_runs_per_hour
+    per runbook."""
+    if (
+        previous is not None
+        and previous.status == "firing"
+        and previous.started_at is not None
+        and now - previous.started_at < timedelta(seconds=window_seconds)
+    ):
+        return Outcome.deduplicated
+    if runs_in_last_hour >= max_runs_per_hour:
+        return Outcome.capped
+    return Outcome.started
