@@ -130,6 +130,18 @@ def test_unit_tests_fire_every_alert_at_every_severity() -> None:
     assert shipped - fired == set()
 
 
+def test_promtool_check_config_loads_every_rule_file() -> None:
+    done = run([binary("promtool"), "check", "config", "prometheus.example.yml"])
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in out
+    # Every scrape job the rules route on names its inventory target.
+    config = yaml.safe_load((ALERTS / "prometheus.example.yml").read_text())
+    for job in config["scrape_configs"]:
+        if job["job_name"] != "blackbox-tls":
+            assert all("target" in group["labels"] for group in job["static_configs"]), job
+
+
 def test_amtool_check_config() -> None:
     done = run([binary("amtool"), "check-config", "alertmanager.yml"])
     assert done.returncode == 0, done.stdout + done.stderr
