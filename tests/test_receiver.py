@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from deployments.alert_store import AlertStore
 from deployments.localpg import free_port
-from deployments.receiver import Receiver, ReceiverServer, build_receiver
+from deployments.receiver import ReceiverServer, build_receiver
 from flows.catalog import RUNBOOKS
 from tasks.models import wait_until
 from tasks.settings import load_settings
@@ -173,8 +173,6 @@ def served_deployment(prefect_api: str) -> str:
 def make_receiver(
     db: Db, tmp_path: Path, prefect_api: str, served_deployment: str
 ) -> Iterator[Any]:
-    made: list[Receiver] = []
-
     """A receiver for this test's inventory, listening on a free port (stopped after it)."""
     servers: list[ReceiverServer] = []
 
@@ -238,3 +236,477 @@ def test_alert_runs_the_deployment_in_process_and_fixes_the_incident(
     assert event["payload"]["source"] == "alertmanager"
     [delivery] = server.receiver.store.deliveries(fingerprint=fingerprint)
     assert delivery["outcome"] == "started" and delivery["flow_run_id"] == result["flow_run_id"]
+
+
+# -- storm control -------------------------------------------------------------------------
+
+
+def test_a_replayed_alert_starts_one_run_within_the_window(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    since = datetime.now(UTC)
+    payload = am_payload(am_alert())
+    outcomes = [
+        post(server.url, "/alerts/alertmanager", payload).json()["alerts"][0] for _ in range(4)
+    ]
+    assert [o["outcome"] for o in outcomes] == ["started"] + ["deduplicated"] * 3
+    # Every re-send names the run the first one started.
+    assert {o["flow_run_id"] for o in outcomes} == {outcomes[0]["flow_run_id"]}
+    wait_final(prefect_api, outcomes[0]["flow_run_id"])
+    assert [r["id"] for r in deployment_runs(prefect_api, served_deployment, since)] == [
+        outcomes[0]["flow_run_id"]
+    ]
+    assert len(server.receiver.store.deliveries()) == 4
+
+
+def test_after_the_window_the_same_alert_runs_again(make_receiver: Any, prefect_api: str) -> None:
+    server = make_receiver(window=1)
+    payload = am_payload(am_alert())
+    first = post(server.url, "/alerts/alertmanager", payload).json()["alerts"][0]
+    time.sleep(1.2)
+    second = post(server.url, "/alerts/alertmanager", payload).json()["alerts"][0]
+    assert (first["outcome"], second["outcome"]) == ("started", "started")
+    assert first["flow_run_id"] != second["flow_run_id"]
+    for result in (first, second):
+        wait_final(prefect_api, result["flow_run_id"])
+
+
+def test_simultaneous_deliveries_of_one_alert_start_one_run(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    since = datetime.now(UTC)
+    payload = am_payload(am_alert())
+    barrier = threading.Barrier(8)
+    results: list[dict[str, Any]] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        results.append(post(server.url, "/alerts/alertmanager", payload).json()["alerts"][0])
+
+    threads = [threading.Thread(target=deliver) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Counter(r["outcome"] for r in results) == {"started": 1, "deduplicated": 7}
+    [started] = [r for r in results if r["outcome"] == "started"]
+    wait_final(prefect_api, started["flow_run_id"])
+    assert len(deployment_runs(prefect_api, served_deployment, since)) == 1
+
+
+RACER = """
+import sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from deployments.alert_store import AlertStore
+from tasks.alert_routes import Alert, Dispatch
+
+store = AlertStore(Path(sys.argv[1]), window_seconds=600, max_runs_per_hour=20)
+alert = Alert("alertmanager", "IdleInTransaction", "firing", {}, {}, "racefingerprint01")
+dispatch = Dispatch("postgres-connections", "main", {})
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+print(store.record(alert, datetime.now(UTC), dispatch=dispatch).outcome.value)
+"""
+
+
+def test_two_processes_recording_one_alert_at_once_start_one_run(tmp_path: Path) -> None:
+    state = tmp_path / "alerts.sqlite"
+    AlertStore(state, window_seconds=600, max_runs_per_hour=20).close()
+    at = str(time.time() + 3)  # every process imports first, then all go at this instant
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(state), at],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for _ in range(4)
+    ]
+    outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(outcomes) == ["deduplicated"] * 3 + ["started"]
+    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
+    assert len(store.deliveries(fingerprint="racefingerprint01")) == 4
+    store.close()
+
+
+def test_resolved_never_starts_and_closes_the_episode(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    since = datetime.now(UTC)
+    fingerprint = uuid.uuid4().hex[:16]
+    firing = am_payload(am_alert(fingerprint))
+    resolved = am_payload(am_alert(fingerprint, status="resolved"), status="resolved")
+
+    def send(payload: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = post(server.url, "/alerts/alertmanager", payload).json()
+        return result["alerts"][0]
+
+    assert send(resolved)["outcome"] == "resolved"  # unknown yet: still no run
+    first = send(firing)
+    assert first["outcome"] == "started"
+    assert send(firing)["outcome"] == "deduplicated"
+    assert send(resolved)["outcome"] == "resolved"
+    again = send(firing)  # a new episode, inside the window: the record was closed
+    assert again["outcome"] == "started"
+    runs = deployment_runs(prefect_api, served_deployment, since)
+    assert sorted(r["id"] for r in runs) == sorted([first["flow_run_id"], again["flow_run_id"]])
+    for run_id in (first["flow_run_id"], again["flow_run_id"]):
+        wait_final(prefect_api, run_id)
+    assert alert_events(prefect_api, "runbook.alert.resolved", fingerprint)
+
+
+@pytest.mark.timeout(240)
+def test_a_burst_of_500_alerts_is_recorded_whole_and_runs_are_capped(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver(cap=3)
+    since = datetime.now(UTC)
+    fingerprints = [f"burst{i:011d}" for i in range(500)]
+    batches = [fingerprints[i : i + 10] for i in range(0, 500, 10)]
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def deliver(batch: list[str]) -> None:
+        response = post(server.url, "/alerts/alertmanager", am_payload(*map(am_alert, batch)))
+        assert response.status_code == 202, response.text
+        with lock:
+            results.extend(response.json()["alerts"])
+
+    threads = [
+        threading.Thread(target=lambda b=b: [deliver(x) for x in b])  # type: ignore[misc]
+        for b in (batches[i::10] for i in range(10))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["fingerprint"] for r in results) == fingerprints
+    assert Counter(r["outcome"] for r in results) == {"started": 3, "capped": 497}
+    recorded = server.receiver.store.deliveries()
+    assert sorted(d["fingerprint"] for d in recorded) == fingerprints
+    assert Counter(d["outcome"] for d in recorded) == {"started": 3, "capped": 497}
+    started = [r["flow_run_id"] for r in results if r["outcome"] == "started"]
+    for run_id in started:
+        wait_final(prefect_api, run_id, timeout=120)
+    assert sorted(
+        r["id"] for r in deployment_runs(prefect_api, served_deployment, since)
+    ) == sorted(started)
+
+
+def test_an_unknown_alert_is_accepted_recorded_and_not_run(
+    prefect_api: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    fingerprint = uuid.uuid4().hex[:16]
+    alert = am_alert(fingerprint, alertname="SomethingElse")
+    response = post(server.url, "/alerts/alertmanager", am_payload(alert))
+    assert response.status_code == 202
+    [result] = response.json()["alerts"]
+    assert result["outcome"] == "unrouted" and result["flow_run_id"] is None
+    [delivery] = server.receiver.store.deliveries(fingerprint=fingerprint)
+    assert delivery["outcome"] == "unrouted" and delivery["alert"] == "SomethingElse"
+    [event] = alert_events(prefect_api, "runbook.alert.firing", fingerprint)
+    assert event["payload"]["outcome"] == "unrouted"
+    assert event["resource"]["runbook.runbook"] == ""
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["other", "main; DROP TABLE x", "{{ event.id }}", "main\n", "MAIN"],
+)
+def test_a_label_only_selects_an_inventory_target(
+    make_receiver: Any, target: str, prefect_api: str
+) -> None:
+    server = make_receiver()
+    response = post(server.url, "/alerts/alertmanager", am_payload(am_alert(target=target)))
+    assert response.status_code == 202
+    [result] = response.json()["alerts"]
+    assert result["outcome"] == "rejected" and result["flow_run_id"] is None
+    assert "names no postgres-connections target" in result["detail"]
+    assert target not in result["detail"]  # the label's value is not echoed into anything
+
+
+# -- what is refused -----------------------------------------------------------------------
+
+
+def test_credentials_are_checked_in_constant_time_and_never_echoed(
+    make_receiver: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = make_receiver()
+    body = json.dumps(am_payload(am_alert())).encode()
+    url = f"{server.url}/alerts/alertmanager"
+    json_type = {"Content-Type": "application/json"}
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-of-some-length"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"X-Runbook-Signature": "sha256=" + "0" * 64},
+        {"X-Runbook-Signature": hmac.new(HMAC_SECRET.encode(), body, "sha256").hexdigest()},
+    ):
+        response = httpx.post(url, content=body, headers=json_type | headers, timeout=10)
+        assert response.status_code == 401, headers
+        assert "Bearer" in response.json()["detail"] and TOKEN not in response.text
+    signature = "sha256=" + hmac.new(HMAC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    ok = httpx.post(
+        url, content=body, headers=json_type | {"X-Runbook-Signature": signature}, timeout=10
+    )
+    assert ok.status_code == 202 and ok.json()["alerts"][0]["outcome"] == "started"
+    assert len(server.receiver.store.deliveries()) == 1  # the refused ones recorded nothing
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err and HMAC_SECRET not in out.out + out.err
+    assert "alert started" in out.out
+
+
+def test_an_oversized_body_is_refused_while_it_streams(make_receiver: Any) -> None:
+    server = make_receiver()
+    url = f"{server.url}/alerts/generic"
+    big = json.dumps(
+        {
+            "alerts": [
+                {"name": "IdleInTransaction", "status": "firing", "labels": {"x": "y" * 2_000_000}}
+            ]
+        }
+    ).encode()
+    headers = auth() | {"Content-Type": "application/json"}
+    declared = httpx.post(url, content=big, headers=headers, timeout=30)
+    assert declared.status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding chunked
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    chunked = httpx.post(url, content=chunks(), headers=headers, timeout=30)
+    assert chunked.status_code == 413
+    assert "max_body_bytes" in chunked.json()["detail"]
+    assert server.receiver.store.deliveries() == []
+
+
+MALFORMED: list[tuple[str, str, bytes, str]] = [
+    ("alertmanager", "not json", b"{not json", "json_invalid"),
+    ("alertmanager", "a JSON list", b"[]", "model_type"),
+    ("alertmanager", "empty object", b"{}", "missing"),
+    ("alertmanager", "no alerts", json.dumps(am_payload()).encode(), "too_short"),
+    (
+        "alertmanager",
+        "version 3",
+        json.dumps(am_payload(am_alert()) | {"version": "3"}).encode(),
+        "literal_error",
+    ),
+    (
+        "alertmanager",
+        "a label that is a number",
+        json.dumps(am_payload(am_alert() | {"labels": {"alertname": "A", "n": 1}})).encode(),
+        "string_type",
+    ),
+    (
+        "alertmanager",
+        "no alertname",
+        json.dumps(am_payload(am_alert() | {"labels": {"target": "main"}})).encode(),
+        "alertname",
+    ),
+    (
+        "alertmanager",
+        "status burning",
+        json.dumps(am_payload(am_alert(status="burning"))).encode(),
+        "literal_error",
+    ),
+    (
+        "alertmanager",
+        "fingerprint with a space",
+        json.dumps(am_payload(am_alert("a b"))).encode(),
+        "string_pattern_mismatch",
+    ),
+    (
+        "alertmanager",
+        "no fingerprint",
+        json.dumps(
+            am_payload({k: v for k, v in am_alert().items() if k != "fingerprint"})
+        ).encode(),
+        "missing",
+    ),
+    ("grafana", "alerts is a string", b'{"status": "firing", "alerts": "x"}', "list_type"),
+    ("generic", "no name", b'{"alerts": [{"status": "firing"}]}', "missing"),
+    (
+        "generic",
+        "labels a list",
+        b'{"alerts": [{"name": "A", "status": "firing", "labels": []}]}',
+        "dict_type",
+    ),
+    ("generic", "empty alerts", b'{"alerts": []}', "too_short"),
+    ("generic", "null", b"null", "model_type"),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "body", "error"),
+    [(s, b, e) for s, _, b, e in MALFORMED],
+    ids=[name for _, name, _, _ in MALFORMED],
+)
+def test_a_malformed_payload_is_a_422_naming_the_problem_and_starts_nothing(
+    make_receiver: Any, source: str, body: bytes, error: str
+) -> None:
+    server = make_receiver()
+    response = httpx.post(
+        f"{server.url}/alerts/{source}",
+        content=body,
+        headers=auth() | {"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 422, response.text
+    assert error in response.text
+    assert server.receiver.store.deliveries() == []
+
+
+def test_a_wrong_content_type_is_a_415(make_receiver: Any) -> None:
+    server = make_receiver()
+    body = json.dumps(am_payload(am_alert()))
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        response = httpx.post(
+            f"{server.url}/alerts/alertmanager",
+            content=body,
+            headers=auth() | {"Content-Type": content_type},
+            timeout=10,
+        )
+        assert response.status_code == 415, content_type
+    assert server.receiver.store.deliveries() == []
+    assert httpx.get(f"{server.url}/healthz", timeout=5).json()["status"] == "ok"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+LABELS = st.dictionaries(st.text(min_size=1, max_size=12), st.text(max_size=12), max_size=4)
+ALERTISH = st.fixed_dictionaries(
+    {
+        "status": st.sampled_from(["firing", "resolved", "other"]),
+        "labels": LABELS | st.just({"alertname": "Fuzzed"}),
+        "name": st.text(max_size=8),
+    },
+    optional={"fingerprint": st.text(max_size=20), "annotations": JSON},
+)
+PAYLOADISH = st.fixed_dictionaries(
+    {"alerts": st.lists(ALERTISH, max_size=3)},
+    optional={
+        "version": st.sampled_from(["4", "1", 4]),
+        "status": st.sampled_from(["firing", "x"]),
+    },
+)
+
+
+def test_fuzzed_payloads_never_give_a_5xx_or_start_a_run(make_receiver: Any) -> None:
+    server = make_receiver()
+    client = httpx.Client(
+        base_url=server.url, headers=auth() | {"Content-Type": "application/json"}, timeout=30
+    )
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        source=st.sampled_from(["alertmanager", "grafana", "generic"]),
+        body=JSON | PAYLOADISH,
+    )
+    def check(source: str, body: Any) -> None:
+        response = client.post(f"/alerts/{source}", content=json.dumps(body))
+        assert response.status_code in (202, 422), response.text
+        if response.status_code == 202:
+            assert all(a["outcome"] != "started" for a in response.json()["alerts"])
+
+    with client:
+        check()
+    assert not server.receiver.store.deliveries(outcome="started")
+
+
+# -- dispatch through Prefect's trigger path and through the deployment --------------------
+
+
+def test_trigger_dispatch_emits_the_dispatch_event_with_typed_parameters(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver(dispatch="trigger", apply=True)
+    since = datetime.now(UTC)
+    fingerprint = uuid.uuid4().hex[:16]
+    response = post(server.url, "/alerts/alertmanager", am_payload(am_alert(fingerprint)))
+    [result] = response.json()["alerts"]
+    assert result["outcome"] == "started" and result["flow_run_id"] is None
+    [event] = alert_events(prefect_api, "runbook.alert.dispatch", fingerprint)
+    assert event["resource"]["runbook.runbook"] == RUNBOOK
+    assert event["resource"]["runbook.target"] == "main"
+    assert event["payload"]["parameters"] == {
+        "target": "main",
+        "dry_run": False,
+        "approval": "auto",
+        "params": {"idle_in_transaction_seconds": 1, "max_backends_ended": 50},
+    }
+    assert alert_events(prefect_api, "runbook.alert.firing", fingerprint)
+    # No trigger is registered here: the receiver itself created no run.
+    assert deployment_runs(prefect_api, served_deployment, since) == []
+
+
+def cli_env(prefect_api: str, config: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_LOGGING", "RUNBOOK_"))}
+    return env | {"PREFECT_API_URL": prefect_api, "RUNBOOK_CONFIG": str(config)}
+
+
+def test_runbook_receiver_without_a_token_exits_2(db: Db) -> None:
+    proc = subprocess.run(
+        [RUNBOOK_CLI, "receiver"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env("http://127.0.0.1:1/api", db.config),
+    )
+    assert proc.returncode == 2 and "no [receiver] token" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_runbook_receiver_alone_creates_the_run_through_the_deployment(
+    db: Db, tmp_path: Path, prefect_api: str, served_deployment: str
+) -> None:
+    port = free_port()
+    db.write_config(receiver_config(tmp_path / "alerts.sqlite", port=port))
+    proc = subprocess.Popen(
+        [RUNBOOK_CLI, "receiver"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(prefect_api, db.config),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(healthy, 60)
+        response = post(url, "/alerts/alertmanager", am_payload(am_alert()))
+        [result] = response.json()["alerts"]
+        assert result["outcome"] == "started"
+        run = flow_run(prefect_api, result["flow_run_id"])
+        # Nobody serves the deployment in this test: the run waits for a runner, Scheduled.
+        assert run["deployment_id"] == served_deployment and run["state_type"] == "SCHEDULED"
+        assert run["parameters"]["params"] == {
+            "idle_in_transaction_seconds": 1,
+            "max_backends_ended": 50,
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert f"Alert receiver at {url}" in out and "alert started" in out
+    assert TOKEN not in out
+    httpx.delete(f"{prefect_api}/flow_runs/{result['flow_run_id']}", timeout=10)
