@@ -13,7 +13,7 @@ import tempfile
 import threading
 import tomllib
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,16 @@ def post_alerts(api: str, alerts: list[dict[str, Any]]) -> None:
     assert response.status_code == 200, response.text
 
 
+def firing(labels: dict[str, str], started: datetime) -> dict[str, Any]:
+    return {"labels": labels, "annotations": {"summary": "x"}, "startsAt": started.isoformat()}
+
+
+def inhibited_by(api: str, labels: dict[str, str]) -> list[str]:
+    """What Alertmanager's API says inhibits the alert with exactly these labels."""
+    alerts = httpx.get(f"{api}/api/v2/alerts", timeout=5).json()
+    return [fp for a in alerts if a["labels"] == labels for fp in a["status"]["inhibitedBy"]]
+
+
 def test_example_config_routes_runbook_alerts_to_the_receiver(
     example_alertmanager: tuple[str, Webhook, str],
 ) -> None:
@@ -299,13 +309,7 @@ def test_example_config_routes_runbook_alerts_to_the_receiver(
     critical = {**disk, "severity": "critical"}
     warning = {**disk, "severity": "warning"}
     unrelated = {"alertname": "Watchdog", "instance": "prometheus:9090", "severity": "none"}
-    post_alerts(
-        api,
-        [
-            {"labels": labels, "annotations": {"summary": "x"}, "startsAt": started.isoformat()}
-            for labels in (critical, warning, unrelated)
-        ],
-    )
+    post_alerts(api, [firing(critical, started), firing(unrelated, started)])
 
     assert wait_until(lambda: bool(webhook.posts), 20, first_delay=0.2) is not None
     first = webhook.posts[0]
@@ -315,15 +319,20 @@ def test_example_config_routes_runbook_alerts_to_the_receiver(
     assert body["version"] == "4"
     assert body["status"] == "firing"
     assert body["groupLabels"] == {"alertname": "DiskUsageHigh", "instance": "db:9100"}
-    # The critical inhibits the warning of the same incident.
     assert [a["labels"] for a in body["alerts"]] == [critical]
 
-    # Alerts without a runbook label never reach the receiver; give Alertmanager a few group
-    # intervals to send anything else it would.
+    # The warning of the same incident, arriving while the critical fires, is inhibited.
+    # (Sent in the same instant as the critical, Alertmanager may let it through once:
+    # prometheus/alertmanager#2229.)
+    post_alerts(api, [firing(warning, started)])
+    assert wait_until(lambda: bool(inhibited_by(api, warning)), 10, first_delay=0.2) is not None
+    # A few group intervals for anything else Alertmanager would send.
     deadline = utcnow() + timedelta(seconds=3)
     wait_until(lambda: utcnow() > deadline, 5, first_delay=0.5, max_delay=0.5)
-    assert all("runbook" in alert["labels"] for alert in webhook.alerts())
-    assert warning not in [alert["labels"] for alert in webhook.alerts()]
+    delivered = [alert["labels"] for alert in webhook.alerts()]
+    assert warning not in delivered
+    # Alerts without a runbook label never reach the receiver.
+    assert all("runbook" in labels for labels in delivered)
 
     # Resolved alerts are sent too (send_resolved): the receiver can close what it opened.
     post_alerts(
