@@ -710,3 +710,49 @@ def test_runbook_receiver_alone_creates_the_run_through_the_deployment(
     assert f"Alert receiver at {url}" in out and "alert started" in out
     assert TOKEN not in out
     httpx.delete(f"{prefect_api}/flow_runs/{result['flow_run_id']}", timeout=10)
+
+
+@pytest.mark.timeout(240)
+def test_runbook_serve_runs_an_alert_in_its_own_process_and_the_runner_leaves_it_alone(
+    db: Db, tmp_path: Path, prefect_api: str
+) -> None:
+    port = free_port()
+    db.write_config(receiver_config(tmp_path / "alerts.sqlite", port=port, apply=True))
+    pids = db.idle_in_transaction(2)
+    # The runner polls every second here: had it taken the run too, it would show within seconds.
+    env = cli_env(prefect_api, db.config) | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    proc = subprocess.Popen(
+        [RUNBOOK_CLI, "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(healthy, 120)
+        assert httpx.get(f"{url}/healthz", timeout=5).json()["dispatch"] == "in-process"
+        response = post(url, "/alerts/alertmanager", am_payload(am_alert()))
+        [result] = response.json()["alerts"]
+        assert result["outcome"] == "started", result
+        run = wait_final(prefect_api, result["flow_run_id"])
+        assert run["state_type"] == "COMPLETED"
+        assert db.alive(pids) == set()
+        time.sleep(3)
+        assert states(prefect_api, result["flow_run_id"]) == ["PENDING", "RUNNING", "COMPLETED"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert f"Alert receiver at {url}" in out and "alert started" in out
+    assert TOKEN not in out and HMAC_SECRET not in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=2)
