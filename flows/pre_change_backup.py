@@ -1,0 +1,68 @@
+"""pre-change-backup: a custom-format pg_dump of the backup set's database, straight to its S3
+prefix or directory with a checksum, read back and verified before the change goes ahead
+(seed 002 change management: "create backup" before any change)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.drill_rules import PreChangeParams, dump_findings
+from tasks.dumps import Dump, dump_key, dump_to_storage
+from tasks.engine import finish, run_action
+from tasks.errors import ConfigError
+from tasks.gate import Approval, gate
+from tasks.models import Action, Report, utcnow
+from tasks.settings import load_settings
+from tasks.storage import verify_backup
+
+RUNBOOK = "pre-change-backup"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def pre_change_backup(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: PreChangeParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    name, cfg = settings.target("backups", target)
+    p = PreChangeParams.resolve(params, {}, f"{RUNBOOK} on {name}")
+    if cfg.database is None:
+        raise ConfigError(f"backups.{name}.database is not set: name the [postgres.NAME] to dump")
+    source_name, source = settings.postgres_target(cfg.database)
+    s3 = settings.s3[cfg.s3] if cfg.s3 else None
+    key = dump_key(cfg, s3, source_name, p.label, started.strftime("%Y%m%dT%H%M%SZ"))
+    where = f"s3://{s3.bucket}/{key}" if s3 else key
+
+    # 1. diagnose: nothing to look at before; the dump itself is the check
+    # 2. plan
+    actions = [
+        Action(
+            kind="dump",
+            target=name,
+            description=f"pg_dump --format=custom of {source_name} ({source.description}) to "
+            f"{where}, with a .sha256 beside it, then read it back",
+            destructive=False,
+        )
+    ]
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act
+    dump: Dump | None = None
+    if approved:
+        dump = run_action(approved[0], dump_to_storage, name, cfg, s3, key, source_name, source)
+    # 5. verify: read it back as backup-verification would
+    integrity = verify_backup(name, cfg, s3, dump.key) if dump else None
+    if dump is not None:
+        approved[0].detail = f"{dump.size} bytes in {dump.seconds:.1f} s"
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=[],
+        after=dump_findings(name, dump, integrity),
+        actions=actions,
+    )

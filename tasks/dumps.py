@@ -1,0 +1,317 @@
+"""pg_dump and pg_restore: restoring a backup into a scratch database (restore-drill) and
+dumping a database straight to its backup storage (pre-change-backup).
+
+Both stream: a backup never sits whole in memory or in a temp file. The tools get their
+connection through libpq's environment (PGPASSWORD...), never on a command line anyone can read
+in `ps`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import IO
+
+import botocore.exceptions
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel, SecretStr
+
+from tasks.engine import io_task
+from tasks.errors import ActionFailed, ConfigError
+from tasks.postgres import connect
+from tasks.settings import BackupSet, PostgresTarget, S3Target
+from tasks.storage import CHUNK, _prefix, _storage_errors, gunzip, read_chunks, s3_client
+
+RESTORE_TIMEOUT_SECONDS = 6 * 3600
+DUMP_TIMEOUT_SECONDS = 6 * 3600
+# libpq connection keywords and the environment variables that carry them
+_LIBPQ_ENV = {
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "passfile": "PGPASSFILE",
+    "service": "PGSERVICE",
+    "options": "PGOPTIONS",
+    "application_name": "PGAPPNAME",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+}
+
+
+def libpq_env(name: str, target: PostgresTarget, dbname: str | None = None) -> dict[str, str]:
+    """The environment that points pg_dump, pg_restore or psql at a target (or at another
+    database on its server)."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(target.dsn.get_secret_value())
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"postgres.{name}.dsn: not a valid connection string") from None
+    unknown = sorted(set(parts) - set(_LIBPQ_ENV))
+    if unknown:
+        raise ConfigError(
+            f"postgres.{name}.dsn: {', '.join(unknown)} cannot be passed to pg_dump/pg_restore; "
+            "use the keywords libpq reads from its environment"
+        )
+    if dbname is not None:
+        parts["dbname"] = dbname
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "10"
+    env.update({_LIBPQ_ENV[k]: str(v) for k, v in parts.items() if v is not None})
+    return env
+
+
+def on_database(target: PostgresTarget, dbname: str) -> PostgresTarget:
+    """The same server and credentials, another database."""
+    dsn = psycopg.conninfo.make_conninfo(target.dsn.get_secret_value(), dbname=dbname)
+    return PostgresTarget(dsn=SecretStr(dsn))
+
+
+# --- restore-drill ------------------------------------------------------------------------
+
+
+class Restore(BaseModel):
+    ok: bool
+    seconds: float
+    detail: str
+
+
+@io_task("create-scratch-database", timeout_seconds=120)
+def create_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> str:
+    with connect(name, scratch) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    return f"created {dbname}"
+
+
+@io_task("drop-scratch-database", timeout_seconds=300, retries=2)
+def drop_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> bool:
+    """Drop it (its sessions too) and say whether it is gone."""
+    with connect(name, scratch, statement_timeout_s=240) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+        )
+        row = conn.execute("SELECT count(*) AS n FROM pg_database WHERE datname = %s", [dbname])
+        left = row.fetchone()
+    return left is not None and left["n"] == 0
+
+
+@io_task("restore-backup", timeout_seconds=RESTORE_TIMEOUT_SECONDS + 60, retries=0)
+def restore_backup(
+    name: str,
+    backup: BackupSet,
+    s3: S3Target | None,
+    key: str,
+    scratch_name: str,
+    scratch: PostgresTarget,
+    dbname: str,
+) -> Restore:
+    """Stream the backup into the scratch database: pg_restore for custom-format dumps, psql
+    for .sql.gz. A backup that does not restore is a result, not an error."""
+    if key.endswith(".gz"):
+        argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"]
+    else:
+        argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--no-password"]
+        argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
+    env = libpq_env(scratch_name, scratch, dbname)
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as stderr:  # a file: the tool never blocks on a full pipe
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
+        )
+        chunks = read_chunks(backup, s3, key)
+        problem = _feed(proc, gunzip(chunks) if key.endswith(".gz") else chunks, name, key)
+        code = proc.wait(RESTORE_TIMEOUT_SECONDS)
+        seconds = time.perf_counter() - start
+        if code != 0 and not problem:
+            problem = f"{argv[0]} failed (exit {code}): {_tail(stderr)}"
+    return Restore(
+        ok=not problem, seconds=seconds, detail=problem or f"restored in {seconds:.1f} s"
+    )
+
+
+def _feed(proc: subprocess.Popen[bytes], chunks: Iterator[bytes], name: str, key: str) -> str:
+    """Write the stream to the tool's stdin; what went wrong with the backup itself, if
+    anything."""
+    assert proc.stdin is not None
+    try:
+        with _storage_errors(f"backups {name!r}: {key}"):
+            for chunk in chunks:
+                proc.stdin.write(chunk)
+    except BrokenPipeError:
+        pass  # the tool gave up early: its exit code and stderr say why
+    except zlib.error as exc:
+        return f"gzip data is corrupt: {exc}"
+    except EOFError as exc:
+        return str(exc)
+    finally:
+        with suppress(BrokenPipeError):
+            proc.stdin.close()
+    return ""
+
+
+def _tail(stderr: IO[bytes]) -> str:
+    stderr.seek(0)
+    return stderr.read().decode(errors="replace").strip()[-400:] or "no message"
+
+
+class CheckResult(BaseModel):
+    query: str
+    ok: bool
+    detail: str
+
+
+@io_task("run-restore-checks", timeout_seconds=1800, retries=0)
+def run_checks(
+    name: str, scratch: PostgresTarget, dbname: str, checks: list[str], timeout_s: float
+) -> list[CheckResult]:
+    """Each check is a query returning one boolean; anything else is a failed check."""
+    results = []
+    with connect(name, on_database(scratch, dbname), statement_timeout_s=timeout_s) as conn:
+        for query in checks:
+            try:
+                row = conn.execute(query).fetchone()
+            except psycopg.Error as exc:
+                results.append(CheckResult(query=query, ok=False, detail=_first_line(exc)))
+                continue
+            value = next(iter(row.values())) if row and len(row) == 1 else None
+            ok = value is True
+            detail = "true" if ok else f"returned {value!r}, not true"
+            if not isinstance(value, bool):
+                detail = "must return one row with one boolean column"
+            results.append(CheckResult(query=query, ok=ok, detail=detail))
+    return results
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_TABLES = """
+SELECT n.nspname || '.' || c.relname AS name
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg_toast%%'
+"""
+
+
+@io_task("list-tables", timeout_seconds=60)
+def list_tables(name: str, target: PostgresTarget) -> list[str]:
+    with connect(name, target) as conn:
+        return sorted(row["name"] for row in conn.execute(_TABLES))
+
+
+# --- pre-change-backup --------------------------------------------------------------------
+
+
+class Dump(BaseModel):
+    key: str
+    size: int
+    sha256: str
+    seconds: float
+
+
+class _HashingReader:
+    """pg_dump's stdout as a file object for boto3's upload, hashing and counting as it goes."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def dump_key(backup: BackupSet, s3: S3Target | None, database: str, label: str, stamp: str) -> str:
+    filename = f"{database}-{label}-{stamp}.dump"
+    if s3 is None:
+        return str(Path(backup.directory or ".") / filename)
+    return "/".join(p for p in (_prefix(backup, s3), filename) if p)
+
+
+@io_task("dump-to-storage", timeout_seconds=DUMP_TIMEOUT_SECONDS + 60, retries=0)
+def dump_to_storage(
+    name: str,
+    backup: BackupSet,
+    s3: S3Target | None,
+    key: str,
+    source_name: str,
+    source: PostgresTarget,
+) -> Dump:
+    """pg_dump -Fc straight into the bucket (a multipart upload fed from the pipe) or the
+    directory, then a `sha256sum`-style sidecar. A failed dump leaves nothing behind."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            ["pg_dump", "--format=custom", "--no-password"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=libpq_env(source_name, source),
+        )
+        assert proc.stdout is not None
+        reader = _HashingReader(proc.stdout)
+        try:
+            _write(backup, s3, key, reader, name)
+        finally:
+            proc.stdout.close()
+            code = proc.wait(DUMP_TIMEOUT_SECONDS)
+        if code != 0:
+            _remove(s3, key)
+            raise ActionFailed(
+                f"pg_dump of postgres target {source_name!r} ({source.description}) failed "
+                f"(exit {code}): {_tail(stderr)}; nothing was kept"
+            )
+    sha = reader.digest.hexdigest()
+    sidecar = f"{sha}  {key.rsplit('/', 1)[-1]}\n".encode()
+    if s3 is None:
+        Path(key + ".sha256").write_bytes(sidecar)
+    else:
+        with _storage_errors(f"backups {name!r}: {key}.sha256"):
+            s3_client(s3).put_object(Bucket=s3.bucket, Key=key + ".sha256", Body=sidecar)
+    return Dump(key=key, size=reader.size, sha256=sha, seconds=time.perf_counter() - start)
+
+
+def _write(
+    backup: BackupSet, s3: S3Target | None, key: str, reader: _HashingReader, name: str
+) -> None:
+    if s3 is None:
+        partial = Path(key + ".partial")  # never matched as a backup while it is written
+        try:
+            with partial.open("wb") as out:
+                shutil.copyfileobj(reader, out, CHUNK)
+            partial.rename(key)
+        finally:
+            partial.unlink(missing_ok=True)
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    with _storage_errors(f"backups {name!r}: {key}"):
+        s3_client(s3).upload_fileobj(
+            reader,
+            s3.bucket,
+            key,
+            Config=TransferConfig(multipart_chunksize=16 * CHUNK, max_concurrency=4),
+        )
+
+
+def _remove(s3: S3Target | None, key: str) -> None:
+    if s3 is None:
+        Path(key).unlink(missing_ok=True)
+        return
+    with suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        s3_client(s3).delete_object(Bucket=s3.bucket, Key=key)

@@ -1,0 +1,231 @@
+"""restore-drill and pre-change-backup with real pg_dump, pg_restore and psql, a real PostgreSQL,
+backups in a directory and in S3 (moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg
+import pytest
+
+from deployments.localpg import LocalPostgres, free_port
+from flows.pre_change_backup import pre_change_backup
+from flows.restore_drill import restore_drill
+from tasks.drill_rules import DRILL_DB_PREFIX, PreChangeParams, RestoreDrillParams
+from tasks.errors import ConfigError
+from tasks.models import ActionStatus, RunStatus, Severity
+from tests.conftest import Db
+from tests.s3_helpers import KEY, SECRET
+from tests.test_cli import cli, no_traceback
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+BUCKET = "backups"
+
+
+def fill(db: Db, rows: int = 500) -> None:
+    with db.admin() as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        conn.execute(
+            "INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, %s) i", [rows]
+        )
+        conn.execute("CREATE SCHEMA shop")
+        conn.execute("CREATE TABLE shop.orders (id int, item int REFERENCES items)")
+
+
+def pg_dump(db: Db, path: Path, *fmt: str) -> Path:
+    with path.open("wb") as out:
+        if not path.name.endswith(".gz"):
+            subprocess.run(["pg_dump", *fmt, db.dsn], stdout=out, check=True, timeout=60)
+            return path
+        dump = subprocess.Popen(["pg_dump", *fmt, db.dsn], stdout=subprocess.PIPE)
+        with dump.stdout as stream:  # type: ignore[union-attr]
+            subprocess.run(["gzip", "-c"], stdin=stream, stdout=out, check=True, timeout=60)
+        assert dump.wait(60) == 0
+    return path
+
+
+def drill_config(db: Db, backups: str, *, scratch: str = "scratch", checks: str = "") -> None:
+    db.write_config(
+        f'[postgres.scratch]\ndsn = "{db.server.dsn_for("postgres")}"\n'
+        f'[backups.app]\n{backups}\ndatabase = "main"\nscratch = "{scratch}"\n'
+        f"checks = [{checks}]\n"
+    )
+
+
+def scratch_databases(pg: LocalPostgres) -> list[str]:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", [DRILL_DB_PREFIX + "%"]
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def by_check(report: Any) -> dict[str, Any]:
+    return {f.check: f for f in report.findings}
+
+
+@pytest.mark.parametrize("name", ["app-1.dump", "app-1.sql.gz"])
+def test_a_drill_restores_checks_reports_rto_rpo_and_drops(
+    db: Db, tmp_path: Path, name: str
+) -> None:
+    fill(db)
+    pg_dump(db, tmp_path / name, *(["-Fc"] if name.endswith(".dump") else []))
+    drill_config(
+        db,
+        f'directory = "{tmp_path}"',
+        checks='"SELECT count(*) = 500 FROM items", "SELECT max(id) > 0 FROM items"',
+    )
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert report.status is RunStatus.healthy, report.findings
+    assert found["restore"].severity is Severity.ok
+    assert found["check-1"].observed is True and found["check-2"].observed is True
+    assert found["tables"].observed == found["tables"].threshold == 2
+    assert 0 < found["rto"].observed < 5 and 0 <= found["rpo"].observed < 0.1
+    assert found["cleanup"].observed is True and scratch_databases(db.server) == []
+    assert report.actions[0].status is ActionStatus.done
+
+
+def test_a_failing_check_still_leaves_no_scratch_database(db: Db, tmp_path: Path) -> None:
+    fill(db, rows=10)
+    pg_dump(db, tmp_path / "app-1.dump", "-Fc")
+    drill_config(
+        db,
+        f'directory = "{tmp_path}"',
+        checks='"SELECT count(*) >= 1000 FROM items", "SELECT 1", "SELECT * FROM nowhere"',
+    )
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert report.status is RunStatus.unhealthy and report.exit_code == 1
+    assert found["check-1"].severity is Severity.critical
+    assert "one boolean" in found["check-2"].message
+    assert "does not exist" in found["check-3"].message
+    assert found["cleanup"].observed is True and scratch_databases(db.server) == []
+
+
+def test_a_truncated_dump_does_not_restore(db: Db, tmp_path: Path) -> None:
+    fill(db, rows=20_000)
+    good = pg_dump(db, tmp_path / "app-1.dump", "-Fc").read_bytes()
+    (tmp_path / "app-1.dump").write_bytes(good[: len(good) // 2])
+    drill_config(db, f'directory = "{tmp_path}"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert found["restore"].severity is Severity.critical
+    assert "does not restore" in found["restore"].message
+    assert report.exit_code == 1 and scratch_databases(db.server) == []
+
+
+def test_a_chosen_backup_and_the_dry_run(db: Db, tmp_path: Path) -> None:
+    fill(db, rows=3)
+    pg_dump(db, tmp_path / "app-old.dump", "-Fc")
+    drill_config(db, f'directory = "{tmp_path}"')
+    dry = restore_drill("app")
+    assert dry.actions[0].status is ActionStatus.planned and scratch_databases(db.server) == []
+    assert "dry run" in dry.actions[0].detail
+    missing = restore_drill(
+        "app", dry_run=False, approval="auto", params=RestoreDrillParams(backup="nope.dump")
+    )
+    assert missing.exit_code == 1 and "no backup named 'nope.dump'" in missing.findings[0].message
+
+
+@pytest.mark.parametrize("scratch", ["main", "same-dsn"])
+def test_a_scratch_target_that_is_the_source_is_refused(
+    db: Db, tmp_path: Path, scratch: str
+) -> None:
+    pg_dump(db, tmp_path / "app-1.dump", "-Fc")
+    db.write_config(
+        f'[postgres.same-dsn]\ndsn = "{db.dsn}"\n'
+        f'[backups.app]\ndirectory = "{tmp_path}"\ndatabase = "main"\nscratch = "{scratch}"\n'
+    )
+    with pytest.raises(ConfigError, match="never runs against the source"):
+        restore_drill("app", dry_run=False, approval="auto")
+    proc = cli("run", "restore-drill", "--target", "app", "--apply", "--yes")
+    assert proc.returncode == 2 and "never runs against the source" in proc.stderr
+    no_traceback(proc)
+    assert scratch_databases(db.server) == []
+
+
+# --- pre-change-backup, then a drill of what it made --------------------------------------
+
+
+@pytest.fixture
+def bucket(moto_server: Any) -> Any:
+    moto_server.reset()
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_server.url,
+        region_name="us-east-1",
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+    )
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def s3_backups(url: str) -> str:
+    return (
+        f'[s3.store]\nbucket = "{BUCKET}"\nprefix = "db/"\nendpoint_url = "{url}"\n'
+        f'access_key_id = "{KEY}"\nsecret_access_key = "{SECRET}"\ntimeout_seconds = 5\n'
+    )
+
+
+def test_pre_change_backup_to_s3_then_a_drill_restores_it(
+    db: Db, bucket: Any, moto_server: Any
+) -> None:
+    fill(db, rows=1000)
+    db.write_config(
+        s3_backups(moto_server.url)
+        + f'[postgres.scratch]\ndsn = "{db.server.dsn_for("postgres")}"\n'
+        '[backups.app]\ns3 = "store"\ndatabase = "main"\nscratch = "scratch"\n'
+        'checks = ["SELECT count(*) = 1000 FROM items"]\n'
+    )
+    report = pre_change_backup(
+        "app", dry_run=False, approval="auto", params=PreChangeParams(label="add-index")
+    )
+    assert report.status is RunStatus.healthy, report.findings
+    keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    dump = next(k for k in keys if k.endswith(".dump"))
+    assert dump.startswith("db/main-add-index-") and dump + ".sha256" in keys
+    body = bucket.get_object(Bucket=BUCKET, Key=dump)["Body"].read()
+    sidecar = bucket.get_object(Bucket=BUCKET, Key=dump + ".sha256")["Body"].read().decode()
+    assert sidecar.split()[0] == hashlib.sha256(body).hexdigest()
+    assert by_check(report)["integrity"].severity is Severity.ok
+    assert SECRET not in report.model_dump_json()
+
+    drill = restore_drill("app", dry_run=False, approval="auto")
+    assert drill.status is RunStatus.healthy, drill.findings
+    assert dump in by_check(drill)["rpo"].message and by_check(drill)["check-1"].observed is True
+
+
+def test_a_failed_dump_leaves_nothing_behind(db: Db, tmp_path: Path) -> None:
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    db.write_config(
+        f'[postgres.gone]\ndsn = "postgresql://postgres@127.0.0.1:{free_port()}/x"\n'
+        f'[backups.app]\ndirectory = "{folder}"\ndatabase = "gone"\n'
+    )
+    report = pre_change_backup("app", dry_run=False, approval="auto")
+    assert report.status is RunStatus.failed and report.exit_code == 3
+    assert "pg_dump of postgres target 'gone'" in report.actions[0].detail
+    assert list(folder.iterdir()) == []
+
+
+def test_pre_change_backup_to_a_directory_through_the_cli(db: Db, tmp_path: Path) -> None:
+    fill(db, rows=5)
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    db.write_config(f'[backups.app]\ndirectory = "{folder}"\ndatabase = "main"\n')
+    dry = cli("run", "pre-change-backup", "--json")
+    assert dry.returncode == 0 and list(folder.iterdir()) == []
+    proc = cli("run", "pre-change-backup", "--apply", "--set", "label=v2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 2 and files[0].startswith("main-v2-") and files[1].endswith(".sha256")
+    restored = subprocess.run(
+        ["pg_restore", "--list", str(folder / files[0])], capture_output=True, text=True
+    )
+    assert restored.returncode == 0 and "TABLE public items" in restored.stdout
