@@ -8,10 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tasks.backup_rules import BackupParams
+from tasks.backup_rules import BackupParams, ObjectStorageParams
 from tasks.models import Params
 from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
 from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
+from tasks.retention_rules import RetentionParams
 from tasks.service_rules import PostgresDownParams, ResourceParams, ServiceHealthParams
 from tasks.tls_rules import TlsParams
 
@@ -200,6 +201,31 @@ RUNBOOKS: dict[str, Runbook] = {
             cron="0 6 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             default_target="all",
+        ),
+        Runbook(
+            name="object-storage",
+            entrypoint="flows.object_storage:object_storage",
+            purpose="A canary object through head bucket, put, get and compare, a presigned "
+            "GET and delete, each timed; a failure says DNS/connect, credentials or provider.",
+            seeds="004 s8 (object storage unreachable)",
+            inventory="s3",
+            params=ObjectStorageParams,
+            changes="writes and deletes one canary object under the prefix",
+            cron="*/15 * * * *",
+            scheduled={"dry_run": True},
+        ),
+        Runbook(
+            name="backup-retention",
+            entrypoint="flows.backup_retention:backup_retention",
+            purpose="Keeps the newest backup of the last N days, M ISO weeks and K months; "
+            "deletes the rest, oldest first, within max_deletions.",
+            seeds="000 s4 (prune old backups), 002 Backup & Recovery",
+            inventory="backups",
+            params=RetentionParams,
+            changes="deletes backups past the policy and their .sha256 (never the newest or "
+            "one younger than 24 h; max_deletions a run)",
+            cron="30 7 * * *",
+            scheduled={"dry_run": True},
         ),
         Runbook(
             name="backup-verification",

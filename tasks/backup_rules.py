@@ -6,11 +6,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from tasks.models import Finding, Params, Severity
 
 if TYPE_CHECKING:
     from tasks.settings import BackupSet
-    from tasks.storage import Backup, Integrity
+    from tasks.storage import Backup, Integrity, Probe
 
 
 class BackupParams(Params):
@@ -90,3 +92,103 @@ def storage_finding(name: str, error: str) -> Finding:
     return Finding(
         check="storage", target=name, severity=Severity.critical, observed=False, message=error
     )
+
+
+# --- object-storage (seed 004 section 8, "Object Storage Unreachable") ----------------------
+
+
+class ObjectStorageParams(Params):
+    """Latency of each step of the canary round trip (head, put, get, presigned GET, delete)."""
+
+    latency_warning_ms: float = Field(1000, gt=0, le=600_000)
+    # Not checked against each other: a run may raise one alone, and critical is tested first.
+    latency_critical_ms: float = Field(5000, gt=0, le=600_000)
+
+
+OBJECT_STORAGE_THRESHOLDS = frozenset(ObjectStorageParams.model_fields)
+
+STEPS = {
+    "head_bucket": "head bucket",
+    "put": "put canary",
+    "get": "get and compare canary",
+    "presigned_get": "presigned GET of the canary",
+    "delete": "delete canary",
+}
+
+
+def storage_advice(error: str) -> str:
+    """What to do next, by the class tasks.storage.classify put the failure in."""
+    if error.startswith("cannot connect"):
+        return (
+            "check endpoint_url and its DNS name, the provider's status page and the network "
+            "path from here; while it lasts, consider turning new uploads off behind a feature "
+            "flag"
+        )
+    if error.startswith(("credentials expired or denied", "no credentials")):
+        return (
+            "check the key pair (access_key_id/secret_access_key or the AWS variables) has not "
+            "expired or been rotated, and that its policy allows s3:ListBucket, s3:GetObject, "
+            "s3:PutObject and s3:DeleteObject on the bucket and prefix"
+        )
+    if error.startswith("the storage provider failed"):
+        return (
+            "the provider is failing: check its status page and retry later; consider turning "
+            "new uploads off behind a feature flag meanwhile"
+        )
+    if error.startswith("the storage provider did not answer"):
+        return "the provider is slow or overloaded: check its status page; raise timeout_seconds"
+    if error.startswith("NoSuchBucket"):
+        return "the bucket does not exist: check bucket and region in the [s3.NAME] entry"
+    return "see the error; the other steps show what still works"
+
+
+def canary_findings(
+    name: str, where: str, probes: list[Probe], p: ObjectStorageParams
+) -> list[Finding]:
+    found = []
+    for probe in probes:
+        step = STEPS[probe.step]
+        observed = round(probe.ms, 1)
+        if probe.error is not None:
+            later = [STEPS[s] for s in list(STEPS)[list(STEPS).index(probe.step) + 1 :]]
+            skipped = (
+                f" (not attempted: {', '.join(later)})"
+                if probe is probes[-1] and probe.step in ("head_bucket", "put")
+                else ""
+            )
+            found.append(
+                Finding(
+                    check=probe.step,
+                    target=name,
+                    severity=Severity.critical,
+                    observed=observed,
+                    threshold=p.latency_warning_ms,
+                    message=f"{step} on {where} failed after {probe.ms:.0f} ms: {probe.error}. "
+                    f"{storage_advice(probe.error)}{skipped}",
+                )
+            )
+            continue
+        severity = (
+            Severity.critical
+            if probe.ms > p.latency_critical_ms
+            else Severity.warning
+            if probe.ms > p.latency_warning_ms
+            else Severity.ok
+        )
+        found.append(
+            Finding(
+                check=probe.step,
+                target=name,
+                severity=severity,
+                observed=observed,
+                threshold=p.latency_warning_ms,
+                message=f"{step}: {probe.detail}, {probe.ms:.0f} ms"
+                + (
+                    f" (over {p.latency_warning_ms:.0f} ms: slow; check the provider's status "
+                    "page and the network path)"
+                    if severity is not Severity.ok
+                    else ""
+                ),
+            )
+        )
+    return found

@@ -27,9 +27,11 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tasks.alert_routes import ReceiverSettings, Route, check_route
+from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
+from tasks.retention_rules import THRESHOLD_NAMES as RETENTION_THRESHOLDS
 from tasks.service_rules import THRESHOLD_NAMES as SERVICE_THRESHOLDS
 from tasks.tls_rules import THRESHOLD_NAMES as TLS_THRESHOLDS
 
@@ -159,7 +161,7 @@ class TlsEndpoint(_Target):
     _threshold_names = TLS_THRESHOLDS
 
 
-class S3Target(_Strict):
+class S3Target(_Target):
     bucket: str
     prefix: str = ""
     endpoint_url: str | None = None
@@ -168,9 +170,10 @@ class S3Target(_Strict):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     timeout_seconds: float = Field(10, gt=0, le=600)
+    _threshold_names = OBJECT_STORAGE_THRESHOLDS
 
 
-class BackupSet(_Strict):
+class BackupSet(_Target):
     """Where one database's backups are kept: an [s3.NAME] (with this prefix) or a directory."""
 
     database: str | None = Field(None, description="the [postgres.NAME] they are dumps of")
@@ -184,6 +187,9 @@ class BackupSet(_Strict):
     # and SQL assertions run on the restored copy, each a query returning one boolean.
     scratch: str | None = None
     checks: list[str] = Field(default_factory=list)
+    # backup-retention's keep_daily, keep_weekly, keep_monthly, max_deletions go in
+    # [backups.NAME.thresholds].
+    _threshold_names = RETENTION_THRESHOLDS
 
     @model_validator(mode="after")
     def _one_place(self) -> BackupSet:

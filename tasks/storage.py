@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
+import socket
 import subprocess
 import tempfile
+import time
+import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import httpx
 from pydantic import BaseModel
 
 from tasks.engine import io_task
@@ -58,32 +63,78 @@ def s3_client(s3: S3Target) -> Any:
 
 
 def classify(exc: Exception) -> str:
-    """What an operator does next: DNS/connect, credentials, or the provider's side."""
+    """What an operator does next: DNS/connect, credentials, or the provider's side. Takes
+    boto3's errors and httpx's (a presigned URL fetched over plain HTTP)."""
     if isinstance(
-        exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectTimeoutError
+        | httpx.ConnectError
+        | httpx.ConnectTimeout,
     ):
-        return f"cannot connect (DNS or network): {exc}"
+        if _name_unresolved(exc):
+            return f"cannot connect: the endpoint's name does not resolve (DNS): {exc}"
+        cause = _root_cause(exc)
+        return f"cannot connect (network): {exc}" + ("" if cause in str(exc) else f": {cause}")
+    if isinstance(exc, botocore.exceptions.ReadTimeoutError | httpx.TimeoutException):
+        return f"the storage provider did not answer in time: {exc}"
+    if isinstance(exc, httpx.HTTPStatusError):
+        found = re.search(r"<Code>([^<]+)</Code>", exc.response.text[:4096])
+        status = exc.response.status_code
+        return _by_code(found.group(1) if found else str(status), status)
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return "no credentials: set access_key_id/secret_access_key or the AWS variables"
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "?")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if (
-            code
-            in (
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-                "ExpiredToken",
-                "AccessDenied",
-                "403",
-            )
-            or status == 403
-        ):
-            return f"credentials expired or denied ({code})"
-        if status >= 500:
-            return f"the storage provider failed ({code}, HTTP {status})"
-        return f"{code} (HTTP {status})"
+        return _by_code(code, status)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _by_code(code: str, status: int) -> str:
+    if (
+        code
+        in (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "AccessDenied",
+            "403",
+        )
+        or status == 403
+    ):
+        return f"credentials expired or denied ({code})"
+    if status >= 500:
+        return f"the storage provider failed ({code}, HTTP {status})"
+    return f"{code} (HTTP {status})"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what it wraps: botocore keeps urllib3's error in kwargs['error']."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = getattr(current, "kwargs", {}).get("error")
+        todo += [current.__cause__, current.__context__]
+        if isinstance(wrapped, BaseException):
+            todo.append(wrapped)
+
+
+def _name_unresolved(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError"
+        for e in _causes(exc)
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    errors = [e for e in _causes(exc) if isinstance(e, OSError) and e.strerror]
+    return errors[-1].strerror if errors and errors[-1].strerror else "no connection"
 
 
 @contextmanager
@@ -235,3 +286,188 @@ def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: Any
         return ""
     stderr.seek(0)
     return f"pg_restore --list failed: {stderr.read().decode(errors='replace').strip()[-300:]}"
+
+
+# --- object-storage: one canary object through what uploads and downloads need --------------
+
+CANARY_DIR = ".runbook-canary"
+PRESIGN_SECONDS = 300
+_STORAGE_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    httpx.HTTPError,
+)
+
+
+class Probe(BaseModel):
+    """One step of the canary round trip: how long it took, and the class of its failure."""
+
+    step: str
+    ms: float
+    error: str | None = None
+    detail: str = ""
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def canary_key(s3: S3Target, now: datetime) -> str:
+    """Under the target's prefix, unique per run, named so nobody takes it for data."""
+    name = f"{CANARY_DIR}/{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    prefix = s3.prefix.strip("/")
+    return f"{prefix}/{name}" if prefix else name
+
+
+def canary_body(key: str) -> bytes:
+    """4 KiB that only this key has: another object served in its place cannot compare equal."""
+    return hashlib.sha256(key.encode()).digest() * 128
+
+
+def _compare(data: bytes, key: str) -> None:
+    expected = canary_body(key)
+    if data != expected:
+        raise _Mismatch(
+            f"the canary read back differs from what was written ({len(data)} bytes, sha256 "
+            f"{hashlib.sha256(data).hexdigest()[:16]}…; wrote {len(expected)} bytes, sha256 "
+            f"{hashlib.sha256(expected).hexdigest()[:16]}…)"
+        )
+
+
+def _timed(step: str, call: Callable[[], str]) -> Probe:
+    """Only the calls are timed: building the client (loading botocore's models) is not."""
+    start = time.perf_counter()
+    try:
+        detail = call()
+    except _Mismatch as exc:
+        return Probe(step=step, ms=_ms_since(start), error=str(exc))
+    except _STORAGE_ERRORS as exc:
+        return Probe(step=step, ms=_ms_since(start), error=classify(exc))
+    return Probe(step=step, ms=_ms_since(start), detail=detail)
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+# No Prefect retries: a probe reports what one attempt saw (boto3 already retries once).
+@io_task("head-bucket", timeout_seconds=120, retries=0)
+def head_bucket(name: str, s3: S3Target) -> Probe:
+    client = s3_client(s3)
+
+    def call() -> str:
+        client.head_bucket(Bucket=s3.bucket)
+        return f"s3://{s3.bucket} answers"
+
+    return _timed("head_bucket", call)
+
+
+@io_task("put-canary", timeout_seconds=120, retries=0)
+def put_canary(name: str, s3: S3Target, key: str) -> Probe:
+    client, body = s3_client(s3), canary_body(key)
+
+    def call() -> str:
+        client.put_object(Bucket=s3.bucket, Key=key, Body=body)
+        return f"wrote {len(body)} bytes to {key}"
+
+    return _timed("put", call)
+
+
+@io_task("get-canary", timeout_seconds=120, retries=0)
+def get_canary(name: str, s3: S3Target, key: str) -> Probe:
+    client = s3_client(s3)
+
+    def call() -> str:
+        data: bytes = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        _compare(data, key)
+        return f"read back {len(data)} bytes, identical"
+
+    return _timed("get", call)
+
+
+@io_task("presigned-get", timeout_seconds=120, retries=0)
+def presigned_get(name: str, s3: S3Target, key: str) -> Probe:
+    """What a browser does with an upload's download link. The URL carries a signature: it
+    goes into no message."""
+    client = s3_client(s3)
+
+    def call() -> str:
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": s3.bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
+        )
+        response = httpx.get(url, timeout=s3.timeout_seconds)
+        response.raise_for_status()
+        _compare(response.content, key)
+        return f"a presigned URL ({PRESIGN_SECONDS} s) serves it over plain HTTP, identical"
+
+    return _timed("presigned_get", call)
+
+
+@io_task("delete-canary", timeout_seconds=120, retries=0)
+def delete_canary(name: str, s3: S3Target, key: str) -> Probe:
+    client = s3_client(s3)
+
+    def call() -> str:
+        client.delete_object(Bucket=s3.bucket, Key=key)
+        return f"deleted {key}"
+
+    probe = _timed("delete", call)
+    if probe.error is None:
+        try:
+            client.head_object(Bucket=s3.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                probe.error = f"deleted, but checking it is gone failed: {classify(exc)}"
+        except _STORAGE_ERRORS as exc:
+            probe.error = f"deleted, but checking it is gone failed: {classify(exc)}"
+        else:
+            probe.error = f"{key} is still there after DeleteObject: delete it by hand"
+    return probe
+
+
+# --- backup-retention ------------------------------------------------------------------------
+
+DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects call
+
+
+def backups_location(backup: BackupSet, s3: S3Target | None) -> str:
+    return f"s3://{s3.bucket}/{_prefix(backup, s3)}" if s3 else str(backup.directory)
+
+
+def batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@io_task("delete-backups", timeout_seconds=600, retries=1)
+def delete_backups(
+    name: str, backup: BackupSet, s3: S3Target | None, keys: list[str]
+) -> dict[str, str]:
+    """Each backup with its KEY.sha256 sidecar; in S3 through DeleteObjects, 1000 keys a call.
+    Returns what failed: backup key -> why. A key already gone counts as deleted, so a retry
+    after a partial run is safe."""
+    failed: dict[str, str] = {}
+    if s3 is None:
+        for key in keys:
+            try:
+                Path(key).unlink(missing_ok=True)
+                Path(key + ".sha256").unlink(missing_ok=True)
+            except OSError as exc:
+                failed[key] = f"{exc.strerror}: {exc.filename}"
+        return failed
+    wanted = set(keys)
+    objects = [k for key in keys for k in (key, key + ".sha256")]
+    with _storage_errors(f"backups {name!r} in s3://{s3.bucket}"):
+        client = s3_client(s3)
+        for batch in batches(objects, DELETE_BATCH):
+            answer = client.delete_objects(
+                Bucket=s3.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            for error in answer.get("Errors", []):
+                key = str(error.get("Key", ""))
+                owner = key if key in wanted else key.removesuffix(".sha256")
+                what = "" if owner == key else "its .sha256: "
+                why = f"{what}{error.get('Code', '?')}: {error.get('Message', '')}".strip()
+                failed[owner] = f"{failed[owner]}; {why}" if owner in failed else why
+    return failed

@@ -1,0 +1,105 @@
+"""backup-retention: keep N daily, M weekly and K monthly backups and delete the rest, in S3 or
+a directory, each with its .sha256 (seed 000 section 4, "prune old backups"; seed 002 "Backup
+& Recovery"). Never the newest, never one younger than a day, at most max_deletions a run."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.backup_rules import storage_finding
+from tasks.engine import finish, run_action
+from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.gate import Approval, gate
+from tasks.models import Action, ActionStatus, Report, utcnow
+from tasks.retention_rules import (
+    RetentionParams,
+    plan_deletions,
+    plan_retention,
+    retention_findings,
+)
+from tasks.settings import BackupSet, S3Target, load_settings
+from tasks.storage import backups_location, delete_backups, list_backups
+
+RUNBOOK = "backup-retention"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def backup_retention(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: RetentionParams | None = None,
+) -> Report:
+    started = utcnow()
+    settings = load_settings()
+    name, cfg = settings.target("backups", target)
+    s3 = settings.s3[cfg.s3] if cfg.s3 else None
+    p = RetentionParams.resolve(params, cfg.thresholds, f"{RUNBOOK} on {name}")
+    where = backups_location(cfg, s3)
+
+    # 1. diagnose
+    try:
+        backups = list_backups(name, cfg, s3)
+    except TargetUnreachable as exc:
+        found = [storage_finding(name, str(exc))]
+        return finish(
+            RUNBOOK,
+            name,
+            dry_run=dry_run,
+            started_at=started,
+            before=found,
+            after=found,
+            actions=[],
+        )
+    now = utcnow()
+    plan = plan_retention(backups, now, p)
+    before = retention_findings(name, where, plan, p)
+    # 2. plan
+    actions = plan_deletions(name, plan)
+    # 3. gate
+    approved = gate(actions, dry_run=dry_run, approval=approval)
+    # 4. act: one batched call for all of them; each action gets its own outcome
+    if approved:
+        _delete(name, cfg, s3, approved)
+    # 5. verify: list again and hold what is left to the same policy and the same `now`
+    after = before
+    if approved:
+        try:
+            left = list_backups(name, cfg, s3)
+        except TargetUnreachable as exc:
+            after = [storage_finding(name, f"listing again after deleting: {exc}")]
+        else:
+            after = retention_findings(name, where, plan_retention(left, now, p), p)
+            _still_listed(approved, {b.key for b in left})
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=before,
+        after=after,
+        actions=actions,
+    )
+
+
+def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[Action]) -> None:
+    try:
+        failed = delete_backups(name, cfg, s3, [a.args["key"] for a in approved])
+    except TargetError as exc:
+        failed = {a.args["key"]: str(exc) for a in approved}
+    for action in approved:
+        run_action(action, _outcome, failed.get(action.args["key"]))
+
+
+def _outcome(error: str | None) -> str:
+    if error is not None:
+        raise ActionFailed(error)
+    return "deleted, with its .sha256 if it had one"
+
+
+def _still_listed(approved: list[Action], listed: set[str]) -> None:
+    """A store that acknowledges a delete and still lists the key has not deleted it."""
+    for action in approved:
+        if action.status is ActionStatus.done and action.args["key"] in listed:
+            action.status = ActionStatus.failed
+            action.detail = "acknowledged, but still listed afterwards"

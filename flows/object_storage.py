@@ -1,0 +1,62 @@
+"""object-storage: can the app still upload and hand out download links? A canary object
+goes through head bucket, put, get and compare, a presigned GET over plain HTTP, and delete,
+each timed; a failure says whether it is DNS/connect, credentials or the provider (seed 004
+section 8, "Object Storage Unreachable")."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.backup_rules import ObjectStorageParams, canary_findings
+from tasks.engine import finish
+from tasks.gate import Approval
+from tasks.models import Report, utcnow
+from tasks.settings import load_settings
+from tasks.storage import (
+    Probe,
+    canary_key,
+    delete_canary,
+    get_canary,
+    head_bucket,
+    presigned_get,
+    put_canary,
+)
+
+RUNBOOK = "object-storage"
+
+
+@flow(name=RUNBOOK, flow_run_name="{target}")
+def object_storage(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    params: ObjectStorageParams | None = None,
+) -> Report:
+    """dry_run and approval are accepted like every runbook's: it has no actions to gate."""
+    started = utcnow()
+    name, s3 = load_settings().target("s3", target)
+    p = ObjectStorageParams.resolve(params, s3.thresholds, f"{RUNBOOK} on {name}")
+    where = f"s3://{s3.bucket}/{s3.prefix}" + (f" at {s3.endpoint_url}" if s3.endpoint_url else "")
+
+    # 1. diagnose: read-only but for the canary, which is deleted whatever else happens
+    probes: list[Probe] = [head_bucket(name, s3)]
+    if probes[-1].error is None:
+        key = canary_key(s3, started)
+        probes.append(put_canary(name, s3, key))
+        if probes[-1].error is None:
+            try:
+                probes.append(get_canary(name, s3, key))
+                probes.append(presigned_get(name, s3, key))
+            finally:
+                probes.append(delete_canary(name, s3, key))
+    findings = canary_findings(name, where, probes, p)
+    # 5. report
+    return finish(
+        RUNBOOK,
+        name,
+        dry_run=dry_run,
+        started_at=started,
+        before=findings,
+        after=findings,
+        actions=[],
+    )
