@@ -137,17 +137,28 @@ class InProcessStarter:
             return found
 
     def start(self, alert: Alert, dispatch: Dispatch) -> str:
+        from prefect.exceptions import PrefectHTTPStatusError
         from prefect.states import Pending
 
         flow = RUNBOOKS[dispatch.runbook].load()
         with _sync_client() as client:
-            deployment_id = self._deployment_id(client, dispatch.deployment)
-            flow_run = client.create_flow_run_from_deployment(
-                deployment_id,
-                parameters=dispatch.parameters,
-                state=Pending(message="started by the alert receiver in its own process"),
-                tags=["alert"],
-            )
+
+            def create() -> FlowRun:
+                return client.create_flow_run_from_deployment(
+                    self._deployment_id(client, dispatch.deployment),
+                    parameters=dispatch.parameters,
+                    state=Pending(message="started by the alert receiver in its own process"),
+                    tags=["alert"],
+                )
+
+            try:
+                flow_run = create()
+            except PrefectHTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise
+                # Deleted and registered again since it was looked up: it has a new id.
+                self._deployments.pop(dispatch.deployment, None)
+                flow_run = create()
         with self._lock:
             future = self._pool.submit(self._run, flow, flow_run)
             self._queued[future] = flow_run.id

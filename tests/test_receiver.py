@@ -756,3 +756,18 @@ def test_runbook_serve_runs_an_alert_in_its_own_process_and_the_runner_leaves_it
     assert TOKEN not in out and HMAC_SECRET not in out
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_a_deployment_registered_again_gets_the_next_run(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    first = post(server.url, "/alerts/alertmanager", am_payload(am_alert())).json()["alerts"][0]
+    wait_final(prefect_api, first["flow_run_id"])
+    httpx.delete(f"{prefect_api}/deployments/{served_deployment}", timeout=10).raise_for_status()
+    flow = RUNBOOKS[RUNBOOK].load()
+    again = str(flow.to_deployment(name="main", parameters={"target": "main"}).apply())  # type: ignore[arg-type]
+    assert again != served_deployment
+    second = post(server.url, "/alerts/alertmanager", am_payload(am_alert())).json()["alerts"][0]
+    assert second["outcome"] == "started", second
+    assert wait_final(prefect_api, second["flow_run_id"])["deployment_id"] == again
