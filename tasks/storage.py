@@ -471,3 +471,12 @@ def delete_backups(
                 why = f"{what}{error.get('Code', '?')}: {error.get('Message', '')}".strip()
                 failed[owner] = f"{failed[owner]}; {why}" if owner in failed else why
     return failed
+
+
+def set_prefix(backup: BackupSet, s3: S3Target) -> str:
+    """The set's key prefix as configured: "db/" and "app/" give "db/app/". list_backups asks
+    S3 for "db/app", which also lists "db/app2/...": another set's backups, never ours to
+    delete."""
+    parts = [p for p in (s3.prefix, backup.prefix or "") if p.strip("/")]
+    joined = "/".join(p.strip("/") for p in parts)
+    return joined + "/" if parts and parts[-1].endswith("/") else joined
