@@ -137,7 +137,7 @@ def storage_advice(error: str) -> str:
         )
     if error.startswith("the storage provider did not answer"):
         return "the provider is slow or overloaded: check its status page; raise timeout_seconds"
-    if error.startswith("NoSuchBucket"):
+    if error.startswith("NoSuchBucket") or error == "404 (HTTP 404)":  # HEAD has no body
         return "the bucket does not exist: check bucket and region in the [s3.NAME] entry"
     return "see the error; the other steps show what still works"
 

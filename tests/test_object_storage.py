@@ -176,6 +176,13 @@ def test_unknown_keys_through_the_cli(
     no_traceback(proc)
 
 
+def test_a_bucket_that_does_not_exist(moto_server: Any, inventory: Any) -> None:
+    moto_server.reset()
+    inventory(s3_config(moto_server.url))
+    [head] = object_storage("store").findings
+    assert head.severity is Severity.critical and "the bucket does not exist" in head.message
+
+
 def test_an_endpoint_that_is_down(inventory: Any) -> None:
     inventory(s3_config(f"http://127.0.0.1:{free_port()}"))
     report = object_storage("store")
