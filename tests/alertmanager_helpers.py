@@ -1,6 +1,6 @@
 """The alert path's real parts for the tests: an Alertmanager on loopback whose webhook points
-at our receiver, `runbook serve` as a subprocess, and readers of the Prefect API (flow runs, the
-event feed) that say what an alert did."""
+at our receiver, a Prefect server, `runbook serve` as a subprocess, and readers of the Prefect
+API (flow runs, the event feed) that say what an alert did."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from deployments.localpg import free_port, stop_process
+from deployments.serve import api_healthy
 from tasks.models import utcnow, wait_until
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
@@ -138,28 +139,74 @@ class Alertmanager:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Serve:
-    """`runbook serve` in its own session, its output in a file (an unread pipe would stall it)."""
+def prefect_env(home: Path) -> dict[str, str]:
+    """This environment without Prefect or runbook settings, Prefect's home in `home`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOK_"))}
+    return {
+        **base,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    }
 
-    def __init__(self, config: Path, home: Path, port: int, env: dict[str, str]) -> None:
-        self.port = port
-        self.log = home / "serve.log"
-        home.mkdir(parents=True, exist_ok=True)
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOK_"))}
-        self.env = {
-            **base,
-            "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
-            "RUNBOOK_CONFIG": str(config),
-            **env,
-        }
-        self.cwd = home
+
+class PrefectServer:
+    """`prefect server start` (SQLite) on a free port, its home in `home`; stopped by the test
+    itself, so nothing outlives a serve that had to be killed."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.home = home
+        self.log = home / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout: float = 120) -> PrefectServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        prefect = str(Path(sys.executable).parent / "prefect")
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=prefect_env(self.home),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {self.log.read_text()[-2000:]}")
+            return api_healthy(self.api)
+
+        if wait_until(healthy, timeout, max_delay=1) is None:
+            self.stop()
+            raise RuntimeError(f"prefect server not healthy in {timeout} s: {self.log}")
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Serve:
+    """`runbook serve` against the Prefect server at `api`, in its own session, its output in a
+    file (an unread pipe would stall it)."""
+
+    def __init__(self, config: Path, api: str, home: Path, env: dict[str, str]) -> None:
+        self.api = api
+        self.log = home / "serve.log"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **prefect_env(home),
+            "PREFECT_API_URL": api,
+            "RUNBOOK_CONFIG": str(config),
+            **env,
+        }
+        self.cwd = home
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def output(self) -> str:
@@ -170,7 +217,7 @@ class Serve:
         runbook = str(Path(sys.executable).parent / "runbook")
         with self.log.open("wb") as sink:
             self.proc = subprocess.Popen(
-                [runbook, "serve", "--port", str(self.port)],
+                [runbook, "serve"],
                 cwd=self.cwd,
                 env=self.env,
                 stdout=sink,

@@ -18,6 +18,7 @@ from deployments.localpg import free_port
 from tasks.models import utcnow, wait_until
 from tests.alertmanager_helpers import (
     Alertmanager,
+    PrefectServer,
     Serve,
     automations,
     events,
@@ -87,11 +88,11 @@ def test_alertmanager_alert_runs_the_runbook_and_fixes_the_incident(
     pids = db.idle_in_transaction(3)
     # Served flow runs are polled for every second, not Prefect's 10 s: the trigger path's
     # latency is measured in bench/alert_latency.py, not sat out here.
-    serve = Serve(
-        db.config, tmp_path / "prefect", free_port(), {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    )
+    server = PrefectServer(tmp_path / "prefect")
+    serve = Serve(db.config, server.api, tmp_path / "serve", {"PREFECT_RUNNER_POLL_FREQUENCY": "1"})
     alertmanager = Alertmanager(f"http://127.0.0.1:{receiver_port}/alerts/alertmanager", token)
     try:
+        server.start()
         serve.start("Alert receiver at")
         assert serve.line("Alert receiver at").startswith(
             f"Alert receiver at http://127.0.0.1:{receiver_port}"
@@ -163,11 +164,12 @@ def test_alertmanager_alert_runs_the_runbook_and_fixes_the_incident(
     finally:
         alertmanager.stop()
         out = serve.stop()
+        server.stop()
     assert serve.proc is not None and serve.proc.returncode is not None, out
     assert serve.session_processes() == [], out
-    assert not port_open(receiver_port) and not port_open(serve.port)
+    assert not port_open(receiver_port) and not port_open(server.port)
     assert not port_open(alertmanager.port) and not alertmanager.dir.exists()
-    for name in (tmp_path.name, alertmanager.dir.name, f"--port {serve.port}"):
+    for name in (tmp_path.name, alertmanager.dir.name, f"--port {server.port}"):
         leftovers = subprocess.run(
             ["pgrep", "-a", "-f", "--", name], capture_output=True, text=True
         )
