@@ -137,6 +137,11 @@ def storage_advice(error: str) -> str:
         )
     if error.startswith("the storage provider did not answer"):
         return "the provider is slow or overloaded: check its status page; raise timeout_seconds"
+    if error.startswith("the data read back is not what was written"):
+        return (
+            "the store, or something between (a proxy, a CDN, a cache), serves other bytes than "
+            "were written: find which hop, and tell the provider"
+        )
     if error.startswith("NoSuchBucket") or error == "404 (HTTP 404)":  # HEAD has no body
         return "the bucket does not exist: check bucket and region in the [s3.NAME] entry"
     return "see the error; the other steps show what still works"

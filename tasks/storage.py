@@ -76,6 +76,8 @@ def classify(exc: Exception) -> str:
             return f"cannot connect: the endpoint's name does not resolve (DNS): {exc}"
         cause = _root_cause(exc)
         return f"cannot connect (network): {exc}" + ("" if cause in str(exc) else f": {cause}")
+    if isinstance(exc, botocore.exceptions.FlexibleChecksumError):
+        return f"the data read back is not what was written: {exc}"
     if isinstance(exc, botocore.exceptions.ReadTimeoutError | httpx.TimeoutException):
         return f"the storage provider did not answer in time: {exc}"
     if isinstance(exc, httpx.HTTPStatusError):
@@ -328,7 +330,7 @@ def _compare(data: bytes, key: str) -> None:
     expected = canary_body(key)
     if data != expected:
         raise _Mismatch(
-            f"the canary read back differs from what was written ({len(data)} bytes, sha256 "
+            f"the data read back is not what was written ({len(data)} bytes, sha256 "
             f"{hashlib.sha256(data).hexdigest()[:16]}…; wrote {len(expected)} bytes, sha256 "
             f"{hashlib.sha256(expected).hexdigest()[:16]}…)"
         )

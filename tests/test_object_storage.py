@@ -235,3 +235,59 @@ def test_a_provider_answering_503(inventory: Any) -> None:
     assert head.severity is Severity.critical
     assert "the storage provider failed (503, HTTP 503)" in head.message
     assert "status page" in head.message
+
+
+def corrupting_proxy(upstream: str) -> type[BaseHTTPRequestHandler]:
+    """A hop in front of the store (a cache, a CDN) that flips the first byte of every object
+    it serves: what comes back is not what was written."""
+
+    class Proxy(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            answer = httpx.request(
+                self.command, upstream + self.path, headers=headers, content=body, timeout=10
+            )
+            content = answer.content
+            if self.command == "GET" and answer.status_code == 200 and content:
+                content = bytes([content[0] ^ 0xFF]) + content[1:]
+            self.send_response(answer.status_code)
+            for k, v in answer.headers.items():
+                if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(content)
+
+        do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Proxy
+
+
+def test_data_that_comes_back_different(bucket: Any, moto_server: Any, inventory: Any) -> None:
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), corrupting_proxy(moto_server.url))
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        inventory(s3_config(f"http://127.0.0.1:{proxy.server_address[1]}"))
+        report = object_storage("store")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(5)
+    found = by_check(report)
+    assert report.status is RunStatus.unhealthy
+    # boto3 checks the object's CRC and refuses it; the presigned GET is compared byte by byte
+    assert "checksum" in found["get"].message
+    for step in ("get", "presigned_get"):
+        assert found[step].severity is Severity.critical
+        assert "the data read back is not what was written" in found[step].message
+        assert "a proxy, a CDN" in found[step].message
+    # the canary was deleted all the same
+    assert found["delete"].severity is Severity.ok
+    assert all_keys(bucket) == ["covers/test.webp"]
