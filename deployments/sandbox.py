@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from deployments.localpg import LocalPostgres
+from deployments.localpg import LocalPostgres, free_port
 from deployments.localredis import LocalRedis
 from deployments.localtls import CA, Servers
 
@@ -60,10 +60,25 @@ port = {tls_port}
 server_name = "sandbox.test"
 ca_file = "{tls_ca}"
 
-# Last night's dump, and tonight's, which stopped half-way: backup-verification flags it.
+# Last night's dump, and tonight's, which stopped half-way: backup-verification flags it,
+# and restore-drill finds it does not restore (into a scratch database it then drops).
 [backups.app]
 database = "main"
 directory = "{backups}"
+scratch = "scratch"
+checks = ["SELECT count(*) = 5 FROM crawler.job WHERE status = 'running'"]
+
+# The server restore drills restore into: here the sandbox's own, its maintenance database.
+[postgres.scratch]
+dsn = "{scratch_dsn}"
+
+# Object storage that is down (seed 004 s8): nothing listens on this port.
+[s3.sandbox]
+bucket = "sandbox-backups"
+endpoint_url = "http://127.0.0.1:{dead_port}"
+access_key_id = "sandbox"
+secret_access_key = "sandbox"
+timeout_seconds = 2
 
 # A small app inside `runbook serve` whose /health checks the database, as seed 001's API
 # does. It cannot be restarted from outside: its restart command does nothing.
@@ -117,6 +132,8 @@ class Sandbox:
                 health_url=self.app.url,
                 tls_port=tls_port,
                 backups=self.backups,
+                scratch_dsn=self.pg.dsn_for("postgres"),
+                dead_port=free_port(),
                 tls_ca=ca.pem,
             )
         )

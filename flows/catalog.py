@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasks.backup_rules import BackupParams, ObjectStorageParams
+from tasks.drill_rules import PreChangeParams, RestoreDrillParams
 from tasks.models import Params
 from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
 from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
@@ -238,6 +239,34 @@ RUNBOOKS: dict[str, Runbook] = {
             changes="nothing: read-only",
             cron="0 7 * * *",
             scheduled={"dry_run": True},
+        ),
+        Runbook(
+            name="restore-drill",
+            entrypoint="flows.restore_drill:restore_drill",
+            purpose="Restores the newest (or a chosen) backup into a scratch database, runs "
+            "the SQL checks, compares tables with the source, reports RTO and RPO, drops it.",
+            seeds="002 Database Recovery and monthly disaster recovery drill",
+            inventory="backups",
+            params=RestoreDrillParams,
+            changes="creates and drops a scratch database on the scratch target's server; "
+            "never touches the source database",
+            cron="0 4 1 * *",
+            scheduled={"dry_run": False, "approval": "auto"},
+            requires='a scratch target (scratch = "NAME" in [backups.NAME])',
+            accepts=lambda target: target.scratch is not None,
+        ),
+        Runbook(
+            name="pre-change-backup",
+            entrypoint="flows.pre_change_backup:pre_change_backup",
+            purpose="A custom-format pg_dump of the set's database straight to its S3 prefix "
+            "or directory with a checksum, read back and verified; run before a change.",
+            seeds="002 change management (create backup), 001 backups",
+            inventory="backups",
+            params=PreChangeParams,
+            changes="writes one new dump and its .sha256 to the backup storage",
+            cron=None,
+            requires='a database (database = "NAME" in [backups.NAME])',
+            accepts=lambda target: target.database is not None,
         ),
     )
 }

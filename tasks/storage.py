@@ -13,6 +13,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,7 +195,7 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
     return sorted(found, key=lambda b: b.modified, reverse=True)
 
 
-def _chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[bytes]:
+def read_chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[bytes]:
     if s3 is None:
         with open(key, "rb") as fh:
             while chunk := fh.read(CHUNK):
@@ -229,10 +230,10 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
     is_gzip = key.endswith(".gz")
     with tempfile.TemporaryFile() as stderr:  # a file: pg_restore never blocks on a full pipe
         if is_gzip:
-            problem = _stream_gzip(_hashed(_chunks(backup, s3, key), digest), name, key)
+            problem = _stream_gzip(_hashed(read_chunks(backup, s3, key), digest), name, key)
         else:
             problem = _stream_pg_restore(
-                _hashed(_chunks(backup, s3, key), digest), name, key, stderr
+                _hashed(read_chunks(backup, s3, key), digest), name, key, stderr
             )
     with _storage_errors(f"backups {name!r}: {key}"):
         expected = _expected(backup, s3, key)
@@ -249,25 +250,43 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
 
 
 def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
+    """Hash each chunk on another thread while the caller inflates or pipes it: both release
+    the GIL, so the checksum costs little wall time on a second core."""
+    with ThreadPoolExecutor(1) as pool:
+        hashing: Future[None] | None = None
+        for chunk in chunks:
+            if hashing is not None:
+                hashing.result()  # one chunk in flight: memory stays flat
+            hashing = pool.submit(digest.update, chunk)
+            yield chunk
+        if hashing is not None:
+            hashing.result()
+
+
+def gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Inflate a gzip stream as it arrives, several members too (as `cat a.gz b.gz` makes);
+    zlib.error when it is corrupt, EOFError when it ends early."""
+    inflate = zlib.decompressobj(wbits=31)
     for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
+        while chunk:
+            yield inflate.decompress(chunk, CHUNK)
+            chunk = inflate.unconsumed_tail
+            if inflate.eof and inflate.unused_data:
+                chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+    if not inflate.eof:
+        raise EOFError("gzip stream ends early: the file is truncated")
 
 
 def _stream_gzip(chunks: Iterator[bytes], name: str, key: str) -> str:
-    inflate = zlib.decompressobj(wbits=31)
     with _storage_errors(f"backups {name!r}: {key}"):
         try:
-            for chunk in chunks:
-                while chunk:
-                    inflate.decompress(chunk, CHUNK)
-                    chunk = inflate.unconsumed_tail
-                    if inflate.eof and inflate.unused_data:
-                        # another gzip member follows, as `cat a.gz b.gz` makes
-                        chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+            for _ in gunzip(chunks):
+                pass
         except zlib.error as exc:
             return f"gzip data is corrupt: {exc}"
-    return "" if inflate.eof else "gzip stream ends early: the file is truncated"
+        except EOFError as exc:
+            return str(exc)
+    return ""
 
 
 def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: Any) -> str:
