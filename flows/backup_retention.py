@@ -18,7 +18,7 @@ from tasks.retention_rules import (
     retention_findings,
 )
 from tasks.settings import BackupSet, S3Target, load_settings
-from tasks.storage import Backup, backups_location, delete_backups, list_backups, set_prefix
+from tasks.storage import backups_location, delete_backups, list_backups
 
 RUNBOOK = "backup-retention"
 
@@ -39,7 +39,7 @@ def backup_retention(
 
     # 1. diagnose
     try:
-        backups = _own(list_backups(name, cfg, s3), cfg, s3)
+        backups = list_backups(name, cfg, s3)
     except TargetUnreachable as exc:
         found = [storage_finding(name, str(exc))]
         return finish(
@@ -65,7 +65,7 @@ def backup_retention(
     after = before
     if approved:
         try:
-            left = _own(list_backups(name, cfg, s3), cfg, s3)
+            left = list_backups(name, cfg, s3)
         except TargetUnreachable as exc:
             after = [storage_finding(name, f"listing again after deleting: {exc}")]
         else:
@@ -80,13 +80,6 @@ def backup_retention(
         after=after,
         actions=actions,
     )
-
-
-def _own(backups: list[Backup], cfg: BackupSet, s3: S3Target | None) -> list[Backup]:
-    if s3 is None:
-        return backups
-    prefix = set_prefix(cfg, s3)
-    return [b for b in backups if b.key.startswith(prefix)]
 
 
 def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[Action]) -> None:

@@ -28,7 +28,7 @@ from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError
 from tasks.postgres import connect
 from tasks.settings import BackupSet, PostgresTarget, S3Target
-from tasks.storage import CHUNK, _prefix, _storage_errors, gunzip, read_chunks, s3_client
+from tasks.storage import CHUNK, _storage_errors, gunzip, read_chunks, s3_client, set_prefix
 
 RESTORE_TIMEOUT_SECONDS = 6 * 3600
 DUMP_TIMEOUT_SECONDS = 6 * 3600
@@ -241,7 +241,8 @@ def dump_key(backup: BackupSet, s3: S3Target | None, database: str, label: str, 
     filename = f"{database}-{label}-{stamp}.dump"
     if s3 is None:
         return str(Path(backup.directory or ".") / filename)
-    return "/".join(p for p in (_prefix(backup, s3), filename) if p)
+    prefix = set_prefix(backup, s3)
+    return f"{prefix}{'' if prefix.endswith('/') or not prefix else '/'}{filename}"
 
 
 @io_task("dump-to-storage", timeout_seconds=DUMP_TIMEOUT_SECONDS + 60, retries=0)

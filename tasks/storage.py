@@ -153,8 +153,12 @@ def _storage_errors(where: str) -> Iterator[None]:
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=False) from exc
 
 
-def _prefix(backup: BackupSet, s3: S3Target) -> str:
-    return "/".join(p.strip("/") for p in (s3.prefix, backup.prefix or "") if p.strip("/"))
+def set_prefix(backup: BackupSet, s3: S3Target) -> str:
+    """The set's key prefix as configured: "db/" and "app/" give "db/app/", so listing "app/"
+    never reaches "app2/...", another set's backups."""
+    parts = [p for p in (s3.prefix, backup.prefix or "") if p.strip("/")]
+    joined = "/".join(p.strip("/") for p in parts)
+    return joined + "/" if parts and parts[-1].endswith("/") else joined
 
 
 def _matches(backup: BackupSet, key: str) -> bool:
@@ -184,7 +188,7 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
             pages = (
                 s3_client(s3)
                 .get_paginator("list_objects_v2")
-                .paginate(Bucket=s3.bucket, Prefix=_prefix(backup, s3))
+                .paginate(Bucket=s3.bucket, Prefix=set_prefix(backup, s3))
             )
             for page in pages:
                 for obj in page.get("Contents", []):
@@ -452,7 +456,7 @@ DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects call
 
 
 def backups_location(backup: BackupSet, s3: S3Target | None) -> str:
-    return f"s3://{s3.bucket}/{_prefix(backup, s3)}" if s3 else str(backup.directory)
+    return f"s3://{s3.bucket}/{set_prefix(backup, s3)}" if s3 else str(backup.directory)
 
 
 def batches(items: list[str], size: int) -> Iterator[list[str]]:
@@ -492,12 +496,3 @@ def delete_backups(
                 why = f"{what}{error.get('Code', '?')}: {error.get('Message', '')}".strip()
                 failed[owner] = f"{failed[owner]}; {why}" if owner in failed else why
     return failed
-
-
-def set_prefix(backup: BackupSet, s3: S3Target) -> str:
-    """The set's key prefix as configured: "db/" and "app/" give "db/app/". list_backups asks
-    S3 for "db/app", which also lists "db/app2/...": another set's backups, never ours to
-    delete."""
-    parts = [p for p in (s3.prefix, backup.prefix or "") if p.strip("/")]
-    joined = "/".join(p.strip("/") for p in parts)
-    return joined + "/" if parts and parts[-1].endswith("/") else joined
