@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -509,7 +509,12 @@ class ReceiverServer:
             lifespan="off",
         )
         self.server: uvicorn.Server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="runbook-receiver", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="runbook-receiver", daemon=True)
+
+    def _run(self) -> None:
+        # uvicorn exits when it cannot bind; start() turns that into a ConfigError.
+        with suppress(SystemExit):
+            self.server.run()
 
     @property
     def url(self) -> str:

@@ -771,3 +771,20 @@ def test_a_deployment_registered_again_gets_the_next_run(
     second = post(server.url, "/alerts/alertmanager", am_payload(am_alert())).json()["alerts"][0]
     assert second["outcome"] == "started", second
     assert wait_final(prefect_api, second["flow_run_id"])["deployment_id"] == again
+
+
+def test_a_busy_port_is_a_clear_config_error(db: Db, tmp_path: Path, prefect_api: str) -> None:
+    import socket
+
+    from tasks.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        db.write_config(receiver_config(tmp_path / "alerts.sqlite", port=port))
+        receiver = build_receiver(load_settings(), in_process=True)
+        with pytest.raises(ConfigError, match=f"could not listen on 127.0.0.1:{port}"):
+            ReceiverServer(receiver).start()
+    receiver.starter.shutdown()
+    receiver.store.close()
