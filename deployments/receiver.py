@@ -324,11 +324,15 @@ class Receiver:
         rejected: str | None = None
         if route is not None:
             try:
+                rb = RUNBOOKS[route.runbook]
                 dispatch = plan_dispatch(
                     alert,
                     route,
                     self.targets.get(route.runbook, []),
-                    RUNBOOKS[route.runbook].params,
+                    rb.params,
+                    (rb.default_target, rb.narrowed_by)
+                    if rb.default_target and rb.narrowed_by
+                    else None,
                 )
             except ConfigError as exc:
                 rejected = str(exc)
@@ -407,7 +411,7 @@ def build_receiver(settings: Settings, *, in_process: bool) -> Receiver:
         window_seconds=config.dedup_window_seconds,
         max_runs_per_hour=config.max_runs_per_hour,
     )
-    targets = {name: rb.targets(settings) for name, rb in RUNBOOKS.items()}
+    targets = {name: rb.alert_targets(settings) for name, rb in RUNBOOKS.items()}
     return Receiver(config, routes, targets, store, starter)
 
 

@@ -38,8 +38,10 @@ class Runbook:
     # What a target needs for this runbook, said in words and as a test.
     requires: str = ""
     accepts: Callable[[Any], bool] = field(default=lambda target: True)
-    # Runbooks that look at every target of their section at once run as this one target.
+    # Runbooks that look at every target of their section at once run as this one target,
+    # and may be narrowed to one of them by this parameter (alerts naming one service).
     default_target: str | None = None
+    narrowed_by: str | None = None
 
     @property
     def triggers(self) -> str:
@@ -63,6 +65,18 @@ class Runbook:
         if self.default_target is not None:
             return [self.default_target] if eligible else []
         return eligible
+
+    def alert_targets(self, settings: Settings) -> list[str]:
+        """What an alert route may name: a deployment's target, or a target the runbook is
+        narrowed to."""
+        served = self.targets(settings)
+        if self.narrowed_by is None or not served:
+            return served
+        return served + sorted(
+            name
+            for name, target in settings.targets(self.inventory).items()
+            if self.accepts(target) and name not in served
+        )
 
 
 RUNBOOKS: dict[str, Runbook] = {
@@ -175,6 +189,7 @@ RUNBOOKS: dict[str, Runbook] = {
             requires="a health_url or ready_url",
             accepts=lambda target: bool(target.health_url or target.ready_url),
             default_target="all",
+            narrowed_by="service",
         ),
         Runbook(
             name="resource-pressure",

@@ -323,12 +323,22 @@ def pick_target(alert: Alert, route: Route, targets: list[str]) -> str:
     return wanted
 
 
-def plan_dispatch(alert: Alert, route: Route, targets: list[str], params: type[Params]) -> Dispatch:
+def plan_dispatch(
+    alert: Alert,
+    route: Route,
+    targets: list[str],
+    params: type[Params],
+    narrow: tuple[str, str] | None = None,
+) -> Dispatch:
     """The run the route asks for; parameters typed by the runbook's Params class, so numbers
-    and lists reach the flow as numbers and lists."""
+    and lists reach the flow as numbers and lists. narrow: (the one target a runbook is served
+    as, the parameter that narrows it to another of `targets`)."""
     target = pick_target(alert, route, targets)
+    values = dict(route.set)
+    if narrow is not None and target != narrow[0]:
+        target, values[narrow[1]] = narrow[0], target
     try:
-        typed = params.model_validate(route.set).model_dump(mode="json", exclude_unset=True)
+        typed = params.model_validate(values).model_dump(mode="json", exclude_unset=True)
     except ValidationError as exc:
         raise ConfigError(f"route set: {explain_params(params, exc)}") from None
     return Dispatch(

@@ -289,7 +289,7 @@ class Settings(BaseSettings):
                 check_route(f"routes[{i}]", route, params)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
-            targets = RUNBOOKS[route.runbook].targets(self)
+            targets = RUNBOOKS[route.runbook].alert_targets(self)
             if route.target is not None and route.target not in targets:
                 raise ValueError(
                     f"routes[{i}].target names {route.target!r}, not a {route.runbook} target "

@@ -196,6 +196,28 @@ def test_parameters_reach_the_flow_typed() -> None:
     assert dry.parameters["params"] == {}
 
 
+def test_an_alert_naming_one_service_narrows_the_runbook_served_for_all(
+    inventory: Any,
+) -> None:
+    inventory(
+        '[services.api]\nkind = "command"\nstatus_command = ["true"]\n'
+        'restart_command = ["true"]\nhealth_url = "http://127.0.0.1:9/health"\n'
+    )
+    rb = RUNBOOKS["service-health"]
+    targets = rb.alert_targets(load_settings())
+    assert targets == ["all", "api"]
+    route = Route(alert="A", runbook="service-health", target_label="target")
+    narrow = ("all", "service")
+    assert (rb.default_target, rb.narrowed_by) == narrow
+    one = plan_dispatch(alert(target="api"), route, targets, rb.params, narrow)
+    assert one.deployment == "service-health/all"
+    assert one.parameters["params"] == {"service": "api"}
+    every = plan_dispatch(alert(target="all"), route, targets, rb.params, narrow)
+    assert every.deployment == "service-health/all" and every.parameters["params"] == {}
+    with pytest.raises(ConfigError, match="names no service-health target"):
+        plan_dispatch(alert(target="web"), route, targets, rb.params, narrow)
+
+
 @pytest.mark.parametrize(
     ("previous", "runs", "expected"),
     [
