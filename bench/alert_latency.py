@@ -13,8 +13,9 @@ state) read back from the Prefect API; "created" is to the run's creation. Alert
 random intervals (seeded, 0.5-1.5x --interval) so they do not line up with the runner's polls;
 nothing polls the API while alerts are being sent. The default 5 s keeps both paths below
 saturation: at --interval 2 the served runner (a fresh subprocess per run, a few at once)
-falls behind and its latency is queueing, growing with the number of alerts. The server runs without its scheduler so scheduled runs do
-not land in the middle. Prints p50, p99 and max per path and the ratios.
+falls behind and its latency is queueing, growing with the number of alerts. The server runs
+without its scheduler so scheduled runs do not land in the middle. Prints p50, p99 and max per
+path and the ratios.
 
     .venv/bin/python bench/alert_latency.py [--alerts 50] [--interval 5] [--runner-poll 10]
 """
