@@ -11,7 +11,7 @@ from tasks.errors import TargetUnreachable
 from tasks.gate import Approval
 from tasks.models import Report, utcnow
 from tasks.settings import load_settings
-from tasks.storage import list_backups, verify_backup
+from tasks.storage import backups_location, list_backups, verify_backup
 
 RUNBOOK = "backup-verification"
 
@@ -27,7 +27,7 @@ def backup_verification(
     settings = load_settings()
     name, cfg = settings.target("backups", target)
     s3 = settings.s3[cfg.s3] if cfg.s3 else None
-    where = f"s3://{s3.bucket}/{s3.prefix}{cfg.prefix or ''}" if s3 else str(cfg.directory)
+    where = backups_location(cfg, s3)
 
     # 1. diagnose (read-only: this runbook plans, gates and changes nothing)
     try:

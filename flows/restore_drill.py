@@ -34,7 +34,7 @@ from tasks.errors import TargetUnreachable
 from tasks.gate import Approval, gate
 from tasks.models import Action, Finding, Report, utcnow
 from tasks.settings import load_settings
-from tasks.storage import list_backups
+from tasks.storage import backups_location, list_backups
 
 RUNBOOK = "restore-drill"
 
@@ -55,7 +55,7 @@ def restore_drill(
         name, cfg, settings.postgres_target(cfg.scratch) if cfg.scratch else None, source
     )
     s3 = settings.s3[cfg.s3] if cfg.s3 else None
-    where = f"s3://{s3.bucket}/{s3.prefix}{cfg.prefix or ''}" if s3 else str(cfg.directory)
+    where = backups_location(cfg, s3)
     dbname = f"{DRILL_DB_PREFIX}{uuid.uuid4().hex[:12]}"
 
     # 1. diagnose: which backup

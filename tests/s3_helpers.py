@@ -8,12 +8,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import boto3
 import httpx
 
 from deployments.localpg import free_port
 
 KEY, SECRET = "AKIAEXAMPLE", "example-secret"
+
+
+def client(url: str, key: str = KEY, secret: str = SECRET) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+    )
 
 
 class MotoServer:
@@ -47,6 +59,13 @@ class MotoServer:
 
     def reset(self) -> None:
         httpx.post(f"{self.url}/moto-api/reset", timeout=10)
+
+    def fresh_bucket(self, name: str) -> Any:
+        """Forget everything, then one empty bucket; a client for it."""
+        self.reset()
+        s3 = client(self.url)
+        s3.create_bucket(Bucket=name)
+        return s3
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -13,7 +13,6 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from deployments.localpg import free_port
@@ -30,16 +29,7 @@ BUCKET = "backups"
 
 @pytest.fixture
 def s3(moto_server: Any) -> Any:
-    moto_server.reset()
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server.url,
-        region_name="us-east-1",
-        aws_access_key_id=KEY,
-        aws_secret_access_key=SECRET,
-    )
-    client.create_bucket(Bucket=BUCKET)
-    return client
+    return moto_server.fresh_bucket(BUCKET)
 
 
 def s3_config(url: str, key: str = KEY, prefix: str = "db/") -> str:

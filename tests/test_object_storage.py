@@ -19,7 +19,7 @@ from flows.object_storage import object_storage
 from tasks.backup_rules import ObjectStorageParams
 from tasks.models import RunStatus, Severity
 from tasks.storage import CANARY_DIR
-from tests.s3_helpers import KEY, SECRET, MotoServer
+from tests.s3_helpers import KEY, SECRET, MotoServer, client
 from tests.test_cli import cli, no_traceback
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -34,25 +34,13 @@ def s3_config(url: str, key: str = KEY, secret: str = SECRET, extra: str = "") -
     )
 
 
-def client(url: str, key: str = KEY, secret: str = SECRET) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id=key,
-        aws_secret_access_key=secret,
-    )
-
-
 def all_keys(s3: Any) -> list[str]:
     return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
 
 
 @pytest.fixture
 def bucket(moto_server: Any) -> Any:
-    moto_server.reset()
-    s3 = client(moto_server.url)
-    s3.create_bucket(Bucket=BUCKET)
+    s3 = moto_server.fresh_bucket(BUCKET)
     s3.put_object(Bucket=BUCKET, Key="covers/test.webp", Body=b"an image")
     return s3
 

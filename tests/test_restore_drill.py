@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import boto3
 import psycopg
 import pytest
 
@@ -154,16 +153,7 @@ def test_a_scratch_target_that_is_the_source_is_refused(
 
 @pytest.fixture
 def bucket(moto_server: Any) -> Any:
-    moto_server.reset()
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server.url,
-        region_name="us-east-1",
-        aws_access_key_id=KEY,
-        aws_secret_access_key=SECRET,
-    )
-    client.create_bucket(Bucket=BUCKET)
-    return client
+    return moto_server.fresh_bucket(BUCKET)
 
 
 def s3_backups(url: str) -> str:
