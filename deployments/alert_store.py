@@ -23,7 +23,7 @@ from typing import Any
 from tasks.alert_routes import CAP_PERIOD, Alert, Dispatch, Episode, Outcome, storm_decision
 
 BUSY_TIMEOUT_S = 30  # a writer waits this long for another process's transaction
-KEEP_DELIVERIES = timedelta(days=30)
+KEEP_DELIVERIES = timedelta(days=30)  # and runs, and alerts not seen since
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -95,6 +95,9 @@ class AlertStore:
             cutoff = _ts(datetime.now(UTC) - KEEP_DELIVERIES)
             db.execute("DELETE FROM deliveries WHERE received_at < ?", (cutoff,))
             db.execute("DELETE FROM runs WHERE started_at < ?", (cutoff,))
+            # Alertmanager re-sends what still fires (repeat_interval): one unseen for this
+            # long is over, whether or not its resolution arrived.
+            db.execute("DELETE FROM alerts WHERE last_seen < ?", (cutoff,))
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)

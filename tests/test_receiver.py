@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +17,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.alert_store import AlertStore
+from deployments.alert_store import KEEP_DELIVERIES, AlertStore
 from deployments.localpg import free_port
 from deployments.receiver import ReceiverServer, build_receiver
 from flows.catalog import RUNBOOKS
+from tasks.alert_routes import Alert, Dispatch
 from tasks.models import wait_until
 from tasks.settings import load_settings
 from tests.conftest import Db
@@ -328,6 +331,23 @@ def test_two_processes_recording_one_alert_at_once_start_one_run(tmp_path: Path)
     assert sorted(outcomes) == ["deduplicated"] * 3 + ["started"]
     store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
     assert len(store.deliveries(fingerprint="racefingerprint01")) == 4
+    store.close()
+
+
+def test_the_record_forgets_what_is_older_than_30_days(tmp_path: Path) -> None:
+    state = tmp_path / "alerts.sqlite"
+    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
+    dispatch = Dispatch("postgres-connections", "main", {})
+    now = datetime.now(UTC)
+    for fingerprint, when in (("old", now - KEEP_DELIVERIES - timedelta(hours=1)), ("new", now)):
+        alert = Alert("generic", "A", "firing", {}, {}, fingerprint)
+        assert store.record(alert, when, dispatch=dispatch).outcome.value == "started"
+    store.close()
+    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)  # prunes on opening
+    assert [d["fingerprint"] for d in store.deliveries()] == ["new"]
+    with closing(sqlite3.connect(state)) as db:
+        assert db.execute("SELECT fingerprint FROM alerts").fetchall() == [("new",)]
+        assert db.execute("SELECT fingerprint FROM runs").fetchall() == [("new",)]
     store.close()
 
 
