@@ -18,7 +18,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
 from tasks.models import Params, explain_params
@@ -33,7 +41,14 @@ Status = Literal["firing", "resolved"]
 # Alertmanager's fingerprints are 16 hex digits; ours and Grafana's fit the same shape. The
 # fingerprint names an event resource, so it is kept to characters that need no escaping.
 Fingerprint = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
-LabelSet = dict[Annotated[str, Field(min_length=1, max_length=256)], str]
+# Bounded so that one alert's Prefect event (labels twice: resource and payload) stays far
+# under Prefect's event size limit; Prometheus's own labels are short. Annotations are free
+# text (descriptions, runbook links): their values are bounded only by max_body_bytes.
+MAX_NAME = 256
+MAX_LABEL_VALUE = 4096
+LabelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+LabelSet = dict[LabelName, Annotated[str, Field(max_length=MAX_LABEL_VALUE)]]
+Annotations = dict[LabelName, str]
 
 
 class _Strict(BaseModel):
@@ -67,16 +82,20 @@ class ReceiverSettings(_Strict):
                 raise ValueError(f"receiver.{key} must be at least 8 characters")
         return self
 
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, listen: str) -> str:
+        if not 0 < int(listen.rsplit(":", 1)[1]) < 65536:
+            raise ValueError(f"{listen!r}: the port must be 1-65535")
+        return listen
+
     @property
     def host(self) -> str:
         return self.listen.rsplit(":", 1)[0]
 
     @property
     def port(self) -> int:
-        port = int(self.listen.rsplit(":", 1)[1])
-        if not 0 < port < 65536:
-            raise ConfigError(f"receiver.listen {self.listen!r}: the port must be 1-65535")
-        return port
+        return int(self.listen.rsplit(":", 1)[1])
 
     @property
     def has_credentials(self) -> bool:
@@ -154,23 +173,28 @@ def load_routes(path: Path, params: Mapping[str, type[Params]]) -> list[Route]:
 
 
 class _Payload(BaseModel):
-    # Senders add fields over time; what we use is typed and required, the rest is ignored.
+    # Senders add fields over time; what we use is typed and required, the rest is ignored
+    # (not declared: a field we never read cannot turn a sender's payload into a 422).
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _alertname(labels: Mapping[str, str]) -> None:
+    name = labels.get("alertname")
+    if not name:
+        raise ValueError("labels.alertname is missing or empty")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"labels.alertname is over {MAX_NAME} characters")
 
 
 class AlertmanagerAlert(_Payload):
     status: Status
     labels: LabelSet
-    annotations: LabelSet = Field(default_factory=dict)
-    startsAt: str | None = None
-    endsAt: str | None = None
-    generatorURL: str | None = None
+    annotations: Annotations = Field(default_factory=dict)
     fingerprint: Fingerprint
 
     @model_validator(mode="after")
     def _named(self) -> AlertmanagerAlert:
-        if not self.labels.get("alertname"):
-            raise ValueError("labels.alertname is missing or empty")
+        _alertname(self.labels)
         return self
 
 
@@ -179,8 +203,7 @@ class AlertmanagerPayload(_Payload):
 
     version: Literal["4"]
     status: Status
-    receiver: str = ""
-    groupKey: str = ""
+    # Alerts of the group Alertmanager left out (its max_alerts): reported, never received.
     truncatedAlerts: int = Field(0, ge=0)
     alerts: list[AlertmanagerAlert] = Field(min_length=1)
 
@@ -188,16 +211,12 @@ class AlertmanagerPayload(_Payload):
 class GrafanaAlert(_Payload):
     status: Status
     labels: LabelSet
-    annotations: LabelSet = Field(default_factory=dict)
-    startsAt: str | None = None
-    endsAt: str | None = None
+    annotations: Annotations = Field(default_factory=dict)
     fingerprint: Fingerprint | None = None
-    valueString: str | None = None
 
     @model_validator(mode="after")
     def _named(self) -> GrafanaAlert:
-        if not self.labels.get("alertname"):
-            raise ValueError("labels.alertname is missing or empty")
+        _alertname(self.labels)
         return self
 
 
@@ -205,16 +224,14 @@ class GrafanaPayload(_Payload):
     """Grafana unified alerting's webhook contact point payload."""
 
     status: Status
-    receiver: str = ""
-    orgId: int | None = None
     alerts: list[GrafanaAlert] = Field(min_length=1)
 
 
 class GenericAlert(_Payload):
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     status: Status
     labels: LabelSet = Field(default_factory=dict)
-    annotations: LabelSet = Field(default_factory=dict)
+    annotations: Annotations = Field(default_factory=dict)
     fingerprint: Fingerprint | None = None
 
 
@@ -245,7 +262,8 @@ class Alert:
 
 def fingerprint_of(name: str, labels: Mapping[str, str]) -> str:
     """Stable for the same name and label set, like Alertmanager's own: a re-send dedups."""
-    canonical = json.dumps({"alertname": name, **labels}, sort_keys=True, ensure_ascii=True)
+    # The name last: a label called alertname cannot make one alert another's.
+    canonical = json.dumps({**labels, "alertname": name}, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

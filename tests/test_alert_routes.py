@@ -81,6 +81,47 @@ def test_grafana_and_generic_alerts_without_a_fingerprint_get_a_stable_one() -> 
     assert fingerprint_of("G", {"grafana_folder": "other"}) != g.fingerprint
 
 
+def test_a_label_named_alertname_cannot_give_an_alert_another_alerts_fingerprint() -> None:
+    payload = GenericPayload.model_validate(
+        {
+            "alerts": [
+                {"name": "DiskFull", "status": "firing", "labels": {"alertname": "Other"}},
+                {"name": "Other", "status": "firing"},
+            ]
+        }
+    )
+    disk, other = split_alerts("generic", payload)  # one fingerprint would have left one
+    assert (disk.name, other.name) == ("DiskFull", "Other")
+    assert disk.fingerprint != other.fingerprint
+    # Alertmanager and Grafana alerts carry their name as the label: unchanged by the order.
+    assert fingerprint_of("A", {"alertname": "A", "x": "1"}) == fingerprint_of("A", {"x": "1"})
+
+
+@pytest.mark.parametrize(
+    ("labels", "where"),
+    [
+        ({"alertname": "A" * 600_000}, "'labels', 'alertname'"),
+        ({"alertname": "A" * 257}, "labels.alertname is over 256 characters"),
+        ({"alertname": "A", "target": "t" * 4097}, "'labels', 'target'"),
+        ({"alertname": "A", "k" * 257: "v"}, "'[key]'"),
+    ],
+)
+def test_an_oversized_label_is_a_validation_error_naming_it(
+    labels: dict[str, str], where: str
+) -> None:
+    body = {"version": "4", "status": "firing", "alerts": [am_alert("aaaa") | {"labels": labels}]}
+    with pytest.raises(ValidationError) as info:
+        AlertmanagerPayload.model_validate(body)
+    [error] = info.value.errors(include_url=False, include_input=False)
+    assert where in f"{error['loc']} {error['msg']}"
+    # At the bounds it is accepted, and long annotations always are.
+    fine = am_alert("aaaa") | {
+        "labels": {"alertname": "A" * 256, "target": "t" * 4096, "k" * 256: "v"},
+        "annotations": {"description": "d" * 100_000},
+    }
+    AlertmanagerPayload.model_validate(body | {"alerts": [fine]})
+
+
 @given(
     st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), max_size=5),
     st.text(min_size=1, max_size=20),
@@ -269,6 +310,8 @@ BASE = '[postgres.main]\ndsn = "postgresql://app@127.0.0.1:5432/app"\n'
         ),
         ('[receiver]\ntoken = "short"\n', "receiver.token must be at least 8 characters"),
         ('[receiver]\nlisten = "8787"\n', "receiver.listen"),
+        ('[receiver]\nlisten = "127.0.0.1:70000"\n', "receiver.listen: Value error, "),
+        ('[receiver]\nlisten = "127.0.0.1:0"\n', "the port must be 1-65535"),
         ('[receiver]\ndispatch = "carrier-pigeon"\n', "receiver.dispatch"),
         ('[receiver]\ntokn = "abcdefghij"\n', "receiver.tokn"),
     ],
