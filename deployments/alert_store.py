@@ -67,6 +67,8 @@ class Decision:
     detail: str
     delivery_id: int
     run_id: int | None = None  # the runs row reserved for a started run
+    # Its episode's started_at: the alerts row is the same episode only while it still matches.
+    started_at: float | None = None
     flow_run_id: str | None = None  # of a deduplicated alert: the run already started
 
 
@@ -84,6 +86,8 @@ class AlertStore:
         self.window_seconds = window_seconds
         self.max_runs_per_hour = max_runs_per_hour
         self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._init()
 
@@ -100,7 +104,10 @@ class AlertStore:
             db.execute("DELETE FROM alerts WHERE last_seen < ?", (cutoff,))
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        # Each connection is used by one thread only; close() may close it from another.
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
@@ -109,6 +116,8 @@ class AlertStore:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = self._connect()
+            with self._lock:
+                self._connections.append(db)
         return db
 
     @contextmanager
@@ -200,7 +209,8 @@ class AlertStore:
                 ),
             ).lastrowid
         assert delivery_id is not None
-        return Decision(outcome, detail, delivery_id, run_id, flow_run_id)
+        started_at = _ts(now) if run_id is not None else None
+        return Decision(outcome, detail, delivery_id, run_id, started_at, flow_run_id)
 
     @staticmethod
     def _upsert_alert(
@@ -238,14 +248,17 @@ class AlertStore:
         )
 
     def started(self, decision: Decision, fingerprint: str, flow_run_id: str | None) -> None:
-        """The run reserved by `decision` exists now (None: a trigger creates it)."""
+        """The run reserved by `decision` exists now (None: a trigger creates it).
+
+        The alerts row is updated only while it is still the episode `decision` started: a
+        resolve and a new firing in between made another, which this must not overwrite."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE runs SET flow_run_id = ? WHERE id = ?", (flow_run_id, decision.run_id)
             )
             db.execute(
-                "UPDATE alerts SET flow_run_id = ? WHERE fingerprint = ?",
-                (flow_run_id, fingerprint),
+                "UPDATE alerts SET flow_run_id = ? WHERE fingerprint = ? AND started_at = ?",
+                (flow_run_id, fingerprint, decision.started_at),
             )
             db.execute(
                 "UPDATE deliveries SET flow_run_id = ? WHERE id = ?",
@@ -256,7 +269,10 @@ class AlertStore:
         """The reserved run could not be created: free its place, so a re-send may retry."""
         with self._transaction() as db:
             db.execute("DELETE FROM runs WHERE id = ?", (decision.run_id,))
-            db.execute("UPDATE alerts SET started_at = NULL WHERE fingerprint = ?", (fingerprint,))
+            db.execute(
+                "UPDATE alerts SET started_at = NULL WHERE fingerprint = ? AND started_at = ?",
+                (fingerprint, decision.started_at),
+            )
             db.execute(
                 "UPDATE deliveries SET outcome = ?, detail = ? WHERE id = ?",
                 (Outcome.rejected.value, detail, decision.delivery_id),
@@ -279,10 +295,13 @@ class AlertStore:
         return [dict(r) for r in rows]
 
     def close(self) -> None:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is not None:
+        """Close every thread's connection, not only the caller's: the receiver records from
+        a pool of worker threads."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
             db.close()
-            self._local.db = None
+        self._local = threading.local()
 
 
 DELIVERY_COLUMNS = frozenset(

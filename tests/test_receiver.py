@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -349,6 +349,60 @@ def test_the_record_forgets_what_is_older_than_30_days(tmp_path: Path) -> None:
         assert db.execute("SELECT fingerprint FROM alerts").fetchall() == [("new",)]
         assert db.execute("SELECT fingerprint FROM runs").fetchall() == [("new",)]
     store.close()
+
+
+def test_late_bookkeeping_of_an_earlier_episode_leaves_the_newer_one_alone(
+    tmp_path: Path,
+) -> None:
+    store = AlertStore(tmp_path / "alerts.sqlite", window_seconds=600, max_runs_per_hour=20)
+    dispatch = Dispatch("postgres-connections", "main", {})
+    firing = Alert("alertmanager", "A", "firing", {}, {}, "episodes00000001")
+    resolved = Alert("alertmanager", "A", "resolved", {}, {}, "episodes00000001")
+    now = datetime.now(UTC)
+    first = store.record(firing, now, dispatch=dispatch)
+    store.record(resolved, now + timedelta(seconds=1))
+    second = store.record(firing, now + timedelta(seconds=2), dispatch=dispatch)
+    assert (first.outcome.value, second.outcome.value) == ("started", "started")
+    store.started(second, firing.fingerprint, "run-of-the-second-episode")
+    # The first episode's start is settled only now, both ways: neither may touch the second.
+    store.not_started(first, firing.fingerprint, "could not start")
+    store.started(first, firing.fingerprint, "run-of-the-first-episode")
+    with closing(sqlite3.connect(tmp_path / "alerts.sqlite")) as db:
+        assert db.execute("SELECT started_at, flow_run_id FROM alerts").fetchall() == [
+            (second.started_at, "run-of-the-second-episode")
+        ]
+    again = store.record(firing, now + timedelta(seconds=3), dispatch=dispatch)
+    assert again.outcome.value == "deduplicated"
+    assert again.flow_run_id == "run-of-the-second-episode"
+    store.close()
+
+
+def open_files(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    found = 0
+    for fd in fds.iterdir():
+        with suppress(OSError):
+            found += os.readlink(fd) == str(path)
+    return found
+
+
+def test_close_closes_the_connection_of_every_thread(tmp_path: Path) -> None:
+    state = tmp_path / "alerts.sqlite"
+    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
+    dispatch = Dispatch("postgres-connections", "main", {})
+
+    def record(i: int) -> None:
+        alert = Alert("generic", "A", "firing", {}, {}, f"thread{i:010d}")
+        store.record(alert, datetime.now(UTC), dispatch=dispatch)
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert open_files(state) == 4  # one connection per thread, still open
+    store.close()  # from a thread that never used the store
+    assert open_files(state) == 0
 
 
 def test_resolved_never_starts_and_closes_the_episode(
