@@ -13,22 +13,26 @@ import shutil
 import subprocess
 import tempfile
 import time
-import zlib
-from collections.abc import Iterator
-from contextlib import suppress
 from pathlib import Path
-from typing import IO
 
-import botocore.exceptions
 import psycopg
 from psycopg import sql
 from pydantic import BaseModel, SecretStr
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError
-from tasks.postgres import connect
+from tasks.postgres import _first_line, connect
 from tasks.settings import BackupSet, PostgresTarget, S3Target
-from tasks.storage import CHUNK, _storage_errors, gunzip, read_chunks, s3_client, set_prefix
+from tasks.storage import (
+    CHUNK,
+    _storage_errors,
+    error_lines,
+    gunzip,
+    read_chunks,
+    run_fed,
+    s3_client,
+    set_prefix,
+)
 
 RESTORE_TIMEOUT_SECONDS = 6 * 3600
 DUMP_TIMEOUT_SECONDS = 6 * 3600
@@ -133,39 +137,12 @@ def restore_backup(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
         chunks = read_chunks(backup, s3, key)
-        problem = _feed(proc, gunzip(chunks) if key.endswith(".gz") else chunks, name, key)
-        code = proc.wait(RESTORE_TIMEOUT_SECONDS)
-        seconds = time.perf_counter() - start
-        if code != 0 and not problem:
-            problem = f"{argv[0]} failed (exit {code}): {_tail(stderr)}"
+        stream = gunzip(chunks) if key.endswith(".gz") else chunks
+        problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
+    seconds = time.perf_counter() - start
     return Restore(
         ok=not problem, seconds=seconds, detail=problem or f"restored in {seconds:.1f} s"
     )
-
-
-def _feed(proc: subprocess.Popen[bytes], chunks: Iterator[bytes], name: str, key: str) -> str:
-    """Write the stream to the tool's stdin; what went wrong with the backup itself, if
-    anything."""
-    assert proc.stdin is not None
-    try:
-        with _storage_errors(f"backups {name!r}: {key}"):
-            for chunk in chunks:
-                proc.stdin.write(chunk)
-    except BrokenPipeError:
-        pass  # the tool gave up early: its exit code and stderr say why
-    except zlib.error as exc:
-        return f"gzip data is corrupt: {exc}"
-    except EOFError as exc:
-        return str(exc)
-    finally:
-        with suppress(BrokenPipeError):
-            proc.stdin.close()
-    return ""
-
-
-def _tail(stderr: IO[bytes]) -> str:
-    stderr.seek(0)
-    return stderr.read().decode(errors="replace").strip()[-400:] or "no message"
 
 
 class CheckResult(BaseModel):
@@ -196,10 +173,6 @@ def run_checks(
     return results
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 _TABLES = """
 SELECT n.nspname || '.' || c.relname AS name
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -224,14 +197,24 @@ class Dump(BaseModel):
     seconds: float
 
 
-class _HashingReader:
-    """pg_dump's stdout as a file object for boto3's upload, hashing and counting as it goes."""
+class _DumpFailed(Exception):
+    pass
 
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+class _DumpReader:
+    """pg_dump's stdout as a file object for the upload or the file, hashed and counted as it
+    goes; at its end, pg_dump's exit code, so a failed dump fails the write instead of
+    completing it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc, self.stream = proc, proc.stdout
+        self.digest, self.size = hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
+        if not data and size != 0 and (code := self.proc.wait(DUMP_TIMEOUT_SECONDS)) != 0:
+            raise _DumpFailed(code)
         self.digest.update(data)
         self.size += len(data)
         return data
@@ -264,19 +247,19 @@ def dump_to_storage(
             stderr=stderr,
             env=libpq_env(source_name, source),
         )
-        assert proc.stdout is not None
-        reader = _HashingReader(proc.stdout)
+        reader = _DumpReader(proc)
         try:
-            _write(backup, s3, key, reader, name)
-        finally:
-            proc.stdout.close()
-            code = proc.wait(DUMP_TIMEOUT_SECONDS)
-        if code != 0:
-            _remove(s3, key)
+            _write(s3, key, reader, name)
+        except _DumpFailed as exc:
             raise ActionFailed(
                 f"pg_dump of postgres target {source_name!r} ({source.description}) failed "
-                f"(exit {code}): {_tail(stderr)}; nothing was kept"
-            )
+                f"(exit {exc.args[0]}): {error_lines(stderr)}; nothing was kept"
+            ) from None
+        finally:
+            reader.stream.close()
+            if proc.poll() is None:  # the write failed: pg_dump must not outlive it
+                proc.kill()
+                proc.wait()
     sha = reader.digest.hexdigest()
     sidecar = f"{sha}  {key.rsplit('/', 1)[-1]}\n".encode()
     if s3 is None:
@@ -287,11 +270,12 @@ def dump_to_storage(
     return Dump(key=key, size=reader.size, sha256=sha, seconds=time.perf_counter() - start)
 
 
-def _write(
-    backup: BackupSet, s3: S3Target | None, key: str, reader: _HashingReader, name: str
-) -> None:
+def _write(s3: S3Target | None, key: str, reader: _DumpReader, name: str) -> None:
+    """The whole dump under `key`, or nothing: a directory gets KEY.partial (never matched
+    as a backup) renamed once pg_dump has exited 0; S3 gets an upload that fails, and so is
+    never completed, when the reader raises at the end."""
     if s3 is None:
-        partial = Path(key + ".partial")  # never matched as a backup while it is written
+        partial = Path(key + ".partial")
         try:
             with partial.open("wb") as out:
                 shutil.copyfileobj(reader, out, CHUNK)
@@ -308,11 +292,3 @@ def _write(
             key,
             Config=TransferConfig(multipart_chunksize=16 * CHUNK, max_concurrency=4),
         )
-
-
-def _remove(s3: S3Target | None, key: str) -> None:
-    if s3 is None:
-        Path(key).unlink(missing_ok=True)
-        return
-    with suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-        s3_client(s3).delete_object(Bucket=s3.bucket, Key=key)

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import boto3
 import botocore.config
@@ -206,7 +206,10 @@ def read_chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[by
                 yield chunk
         return
     body = s3_client(s3).get_object(Bucket=s3.bucket, Key=key)["Body"]
-    yield from body.iter_chunks(CHUNK)
+    try:
+        yield from body.iter_chunks(CHUNK)
+    finally:
+        body.close()  # also when the reader stops early: the connection goes back
 
 
 def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
@@ -228,8 +231,8 @@ def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
 
 @io_task("verify-backup", timeout_seconds=PG_RESTORE_TIMEOUT + 60, retries=0)
 def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -> Integrity:
-    """Stream it once: SHA-256 of the bytes, and a gzip test (.gz) or `pg_restore --list`
-    (custom-format dumps) fed as it arrives."""
+    """Stream it once: SHA-256 of the bytes, and a gzip test (.gz) or pg_restore reading every
+    block of a custom-format dump into /dev/null, fed as it arrives."""
     digest = hashlib.sha256()
     is_gzip = key.endswith(".gz")
     with tempfile.TemporaryFile() as stderr:  # a file: pg_restore never blocks on a full pipe
@@ -246,8 +249,7 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
         problem = f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
     return Integrity(
         ok=not problem,
-        detail=problem
-        or ("gzip stream complete" if is_gzip else "pg_restore reads its table of contents"),
+        detail=problem or ("gzip stream complete" if is_gzip else "pg_restore reads it to the end"),
         sha256=sha,
         expected_sha256=expected,
     )
@@ -293,24 +295,70 @@ def _stream_gzip(chunks: Iterator[bytes], name: str, key: str) -> str:
     return ""
 
 
-def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: Any) -> str:
+def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]) -> str:
+    # --file=/dev/null: pg_restore reads every data block; --list stops after the table of
+    # contents, so a dump cut short in its data would pass.
+    argv = ["pg_restore", "--file=/dev/null"]
     restore = subprocess.Popen(
-        ["pg_restore", "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr
     )
-    assert restore.stdin is not None
-    with _storage_errors(f"backups {name!r}: {key}"):
-        try:
-            for chunk in chunks:
-                restore.stdin.write(chunk)
-        except BrokenPipeError:
-            pass  # pg_restore gave up early: its exit code says why
-        finally:
-            with suppress(BrokenPipeError):
-                restore.stdin.close()
-    if restore.wait(PG_RESTORE_TIMEOUT) == 0:
+    return run_fed(restore, chunks, name, key, stderr, PG_RESTORE_TIMEOUT)
+
+
+def run_fed(
+    proc: subprocess.Popen[bytes],
+    chunks: Iterator[bytes],
+    name: str,
+    key: str,
+    stderr: IO[bytes],
+    timeout_s: float,
+) -> str:
+    """Feed a backup to a tool's stdin and wait for it; what is wrong with the backup, if
+    anything. The stream is read to its end even when the tool stops early, so a checksum
+    taken on the way covers every byte; the tool never outlives this call."""
+    assert proc.stdin is not None
+    problem = ""
+    try:
+        with _storage_errors(f"backups {name!r}: {key}"):
+            try:
+                for chunk in chunks:
+                    if not problem:
+                        try:
+                            proc.stdin.write(chunk)
+                        except BrokenPipeError:
+                            problem = "stopped"  # its exit code and stderr say why
+            except zlib.error as exc:
+                problem = f"gzip data is corrupt: {exc}"
+            except EOFError as exc:
+                problem = str(exc)
+            finally:
+                with suppress(BrokenPipeError):
+                    proc.stdin.close()
+        code = proc.wait(timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if problem and problem != "stopped":
+        return problem
+    if code == 0:
         return ""
+    tool = cast(list[str], proc.args)[0]  # always started from an argv list
+    return f"{tool} failed (exit {code}): {error_lines(stderr)}"
+
+
+def error_lines(stderr: IO[bytes]) -> str:
+    """The tool's error lines, not the CONTEXT/DETAIL/LINE lines that quote rows of the
+    backup (which may hold anybody's data)."""
     stderr.seek(0)
-    return f"pg_restore --list failed: {stderr.read().decode(errors='replace').strip()[-300:]}"
+    lines = stderr.read().decode(errors="replace").splitlines()
+    errors = [
+        line.strip()
+        for line in lines
+        if ("error" in line.lower() or "fatal" in line.lower())
+        and not line.lstrip().startswith(("CONTEXT:", "DETAIL:", "LINE ", "HINT:"))
+    ]
+    return "; ".join(errors)[-400:] or "no error message"
 
 
 # --- object-storage: one canary object through what uploads and downloads need --------------
