@@ -24,16 +24,17 @@ from tasks.drill_rules import (
 from tasks.dumps import (
     create_scratch_database,
     drop_scratch_database,
+    libpq_env,
     list_tables,
     on_database,
     restore_backup,
     run_checks,
 )
 from tasks.engine import finish, run_action
-from tasks.errors import TargetUnreachable
+from tasks.errors import RunbookError, TargetUnreachable
 from tasks.gate import Approval, gate
-from tasks.models import Action, Finding, Report, utcnow
-from tasks.settings import load_settings
+from tasks.models import Action, ActionStatus, Finding, Report, utcnow
+from tasks.settings import PostgresTarget, load_settings
 from tasks.storage import backups_location, list_backups
 
 RUNBOOK = "restore-drill"
@@ -54,6 +55,7 @@ def restore_drill(
     scratch_name, scratch = refuse_source(
         name, cfg, settings.postgres_target(cfg.scratch) if cfg.scratch else None, source
     )
+    libpq_env(scratch_name, scratch)  # a DSN pg_restore cannot use fails now, not half-way
     s3 = settings.s3[cfg.s3] if cfg.s3 else None
     where = backups_location(cfg, s3)
     dbname = f"{DRILL_DB_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -73,24 +75,35 @@ def restore_drill(
     # 4. act: restore, check, and drop whatever happens
     drill = approved[0]
     clock = time.perf_counter()
-    if run_action(drill, create_scratch_database, scratch_name, scratch, dbname) is None:
-        return _report(name, dry_run, started, before, actions)
-    try:
-        restore = restore_backup(name, cfg, s3, backup.key, scratch_name, scratch, dbname)
-        checks, restored_tables = [], None
-        if restore.ok:
-            checks = run_checks(name, scratch, dbname, cfg.checks, p.check_timeout_seconds)
-            restored_tables = list_tables(name, on_database(scratch, dbname))
-        rto = time.perf_counter() - clock
-    finally:
-        dropped = drop_scratch_database(scratch_name, scratch, dbname)
+    restore, checks, restored_tables, stopped = None, [], None, None
+    if run_action(drill, create_scratch_database, scratch_name, scratch, dbname) is not None:
+        try:
+            restore = restore_backup(name, cfg, s3, backup.key, scratch_name, scratch, dbname)
+            if restore.ok:
+                checks = run_checks(name, scratch, dbname, cfg.checks, p.check_timeout_seconds)
+                restored_tables = list_tables(name, on_database(scratch, dbname))
+        except RunbookError as exc:
+            stopped = str(exc)
+    rto = time.perf_counter() - clock
+    dropped = _drop(scratch_name, scratch, dbname)  # also after a failed create: it may exist
     source_tables = list_tables(*source) if source and restored_tables is not None else None
-    drill.detail = f"{restore.detail}; {sum(c.ok for c in checks)}/{len(checks)} checks passed"
+    if stopped:
+        drill.status, drill.detail = ActionStatus.failed, f"the drill stopped: {stopped}"
+    elif restore is not None:
+        passed = sum(c.ok for c in checks)
+        drill.detail = f"{restore.detail}; {passed}/{len(checks)} checks passed"
     # 5. verify and report
     after = before + drill_findings(
         name, restore, checks, restored_tables, source_tables, rto, dropped, p
     )
     return _report(name, dry_run, started, before, actions, after)
+
+
+def _drop(scratch_name: str, scratch: PostgresTarget, dbname: str) -> bool:
+    try:
+        return drop_scratch_database(scratch_name, scratch, dbname)
+    except RunbookError:
+        return False  # the report says to drop it by hand
 
 
 def _report(

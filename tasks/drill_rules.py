@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import psycopg
 from pydantic import Field
 
 from tasks.errors import ConfigError
@@ -50,15 +51,20 @@ def refuse_source(
         )
     if source is not None:
         same_name = scratch[0] == source[0]
-        # host:port/dbname, whatever the user or password
-        same_dsn = scratch[1].description.split(" ")[0] == source[1].description.split(" ")[0]
-        if same_name or same_dsn:
+        if same_name or _address(scratch[1]) == _address(source[1]):
             raise ConfigError(
                 f"backups.{name}.scratch {scratch[0]!r} is the source database "
                 f"({source[1].description}): a restore drill never runs against the source. "
                 "Point scratch at another database or server."
             )
     return scratch
+
+
+def _address(target: PostgresTarget) -> tuple[str, str, str]:
+    """Host, port and database as libpq resolves them, whatever the user or password."""
+    parts = psycopg.conninfo.conninfo_to_dict(target.dsn.get_secret_value())
+    host = parts.get("host") or parts.get("hostaddr") or ""  # "": the local socket
+    return str(host), str(parts.get("port") or 5432), str(parts.get("dbname") or parts.get("user"))
 
 
 def pick_backup(backups: list[Backup], wanted: str | None) -> Backup | None:
@@ -115,7 +121,7 @@ def plan_drill(name: str, backup: Backup | None, scratch_name: str, dbname: str)
 
 def drill_findings(
     name: str,
-    restore: Restore,
+    restore: Restore | None,
     checks: list[CheckResult],
     restored_tables: list[str] | None,
     source_tables: list[str] | None,
@@ -123,18 +129,22 @@ def drill_findings(
     dropped: bool,
     p: RestoreDrillParams,
 ) -> list[Finding]:
-    found = [
-        Finding(
-            check="restore",
-            target=name,
-            severity=Severity.ok if restore.ok else Severity.critical,
-            observed=round(restore.seconds, 2),
-            message=restore.detail
-            if restore.ok
-            else f"the backup does not restore: {restore.detail}",
+    """restore is None when the drill stopped before it; restored_tables is None when it did
+    not get to the end (the failed action says why), so there is no RTO to report."""
+    found = []
+    if restore is not None:
+        found.append(
+            Finding(
+                check="restore",
+                target=name,
+                severity=Severity.ok if restore.ok else Severity.critical,
+                observed=round(restore.seconds, 2),
+                message=restore.detail
+                if restore.ok
+                else f"the backup does not restore: {restore.detail}",
+            )
         )
-    ]
-    if restore.ok:
+    if restored_tables is not None:
         slow = rto_seconds > p.max_rto_seconds
         found.append(
             Finding(

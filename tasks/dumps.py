@@ -94,7 +94,7 @@ class Restore(BaseModel):
     detail: str
 
 
-@io_task("create-scratch-database", timeout_seconds=120)
+@io_task("create-scratch-database", timeout_seconds=120, retries=0)  # not idempotent
 def create_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> str:
     with connect(name, scratch) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,32 @@ def test_a_scratch_target_that_is_the_source_is_refused(
     assert scratch_databases(db.server) == []
 
 
+def test_the_source_is_recognised_by_host_port_and_database_whatever_the_spelling() -> None:
+    from pydantic import SecretStr
+
+    from tasks.drill_rules import refuse_source
+    from tasks.settings import BackupSet, PostgresTarget
+
+    def pg(dsn: str) -> PostgresTarget:
+        return PostgresTarget(dsn=SecretStr(dsn))
+
+    cfg = BackupSet(directory="/x")
+    source = ("main", pg("postgresql://app:secret@db.internal:5432/app"))
+    same = ("copy", pg("host=db.internal port=5432 dbname=app user=other"))
+    with pytest.raises(ConfigError, match="never runs against the source") as err:
+        refuse_source("app", cfg, same, source)
+    assert "secret" not in str(err.value)
+    other_db = ("scratch", pg("host=db.internal dbname=postgres"))
+    assert refuse_source("app", cfg, other_db, source) == other_db
+    # Unix sockets: the same socket, another database, is allowed; the same database is not.
+    socket_source = ("main", pg("host=/run/postgresql dbname=app"))
+    assert refuse_source(
+        "app", cfg, ("s", pg("host=/run/postgresql dbname=postgres")), socket_source
+    )
+    with pytest.raises(ConfigError):
+        refuse_source("app", cfg, ("s", pg("dbname=app host=/run/postgresql")), socket_source)
+
+
 # --- pre-change-backup, then a drill of what it made --------------------------------------
 
 
@@ -202,6 +230,36 @@ def test_a_failed_dump_leaves_nothing_behind(db: Db, tmp_path: Path) -> None:
     assert report.status is RunStatus.failed and report.exit_code == 3
     assert "pg_dump of postgres target 'gone'" in report.actions[0].detail
     assert list(folder.iterdir()) == []
+
+
+def test_a_dump_that_fails_half_way_leaves_nothing_behind(db: Db, tmp_path: Path) -> None:
+    with db.admin() as conn:
+        conn.execute(
+            "CREATE TABLE big AS SELECT i, md5(i::text) AS h FROM generate_series(1, 3000000) i"
+        )
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    db.write_config(f'[backups.app]\ndirectory = "{folder}"\ndatabase = "main"\n')
+    copying = threading.Event()
+
+    def kill_pg_dump_while_it_copies() -> None:
+        with db.admin() as conn:
+            while not copying.is_set():
+                row = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pg_dump' AND query LIKE 'COPY%%'"
+                ).fetchone()
+                if row is not None:
+                    copying.set()
+                time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_pg_dump_while_it_copies, daemon=True)
+    killer.start()
+    report = pre_change_backup("app", dry_run=False, approval="auto")
+    copying.set()
+    killer.join(10)
+    assert report.status is RunStatus.failed and "pg_dump" in report.actions[0].detail
+    assert list(folder.iterdir()) == []  # no .dump, no .partial, no .sha256
 
 
 def test_pre_change_backup_to_a_directory_through_the_cli(db: Db, tmp_path: Path) -> None:
