@@ -184,15 +184,19 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
                     )
                 )
     else:
+        prefix = set_prefix(backup, s3)
         with _storage_errors(f"backups {name!r} in s3://{s3.bucket}"):
             pages = (
                 s3_client(s3)
                 .get_paginator("list_objects_v2")
-                .paginate(Bucket=s3.bucket, Prefix=set_prefix(backup, s3))
+                .paginate(Bucket=s3.bucket, Prefix=prefix)
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    if _matches(backup, obj["Key"]):
+                    # Keys right under the prefix, as in a directory: another set's backups
+                    # in a "sub-folder" are never ours to judge or delete.
+                    nested = "/" in obj["Key"][len(prefix) :].lstrip("/")
+                    if not nested and _matches(backup, obj["Key"]):
                         found.append(
                             Backup(key=obj["Key"], size=obj["Size"], modified=obj["LastModified"])
                         )
@@ -533,10 +537,17 @@ def delete_backups(
     with _storage_errors(f"backups {name!r} in s3://{s3.bucket}"):
         client = s3_client(s3)
         for batch in batches(objects, DELETE_BATCH):
-            answer = client.delete_objects(
-                Bucket=s3.bucket,
-                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-            )
+            try:
+                answer = client.delete_objects(
+                    Bucket=s3.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                # this batch only: the ones before it are deleted, the ones after are tried
+                for key in batch:
+                    owner = key.removesuffix(".sha256") if key not in wanted else key
+                    failed.setdefault(owner, classify(exc))
+                continue
             for error in answer.get("Errors", []):
                 key = str(error.get("Key", ""))
                 owner = key if key in wanted else key.removesuffix(".sha256")

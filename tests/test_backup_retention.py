@@ -350,6 +350,7 @@ def test_s3_plan_then_apply_through_the_cli(s3_backups: AgedS3, prefect_api: str
     for key, days in zip(keys, AGES, strict=True):
         s3_backups.put(key, days)
     s3_backups.put("db/app2/app-x.sql.gz", 30)  # another set whose prefix starts like ours
+    s3_backups.put("db/app/archive/app-y.sql.gz", 300)  # a sub-folder: not this set's listing
     before = s3_backups.keys()
     env = {"PREFECT_API_URL": prefect_api}
     sets = [a for k, v in THREE_DAILY.items() for a in ("--set", f"{k}={v}")]
@@ -365,7 +366,9 @@ def test_s3_plan_then_apply_through_the_cli(s3_backups: AgedS3, prefect_api: str
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["status"] == "fixed"
-    assert s3_backups.keys() == with_sidecars([*keys[:3], "db/app2/app-x.sql.gz"])
+    assert s3_backups.keys() == with_sidecars(
+        [*keys[:3], "db/app2/app-x.sql.gz", "db/app/archive/app-y.sql.gz"]
+    )
     no_traceback(proc)
 
 
