@@ -293,12 +293,11 @@ def receiver(
     """Run the alert receiver alone, against the Prefect API in PREFECT_API_URL or a local one
     on 127.0.0.1:4200; runs start through their deployments. Ctrl-C stops it."""
     try:
+        # Imports no Prefect: PREFECT_API_URL may still be set below.
+        from deployments.receiver import receiver_settings, run_receiver
+
         settings = load_settings()
-        if settings.receiver is None or not settings.receiver.has_credentials:
-            raise ConfigError(
-                f'no [receiver] token in {config_path()}: add [receiver] with token = "..." '
-                "(or RUNBOOK_RECEIVER__TOKEN) (see README, Alerts)"
-            )
+        receiver_settings(settings)
         if not os.environ.get("PREFECT_API_URL"):
             url = local_prefect_api()
             if url is None:
@@ -307,8 +306,6 @@ def receiver(
                     "(which also receives alerts)"
                 )
             os.environ["PREFECT_API_URL"] = url
-        from deployments.receiver import run_receiver
-
         run_receiver(settings, listen)
     except RunbookError as exc:
         raise fail(exc) from None

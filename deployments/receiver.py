@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from uuid import UUID
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.alert_store import AlertStore
@@ -45,6 +46,7 @@ from tasks.alert_routes import (
     DEFAULT_ROUTES,
     PAYLOADS,
     Alert,
+    AlertmanagerPayload,
     Dispatch,
     Outcome,
     ReceiverSettings,
@@ -116,6 +118,7 @@ class InProcessStarter:
         self._deployments: dict[str, UUID] = {}
         self._queued: dict[Future[None], UUID] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def _deployment_id(self, client: SyncPrefectClient, name: str) -> UUID:
         from prefect.exceptions import ObjectNotFound
@@ -136,10 +139,16 @@ class InProcessStarter:
             self._deployments[name] = found
             return found
 
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise TargetError("the receiver is stopping: no new alert runs")
+
     def start(self, alert: Alert, dispatch: Dispatch) -> str:
         from prefect.exceptions import PrefectHTTPStatusError
-        from prefect.states import Pending
+        from prefect.states import Cancelled, Pending
 
+        with self._lock:
+            self._refuse_if_closed()
         flow = RUNBOOKS[dispatch.runbook].load()
         with _sync_client() as client:
 
@@ -159,9 +168,18 @@ class InProcessStarter:
                 # Deleted and registered again since it was looked up: it has a new id.
                 self._deployments.pop(dispatch.deployment, None)
                 flow_run = create()
-        with self._lock:
-            future = self._pool.submit(self._run, flow, flow_run)
-            self._queued[future] = flow_run.id
+            try:
+                # Under the lock: shutdown() either sees this run queued or refused it here.
+                with self._lock:
+                    self._refuse_if_closed()
+                    future = self._pool.submit(self._run, flow, flow_run)
+                    self._queued[future] = flow_run.id
+            except BaseException:
+                # Created but never to run: not left Pending forever.
+                client.set_flow_run_state(
+                    flow_run.id, Cancelled(message="the receiver stopped before it began")
+                )
+                raise
         future.add_done_callback(self._forget)
         return str(flow_run.id)
 
@@ -183,8 +201,11 @@ class InProcessStarter:
         from prefect.states import Cancelled
 
         with self._lock:
-            waiting = [(f, run_id) for f, run_id in self._queued.items() if f.cancel()]
-            running = len(self._queued) - len(waiting)
+            self._closed = True
+            queued = list(self._queued.items())
+        # Outside the lock: cancel() runs the done callback (_forget, which takes it) here.
+        waiting = [(f, run_id) for f, run_id in queued if f.cancel()]
+        running = len(queued) - len(waiting)
         if waiting:
             with _sync_client() as client:
                 for _, run_id in waiting:
@@ -277,12 +298,21 @@ def emit_alert_event(alert: Alert, result: AlertResult, dispatch: Dispatch | Non
         else None
     )
     resource = alert_resource(alert, result.runbook, result.target)
-    try:
-        emit_event(f"runbook.alert.{alert.status}", resource, payload=payload, related=related)
-    except EventTooLarge:
-        # Huge annotations: the record of the alert matters more than their text.
-        payload["annotations"] = {"truncated": "over Prefect's event size limit"}
-        emit_event(f"runbook.alert.{alert.status}", resource, payload=payload, related=related)
+    # Too large: the record of the alert matters more than the text of its annotations, then
+    # of its labels (bounded each, but many); the alert is handled whatever becomes of this.
+    for drop in (None, "annotations", "labels"):
+        if drop is not None:
+            payload[drop] = {"truncated": "over Prefect's event size limit"}
+        try:
+            emit_event(f"runbook.alert.{alert.status}", resource, payload=payload, related=related)
+        except EventTooLarge:
+            continue
+        return
+    print(
+        f"alert event not emitted fingerprint={json.dumps(alert.fingerprint)}: over Prefect's "
+        "event size limit even without labels and annotations",
+        flush=True,
+    )
 
 
 def log_result(result: AlertResult) -> None:
@@ -311,12 +341,14 @@ class Receiver:
         targets: dict[str, list[str]],
         store: AlertStore,
         starter: Starter,
+        secrets: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.routes = routes
         self.targets = targets
         self.store = store
         self.starter = starter
+        self.secrets = secrets  # never printed: see redact()
 
     def handle(self, alert: Alert) -> AlertResult:
         route = route_for(alert, self.routes)
@@ -345,7 +377,18 @@ class Receiver:
                 flow_run_id = self.starter.start(alert, dispatch)
             except Exception as exc:  # one alert's failure must not lose the rest
                 outcome = Outcome.rejected
-                detail = f"could not start {dispatch.deployment}: {type(exc).__name__}: {exc}"
+                # The caller and the store get a fixed text: an exception's may carry the API
+                # URL and its credentials. The full text goes to the server's log, redacted.
+                detail = (
+                    f"could not start {dispatch.deployment} ({type(exc).__name__}); "
+                    "see the receiver's log"
+                )
+                print(
+                    f"alert start failed fingerprint={json.dumps(alert.fingerprint)} "
+                    f"deployment={json.dumps(dispatch.deployment)}: "
+                    f"{redact(f'{type(exc).__name__}: {exc}', self.secrets)}",
+                    flush=True,
+                )
                 self.store.not_started(decision, alert.fingerprint, detail)
             else:
                 self.store.started(decision, alert.fingerprint, flow_run_id)
@@ -382,6 +425,57 @@ class Receiver:
         return hmac.compare_digest(signature.strip().encode(), f"sha256={expected}".encode())
 
 
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def secret_values(model: BaseModel) -> list[str]:
+    """Every SecretStr value in a settings model, however deeply nested."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretStr):
+            found.append(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    walk(model)
+    return found
+
+
+def prefect_secrets() -> list[str]:
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    return [s.get_secret_value() for s in (api.key, api.auth_string) if s is not None]
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """text without the credentials of any URL in it, nor any of `secrets`."""
+    text = URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def receiver_settings(settings: Settings) -> ReceiverSettings:
+    """[receiver], with credentials to check callers by, or the ConfigError saying how."""
+    config = settings.receiver
+    if config is None or not config.has_credentials:
+        raise ConfigError(
+            f'no [receiver] token in {config_path()}: add [receiver] with token = "..." '
+            "(or RUNBOOK_RECEIVER__TOKEN) to receive alerts (see README, Alerts)"
+        )
+    return config
+
+
 def default_state_file() -> Path:
     from prefect.settings import PREFECT_HOME
 
@@ -390,12 +484,7 @@ def default_state_file() -> Path:
 
 def build_receiver(settings: Settings, *, in_process: bool) -> Receiver:
     """The receiver the configuration asks for; in_process: this process serves the flows."""
-    config = settings.receiver
-    if config is None or not config.has_credentials:
-        raise ConfigError(
-            f'no [receiver] token in {config_path()}: add [receiver] with token = "..." '
-            "(or RUNBOOK_RECEIVER__TOKEN) to receive alerts (see README, Alerts)"
-        )
+    config = receiver_settings(settings)
     routes = list(settings.routes) or load_routes(
         DEFAULT_ROUTES, {name: rb.params for name, rb in RUNBOOKS.items()}
     )
@@ -412,7 +501,8 @@ def build_receiver(settings: Settings, *, in_process: bool) -> Receiver:
         max_runs_per_hour=config.max_runs_per_hour,
     )
     targets = {name: rb.alert_targets(settings) for name, rb in RUNBOOKS.items()}
-    return Receiver(config, routes, targets, store, starter)
+    secrets = tuple(secret_values(settings) + prefect_secrets())
+    return Receiver(config, routes, targets, store, starter, secrets)
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -466,7 +556,13 @@ def create_app(receiver: Receiver) -> FastAPI:
                 422, exc.errors(include_url=False, include_context=False, include_input=False)
             )
         results = await run_in_threadpool(receiver.handle_all, split_alerts(source, payload))
-        return JSONResponse({"alerts": [asdict(r) for r in results]}, status_code=202)
+        truncated = payload.truncatedAlerts if isinstance(payload, AlertmanagerPayload) else 0
+        if truncated:
+            # Alertmanager left these out of the group (its max_alerts): they were never seen.
+            print(f"alerts truncated source={source} count={truncated}", flush=True)
+        return JSONResponse(
+            {"alerts": [asdict(r) for r in results], "truncated": truncated}, status_code=202
+        )
 
     def endpoint(source: Source) -> Callable[[Request], Any]:
         async def post(request: Request) -> JSONResponse:
@@ -497,22 +593,33 @@ def create_app(receiver: Receiver) -> FastAPI:
     return app
 
 
+def http_server(receiver: Receiver) -> uvicorn.Server:
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(receiver),
+        host=receiver.config.host,
+        port=receiver.config.port,
+        log_level="warning",
+        access_log=False,  # one line per alert is printed instead
+        lifespan="off",
+    )
+    return uvicorn.Server(config)
+
+
+def cannot_listen(config: ReceiverSettings) -> ConfigError:
+    return ConfigError(
+        f"the alert receiver could not listen on {config.listen}: is the port free? "
+        "(receiver.listen)"
+    )
+
+
 class ReceiverServer:
     """uvicorn on a thread, next to `serve(...)` in the main thread."""
 
     def __init__(self, receiver: Receiver) -> None:
-        import uvicorn
-
         self.receiver = receiver
-        config = uvicorn.Config(
-            create_app(receiver),
-            host=receiver.config.host,
-            port=receiver.config.port,
-            log_level="warning",
-            access_log=False,  # one line per alert is printed instead
-            lifespan="off",
-        )
-        self.server: uvicorn.Server = uvicorn.Server(config)
+        self.server = http_server(receiver)
         self.thread = threading.Thread(target=self._run, name="runbook-receiver", daemon=True)
 
     def _run(self) -> None:
@@ -530,10 +637,7 @@ class ReceiverServer:
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.server.should_exit = True
-                raise ConfigError(
-                    f"the alert receiver could not listen on {self.receiver.config.listen}: "
-                    "is the port free? (receiver.listen)"
-                )
+                raise cannot_listen(self.receiver.config)
             time.sleep(0.05)
         return self
 
@@ -546,15 +650,13 @@ class ReceiverServer:
 
 def run_receiver(settings: Settings, listen: str | None = None) -> None:
     """`runbook receiver`: the receiver alone, in the foreground, until Ctrl-C or SIGTERM."""
-    import uvicorn
-
     if listen is not None and settings.receiver is not None:
         try:
             config = ReceiverSettings.model_validate(
                 {**settings.receiver.model_dump(), "listen": listen}
             )
         except ValidationError:
-            raise ConfigError(f"--listen {listen!r}: expected HOST:PORT") from None
+            raise ConfigError(f"--listen {listen!r}: expected HOST:PORT, port 1-65535") from None
         settings = settings.model_copy(update={"receiver": config})
     receiver = build_receiver(settings, in_process=False)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -563,15 +665,13 @@ def run_receiver(settings: Settings, listen: str | None = None) -> None:
         f"(dispatch: {receiver.starter.name})",
         flush=True,
     )
+    server = http_server(receiver)
     try:
-        uvicorn.run(
-            create_app(receiver),
-            host=receiver.config.host,
-            port=receiver.config.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
+        # uvicorn exits when it cannot bind: the usual configuration error instead.
+        with suppress(SystemExit):
+            server.run()
+        if not server.started:
+            raise cannot_listen(receiver.config)
     finally:
         receiver.starter.shutdown()
         receiver.store.close()
@@ -580,8 +680,9 @@ def run_receiver(settings: Settings, listen: str | None = None) -> None:
 def start_receiver(settings: Settings, stack: ExitStack) -> ReceiverServer | None:
     """For `runbook serve`: the receiver on a thread, running alert runs in this process;
     stopped with the rest. None (and a note) when [receiver] has no token."""
-    config = settings.receiver
-    if config is None or not config.has_credentials:
+    try:
+        receiver_settings(settings)
+    except ConfigError:
         print(
             "No [receiver] token configured: serving without the alert receiver "
             "(see README, Alerts)",

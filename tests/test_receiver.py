@@ -26,12 +26,13 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from deployments.alert_store import KEEP_DELIVERIES, AlertStore
 from deployments.localpg import free_port
 from deployments.receiver import ReceiverServer, build_receiver
 from flows.catalog import RUNBOOKS
-from tasks.alert_routes import Alert, Dispatch
+from tasks.alert_routes import Alert, AlertmanagerPayload, Dispatch
 from tasks.models import wait_until
 from tasks.settings import load_settings
 from tests.conftest import Db
@@ -62,12 +63,14 @@ def receiver_config(
     dispatch: str = "direct",
     port: int = 8787,
     extra: str = "",
+    receiver: str = "",
 ) -> str:
+    """receiver: more [receiver] keys; extra: more [[routes]]."""
     return (
         f'[receiver]\nlisten = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n'
         f'hmac_secret = "{HMAC_SECRET}"\nstate_file = "{state}"\n'
         f"dedup_window_seconds = {window}\nmax_runs_per_hour = {cap}\n"
-        f'dispatch = "{dispatch}"\n' + ROUTE.format(apply=str(apply).lower()) + extra
+        f'dispatch = "{dispatch}"\n' + receiver + ROUTE.format(apply=str(apply).lower()) + extra
     )
 
 
@@ -699,6 +702,229 @@ def test_fuzzed_payloads_never_give_a_5xx_or_start_a_run(make_receiver: Any) -> 
     with client:
         check()
     assert not server.receiver.store.deliveries(outcome="started")
+
+
+OVERSIZED = st.sampled_from(["x" * 257, "x" * 4097, "x" * 600_000])
+BAD = JSON | OVERSIZED | st.sampled_from(["", "a b", "burning", "pending", "3"])
+# One field of a valid, routed alert at a time: (where in the alert, key).
+FIELDS = [
+    ("alert", "status"),
+    ("alert", "fingerprint"),
+    ("alert", "labels"),
+    ("alert", "annotations"),
+    ("labels", "alertname"),
+    ("labels", "severity"),
+    ("labels", "target"),
+    ("labels", "x" * 257),
+    ("labels", "k"),
+    ("annotations", "summary"),
+    ("payload", "version"),
+    ("payload", "status"),
+    ("payload", "alerts"),
+    ("payload", "truncatedAlerts"),
+]
+
+
+@st.composite
+def corrupted_alertmanager_payloads(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid Alertmanager group of one alert that routes to a run, with one field replaced
+    by anything (an oversized string too) or removed."""
+    alert = am_alert(draw(st.uuids()).hex[:16])
+    payload = am_payload(alert)
+    where, key = draw(st.sampled_from(FIELDS))
+    holder = {
+        "payload": payload,
+        "alert": alert,
+        "labels": alert["labels"],
+        "annotations": alert["annotations"],
+    }[where]
+    if draw(st.booleans()):
+        holder[key] = draw(BAD)
+    else:
+        holder.pop(key, None)
+    return payload
+
+
+def test_a_corrupted_routed_alert_starts_a_run_only_when_it_validates(
+    prefect_api: str, make_receiver: Any
+) -> None:
+    server = make_receiver(cap=3)  # a few real runs at most; beyond, capped shows routing
+    store = server.receiver.store
+    client = httpx.Client(
+        base_url=server.url, headers=auth() | {"Content-Type": "application/json"}, timeout=60
+    )
+    seen: Counter[str] = Counter()
+
+    @settings(
+        max_examples=120,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+        ],
+    )
+    @given(body=corrupted_alertmanager_payloads())
+    def check(body: dict[str, Any]) -> None:
+        try:
+            AlertmanagerPayload.model_validate(body)
+            valid = True
+        except ValidationError:
+            valid = False
+        started = len(store.deliveries(outcome="started"))
+        response = client.post("/alerts/alertmanager", content=json.dumps(body))
+        assert response.status_code == (202 if valid else 422), response.text[:500]
+        if not valid:
+            assert len(store.deliveries(outcome="started")) == started
+            seen["refused"] += 1
+            return
+        [result] = response.json()["alerts"]
+        seen[result["outcome"]] += 1
+        if result["outcome"] in ("started", "deduplicated", "capped"):  # it routed
+            labels = body["alerts"][0]["labels"]
+            assert (labels["alertname"], labels["severity"]) == ("IdleInTransaction", "critical")
+            assert labels.get("target", "main") == "main"
+        if result["outcome"] == "started":
+            # Ended before the next draw: a run's threads using `random` meanwhile would look
+            # to Hypothesis like a strategy that does.
+            wait_final(prefect_api, result["flow_run_id"])
+            time.sleep(0.5)
+
+    with client:
+        check()
+    # Both sides were exercised: refused corruptions, and harmless ones that started runs.
+    assert seen["refused"] and seen["started"] + seen["capped"], seen
+    for delivery in store.deliveries(outcome="started"):
+        assert delivery["alert"] == "IdleInTransaction" and delivery["target"] == "main"
+
+
+# -- what is large, failing, truncated or stopping -----------------------------------------
+
+
+def test_a_huge_alertname_is_a_422_naming_it(make_receiver: Any) -> None:
+    server = make_receiver()
+    alert = am_alert()
+    alert["labels"]["alertname"] = "A" * 600_000
+    response = post(server.url, "/alerts/alertmanager", am_payload(alert))
+    assert response.status_code == 422, response.text[:300]
+    [error] = response.json()["detail"]
+    assert error["loc"][-2:] == ["labels", "alertname"]
+    assert error["type"] == "string_too_long"
+    assert server.receiver.store.deliveries() == []
+
+
+@pytest.mark.timeout(180)
+def test_a_group_with_events_over_prefects_size_limit_is_handled_whole(
+    prefect_api: str, make_receiver: Any
+) -> None:
+    server = make_receiver(receiver="max_body_bytes = 8388608\n")
+    many = {f"label{i:03d}": "v" * 4096 for i in range(400)}  # each allowed, 1.6 MB together
+    big_labels = am_alert(alertname="ManyLabels", **many)
+    big_notes = am_alert(alertname="LongNotes")
+    big_notes["annotations"] = {"description": "d" * 2_000_000}
+    routed = am_alert()
+    response = post(server.url, "/alerts/alertmanager", am_payload(big_labels, big_notes, routed))
+    assert response.status_code == 202, response.text[:500]
+    outcomes = [a["outcome"] for a in response.json()["alerts"]]
+    assert outcomes == ["unrouted", "unrouted", "started"]
+    assert len(server.receiver.store.deliveries()) == 3
+    truncated = {"truncated": "over Prefect's event size limit"}
+    [event] = alert_events(prefect_api, "runbook.alert.firing", big_labels["fingerprint"])
+    assert event["payload"]["labels"] == truncated == event["payload"]["annotations"]
+    assert event["resource"]["prefect.resource.name"] == "ManyLabels"
+    [event] = alert_events(prefect_api, "runbook.alert.firing", big_notes["fingerprint"])
+    assert event["payload"]["annotations"] == truncated
+    assert event["payload"]["labels"]["alertname"] == "LongNotes"
+    [event] = alert_events(prefect_api, "runbook.alert.firing", routed["fingerprint"])
+    assert event["payload"]["annotations"] == routed["annotations"]
+    wait_final(prefect_api, response.json()["alerts"][2]["flow_run_id"])
+
+
+def test_a_run_that_cannot_start_gets_a_fixed_detail_and_the_log_the_reason(
+    db: Db, make_receiver: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unserved = '[[routes]]\nalert = "Unserved"\nrunbook = "postgres-maintenance"\ntarget = "main"\n'
+    server = make_receiver(in_process=False, extra=unserved)
+    fingerprint = uuid.uuid4().hex[:16]
+    response = post(
+        server.url, "/alerts/alertmanager", am_payload(am_alert(fingerprint, alertname="Unserved"))
+    )
+    [result] = response.json()["alerts"]
+    assert result["outcome"] == "rejected"
+    detail = result["detail"]
+    assert detail.startswith("could not start postgres-maintenance/main (")
+    assert detail.endswith("); see the receiver's log")
+    [delivery] = server.receiver.store.deliveries(fingerprint=fingerprint)
+    assert delivery["outcome"] == "rejected" and delivery["detail"] == detail
+    out = capsys.readouterr().out
+    assert f'alert start failed fingerprint="{fingerprint}"' in out
+    for secret in (TOKEN, HMAC_SECRET, db.dsn):
+        assert secret not in out + response.text
+
+
+def test_credentials_in_a_url_or_from_settings_never_reach_the_log() -> None:
+    from deployments.receiver import redact
+
+    text = (
+        "Client error '404 Not Found' for url "
+        "'https://user:pa55word@prefect.example/api/deployments/name/x' token s3cret-value"
+    )
+    clean = redact(text, ("s3cret-value",))
+    assert "pa55word" not in clean and "user:" not in clean and "s3cret-value" not in clean
+    assert "https://***@prefect.example/api/deployments/name/x" in clean
+
+
+def test_truncated_alerts_are_reported(
+    make_receiver: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = make_receiver()
+    payload = am_payload(am_alert(alertname="SomethingElse")) | {"truncatedAlerts": 7}
+    response = post(server.url, "/alerts/alertmanager", payload)
+    assert response.status_code == 202 and response.json()["truncated"] == 7
+    assert "alerts truncated source=alertmanager count=7" in capsys.readouterr().out
+    generic = {"alerts": [{"name": "SomethingElse", "status": "firing"}]}
+    assert post(server.url, "/alerts/generic", generic).json()["truncated"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_stopping_cancels_the_runs_still_queued_and_returns(
+    prefect_api: str, make_receiver: Any
+) -> None:
+    server = make_receiver(receiver="max_concurrent_runs = 1\n")
+    alerts = [am_alert() for _ in range(8)]
+    response = post(server.url, "/alerts/alertmanager", am_payload(*alerts))
+    results = response.json()["alerts"]
+    assert [r["outcome"] for r in results] == ["started"] * 8
+    stopper = threading.Thread(target=server.stop, daemon=True)
+    stopper.start()
+    stopper.join(90)
+    assert not stopper.is_alive(), "stop() hung"
+    final = Counter(flow_run(prefect_api, r["flow_run_id"])["state_type"] for r in results)
+    assert set(final) <= {"COMPLETED", "CANCELLED"} and final["CANCELLED"], final
+
+
+def test_an_alert_after_shutdown_starts_nothing_and_leaves_nothing_pending(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    since = datetime.now(UTC)
+    server.receiver.starter.shutdown()  # as when `runbook serve` stops with a request in flight
+    [result] = post(server.url, "/alerts/alertmanager", am_payload(am_alert())).json()["alerts"]
+    assert result["outcome"] == "rejected" and "(TargetError)" in result["detail"]
+    assert deployment_runs(prefect_api, served_deployment, since) == []
+
+
+def test_a_run_created_when_its_threads_are_gone_ends_cancelled(
+    prefect_api: str, served_deployment: str, make_receiver: Any
+) -> None:
+    server = make_receiver()
+    since = datetime.now(UTC)
+    # The pool refuses work (RuntimeError) after the run was created from the deployment.
+    server.receiver.starter._pool.shutdown(wait=True)
+    [result] = post(server.url, "/alerts/alertmanager", am_payload(am_alert())).json()["alerts"]
+    assert result["outcome"] == "rejected" and "(RuntimeError)" in result["detail"]
+    [run] = deployment_runs(prefect_api, served_deployment, since)
+    assert run["state_type"] == "CANCELLED"
 
 
 # -- dispatch through Prefect's trigger path and through the deployment --------------------
