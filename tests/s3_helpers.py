@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import httpx
 
-from deployments.localpg import free_port
+from deployments.localpg import free_port, stop_process
 
 KEY, SECRET = "AKIAEXAMPLE", "example-secret"
 
@@ -35,14 +35,17 @@ class MotoServer:
         self.enforce_auth = enforce_auth
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> MotoServer:
+    def argv(self) -> list[str]:
         binary = shutil.which("moto_server", path=str(Path(sys.executable).parent))
         assert binary, "moto_server is not installed: pip install 'moto[server]'"
+        return [binary, "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def start(self) -> MotoServer:
         env = {**os.environ}
         if self.enforce_auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # every request must be signed by a user
         self.proc = subprocess.Popen(
-            [binary, "-H", "127.0.0.1", "-p", str(self.port)],
+            self.argv(),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -68,6 +71,4 @@ class MotoServer:
         return s3
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc)

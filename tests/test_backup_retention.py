@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,16 +13,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import boto3
-import httpx
 import pytest
 
-from deployments.localpg import free_port
 from flows.backup_retention import backup_retention
 from tasks.models import ActionStatus, RunStatus, Severity
 from tasks.retention_rules import RetentionParams, plan_retention, retention_findings
 from tasks.storage import Backup, batches
-from tests.s3_helpers import KEY, SECRET
+from tests.s3_helpers import KEY, SECRET, MotoServer, client
 from tests.test_cli import cli, no_traceback
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)  # a Monday
@@ -275,36 +271,15 @@ main(["-H", "127.0.0.1", "-p", sys.argv[2]])
 """
 
 
-class AgedS3:
+class AgedS3(MotoServer):
     def __init__(self, tmp: Path) -> None:
+        super().__init__()
         self.offset = tmp / "offset"
         self.offset.write_text("0")
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLOCKED_MOTO, str(self.offset), self.url.rsplit(":", 1)[1]],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{self.url}/moto-api/", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id=KEY,
-            aws_secret_access_key=SECRET,
-        )
+        self.client = client(self.url)
 
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/moto-api/reset", timeout=10)
-        self.client.create_bucket(Bucket=BUCKET)
+    def argv(self) -> list[str]:
+        return [sys.executable, "-c", CLOCKED_MOTO, str(self.offset), str(self.port)]
 
     def put(self, key: str, days_ago: float) -> None:
         self.offset.write_text(str(days_ago * 86400))
@@ -318,21 +293,18 @@ class AgedS3:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
         return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
 
 @pytest.fixture(scope="module")
 def aged_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgedS3]:
     server = AgedS3(tmp_path_factory.mktemp("aged-s3"))
+    server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def s3_backups(aged_s3: AgedS3, inventory: Any) -> AgedS3:
-    aged_s3.reset()
+    aged_s3.fresh_bucket(BUCKET)
     inventory(
         f'[s3.store]\nbucket = "{BUCKET}"\nprefix = "db/"\nendpoint_url = "{aged_s3.url}"\n'
         f'access_key_id = "{KEY}"\nsecret_access_key = "{SECRET}"\ntimeout_seconds = 5\n'
