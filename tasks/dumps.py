@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -25,6 +27,7 @@ from tasks.postgres import _first_line, connect
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import (
     CHUNK,
+    BackupRefused,
     _storage_errors,
     error_lines,
     gunzip,
@@ -137,12 +140,35 @@ def restore_backup(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
         chunks = read_chunks(backup, s3, key)
-        stream = gunzip(chunks) if key.endswith(".gz") else chunks
+        stream = _one_database(gunzip(chunks)) if key.endswith(".gz") else chunks
         problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
     seconds = time.perf_counter() - start
     return Restore(
         ok=not problem, seconds=seconds, detail=problem or f"restored in {seconds:.1f} s"
     )
+
+
+# psql would follow these out of the scratch database: a plain dump made with --create or
+# --clean connects to (and drops) the database it came from, on this server the source.
+_SWITCHES_DATABASE = re.compile(
+    rb"^(?:\\c(?:onnect)?\b|(?:DROP|CREATE)\s+DATABASE\b)", re.MULTILINE | re.IGNORECASE
+)
+
+
+def _one_database(sql_text: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass a plain SQL dump through, refusing it before psql sees a line that leaves, drops
+    or creates a database. Lines may span chunks: the start of the last one is kept."""
+    tail = b""
+    for chunk in sql_text:
+        window = tail + chunk
+        if _SWITCHES_DATABASE.search(window):
+            raise BackupRefused(
+                "the dump connects to, drops or creates a database (made with pg_dump "
+                "--create or --clean?): restoring it could reach the source, so it was refused"
+            )
+        line_start = window.rfind(b"\n") + 1
+        tail = window[line_start:][:64]  # enough of the last line's start for the pattern
+        yield chunk
 
 
 class CheckResult(BaseModel):

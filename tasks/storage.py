@@ -309,6 +309,10 @@ def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[
     return run_fed(restore, chunks, name, key, stderr, PG_RESTORE_TIMEOUT)
 
 
+class BackupRefused(Exception):
+    """The backup holds something that must not run where it is being fed."""
+
+
 def run_fed(
     proc: subprocess.Popen[bytes],
     chunks: Iterator[bytes],
@@ -333,7 +337,7 @@ def run_fed(
                             problem = "stopped"  # its exit code and stderr say why
             except zlib.error as exc:
                 problem = f"gzip data is corrupt: {exc}"
-            except EOFError as exc:
+            except (EOFError, BackupRefused) as exc:
                 problem = str(exc)
             finally:
                 with suppress(BrokenPipeError):

@@ -120,6 +120,22 @@ def test_a_truncated_dump_does_not_restore(db: Db, tmp_path: Path) -> None:
     assert report.exit_code == 1 and scratch_databases(db.server) == []
 
 
+def test_a_plain_dump_that_would_reach_the_source_database_is_refused(
+    db: Db, tmp_path: Path
+) -> None:
+    # pg_dump --create --clean writes DROP DATABASE and \connect lines: psql, started in the
+    # scratch database on the same server, would follow them to the source.
+    fill(db, rows=50)
+    pg_dump(db, tmp_path / "app-1.sql.gz", "--create", "--clean")
+    drill_config(db, f'directory = "{tmp_path}"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert found["restore"].severity is Severity.critical and "refused" in found["restore"].message
+    with db.admin() as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (50,)
+    assert scratch_databases(db.server) == []
+
+
 def test_a_chosen_backup_and_the_dry_run(db: Db, tmp_path: Path) -> None:
     fill(db, rows=3)
     pg_dump(db, tmp_path / "app-old.dump", "-Fc")
