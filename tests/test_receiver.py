@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, suppress
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -971,6 +972,15 @@ def test_runbook_receiver_without_a_token_exits_2(db: Db) -> None:
 
 
 @pytest.mark.timeout(180)
+def answering(proc: subprocess.Popen[str], url: str) -> bool:
+    """The receiver process is alive and answers /healthz."""
+    assert proc.poll() is None, "the receiver exited"
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_runbook_receiver_alone_creates_the_run_through_the_deployment(
     db: Db, tmp_path: Path, prefect_api: str, served_deployment: str
 ) -> None:
@@ -985,15 +995,7 @@ def test_runbook_receiver_alone_creates_the_run_through_the_deployment(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            assert proc.poll() is None
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(healthy, 60)
+        assert wait_until(partial(answering, proc, url), 60)
         response = post(url, "/alerts/alertmanager", am_payload(am_alert()))
         [result] = response.json()["alerts"]
         assert result["outcome"] == "started"
@@ -1031,15 +1033,7 @@ def test_runbook_serve_runs_an_alert_in_its_own_process_and_the_runner_leaves_it
     )
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            assert proc.poll() is None
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(healthy, 120)
+        assert wait_until(partial(answering, proc, url), 120)
         assert httpx.get(f"{url}/healthz", timeout=5).json()["dispatch"] == "in-process"
         response = post(url, "/alerts/alertmanager", am_payload(am_alert()))
         [result] = response.json()["alerts"]
