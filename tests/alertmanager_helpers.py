@@ -21,7 +21,7 @@ from deployments.serve import api_healthy
 from tasks.models import utcnow, wait_until
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
-TIMEOUT = httpx.Timeout(5)
+TIMEOUT = httpx.Timeout(30)  # a ceiling: a busy SQLite Prefect server can stall a read
 
 # One route to one webhook. Short waits: a test should not sit out Alertmanager's 30 s
 # production default before the first delivery or the resolved one.
