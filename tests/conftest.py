@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import psycopg
 import pytest
 
@@ -23,6 +24,10 @@ os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
 os.environ.pop("PREFECT_API_URL", None)
 for key in [k for k in os.environ if k.startswith("RUNBOOK_")]:
     del os.environ[key]
+
+# Property tests run beside real servers on a busy 2-core machine: no per-example deadline.
+hypothesis.settings.register_profile("runbook", deadline=None)
+hypothesis.settings.load_profile("runbook")
 
 APP_ROLE = "app"  # a plain role: the sessions that play the incidents log in as it
 
