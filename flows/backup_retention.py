@@ -32,8 +32,7 @@ def backup_retention(
 ) -> Report:
     started = utcnow()
     settings = load_settings()
-    name, cfg = settings.target("backups", target)
-    s3 = settings.s3[cfg.s3] if cfg.s3 else None
+    name, cfg, s3 = settings.backup_set(target)
     p = RetentionParams.resolve(params, cfg.thresholds, f"{RUNBOOK} on {name}")
     where = backups_location(cfg, s3)
 

@@ -25,8 +25,7 @@ def backup_verification(
 ) -> Report:
     started = utcnow()
     settings = load_settings()
-    name, cfg = settings.target("backups", target)
-    s3 = settings.s3[cfg.s3] if cfg.s3 else None
+    name, cfg, s3 = settings.backup_set(target)
     where = backups_location(cfg, s3)
 
     # 1. diagnose (read-only: this runbook plans, gates and changes nothing)

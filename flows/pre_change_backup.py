@@ -27,12 +27,11 @@ def pre_change_backup(
 ) -> Report:
     started = utcnow()
     settings = load_settings()
-    name, cfg = settings.target("backups", target)
+    name, cfg, s3 = settings.backup_set(target)
     p = PreChangeParams.resolve(params, {}, f"{RUNBOOK} on {name}")
     if cfg.database is None:
         raise ConfigError(f"backups.{name}.database is not set: name the [postgres.NAME] to dump")
     source_name, source = settings.postgres_target(cfg.database)
-    s3 = settings.s3[cfg.s3] if cfg.s3 else None
     key = dump_key(cfg, s3, source_name, p.label, started.strftime("%Y%m%dT%H%M%SZ"))
     where = f"s3://{s3.bucket}/{key}" if s3 else key
 

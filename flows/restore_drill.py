@@ -49,14 +49,13 @@ def restore_drill(
 ) -> Report:
     started = utcnow()
     settings = load_settings()
-    name, cfg = settings.target("backups", target)
+    name, cfg, s3 = settings.backup_set(target)
     p = RestoreDrillParams.resolve(params, {}, f"{RUNBOOK} on {name}")
     source = settings.postgres_target(cfg.database) if cfg.database else None
     scratch_name, scratch = refuse_source(
-        name, cfg, settings.postgres_target(cfg.scratch) if cfg.scratch else None, source
+        name, settings.postgres_target(cfg.scratch) if cfg.scratch else None, source
     )
     libpq_env(scratch_name, scratch)  # a DSN pg_restore cannot use fails now, not half-way
-    s3 = settings.s3[cfg.s3] if cfg.s3 else None
     where = backups_location(cfg, s3)
     dbname = f"{DRILL_DB_PREFIX}{uuid.uuid4().hex[:12]}"
 

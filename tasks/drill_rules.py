@@ -14,7 +14,7 @@ from tasks.models import Action, Finding, Params, Severity
 
 if TYPE_CHECKING:
     from tasks.dumps import CheckResult, Dump, Restore
-    from tasks.settings import BackupSet, PostgresTarget
+    from tasks.settings import PostgresTarget
     from tasks.storage import Backup, Integrity
 
 DRILL_DB_PREFIX = "runbook_drill_"
@@ -39,7 +39,6 @@ class PreChangeParams(Params):
 
 def refuse_source(
     name: str,
-    cfg: BackupSet,
     scratch: tuple[str, PostgresTarget] | None,
     source: tuple[str, PostgresTarget] | None,
 ) -> tuple[str, PostgresTarget]:

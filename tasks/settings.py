@@ -327,6 +327,11 @@ class Settings(BaseSettings):
     def target(self, kind: str, name: str | None) -> tuple[str, Any]:
         return _pick(kind, self.targets(kind), name)
 
+    def backup_set(self, name: str | None) -> tuple[str, BackupSet, S3Target | None]:
+        """A [backups.NAME] and its [s3.*] target (None: kept in a directory)."""
+        found, backup = _pick("backups", self.backups, name)
+        return found, backup, self.s3[backup.s3] if backup.s3 else None
+
 
 def _pick(kind: str, targets: dict[str, Any], name: str | None) -> tuple[str, Any]:
     names = ", ".join(sorted(targets)) or "none"

@@ -170,26 +170,24 @@ def test_the_source_is_recognised_by_host_port_and_database_whatever_the_spellin
     from pydantic import SecretStr
 
     from tasks.drill_rules import refuse_source
-    from tasks.settings import BackupSet, PostgresTarget
+    from tasks.settings import PostgresTarget
 
     def pg(dsn: str) -> PostgresTarget:
         return PostgresTarget(dsn=SecretStr(dsn))
 
-    cfg = BackupSet(directory="/x")
     source = ("main", pg("postgresql://app:secret@db.internal:5432/app"))
     same = ("copy", pg("host=db.internal port=5432 dbname=app user=other"))
     with pytest.raises(ConfigError, match="never runs against the source") as err:
-        refuse_source("app", cfg, same, source)
+        refuse_source("app", same, source)
     assert "secret" not in str(err.value)
     other_db = ("scratch", pg("host=db.internal dbname=postgres"))
-    assert refuse_source("app", cfg, other_db, source) == other_db
+    assert refuse_source("app", other_db, source) == other_db
     # Unix sockets: the same socket, another database, is allowed; the same database is not.
     socket_source = ("main", pg("host=/run/postgresql dbname=app"))
-    assert refuse_source(
-        "app", cfg, ("s", pg("host=/run/postgresql dbname=postgres")), socket_source
-    )
+    maintenance = ("s", pg("host=/run/postgresql dbname=postgres"))
+    assert refuse_source("app", maintenance, socket_source) == maintenance
     with pytest.raises(ConfigError):
-        refuse_source("app", cfg, ("s", pg("dbname=app host=/run/postgresql")), socket_source)
+        refuse_source("app", ("s", pg("dbname=app host=/run/postgresql")), socket_source)
 
 
 # --- pre-change-backup, then a drill of what it made --------------------------------------
