@@ -273,13 +273,24 @@ def show(report: Report) -> None:
 def serve(
     host: Annotated[str, typer.Option(help="address of the embedded Prefect server")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port of the embedded Prefect server")] = 4200,
+    max_runs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            envvar="RUNBOOK_SERVE_MAX_RUNS",
+            help="runs at once, each on a thread of this process",
+        ),
+    ] = 4,
 ) -> None:
     """Serve every runbook as a deployment with its schedule (a sandbox if nothing is
     configured); Ctrl-C stops all it started."""
+    # One line per run on the console (deployments.runner); Prefect's own logs are in the UI.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
     from deployments.serve import serve_all
 
     try:
-        serve_all(host=host, port=port)
+        serve_all(host=host, port=port, max_runs=max_runs)
     except RunbookError as exc:
         raise fail(exc) from None
 

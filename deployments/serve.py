@@ -1,19 +1,23 @@
 """`runbook serve`: one process that serves every runbook as a Prefect deployment.
 
 Uses the Prefect API in PREFECT_API_URL, or one already answering on host:port, or starts an
-embedded one (SQLite, UI at http://host:port). With no inventory configured it brings up the
-sandbox. Ctrl-C or SIGTERM stops everything it started."""
+embedded one (SQLite, UI at http://host:port, its log in a temp file named at start and removed
+after a clean stop). With no inventory configured it brings up the sandbox, whose inventory
+is also written to $PREFECT_HOME/runbook-sandbox.toml for `runbook run` while it runs. Runs
+execute in this process (deployments.runner). Ctrl-C or SIGTERM stops everything it started."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -22,19 +26,31 @@ from deployments import sandbox
 from deployments.localpg import stop_process
 from flows.catalog import RUNBOOKS
 from tasks.errors import ConfigError, TargetError
-from tasks.settings import ENV_PREFIX, Settings, load_settings
+from tasks.settings import ENV_PREFIX, Settings, load_settings, sandbox_config_path
 
 if TYPE_CHECKING:
+    from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
 
 SERVER_START_TIMEOUT = 120
+DEFAULT_MAX_RUNS = 4
 
 
 def api_healthy(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def require_api(url: str) -> str:
+    """url, if a Prefect API answers there; else TargetError naming it and the fix."""
+    if not api_healthy(url):
+        raise TargetError(
+            f"no Prefect API answers at PREFECT_API_URL={url}: start that server, or unset "
+            "PREFECT_API_URL to let `runbook serve` start its own"
+        )
+    return url
 
 
 def start_server(host: str, port: int, stack: ExitStack) -> str:
@@ -43,9 +59,16 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
         print(f"Using the Prefect server already at {url}", flush=True)
         return url
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI asks the server where its API is; without this it says 127.0.0.1:4200.
+        "PREFECT_UI_API_URL": url,
+        "PREFECT_API_URL": url,
+    }
     # A file, not a pipe: an unread pipe fills up and stalls the server's scheduler.
-    log = Path(tempfile.mkdtemp(prefix="runbook-prefect-server-")) / "server.log"
+    log_dir = Path(tempfile.mkdtemp(prefix="runbook-prefect-server-"))
+    log = log_dir / "server.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [prefect, "server", "start", "--host", host, "--port", str(port)],
@@ -54,7 +77,7 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stack.callback(stop_process, proc)
+    print(f"Prefect server starting; its log: {log}", flush=True)
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while not api_healthy(url):
         if proc.poll() is not None:
@@ -64,11 +87,21 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
                 f"{detail}; is port {port} free? (--port)"
             )
         if time.monotonic() > deadline:
+            stop_process(proc)
             raise TargetError(
                 f"the Prefect server did not answer at {url} within "
                 f"{SERVER_START_TIMEOUT} s; its log: {log}"
             )
         time.sleep(0.5)
+
+    def stop() -> None:
+        stop_process(proc)
+        if proc.returncode in (0, -signal.SIGTERM):
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"The Prefect server exited with {proc.returncode}; its log: {log}")
+
+    stack.callback(stop)
     print(f"Prefect server and UI at http://{host}:{port}", flush=True)
     return url
 
@@ -103,65 +136,132 @@ def alert_trigger_spec(runbook: str, target: str) -> dict[str, Any]:
     }
 
 
-def build_deployments(settings: Settings, *, in_sandbox: bool) -> list[RunnerDeployment]:
+def build_deployments(
+    settings: Settings, *, in_sandbox: bool
+) -> list[tuple[RunnerDeployment, Flow[..., Any]]]:
+    """One deployment per runbook and target, with the flow it runs."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    deployments: list[RunnerDeployment] = []
+    deployments: list[tuple[RunnerDeployment, Flow[..., Any]]] = []
     for rb in RUNBOOKS.values():
         flow = rb.load()
         for target in rb.targets(settings):
-            deployments.append(
-                flow.to_deployment(  # type: ignore[arg-type]  # sync outside an event loop
-                    name=target,
-                    schedule=None
-                    if rb.cron is None
-                    else Cron(sandbox.CRON if in_sandbox else rb.cron, timezone="UTC"),
-                    parameters={
-                        "target": target,
-                        **(sandbox.PARAMETERS if in_sandbox else rb.scheduled),
-                    },
-                    description=rb.purpose,
-                    tags=["runbook", rb.inventory] + (["sandbox"] if in_sandbox else []),
-                    # Always served: only the receiver's trigger mode emits the event.
-                    triggers=[
-                        DeploymentEventTrigger.model_validate(alert_trigger_spec(rb.name, target))
-                    ],
-                )
+            deployment: RunnerDeployment = flow.to_deployment(  # type: ignore[assignment]
+                name=target,
+                schedule=None
+                if rb.cron is None
+                else Cron(sandbox.CRON if in_sandbox else rb.cron, timezone="UTC"),
+                parameters={
+                    "target": target,
+                    **(sandbox.PARAMETERS if in_sandbox else rb.scheduled),
+                },
+                description=rb.purpose,
+                tags=["runbook", rb.inventory] + (["sandbox"] if in_sandbox else []),
+                # Always served: only the receiver's trigger mode emits the event.
+                triggers=[
+                    DeploymentEventTrigger.model_validate(alert_trigger_spec(rb.name, target))
+                ],
             )
+            deployments.append((deployment, flow))
     return deployments
 
 
 def has_inventory(settings: Settings) -> bool:
-    return bool(settings.postgres or settings.redis)
+    """Any configured target means a real inventory: the sandbox only starts with none."""
+    return any(
+        getattr(settings, kind)
+        for kind in ("postgres", "redis", "services", "tls", "s3", "backups")
+    )
 
 
-def serve_all(host: str, port: int) -> None:
-    with ExitStack() as stack:
-        settings = load_settings()
-        in_sandbox = not has_inventory(settings)
-        if in_sandbox:
-            print(
-                "No inventory configured: starting the sandbox (a local PostgreSQL with "
-                "planted incidents)",
-                flush=True,
-            )
-            box = sandbox.Sandbox().start()
-            stack.callback(box.stop)
-            os.environ[f"{ENV_PREFIX}CONFIG"] = str(box.config)
-            settings = load_settings(box.config)
-            print(f"Sandbox inventory: {box.config}", flush=True)
-        if not os.environ.get("PREFECT_API_URL"):
-            os.environ["PREFECT_API_URL"] = start_server(host, port, stack)
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        deployments = build_deployments(settings, in_sandbox=in_sandbox)
-        if not deployments:
-            raise ConfigError("no runbook has a target in the inventory: see README, Configuration")
-        from prefect import serve
+class Stop(Exception):
+    """SIGTERM or SIGINT asked `runbook serve` to stop."""
 
-        from deployments.receiver import start_receiver
 
-        start_receiver(settings, stack)
-        with suppress(KeyboardInterrupt):
-            serve(*deployments)
-        print("Stopping: everything started here is being shut down", flush=True)
+def serve_all(host: str, port: int, max_runs: int = DEFAULT_MAX_RUNS) -> None:
+    """Serve every runbook until SIGTERM or Ctrl-C; everything started here is stopped."""
+    runner_ref: list[Any] = [None]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if runner_ref[0] is not None:
+            runner_ref[0].request_stop()  # the poll loop ends; clean-up follows
+        else:
+            raise Stop  # still starting: unwind what has started
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ExitStack() as stack:
+            with suppress(Stop):
+                _serve(host, port, max_runs, stack, runner_ref)
+            print("Stopping: everything started here is being shut down", flush=True)
+            # A second signal during the clean-up changes nothing: the clean-up is bounded.
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("Stopped", flush=True)
+
+
+def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: list[Any]) -> None:
+    from deployments.runner import InProcessRunner
+
+    settings = load_settings()
+    in_sandbox = not has_inventory(settings)
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        require_api(api)
+    if in_sandbox:
+        print(
+            "No inventory configured: starting the sandbox (a local PostgreSQL, two Redis "
+            "servers and more, with planted incidents)",
+            flush=True,
+        )
+        box = sandbox.Sandbox()
+        stack.callback(box.stop)
+        box.start()
+        os.environ[f"{ENV_PREFIX}CONFIG"] = str(box.config)
+        settings = load_settings(box.config)
+        stable = sandbox_config_path()
+        stable.parent.mkdir(parents=True, exist_ok=True)
+        stable.write_text(box.config.read_text())
+        stack.callback(stable.unlink, missing_ok=True)
+        print(f"Sandbox inventory: {stable} (`runbook run` finds it while this runs)", flush=True)
+    if not api:
+        os.environ["PREFECT_API_URL"] = start_server(host, port, stack)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    deployments = build_deployments(settings, in_sandbox=in_sandbox)
+    if not deployments:
+        raise ConfigError("no runbook has a target in the inventory: see README, Configuration")
+    from prefect import get_client
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    from deployments.receiver import start_receiver
+
+    # Heartbeats tell a server that a run's process still lives; here every run lives in
+    # this process, and runs it leaves in flight are marked Crashed at the next start.
+    stack.enter_context(
+        temporary_settings(
+            updates={
+                PREFECT_API_URL: os.environ["PREFECT_API_URL"],
+                PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+            }
+        )
+    )
+    client = stack.enter_context(get_client(sync_client=True))
+    runner = InProcessRunner(deployments, max_runs=max_runs)
+    stack.callback(runner.stop, client)
+    runner.register(client)
+    runner_ref[0] = runner
+    start_receiver(settings, stack)
+    print(
+        f"Serving {len(deployments)} deployments in this process (at most {max_runs} runs "
+        "at once); Ctrl-C stops",
+        flush=True,
+    )
+    runner.serve(client)

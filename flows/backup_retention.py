@@ -4,10 +4,10 @@ a directory, each with its .sha256 (seed 000 section 4, "prune old backups"; see
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
 from tasks.backup_rules import storage_finding
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.gate import Approval, gate
 from tasks.models import Action, ActionStatus, Report, utcnow
@@ -23,13 +23,13 @@ from tasks.storage import backups_location, delete_backups, list_backups
 RUNBOOK = "backup-retention"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def backup_retention(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: RetentionParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)

@@ -3,10 +3,10 @@ to its end and the checksum it claims? (seed 002 "Backup & Recovery", its daily 
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
 from tasks.backup_rules import BackupParams, backup_findings, storage_finding
-from tasks.engine import finish
+from tasks.engine import finish, runbook_flow
 from tasks.errors import TargetUnreachable
 from tasks.gate import Approval
 from tasks.models import Report, utcnow
@@ -16,13 +16,13 @@ from tasks.storage import backups_location, list_backups, verify_backup
 RUNBOOK = "backup-verification"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def backup_verification(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: BackupParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)

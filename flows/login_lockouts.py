@@ -3,9 +3,9 @@ lockout table in PostgreSQL when one is configured) (seed 001 "Excessive login l
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.models import Action, Finding, Report, Severity, utcnow
 from tasks.postgres import count_lockout_rows, delete_lockout_rows
@@ -16,13 +16,13 @@ from tasks.settings import load_settings
 RUNBOOK = "login-lockouts"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def login_lockouts(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: LockoutParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, rd = settings.redis_target(target)

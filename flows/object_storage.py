@@ -5,10 +5,10 @@ section 8, "Object Storage Unreachable")."""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
 from tasks.backup_rules import ObjectStorageParams, canary_findings
-from tasks.engine import finish
+from tasks.engine import finish, runbook_flow
 from tasks.gate import Approval
 from tasks.models import Report, utcnow
 from tasks.settings import load_settings
@@ -25,13 +25,13 @@ from tasks.storage import (
 RUNBOOK = "object-storage"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def object_storage(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: ObjectStorageParams | None = None,
-) -> Report:
+) -> State[Report]:
     """dry_run and approval are accepted like every runbook's: it has no actions to gate."""
     started = utcnow()
     name, s3 = load_settings().target("s3", target)

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
 from tasks.postgres import (
@@ -21,13 +21,13 @@ from tasks.settings import load_settings
 RUNBOOK = "postgres-connections"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def postgres_connections(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: ConnectionsParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     name, pg = load_settings().postgres_target(target)
     p = ConnectionsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")

@@ -4,9 +4,9 @@ and readiness awaited with backoff."""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.host import read_disk_usage
 from tasks.models import Action, ActionStatus, Finding, Report, Severity, utcnow
@@ -36,13 +36,13 @@ def reachability(name: str, probe: Probe) -> Finding:
     )
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def postgres_down(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: PostgresDownParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, pg = settings.postgres_target(target)

@@ -3,9 +3,9 @@ checklist, 004 s2): VACUUM (ANALYZE) the tables over the dead-tuple threshold, o
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
 from tasks.postgres import read_table_stats, read_top_queries, vacuum_table
@@ -15,13 +15,13 @@ from tasks.settings import load_settings
 RUNBOOK = "postgres-maintenance"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def postgres_maintenance(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: MaintenanceParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     name, pg = load_settings().postgres_target(target)
     p = MaintenanceParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")

@@ -4,11 +4,11 @@ prefix or directory with a checksum, read back and verified before the change go
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
 from tasks.drill_rules import PreChangeParams, dump_findings
 from tasks.dumps import Dump, dump_key, dump_to_storage
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
 from tasks.models import Action, Report, utcnow
@@ -18,13 +18,13 @@ from tasks.storage import verify_backup
 RUNBOOK = "pre-change-backup"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def pre_change_backup(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: PreChangeParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)

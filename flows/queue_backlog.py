@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
@@ -18,13 +18,13 @@ from tasks.settings import load_settings
 RUNBOOK = "queue-backlog"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def queue_backlog(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: QueueBacklogParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, rd = settings.redis_target(target)

@@ -3,9 +3,9 @@ role (seeds 000 s1, 001 "Redis unavailable", 004 s4)."""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
 from tasks.redis import await_redis_ready, read_redis_health, set_maxmemory_policy
@@ -16,13 +16,13 @@ from tasks.settings import load_settings
 RUNBOOK = "redis-health"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def redis_health(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: RedisHealthParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, rd = settings.redis_target(target)

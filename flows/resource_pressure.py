@@ -4,9 +4,9 @@ own memory limit."""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.host import read_host_stats
 from tasks.models import Action, Finding, Report, Severity, utcnow
@@ -17,13 +17,13 @@ from tasks.settings import load_settings
 RUNBOOK = "resource-pressure"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def resource_pressure(
     target: str = "all",
     dry_run: bool = True,
     approval: Approval = "ask",
     params: ResourceParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     services = dict(settings.services) if target == "all" else {target: settings.service(target)}

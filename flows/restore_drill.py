@@ -9,7 +9,7 @@ import time
 import uuid
 from datetime import datetime
 
-from prefect import flow
+from prefect import State
 
 from tasks.backup_rules import storage_finding
 from tasks.drill_rules import (
@@ -30,7 +30,7 @@ from tasks.dumps import (
     restore_backup,
     run_checks,
 )
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import RunbookError, TargetUnreachable
 from tasks.gate import Approval, gate
 from tasks.models import Action, ActionStatus, Finding, Report, utcnow
@@ -40,13 +40,13 @@ from tasks.storage import backups_location, list_backups
 RUNBOOK = "restore-drill"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def restore_drill(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: RestoreDrillParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
@@ -112,7 +112,7 @@ def _report(
     before: list[Finding],
     actions: list[Action],
     after: list[Finding] | None = None,
-) -> Report:
+) -> State[Report]:
     return finish(
         RUNBOOK,
         name,

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from prefect import Flow, flow
+from prefect import State
 
 from flows.postgres_down import postgres_down
 from flows.redis_health import redis_health
-from tasks.engine import finish, run_action
+from tasks.engine import RunbookFlow, finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
 from tasks.http import HttpProbe, probe_http
@@ -21,7 +21,7 @@ from tasks.services import restart_service
 from tasks.settings import ServiceTarget, load_settings
 
 RUNBOOK = "service-health"
-HANDOFF: dict[str, Flow[..., Report]] = {"postgres": postgres_down, "redis": redis_health}
+HANDOFF: dict[str, RunbookFlow[...]] = {"postgres": postgres_down, "redis": redis_health}
 
 
 def probe_all(services: dict[str, ServiceTarget]) -> dict[str, list[HttpProbe]]:
@@ -43,13 +43,13 @@ def findings_of(probes: dict[str, list[HttpProbe]]) -> list[Finding]:
     ]
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def service_health(
     target: str = "all",
     dry_run: bool = True,
     approval: Approval = "ask",
     params: ServiceHealthParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     p = ServiceHealthParams.resolve(params, {}, RUNBOOK)

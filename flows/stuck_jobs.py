@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
@@ -15,13 +15,13 @@ from tasks.settings import load_settings
 RUNBOOK = "stuck-jobs"
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def stuck_jobs(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
     params: StuckJobsParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     name, pg = load_settings().postgres_target(target)
     if pg.jobs is None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow
+from prefect import State
 
-from tasks.engine import finish, run_action
+from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.models import ActionStatus, Report, utcnow
 from tasks.services import restart_service
@@ -20,13 +20,13 @@ RUNBOOK = "tls-certificates"
 RELOAD_GRACE_SECONDS = 10
 
 
-@flow(name=RUNBOOK, flow_run_name="{target}")
+@runbook_flow(RUNBOOK)
 def tls_certificates(
     target: str = "all",
     dry_run: bool = True,
     approval: Approval = "ask",
     params: TlsParams | None = None,
-) -> Report:
+) -> State[Report]:
     started = utcnow()
     settings = load_settings()
     endpoints = dict(settings.tls) if target == "all" else dict([settings.target("tls", target)])

@@ -1,23 +1,47 @@
-"""What every runbook flow shares: the retryable task shape, running approved actions, and
-finishing a run (status, report, artifacts)."""
+"""What every runbook flow shares: the flow and task shapes, running approved actions, and
+finishing a run (status, report, artifacts, and the final Prefect state that shows the outcome).
+
+Outcome -> final state of the flow run (type, name), so the UI's run list shows it and a Prefect
+automation can match it (event `prefect.flow-run.<name>`):
+
+    healthy   -> COMPLETED "Healthy"      unhealthy -> FAILED "Unhealthy"
+    fixed     -> COMPLETED "Fixed"        failed    -> FAILED "Failed"
+
+Cancellation of runs served in-process (deployments.runner): the runner marks the run with
+request_cancel(); its next task call raises Abort, which ends the run without a Failed or
+Crashed state, and the runner then sets it Cancelled."""
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
+from uuid import UUID
 
-from prefect import Task, task
+from prefect import Flow, Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import FlowRunContext
+from prefect.exceptions import Abort
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
 
 from tasks.errors import RunbookError, TargetUnreachable
-from tasks.models import Action, ActionStatus, Finding, Report, final_status, utcnow
+from tasks.models import (
+    Action,
+    ActionStatus,
+    Finding,
+    Report,
+    RunStatus,
+    final_status,
+    problems,
+    utcnow,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,20 +58,112 @@ def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bo
     return False
 
 
+_cancel_lock = threading.Lock()
+_cancel_requested: set[UUID] = set()
+
+
+def request_cancel(flow_run_id: UUID) -> None:
+    """Ask the in-process run flow_run_id to stop at its next task call."""
+    with _cancel_lock:
+        _cancel_requested.add(flow_run_id)
+
+
+def forget_cancel(flow_run_id: UUID) -> bool:
+    """Drop a run's cancel request once it has ended; whether there was one."""
+    with _cancel_lock:
+        if flow_run_id in _cancel_requested:
+            _cancel_requested.remove(flow_run_id)
+            return True
+        return False
+
+
+def raise_if_cancel_requested() -> None:
+    """Raises prefect.exceptions.Abort in a flow run whose cancellation was requested."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with _cancel_lock:
+        cancelled = ctx.flow_run.id in _cancel_requested
+    if cancelled:
+        raise Abort("cancelled: stopped at a task boundary")
+
+
+class RunbookTask(Task[P, R]):
+    """A Prefect task that first checks whether its flow run was cancelled."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise_if_cancel_requested()
+        return super().__call__(*args, **kwargs)
+
+
 def io_task(
     name: str, *, timeout_seconds: float = 60, retries: int = 2
 ) -> Callable[[Callable[P, R]], Task[P, R]]:
     """One verb on one target: retried on transient connection errors, bounded in time.
 
     No caching: inputs carry secrets and every run must look at the live system."""
-    return task(
-        name=name,
-        retries=retries,
-        retry_delay_seconds=[1, 3],
-        retry_condition_fn=_transient,
-        timeout_seconds=timeout_seconds,
-        cache_policy=NO_CACHE,
-        persist_result=False,
+
+    def decorate(fn: Callable[P, R]) -> Task[P, R]:
+        return RunbookTask(
+            fn=fn,
+            name=name,
+            retries=retries,
+            retry_delay_seconds=[1, 3],
+            retry_condition_fn=_transient,
+            timeout_seconds=timeout_seconds,
+            cache_policy=NO_CACHE,
+            persist_result=False,
+        )
+
+    return decorate
+
+
+class RunbookFlow(Flow[P, State[Report]]):
+    """A runbook's flow. Its function returns the final state (outcome_state); called directly,
+    the flow returns the Report whatever the outcome, and raises what the run raised when it
+    ended without one (a RunbookError: a target unreachable, bad configuration)."""
+
+    def __call__(  # type: ignore[override]
+        self, *args: Any, return_state: bool = False, **kwargs: Any
+    ) -> Any:
+        state = super().__call__(*args, return_state=True, **kwargs)
+        if return_state:
+            return state
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, Report):
+            return result
+        return state.result()
+
+
+def runbook_flow(name: str) -> Callable[[Callable[P, State[Report]]], RunbookFlow[P]]:
+    """The @flow of a runbook: named after it, each run named after its target."""
+
+    def decorate(fn: Callable[P, State[Report]]) -> RunbookFlow[P]:
+        return RunbookFlow(fn=fn, name=name, flow_run_name="{target}")
+
+    return decorate
+
+
+OUTCOME_STATES: dict[RunStatus, Callable[..., State[Any]]] = {
+    RunStatus.healthy: Completed,
+    RunStatus.fixed: Completed,
+    RunStatus.unhealthy: Failed,
+    RunStatus.failed: Failed,
+}
+
+
+def outcome_state(report: Report) -> State[Report]:
+    """The run's final state: COMPLETED Healthy or Fixed, FAILED Unhealthy or Failed (see the
+    module docstring), the report as its data and the problems in its message."""
+    found = problems(report.findings)
+    failed = [a for a in report.actions if a.status is ActionStatus.failed]
+    message = f"{report.runbook} on {report.target}: {report.status.value}"
+    if failed:
+        message += f"; {len(failed)} action(s) failed: {failed[0].detail}"
+    elif found:
+        message += f"; {len(found)} problem(s): {found[0].message}"
+    return OUTCOME_STATES[report.status](
+        data=report, name=report.status.value.capitalize(), message=message[:500]
     )
 
 
@@ -76,7 +192,9 @@ def finish(
     before: list[Finding],
     after: list[Finding],
     actions: list[Action],
-) -> Report:
+) -> State[Report]:
+    """The report of a run, published as artifacts and logged; returned as the run's final
+    state (outcome_state)."""
     report = Report(
         runbook=runbook,
         target=target,
@@ -97,7 +215,7 @@ def finish(
         target,
         report.status.value,
     )
-    return report
+    return outcome_state(report)
 
 
 def artifact_key(runbook: str, target: str) -> str:

@@ -374,8 +374,22 @@ def describe_url(url: SecretStr) -> str:
     return f"{parts.scheme}://{host}:{port or 6379}{parts.path or ''}"
 
 
+def sandbox_config_path() -> Path:
+    """Where `runbook serve` puts its sandbox's inventory while the sandbox runs:
+    $PREFECT_HOME/runbook-sandbox.toml (PREFECT_HOME defaults to ~/.prefect, as Prefect's)."""
+    home = os.environ.get("PREFECT_HOME") or "~/.prefect"
+    return Path(home).expanduser() / "runbook-sandbox.toml"
+
+
 def config_path() -> Path:
-    return Path(os.environ.get(f"{ENV_PREFIX}CONFIG", DEFAULT_CONFIG))
+    """The inventory file: RUNBOOK_CONFIG; else ./runbook.toml; else, when there is none and
+    `runbook serve` is running its sandbox, the sandbox's inventory."""
+    if f"{ENV_PREFIX}CONFIG" in os.environ:
+        return Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    default = Path(DEFAULT_CONFIG)
+    if not default.is_file() and (sandbox := sandbox_config_path()).is_file():
+        return sandbox
+    return default
 
 
 def load_settings(path: Path | None = None) -> Settings:

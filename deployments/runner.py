@@ -1,0 +1,335 @@
+"""Serving deployments from this process: scheduled and manual runs on a bounded pool of threads.
+
+Prefect's `serve` starts a new Python process for every flow run (about 2 s of CPU and 100 MB
+each): on a busy 2-core machine its runs pile up and fall behind. Here Prefect's server still
+owns the schedules (its scheduler creates the Scheduled runs), and each run is still a tracked
+flow run with its logs, artifacts and states; only the execution differs: this process, which
+has the flows imported, claims a due run (Pending) and runs it on one of `max_runs` threads.
+
+Each poll (every `poll_seconds`):
+1. runs of ours that someone set Cancelling (the UI's Cancel) are asked to stop: a queued one
+   at once, a running one at its next task call (tasks.engine.request_cancel); they end
+   Cancelled;
+2. the due runs of every served deployment are read, oldest first. A scheduled check is
+   skipped, ending Cancelled with the state name "Skipped", when a newer scheduled run of the
+   same deployment is also due (it supersedes it) or when it is late by more than its
+   schedule's interval by the time a thread is free for it: a monitoring check never piles up.
+   Manual runs (from the UI or `run_deployment`) are never skipped. A deployment runs one run
+   at a time: two remediations of one target never overlap.
+
+On stop, runs not begun are left Scheduled for the next start (or skipped by it as late), runs
+in flight are asked to stop at their next task and awaited for `grace_seconds`, and the served
+deployments are paused, which makes Prefect's server delete their future scheduled runs (as
+Prefect's own `serve` does); the next start resumes them. Runs a previous serve left Pending or
+Running (killed, or the machine rebooted) are marked Crashed at start, with the reason.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+from uuid import UUID
+
+from croniter import croniter
+
+from tasks.engine import forget_cancel, request_cancel
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.responses import FlowRunResponse
+    from prefect.deployments.runner import RunnerDeployment
+
+SKIPPED = "Skipped"
+THREAD_TIMEOUT_WARNING = "running in a worker thread. Timeouts in worker threads"
+
+
+class _ThreadTimeoutNotice(logging.Filter):
+    """Drops Prefect's warning, logged for every task run off the main thread, that a task
+    timeout cannot interrupt blocking I/O there: every task here bounds its own I/O with a
+    timeout of its own (DESIGN.md, code style 6), and the warning would be most of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return THREAD_TIMEOUT_WARNING not in str(record.msg)
+
+
+def quiet_thread_timeout_notice() -> None:
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _ThreadTimeoutNotice) for f in task_runs.filters):
+        task_runs.addFilter(_ThreadTimeoutNotice())
+
+
+@dataclass
+class Served:
+    """A deployment this process runs: its id, "flow/deployment" name, flow, and the interval
+    of its schedule (None: run by hand only)."""
+
+    id: UUID
+    name: str
+    flow: Flow[..., Any]
+    interval: timedelta | None
+
+
+def schedule_interval(deployment: RunnerDeployment, now: datetime) -> timedelta | None:
+    """The gap between the next two times of a deployment's first schedule (cron or interval)
+    after now; None without a schedule."""
+    if not deployment.schedules:
+        return None
+    schedule: Any = deployment.schedules[0].schedule
+    if getattr(schedule, "interval", None) is not None:
+        return timedelta(seconds=float(schedule.interval.total_seconds()))
+    if getattr(schedule, "cron", None) is None:
+        return None
+    times = croniter(schedule.cron, now)
+    first: datetime = times.get_next(datetime)
+    second: datetime = times.get_next(datetime)
+    return second - first
+
+
+class InProcessRunner:
+    """Runs the scheduled and manual runs of `deployments` (each with the flow it was made
+    from) on threads of this process."""
+
+    def __init__(
+        self,
+        deployments: list[tuple[RunnerDeployment, Flow[..., Any]]],
+        *,
+        max_runs: int,
+        poll_seconds: float = 2.0,
+    ) -> None:
+        if max_runs < 1:
+            raise ValueError(f"max_runs must be at least 1, got {max_runs}")
+        self._deployments = deployments
+        self.max_runs = max_runs
+        self.poll_seconds = poll_seconds
+        self.served: dict[UUID, Served] = {}
+        self._pool = ThreadPoolExecutor(max_runs, thread_name_prefix="runbook-run")
+        self._lock = threading.Lock()
+        # run id -> deployment id, for every run claimed and not yet ended
+        self._active: dict[UUID, UUID] = {}
+        self._stop = threading.Event()
+        quiet_thread_timeout_notice()
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def register(self, client: SyncPrefectClient) -> None:
+        """Create or update every deployment (schedules on, not paused) and mark the runs a
+        previous serve left unfinished as Crashed."""
+        now = datetime.now(UTC)
+        for deployment, flow in self._deployments:
+            deployment_id = cast(UUID, deployment.apply())
+            client.resume_deployment(deployment_id)
+            self.served[deployment_id] = Served(
+                id=deployment_id,
+                name=f"{flow.name}/{deployment.name}",
+                flow=flow,
+                interval=schedule_interval(deployment, now),
+            )
+        self._crash_left_over(client)
+
+    def _crash_left_over(self, client: SyncPrefectClient) -> None:
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterId,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Crashed
+
+        stale = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(self.served))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                    )
+                )
+            ),
+        )
+        for run in stale:
+            client.set_flow_run_state(
+                run.id,
+                Crashed(message="runbook serve stopped while this run was in flight"),
+                force=True,
+            )
+        if stale:
+            print(
+                f"Marked {len(stale)} runs left in flight by an earlier serve Crashed", flush=True
+            )
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self, client: SyncPrefectClient) -> None:
+        """Poll until stop() is called. A failed poll (the API briefly unreachable) is logged
+        and retried at the next one."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.poll(client)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    print(f"runner poll failed ({failures}x): {type(exc).__name__}: {exc}")
+            self._stop.wait(self.poll_seconds)
+
+    def poll(self, client: SyncPrefectClient) -> None:
+        self._watch_cancelling(client)
+        self._dispatch(client, datetime.now(UTC))
+
+    def _watch_cancelling(self, client: SyncPrefectClient) -> None:
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        with self._lock:
+            active = list(self._active)
+        if not active:
+            return
+        cancelling = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=active),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
+            )
+        )
+        for run in cancelling:
+            request_cancel(run.id)
+
+    def _dispatch(self, client: SyncPrefectClient, now: datetime) -> None:
+        due = client.get_scheduled_flow_runs_for_deployments(
+            deployment_ids=list(self.served), scheduled_before=now
+        )
+        due.sort(key=lambda r: r.next_scheduled_start_time or r.expected_start_time or now)
+        newest_scheduled: dict[UUID, FlowRunResponse] = {}
+        for run in due:
+            if run.auto_scheduled and run.deployment_id is not None:
+                newest_scheduled[run.deployment_id] = run
+        for run in due:
+            if run.deployment_id not in self.served:
+                continue
+            served = self.served[run.deployment_id]
+            newest = newest_scheduled.get(served.id)
+            if run.auto_scheduled and newest is not None and newest.id != run.id:
+                self._skip(client, run, f"superseded by the run due at {_at(newest)}")
+                continue
+            with self._lock:
+                busy = served.id in self._active.values()
+                full = len(self._active) >= self.max_runs
+            if busy or full:
+                continue
+            late = now - (run.expected_start_time or now)
+            if run.auto_scheduled and served.interval is not None and late > served.interval:
+                self._skip(
+                    client,
+                    run,
+                    f"{late.total_seconds():.0f} s late, more than its schedule's interval "
+                    f"({served.interval.total_seconds():.0f} s): the next run supersedes it",
+                )
+                continue
+            self._claim(client, served, run)
+
+    def _skip(self, client: SyncPrefectClient, run: FlowRunResponse, why: str) -> None:
+        from prefect.states import Cancelled
+
+        print(f"{_now()} {self.served[run.deployment_id].name}: Skipped: {why}", flush=True)  # type: ignore[index]
+        client.set_flow_run_state(run.id, Cancelled(name=SKIPPED, message=f"skipped: {why}"))
+
+    def _claim(self, client: SyncPrefectClient, served: Served, run: FlowRunResponse) -> None:
+        from prefect.client.schemas.objects import FlowRun
+        from prefect.states import Pending
+
+        result: Any = client.set_flow_run_state(
+            run.id, Pending(message="claimed by runbook serve, runs in-process")
+        )
+        if result.state is None or not result.state.is_pending():
+            return  # someone else claimed or cancelled it
+        with self._lock:
+            self._active[run.id] = served.id
+        # The run's thread sees this thread's Prefect settings (API URL, heartbeats off).
+        context = contextvars.copy_context()
+        flow_run = FlowRun.model_validate(run.model_dump())
+        self._pool.submit(context.run, self._execute, served, flow_run)
+
+    def _execute(self, served: Served, run: FlowRun) -> None:
+        from prefect.exceptions import Abort
+        from prefect.flow_engine import run_flow
+        from prefect.states import Cancelled
+
+        try:
+            state: Any = run_flow(served.flow, flow_run=run, return_type="state")
+            print(f"{_now()} {served.name}: {state.name}: {state.message or ''}", flush=True)
+        except Abort:
+            print(f"{_now()} {served.name}: Cancelled", flush=True)
+        except BaseException as exc:  # the run's own state says what failed; keep the thread
+            print(f"{_now()} {served.name}: ended with {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            try:
+                if forget_cancel(run.id):
+                    from prefect import get_client
+
+                    with get_client(sync_client=True) as client:
+                        client.set_flow_run_state(
+                            run.id,
+                            Cancelled(message="cancelled; stopped at a task boundary"),
+                            force=True,
+                        )
+            finally:
+                with self._lock:
+                    self._active.pop(run.id, None)
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """End serve()'s loop at its next wait (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self, client: SyncPrefectClient, grace_seconds: float = 15) -> None:
+        """Stop polling, ask the runs in flight to stop at their next task, wait for them up
+        to grace_seconds, and pause the deployments (their future scheduled runs are deleted
+        by the server)."""
+        self._stop.set()
+        with self._lock:
+            active = list(self._active)
+        for run_id in active:
+            request_cancel(run_id)
+        if active:
+            print(f"Stopping {len(active)} runs in flight at their next task", flush=True)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active:
+                    break
+            time.sleep(0.2)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for deployment_id in self.served:
+            try:
+                client.pause_deployment(deployment_id)
+            except Exception as exc:
+                print(f"could not pause {self.served[deployment_id].name}: {exc}", flush=True)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+
+def _at(run: FlowRunResponse) -> str:
+    when = run.expected_start_time
+    return f"{when:%H:%M:%S} UTC" if when else "now"
+
+
+def _now() -> str:
+    return f"{datetime.now(UTC):%H:%M:%S}"
