@@ -93,6 +93,61 @@ def schedule_interval(deployment: RunnerDeployment, now: datetime) -> timedelta 
     return second - first
 
 
+@dataclass(frozen=True)
+class Due:
+    """A run whose time has come: its id, deployment, expected start (UTC), and whether
+    Prefect's scheduler made it (a scheduled check) or someone asked for it (a manual run)."""
+
+    id: UUID
+    deployment_id: UUID
+    expected_start: datetime
+    auto_scheduled: bool
+
+
+def triage(
+    due: list[Due],
+    *,
+    now: datetime,
+    intervals: dict[UUID, timedelta | None],
+    busy: set[UUID],
+    free_slots: int,
+) -> tuple[list[tuple[Due, str]], list[Due]]:
+    """Which due runs to skip, each with the reason, and which to start now (oldest first).
+
+    A scheduled run is skipped when a newer scheduled run of its deployment is due (superseded),
+    or when it is late by more than its deployment's interval at the moment it could start.
+    Manual runs are never skipped. A deployment in `busy` (a run in flight) starts nothing,
+    and at most free_slots runs start, the oldest first."""
+    newest: dict[UUID, Due] = {}
+    for run in sorted(due, key=lambda r: r.expected_start):
+        if run.auto_scheduled:
+            newest[run.deployment_id] = run
+    skip: list[tuple[Due, str]] = []
+    start: list[Due] = []
+    taken = set(busy)
+    for run in sorted(due, key=lambda r: r.expected_start):
+        latest = newest.get(run.deployment_id)
+        if run.auto_scheduled and latest is not None and latest.id != run.id:
+            skip.append((run, f"superseded by the run due at {latest.expected_start:%H:%M:%S} UTC"))
+            continue
+        if run.deployment_id in taken or len(start) >= free_slots:
+            continue
+        late = now - run.expected_start
+        interval = intervals.get(run.deployment_id)
+        if run.auto_scheduled and interval is not None and late > interval:
+            skip.append(
+                (
+                    run,
+                    f"{late.total_seconds():.0f} s late, more than its schedule's interval "
+                    f"({interval.total_seconds():.0f} s): the next run supersedes it",
+                )
+            )
+            continue
+        start.append(run)
+        taken.add(run.deployment_id)
+    return skip, start
+
+
 class InProcessRunner:
     """Runs the scheduled and manual runs of `deployments` (each with the flow it was made
     from) on threads of this process."""
@@ -209,37 +264,28 @@ class InProcessRunner:
             request_cancel(run.id)
 
     def _dispatch(self, client: SyncPrefectClient, now: datetime) -> None:
-        due = client.get_scheduled_flow_runs_for_deployments(
+        found = client.get_scheduled_flow_runs_for_deployments(
             deployment_ids=list(self.served), scheduled_before=now
         )
-        due.sort(key=lambda r: r.next_scheduled_start_time or r.expected_start_time or now)
-        newest_scheduled: dict[UUID, FlowRunResponse] = {}
-        for run in due:
-            if run.auto_scheduled and run.deployment_id is not None:
-                newest_scheduled[run.deployment_id] = run
-        for run in due:
-            if run.deployment_id not in self.served:
-                continue
-            served = self.served[run.deployment_id]
-            newest = newest_scheduled.get(served.id)
-            if run.auto_scheduled and newest is not None and newest.id != run.id:
-                self._skip(client, run, f"superseded by the run due at {_at(newest)}")
-                continue
-            with self._lock:
-                busy = served.id in self._active.values()
-                full = len(self._active) >= self.max_runs
-            if busy or full:
-                continue
-            late = now - (run.expected_start_time or now)
-            if run.auto_scheduled and served.interval is not None and late > served.interval:
-                self._skip(
-                    client,
-                    run,
-                    f"{late.total_seconds():.0f} s late, more than its schedule's interval "
-                    f"({served.interval.total_seconds():.0f} s): the next run supersedes it",
-                )
-                continue
-            self._claim(client, served, run)
+        runs = {run.id: run for run in found if run.deployment_id in self.served}
+        with self._lock:
+            busy = set(self._active.values())
+            free = self.max_runs - len(self._active)
+        skip, start = triage(
+            [
+                Due(run.id, run.deployment_id, run.expected_start_time or now, run.auto_scheduled)
+                for run in runs.values()
+                if run.deployment_id is not None
+            ],
+            now=now,
+            intervals={id: served.interval for id, served in self.served.items()},
+            busy=busy,
+            free_slots=free,
+        )
+        for due, why in skip:
+            self._skip(client, runs[due.id], why)
+        for due in start:
+            self._claim(client, self.served[due.deployment_id], runs[due.id])
 
     def _skip(self, client: SyncPrefectClient, run: FlowRunResponse, why: str) -> None:
         from prefect.states import Cancelled
@@ -324,11 +370,6 @@ class InProcessRunner:
     def active(self) -> int:
         with self._lock:
             return len(self._active)
-
-
-def _at(run: FlowRunResponse) -> str:
-    when = run.expected_start_time
-    return f"{when:%H:%M:%S} UTC" if when else "now"
 
 
 def _now() -> str:

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import psycopg
 
 from deployments import sandbox
 from deployments.localpg import stop_process
@@ -220,7 +221,14 @@ def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: li
         )
         box = sandbox.Sandbox()
         stack.callback(box.stop)
-        box.start()
+        try:
+            box.start()
+        except (subprocess.SubprocessError, OSError, psycopg.Error) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            raise TargetError(
+                f"the sandbox could not start: {exc}"
+                + (f": {detail.decode(errors='replace').strip()}" if detail else "")
+            ) from None
         os.environ[f"{ENV_PREFIX}CONFIG"] = str(box.config)
         settings = load_settings(box.config)
         stable = sandbox_config_path()
