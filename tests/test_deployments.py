@@ -192,3 +192,41 @@ def test_readme_catalogue_matches_the_catalogue() -> None:
         assert f"| `{rb.name}` | {rb.seeds} | {rb.triggers} | {rb.changes} |" in readme
         for name, field in rb.params.model_fields.items():
             assert f"`{name}` [{field.default}]" in readme, name
+
+
+@pytest.mark.timeout(600)
+def test_prefect_deploy_all_creates_every_deployment(tmp_path: Path) -> None:
+    """`prefect deploy --all` against a real server (Prefect 3.9.1 with the pinned FastAPI):
+    every deployment of prefect.yaml, with its schedule and alert trigger."""
+    from tests.alertmanager_helpers import PrefectServer, prefect_env
+
+    server = PrefectServer(tmp_path / "home").start()
+    try:
+        env = {**prefect_env(tmp_path / "home"), "PREFECT_API_URL": server.api}
+        prefect = str(Path(sys.executable).parent / "prefect")
+        for argv in (
+            [prefect, "work-pool", "create", "runbooks", "--type", "process"],
+            [prefect, "--no-prompt", "deploy", "--all"],
+        ):
+            done = subprocess.run(
+                argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+        deployed = httpx.post(f"{server.api}/deployments/filter", json={}, timeout=60).json()
+        flows = {
+            f["id"]: f["name"]
+            for f in httpx.post(f"{server.api}/flows/filter", json={}, timeout=60).json()
+        }
+        assert sorted(f"{flows[d['flow_id']]}/{d['name']}" for d in deployed) == sorted(
+            f"{d['entrypoint'].split(':')[1].replace('_', '-')}/{d['name']}"
+            for d in spec["deployments"]
+        )
+        scheduled = {
+            flows[d["flow_id"]]: [s["schedule"]["cron"] for s in d["schedules"]] for d in deployed
+        }
+        assert scheduled == {rb.name: [rb.cron] if rb.cron else [] for rb in RUNBOOKS.values()}
+        automations = httpx.post(f"{server.api}/automations/filter", json={}, timeout=60).json()
+        assert len(automations) == len(spec["deployments"])
+    finally:
+        server.stop()
