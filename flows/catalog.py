@@ -131,7 +131,8 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="redis",
             params=RedisHealthParams,
             changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
-            "queue: noeviction) and CONFIG REWRITE; restarts it through its service",
+            "queue: noeviction), CONFIG SET appendonly yes on a queue, and CONFIG REWRITE; "
+            "restarts it through its service",
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),

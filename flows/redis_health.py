@@ -8,7 +8,12 @@ from prefect import State
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
 from tasks.models import Report, utcnow
-from tasks.redis import await_redis_ready, read_redis_health, set_maxmemory_policy
+from tasks.redis import (
+    await_redis_ready,
+    enable_aof,
+    read_redis_health,
+    set_maxmemory_policy,
+)
 from tasks.redis_rules import RedisHealthParams, health_findings, plan_health
 from tasks.services import restart_service
 from tasks.settings import load_settings
@@ -39,6 +44,8 @@ def redis_health(
     for action in approved:
         if action.kind == "set_maxmemory_policy":
             run_action(action, set_maxmemory_policy, name, rd, action.args["policy"])
+        elif action.kind == "enable_aof":
+            run_action(action, enable_aof, name, rd)
         elif (
             rd.service
             and run_action(action, restart_service, rd.service, settings.service(rd.service))

@@ -93,25 +93,38 @@ def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> 
     )
 
 
-@io_task("set-maxmemory-policy", timeout_seconds=30)
-def set_maxmemory_policy(name: str, target: RedisTarget, policy: str) -> str:
+def _config_set(name: str, target: RedisTarget, parameter: str, value: str) -> str:
+    """CONFIG SET parameter value, then CONFIG REWRITE so it survives a restart; what was done.
+
+    Raises ActionFailed when CONFIG SET is refused (managed Redis often disables CONFIG)."""
     with connect(name, target) as r:
         try:
-            r.config_set("maxmemory-policy", policy)
+            r.config_set(parameter, value)
         except redis.ResponseError as exc:
             raise ActionFailed(
-                f"redis target {name!r}: CONFIG SET refused: {exc}; managed "
-                "Redis often disables CONFIG: set the policy in the provider's "
-                "console"
+                f"redis target {name!r}: CONFIG SET {parameter} refused: {exc}; managed "
+                f"Redis often disables CONFIG: set {parameter} in the provider's console"
             ) from exc
         try:
             r.config_rewrite()
         except redis.ResponseError as exc:
             return (
-                f"set to {policy}, but CONFIG REWRITE failed ({exc}): the change will not "
-                "survive a restart; set maxmemory-policy in the server's config too"
+                f"set {parameter} {value}, but CONFIG REWRITE failed ({exc}): the change will "
+                f"not survive a restart; set {parameter} in the server's config too"
             )
-    return f"set to {policy} and written to the server's config file"
+    return f"set {parameter} {value} and wrote it to the server's config file"
+
+
+@io_task("set-maxmemory-policy", timeout_seconds=30)
+def set_maxmemory_policy(name: str, target: RedisTarget, policy: str) -> str:
+    return _config_set(name, target, "maxmemory-policy", policy)
+
+
+@io_task("enable-aof", timeout_seconds=30)
+def enable_aof(name: str, target: RedisTarget) -> str:
+    """CONFIG SET appendonly yes (and CONFIG REWRITE): Redis starts writing its append-only
+    file with a background rewrite of the whole data set (a fork and disk writes)."""
+    return _config_set(name, target, "appendonly", "yes")
 
 
 # --- lockouts --------------------------------------------------------------------------------

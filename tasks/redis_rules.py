@@ -231,20 +231,32 @@ def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[Action]:
                 setting='service = "NAME"', what="restart Redis", command="restart redis"
             )
         return [restart] if h.transient else []
+    actions = []
     policy = h.info.get("maxmemory_policy")
-    if policy is None or policy == target.wanted_policy:
-        return []
-    return [
-        Action(
-            kind="set_maxmemory_policy",
-            target=name,
-            # Moving to an evicting policy starts deleting keys at once if memory is full.
-            destructive=target.wanted_policy != "noeviction",
-            description=f"CONFIG SET maxmemory-policy {target.wanted_policy} (was {policy}), "
-            "and CONFIG REWRITE so it survives a restart",
-            args={"policy": target.wanted_policy},
+    if policy is not None and policy != target.wanted_policy:
+        actions.append(
+            Action(
+                kind="set_maxmemory_policy",
+                target=name,
+                # Moving to an evicting policy starts deleting keys at once if memory is full.
+                destructive=target.wanted_policy != "noeviction",
+                description=f"CONFIG SET maxmemory-policy {target.wanted_policy} (was {policy}), "
+                "and CONFIG REWRITE so it survives a restart",
+                args={"policy": target.wanted_policy},
+            )
         )
-    ]
+    if target.role == "queue" and h.info.get("aof_enabled") == "0":
+        actions.append(
+            Action(
+                kind="enable_aof",
+                target=name,
+                # A background rewrite of the whole data set: a fork and disk writes.
+                destructive=True,
+                description="CONFIG SET appendonly yes, so a restart keeps the queue's jobs "
+                "(a background rewrite writes the data set to disk once), and CONFIG REWRITE",
+            )
+        )
+    return actions
 
 
 # --- login-lockouts ------------------------------------------------------------------------

@@ -62,12 +62,28 @@ def test_queue_on_allkeys_lru_is_critical_and_is_fixed_durably(
     assert "s3cret-pw" not in report.model_dump_json()
 
 
-def test_queue_without_aof_is_warned(redis_server: Any, inventory: Any) -> None:
-    server = redis_server(policy="noeviction")
+def test_queue_without_aof_is_warned_and_aof_is_enabled_durably(
+    redis_server: Any, inventory: Any
+) -> None:
+    server = redis_server(policy="noeviction", config_file=True)
     inventory(f'[redis.queue]\nurl = "{server.url}"\nrole = "queue"\n')
     report = redis_health("queue", params=QUICK)
     assert severities(report)["persistence"] is Severity.warning
     assert severities(report)["maxmemory_policy"] is Severity.ok
+    assert [(a.kind, a.destructive) for a in report.actions] == [("enable_aof", True)]
+
+    refused = redis_health("queue", dry_run=False, approval="never", params=QUICK)
+    assert refused.actions[0].status is ActionStatus.skipped
+    with server.client() as r:
+        assert r.info("persistence")["aof_enabled"] == 0
+
+    fixed = redis_health("queue", dry_run=False, approval="auto", params=QUICK)
+    assert fixed.status is RunStatus.fixed
+    assert severities(fixed)["persistence"] is Severity.ok
+    with server.client() as r:
+        assert r.info("persistence")["aof_enabled"] == 1
+    assert server.config is not None
+    assert "appendonly yes" in server.config.read_text()
 
 
 def test_evictions_under_a_small_maxmemory(redis_server: Any, inventory: Any) -> None:
