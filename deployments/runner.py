@@ -30,6 +30,7 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 from croniter import croniter
+from dateutil.rrule import rrulestr
 
 from tasks.engine import forget_cancel, request_cancel
 
@@ -66,31 +68,55 @@ def quiet_thread_timeout_notice() -> None:
         task_runs.addFilter(_ThreadTimeoutNotice())
 
 
+Interval = Callable[[datetime], "timedelta | None"]
+
+
 @dataclass
 class Served:
     """A deployment this process runs: its id, "flow/deployment" name, flow, and the interval
-    of its schedule (None: run by hand only)."""
+    of its schedules at a given time (None: run by hand only)."""
 
     id: UUID
     name: str
     flow: Flow[..., Any]
-    interval: timedelta | None
+    interval: Interval
 
 
-def schedule_interval(deployment: RunnerDeployment, now: datetime) -> timedelta | None:
-    """The gap between the next two times of a deployment's first schedule (cron or interval)
-    after now; None without a schedule."""
-    if not deployment.schedules:
-        return None
-    schedule: Any = deployment.schedules[0].schedule
-    if getattr(schedule, "interval", None) is not None:
-        return timedelta(seconds=float(schedule.interval.total_seconds()))
-    if getattr(schedule, "cron", None) is None:
-        return None
-    times = croniter(schedule.cron, now)
-    first: datetime = times.get_next(datetime)
-    second: datetime = times.get_next(datetime)
-    return second - first
+def schedule_interval(deployment: RunnerDeployment) -> Interval:
+    """The interval of a deployment's schedules at a time t: from t to the next time any of
+    its active schedules (cron, interval or RRule) fires after t; None without a schedule."""
+    nexts: list[Callable[[datetime], datetime | None]] = []
+    for entry in deployment.schedules or []:
+        if not getattr(entry, "active", True):
+            continue
+        schedule: Any = entry.schedule
+        if getattr(schedule, "interval", None) is not None:
+            nexts.append(_every(timedelta(seconds=float(schedule.interval.total_seconds()))))
+        elif getattr(schedule, "cron", None) is not None:
+            nexts.append(_cron(schedule.cron))
+        elif getattr(schedule, "rrule", None) is not None:
+            nexts.append(rrulestr(schedule.rrule, forceset=True).after)
+
+    def interval(t: datetime) -> timedelta | None:
+        times = [n for n in (f(t) for f in nexts) if n is not None]
+        return min(times) - t if times else None
+
+    return interval
+
+
+def _every(step: timedelta) -> Callable[[datetime], datetime | None]:
+    def after(t: datetime) -> datetime:
+        return t + step
+
+    return after
+
+
+def _cron(cron: str) -> Callable[[datetime], datetime | None]:
+    def after(t: datetime) -> datetime:
+        found: datetime = croniter(cron, t).get_next(datetime)
+        return found
+
+    return after
 
 
 @dataclass(frozen=True)
@@ -108,14 +134,15 @@ def triage(
     due: list[Due],
     *,
     now: datetime,
-    intervals: dict[UUID, timedelta | None],
+    interval: Callable[[Due], timedelta | None],
     busy: set[UUID],
     free_slots: int,
 ) -> tuple[list[tuple[Due, str]], list[Due]]:
     """Which due runs to skip, each with the reason, and which to start now (oldest first).
 
     A scheduled run is skipped when a newer scheduled run of its deployment is due (superseded),
-    or when it is late by more than its deployment's interval at the moment it could start.
+    or when it is late by more than its schedule's interval (interval(run): from its expected
+    start to the schedule's next time) at the moment it could start.
     Manual runs are never skipped. A deployment in `busy` (a run in flight) starts nothing,
     and at most free_slots runs start, the oldest first."""
     newest: dict[UUID, Due] = {}
@@ -133,13 +160,13 @@ def triage(
         if run.deployment_id in taken or len(start) >= free_slots:
             continue
         late = now - run.expected_start
-        interval = intervals.get(run.deployment_id)
-        if run.auto_scheduled and interval is not None and late > interval:
+        gap = interval(run) if run.auto_scheduled else None
+        if gap is not None and late > gap:
             skip.append(
                 (
                     run,
                     f"{late.total_seconds():.0f} s late, more than its schedule's interval "
-                    f"({interval.total_seconds():.0f} s): the next run supersedes it",
+                    f"({gap.total_seconds():.0f} s): the next run supersedes it",
                 )
             )
             continue
@@ -177,7 +204,6 @@ class InProcessRunner:
     def register(self, client: SyncPrefectClient) -> None:
         """Create or update every deployment (schedules on, not paused) and mark the runs a
         previous serve left unfinished as Crashed."""
-        now = datetime.now(UTC)
         for deployment, flow in self._deployments:
             deployment_id = cast(UUID, deployment.apply())
             client.resume_deployment(deployment_id)
@@ -185,7 +211,7 @@ class InProcessRunner:
                 id=deployment_id,
                 name=f"{flow.name}/{deployment.name}",
                 flow=flow,
-                interval=schedule_interval(deployment, now),
+                interval=schedule_interval(deployment),
             )
         self._crash_left_over(client)
 
@@ -278,7 +304,7 @@ class InProcessRunner:
                 if run.deployment_id is not None
             ],
             now=now,
-            intervals={id: served.interval for id, served in self.served.items()},
+            interval=lambda due: self.served[due.deployment_id].interval(due.expected_start),
             busy=busy,
             free_slots=free,
         )

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -142,7 +143,9 @@ def build_deployments(
 ) -> list[tuple[RunnerDeployment, Flow[..., Any]]]:
     """One deployment per runbook and target, with the flow it runs."""
     from prefect.events import DeploymentEventTrigger
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron, RRule
+
+    now = datetime.now(UTC)
 
     deployments: list[tuple[RunnerDeployment, Flow[..., Any]]] = []
     for rb in RUNBOOKS.values():
@@ -152,7 +155,11 @@ def build_deployments(
                 name=target,
                 schedule=None
                 if rb.cron is None
-                else Cron(sandbox.CRON if in_sandbox else rb.cron, timezone="UTC"),
+                else (
+                    RRule(sandbox.schedule_rrule(now), timezone="UTC")
+                    if in_sandbox
+                    else Cron(rb.cron, timezone="UTC")
+                ),
                 parameters={
                     "target": target,
                     **(sandbox.PARAMETERS if in_sandbox else rb.scheduled),

@@ -41,7 +41,7 @@ def test_triage_supersedes_older_checks_and_skips_ones_later_than_their_interval
     skip, start = triage(
         [new_a, late_b, old_a, manual_c],
         now=NOW,
-        intervals={a: MINUTE, b: MINUTE, c: MINUTE},
+        interval=lambda run: MINUTE,
         busy=set(),
         free_slots=4,
     )
@@ -57,15 +57,33 @@ def test_triage_starts_one_run_per_deployment_within_the_free_slots() -> None:
     skip, start = triage(
         [manual_a1, manual_a2, run_b, run_c],
         now=NOW,
-        intervals={a: None, b: MINUTE, c: MINUTE},
+        interval=lambda run: None if run.deployment_id == a else MINUTE,
         busy=set(),
         free_slots=2,
     )
     assert skip == [] and start == [manual_a1, run_b]
     # A deployment with a run in flight starts nothing; a late check waits without a slot,
     # and is judged late only once it could start.
-    skip, start = triage([run_b, run_c], now=NOW, intervals={}, busy={b}, free_slots=0)
+    skip, start = triage(
+        [run_b, run_c], now=NOW, interval=lambda run: MINUTE, busy={b}, free_slots=0
+    )
     assert skip == [] and start == []
+
+
+def test_the_sandbox_schedule_runs_every_minute_then_settles_to_five() -> None:
+    from prefect.schedules import RRule
+
+    from deployments.runner import schedule_interval
+    from deployments.sandbox import schedule_rrule
+
+    deployment = slow.to_deployment(
+        name="s", schedules=[RRule(schedule_rrule(NOW), timezone="UTC")]
+    )
+    interval = schedule_interval(deployment)
+    first = NOW + timedelta(seconds=10)
+    assert [interval(first + MINUTE * n) for n in range(3)] == [MINUTE, MINUTE, 3 * MINUTE]
+    assert interval(first + 2 * MINUTE + 3 * MINUTE) == 5 * MINUTE
+    assert interval(first + 60 * MINUTE) == 5 * MINUTE
 
 
 iterations: dict[str, int] = {}
