@@ -67,6 +67,8 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import FlowRun
 
+    from deployments.runner import InProcessRunner
+
 DEPLOYMENT_WAIT_S = 15  # a deployment `runbook serve` is still registering
 SERVER_START_TIMEOUT_S = 15
 JSON_TYPES = ("application/json", "application/vnd.json")
@@ -109,11 +111,14 @@ class InProcessStarter:
     """Creates the run from its deployment (the UI shows it there, with its parameters) in
     Pending, and runs it on one of a few threads of this process, which has the flows imported.
 
-    The served runner only polls Scheduled runs, so it never starts this one too."""
+    The served runner only polls Scheduled runs, so it never starts this one too. Inside
+    `runbook serve` the run goes to serve's own runner (its threads, its cancellation from the
+    UI, its stop); alone, to a pool of max_workers threads here."""
 
     name = "in-process"
 
-    def __init__(self, max_workers: int) -> None:
+    def __init__(self, max_workers: int, runner: InProcessRunner | None = None) -> None:
+        self._runner = runner
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="runbook-alert-run")
         self._deployments: dict[str, UUID] = {}
         self._queued: dict[Future[None], UUID] = {}
@@ -172,6 +177,9 @@ class InProcessStarter:
                 # Under the lock: shutdown() either sees this run queued or refused it here.
                 with self._lock:
                     self._refuse_if_closed()
+                    if self._runner is not None:
+                        self._runner.submit(flow, flow_run, f"{dispatch.deployment} (alert)")
+                        return str(flow_run.id)
                     future = self._pool.submit(self._run, flow, flow_run)
                     self._queued[future] = flow_run.id
             except BaseException:
@@ -203,6 +211,8 @@ class InProcessStarter:
         with self._lock:
             self._closed = True
             queued = list(self._queued.items())
+        if self._runner is not None:
+            return  # serve's runner stops the runs it was given
         # Outside the lock: cancel() runs the done callback (_forget, which takes it) here.
         waiting = [(f, run_id) for f, run_id in queued if f.cancel()]
         running = len(queued) - len(waiting)
@@ -482,8 +492,11 @@ def default_state_file() -> Path:
     return Path(PREFECT_HOME.value()) / "runbook-alerts.sqlite"
 
 
-def build_receiver(settings: Settings, *, in_process: bool) -> Receiver:
-    """The receiver the configuration asks for; in_process: this process serves the flows."""
+def build_receiver(
+    settings: Settings, *, in_process: bool, runner: InProcessRunner | None = None
+) -> Receiver:
+    """The receiver the configuration asks for; in_process: this process serves the flows
+    (on runner's threads, when given)."""
     config = receiver_settings(settings)
     routes = list(settings.routes) or load_routes(
         DEFAULT_ROUTES, {name: rb.params for name, rb in RUNBOOKS.items()}
@@ -492,7 +505,7 @@ def build_receiver(settings: Settings, *, in_process: bool) -> Receiver:
     if config.dispatch == "trigger":
         starter = TriggerStarter()
     elif in_process:
-        starter = InProcessStarter(config.max_concurrent_runs)
+        starter = InProcessStarter(config.max_concurrent_runs, runner)
     else:
         starter = DeploymentStarter()
     store = AlertStore(
@@ -677,7 +690,9 @@ def run_receiver(settings: Settings, listen: str | None = None) -> None:
         receiver.store.close()
 
 
-def start_receiver(settings: Settings, stack: ExitStack) -> ReceiverServer | None:
+def start_receiver(
+    settings: Settings, stack: ExitStack, runner: InProcessRunner | None = None
+) -> ReceiverServer | None:
     """For `runbook serve`: the receiver on a thread, running alert runs in this process;
     stopped with the rest. None (and a note) when [receiver] has no token."""
     try:
@@ -689,7 +704,7 @@ def start_receiver(settings: Settings, stack: ExitStack) -> ReceiverServer | Non
             flush=True,
         )
         return None
-    server = ReceiverServer(build_receiver(settings, in_process=True)).start()
+    server = ReceiverServer(build_receiver(settings, in_process=True, runner=runner)).start()
     stack.callback(server.stop)
     print(f"Alert receiver at {server.url} (dispatch: {server.receiver.starter.name})", flush=True)
     return server

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -196,6 +196,7 @@ class InProcessRunner:
         self._lock = threading.Lock()
         # run id -> deployment id, for every run claimed and not yet ended
         self._active: dict[UUID, UUID] = {}
+        self._futures: dict[UUID, Future[None]] = {}
         self._stop = threading.Event()
         quiet_thread_timeout_notice()
 
@@ -328,28 +329,38 @@ class InProcessRunner:
         )
         if result.state is None or not result.state.is_pending():
             return  # someone else claimed or cancelled it
+        self.submit(served.flow, FlowRun.model_validate(run.model_dump()), served.name)
+
+    def submit(self, flow: Flow[..., Any], run: FlowRun, name: str) -> None:
+        """Run a flow run that is already Pending (claimed here, or created by the alert
+        receiver) on a thread of the pool, tracked like every run of this runner."""
         with self._lock:
-            self._active[run.id] = served.id
+            self._active[run.id] = run.deployment_id or run.id
         # The run's thread sees this thread's Prefect settings (API URL, heartbeats off).
         context = contextvars.copy_context()
-        flow_run = FlowRun.model_validate(run.model_dump())
-        self._pool.submit(context.run, self._execute, served, flow_run)
+        future = self._pool.submit(context.run, self._execute, flow, run, name)
+        with self._lock:
+            if run.id in self._active:  # not already ended
+                self._futures[run.id] = future
 
-    def _execute(self, served: Served, run: FlowRun) -> None:
+    def _execute(self, flow: Flow[..., Any], run: FlowRun, name: str) -> None:
         from prefect.exceptions import Abort
         from prefect.flow_engine import run_flow
         from prefect.states import Cancelled
 
+        cancelled = False
         try:
-            state: Any = run_flow(served.flow, flow_run=run, return_type="state")
-            print(f"{_now()} {served.name}: {state.name}: {state.message or ''}", flush=True)
+            state: Any = run_flow(flow, flow_run=run, return_type="state")
+            print(f"{_now()} {name}: {state.name}: {state.message or ''}", flush=True)
         except Abort:
-            print(f"{_now()} {served.name}: Cancelled", flush=True)
+            cancelled = True
+            print(f"{_now()} {name}: Cancelled at a task boundary", flush=True)
         except BaseException as exc:  # the run's own state says what failed; keep the thread
-            print(f"{_now()} {served.name}: ended with {type(exc).__name__}: {exc}", flush=True)
+            print(f"{_now()} {name}: ended with {type(exc).__name__}: {exc}", flush=True)
         finally:
+            forget_cancel(run.id)
             try:
-                if forget_cancel(run.id):
+                if cancelled:
                     from prefect import get_client
 
                     with get_client(sync_client=True) as client:
@@ -361,6 +372,7 @@ class InProcessRunner:
             finally:
                 with self._lock:
                     self._active.pop(run.id, None)
+                    self._futures.pop(run.id, None)
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -371,7 +383,9 @@ class InProcessRunner:
     def stop(self, client: SyncPrefectClient, grace_seconds: float = 15) -> None:
         """Stop polling, ask the runs in flight to stop at their next task, wait for them up
         to grace_seconds, and pause the deployments (their future scheduled runs are deleted
-        by the server)."""
+        by the server). Runs queued and not begun end Cancelled."""
+        from prefect.states import Cancelled
+
         self._stop.set()
         with self._lock:
             active = list(self._active)
@@ -385,6 +399,12 @@ class InProcessRunner:
                 if not self._active:
                     break
             time.sleep(0.2)
+        with self._lock:
+            queued = [(run_id, f) for run_id, f in self._futures.items() if f.cancel()]
+        for run_id, _ in queued:
+            client.set_flow_run_state(
+                run_id, Cancelled(message="runbook serve stopped before it began"), force=True
+            )
         self._pool.shutdown(wait=False, cancel_futures=True)
         for deployment_id in self.served:
             try:

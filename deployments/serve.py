@@ -273,7 +273,7 @@ def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: li
     stack.callback(runner.stop, client)
     runner.register(client)
     runner_ref[0] = runner
-    start_receiver(settings, stack)
+    start_receiver(settings, stack, runner)
     print(
         f"Serving {len(deployments)} deployments in this process (at most {max_runs} runs "
         "at once); Ctrl-C stops",
