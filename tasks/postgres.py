@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
@@ -88,26 +88,33 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Backend(BaseModel):
+    """One row of pg_stat_activity. A row of another role's session that the runbook's role
+    may not read in full (no pg_read_all_stats) is `hidden`: PostgreSQL shows its query as
+    '<insufficient privilege>' and its type, state and times as NULL."""
+
     pid: int
-    backend_type: str
+    backend_type: str | None
     usename: str | None
     datname: str | None
     application_name: str
     state: str | None
     wait_event_type: str | None
     wait_event: str | None
-    backend_start: datetime
+    backend_start: datetime | None
     xact_start: datetime | None
     query_start: datetime | None
     state_change: datetime | None
     blocked_by: list[int]
     superuser: bool
     ours: bool
+    hidden: bool
 
 
 class Activity(BaseModel):
     now: datetime
     max_connections: int
+    role: str = Field(description="the runbook's role (current_user)")
+    read_all_stats: bool = Field(description="whether that role has pg_read_all_stats")
     backends: list[Backend]
 
 
@@ -116,24 +123,23 @@ SELECT a.pid, a.backend_type, a.usename, a.datname, coalesce(a.application_name,
          AS application_name,
        a.state, a.wait_event_type, a.wait_event, a.backend_start, a.xact_start,
        a.query_start, a.state_change, pg_blocking_pids(a.pid) AS blocked_by,
-       coalesce(r.rolsuper, false) AS superuser, a.pid = pg_backend_pid() AS ours
+       coalesce(r.rolsuper, false) AS superuser, a.pid = pg_backend_pid() AS ours,
+       a.backend_start IS NULL AS hidden
 FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
 """
 
 
 @io_task("read-activity", timeout_seconds=45)
 def read_activity(name: str, target: PostgresTarget) -> Activity:
+    """Every backend in pg_stat_activity, with now() and max_connections from the server."""
     with connect(name, target) as conn:
         head = conn.execute(
-            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections"
+            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections, "
+            "current_user AS role, pg_has_role('pg_read_all_stats', 'USAGE') AS read_all_stats"
         ).fetchone()
         assert head is not None
         rows = conn.execute(_ACTIVITY).fetchall()
-    return Activity(
-        now=head["now"],
-        max_connections=head["max_connections"],
-        backends=[Backend(**r) for r in rows],
-    )
+    return Activity(**head, backends=[Backend(**r) for r in rows])
 
 
 # The WHERE clauses below make each signal idempotent and pid-reuse safe: a backend is
@@ -202,7 +208,8 @@ def terminate_backend(name: str, target: PostgresTarget, args: dict[str, Any], w
     """End a backend that is still `when`: idle_in_transaction or active (a query that ignored
     its cancel)."""
     condition = {
-        "idle_in_transaction": "state = 'idle in transaction' AND state_change = %(state_change)s",
+        "idle_in_transaction": "state IN ('idle in transaction', 'idle in transaction (aborted)')"
+        " AND state_change = %(state_change)s",
         "active": "state = 'active' AND query_start = %(query_start)s",
     }[when]
     if _signal(name, target, _TERMINATE.format(condition=condition), args) is None:
