@@ -25,6 +25,9 @@ from tasks.settings import JobsTable, LockoutTable, PostgresTarget
 CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
 CANCELLED = "cancelled"
+# What pg_stat_activity and pg_stat_statements show of another role's statement to a role
+# without pg_read_all_stats.
+HIDDEN_QUERY = "<insufficient privilege>"
 # SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
 _PERMANENT = {"28P01", "28000", "3D000"}
 # The server is shutting down or restarting under us: worth another try.
@@ -271,6 +274,8 @@ class TopQueries(BaseModel):
     reason: str = ""
     by_total: list[QueryStat] = []
     by_mean: list[QueryStat] = []
+    role: str = ""
+    hidden: int = Field(0, description="of the top by total time, those the role may not read")
 
 
 _TOP_QUERIES = sql.SQL("""
@@ -300,6 +305,7 @@ def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQuerie
         conn.execute(
             sql.SQL("SET search_path = {}, pg_catalog").format(sql.Identifier(installed["schema"]))
         )
+        role = conn.execute("SELECT current_user AS role").fetchone()
         try:
             ranked = {
                 order: [
@@ -319,7 +325,12 @@ def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQuerie
                 ),
             )
     return TopQueries(
-        available=True, by_total=ranked["total_exec_time"], by_mean=ranked["mean_exec_time"]
+        available=True,
+        by_total=ranked["total_exec_time"],
+        by_mean=ranked["mean_exec_time"],
+        role=role["role"] if role else "",
+        # Without pg_read_all_stats, other roles' statements read as this placeholder.
+        hidden=sum(q.query == HIDDEN_QUERY for q in ranked["total_exec_time"]),
     )
 
 
@@ -332,9 +343,19 @@ def vacuum_table(
     lock_timeout_s: float,
     statement_timeout_s: float,
 ) -> str:
+    """VACUUM (ANALYZE) one table. The server skips a table the role may not vacuum with only a
+    WARNING ("skipping ... only table or database owner can vacuum it"): that is a failure."""
+    warnings: list[str] = []
     with connect(
         name, target, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
     ) as conn:
+        conn.add_notice_handler(
+            lambda d: (
+                warnings.append(d.message_primary or "")
+                if d.severity_nonlocalized == "WARNING"
+                else None
+            )
+        )
         try:
             conn.execute(
                 sql.SQL("VACUUM (ANALYZE) {}.{}").format(
@@ -347,6 +368,12 @@ def vacuum_table(
                 f"{_first_line(exc)} (lock_timeout {lock_timeout_s} s, statement_timeout "
                 f"{statement_timeout_s} s); retry off-peak or raise the timeouts"
             ) from exc
+    if warnings:
+        raise ActionFailed(
+            f"postgres target {name!r}: VACUUM of {schema_name}.{table} was skipped: "
+            f"{warnings[0]}; make the runbook's role the table's owner (or grant it pg_maintain "
+            "on PostgreSQL 17+)"
+        )
     return "vacuumed and analyzed"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -335,7 +336,8 @@ def bloated(tables: list[TableStats], p: MaintenanceParams) -> list[TableStats]:
 
 def _last(*stamps: Any) -> str:
     known = [s for s in stamps if s is not None]
-    return f"{max(known):%Y-%m-%d %H:%M} UTC" if known else "never"
+    # In the session's TimeZone as read: shown in UTC whatever the server's timezone setting.
+    return f"{max(known).astimezone(UTC):%Y-%m-%d %H:%M} UTC" if known else "never"
 
 
 def maintenance_findings(
@@ -361,6 +363,19 @@ def maintenance_findings(
                     )
                     if head
                     else "pg_stat_statements has no queries for this database yet",
+                )
+            )
+        if top.hidden:
+            findings.append(
+                Finding(
+                    check="stats_privilege",
+                    target=target_name,
+                    severity=Severity.warning,
+                    observed=top.hidden,
+                    threshold=0,
+                    message=f"{top.hidden} of the top {len(top.by_total)} queries belong to "
+                    f"other roles and role {top.role!r} may not read their text (it lacks "
+                    f"pg_read_all_stats): run GRANT pg_read_all_stats TO {quote_ident(top.role)}",
                 )
             )
     else:

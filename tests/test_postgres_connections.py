@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,27 +149,6 @@ def test_refused_connection_is_a_clear_error(db: Db) -> None:
     with pytest.raises(TargetUnreachable) as caught:
         run()
     assert "127.0.0.1:1/app" in str(caught.value) and "hunter2" not in str(caught.value)
-
-
-@pytest.fixture
-def role(db: Db) -> Iterator[Callable[[str], str]]:
-    """Create login roles for this test (roles are cluster-wide: unique names, dropped after)."""
-    made: list[str] = []
-
-    def create(options: str = "") -> str:
-        name = f"r_{uuid.uuid4().hex[:10]}"
-        with db.admin() as conn:
-            conn.execute(f"CREATE ROLE {name} LOGIN {options}")
-            conn.execute(f"GRANT ALL ON SCHEMA public TO {name}")
-        made.append(name)
-        return name
-
-    yield create
-    db.close()
-    with db.admin() as conn:
-        for name in made:
-            conn.execute(f"DROP OWNED BY {name}")
-            conn.execute(f"DROP ROLE {name}")
 
 
 def test_replication_connection_of_pg_receivewal_is_not_a_long_query(

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import SecretStr
 
 from tasks.gate import approver, gate
 from tasks.models import Action, ActionStatus, Finding, RunStatus, Severity, final_status
-from tasks.postgres import Activity, Backend
+from tasks.postgres import Activity, Backend, TableStats, TopQueries
 from tasks.postgres_rules import (
     ConnectionsParams,
+    MaintenanceParams,
     connection_findings,
     ineligible,
+    maintenance_findings,
     plan_connections,
 )
 from tasks.settings import PostgresTarget
@@ -222,3 +225,26 @@ def test_final_status() -> None:
     assert final_status(bad, bad, [done]) is RunStatus.unhealthy
     assert final_status(bad, bad, [action()]) is RunStatus.unhealthy
     assert final_status(bad, ok, [done, failed]) is RunStatus.failed
+
+
+def test_vacuum_times_are_shown_in_utc_whatever_the_session_time_zone() -> None:
+    # psycopg returns timestamptz in the session's TimeZone: the server's setting.
+    kolkata = datetime(2026, 11, 23, 8, 30, tzinfo=ZoneInfo("Asia/Kolkata"))
+    table = TableStats(
+        schema_name="public",
+        table="event",
+        live_tuples=10,
+        dead_tuples=5000,
+        last_vacuum=kolkata,
+        last_autovacuum=None,
+        last_analyze=None,
+        last_autoanalyze=None,
+        table_bytes=1,
+        index_bytes=1,
+        total_bytes=2,
+    )
+    findings = maintenance_findings(
+        "main", [table], TopQueries(available=False), MaintenanceParams()
+    )
+    dead = next(f for f in findings if f.check == "dead_tuples")
+    assert "last vacuum 2026-11-23 03:00 UTC" in dead.message
