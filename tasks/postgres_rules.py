@@ -457,12 +457,12 @@ def plan_maintenance(
 
 
 def stuck_findings(
-    target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams, now: Any
+    target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams
 ) -> list[Finding]:
     n = len(stuck.ids)
     oldest = (
-        f"; oldest started {_age((now - stuck.oldest_started).total_seconds())} ago"
-        if stuck.oldest_started
+        f"; oldest started {_age(stuck.oldest_seconds)} ago"
+        if stuck.oldest_seconds is not None
         else ""
     )
     return [
