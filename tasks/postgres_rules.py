@@ -250,7 +250,7 @@ def connection_findings(
             else f"pid {pid}"
             for pid in b.blocked_by
         )
-        waited = (activity.now - b.query_start).total_seconds() if b.query_start else 0
+        waited = f" {_age((activity.now - b.query_start).total_seconds())}" if b.query_start else ""
         findings.append(
             Finding(
                 check="blocked",
@@ -258,7 +258,7 @@ def connection_findings(
                 severity=Severity.warning,
                 observed=b.blocked_by,
                 threshold=None,
-                message=f"{_who(b)} waiting {_age(waited)} on a lock held by {blockers}",
+                message=f"{_who(b)} waiting{waited} on a lock held by {blockers}",
             )
         )
     if not blocked:
