@@ -117,7 +117,6 @@ class Activity(BaseModel):
     now: datetime
     max_connections: int
     role: str = Field(description="the runbook's role (current_user)")
-    read_all_stats: bool = Field(description="whether that role has pg_read_all_stats")
     backends: list[Backend]
 
 
@@ -138,7 +137,7 @@ def read_activity(name: str, target: PostgresTarget) -> Activity:
     with connect(name, target) as conn:
         head = conn.execute(
             "SELECT now() AS now, current_setting('max_connections')::int AS max_connections, "
-            "current_user AS role, pg_has_role('pg_read_all_stats', 'USAGE') AS read_all_stats"
+            "current_user AS role"
         ).fetchone()
         assert head is not None
         rows = conn.execute(_ACTIVITY).fetchall()
@@ -344,15 +343,16 @@ def vacuum_table(
     statement_timeout_s: float,
 ) -> str:
     """VACUUM (ANALYZE) one table. The server skips a table the role may not vacuum with only a
-    WARNING ("skipping ... only table or database owner can vacuum it"): that is a failure."""
-    warnings: list[str] = []
+    WARNING (15: 'skipping "t" --- only table or database owner can vacuum it'; 16+:
+    'permission denied to vacuum "t", skipping it'): that is a failure."""
+    skipped: list[str] = []
     with connect(
         name, target, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
     ) as conn:
         conn.add_notice_handler(
             lambda d: (
-                warnings.append(d.message_primary or "")
-                if d.severity_nonlocalized == "WARNING"
+                skipped.append(d.message_primary or "")
+                if d.severity_nonlocalized == "WARNING" and "skipping" in (d.message_primary or "")
                 else None
             )
         )
@@ -368,10 +368,10 @@ def vacuum_table(
                 f"{_first_line(exc)} (lock_timeout {lock_timeout_s} s, statement_timeout "
                 f"{statement_timeout_s} s); retry off-peak or raise the timeouts"
             ) from exc
-    if warnings:
+    if skipped:
         raise ActionFailed(
             f"postgres target {name!r}: VACUUM of {schema_name}.{table} was skipped: "
-            f"{warnings[0]}; make the runbook's role the table's owner (or grant it pg_maintain "
+            f"{skipped[0]}; make the runbook's role the table's owner (or grant it pg_maintain "
             "on PostgreSQL 17+)"
         )
     return "vacuumed and analyzed"

@@ -76,7 +76,6 @@ def test_plan_cancels_before_terminating_and_respects_the_cap() -> None:
     activity = Activity(
         now=NOW,
         role="runbook",
-        read_all_stats=True,
         max_connections=100,
         backends=[
             backend(1),
@@ -100,7 +99,6 @@ def test_connection_findings_name_blockers_and_usage() -> None:
     activity = Activity(
         now=NOW,
         role="runbook",
-        read_all_stats=True,
         max_connections=4,
         backends=[
             backend(1),
@@ -143,9 +141,7 @@ def test_connection_findings_name_blockers_and_usage() -> None:
 def test_backends_that_are_not_client_sessions_are_never_long_queries(backend_type: str) -> None:
     old = backend(1, state="active", age=86400 * 3, backend_type=backend_type)
     idle = backend(2, age=86400 * 3, backend_type=backend_type)
-    activity = Activity(
-        now=NOW, role="runbook", read_all_stats=True, max_connections=2, backends=[old, idle]
-    )
+    activity = Activity(now=NOW, role="runbook", max_connections=2, backends=[old, idle])
     findings = connection_findings("main", activity, TARGET, ConnectionsParams())
     assert {f.check: f.severity for f in findings} == {
         "connections": Severity.ok,
@@ -165,7 +161,6 @@ def test_hidden_rows_are_a_warning_naming_the_grant() -> None:
     activity = Activity(
         now=NOW,
         role="Ops Bot",
-        read_all_stats=False,
         max_connections=10,
         backends=[
             backend(1, state="idle in transaction (aborted)"),
