@@ -34,7 +34,7 @@ def stuck_jobs(
 
     # 1. diagnose
     stuck = find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes)
-    before = stuck_findings(name, jobs, stuck, p, utcnow())
+    before = stuck_findings(name, jobs, stuck, p)
     # 2. plan
     actions = plan_stuck_jobs(name, jobs, stuck, p)
     # 3. gate
@@ -50,7 +50,7 @@ def stuck_jobs(
     after = before
     if approved:
         after = stuck_findings(
-            name, jobs, find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes), p, utcnow()
+            name, jobs, find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes), p
         )
     return finish(
         RUNBOOK,

@@ -15,16 +15,19 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
 from tasks.models import wait_until
-from tasks.settings import JobsTable, LockoutTable, PostgresTarget
+from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable
 
 CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
 CANCELLED = "cancelled"
+# What pg_stat_activity and pg_stat_statements show of another role's statement to a role
+# without pg_read_all_stats.
+HIDDEN_QUERY = "<insufficient privilege>"
 # SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
 _PERMANENT = {"28P01", "28000", "3D000"}
 # The server is shutting down or restarting under us: worth another try.
@@ -88,26 +91,32 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Backend(BaseModel):
+    """One row of pg_stat_activity. A row of another role's session that the runbook's role
+    may not read in full (no pg_read_all_stats) is `hidden`: PostgreSQL shows its query as
+    '<insufficient privilege>' and its type, state and times as NULL."""
+
     pid: int
-    backend_type: str
+    backend_type: str | None
     usename: str | None
     datname: str | None
     application_name: str
     state: str | None
     wait_event_type: str | None
     wait_event: str | None
-    backend_start: datetime
+    backend_start: datetime | None
     xact_start: datetime | None
     query_start: datetime | None
     state_change: datetime | None
     blocked_by: list[int]
     superuser: bool
     ours: bool
+    hidden: bool
 
 
 class Activity(BaseModel):
     now: datetime
     max_connections: int
+    role: str = Field(description="the runbook's role (current_user)")
     backends: list[Backend]
 
 
@@ -116,24 +125,23 @@ SELECT a.pid, a.backend_type, a.usename, a.datname, coalesce(a.application_name,
          AS application_name,
        a.state, a.wait_event_type, a.wait_event, a.backend_start, a.xact_start,
        a.query_start, a.state_change, pg_blocking_pids(a.pid) AS blocked_by,
-       coalesce(r.rolsuper, false) AS superuser, a.pid = pg_backend_pid() AS ours
+       coalesce(r.rolsuper, false) AS superuser, a.pid = pg_backend_pid() AS ours,
+       a.backend_start IS NULL AS hidden
 FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
 """
 
 
 @io_task("read-activity", timeout_seconds=45)
 def read_activity(name: str, target: PostgresTarget) -> Activity:
+    """Every backend in pg_stat_activity, with now() and max_connections from the server."""
     with connect(name, target) as conn:
         head = conn.execute(
-            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections"
+            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections, "
+            "current_user AS role"
         ).fetchone()
         assert head is not None
         rows = conn.execute(_ACTIVITY).fetchall()
-    return Activity(
-        now=head["now"],
-        max_connections=head["max_connections"],
-        backends=[Backend(**r) for r in rows],
-    )
+    return Activity(**head, backends=[Backend(**r) for r in rows])
 
 
 # The WHERE clauses below make each signal idempotent and pid-reuse safe: a backend is
@@ -202,7 +210,8 @@ def terminate_backend(name: str, target: PostgresTarget, args: dict[str, Any], w
     """End a backend that is still `when`: idle_in_transaction or active (a query that ignored
     its cancel)."""
     condition = {
-        "idle_in_transaction": "state = 'idle in transaction' AND state_change = %(state_change)s",
+        "idle_in_transaction": "state IN ('idle in transaction', 'idle in transaction (aborted)')"
+        " AND state_change = %(state_change)s",
         "active": "state = 'active' AND query_start = %(query_start)s",
     }[when]
     if _signal(name, target, _TERMINATE.format(condition=condition), args) is None:
@@ -264,6 +273,8 @@ class TopQueries(BaseModel):
     reason: str = ""
     by_total: list[QueryStat] = []
     by_mean: list[QueryStat] = []
+    role: str = ""
+    hidden: int = Field(0, description="of the top by total time, those the role may not read")
 
 
 _TOP_QUERIES = sql.SQL("""
@@ -293,6 +304,7 @@ def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQuerie
         conn.execute(
             sql.SQL("SET search_path = {}, pg_catalog").format(sql.Identifier(installed["schema"]))
         )
+        role = conn.execute("SELECT current_user AS role").fetchone()
         try:
             ranked = {
                 order: [
@@ -312,7 +324,12 @@ def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQuerie
                 ),
             )
     return TopQueries(
-        available=True, by_total=ranked["total_exec_time"], by_mean=ranked["mean_exec_time"]
+        available=True,
+        by_total=ranked["total_exec_time"],
+        by_mean=ranked["mean_exec_time"],
+        role=role["role"] if role else "",
+        # Without pg_read_all_stats, other roles' statements read as this placeholder.
+        hidden=sum(q.query == HIDDEN_QUERY for q in ranked["total_exec_time"]),
     )
 
 
@@ -325,9 +342,20 @@ def vacuum_table(
     lock_timeout_s: float,
     statement_timeout_s: float,
 ) -> str:
+    """VACUUM (ANALYZE) one table. The server skips a table the role may not vacuum with only a
+    WARNING (15: 'skipping "t" --- only table or database owner can vacuum it'; 16+:
+    'permission denied to vacuum "t", skipping it'): that is a failure."""
+    skipped: list[str] = []
     with connect(
         name, target, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
     ) as conn:
+        conn.add_notice_handler(
+            lambda d: (
+                skipped.append(d.message_primary or "")
+                if d.severity_nonlocalized == "WARNING" and "skipping" in (d.message_primary or "")
+                else None
+            )
+        )
         try:
             conn.execute(
                 sql.SQL("VACUUM (ANALYZE) {}.{}").format(
@@ -340,6 +368,12 @@ def vacuum_table(
                 f"{_first_line(exc)} (lock_timeout {lock_timeout_s} s, statement_timeout "
                 f"{statement_timeout_s} s); retry off-peak or raise the timeouts"
             ) from exc
+    if skipped:
+        raise ActionFailed(
+            f"postgres target {name!r}: VACUUM of {schema_name}.{table} was skipped: "
+            f"{skipped[0]}; make the runbook's role the table's owner (or grant it pg_maintain "
+            "on PostgreSQL 17+)"
+        )
     return "vacuumed and analyzed"
 
 
@@ -348,19 +382,81 @@ def vacuum_table(
 
 class StuckJobs(BaseModel):
     ids: list[Any]
-    oldest_started: datetime | None
+    oldest_seconds: float | None = Field(description="how long ago the oldest one started")
 
 
-def _jobs_sql(jobs: JobsTable) -> dict[str, sql.Composable]:
+# --- time columns of configured tables -----------------------------------------------------
+
+_COLUMN_TYPE = """
+SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype::text AS type
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = %(table)s::regclass AND a.attname = %(column)s AND a.attnum > 0
+  AND NOT a.attisdropped
+"""
+_WITH_ZONE = {"timestamp with time zone": True, "timestamp without time zone": False}
+
+
+class TimeColumn:
+    """A configured table's time column as SQL that means the same whatever the server's or
+    the session's timezone: a timestamptz is compared as it is; a timestamp (without time
+    zone) holds wall-clock times of the table's time_zone (the %(time_zone)s parameter)."""
+
+    def __init__(self, column: sql.Identifier, with_zone: bool) -> None:
+        self.column, self.with_zone = column, with_zone
+
+    @classmethod
+    def read(
+        cls, conn: psycopg.Connection[dict[str, Any]], table: TimedTable, column: str
+    ) -> TimeColumn:
+        """The column's type from the catalog; anything but timestamp or timestamptz (a
+        domain over one counts) is a ConfigError, and so is a missing table or column."""
+        row = conn.execute(
+            _COLUMN_TYPE,
+            {"table": sql.Identifier(*table.table_parts).as_string(conn), "column": column},
+        ).fetchone()
+        if row is None:
+            raise psycopg.errors.UndefinedColumn(f'column "{column}" does not exist')
+        if row["type"] not in _WITH_ZONE:
+            raise ConfigError(
+                f"column {column!r} of {table.table!r} is {row['type']}: a time column must be "
+                "timestamp or timestamptz; name another column in the config"
+            )
+        return cls(sql.Identifier(column), _WITH_ZONE[row["type"]])
+
+    def compared(self, op: str, moment: str) -> sql.Composed:
+        """`column OP moment`, moment an SQL timestamptz expression such as now(). For a
+        timestamp column the moment is turned into the zone's wall-clock time rather than the
+        column into a timestamptz, so an index on the column still serves the comparison."""
+        if self.with_zone:
+            return sql.SQL("{} " + op + " (" + moment + ")").format(self.column)
+        return sql.SQL("{} " + op + " ((" + moment + ") AT TIME ZONE %(time_zone)s)").format(
+            self.column
+        )
+
+    def seconds_ago(self) -> sql.Composed:
+        """Seconds between the column's moment and now()."""
+        if self.with_zone:
+            return sql.SQL("extract(epoch FROM now() - {})").format(self.column)
+        return sql.SQL("extract(epoch FROM now() - ({} AT TIME ZONE %(time_zone)s))").format(
+            self.column
+        )
+
+
+# --- jobs table --------------------------------------------------------------------------
+
+
+def _jobs_sql(jobs: JobsTable, started: TimeColumn) -> dict[str, sql.Composable]:
     return {
         "table": sql.Identifier(*jobs.table_parts),
         "id": sql.Identifier(jobs.id_column),
         "status": sql.Identifier(jobs.status_column),
-        "started": sql.Identifier(jobs.started_column),
+        "started": started.column,
+        "stuck": sql.SQL("{} = %(running)s AND {}").format(
+            sql.Identifier(jobs.status_column),
+            started.compared("<", "now() - make_interval(mins => %(minutes)s)"),
+        ),
+        "age": started.seconds_ago(),
     }
-
-
-_STUCK_WHERE = "{status} = %(running)s AND {started} < now() - make_interval(mins => %(minutes)s)"
 
 
 @contextmanager
@@ -372,10 +468,11 @@ def _configured_table(section: str, described: str) -> Iterator[None]:
         psycopg.errors.UndefinedTable,
         psycopg.errors.UndefinedColumn,
         psycopg.errors.InvalidSchemaName,
+        psycopg.errors.InvalidParameterValue,  # a time_zone PostgreSQL does not know
     ) as exc:
         raise ConfigError(
             f"[{section}]: {_first_line(exc)} ({described}); correct the table and column "
-            "names in the config"
+            "names (and time_zone) in the config"
         ) from exc
 
 
@@ -389,15 +486,16 @@ def _jobs_errors(name: str, jobs: JobsTable) -> contextlib.AbstractContextManage
 
 @io_task("find-stuck-jobs", timeout_seconds=60)
 def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, minutes: int) -> StuckJobs:
-    query = sql.SQL(
-        "SELECT {id} AS id, {started} AS started FROM {table} WHERE "
-        + _STUCK_WHERE
-        + " ORDER BY {started}"
-    ).format(**_jobs_sql(jobs))
+    """Jobs in the running state that started over `minutes` ago, oldest first."""
+    args = {"running": jobs.running_value, "minutes": minutes, "time_zone": jobs.time_zone}
     with connect(name, target) as conn, _jobs_errors(name, jobs):
-        rows = conn.execute(query, {"running": jobs.running_value, "minutes": minutes}).fetchall()
+        parts = _jobs_sql(jobs, TimeColumn.read(conn, jobs, jobs.started_column))
+        query = sql.SQL(
+            "SELECT {id} AS id, {age} AS age FROM {table} WHERE {stuck} ORDER BY {started}"
+        ).format(**parts)
+        rows = conn.execute(query, args).fetchall()
     return StuckJobs(
-        ids=[r["id"] for r in rows], oldest_started=rows[0]["started"] if rows else None
+        ids=[r["id"] for r in rows], oldest_seconds=float(rows[0]["age"]) if rows else None
     )
 
 
@@ -406,48 +504,52 @@ def reset_stuck_jobs(
     name: str, target: PostgresTarget, jobs: JobsTable, ids: list[Any], minutes: int
 ) -> list[Any]:
     """Back to pending, in one transaction, only rows that are still stuck; returns the ids."""
-    parts = _jobs_sql(jobs)
-    assignments = [sql.SQL("{status} = %(pending)s").format(**parts)]
-    if jobs.clear_started:
-        assignments.append(sql.SQL("{started} = NULL").format(**parts))
-    query = sql.SQL(
-        "UPDATE {table} SET {assign} WHERE {id} = ANY(%(ids)s) AND "
-        + _STUCK_WHERE
-        + " RETURNING {id} AS id"
-    ).format(assign=sql.SQL(", ").join(assignments), **parts)
+    args = {
+        "pending": jobs.pending_value,
+        "running": jobs.running_value,
+        "minutes": minutes,
+        "time_zone": jobs.time_zone,
+        "ids": ids,
+    }
     with connect(name, target, autocommit=False) as conn, _jobs_errors(name, jobs):
-        rows = conn.execute(
-            query,
-            {
-                "pending": jobs.pending_value,
-                "running": jobs.running_value,
-                "minutes": minutes,
-                "ids": ids,
-            },
-        ).fetchall()
+        parts = _jobs_sql(jobs, TimeColumn.read(conn, jobs, jobs.started_column))
+        assignments = [sql.SQL("{status} = %(pending)s").format(**parts)]
+        if jobs.clear_started:
+            assignments.append(sql.SQL("{started} = NULL").format(**parts))
+        query = sql.SQL(
+            "UPDATE {table} SET {assign} WHERE {id} = ANY(%(ids)s) AND {stuck} RETURNING {id} AS id"
+        ).format(assign=sql.SQL(", ").join(assignments), **parts)
+        rows = conn.execute(query, args).fetchall()
     return [r["id"] for r in rows]
 
 
 # --- lockout table ---------------------------------------------------------------------------
 
 
-def _lockout_query(verb: str, table: LockoutTable, subject: str | None) -> sql.Composed:
-    where = (
-        sql.SQL(" WHERE {} = %(subject)s").format(sql.Identifier(table.column))
-        if subject is not None
-        else sql.SQL("")
+def _lockout_query(
+    conn: psycopg.Connection[dict[str, Any]], verb: str, table: LockoutTable, subject: str | None
+) -> sql.Composed:
+    """Rows of the subject (all rows: None) whose lockout is still in force (expires_column
+    after now(); every row when the table has none)."""
+    where = []
+    if subject is not None:
+        where.append(sql.SQL("{} = %(subject)s").format(sql.Identifier(table.column)))
+    if table.expires_column is not None:
+        where.append(TimeColumn.read(conn, table, table.expires_column).compared(">", "now()"))
+    return sql.SQL(verb + " {}{}").format(
+        sql.Identifier(*table.table_parts),
+        sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
     )
-    return sql.SQL(verb + " {}{}").format(sql.Identifier(*table.table_parts), where)
 
 
 @io_task("count-lockout-rows", timeout_seconds=60)
 def count_lockout_rows(
     name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
 ) -> int:
+    args = {"subject": subject, "time_zone": table.time_zone}
     with connect(name, target) as conn, _lockout_errors(redis_name, table):
-        row = conn.execute(
-            _lockout_query("SELECT count(*) AS n FROM", table, subject), {"subject": subject}
-        ).fetchone()
+        query = _lockout_query(conn, "SELECT count(*) AS n FROM", table, subject)
+        row = conn.execute(query, args).fetchone()
     return int(row["n"]) if row else 0
 
 
@@ -455,16 +557,18 @@ def count_lockout_rows(
 def delete_lockout_rows(
     name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
 ) -> int:
+    args = {"subject": subject, "time_zone": table.time_zone}
     with connect(name, target, autocommit=False) as conn, _lockout_errors(redis_name, table):
-        cur = conn.execute(_lockout_query("DELETE FROM", table, subject), {"subject": subject})
+        cur = conn.execute(_lockout_query(conn, "DELETE FROM", table, subject), args)
         return cur.rowcount
 
 
 def _lockout_errors(
     redis_name: str, table: LockoutTable
 ) -> contextlib.AbstractContextManager[None]:
+    columns = ", ".join(repr(c) for c in (table.column, table.expires_column) if c)
     return _configured_table(
-        f"redis.{redis_name}.lockout_table", f"table {table.table!r}, column {table.column!r}"
+        f"redis.{redis_name}.lockout_table", f"table {table.table!r}, columns {columns}"
     )
 
 

@@ -3,7 +3,9 @@ No I/O here: everything is testable without a server."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -14,6 +16,9 @@ if TYPE_CHECKING:
     from tasks.postgres import Activity, Backend, StuckJobs, TableStats, TopQueries
     from tasks.settings import JobsTable, PostgresTarget
 
+CLIENT = "client backend"  # pg_stat_activity.backend_type of an application's session
+# Both are a transaction left open by the client; "(aborted)": one of its statements failed.
+IDLE_IN_TRANSACTION = frozenset({"idle in transaction", "idle in transaction (aborted)"})
 CONNECTIONS_WARNING = 0.8  # of max_connections; seeds 002/004: warn at 80 %, act at 90 %
 CONNECTIONS_CRITICAL = 0.9
 LISTED = 10  # ids or pids named in one message
@@ -67,7 +72,9 @@ def ineligible(b: Backend, target: PostgresTarget) -> str | None:
     """Why this backend must be left alone, or None if the runbook may end it."""
     if b.ours:
         return "the runbook's own session"
-    if b.backend_type != "client backend":
+    if b.hidden:
+        return "hidden from the runbook's role (pg_read_all_stats)"
+    if b.backend_type != CLIENT:
         return f"a {b.backend_type}, not a client backend"
     if b.superuser:
         return "a superuser's session"
@@ -86,23 +93,35 @@ def _who(b: Backend) -> str:
     return f"pid {b.pid} ({b.usename}@{b.datname}{app})"
 
 
+def quote_ident(name: str) -> str:
+    """An SQL identifier as PostgreSQL's quote_ident writes it, for a statement to copy."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
 def idle_in_transaction(activity: Activity, p: ConnectionsParams) -> list[Backend]:
+    """Client sessions idle in a transaction (aborted or not) for over the limit."""
     return [
         b
         for b in activity.backends
-        if b.state == "idle in transaction"
+        if b.backend_type == CLIENT
+        and b.state in IDLE_IN_TRANSACTION
         and b.state_change is not None
         and (activity.now - b.state_change).total_seconds() > p.idle_in_transaction_seconds
     ]
 
 
 def long_queries(activity: Activity, p: ConnectionsParams) -> list[Backend]:
-    """Active queries over the limit, leaving out the ones only waiting on a lock: they are
-    victims, and ending whoever blocks them is what helps."""
+    """Active client queries over the limit, leaving out the ones only waiting on a lock: they
+    are victims, and ending whoever blocks them is what helps. Walsenders (a replica,
+    pg_receivewal), replication and parallel workers, autovacuum and other background workers
+    are active for as long as they live: never long queries."""
     return [
         b
         for b in activity.backends
-        if b.state == "active"
+        if b.backend_type == CLIENT
+        and b.state == "active"
         and b.query_start is not None
         and not b.blocked_by
         and (activity.now - b.query_start).total_seconds() > p.long_query_seconds
@@ -112,9 +131,15 @@ def long_queries(activity: Activity, p: ConnectionsParams) -> list[Backend]:
 def connection_findings(
     target_name: str, activity: Activity, target: PostgresTarget, p: ConnectionsParams
 ) -> list[Finding]:
-    clients = [b for b in activity.backends if b.backend_type == "client backend"]
-    used = len(clients) / activity.max_connections
+    clients = [b for b in activity.backends if b.backend_type == CLIENT]
+    hidden = [b for b in activity.backends if b.hidden]
+    # A hidden row's type is hidden too: one on a database is counted as a client.
+    hidden_clients = [b for b in hidden if b.datname is not None]
+    counted = len(clients) + len(hidden_clients)
+    used = counted / activity.max_connections
     states = Counter(b.state or "unknown" for b in clients)
+    if hidden_clients:
+        states["hidden"] = len(hidden_clients)
     waits = Counter(
         f"{b.wait_event_type}/{b.wait_event}"
         for b in clients
@@ -134,12 +159,45 @@ def connection_findings(
                 if used >= CONNECTIONS_WARNING
                 else Severity.ok
             ),
-            observed=len(clients),
+            observed=counted,
             threshold=int(activity.max_connections * CONNECTIONS_WARNING),
-            message=f"{len(clients)} of max_connections {activity.max_connections} "
+            message=f"{counted} of max_connections {activity.max_connections} "
             f"({used:.0%}): {breakdown or 'none'}",
         )
     ]
+    others = Counter(
+        b.backend_type for b in activity.backends if b.backend_type not in (None, CLIENT)
+    )
+    if others:
+        senders = sorted(
+            {b.application_name or "?" for b in activity.backends if b.backend_type == "walsender"}
+        )
+        findings.append(
+            Finding(
+                check="other_backends",
+                target=target_name,
+                severity=Severity.ok,
+                observed=dict(others),
+                message="not client sessions, never counted or ended as such: "
+                + ", ".join(f"{t} {n}" for t, n in sorted(others.items()))
+                + (f" (replication: {', '.join(senders)})" if senders else ""),
+            )
+        )
+    if hidden:
+        role = quote_ident(activity.role)
+        findings.append(
+            Finding(
+                check="stats_privilege",
+                target=target_name,
+                severity=Severity.warning,
+                observed=len(hidden),
+                threshold=0,
+                message=f"{len(hidden)} backends of other roles are hidden from role "
+                f"{activity.role!r}, which lacks pg_read_all_stats: their type, state and age "
+                "cannot be read, so only the sessions of its own roles are checked and ended; "
+                f"run GRANT pg_read_all_stats TO {role}",
+            )
+        )
 
     def per_backend(check: str, found: list[Backend], since: str, limit: int, what: str) -> None:
         for b in found:
@@ -187,10 +245,12 @@ def connection_findings(
     blocked = [b for b in activity.backends if b.blocked_by]
     for b in blocked:
         blockers = "; ".join(
-            f"{_who(by_pid[pid])} {by_pid[pid].state}" if pid in by_pid else f"pid {pid}"
+            f"{_who(by_pid[pid])} {by_pid[pid].state or 'state hidden'}"
+            if pid in by_pid
+            else f"pid {pid}"
             for pid in b.blocked_by
         )
-        waited = (activity.now - b.query_start).total_seconds() if b.query_start else 0
+        waited = f" {_age((activity.now - b.query_start).total_seconds())}" if b.query_start else ""
         findings.append(
             Finding(
                 check="blocked",
@@ -198,7 +258,7 @@ def connection_findings(
                 severity=Severity.warning,
                 observed=b.blocked_by,
                 threshold=None,
-                message=f"{_who(b)} waiting {_age(waited)} on a lock held by {blockers}",
+                message=f"{_who(b)} waiting{waited} on a lock held by {blockers}",
             )
         )
     if not blocked:
@@ -276,7 +336,8 @@ def bloated(tables: list[TableStats], p: MaintenanceParams) -> list[TableStats]:
 
 def _last(*stamps: Any) -> str:
     known = [s for s in stamps if s is not None]
-    return f"{max(known):%Y-%m-%d %H:%M} UTC" if known else "never"
+    # In the session's TimeZone as read: shown in UTC whatever the server's timezone setting.
+    return f"{max(known).astimezone(UTC):%Y-%m-%d %H:%M} UTC" if known else "never"
 
 
 def maintenance_findings(
@@ -302,6 +363,19 @@ def maintenance_findings(
                     )
                     if head
                     else "pg_stat_statements has no queries for this database yet",
+                )
+            )
+        if top.hidden:
+            findings.append(
+                Finding(
+                    check="stats_privilege",
+                    target=target_name,
+                    severity=Severity.warning,
+                    observed=top.hidden,
+                    threshold=0,
+                    message=f"{top.hidden} of the top {len(top.by_total)} queries belong to "
+                    f"other roles and role {top.role!r} may not read their text (it lacks "
+                    f"pg_read_all_stats): run GRANT pg_read_all_stats TO {quote_ident(top.role)}",
                 )
             )
     else:
@@ -383,12 +457,12 @@ def plan_maintenance(
 
 
 def stuck_findings(
-    target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams, now: Any
+    target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams
 ) -> list[Finding]:
     n = len(stuck.ids)
     oldest = (
-        f"; oldest started {_age((now - stuck.oldest_started).total_seconds())} ago"
-        if stuck.oldest_started
+        f"; oldest started {_age(stuck.oldest_seconds)} ago"
+        if stuck.oldest_seconds is not None
         else ""
     )
     return [

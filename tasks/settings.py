@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from pydantic import (
@@ -59,7 +60,27 @@ class _TableRef(_Strict):
         return tuple(self.table.split("."))
 
 
-class JobsTable(_TableRef):
+class TimedTable(_TableRef):
+    """A table with a time column the runbook compares with now(). A `timestamptz` column is
+    compared as it is; a `timestamp` (without time zone) column, what Prisma's DateTime
+    makes, holds wall-clock times of time_zone (UTC unless set). The column's type is read
+    from the catalog at each run, so the server's timezone setting never changes the result."""
+
+    time_zone: str = Field("UTC", description="IANA name: UTC, Europe/Berlin, ...")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
+
+class JobsTable(TimedTable):
     """A queue of jobs kept in a table (seed 004 section 6: crawler.job)."""
 
     id_column: str = "id"
@@ -198,11 +219,14 @@ class BackupSet(_Target):
         return self
 
 
-class LockoutTable(_TableRef):
+class LockoutTable(TimedTable):
     """Lockouts also kept in PostgreSQL (seed 001: a Prisma Lockout table)."""
 
     postgres: str = Field(description="a [postgres.NAME] target")
     column: str
+    expires_column: str | None = Field(
+        None, description="when the lockout ends (lockedUntil); set: only rows still in force"
+    )
 
 
 class RedisTarget(_Target):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,27 @@ def db(pg: LocalPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setenv("RUNBOOK_CONFIG", str(database.config))
     yield database
     database.close()
+
+
+@pytest.fixture
+def role(db: Db) -> Iterator[Callable[[str], str]]:
+    """Create login roles for this test (roles are cluster-wide: unique names, dropped after)."""
+    made: list[str] = []
+
+    def create(options: str = "") -> str:
+        name = f"r_{uuid.uuid4().hex[:10]}"
+        with db.admin() as conn:
+            conn.execute(f"CREATE ROLE {name} LOGIN {options}")
+            conn.execute(f"GRANT ALL ON SCHEMA public TO {name}")
+        made.append(name)
+        return name
+
+    yield create
+    db.close()
+    with db.admin() as conn:
+        for name in made:
+            conn.execute(f"DROP OWNED BY {name}")
+            conn.execute(f"DROP ROLE {name}")
 
 
 @pytest.fixture

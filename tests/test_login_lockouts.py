@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from flows.login_lockouts import login_lockouts
 from tasks.errors import ConfigError
@@ -127,3 +129,44 @@ def test_lockout_table_must_name_a_postgres_target(inventory: Any) -> None:
     )
     with pytest.raises(ConfigError, match="not a \\[postgres"):
         login_lockouts("cache", params={"subject": "alice"})
+
+
+@pytest.mark.parametrize("server_zone", ["UTC", "Europe/Berlin", "America/New_York"])
+@pytest.mark.parametrize("column_type", ["timestamp(3)", "timestamptz(3)"])
+def test_only_lockouts_still_in_force_count_whatever_the_time_zone(
+    db: Db, redis_server: Any, server_zone: str, column_type: str
+) -> None:
+    server = redis_server()
+    now = datetime.now(UTC)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # timestamp(3): ms
+
+    def until(minutes: int) -> datetime:
+        moment = now + timedelta(minutes=minutes)
+        return moment if column_type.startswith("timestamptz") else moment.replace(tzinfo=None)
+
+    with db.admin() as conn:
+        # Prisma's Lockout: DateTime is timestamp(3) holding UTC.
+        conn.execute(f'CREATE TABLE "Lockout" ("userId" text, "lockedUntil" {column_type})')
+        conn.execute(
+            """INSERT INTO "Lockout" VALUES ('alice', %s), ('alice', %s), ('bob', %s)""",
+            [until(30), until(-30), until(30)],
+        )
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
+                sql.Identifier(db.name), sql.Literal(server_zone)
+            )
+        )
+    db.write_config(
+        f'[redis.cache]\nurl = "{server.url}"\n[redis.cache.lockout_table]\n'
+        'postgres = "main"\ntable = "Lockout"\ncolumn = "userId"\n'
+        'expires_column = "lockedUntil"\n'
+    )
+    plan = login_lockouts("cache", params={"subject": "alice"})
+    assert [f.observed for f in plan.findings] == [0, 1]  # the expired one is no lockout
+
+    report = clear(subject="alice")
+    assert report.status is RunStatus.fixed
+    assert [a.detail for a in report.actions] == ["removed 1"]
+    with db.admin() as conn:
+        left = conn.execute('SELECT "userId", "lockedUntil" FROM "Lockout" ORDER BY 1').fetchall()
+    assert left == [("alice", until(-30)), ("bob", until(30))]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from deployments.localpg import stop_process
 from flows.postgres_connections import postgres_connections
 from tasks.errors import TargetUnreachable
-from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.models import ActionStatus, RunStatus, Severity, wait_until
 from tests.conftest import Db
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -145,3 +149,87 @@ def test_refused_connection_is_a_clear_error(db: Db) -> None:
     with pytest.raises(TargetUnreachable) as caught:
         run()
     assert "127.0.0.1:1/app" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_replication_connection_of_pg_receivewal_is_not_a_long_query(
+    db: Db, role: Callable[[str], str], tmp_path: Path
+) -> None:
+    replicator = role("REPLICATION")
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    argv = [str(db.server.bindir / "pg_receivewal"), "-h", "127.0.0.1", "-p", str(db.server.port)]
+    log = tmp_path / "pg_receivewal.log"
+    with log.open("wb") as stderr:
+        receiver = subprocess.Popen(
+            [*argv, "-U", replicator, "-D", str(wal), "--no-password"], stderr=stderr
+        )
+    try:
+
+        def walsender() -> list[int]:
+            with db.admin() as conn:
+                rows = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' "
+                    "AND usename = %s AND state = 'active'",
+                    [replicator],
+                ).fetchall()
+            return [r[0] for r in rows]
+
+        assert wait_until(lambda: bool(walsender()), 30) is not None, log.read_text()
+        sender = walsender()
+        wait_past_threshold()  # streaming for longer than long_query_seconds
+
+        report = run()
+        assert report.status is RunStatus.healthy, report.findings
+        assert report.actions == []
+        found = {f.check: f for f in report.findings}
+        assert found["long_query"].severity is Severity.ok
+        assert found["other_backends"].observed["walsender"] == 1
+        assert "replication: pg_receivewal" in found["other_backends"].message
+        assert db.alive(sender) == set(sender) and receiver.poll() is None
+    finally:
+        stop_process(receiver)
+
+
+def test_idle_in_aborted_transaction_is_ended_like_idle_in_transaction(db: Db) -> None:
+    conn = db.session()
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT 1 / 0")  # the transaction stays open, aborted
+    pid = conn.info.backend_pid
+    wait_past_threshold()
+
+    plan = run(dry_run=True)
+    idle = [f for f in plan.findings if f.check == "idle_in_transaction"]
+    assert [f.severity for f in idle] == [Severity.warning] and f"pid {pid}" in idle[0].message
+    report = run()
+    assert report.status is RunStatus.fixed, report.findings
+    assert [(a.kind, a.args["pid"], a.status) for a in report.actions] == [
+        ("terminate_backend", pid, ActionStatus.done)
+    ]
+    assert db.alive([pid]) == set()
+
+
+def test_role_without_pg_read_all_stats_gets_a_warning_naming_the_grant(
+    db: Db, role: Callable[[str], str]
+) -> None:
+    runbook = role("")
+    others = db.idle_in_transaction(2)  # role app: hidden from the runbook's role
+    own = db.idle_in_transaction(1, user=runbook)
+    wait_past_threshold()
+    db.config.write_text(f'[postgres.main]\ndsn = "{db.server.dsn_for(db.name, runbook)}"\n')
+
+    report = run()
+    found = {f.check: f for f in report.findings}
+    assert found["stats_privilege"].severity is Severity.warning
+    assert found["stats_privilege"].observed >= 2  # app's sessions, and the server's processes
+    assert f"GRANT pg_read_all_stats TO {runbook}" in found["stats_privilege"].message
+    # What it may see it still handles: its own role's session is ended, the others are not.
+    assert [(a.args["pid"], a.status) for a in report.actions] == [(own[0], ActionStatus.done)]
+    assert db.alive(own + others) == set(others)
+    assert report.status is RunStatus.unhealthy
+
+    with db.admin() as conn:
+        conn.execute(f"GRANT pg_read_all_stats TO {runbook}")
+    report = run(dry_run=True)
+    assert "stats_privilege" not in {f.check for f in report.findings}
+    idle = [f for f in report.findings if f.check == "idle_in_transaction"]
+    assert len(idle) == 2 and all(f.severity is Severity.warning for f in idle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -87,3 +88,22 @@ def test_a_vacuum_that_cannot_get_its_lock_fails_clearly(db: Db) -> None:
     assert report.status is RunStatus.failed
     assert report.actions[0].status is ActionStatus.failed
     assert "lock_timeout" in report.actions[0].detail
+
+
+def test_role_that_may_not_vacuum_or_read_query_texts_is_told_the_grants(
+    db: Db, role: Callable[[str], str]
+) -> None:
+    bloat(db)  # as postgres: its table, its statements
+    runbook = role("")
+    db.config.write_text(f'[postgres.main]\ndsn = "{db.server.dsn_for(db.name, runbook)}"\n')
+
+    report = postgres_maintenance("main", dry_run=False, approval="auto")
+    found = {f.check: f for f in report.findings}
+    assert found["stats_privilege"].severity is Severity.warning
+    assert found["stats_privilege"].observed >= 1
+    assert f"GRANT pg_read_all_stats TO {runbook}" in found["stats_privilege"].message
+    # The server skips a table the role does not own with a WARNING: not "vacuumed".
+    vacuum = report.actions[0]
+    assert vacuum.status is ActionStatus.failed and report.status is RunStatus.failed
+    assert "was skipped" in vacuum.detail and "owner" in vacuum.detail
+    assert dead_tuples(db, "event") >= 20000

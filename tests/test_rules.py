@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import SecretStr
 
 from tasks.gate import approver, gate
 from tasks.models import Action, ActionStatus, Finding, RunStatus, Severity, final_status
-from tasks.postgres import Activity, Backend
+from tasks.postgres import Activity, Backend, TableStats, TopQueries
 from tasks.postgres_rules import (
     ConnectionsParams,
+    MaintenanceParams,
     connection_findings,
     ineligible,
+    maintenance_findings,
     plan_connections,
 )
 from tasks.settings import PostgresTarget
@@ -38,6 +41,7 @@ def backend(pid: int, state: str = "idle in transaction", age: int = 3600, **kw:
         "blocked_by": [],
         "superuser": False,
         "ours": False,
+        "hidden": False,
     }
     values.update(kw)
     return Backend.model_validate(values)
@@ -71,6 +75,7 @@ def test_allow_lists_narrow(field: str, value: list[str], attr: str) -> None:
 def test_plan_cancels_before_terminating_and_respects_the_cap() -> None:
     activity = Activity(
         now=NOW,
+        role="runbook",
         max_connections=100,
         backends=[
             backend(1),
@@ -93,6 +98,7 @@ def test_plan_cancels_before_terminating_and_respects_the_cap() -> None:
 def test_connection_findings_name_blockers_and_usage() -> None:
     activity = Activity(
         now=NOW,
+        role="runbook",
         max_connections=4,
         backends=[
             backend(1),
@@ -120,6 +126,57 @@ def test_connection_findings_name_blockers_and_usage() -> None:
         if f.check == "blocked"
     )
     assert blocked.observed == [1] and "pid 1" in blocked.message
+
+
+@pytest.mark.parametrize(
+    "backend_type",
+    [
+        "walsender",
+        "logical replication worker",
+        "parallel worker",
+        "autovacuum worker",
+        "background worker",
+    ],
+)
+def test_backends_that_are_not_client_sessions_are_never_long_queries(backend_type: str) -> None:
+    old = backend(1, state="active", age=86400 * 3, backend_type=backend_type)
+    idle = backend(2, age=86400 * 3, backend_type=backend_type)
+    activity = Activity(now=NOW, role="runbook", max_connections=2, backends=[old, idle])
+    findings = connection_findings("main", activity, TARGET, ConnectionsParams())
+    assert {f.check: f.severity for f in findings} == {
+        "connections": Severity.ok,
+        "other_backends": Severity.ok,
+        "idle_in_transaction": Severity.ok,
+        "long_query": Severity.ok,
+        "blocked": Severity.ok,
+    }
+    assert next(f for f in findings if f.check == "other_backends").observed == {backend_type: 2}
+    assert plan_connections("main", activity, TARGET, ConnectionsParams()) == []
+
+
+def test_hidden_rows_are_a_warning_naming_the_grant() -> None:
+    hidden = {
+        k: None for k in ("backend_type", "state", "backend_start", "xact_start", "query_start")
+    }
+    activity = Activity(
+        now=NOW,
+        role="Ops Bot",
+        max_connections=10,
+        backends=[
+            backend(1, state="idle in transaction (aborted)"),
+            backend(2, hidden=True, state_change=None, **hidden),
+            backend(3, hidden=True, datname=None, usename=None, state_change=None, **hidden),
+        ],
+    )
+    findings = {
+        f.check: f for f in connection_findings("main", activity, TARGET, ConnectionsParams())
+    }
+    assert findings["stats_privilege"].severity is Severity.warning
+    assert findings["stats_privilege"].observed == 2
+    assert 'GRANT pg_read_all_stats TO "Ops Bot"' in findings["stats_privilege"].message
+    assert findings["connections"].observed == 2  # pid 1, and pid 2 on a database
+    actions = plan_connections("main", activity, TARGET, ConnectionsParams())
+    assert [(a.kind, a.args["pid"]) for a in actions] == [("terminate_backend", 1)]
 
 
 def action(destructive: bool = True) -> Action:
@@ -163,3 +220,26 @@ def test_final_status() -> None:
     assert final_status(bad, bad, [done]) is RunStatus.unhealthy
     assert final_status(bad, bad, [action()]) is RunStatus.unhealthy
     assert final_status(bad, ok, [done, failed]) is RunStatus.failed
+
+
+def test_vacuum_times_are_shown_in_utc_whatever_the_session_time_zone() -> None:
+    # psycopg returns timestamptz in the session's TimeZone: the server's setting.
+    kolkata = datetime(2026, 11, 23, 8, 30, tzinfo=ZoneInfo("Asia/Kolkata"))
+    table = TableStats(
+        schema_name="public",
+        table="event",
+        live_tuples=10,
+        dead_tuples=5000,
+        last_vacuum=kolkata,
+        last_autovacuum=None,
+        last_analyze=None,
+        last_autoanalyze=None,
+        table_bytes=1,
+        index_bytes=1,
+        total_bytes=2,
+    )
+    findings = maintenance_findings(
+        "main", [table], TopQueries(available=False), MaintenanceParams()
+    )
+    dead = next(f for f in findings if f.check == "dead_tuples")
+    assert "last vacuum 2026-11-23 03:00 UTC" in dead.message

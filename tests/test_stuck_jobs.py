@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
 import pytest
+from psycopg import sql
 
 from flows.stuck_jobs import stuck_jobs
 from tasks.errors import ConfigError
@@ -101,4 +107,100 @@ def test_hostile_identifiers_are_quoted_never_executed(db: Db, extra: str) -> No
 
 def test_target_without_jobs_table(db: Db) -> None:
     with pytest.raises(ConfigError, match=r"add \[postgres\.main\.jobs\]"):
+        stuck_jobs("main")
+
+
+def server_time_zone(db: Db, zone: str, scope: str) -> None:
+    """Set the server's timezone for new sessions on this database, as an operator would."""
+    with db.admin() as conn:
+        where = "DATABASE" if scope == "database" else "ROLE postgres IN DATABASE"
+        conn.execute(
+            sql.SQL("ALTER " + where + " {} SET timezone = {}").format(
+                sql.Identifier(db.name), sql.Literal(zone)
+            )
+        )
+    with db.admin() as conn:
+        assert conn.execute("SHOW timezone").fetchone() == (zone,)
+
+
+def prisma_jobs(db: Db, column_type: str, zone: str = "UTC") -> None:
+    """Prisma's DateTime: timestamp(3) without time zone holding wall-clock times of `zone`
+    (UTC for Prisma); or a timestamptz, for comparison."""
+    now = datetime.now(UTC)
+
+    def at(minutes_ago: int) -> datetime:
+        moment = (now - timedelta(minutes=minutes_ago)).astimezone(ZoneInfo(zone))
+        return moment if column_type.startswith("timestamptz") else moment.replace(tzinfo=None)
+
+    with db.admin() as conn:
+        conn.execute("CREATE SCHEMA crawler")
+        conn.execute(
+            f"CREATE TABLE crawler.job (id text PRIMARY KEY, status text, startedat {column_type})"
+        )
+        conn.execute(
+            "INSERT INTO crawler.job VALUES ('recent', 'running', %s), ('stale', 'running', %s)",
+            [at(10), at(45)],
+        )
+
+
+def job_rows(db: Db) -> dict[str, tuple[str, Any]]:
+    with db.admin() as conn:
+        return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT * FROM crawler.job")}
+
+
+@pytest.mark.parametrize("column_type", ["timestamp(3)", "timestamptz(3)"])
+@pytest.mark.parametrize(
+    ("scope", "zone"),
+    [
+        ("database", "UTC"),
+        ("database", "Europe/Berlin"),
+        ("database", "America/New_York"),
+        ("role", "America/New_York"),
+        ("role", "Asia/Kathmandu"),
+    ],
+)
+def test_prisma_timestamps_whatever_the_server_time_zone(
+    db: Db, column_type: str, scope: str, zone: str
+) -> None:
+    prisma_jobs(db, column_type)
+    server_time_zone(db, zone, scope)
+    db.write_config(JOBS)
+    before = job_rows(db)
+
+    plan = stuck_jobs("main")
+    assert plan.status is RunStatus.unhealthy
+    assert plan.findings[0].observed == 1
+    assert plan.actions[0].args["ids"] == ["stale"]
+    # 45 minutes and the few seconds (or minutes, on a busy machine) since
+    assert re.search(r"oldest started 4[5-9] min ago", plan.findings[0].message)
+
+    report = stuck_jobs("main", dry_run=False, approval="auto")
+    assert report.status is RunStatus.fixed, report.findings
+    assert report.actions[0].detail == "reset 1 jobs: ids stale"
+    assert job_rows(db) == {"stale": ("pending", None), "recent": before["recent"]}
+
+
+def test_naive_times_of_another_zone_with_time_zone_set(db: Db) -> None:
+    prisma_jobs(db, "timestamp(3)", zone="Europe/Berlin")
+    server_time_zone(db, "America/New_York", "database")
+    db.write_config(JOBS + 'time_zone = "Europe/Berlin"\n')
+
+    report = stuck_jobs("main", dry_run=False, approval="auto")
+    assert report.actions[0].detail == "reset 1 jobs: ids stale"
+    assert job_rows(db)["recent"][0] == "running"
+
+
+def test_started_column_that_is_not_a_time_is_a_config_error(db: Db) -> None:
+    with db.admin() as conn:
+        conn.execute("CREATE TABLE job (id int, status text, startedat text)")
+    db.write_config('[postgres.main.jobs]\ntable = "job"\n')
+    with pytest.raises(
+        ConfigError, match=r"'startedat' of 'job' is text: .*timestamp or timestamptz"
+    ):
+        stuck_jobs("main")
+
+
+def test_unknown_time_zone_is_refused_at_load(db: Db) -> None:
+    db.write_config(JOBS + 'time_zone = "Mars/Olympus"\n')
+    with pytest.raises(ConfigError, match=r"postgres\.main\.jobs\.time_zone: .*unknown time zone"):
         stuck_jobs("main")
