@@ -7,9 +7,8 @@ flow run with its logs, artifacts and states; only the execution differs: this p
 has the flows imported, claims a due run (Pending) and runs it on one of `max_runs` threads.
 
 Each poll (every `poll_seconds`):
-1. runs of ours that someone set Cancelling (the UI's Cancel) are asked to stop: a queued one
-   at once, a running one at its next task call (tasks.engine.request_cancel); they end
-   Cancelled;
+1. runs of ours that someone set Cancelling (the UI's Cancel) are asked to stop at their next
+   task call (tasks.engine.request_cancel), and end Cancelled;
 2. the due runs of every served deployment are read, oldest first. A scheduled check is
    skipped, ending Cancelled with the state name "Skipped", when a newer scheduled run of the
    same deployment is also due (it supersedes it) or when it is late by more than its
@@ -17,8 +16,11 @@ Each poll (every `poll_seconds`):
    Manual runs (from the UI or `run_deployment`) are never skipped. A deployment runs one run
    at a time: two remediations of one target never overlap.
 
-On stop, runs not begun are left Scheduled for the next start (or skipped by it as late), runs
-in flight are asked to stop at their next task and awaited for `grace_seconds`, and the served
+Alert runs that the receiver creates Pending come in through submit() and share the threads.
+
+On stop, due runs not claimed are left Scheduled for the next start (or skipped by it as late),
+runs in flight are asked to stop at their next task and awaited for `grace_seconds`, runs
+queued for a thread end Cancelled, and the served
 deployments are paused, which makes Prefect's server delete their future scheduled runs (as
 Prefect's own `serve` does); the next start resumes them. Runs a previous serve left Pending or
 Running (killed, or the machine rebooted) are marked Crashed at start, with the reason.
