@@ -200,6 +200,8 @@ class InProcessRunner:
         self._active: dict[UUID, UUID] = {}
         self._futures: dict[UUID, Future[None]] = {}
         self._stop = threading.Event()
+        # Set when a run ends (a thread is free) or on stop: the next poll comes at once.
+        self._wake = threading.Event()
         quiet_thread_timeout_notice()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -264,7 +266,8 @@ class InProcessRunner:
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
                     print(f"runner poll failed ({failures}x): {type(exc).__name__}: {exc}")
-            self._stop.wait(self.poll_seconds)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
 
     def poll(self, client: SyncPrefectClient) -> None:
         self._watch_cancelling(client)
@@ -375,12 +378,14 @@ class InProcessRunner:
                 with self._lock:
                     self._active.pop(run.id, None)
                     self._futures.pop(run.id, None)
+                self._wake.set()
 
     # -- stop -------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """End serve()'s loop at its next wait (safe from a signal handler)."""
         self._stop.set()
+        self._wake.set()
 
     def stop(self, client: SyncPrefectClient, grace_seconds: float = 15) -> None:
         """Stop polling, ask the runs in flight to stop at their next task, wait for them up
@@ -388,7 +393,7 @@ class InProcessRunner:
         by the server). Runs queued and not begun end Cancelled."""
         from prefect.states import Cancelled
 
-        self._stop.set()
+        self.request_stop()
         with self._lock:
             active = list(self._active)
         for run_id in active:
