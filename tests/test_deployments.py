@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -160,6 +161,10 @@ def test_serve_runs_the_sandbox_in_process_and_sigterm_stops_it(tmp_path: Path) 
     assert session_processes(proc.pid) == []
     assert list(tmp.iterdir()) == []  # the sandbox and the server's log removed
     tmp.rmdir()
+    # The deployments were paused: no scheduled run is left to make the next start spin.
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        left = db.execute("SELECT count(*) FROM flow_run WHERE state_type = 'SCHEDULED'")
+        assert left.fetchone() == (0,)
 
 
 def session_processes(sid: int) -> list[str]:
