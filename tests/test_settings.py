@@ -49,6 +49,11 @@ def test_environment_overrides_the_file_and_merges(
             "unknown idle_seconds",
         ),
         ('[nosuch.x]\nurl = "h"\n', "nosuch: Extra inputs"),
+        (
+            '[services.api]\nkind = "systemd"\nunit = "api"\n'
+            "[services.api.thresholds]\nhost_memory_percent = 50\n",
+            "unknown host_memory_percent; known: cpu_percent, memory_percent",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
