@@ -5,16 +5,30 @@ refused) and a PostgreSQL that refuses writes, with the findings asserted."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from bullmq import Queue
+from psycopg import sql
 
+from deployments.localpg import LocalPostgres
 from flows.login_lockouts import login_lockouts
+from flows.postgres_connections import postgres_connections
+from flows.postgres_down import postgres_down
+from flows.postgres_maintenance import postgres_maintenance
+from flows.pre_change_backup import pre_change_backup
 from flows.queue_backlog import queue_backlog
 from flows.redis_health import redis_health
+from flows.restore_drill import restore_drill
+from flows.stuck_jobs import stuck_jobs
 from tasks.models import ActionStatus, RunStatus, Severity
+from tests.conftest import APP_ROLE, Db
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -102,3 +116,160 @@ def test_login_lockouts_are_counted_and_cleared_on_a_full_redis(
     assert report.status is RunStatus.fixed
     with server.client() as r:
         assert sorted(r.scan_iter(match="login_attempt:*")) == ["login_attempt:bob"]
+
+
+# --- PostgreSQL that refuses writes ----------------------------------------------------------
+
+
+def make_incidents(dsn: str) -> None:
+    """Two jobs stuck 'running' for hours (ids 1 and 2) beside a fresh one and a pending one,
+    and a table with half its tuples dead."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE job (id int PRIMARY KEY, status text, startedat timestamptz)")
+        conn.execute(
+            "INSERT INTO job VALUES (1, 'running', now() - interval '2 hours'), "
+            "(2, 'running', now() - interval '3 hours'), (3, 'running', now()), "
+            "(4, 'pending', NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE event (id int PRIMARY KEY, payload text) "
+            "WITH (autovacuum_enabled = false)"
+        )
+        conn.execute("INSERT INTO event SELECT g, 'x' FROM generate_series(1, 20000) g")
+        conn.execute("DELETE FROM event WHERE id % 2 = 0")
+        conn.execute(f"GRANT SELECT ON job, event TO {APP_ROLE}")
+
+
+def refuses_writes(dsn: str) -> None:
+    with (
+        psycopg.connect(dsn, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
+    ):
+        conn.execute("INSERT INTO job VALUES (5, 'pending', NULL)")
+
+
+def idle_in_transaction(dsn: str, n: int) -> list[psycopg.Connection[Any]]:
+    sessions = []
+    for _ in range(n):
+        conn = psycopg.connect(dsn, application_name="web")
+        conn.execute("SELECT count(*) FROM job")  # opens the transaction and leaves it open
+        sessions.append(conn)
+    threading.Event().wait(1.5)  # past the 1 s threshold the runbook is given
+    return sessions
+
+
+def assert_read_only_diagnosis(idle_pids: set[int]) -> None:
+    """What each PostgreSQL runbook's diagnosis finds on the server in the inventory as
+    [postgres.main], with make_incidents' data and the given sessions idle in transaction."""
+    connections = postgres_connections("main", params={"idle_in_transaction_seconds": 1})
+    idle = [f for f in connections.findings if f.check == "idle_in_transaction"]
+    assert {f.observed for f in idle} and len(idle) == len(idle_pids)
+    assert {a.args["pid"] for a in connections.actions} == idle_pids
+    assert connections.status is RunStatus.unhealthy
+
+    jobs = stuck_jobs("main")
+    assert by_check(jobs)["stuck_jobs"].observed == 2
+    assert jobs.actions[0].args["ids"] == [2, 1]  # oldest first
+
+    down = postgres_down("main")
+    assert by_check(down)["reachable"].observed is True and down.status is RunStatus.healthy
+
+    maintenance = postgres_maintenance("main")
+    sizes = by_check(maintenance)["table_sizes"].observed
+    assert {t["table"] for t in sizes} == {"public.job", "public.event"}
+    assert by_check(maintenance)["top_queries_total"].severity is Severity.ok
+
+
+@pytest.fixture
+def read_only(db: Db) -> Iterator[Db]:
+    make_incidents(db.dsn)
+    with db.admin() as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                sql.Identifier(db.name)
+            )
+        )
+    refuses_writes(db.dsn)
+    db.write_config('[postgres.main.jobs]\ntable = "job"\n')
+    yield db
+
+
+def test_postgres_diagnosis_on_a_read_only_database(read_only: Db) -> None:
+    sessions = idle_in_transaction(read_only.server.dsn_for(read_only.name, APP_ROLE), 2)
+    pids = {conn.info.backend_pid for conn in sessions}
+    assert_read_only_diagnosis(pids)
+    # On the primary the dead tuples are counted: the bloated table is found.
+    dead = by_check(postgres_maintenance("main"))["dead_tuples"]
+    assert dead.severity is Severity.warning and dead.message.startswith("public.event: 10000")
+    # Ending sessions is no write: it works on a read-only database too.
+    report = postgres_connections(
+        "main", dry_run=False, approval="auto", params={"idle_in_transaction_seconds": 1}
+    )
+    assert report.status is RunStatus.fixed and read_only.alive(list(pids)) == set()
+    for conn in sessions:
+        conn.close()
+
+
+def test_backup_runbooks_read_a_read_only_database(read_only: Db, tmp_path: Path) -> None:
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    read_only.write_config(
+        f'[postgres.scratch]\ndsn = "{read_only.server.dsn_for("postgres")}"\n'
+        f'[backups.app]\ndirectory = "{folder}"\ndatabase = "main"\nscratch = "scratch"\n'
+        'checks = ["SELECT count(*) = 10000 FROM event"]\n'
+    )
+    dump = pre_change_backup("app", dry_run=False, approval="auto")
+    assert dump.status is RunStatus.healthy, dump.findings
+    assert [p.suffix for p in sorted(folder.iterdir())] == [".dump", ".sha256"]
+    drill = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(drill)
+    assert drill.status is RunStatus.healthy, drill.findings
+    assert found["check-1"].observed is True
+    assert found["tables"].observed == found["tables"].threshold == 2
+
+
+@pytest.fixture
+def standby(inventory: Any) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
+    """A primary with the incidents, and a hot standby of it made by pg_basebackup -R: in
+    recovery, every write refused. The inventory's [postgres.main] is the standby."""
+    primary = LocalPostgres().start()
+    replica = LocalPostgres()
+    try:
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
+        primary.create_database("app")
+        make_incidents(primary.dsn_for("app"))
+        subprocess.run(
+            [
+                *replica._as,
+                str(replica.bindir / "pg_basebackup"),
+                f"--dbname={primary.dsn}",
+                f"--pgdata={replica.data}",
+                "--write-recovery-conf",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        replica.start()
+        with psycopg.connect(replica.dsn_for("app")) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        refuses_writes(replica.dsn_for("app"))
+        inventory(
+            f'[postgres.main]\ndsn = "{replica.dsn_for("app")}"\n'
+            '[postgres.main.jobs]\ntable = "job"\n'
+        )
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_postgres_diagnosis_on_a_hot_standby(standby: tuple[LocalPostgres, LocalPostgres]) -> None:
+    _, replica = standby
+    sessions = idle_in_transaction(replica.dsn_for("app", APP_ROLE), 2)
+    assert_read_only_diagnosis({conn.info.backend_pid for conn in sessions})
+    for conn in sessions:
+        conn.close()
