@@ -5,7 +5,9 @@ refused) and a PostgreSQL that refuses writes, with the findings asserted."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ from flows.restore_drill import restore_drill
 from flows.stuck_jobs import stuck_jobs
 from tasks.models import ActionStatus, RunStatus, Severity
 from tests.conftest import APP_ROLE, Db
+from tests.test_postgres_down import config as pg_down_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -273,3 +276,51 @@ def test_postgres_diagnosis_on_a_hot_standby(standby: tuple[LocalPostgres, Local
     assert_read_only_diagnosis({conn.info.backend_pid for conn in sessions})
     for conn in sessions:
         conn.close()
+
+
+# --- a full disk -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 64 MiB filesystem (tmpfs) that is the temp directory: a PostgreSQL is put on it by
+    the test, then it is filled to the last byte."""
+    mount = Path(tempfile.mkdtemp(prefix="runbook-disk-"))  # outside pytest's 0700 tmp_path
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(mount))
+    monkeypatch.setenv("TMPDIR", str(mount))
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+        mount.rmdir()
+
+
+def fill_disk(mount: Path) -> None:
+    with (mount / "filler").open("wb") as out, pytest.raises(OSError, match="No space left"):
+        while True:
+            out.write(b"\0" * 2**20)
+            out.flush()
+
+
+def test_postgres_down_reads_status_and_logs_on_a_full_disk(
+    full_disk: Path, inventory: Any
+) -> None:
+    victim = LocalPostgres().start()
+    try:
+        assert victim.dir.is_relative_to(full_disk)
+        inventory(pg_down_config(victim))
+        victim.stop(remove=False)
+        fill_disk(full_disk)
+        assert shutil.disk_usage(full_disk).free < 2**16
+        plan = postgres_down("main")
+    finally:
+        victim.stop()
+    found = by_check(plan)
+    assert found["reachable"].severity is Severity.critical
+    assert found["disk"].severity is Severity.critical and found["disk"].observed >= 99.9
+    # The status and logs commands' output needs no disk space on the way to the report.
+    assert found["service"].observed == "stopped"
+    assert "no server running" in found["service"].message
+    assert any("database system is shut down" in line for line in found["logs"].observed)
+    assert plan.actions[0].status is ActionStatus.planned
