@@ -468,6 +468,36 @@ def _lockout_errors(
     )
 
 
+# --- writability -------------------------------------------------------------------------------
+
+
+class Writability(BaseModel):
+    in_recovery: bool
+    read_only: bool
+
+    @property
+    def refusal(self) -> str | None:
+        """Why this server refuses writes, or None when it takes them."""
+        if self.in_recovery:
+            return "it is a standby in recovery (pg_is_in_recovery()): writes go to the primary"
+        if self.read_only:
+            return "default_transaction_read_only is on"
+        return None
+
+
+@io_task("read-writability", timeout_seconds=30)
+def read_writability(name: str, target: PostgresTarget) -> Writability:
+    """Whether the target takes writes: read before planning changes a standby (or a database
+    set read-only) would refuse, so they are skipped with the reason instead of failing."""
+    with connect(name, target) as conn:
+        row = conn.execute(
+            "SELECT pg_is_in_recovery() AS in_recovery, "
+            "current_setting('transaction_read_only')::bool AS read_only"
+        ).fetchone()
+    assert row is not None
+    return Writability(**row)
+
+
 # --- reachability ------------------------------------------------------------------------------
 
 

@@ -161,26 +161,37 @@ def idle_in_transaction(dsn: str, n: int) -> list[psycopg.Connection[Any]]:
     return sessions
 
 
-def assert_read_only_diagnosis(idle_pids: set[int]) -> None:
-    """What each PostgreSQL runbook's diagnosis finds on the server in the inventory as
-    [postgres.main], with make_incidents' data and the given sessions idle in transaction."""
+def assert_read_only_diagnosis(idle_pids: set[int], refusal: str, standby: bool) -> None:
+    """What each PostgreSQL runbook finds on the server in the inventory as [postgres.main],
+    with make_incidents' data and the given sessions idle in transaction: the same as on a
+    primary that takes writes, and the changes it refuses skipped, saying why."""
     connections = postgres_connections("main", params={"idle_in_transaction_seconds": 1})
     idle = [f for f in connections.findings if f.check == "idle_in_transaction"]
-    assert {f.observed for f in idle} and len(idle) == len(idle_pids)
+    assert {f.severity for f in idle} == {Severity.warning} and len(idle) == len(idle_pids)
     assert {a.args["pid"] for a in connections.actions} == idle_pids
     assert connections.status is RunStatus.unhealthy
 
-    jobs = stuck_jobs("main")
+    jobs = stuck_jobs("main", dry_run=False, approval="auto")
     assert by_check(jobs)["stuck_jobs"].observed == 2
-    assert jobs.actions[0].args["ids"] == [2, 1]  # oldest first
+    assert "ids 2, 1" in by_check(jobs)["stuck_jobs"].message  # oldest first
+    assert jobs.actions[0].status is ActionStatus.skipped
+    assert jobs.actions[0].detail.startswith(f"the server refuses writes: {refusal}")
+    assert jobs.status is RunStatus.unhealthy
 
     down = postgres_down("main")
     assert by_check(down)["reachable"].observed is True and down.status is RunStatus.healthy
 
     maintenance = postgres_maintenance("main")
-    sizes = by_check(maintenance)["table_sizes"].observed
-    assert {t["table"] for t in sizes} == {"public.job", "public.event"}
-    assert by_check(maintenance)["top_queries_total"].severity is Severity.ok
+    found = by_check(maintenance)
+    assert {t["table"] for t in found["table_sizes"].observed} == {"public.job", "public.event"}
+    assert found["top_queries_total"].severity is Severity.ok
+    if standby:  # its dead-tuple counts are its own: it says so instead of "no bloat"
+        assert found["recovery"].severity is Severity.warning
+        assert maintenance.actions == [] and maintenance.status is RunStatus.unhealthy
+    else:  # counted where they are made: the bloated table is found
+        assert "recovery" not in found
+        assert found["dead_tuples"].severity is Severity.warning
+        assert found["dead_tuples"].message.startswith("public.event: 10000 dead")
 
 
 @pytest.fixture
@@ -200,10 +211,7 @@ def read_only(db: Db) -> Iterator[Db]:
 def test_postgres_diagnosis_on_a_read_only_database(read_only: Db) -> None:
     sessions = idle_in_transaction(read_only.server.dsn_for(read_only.name, APP_ROLE), 2)
     pids = {conn.info.backend_pid for conn in sessions}
-    assert_read_only_diagnosis(pids)
-    # On the primary the dead tuples are counted: the bloated table is found.
-    dead = by_check(postgres_maintenance("main"))["dead_tuples"]
-    assert dead.severity is Severity.warning and dead.message.startswith("public.event: 10000")
+    assert_read_only_diagnosis(pids, "default_transaction_read_only is on", standby=False)
     # Ending sessions is no write: it works on a read-only database too.
     report = postgres_connections(
         "main", dry_run=False, approval="auto", params={"idle_in_transaction_seconds": 1}
@@ -211,6 +219,29 @@ def test_postgres_diagnosis_on_a_read_only_database(read_only: Db) -> None:
     assert report.status is RunStatus.fixed and read_only.alive(list(pids)) == set()
     for conn in sessions:
         conn.close()
+
+
+def test_lockout_rows_on_a_read_only_database_are_counted_not_deleted(
+    read_only: Db, redis_server: Any
+) -> None:
+    server = redis_server()
+    with server.client() as r:
+        r.set("login_attempt:alice", 5)
+    with read_only.admin() as conn:
+        conn.execute("SET default_transaction_read_only = off")  # the app's own data, made
+        conn.execute('CREATE TABLE "Lockout" ("userId" text)')
+        conn.execute("""INSERT INTO "Lockout" VALUES ('alice'), ('alice'), ('bob')""")
+    read_only.write_config(
+        f'[redis.cache]\nurl = "{server.url}"\n[redis.cache.lockout_table]\n'
+        'postgres = "main"\ntable = "Lockout"\ncolumn = "userId"\n'
+    )
+    report = login_lockouts("cache", dry_run=False, approval="auto", params={"subject": "alice"})
+    assert [f.observed for f in report.findings] == [0, 2]  # the keys went, the rows could not
+    keys, rows = report.actions
+    assert keys.status is ActionStatus.done and keys.detail == "removed 1"
+    assert rows.status is ActionStatus.skipped
+    assert "refuses writes: default_transaction_read_only is on" in rows.detail
+    assert report.status is RunStatus.unhealthy
 
 
 def test_backup_runbooks_read_a_read_only_database(read_only: Db, tmp_path: Path) -> None:
@@ -273,7 +304,8 @@ def standby(inventory: Any) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
 def test_postgres_diagnosis_on_a_hot_standby(standby: tuple[LocalPostgres, LocalPostgres]) -> None:
     _, replica = standby
     sessions = idle_in_transaction(replica.dsn_for("app", APP_ROLE), 2)
-    assert_read_only_diagnosis({conn.info.backend_pid for conn in sessions})
+    pids = {conn.info.backend_pid for conn in sessions}
+    assert_read_only_diagnosis(pids, "it is a standby in recovery", standby=True)
     for conn in sessions:
         conn.close()
 
