@@ -72,12 +72,9 @@ def login_lockouts(
         for f in before
         if f.observed
     ]
-    refusal = (
-        read_writability(pg_name, pg).refusal
-        if pg_name and pg and any(a.kind == "clear_lockout_rows" for a in actions)
-        else None
-    )
-    for action in (a for a in actions if refusal and a.kind == "clear_lockout_rows"):
+    rows = [a for a in actions if a.kind == "clear_lockout_rows"]
+    refusal = read_writability(pg_name, pg).refusal if rows and pg_name and pg else None
+    for action in rows if refusal else []:
         action.status = ActionStatus.skipped
         action.detail = f"postgres {pg_name} refuses writes: {refusal}; delete them on the primary"
     # 3. gate

@@ -479,7 +479,7 @@ class Writability(BaseModel):
     def refusal(self) -> str | None:
         """Why this server refuses writes, or None when it takes them."""
         if self.in_recovery:
-            return "it is a standby in recovery (pg_is_in_recovery()): writes go to the primary"
+            return "it is a standby in recovery (pg_is_in_recovery())"
         if self.read_only:
             return "default_transaction_read_only is on"
         return None

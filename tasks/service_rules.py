@@ -30,8 +30,10 @@ class ServiceHealthParams(Params):
 
 
 class ResourceParams(Params):
-    """memory_percent and cpu_percent are a service's (and may be set per service under its
-    `thresholds`); the host's memory and load have limits of their own."""
+    """memory_percent (of its memory limit, or of the host's memory) and cpu_percent are a
+    service's, and may be set per service under its `thresholds`; the host has its own:
+    host_memory_percent of its memory in use, host_load_per_cpu for the 1-minute load average
+    divided by its CPUs."""
 
     memory_percent: float = Field(90, gt=0, le=100)
     cpu_percent: float = Field(90, gt=0, le=10_000)
