@@ -6,6 +6,7 @@ psycopg.sql.Identifier; signals and VACUUM run in autocommit."""
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -501,9 +502,19 @@ def read_writability(name: str, target: PostgresTarget) -> Writability:
 # --- reachability ------------------------------------------------------------------------------
 
 
+# The server's own refusals (SQLSTATE 57P03, which libpq does not hand over for a connection)
+# while it starts up, replays WAL after a crash, or is a standby with hot_standby off.
+_NOT_ACCEPTING = re.compile(
+    r"the database system is (starting up|in recovery mode|not (yet )?accepting connections)"
+)
+
+
 class Probe(BaseModel):
     ok: bool
     transient: bool = True  # False: credentials or database wrong; a restart will not help
+    # True: the server is up but not accepting connections yet; a restart would only begin its
+    # start-up (and crash recovery) again.
+    recovering: bool = False
     error: str = ""
     ms: float | None = None
 
@@ -517,7 +528,8 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
         with connect(name, target, statement_timeout_s=5) as conn:
             conn.execute("SELECT 1")
     except TargetUnreachable as exc:
-        return Probe(ok=False, transient=exc.transient, error=str(exc))
+        recovering = _NOT_ACCEPTING.search(str(exc)) is not None
+        return Probe(ok=False, transient=exc.transient, recovering=recovering, error=str(exc))
     except TargetError as exc:
         return Probe(ok=False, error=str(exc))
     return Probe(ok=True, ms=(time.perf_counter() - start) * 1000)

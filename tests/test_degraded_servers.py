@@ -263,6 +263,24 @@ def test_backup_runbooks_read_a_read_only_database(read_only: Db, tmp_path: Path
     assert found["tables"].observed == found["tables"].threshold == 2
 
 
+def basebackup(primary: LocalPostgres, replica: LocalPostgres) -> None:
+    """The replica's data directory made a standby of the primary, as pg_basebackup -R does."""
+    subprocess.run(
+        [
+            *replica._as,
+            str(replica.bindir / "pg_basebackup"),
+            f"--dbname={primary.dsn}",
+            f"--pgdata={replica.data}",
+            "--write-recovery-conf",
+            "--checkpoint=fast",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture
 def standby(inventory: Any) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
     """A primary with the incidents, and a hot standby of it made by pg_basebackup -R: in
@@ -274,20 +292,7 @@ def standby(inventory: Any) -> Iterator[tuple[LocalPostgres, LocalPostgres]]:
             conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
         primary.create_database("app")
         make_incidents(primary.dsn_for("app"))
-        subprocess.run(
-            [
-                *replica._as,
-                str(replica.bindir / "pg_basebackup"),
-                f"--dbname={primary.dsn}",
-                f"--pgdata={replica.data}",
-                "--write-recovery-conf",
-                "--checkpoint=fast",
-                "--no-sync",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        basebackup(primary, replica)
         replica.start()
         with psycopg.connect(replica.dsn_for("app")) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
@@ -309,6 +314,31 @@ def test_postgres_diagnosis_on_a_hot_standby(standby: tuple[LocalPostgres, Local
     assert_read_only_diagnosis(pids, "it is a standby in recovery", standby=True)
     for conn in sessions:
         conn.close()
+
+
+def test_postgres_down_does_not_restart_a_server_that_is_recovering(inventory: Any) -> None:
+    # A standby with hot_standby off: up and replaying WAL, refusing every connection with
+    # "the database system is not accepting connections", as a server in crash recovery does.
+    primary = LocalPostgres().start()
+    replica = LocalPostgres()
+    try:
+        basebackup(primary, replica)
+        with (replica.data / "postgresql.auto.conf").open("a") as conf:
+            conf.write("hot_standby = off\n")
+        replica.start()
+        started = (replica.data / "postmaster.pid").read_text().split()[0]
+        inventory(pg_down_config(replica))
+        report = postgres_down("main", dry_run=False, approval="auto")
+        found = by_check(report)
+        assert found["reachable"].severity is Severity.critical
+        assert "not accepting connections" in found["reachable"].message
+        assert "not restarted" in found["reachable"].message
+        assert found["service"].severity is Severity.ok and found["service"].observed == "running"
+        assert report.actions == [] and report.status is RunStatus.unhealthy
+        assert (replica.data / "postmaster.pid").read_text().split()[0] == started
+    finally:
+        replica.stop()
+        primary.stop()
 
 
 # --- a full disk -----------------------------------------------------------------------------
