@@ -26,8 +26,12 @@ from tasks.settings import JobsTable, LockoutTable, PostgresTarget
 CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
 CANCELLED = "cancelled"
-# SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
+# SQLSTATEs where connecting again cannot help: bad password or role, unknown database. libpq
+# gives no SQLSTATE for a refused connection, so its message is read too.
 _PERMANENT = {"28P01", "28000", "3D000"}
+_REFUSED = re.compile(
+    r'authentication failed|no pg_hba\.conf entry|(role|database) ".*" does not exist'
+)
 # The server is shutting down or restarting under us: worth another try.
 _SHUTDOWN = {"57P01", "57P02", "57P03"}
 
@@ -55,7 +59,7 @@ def connect(
             row_factory=dict_row,
         )
     except psycopg.OperationalError as exc:
-        permanent = exc.sqlstate in _PERMANENT
+        permanent = exc.sqlstate in _PERMANENT or _REFUSED.search(str(exc)) is not None
         fix = (
             "check the credentials and database name in its dsn"
             if permanent
