@@ -40,7 +40,7 @@ def main() -> None:
                 host="127.0.0.1", port=port, server_name="app.test", ca_file=str(ca.pem)
             )
         start = time.perf_counter()
-        concurrent = read_served_certificates.fn(endpoints, args.timeout)
+        concurrent = read_served_certificates.fn(endpoints, dict.fromkeys(endpoints, args.timeout))
         concurrent_s = time.perf_counter() - start
         start = time.perf_counter()
         sequential = [asyncio.run(_check(n, ep, args.timeout)) for n, ep in endpoints.items()]

@@ -7,8 +7,8 @@ from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
-from tasks.models import Action, Finding, Report, Severity, utcnow
-from tasks.postgres import count_lockout_rows, delete_lockout_rows
+from tasks.models import Action, ActionStatus, Finding, Report, Severity, utcnow
+from tasks.postgres import count_lockout_rows, delete_lockout_rows, read_writability
 from tasks.redis import clear_lockout_keys, find_lockout_keys
 from tasks.redis_rules import LockoutParams
 from tasks.settings import load_settings
@@ -72,6 +72,11 @@ def login_lockouts(
         for f in before
         if f.observed
     ]
+    rows = [a for a in actions if a.kind == "clear_lockout_rows"]
+    refusal = read_writability(pg_name, pg).refusal if rows and pg_name and pg else None
+    for action in rows if refusal else []:
+        action.status = ActionStatus.skipped
+        action.detail = f"postgres {pg_name} refuses writes: {refusal}; delete them on the primary"
     # 3. gate
     approved = gate(actions, dry_run=dry_run, approval=approval)
     # 4. act

@@ -32,7 +32,14 @@ def reachability(name: str, probe: Probe) -> Finding:
         target=name,
         severity=Severity.critical,
         observed=False,
-        message=probe.error,
+        message=probe.error
+        + (
+            "; it is up but not accepting connections (starting up, recovering after a crash, "
+            "or a standby with hot_standby off): not restarted, as that would begin its "
+            "recovery again; follow its log"
+            if probe.recovering
+            else ""
+        ),
     )
 
 
@@ -70,9 +77,10 @@ def postgres_down(
 
     # 1. diagnose
     probe, before = diagnose()
-    # 2. plan: a restart, only when the server is down (not when credentials are wrong)
+    # 2. plan: a restart, only when the server is down (not when credentials are wrong, nor
+    # while it is starting up or recovering)
     actions: list[Action] = []
-    if not probe.ok and probe.transient:
+    if not probe.ok and probe.transient and not probe.recovering:
         restart = Action(
             kind="restart_service",
             target=name,

@@ -7,8 +7,8 @@ from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import Approval, gate
-from tasks.models import Report, utcnow
-from tasks.postgres import read_table_stats, read_top_queries, vacuum_table
+from tasks.models import Finding, Report, Severity, utcnow
+from tasks.postgres import read_table_stats, read_top_queries, read_writability, vacuum_table
 from tasks.postgres_rules import MaintenanceParams, maintenance_findings, plan_maintenance
 from tasks.settings import load_settings
 
@@ -30,8 +30,20 @@ def postgres_maintenance(
     tables = read_table_stats(name, pg)
     top = read_top_queries(name, pg, p.top_queries)
     before = maintenance_findings(name, tables, top, p)
+    standby = read_writability(name, pg).in_recovery
+    if standby:
+        before.append(
+            Finding(
+                check="recovery",
+                target=name,
+                severity=Severity.warning,
+                observed=True,
+                message="a standby in recovery: its dead-tuple counts are its own, not the "
+                "primary's, and VACUUM cannot run here; point this target's dsn at the primary",
+            )
+        )
     # 2. plan
-    actions = plan_maintenance(name, tables, p)
+    actions = [] if standby else plan_maintenance(name, tables, p)
     # 3. gate
     approved = gate(actions, dry_run=dry_run, approval=approval)
     # 4. act: one table at a time, each bounded by lock and statement timeouts

@@ -28,13 +28,20 @@ def resource_pressure(
     settings = load_settings()
     services = dict(settings.services) if target == "all" else {target: settings.service(target)}
     p = ResourceParams.resolve(params, {}, RUNBOOK)
+    # Each service's own thresholds; values given for the run win over them.
+    per = {
+        name: ResourceParams.resolve(params, svc.thresholds, f"{RUNBOOK} on {name}")
+        for name, svc in services.items()
+    }
 
     def diagnose() -> tuple[list[Finding], dict[str, ServiceStats | None]]:
         host = read_host_stats()
         found, stats = host_findings(host, p), {}
         for name, svc in services.items():
             stats[name] = service_stats(name, svc)
-            found += resource_findings(name, service_status(name, svc), stats[name], host, p)
+            found += resource_findings(
+                name, service_status(name, svc), stats[name], host, per[name]
+            )
         # Top consumers first: the report is read from the top at 3 a.m.
         found.sort(
             key=lambda f: (

@@ -63,6 +63,11 @@ def service_health(
             f"{RUNBOOK}: no service with a health_url or ready_url in "
             f'{chosen!r}: add health_url = "http://..." to [services.NAME]'
         )
+    # Each service's own ready_timeout_seconds; a value given for the run wins over them.
+    per = {
+        name: ServiceHealthParams.resolve(params, svc.thresholds, f"{RUNBOOK} on {name}")
+        for name, svc in services.items()
+    }
 
     # 1. diagnose
     probes = probe_all(services)
@@ -91,7 +96,7 @@ def service_health(
                     target=name,
                     destructive=True,
                     description=f"restart {name} and wait up to "
-                    f"{p.ready_timeout_seconds:g} s for it to answer",
+                    f"{per[name].ready_timeout_seconds:g} s for it to answer",
                     args={"service": name},
                 )
             )
@@ -108,16 +113,17 @@ def service_health(
     for action in approved:
         name = action.args["service"]
         if run_action(action, restart_service, name, services[name]) is not None:
+            ready_timeout = per[name].ready_timeout_seconds
             waited = wait_until(
                 partial(is_answering, name, services[name]),
-                p.ready_timeout_seconds,
+                ready_timeout,
                 first_delay=1,
                 max_delay=1,
             )
             action.detail += (
                 "; answering again"
                 if waited is not None
-                else f"; not answering within {p.ready_timeout_seconds:g} s"
+                else f"; not answering within {ready_timeout:g} s"
             )
     # 5. verify and report
     after = findings_of(probe_all(services)) if handoffs or approved else before

@@ -7,8 +7,8 @@ from prefect import State
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
-from tasks.models import Report, utcnow
-from tasks.postgres import find_stuck_jobs, reset_stuck_jobs
+from tasks.models import ActionStatus, Report, utcnow
+from tasks.postgres import find_stuck_jobs, read_writability, reset_stuck_jobs
 from tasks.postgres_rules import StuckJobsParams, listing, plan_stuck_jobs, stuck_findings
 from tasks.settings import load_settings
 
@@ -37,6 +37,10 @@ def stuck_jobs(
     before = stuck_findings(name, jobs, stuck, p)
     # 2. plan
     actions = plan_stuck_jobs(name, jobs, stuck, p)
+    refusal = read_writability(name, pg).refusal if actions else None
+    for action in (a for a in actions if refusal and a.status is ActionStatus.planned):
+        action.status = ActionStatus.skipped
+        action.detail = f"the server refuses writes: {refusal}; run stuck-jobs on the primary"
     # 3. gate
     approved = gate(actions, dry_run=dry_run, approval=approval)
     # 4. act: one transaction, only rows still stuck

@@ -30,14 +30,18 @@ def tls_certificates(
     started = utcnow()
     settings = load_settings()
     endpoints = dict(settings.tls) if target == "all" else dict([settings.target("tls", target)])
-    overrides = next(iter(endpoints.values())).thresholds if len(endpoints) == 1 else {}
-    p = TlsParams.resolve(params, overrides, RUNBOOK)
+    # Each endpoint's own thresholds; values given for the run win over them.
+    per = {
+        name: TlsParams.resolve(params, ep.thresholds, f"{RUNBOOK} on {name}")
+        for name, ep in endpoints.items()
+    }
+    timeouts = {name: p.timeout_seconds for name, p in per.items()}
 
-    # 1. diagnose: every endpoint at once, each bounded by timeout_seconds
-    certs = read_served_certificates(endpoints, p.timeout_seconds)
-    before = tls_findings(certs, utcnow(), p)
+    # 1. diagnose: every endpoint at once, each bounded by its timeout_seconds
+    certs = read_served_certificates(endpoints, timeouts)
+    before = tls_findings(certs, utcnow(), per)
     # 2. plan
-    actions = plan_renewals(certs, endpoints, utcnow(), p)
+    actions = plan_renewals(certs, endpoints, utcnow(), per)
     # 3. gate
     approved = gate(actions, dry_run=dry_run, approval=approval)
     # 4. act: renew, reload what serves it
@@ -66,7 +70,7 @@ def tls_certificates(
     done = [a for a in approved if a.status is ActionStatus.done]
     deadline = time.monotonic() + RELOAD_GRACE_SECONDS
     while True:
-        certs = read_served_certificates(endpoints, p.timeout_seconds)
+        certs = read_served_certificates(endpoints, timeouts)
         served = {c.endpoint: c for c in certs}
         waiting = [a for a in done if served_new(a.args, served[a.target])]
         if not waiting or time.monotonic() > deadline:
@@ -90,6 +94,6 @@ def tls_certificates(
         dry_run=dry_run,
         started_at=started,
         before=before,
-        after=tls_findings(certs, utcnow(), p),
+        after=tls_findings(certs, utcnow(), per),
         actions=actions,
     )

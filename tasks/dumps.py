@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import BaseModel, SecretStr
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError
+from tasks.host import memory_file
 from tasks.postgres import _first_line, connect
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import (
@@ -135,7 +135,7 @@ def restore_backup(
         argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
     env = libpq_env(scratch_name, scratch, dbname)
     start = time.perf_counter()
-    with tempfile.TemporaryFile() as stderr:  # a file: the tool never blocks on a full pipe
+    with memory_file() as stderr:  # a file: the tool never blocks on a full pipe; in memory
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
@@ -266,7 +266,7 @@ def dump_to_storage(
     """pg_dump -Fc straight into the bucket (a multipart upload fed from the pipe) or the
     directory, then a `sha256sum`-style sidecar. A failed dump leaves nothing behind."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile() as stderr:
+    with memory_file() as stderr:
         proc = subprocess.Popen(
             ["pg_dump", "--format=custom", "--no-password"],
             stdout=subprocess.PIPE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import IO
 
 from pydantic import BaseModel
 
@@ -55,3 +56,10 @@ def read_disk_usage(path: str) -> DiskUsage | None:
     except OSError:
         return None
     return DiskUsage(path=path, total=usage.total, free=usage.free)
+
+
+def memory_file() -> IO[bytes]:
+    """An unnamed file in memory (memfd_create, Linux), for the output of a command the
+    runbooks run: unlike a temp file it needs no disk space, and a full disk may be the very
+    incident being diagnosed. It is gone once closed."""
+    return open(os.memfd_create("runbook-output", os.MFD_CLOEXEC), "w+b")

@@ -6,6 +6,7 @@ psycopg.sql.Identifier; signals and VACUUM run in autocommit."""
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +29,12 @@ CANCELLED = "cancelled"
 # What pg_stat_activity and pg_stat_statements show of another role's statement to a role
 # without pg_read_all_stats.
 HIDDEN_QUERY = "<insufficient privilege>"
-# SQLSTATEs where connecting again cannot help: bad password or role, unknown database.
+# SQLSTATEs where connecting again cannot help: bad password or role, unknown database. libpq
+# gives no SQLSTATE for a refused connection, so its message is read too.
 _PERMANENT = {"28P01", "28000", "3D000"}
+_REFUSED = re.compile(
+    r'authentication failed|no pg_hba\.conf entry|(role|database) ".*" does not exist'
+)
 # The server is shutting down or restarting under us: worth another try.
 _SHUTDOWN = {"57P01", "57P02", "57P03"}
 
@@ -57,7 +62,7 @@ def connect(
             row_factory=dict_row,
         )
     except psycopg.OperationalError as exc:
-        permanent = exc.sqlstate in _PERMANENT
+        permanent = exc.sqlstate in _PERMANENT or _REFUSED.search(str(exc)) is not None
         fix = (
             "check the credentials and database name in its dsn"
             if permanent
@@ -572,12 +577,52 @@ def _lockout_errors(
     )
 
 
+# --- writability -------------------------------------------------------------------------------
+
+
+class Writability(BaseModel):
+    in_recovery: bool
+    read_only: bool
+
+    @property
+    def refusal(self) -> str | None:
+        """Why this server refuses writes, or None when it takes them."""
+        if self.in_recovery:
+            return "it is a standby in recovery (pg_is_in_recovery())"
+        if self.read_only:
+            return "default_transaction_read_only is on"
+        return None
+
+
+@io_task("read-writability", timeout_seconds=30)
+def read_writability(name: str, target: PostgresTarget) -> Writability:
+    """Whether the target takes writes: read before planning changes a standby (or a database
+    set read-only) would refuse, so they are skipped with the reason instead of failing."""
+    with connect(name, target) as conn:
+        row = conn.execute(
+            "SELECT pg_is_in_recovery() AS in_recovery, "
+            "current_setting('transaction_read_only')::bool AS read_only"
+        ).fetchone()
+    assert row is not None
+    return Writability(**row)
+
+
 # --- reachability ------------------------------------------------------------------------------
+
+
+# The server's own refusals (SQLSTATE 57P03, which libpq does not hand over for a connection)
+# while it starts up, replays WAL after a crash, or is a standby with hot_standby off.
+_NOT_ACCEPTING = re.compile(
+    r"the database system is (starting up|in recovery mode|not (yet )?accepting connections)"
+)
 
 
 class Probe(BaseModel):
     ok: bool
     transient: bool = True  # False: credentials or database wrong; a restart will not help
+    # True: the server is up but not accepting connections yet; a restart would only begin its
+    # start-up (and crash recovery) again.
+    recovering: bool = False
     error: str = ""
     ms: float | None = None
 
@@ -591,7 +636,8 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
         with connect(name, target, statement_timeout_s=5) as conn:
             conn.execute("SELECT 1")
     except TargetUnreachable as exc:
-        return Probe(ok=False, transient=exc.transient, error=str(exc))
+        recovering = _NOT_ACCEPTING.search(str(exc)) is not None
+        return Probe(ok=False, transient=exc.transient, recovering=recovering, error=str(exc))
     except TargetError as exc:
         return Probe(ok=False, error=str(exc))
     return Probe(ok=True, ms=(time.perf_counter() - start) * 1000)

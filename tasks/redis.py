@@ -177,9 +177,13 @@ def _list_len(length: int, last: str | None) -> int:
 
 @io_task("read-queue-counts", timeout_seconds=60)
 def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict[str, QueueCounts]:
-    """The counts BullMQ's own getJobCounts reports, read without changing anything."""
+    """The counts BullMQ's own getJobCounts reports, read without changing anything.
+
+    One round trip, but no MULTI: a Redis at maxmemory with noeviction refuses every command
+    inside a transaction, and a full queue Redis is what this runbook is run for. A job
+    moving between two lists during the round trip may be counted in both or neither."""
     with connect(name, target) as r:
-        pipe = r.pipeline(transaction=True)
+        pipe = r.pipeline(transaction=False)
         for queue in queues:
             key = f"{target.prefix}:{queue}:"
             pipe.exists(key + "meta", key + "id", key + "events")

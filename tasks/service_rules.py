@@ -30,11 +30,19 @@ class ServiceHealthParams(Params):
 
 
 class ResourceParams(Params):
+    """memory_percent (of its memory limit, or of the host's memory) and cpu_percent are a
+    service's, and may be set per service under its `thresholds`; the host has its own:
+    host_memory_percent of its memory in use, host_load_per_cpu for the 1-minute load average
+    divided by its CPUs."""
+
     memory_percent: float = Field(90, gt=0, le=100)
     cpu_percent: float = Field(90, gt=0, le=10_000)
+    host_memory_percent: float = Field(90, gt=0, le=100)
+    host_load_per_cpu: float = Field(1.5, gt=0, le=1000)
 
 
-THRESHOLD_NAMES = frozenset({"ready_timeout_seconds"} | set(ResourceParams.model_fields))
+# What a [services.NAME.thresholds] may set: the parameters that are about one service.
+THRESHOLD_NAMES = frozenset({"ready_timeout_seconds", "memory_percent", "cpu_percent"})
 
 
 def disk_finding(name: str, disk: DiskUsage) -> Finding:
@@ -178,17 +186,17 @@ def host_findings(host: HostStats, p: ResourceParams) -> list[Finding]:
         Finding(
             check="host_memory",
             target="host",
-            severity=Severity.critical if memory >= p.memory_percent else Severity.ok,
+            severity=Severity.critical if memory >= p.host_memory_percent else Severity.ok,
             observed=round(memory, 1),
-            threshold=p.memory_percent,
+            threshold=p.host_memory_percent,
             message=f"{memory:.0f}% of {host.memory_total / 2**30:.1f} GiB in use",
         ),
         Finding(
             check="host_load",
             target="host",
-            severity=Severity.warning if load >= 1.5 else Severity.ok,
+            severity=Severity.warning if load >= p.host_load_per_cpu else Severity.ok,
             observed=round(host.load_1m, 2),
-            threshold=1.5 * host.cpus,
+            threshold=p.host_load_per_cpu * host.cpus,
             message=f"load {host.load_1m:.2f} on {host.cpus} CPUs",
         ),
     ]

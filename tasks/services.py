@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.host import memory_file
 from tasks.settings import ServiceTarget
 
 LOG_LINES = 50
@@ -74,10 +74,10 @@ class CommandController:
         self.name, self.cfg = name, cfg
 
     def _run(self, what: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        """Output goes to files, not pipes: a daemon the command leaves behind keeps its
+        """Output goes to files in memory, not pipes: a daemon the command leaves behind keeps its
         stdout open, and waiting for a pipe's end would then never return. On timeout the
         whole process group is killed."""
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with memory_file() as out, memory_file() as err:
             try:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -25,7 +26,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from tasks.alert_routes import ReceiverSettings, Route, check_route
 from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
@@ -331,7 +337,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's content arrives as init values; the environment overrides it.
-        return env_settings, init_settings
+        return _InventoryEnv(settings_cls), init_settings
 
     def postgres_target(self, name: str | None) -> tuple[str, PostgresTarget]:
         return _pick("postgres", self.postgres, name)
@@ -355,6 +361,17 @@ class Settings(BaseSettings):
         """A [backups.NAME] and its [s3.*] target (None: kept in a directory)."""
         found, backup = _pick("backups", self.backups, name)
         return found, backup, self.s3[backup.s3] if backup.s3 else None
+
+
+class _InventoryEnv(EnvSettingsSource):
+    """The RUNBOOK_* environment, less RUNBOOK_CONFIG: that names the file, it is no setting.
+    Read from a copy, so loads on several threads at once never touch the process
+    environment."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        hidden = f"{ENV_PREFIX}CONFIG"
+        return {k: v for k, v in env.items() if k.upper() != hidden}
 
 
 def _pick(kind: str, targets: dict[str, Any], name: str | None) -> tuple[str, Any]:
@@ -432,15 +449,10 @@ def load_settings(path: Path | None = None) -> Settings:
             f"{path}: no such file ({ENV_PREFIX}CONFIG points at it). Create it, or unset "
             f"{ENV_PREFIX}CONFIG to use ./{DEFAULT_CONFIG}."
         )
-    # RUNBOOK_CONFIG is ours, not a setting: keep it out of the environment source's view.
-    saved = os.environ.pop(f"{ENV_PREFIX}CONFIG", None)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_explain(path, exc)) from None
-    finally:
-        if saved is not None:
-            os.environ[f"{ENV_PREFIX}CONFIG"] = saved
 
 
 def _explain(path: Path, exc: ValidationError) -> str:

@@ -8,7 +8,6 @@ import hashlib
 import re
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 import zlib
@@ -27,6 +26,7 @@ from pydantic import BaseModel
 
 from tasks.engine import io_task
 from tasks.errors import TargetError, TargetUnreachable
+from tasks.host import memory_file
 from tasks.settings import BackupSet, S3Target
 
 CHUNK = 1 << 20
@@ -239,7 +239,7 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
     block of a custom-format dump into /dev/null, fed as it arrives."""
     digest = hashlib.sha256()
     is_gzip = key.endswith(".gz")
-    with tempfile.TemporaryFile() as stderr:  # a file: pg_restore never blocks on a full pipe
+    with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
         if is_gzip:
             problem = _stream_gzip(_hashed(read_chunks(backup, s3, key), digest), name, key)
         else:

@@ -129,11 +129,15 @@ async def _check(name: str, ep: TlsEndpoint, timeout: float) -> ServedCert:
 
 
 @io_task("read-served-certificates", timeout_seconds=600, retries=0)
-def read_served_certificates(endpoints: dict[str, TlsEndpoint], timeout: float) -> list[ServedCert]:
-    """Every endpoint at once: the whole check takes about the slowest handshake."""
+def read_served_certificates(
+    endpoints: dict[str, TlsEndpoint], timeouts: dict[str, float]
+) -> list[ServedCert]:
+    """Every endpoint at once, each with its own timeout in seconds: the whole check takes
+    about the slowest handshake."""
 
     async def all_of_them() -> list[ServedCert]:
-        return list(await asyncio.gather(*(_check(n, ep, timeout) for n, ep in endpoints.items())))
+        checks = (_check(n, ep, timeouts[n]) for n, ep in endpoints.items())
+        return list(await asyncio.gather(*checks))
 
     return asyncio.run(all_of_them())
 

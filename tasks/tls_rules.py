@@ -3,6 +3,7 @@ Certificate Issues")."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
@@ -79,19 +80,26 @@ def cert_finding(cert: ServedCert, now: datetime, p: TlsParams) -> Finding:
     )
 
 
-def tls_findings(certs: list[ServedCert], now: datetime, p: TlsParams) -> list[Finding]:
-    """Per endpoint, the ones closest to expiry (or broken) first."""
+def tls_findings(
+    certs: list[ServedCert], now: datetime, params: Mapping[str, TlsParams]
+) -> list[Finding]:
+    """Per endpoint, judged by its own parameters (params by endpoint name), the ones closest
+    to expiry (or broken) first."""
     ordered = sorted(certs, key=lambda c: (c.reachable, days_left(c, now) or 0.0))
-    return [cert_finding(c, now, p) for c in ordered]
+    return [cert_finding(c, now, params[c.endpoint]) for c in ordered]
 
 
 def plan_renewals(
-    certs: list[ServedCert], endpoints: dict[str, TlsEndpoint], now: datetime, p: TlsParams
+    certs: list[ServedCert],
+    endpoints: dict[str, TlsEndpoint],
+    now: datetime,
+    params: Mapping[str, TlsParams],
 ) -> list[Action]:
+    """A renewal of each reachable endpoint within its own renew_days of expiry."""
     actions = []
     for cert in certs:
         left = days_left(cert, now)
-        if not cert.reachable or left is None or left > p.renew_days:
+        if not cert.reachable or left is None or left > params[cert.endpoint].renew_days:
             continue
         ep = endpoints[cert.endpoint]
         action = Action(

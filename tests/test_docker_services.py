@@ -112,32 +112,52 @@ def test_compose_workers_are_scaled_for_a_backlog(
     client.close()
 
 
+# The host is shared with other work: its memory and load limits are kept out of these tests'
+# way, so that only the containers decide the outcome.
+HOST_OUT_OF_THE_WAY = {"host_memory_percent": 100, "host_load_per_cpu": 1000}
+
+
 def test_leaking_container_over_its_memory_limit_is_restarted(engine: Any, inventory: Any) -> None:
-    # Holds 40 MB (in its /dev/shm, charged to its memory) after its first start only, as a
-    # leak does; a restart gives it a fresh /dev/shm.
+    # Each holds 40 MB (in its /dev/shm, charged to its memory) after its first start only, as
+    # a leak does; a restart gives it a fresh /dev/shm. Only `leaky` has a threshold under it.
     script = (
         "if [ -f /tmp/started ]; then exec sleep 600; fi; touch /tmp/started; "
         "dd if=/dev/zero of=/dev/shm/leak bs=1M count=40; exec sleep 600"
     )
     client = engine.client()
-    client.containers.run(
-        IMAGE,
-        ["sh", "-c", script],
-        name="leaky",
-        detach=True,
-        network_mode="none",
-        mem_limit="128m",
-        shm_size="64m",
+    for name in ("leaky", "twin"):
+        client.containers.run(
+            IMAGE,
+            ["sh", "-c", script],
+            name=name,
+            detach=True,
+            network_mode="none",
+            mem_limit="128m",
+            shm_size="64m",
+        )
+    inventory(
+        service(engine, "leaky", 'container = "leaky"\n')
+        + "[services.leaky.thresholds]\nmemory_percent = 25\n"
+        + service(engine, "twin", 'container = "twin"\n')
     )
-    inventory(service(engine, "leaky", 'container = "leaky"\n'))
     time.sleep(3)
-    plan = resource_pressure("leaky", params={"memory_percent": 25})
-    memory = next(f for f in plan.findings if f.check == "memory")
-    assert memory.severity is Severity.critical and memory.observed >= 25
-    assert "of its limit 128 MiB" in memory.message
-    report = resource_pressure(
-        "leaky", dry_run=False, approval="auto", params={"memory_percent": 25}
-    )
+    plan = resource_pressure(params=HOST_OUT_OF_THE_WAY)
+    memory = {f.target: f for f in plan.findings if f.check == "memory"}
+    assert memory["leaky"].severity is Severity.critical and memory["leaky"].observed >= 25
+    assert memory["leaky"].threshold == 25
+    assert "of its limit 128 MiB" in memory["leaky"].message
+    # As large, but under the default 90 % of its limit.
+    assert memory["twin"].severity is Severity.ok and memory["twin"].observed >= 25
+    assert memory["twin"].threshold == 90
+    assert [(a.kind, a.target) for a in plan.actions] == [("restart_service", "leaky")]
+    twin_started = client.containers.get("twin").attrs["State"]["StartedAt"]
+
+    report = resource_pressure(dry_run=False, approval="auto", params=HOST_OUT_OF_THE_WAY)
     assert report.actions[0].status is ActionStatus.done
     assert report.status is RunStatus.fixed, report.findings
+    assert client.containers.get("twin").attrs["State"]["StartedAt"] == twin_started
+    # A value given for the run wins over the target's.
+    report = resource_pressure(params={**HOST_OUT_OF_THE_WAY, "memory_percent": 20})
+    memory = {f.target: f for f in report.findings if f.check == "memory"}
+    assert memory["twin"].severity is Severity.critical and memory["leaky"].threshold == 20
     client.close()

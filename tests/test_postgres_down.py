@@ -89,3 +89,23 @@ def test_without_a_service_the_restart_is_skipped_with_the_fix(
     assert report.status is RunStatus.unhealthy
     assert report.actions[0].status is ActionStatus.skipped
     assert "service = " in report.actions[0].detail
+
+
+@pytest.mark.parametrize(
+    ("dsn_of", "refused"),
+    [
+        (lambda pg: pg.dsn_for("nosuchdb"), 'database "nosuchdb" does not exist'),
+        (lambda pg: pg.dsn_for("postgres", "nobody"), 'role "nobody" does not exist'),
+    ],
+)
+def test_refused_credentials_are_not_a_reason_to_restart(
+    victim: LocalPostgres, inventory: Any, dsn_of: Any, refused: str
+) -> None:
+    inventory(config(victim).replace(victim.dsn, dsn_of(victim)))
+    started = (victim.data / "postmaster.pid").read_text().split()[0]
+    report = postgres_down("main", dry_run=False, approval="auto")
+    reachable = {f.check: f for f in report.findings}["reachable"]
+    assert reachable.severity is Severity.critical and refused in reachable.message
+    assert "check the credentials and database name in its dsn" in reachable.message
+    assert report.actions == [] and report.status is RunStatus.unhealthy
+    assert (victim.data / "postmaster.pid").read_text().split()[0] == started

@@ -14,7 +14,9 @@ from flows.redis_health import redis_health
 from tasks.models import ActionStatus, RunStatus, Severity
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-QUICK = {"sample_seconds": 0}
+# A busy machine can take over 100 ms to answer PING: latency is tested on its own below, with
+# a limit every real PING is over.
+QUICK = {"sample_seconds": 0, "latency_warning_ms": 60_000}
 
 
 def severities(report: Any) -> dict[str, Severity]:
@@ -60,6 +62,20 @@ def test_queue_on_allkeys_lru_is_critical_and_is_fixed_durably(
     assert server.config is not None
     assert "maxmemory-policy noeviction" in server.config.read_text()
     assert "s3cret-pw" not in report.model_dump_json()
+
+
+def test_slow_ping_is_a_warning(redis_server: Any, inventory: Any) -> None:
+    server = redis_server(maxmemory="64mb", policy="allkeys-lru")
+    inventory(
+        f'[redis.cache]\nurl = "{server.url}"\n'
+        "[redis.cache.thresholds]\nlatency_warning_ms = 0.001\n"
+    )
+    report = redis_health("cache", params={"sample_seconds": 0})
+    ping = next(f for f in report.findings if f.check == "ping")
+    assert ping.severity is Severity.warning and ping.observed > 0.001
+    assert report.status is RunStatus.unhealthy
+    report = redis_health("cache", params=QUICK)  # the run's value wins over the target's
+    assert report.status is RunStatus.healthy, report.findings
 
 
 def test_queue_without_aof_is_warned_and_aof_is_enabled_durably(

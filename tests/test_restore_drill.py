@@ -86,7 +86,8 @@ def test_a_drill_restores_checks_reports_rto_rpo_and_drops(
     assert found["restore"].severity is Severity.ok
     assert found["check-1"].observed is True and found["check-2"].observed is True
     assert found["tables"].observed == found["tables"].threshold == 2
-    assert 0 < found["rto"].observed < 5 and 0 <= found["rpo"].observed < 0.1
+    assert found["rto"].severity is Severity.ok and found["rto"].observed > 0
+    assert 0 <= found["rpo"].observed < 0.1
     assert found["cleanup"].observed is True and scratch_databases(db.server) == []
     assert report.actions[0].status is ActionStatus.done
 

@@ -4,6 +4,7 @@ PostgreSQL; resource-pressure on the host's real figures."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def test_stuck_app_gets_a_gated_restart(stack: Any) -> None:
     assert report.actions[0].kind == "restart_service"
     assert report.actions[0].detail.endswith("answering again")
     assert report.status is RunStatus.fixed
+
+
+def test_ready_timeout_of_the_service_itself(stack: Any, inventory: Any) -> None:
+    # A restart that does not help: the wait for an answer is the service's own threshold.
+    _, app = stack
+    app.broken.touch()
+    text = (
+        Path(os.environ["RUNBOOK_CONFIG"])
+        .read_text()
+        .replace(f'restart_command = ["rm", "-f", "{app.broken}"]', 'restart_command = ["true"]')
+    )
+    inventory(text + "[services.api.thresholds]\nready_timeout_seconds = 1\n")
+    report = service_health(dry_run=False, approval="auto")
+    assert report.actions[0].description.endswith("wait up to 1 s for it to answer")
+    assert report.actions[0].detail.endswith("not answering within 1 s")
+    assert report.status is RunStatus.unhealthy
 
 
 def test_body_that_is_not_json(stack: Any) -> None:

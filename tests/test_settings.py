@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,11 @@ def test_environment_overrides_the_file_and_merges(
             "unknown idle_seconds",
         ),
         ('[nosuch.x]\nurl = "h"\n', "nosuch: Extra inputs"),
+        (
+            '[services.api]\nkind = "systemd"\nunit = "api"\n'
+            "[services.api.thresholds]\nhost_memory_percent = 50\n",
+            "unknown host_memory_percent; known: cpu_percent, memory_percent",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
@@ -155,3 +163,27 @@ def test_bad_backup_config(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text))
     assert expected in str(caught.value)
+
+
+def test_loads_on_many_threads_at_once_all_see_the_inventory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Alert runs load the settings on several threads at once; RUNBOOK_CONFIG names the file.
+    path = write(tmp_path, '[redis.queue]\nurl = "redis://127.0.0.1:6379/0"\nrole = "queue"\n')
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(path))
+    monkeypatch.setenv("RUNBOOK_REDIS__QUEUE__PREFIX", "jobs")
+    start = threading.Barrier(8)
+
+    def loads(n: int) -> list[tuple[tuple[str, ...], str]]:
+        start.wait()
+        seen = []
+        for _ in range(n):
+            settings = load_settings()
+            seen.append((tuple(settings.redis), settings.redis["queue"].prefix))
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for seen in pool.map(loads, [150] * 8) for r in seen]
+    assert len(results) == 8 * 150
+    assert set(results) == {(("queue",), "jobs")}
+    assert os.environ["RUNBOOK_CONFIG"] == str(path)

@@ -77,8 +77,6 @@ def test_status_restart_logs_and_stats(unit: Path) -> None:
 
 
 def test_a_command_that_leaves_a_daemon_behind_does_not_hang_the_runbook(tmp_path: Path) -> None:
-    import time
-
     pidfile = tmp_path / "daemon.pid"
     cfg = ServiceTarget(
         kind="command",
@@ -86,9 +84,9 @@ def test_a_command_that_leaves_a_daemon_behind_does_not_hang_the_runbook(tmp_pat
         timeout_seconds=5,
         restart_command=["sh", "-c", f"sleep 30 & echo $! > {pidfile}"],
     )
-    start = time.monotonic()
     try:
         assert controller("app", cfg).restart() == "restarted"
-        assert time.monotonic() - start < 3
+        # It returned while the daemon, which holds the command's output open, still runs.
+        assert Path(f"/proc/{pidfile.read_text().strip()}").exists()
     finally:
         os.kill(int(pidfile.read_text()), signal.SIGTERM)

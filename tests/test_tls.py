@@ -97,3 +97,26 @@ def test_failing_renew_command_reports_its_exit_and_stderr(
     report = tls_certificates(dry_run=False, approval="auto")
     assert report.actions[0].status is ActionStatus.failed
     assert "exited 1: Challenge failed for app.test" in report.actions[0].detail
+
+
+def test_each_endpoint_is_judged_by_its_own_thresholds(
+    tmp_path: Path, servers: Servers, inventory: Any
+) -> None:
+    # The same 20-day certificate on two endpoints; one wants a warning 10 days out only, and a
+    # renewal 10 days out only.
+    ca = CA(tmp_path)
+    cert = ca.issue("soon", ["app.test"], days=20)
+    renew = 'renew_command = ["true"]\nreload_command = ["true"]\n'
+    inventory(
+        endpoint("strict", servers.tls(*cert), ca, extra=renew)
+        + endpoint("relaxed", servers.tls(*cert), ca, extra=renew)
+        + "[tls.relaxed.thresholds]\nwarning_days = 10\nrenew_days = 10\n"
+    )
+    report = tls_certificates()
+    by_name = {f.target: f for f in report.findings}
+    assert by_name["strict"].severity is Severity.warning and by_name["strict"].threshold == 30
+    assert by_name["relaxed"].severity is Severity.ok and by_name["relaxed"].threshold == 10
+    assert [a.target for a in report.actions] == ["strict"]
+    # A value given for the run wins over the target's.
+    report = tls_certificates(params={"warning_days": 25})
+    assert {f.severity for f in report.findings} == {Severity.warning}
