@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -18,6 +18,108 @@ if TYPE_CHECKING:
 
 DISK_WARNING, DISK_CRITICAL = 80.0, 90.0  # seed 002's monitoring thresholds
 GUESSES = {"postgres": r"db|database|postgres|pg|sql", "redis": r"redis|cache|queue|session"}
+
+# Health bodies. Only states are components. A state is recognised by its value (`ok`, `UP`,
+# `pass`, `Healthy`, `green`...; `warn`, `degraded`...; `error`, `DOWN`, `fail`,
+# `critical`...), in the layouts health endpoints use: top-level keys (`{"status": "ok",
+# "database": "error"}`, Grafana's `{"commit": ..., "database": "ok", "version": ...}`),
+# objects with their own `status` (Spring Boot actuator 1.x-3.x, under `components` or
+# `details`), the nesting keys `checks`, `components`, `details`, `entries` (ASP.NET Core),
+# `dependencies`, `services`, the IETF health-check draft (draft-inadarei-api-health-check:
+# `status` pass/warn/fail, `checks` whose values are arrays of objects with a `status`) and
+# MicroProfile Health (`checks` as an array of `{"name", "status"}`). Build information,
+# timestamps, numbers and free text are not states and are ignored, whatever they say.
+# The vocabularies of Spring Boot (UP, DOWN, OUT_OF_SERVICE, UNKNOWN), the IETF draft (pass,
+# warn, fail), ASP.NET Core (Healthy, Degraded, Unhealthy), Consul (passing, warning,
+# critical), Elasticsearch (green, yellow, red), Grafana (ok, failing) and common apps.
+STATES = {
+    Severity.ok: {
+        "ok", "up", "pass", "passed", "passing", "healthy", "ready", "connected", "green",
+        "available", "online", "running", "success", "good", "alive", "serving",
+    },
+    Severity.warning: {
+        "warn", "warning", "degraded", "yellow", "unknown", "partial", "partially_healthy",
+        "maintenance",
+    },
+    Severity.critical: {
+        "error", "errored", "down", "fail", "failed", "failing", "failure", "critical",
+        "unhealthy", "red", "out_of_service", "unavailable", "offline", "disconnected",
+        "unreachable", "timeout", "not_serving", "not ok", "ko", "dead",
+    },
+}  # fmt: skip
+# Keys whose value is the state of the object holding them; booleans only under a key that
+# names the good state (`{"healthy": false}`), as `{"maintenance": false}` is no state at all.
+STATE_KEYS = ("status", "state", "health")
+BOOLEAN_KEYS = {"ok", "up", "healthy", "alive", "ready", "live", "connected", "available"}
+# Keys whose text is build information, a time or a message, never a component's state,
+# even when it happens to look like one (`"version": "unknown"`, `"message": "ok"`).
+METADATA = {
+    "version", "commit", "build", "revision", "branch", "release", "releaseid", "serviceid",
+    "timestamp", "time", "date", "uptime", "started", "startedat", "hostname", "host", "name",
+    "id", "componentid", "componenttype", "description", "output", "notes", "message",
+    "messages", "links", "observedvalue", "observedunit", "duration", "totalduration",
+    "tags", "data", "info", "environment", "env", "region", "node", "instance", "cluster_name",
+}  # fmt: skip
+NESTED = ("checks", "components", "details", "entries", "dependencies", "services")
+MAX_DEPTH = 4
+
+
+def severity_of(state: str) -> Severity | None:
+    """The severity a health state stands for, or None when the value is not a state."""
+    word = state.strip().lower().replace("-", "_")
+    return next((sev for sev, words in STATES.items() if word in words), None)
+
+
+def _worst(states: list[str]) -> str | None:
+    order = [Severity.ok, Severity.warning, Severity.critical]
+    known = [(order.index(sev), s) for s in states if (sev := severity_of(s)) is not None]
+    return max(known)[1] if known else None
+
+
+def state_of(value: Any) -> str | None:
+    """The state a health-body value stands for: a state word, an object's `status`/`state`/
+    `health` (or a boolean `healthy`/`ok`/`up`... key, as "ok" or "error"), or the worst of an
+    IETF draft's array of check objects; None when the value is no state."""
+    if isinstance(value, str):
+        return value if severity_of(value) is not None else None
+    if isinstance(value, list):
+        return _worst([s for item in value if isinstance(item, dict) and (s := state_of(item))])
+    if not isinstance(value, dict):
+        return None
+    for key, inner in value.items():
+        if key.lower() in STATE_KEYS and isinstance(inner, str) and severity_of(inner):
+            return inner
+    for key, inner in value.items():
+        if key.lower() in BOOLEAN_KEYS and isinstance(inner, bool):
+            return "ok" if inner else "error"
+    return None
+
+
+def _walk(body: dict[str, Any], prefix: str, depth: int, found: dict[str, str]) -> None:
+    for key, value in body.items():
+        low = key.lower()
+        if low in STATE_KEYS or (low in METADATA and isinstance(value, str)):
+            continue
+        if low in NESTED and isinstance(value, list):  # MicroProfile: [{"name", "status"}]
+            for item in value:
+                if isinstance(item, dict) and (state := state_of(item)) is not None:
+                    found[f"{prefix}{item.get('name', key)}"] = state
+        elif low in NESTED and isinstance(value, dict) and depth < MAX_DEPTH:
+            _walk(value, prefix, depth + 1, found)
+        elif (state := state_of(value)) is not None:
+            found[f"{prefix}{key}"] = state
+        elif isinstance(value, dict) and depth < MAX_DEPTH:  # a group: {"databases": {...}}
+            _walk(value, f"{prefix}{key}.", depth + 1, found)
+
+
+def components(body: Any) -> dict[str, str]:
+    """Component name -> state as the body wrote it, for the states only (see the module's
+    docstring for the layouts); a component with its own state is not looked into further
+    (Spring Boot's `details` under it are figures, not components)."""
+    found: dict[str, str] = {}
+    if isinstance(body, dict):
+        _walk(body, "", 0, found)
+    return found
 
 
 class PostgresDownParams(Params):
@@ -89,28 +191,32 @@ def dependency_for(component: str, svc: ServiceTarget, settings: Settings) -> st
 
 
 def probe_findings(name: str, probe: HttpProbe) -> list[Finding]:
+    """The probe's answer (critical when not 2xx or its body's own status fails, warning when
+    that status is degraded) and one finding per component state of its body (see
+    tasks.http for the states and layouts recognised; anything else in the body is ignored)."""
     what = f"{probe.url}: " + (
         f"HTTP {probe.status_code} in {probe.ms:.0f} ms"
         if probe.status_code is not None
         else probe.error
     )
+    if probe.status:
+        what += f", status {probe.status}"
     found = [
         Finding(
             check="http",
             target=name,
-            severity=Severity.ok if probe.ok else Severity.critical,
+            severity=probe.severity,
             observed=probe.status_code,
             threshold="2xx",
             message=what + (f"; {probe.body_note}" if probe.body_note else ""),
         )
     ]
     for component, state in sorted(probe.components.items()):
-        failing = component in probe.failing
         found.append(
             Finding(
                 check=f"component.{component}",
                 target=name,
-                severity=Severity.critical if failing else Severity.ok,
+                severity=severity_of(state) or Severity.ok,
                 observed=state,
                 message=f"{probe.url} reports {component}: {state}",
             )
