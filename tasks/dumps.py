@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, SecretStr
 
+from tasks.backup_rules import newer_client_needed
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError
 from tasks.postgres import _first_line, connect
@@ -31,6 +32,8 @@ from tasks.storage import (
     _storage_errors,
     error_lines,
     gunzip,
+    keep_head,
+    pg_restore_version,
     read_chunks,
     run_fed,
     s3_client,
@@ -95,6 +98,7 @@ class Restore(BaseModel):
     ok: bool
     seconds: float
     detail: str
+    needs_client: bool = False  # pg_restore here is too old for the dump: not a bad backup
 
 
 @io_task("create-scratch-database", timeout_seconds=120, retries=0)  # not idempotent
@@ -134,17 +138,21 @@ def restore_backup(
         argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--no-password"]
         argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
     env = libpq_env(scratch_name, scratch, dbname)
-    start = time.perf_counter()
+    start, head = time.perf_counter(), bytearray()
     with tempfile.TemporaryFile() as stderr:  # a file: the tool never blocks on a full pipe
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
-        chunks = read_chunks(backup, s3, key)
+        chunks = keep_head(read_chunks(backup, s3, key), head)
         stream = _one_database(gunzip(chunks)) if key.endswith(".gz") else chunks
         problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
     seconds = time.perf_counter() - start
+    advice = newer_client_needed(problem, bytes(head), pg_restore_version()) if problem else None
     return Restore(
-        ok=not problem, seconds=seconds, detail=problem or f"restored in {seconds:.1f} s"
+        ok=not problem,
+        seconds=seconds,
+        detail=advice or problem or f"restored in {seconds:.1f} s",
+        needs_client=advice is not None,
     )
 
 

@@ -25,6 +25,7 @@ import botocore.exceptions
 import httpx
 from pydantic import BaseModel
 
+from tasks.backup_rules import newer_client_needed
 from tasks.engine import io_task
 from tasks.errors import TargetError, TargetUnreachable
 from tasks.settings import BackupSet, S3Target
@@ -42,6 +43,7 @@ class Backup(BaseModel):
 class Integrity(BaseModel):
     ok: bool
     detail: str
+    needs_client: bool = False  # pg_restore here is too old for it: unverified, not corrupt
     sha256: str
     expected_sha256: str | None = None
 
@@ -237,26 +239,51 @@ def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
 def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -> Integrity:
     """Stream it once: SHA-256 of the bytes, and a gzip test (.gz) or pg_restore reading every
     block of a custom-format dump into /dev/null, fed as it arrives."""
-    digest = hashlib.sha256()
+    digest, head = hashlib.sha256(), bytearray()
     is_gzip = key.endswith(".gz")
     with tempfile.TemporaryFile() as stderr:  # a file: pg_restore never blocks on a full pipe
+        chunks = keep_head(_hashed(read_chunks(backup, s3, key), digest), head)
         if is_gzip:
-            problem = _stream_gzip(_hashed(read_chunks(backup, s3, key), digest), name, key)
+            problem = _stream_gzip(chunks, name, key)
         else:
-            problem = _stream_pg_restore(
-                _hashed(read_chunks(backup, s3, key), digest), name, key, stderr
-            )
+            problem = _stream_pg_restore(chunks, name, key, stderr)
     with _storage_errors(f"backups {name!r}: {key}"):
         expected = _expected(backup, s3, key)
     sha = digest.hexdigest()
-    if not problem and expected and expected != sha:
-        problem = f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
+    advice = newer_client_needed(problem, bytes(head), pg_restore_version()) if problem else None
+    if (not problem or advice) and expected and expected != sha:
+        advice, problem = None, f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
     return Integrity(
         ok=not problem,
-        detail=problem or ("gzip stream complete" if is_gzip else "pg_restore reads it to the end"),
+        detail=advice
+        or problem
+        or ("gzip stream complete" if is_gzip else "pg_restore reads it to the end"),
+        needs_client=advice is not None,
         sha256=sha,
         expected_sha256=expected,
     )
+
+
+HEAD_BYTES = 1024  # a custom-format dump's header (its strings are short) fits many times
+
+
+def keep_head(chunks: Iterator[bytes], head: bytearray) -> Iterator[bytes]:
+    """Pass the chunks through, keeping the first HEAD_BYTES in `head`."""
+    for chunk in chunks:
+        if len(head) < HEAD_BYTES:
+            head += chunk[: HEAD_BYTES - len(head)]
+        yield chunk
+
+
+def pg_restore_version() -> str:
+    """This machine's pg_restore version ("15.20 (Debian 15.20-0+deb12u1)")."""
+    try:
+        out = subprocess.run(
+            ["pg_restore", "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown)"
+    return out.strip().removeprefix("pg_restore (PostgreSQL) ")
 
 
 def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
@@ -273,18 +300,58 @@ def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
             hashing.result()
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class BadGzip(Exception):
+    """What `gzip -t` refuses, in its terms: not gzip, corrupt, truncated, trailing garbage."""
+
+
 def gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Inflate a gzip stream as it arrives, several members too (as `cat a.gz b.gz` makes);
-    zlib.error when it is corrupt, EOFError when it ends early."""
-    inflate = zlib.decompressobj(wbits=31)
+    """Inflate a gzip stream as it arrives, accepting exactly what GNU gzip (1.12) `gzip -t`
+    and `gunzip` accept with exit 0: one or more members (as `cat a.gz b.gz` makes), then
+    optionally zero bytes to the end (the padding to a block boundary tar, dd conv=sync and
+    tape archivers write). BadGzip for what they refuse: a file not starting with a member,
+    a corrupt member (bad data, CRC or length), one cut short, and anything else after the
+    last member (gzip exits 2 there: "decompression OK, trailing garbage ignored")."""
+    inflate: Any = None  # None: between members
+    members, pending, padding = 0, b"", False
     for chunk in chunks:
-        while chunk:
-            yield inflate.decompress(chunk, CHUNK)
-            chunk = inflate.unconsumed_tail
-            if inflate.eof and inflate.unused_data:
-                chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
-    if not inflate.eof:
-        raise EOFError("gzip stream ends early: the file is truncated")
+        data, pending = pending + chunk, b""
+        while data:
+            if padding:
+                if data.strip(b"\0"):
+                    raise BadGzip(_garbage())
+                break
+            if inflate is None:
+                if len(data) < 2:  # a member's magic may straddle two chunks
+                    pending = data
+                    break
+                if data[:2] != GZIP_MAGIC:
+                    if not members:
+                        raise BadGzip("not in gzip format (it does not start with 1f 8b)")
+                    if data[0] != 0:
+                        raise BadGzip(_garbage())
+                    padding = True
+                    continue
+                inflate = zlib.decompressobj(wbits=31)
+            try:
+                yield inflate.decompress(data, CHUNK)
+            except zlib.error as exc:
+                raise BadGzip(f"gzip data is corrupt: {exc}") from None
+            data = inflate.unconsumed_tail
+            if inflate.eof:
+                data, inflate, members = inflate.unused_data, None, members + 1
+    # gzip reads a member's two magic bytes whole: one lone byte is an early end, unless zero
+    if inflate is not None or not members or (pending and pending != b"\0"):
+        raise BadGzip("gzip stream ends early (unexpected end of file): the file is truncated")
+
+
+def _garbage() -> str:
+    return (
+        "data after the last gzip member is neither a member nor zero padding (gzip -t: "
+        '"decompression OK, trailing garbage ignored", exit 2): a damaged or overwritten file'
+    )
 
 
 def _stream_gzip(chunks: Iterator[bytes], name: str, key: str) -> str:
@@ -292,9 +359,7 @@ def _stream_gzip(chunks: Iterator[bytes], name: str, key: str) -> str:
         try:
             for _ in gunzip(chunks):
                 pass
-        except zlib.error as exc:
-            return f"gzip data is corrupt: {exc}"
-        except EOFError as exc:
+        except BadGzip as exc:
             return str(exc)
     return ""
 
@@ -335,9 +400,7 @@ def run_fed(
                             proc.stdin.write(chunk)
                         except BrokenPipeError:
                             problem = "stopped"  # its exit code and stderr say why
-            except zlib.error as exc:
-                problem = f"gzip data is corrupt: {exc}"
-            except (EOFError, BackupRefused) as exc:
+            except (BadGzip, BackupRefused) as exc:
                 problem = str(exc)
             finally:
                 with suppress(BrokenPipeError):
