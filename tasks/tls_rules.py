@@ -197,8 +197,9 @@ def served_new(old: dict[str, object], new: ServedCert) -> str | None:
         return f"after the reload the endpoint does not answer: {new.error}"
     if new.fingerprint == old["fingerprint"]:
         return (
-            "renewed, but the old certificate is still served: the proxy did not pick it up "
-            "(does it point at certbot's live/ symlinks?)"
+            "the renew command succeeded, but the old certificate is still served: it wrote "
+            "no new one, or the proxy did not pick it up (does it point at certbot's live/ "
+            "symlinks?)"
         )
     if sorted(new.names) != sorted(cast(list[str], old["names"])):
         return f"a certificate for other names is served now: {', '.join(new.names)}"
