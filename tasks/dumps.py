@@ -29,10 +29,10 @@ from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import (
     CHUNK,
     BackupRefused,
+    BadGzip,
     _storage_errors,
+    dump_stream,
     error_lines,
-    gunzip,
-    keep_head,
     pg_restore_version,
     read_chunks,
     run_fed,
@@ -130,24 +130,29 @@ def restore_backup(
     scratch: PostgresTarget,
     dbname: str,
 ) -> Restore:
-    """Stream the backup into the scratch database: pg_restore for custom-format dumps, psql
-    for .sql.gz. A backup that does not restore is a result, not an error."""
-    if key.endswith(".gz"):
+    """Stream the backup into the scratch database: pg_restore for archives (custom format,
+    tar), psql for plain SQL scripts, judged by content (tasks.storage.dump_stream), .gz
+    inflated on the way. A backup that does not restore is a result, not an error."""
+    start = time.perf_counter()
+    try:
+        with _storage_errors(f"backups {name!r}: {key}"):
+            head, stream, plain = dump_stream(read_chunks(backup, s3, key), key)
+    except BadGzip as exc:
+        return Restore(ok=False, seconds=time.perf_counter() - start, detail=str(exc))
+    if plain:
         argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"]
+        stream = _one_database(stream)
     else:
         argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--no-password"]
         argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
     env = libpq_env(scratch_name, scratch, dbname)
-    start, head = time.perf_counter(), bytearray()
     with tempfile.TemporaryFile() as stderr:  # a file: the tool never blocks on a full pipe
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
-        chunks = keep_head(read_chunks(backup, s3, key), head)
-        stream = _one_database(gunzip(chunks)) if key.endswith(".gz") else chunks
         problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
     seconds = time.perf_counter() - start
-    advice = newer_client_needed(problem, bytes(head), pg_restore_version()) if problem else None
+    advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
     return Restore(
         ok=not problem,
         seconds=seconds,

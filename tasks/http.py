@@ -56,6 +56,6 @@ def probe_http(url: str, timeout_s: float) -> HttpProbe:
             probe.body_note = "the body says it is JSON but is not JSON"
             return probe
         probe.components = components(body)
-        probe.status = state_of(body) if isinstance(body, dict) else None
+        probe.status = state_of(body)  # a bare "UP" body too
         probe.ok = probe.ok and severity_of(probe.status or "ok") is not Severity.critical
     return probe

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import re
 import socket
 import subprocess
@@ -237,42 +238,71 @@ def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
 
 @io_task("verify-backup", timeout_seconds=PG_RESTORE_TIMEOUT + 60, retries=0)
 def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -> Integrity:
-    """Stream it once: SHA-256 of the bytes, and a gzip test (.gz) or pg_restore reading every
-    block of a custom-format dump into /dev/null, fed as it arrives."""
-    digest, head = hashlib.sha256(), bytearray()
-    is_gzip = key.endswith(".gz")
+    """Stream it once: SHA-256 of the bytes, inflated when the name ends in .gz (as gunzip
+    does: BadGzip's cases fail it), and what it holds judged by its content, not its name:
+    an archive (custom format, tar, also inside a .gz) is read to the end by pg_restore into
+    /dev/null, fed as it arrives; a plain SQL script is read to the end."""
+    digest = hashlib.sha256()
     with tempfile.TemporaryFile() as stderr:  # a file: pg_restore never blocks on a full pipe
-        chunks = keep_head(_hashed(read_chunks(backup, s3, key), digest), head)
-        if is_gzip:
-            problem = _stream_gzip(chunks, name, key)
-        else:
-            problem = _stream_pg_restore(chunks, name, key, stderr)
+        chunks = _hashed(read_chunks(backup, s3, key), digest)
+        problem, head, passed = _verify_stream(chunks, name, key, stderr)
     with _storage_errors(f"backups {name!r}: {key}"):
         expected = _expected(backup, s3, key)
     sha = digest.hexdigest()
-    advice = newer_client_needed(problem, bytes(head), pg_restore_version()) if problem else None
+    advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
     if (not problem or advice) and expected and expected != sha:
         advice, problem = None, f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
     return Integrity(
         ok=not problem,
-        detail=advice
-        or problem
-        or ("gzip stream complete" if is_gzip else "pg_restore reads it to the end"),
+        detail=advice or problem or passed,
         needs_client=advice is not None,
         sha256=sha,
         expected_sha256=expected,
     )
 
 
+def _verify_stream(
+    chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]
+) -> tuple[str, bytes, str]:
+    """(what is wrong or "", the dump's first bytes, what it passed)."""
+    gz = "gzip stream complete; " if key.endswith(".gz") else ""
+    with _storage_errors(f"backups {name!r}: {key}"):
+        try:
+            head, stream, plain = dump_stream(chunks, key)
+            if plain:
+                for _ in stream:
+                    pass
+        except BadGzip as exc:
+            return str(exc), b"", ""
+    if plain:
+        return "", head, gz + "a plain SQL script, read to the end"
+    problem = _stream_pg_restore(stream, name, key, stderr)
+    return problem, head, gz + "pg_restore reads it to the end"
+
+
 HEAD_BYTES = 1024  # a custom-format dump's header (its strings are short) fits many times
 
 
-def keep_head(chunks: Iterator[bytes], head: bytearray) -> Iterator[bytes]:
-    """Pass the chunks through, keeping the first HEAD_BYTES in `head`."""
+def dump_stream(chunks: Iterator[bytes], key: str) -> tuple[bytes, Iterator[bytes], bool]:
+    """What the PostgreSQL tools get fed: the bytes, inflated when the name ends in .gz (as
+    `gunzip -c` would; BadGzip where it refuses them), their first HEAD_BYTES, and whether
+    they are a plain SQL script for psql rather than an archive for pg_restore (custom
+    format, starting "PGDMP"; tar, "ustar" at offset 257). Judged by content, as pg_restore
+    itself does, so a plain dump named .dump or a gzipped custom dump goes to the right tool.
+    The stream returned is whole: the head is read from it, not taken out."""
+    if key.endswith(".gz"):
+        chunks = gunzip(chunks)
+    taken: list[bytes] = []
     for chunk in chunks:
-        if len(head) < HEAD_BYTES:
-            head += chunk[: HEAD_BYTES - len(head)]
-        yield chunk
+        taken.append(chunk)
+        if sum(map(len, taken)) >= HEAD_BYTES:
+            break
+    head = b"".join(taken)[:HEAD_BYTES]
+    # A custom dump cut inside its magic ("PGD") is still one: pg_restore says it is short.
+    archive = head[:5] == b"PGDMP"[: len(head)] or head[257:262] == b"ustar"
+    # Not a .gz: only text is a script; anything else is pg_restore's to judge (and refuse).
+    plain = not archive and (key.endswith(".gz") or (bool(head) and b"\0" not in head))
+    return head, itertools.chain(taken, chunks), plain
 
 
 def pg_restore_version() -> str:
@@ -352,16 +382,6 @@ def _garbage() -> str:
         "data after the last gzip member is neither a member nor zero padding (gzip -t: "
         '"decompression OK, trailing garbage ignored", exit 2): a damaged or overwritten file'
     )
-
-
-def _stream_gzip(chunks: Iterator[bytes], name: str, key: str) -> str:
-    with _storage_errors(f"backups {name!r}: {key}"):
-        try:
-            for _ in gunzip(chunks):
-                pass
-        except BadGzip as exc:
-            return str(exc)
-    return ""
 
 
 def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]) -> str:

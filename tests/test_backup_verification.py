@@ -315,3 +315,28 @@ def test_accepted_exactly_when_gzip_t_accepts(
     except BadGzip:
         accepted = False
     assert accepted == (gzip.returncode == 0), gzip.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "passed"),
+    [
+        ("app-1.dump", [], "a plain SQL script, read to the end"),
+        ("app-1.dump", ["-Ft"], "pg_restore reads it to the end"),
+        ("app-1.dump.gz", ["-Fc"], "gzip stream complete; pg_restore reads it to the end"),
+    ],
+)
+def test_what_the_backup_holds_decides_how_it_is_read(
+    db: Db, tmp_path: Path, inventory: Any, name: str, fmt: list[str], passed: str
+) -> None:
+    fill(db)
+    path = pg_dump(db, tmp_path / name, *fmt)
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\npattern = ["*.dump", "*.dump.gz"]\n')
+    report = backup_verification("app")
+    integrity = next(f for f in report.findings if f.check == "integrity")
+    assert report.status is RunStatus.healthy and passed in integrity.message, report.findings
+    # A gzipped custom dump cut short inside is pg_restore's to refuse, not only gzip's.
+    if name.endswith(".gz"):
+        inner = subprocess.run(["gunzip", "-c", str(path)], capture_output=True, check=True)
+        path.write_bytes(gzip.compress(inner.stdout[: len(inner.stdout) // 2]))
+        integrity = next(f for f in backup_verification("app").findings if f.check == "integrity")
+        assert integrity.severity is Severity.critical and "pg_restore failed" in integrity.message

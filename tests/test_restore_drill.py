@@ -390,3 +390,27 @@ def test_a_dump_from_a_newer_pg_dump_says_which_client_to_install(db: Db, tmp_pa
     assert f"postgresql-client-{major}" in client.message
     assert "not a sign of corruption" in client.message
     assert scratch_databases(db.server) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "tool"),
+    [
+        ("app-1.dump", [], "psql"),  # `pg_dump -f app.dump`: plain SQL whatever the name
+        ("app-1.dump", ["-Ft"], "pg_restore"),
+        ("app-1.dump.gz", ["-Fc"], "pg_restore"),  # `pg_dump -Fc | gzip`
+    ],
+)
+def test_the_tool_is_chosen_by_what_the_backup_holds_not_its_name(
+    db: Db, tmp_path: Path, name: str, fmt: list[str], tool: str
+) -> None:
+    fill(db)
+    pg_dump(db, tmp_path / name, *fmt)
+    drill_config(
+        db,
+        f'directory = "{tmp_path}"\npattern = ["*.dump", "*.dump.gz"]',
+        checks='"SELECT count(*) = 500 FROM items"',
+    )
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert report.status is RunStatus.healthy, report.findings
+    assert found["check-1"].observed is True and found["tables"].observed == 2
