@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from tasks.settings import ServiceTarget, Settings
 
 DISK_WARNING, DISK_CRITICAL = 80.0, 90.0  # seed 002's monitoring thresholds
-GUESSES = {"postgres": r"db|database|postgres|pg|sql", "redis": r"redis|cache|queue|session"}
+# Words of a component's name that say which inventory kind it stands for, matched as whole
+# words ("primaryDb", "Database connections", "redis-cache"), never inside another word
+# ("mysql", "mongodb" and "upgrade" stand for no PostgreSQL).
+GUESSES = {
+    "postgres": {"db", "database", "postgres", "postgresql", "pg", "sql"},
+    "redis": {"redis", "cache", "queue", "queues", "session", "sessions"},
+}
 
 # Health bodies. Only states are components. A state is recognised by its value (`ok`, `UP`,
 # `pass`, `Healthy`, `green`...; `warn`, `degraded`...; `error`, `DOWN`, `fail`,
@@ -183,9 +189,10 @@ def dependency_for(component: str, svc: ServiceTarget, settings: Settings) -> st
     """The inventory target (postgres.NAME or redis.NAME) a failing component stands for."""
     if component in svc.dependencies:
         return svc.dependencies[component]
-    for kind, pattern in GUESSES.items():
+    words = set(re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", component).lower()))
+    for kind, names in GUESSES.items():
         targets = settings.targets(kind)
-        if re.search(pattern, component, re.IGNORECASE) and len(targets) == 1:
+        if words & names and len(targets) == 1:
             return f"{kind}.{next(iter(targets))}"
     return None
 

@@ -15,7 +15,9 @@ from deployments.sandbox import HealthApp
 from flows.resource_pressure import resource_pressure
 from flows.service_health import service_health
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.service_rules import dependency_for
 from tasks.services import proc_stats
+from tasks.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -302,3 +304,40 @@ def test_health_body_layouts(
     worst = {"ok": "healthy", "warning": "unhealthy", "critical": "unhealthy"}
     expected = max([http, *(f.severity for f in found.values())], key=list(Severity).index)
     assert report.status.value == worst[expected.value]
+
+
+def test_a_component_stands_for_a_target_by_whole_words(inventory: Any) -> None:
+    inventory(
+        '[postgres.main]\ndsn = "postgresql://app@127.0.0.1:1/app"\n'
+        '[redis.cache]\nurl = "redis://127.0.0.1:1/0"\n'
+        '[services.api]\nkind = "command"\nstatus_command = ["true"]\nrestart_command = ["true"]\n'
+    )
+    settings = load_settings()
+    api = settings.services["api"]
+    guesses = {
+        name: dependency_for(name, api, settings)
+        for name in (
+            "db",
+            "primaryDb",
+            "Database connections health check",
+            "postgres:connections",
+            "redis-cache",
+            "sessionStore",
+            "mysql",
+            "mongodb",
+            "upgrade",
+            "diskSpace",
+        )
+    }
+    assert guesses == {
+        "db": "postgres.main",
+        "primaryDb": "postgres.main",
+        "Database connections health check": "postgres.main",
+        "postgres:connections": "postgres.main",
+        "redis-cache": "redis.cache",
+        "sessionStore": "redis.cache",
+        "mysql": None,
+        "mongodb": None,
+        "upgrade": None,
+        "diskSpace": None,
+    }
