@@ -107,6 +107,30 @@ def newer_client_needed(problem: str, head: bytes, pg_restore_version: str) -> s
     )
 
 
+def dumped_by_major(head: bytes) -> int | None:
+    """The major version of the pg_dump that made a dump, from its first bytes: a plain
+    dump's "-- Dumped by pg_dump version 17.2" comment, or a custom dump's header."""
+    plain = re.search(rb"^-- Dumped by pg_dump version (\d+)", head, re.MULTILINE)
+    if plain:
+        return int(plain[1])
+    major = re.match(r"\d+", dump_made_by(head) or "")
+    return int(major[0]) if major else None
+
+
+def older_server_note(head: bytes, server_major: int | None) -> str:
+    """When a dump from a newer pg_dump failed to restore into an older server: why, and
+    what to change. Dumps restore into the same or a newer major only (pg_dump emits the
+    settings and syntax of its own release, e.g. 17's `SET transaction_timeout`)."""
+    major = dumped_by_major(head)
+    if major is None or server_major is None or major <= server_major:
+        return ""
+    return (
+        f"; the dump comes from pg_dump {major} and the scratch server runs PostgreSQL "
+        f"{server_major}: a dump restores into the same or a newer major, so point `scratch` "
+        f"at a PostgreSQL {major} (or newer) server; not a sign of corruption"
+    )
+
+
 def backup_findings(
     name: str,
     where: str,

@@ -21,9 +21,9 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, SecretStr
 
-from tasks.backup_rules import newer_client_needed
+from tasks.backup_rules import newer_client_needed, older_server_note
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, ConfigError
+from tasks.errors import ActionFailed, ConfigError, RunbookError
 from tasks.postgres import _first_line, connect
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import (
@@ -153,12 +153,24 @@ def restore_backup(
         problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
     seconds = time.perf_counter() - start
     advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
+    if problem and not advice:
+        problem += older_server_note(head, server_major(scratch_name, scratch))
     return Restore(
         ok=not problem,
         seconds=seconds,
         detail=advice or problem or f"restored in {seconds:.1f} s",
         needs_client=advice is not None,
     )
+
+
+def server_major(name: str, target: PostgresTarget) -> int | None:
+    """The server's major version (15), or None when it cannot be asked."""
+    try:
+        with connect(name, target) as conn:
+            row = conn.execute("SELECT current_setting('server_version_num') AS v").fetchone()
+    except (RunbookError, psycopg.Error):
+        return None
+    return int(row["v"]) // 10000 if row else None
 
 
 # psql would follow these out of the scratch database: a plain dump made with --create or

@@ -3,7 +3,9 @@ backups in a directory and in S3 (moto's server over HTTP)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import re
 import subprocess
 import threading
 import time
@@ -414,3 +416,29 @@ def test_the_tool_is_chosen_by_what_the_backup_holds_not_its_name(
     found = by_check(report)
     assert report.status is RunStatus.healthy, report.findings
     assert found["check-1"].observed is True and found["tables"].observed == 2
+
+
+def test_a_plain_dump_from_a_newer_pg_dump_says_the_scratch_server_is_too_old(
+    db: Db, tmp_path: Path
+) -> None:
+    # What pg_dump 17 writes, and PostgreSQL 15 refuses: its header names its version, and it
+    # sets transaction_timeout (new in 17) before anything else.
+    fill(db)
+    plain = pg_dump(db, tmp_path / "plain.sql").read_text()
+    assert "SET statement_timeout = 0;\n" in plain
+    newer = re.sub(r"(-- Dumped (?:from database|by pg_dump) version )\d+", r"\g<1>19", plain)
+    newer = newer.replace(
+        "SET statement_timeout = 0;\n", "SET statement_timeout = 0;\nSET transaction_timeout = 0;\n"
+    )
+    (tmp_path / "plain.sql").unlink()
+    (tmp_path / "app-1.sql.gz").write_bytes(gzip.compress(newer.encode()))
+    drill_config(db, f'directory = "{tmp_path}"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    restore = by_check(report)["restore"]
+    assert restore.severity is Severity.critical
+    assert 'unrecognized configuration parameter "transaction_timeout"' in restore.message
+    with psycopg.connect(db.dsn) as conn:
+        server = conn.info.server_version // 10000
+    assert f"runs PostgreSQL {server}" in restore.message
+    assert "a PostgreSQL 19 (or newer) server" in restore.message
+    assert scratch_databases(db.server) == []
