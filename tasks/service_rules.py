@@ -33,30 +33,38 @@ GUESSES = {
 # `details`), the nesting keys `checks`, `components`, `details`, `entries` (ASP.NET Core),
 # `dependencies`, `services`, the IETF health-check draft (draft-inadarei-api-health-check:
 # `status` pass/warn/fail, `checks` whose values are arrays of objects with a `status`) and
-# MicroProfile Health (`checks` as an array of `{"name", "status"}`). Build information,
-# timestamps, numbers and free text are not states and are ignored, whatever they say.
-# The vocabularies of Spring Boot (UP, DOWN, OUT_OF_SERVICE, UNKNOWN), the IETF draft (pass,
-# warn, fail), ASP.NET Core (Healthy, Degraded, Unhealthy), Consul (passing, warning,
-# critical), Elasticsearch (green, yellow, red), Grafana (ok, failing) and common apps.
+# MicroProfile Health (`checks` as an array of `{"name", "status"}`), NestJS Terminus
+# (`details`, whose `info` and `error` repeat it), health-go (`failures`: name -> error
+# text), Consul (a list of checks) and "state: detail" texts (django-health-check's
+# "unavailable: ..."). Build information, timestamps, numbers and free text are not states
+# and are ignored, whatever they say. The vocabularies of Spring Boot (UP, DOWN,
+# OUT_OF_SERVICE, UNKNOWN), the IETF draft (pass, warn, fail), ASP.NET Core (Healthy,
+# Degraded, Unhealthy), Consul (passing, warning, critical), Elasticsearch (green, yellow,
+# red), Grafana (ok, failing), Terminus (ok, error, shutting_down), health-go (OK, Partially
+# Available, Unavailable), django-health-check (working) and common apps.
 STATES = {
     Severity.ok: {
         "ok", "up", "pass", "passed", "passing", "healthy", "ready", "connected", "green",
-        "available", "online", "running", "success", "good", "alive", "serving",
+        "available", "online", "running", "success", "good", "alive", "serving", "working",
     },
     Severity.warning: {
         "warn", "warning", "degraded", "yellow", "unknown", "partial", "partially_healthy",
-        "maintenance",
+        "partially_available", "maintenance",
     },
     Severity.critical: {
         "error", "errored", "down", "fail", "failed", "failing", "failure", "critical",
         "unhealthy", "red", "out_of_service", "unavailable", "offline", "disconnected",
-        "unreachable", "timeout", "not_serving", "not ok", "ko", "dead",
+        "unreachable", "timeout", "not_serving", "not_ok", "ko", "dead", "shutting_down",
+        "unknown_error", "unexpected_result",
     },
 }  # fmt: skip
 # Keys whose value is the state of the object holding them; booleans only under a key that
 # names the good state (`{"healthy": false}`), as `{"maintenance": false}` is no state at all.
 STATE_KEYS = ("status", "state", "health")
-BOOLEAN_KEYS = {"ok", "up", "healthy", "alive", "ready", "live", "connected", "available"}
+BOOLEAN_KEYS = {
+    "ok", "up", "healthy", "alive", "ready", "live", "connected", "available", "reachable",
+}  # fmt: skip
+NAME_KEYS = ("name", "checkid", "componentid", "id")  # what a check in a list is called
 # Keys whose text is build information, a time or a message, never a component's state,
 # even when it happens to look like one (`"version": "unknown"`, `"message": "ok"`).
 METADATA = {
@@ -67,12 +75,14 @@ METADATA = {
     "tags", "data", "info", "environment", "env", "region", "node", "instance", "cluster_name",
 }  # fmt: skip
 NESTED = ("checks", "components", "details", "entries", "dependencies", "services")
+FAILURES = ("failures", "errors")  # name -> why it fails (health-go)
 MAX_DEPTH = 4
 
 
 def severity_of(state: str) -> Severity | None:
-    """The severity a health state stands for, or None when the value is not a state."""
-    word = state.strip().lower().replace("-", "_")
+    """The severity a health state stands for, or None when the value is not a state; in
+    "unavailable: connection refused" the state is the part before the colon."""
+    word = state.split(":", 1)[0].strip().lower().replace("-", "_").replace(" ", "_")
     return next((sev for sev, words in STATES.items() if word in words), None)
 
 
@@ -107,9 +117,9 @@ def _walk(body: dict[str, Any], prefix: str, depth: int, found: dict[str, str]) 
         if low in STATE_KEYS or (low in METADATA and isinstance(value, str)):
             continue
         if low in NESTED and isinstance(value, list):  # MicroProfile: [{"name", "status"}]
-            for item in value:
-                if isinstance(item, dict) and (state := state_of(item)) is not None:
-                    found[f"{prefix}{item.get('name', key)}"] = state
+            _listed(value, prefix, key, found)
+        elif low in FAILURES and isinstance(value, dict):
+            found.update({f"{prefix}{name}": f"fail: {why}" for name, why in value.items()})
         elif low in NESTED and isinstance(value, dict) and depth < MAX_DEPTH:
             _walk(value, prefix, depth + 1, found)
         elif (state := state_of(value)) is not None:
@@ -118,12 +128,24 @@ def _walk(body: dict[str, Any], prefix: str, depth: int, found: dict[str, str]) 
             _walk(value, f"{prefix}{key}.", depth + 1, found)
 
 
+def _listed(items: list[Any], prefix: str, default: str, found: dict[str, str]) -> None:
+    for item in items:
+        if isinstance(item, dict) and (state := state_of(item)) is not None:
+            named = {k.lower(): v for k, v in item.items() if isinstance(v, str)}
+            name = next((named[k] for k in NAME_KEYS if k in named), default)
+            found[f"{prefix}{name}"] = state
+
+
 def components(body: Any) -> dict[str, str]:
     """Component name -> state as the body wrote it, for the states only (see the module's
     docstring for the layouts); a component with its own state is not looked into further
     (Spring Boot's `details` under it are figures, not components)."""
     found: dict[str, str] = {}
-    if isinstance(body, dict):
+    if isinstance(body, list):  # Consul: [{"Name", "CheckID", "Status": "passing"}, ...]
+        _listed(body, "", "check", found)
+    elif isinstance(body, dict):
+        if isinstance(body.get("details"), dict):  # Terminus: info and error repeat details
+            body = {k: v for k, v in body.items() if k not in ("info", "error")}
         _walk(body, "", 0, found)
     return found
 

@@ -258,6 +258,53 @@ ASPNET_CORE = {
 }
 
 
+TERMINUS = {  # NestJS Terminus: info and error repeat what details holds
+    "status": "error",
+    "info": {"database": {"status": "up"}},
+    "error": {"redis": {"status": "down", "message": "connect ECONNREFUSED 127.0.0.1:6379"}},
+    "details": {
+        "database": {"status": "up"},
+        "redis": {"status": "down", "message": "connect ECONNREFUSED 127.0.0.1:6379"},
+    },
+}
+HEALTH_GO = {  # github.com/hellofresh/health-go
+    "status": "Partially Available",
+    "timestamp": "2026-11-30T12:00:00Z",
+    "failures": {"rabbitmq": "dial tcp 127.0.0.1:5672: connect: connection refused"},
+    "system": {"version": "go1.22", "goroutines_count": 12, "total_alloc_bytes": 123456},
+    "component": {"name": "orders", "version": "v1.4.2"},
+}
+DJANGO = {  # django-health-check's JSON
+    "Cache backend: default": "working",
+    "DatabaseBackend": "unavailable: Database error",
+    "DiskUsage": "working",
+}
+KONG = {  # Kong's /status
+    "database": {"reachable": False},
+    "server": {"connections_accepted": 10, "connections_active": 1, "total_requests": 9},
+    "memory": {"lua_shared_dicts": {"kong": {"allocated_slabs": "0.04 MiB"}}},
+}
+GITLAB = {  # GitLab's /-/readiness?all=1
+    "status": "failed",
+    "master_check": [{"status": "ok"}],
+    "db_check": [{"status": "ok"}],
+    "redis_check": [{"status": "failed", "message": "check error"}],
+}
+CONSUL = [  # Consul's /v1/health/checks/SERVICE: a list of checks
+    {"Node": "n1", "CheckID": "service:web", "Name": "Service 'web' check", "Status": "passing"},
+    {"Node": "n1", "CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "critical"},
+]
+VAULT = {  # Vault's /v1/sys/health: no state word at all
+    "initialized": True,
+    "sealed": False,
+    "standby": False,
+    "replication_dr_mode": "disabled",
+    "server_time_utc": 1764504000,
+    "version": "1.15.2",
+    "cluster_name": "vault-cluster-1",
+}
+
+
 @pytest.mark.parametrize(
     ("code", "body", "http", "states"),
     [
@@ -280,6 +327,37 @@ ASPNET_CORE = {
             Severity.critical,
             {"queue": "fail"},
         ),
+        (503, TERMINUS, Severity.critical, {"database": "up", "redis": "down"}),
+        (
+            200,
+            HEALTH_GO,
+            Severity.warning,
+            {"rabbitmq": "fail: dial tcp 127.0.0.1:5672: connect: connection refused"},
+        ),
+        (
+            500,
+            DJANGO,
+            Severity.critical,
+            {
+                "Cache backend: default": "working",
+                "DatabaseBackend": "unavailable: Database error",
+                "DiskUsage": "working",
+            },
+        ),
+        (200, KONG, Severity.ok, {"database": "error"}),
+        (
+            503,
+            GITLAB,
+            Severity.critical,
+            {"master_check": "ok", "db_check": "ok", "redis_check": "failed"},
+        ),
+        (
+            200,
+            CONSUL,
+            Severity.critical,
+            {"Service 'web' check": "passing", "Serf Health Status": "critical"},
+        ),
+        (200, VAULT, Severity.ok, {}),
     ],
     ids=[
         "spring3",
@@ -291,6 +369,13 @@ ASPNET_CORE = {
         "meta",
         "bool",
         "fail200",
+        "terminus",
+        "health-go",
+        "django",
+        "kong",
+        "gitlab",
+        "consul",
+        "vault",
     ],
 )
 def test_health_body_layouts(
