@@ -53,7 +53,7 @@ def tls_certificates(
         ep = endpoints[action.target]
         argv = renew_argv(ep)
         assert argv is not None
-        renewal = run_action(action, renew_certificate, action.target, argv)
+        renewal = run_action(action, renew_certificate, action.target, argv, ep.cert_name)
         if renewal is None:
             continue
         if not renewal.renewed:

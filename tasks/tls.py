@@ -176,12 +176,12 @@ class Renewal(BaseModel):
 
 
 @io_task("renew-certificate", timeout_seconds=COMMAND_TIMEOUT_SECONDS + 30, retries=0)
-def renew_certificate(name: str, argv: list[str]) -> Renewal:
+def renew_certificate(name: str, argv: list[str], cert_name: str | None = None) -> Renewal:
     """Run the renew command. A CA client that declines because the certificate is not due
     by its own settings (certbot's "not yet due", acme.sh's skip, which exits 2, lego's "no
     renewal") has not failed: the Renewal says it did not renew, in its words."""
     said = _run("renew", name, argv, ok_codes=(0, 2))
-    words = declined(said)
+    words = declined(said, cert_name)
     return Renewal(renewed=False, said=words) if words else Renewal(renewed=True)
 
 

@@ -89,9 +89,21 @@ DECLINED = re.compile(
 )
 
 
-def declined(output: str) -> str:
-    """The lines in which a renew command's CA client says it did not renew; "" if none."""
+# ... and what they print when they did renew (certbot "(success)", "Congratulations, all
+# renewals succeeded"; acme.sh "Cert success."; lego "Server responded with a certificate").
+RENEWED = re.compile(
+    r"\(success\)|renewals succeeded|cert success|server responded with a certificate",
+    re.IGNORECASE,
+)
+
+
+def declined(output: str, cert_name: str | None = None) -> str:
+    """The lines in which a renew command's CA client says it did not renew; "" if none.
+    When it renewed something too (a renew of every lineage), only a declined line naming
+    this certificate's lineage (`live/CERT_NAME/`) counts."""
     lines = [line.strip() for line in output.splitlines() if DECLINED.search(line)]
+    if lines and RENEWED.search(output):
+        lines = [line for line in lines if cert_name and f"/live/{cert_name}/" in line]
     return "; ".join(lines)[-600:]
 
 

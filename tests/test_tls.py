@@ -197,3 +197,18 @@ def test_day_thresholds_override_the_lifetime() -> None:
 )
 def test_what_a_ca_client_says_when_it_declines(output: str, words: str) -> None:
     assert declined(output) == words
+
+
+def test_a_renewal_of_every_lineage_declined_only_where_it_names_this_one() -> None:
+    output = (
+        "Processing /etc/letsencrypt/renewal/api.conf\nCertificate not yet due for renewal\n"
+        "Processing /etc/letsencrypt/renewal/app.conf\n"
+        "Congratulations, all renewals succeeded:\n"
+        "  /etc/letsencrypt/live/app/fullchain.pem (success)\n"
+        "The following certificates are not due for renewal yet:\n"
+        "  /etc/letsencrypt/live/api/fullchain.pem expires on 2026-12-20 (skipped)\n"
+    )
+    assert declined(output, "app") == ""  # renewed: the reload and the check follow
+    skipped = "/etc/letsencrypt/live/api/fullchain.pem expires on 2026-12-20 (skipped)"
+    assert declined(output, "api") == skipped
+    assert declined(output) == ""
