@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -39,6 +40,8 @@ Status = Literal["firing", "resolved"]
 # Alertmanager's fingerprints are 16 hex digits; ours and Grafana's fit the same shape. The
 # fingerprint names an event resource, so it is kept to characters that need no escaping.
 Fingerprint = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# Absent or empty (some relays send ""): computed from the labels (fingerprint_of).
+SentFingerprint = Annotated[Fingerprint | None, BeforeValidator(lambda v: None if v == "" else v)]
 # Bounded so that one alert's Prefect event (labels twice: resource and payload) stays far
 # under Prefect's event size limit; Prometheus's own labels are short. Annotations are free
 # text (descriptions, runbook links): their values are bounded only by max_body_bytes.
@@ -190,7 +193,7 @@ class AlertmanagerAlert(_Payload):
     annotations: Annotations = Field(default_factory=dict)
     # Alertmanager sends it from 0.19 on; before, it is computed from the labels as
     # Alertmanager computes it (fingerprint_of), so an upgrade does not change an alert's.
-    fingerprint: Fingerprint | None = None
+    fingerprint: SentFingerprint = None
 
     @model_validator(mode="after")
     def _named(self) -> AlertmanagerAlert:
@@ -213,7 +216,7 @@ class GrafanaAlert(_Payload):
     status: Status
     labels: LabelSet
     annotations: Annotations = Field(default_factory=dict)
-    fingerprint: Fingerprint | None = None
+    fingerprint: SentFingerprint = None
 
     @model_validator(mode="after")
     def _named(self) -> GrafanaAlert:
@@ -236,7 +239,7 @@ class GenericAlert(_Payload):
     status: Status
     labels: LabelSet = Field(default_factory=dict)
     annotations: Annotations = Field(default_factory=dict)
-    fingerprint: Fingerprint | None = None
+    fingerprint: SentFingerprint = None
 
 
 class GenericPayload(_Payload):

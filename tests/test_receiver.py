@@ -33,7 +33,7 @@ from deployments.alert_store import KEEP_DELIVERIES, AlertStore
 from deployments.localpg import free_port
 from deployments.receiver import ReceiverServer, build_receiver
 from flows.catalog import RUNBOOKS
-from tasks.alert_routes import Alert, AlertmanagerPayload, Dispatch
+from tasks.alert_routes import Alert, AlertmanagerPayload, Dispatch, fingerprint_of
 from tasks.models import wait_until
 from tasks.settings import load_settings
 from tests.alertmanager_helpers import Alertmanager
@@ -1117,6 +1117,37 @@ def test_alertmanager_before_0_19_without_fingerprints(
     # Sent again (as Alertmanager repeats a group): the same alert, deduplicated.
     [again] = post(server.url, "/alerts/alertmanager", payload).json()["alerts"]
     assert again["outcome"] == "deduplicated" and again["fingerprint"] == result["fingerprint"]
+
+
+def test_an_empty_fingerprint_is_computed_from_the_labels_for_every_source(
+    make_receiver: Any,
+) -> None:
+    server = make_receiver()
+    labels = {"alertname": "SomethingElse", "instance": "db-1:9187"}
+    bodies = {
+        "alertmanager": am_payload(am_alert(**labels) | {"fingerprint": ""}),
+        "grafana": {
+            "status": "firing",
+            "alerts": [{"status": "firing", "labels": labels, "fingerprint": ""}],
+        },
+        "generic": {
+            "alerts": [
+                {"name": "SomethingElse", "status": "firing", "labels": {"instance": "db-1:9187"}}
+            ]
+        },
+    }
+    fingerprints = set()
+    for source, body in bodies.items():
+        response = post(server.url, f"/alerts/{source}", body)
+        assert response.status_code == 202, response.text
+        [result] = response.json()["alerts"]
+        assert result["outcome"] == "unrouted"
+        fingerprints.add(result["fingerprint"])
+    # One function for all: the same labels, the same fingerprint, whoever sent them (the
+    # Alertmanager alert also carries severity and target labels, so it differs).
+    am = {**labels, "severity": "critical", "target": "main"}
+    expected = {fingerprint_of("SomethingElse", labels), fingerprint_of("SomethingElse", am)}
+    assert fingerprints == expected
 
 
 def test_grafana_truncated_alerts_are_reported(
