@@ -55,7 +55,7 @@ def lifetime_days(cert: ServedCert) -> float | None:
 def lifetime_thresholds(lifetime: float) -> Thresholds:
     """The defaults for a certificate valid `lifetime` days. Renewal is due, and a warning,
     when a third of the lifetime is left, or half under a 10-day lifetime (certbot 4's
-    default, and what Let's Encrypt advises for its 45-day and 6-day certificates); critical
+    default, which fits Let's Encrypt's 90-day, 45-day and 6-day certificates); critical
     when a twelfth is left (7.5 of 90 days: seed 002's 7 days). 90 days: 30 and 7.5; 45
     days: 15 and 3.75; 6 days: 3 and 0.5."""
     due = lifetime / 2 if lifetime < SHORT_LIFETIME_DAYS else lifetime / 3
