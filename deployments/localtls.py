@@ -42,10 +42,19 @@ class CA:
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, label: str, names: list[str], *, days: float, self_signed: bool = False
+        self,
+        label: str,
+        names: list[str],
+        *,
+        days: float,
+        lifetime: float = 90,
+        self_signed: bool = False,
     ) -> tuple[Path, Path]:
+        """A certificate `days` from expiry (negative: expired) of a `lifetime`-day validity,
+        as a CA issues them (90 days by default, Let's Encrypt's)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
+        not_before = min(now + timedelta(days=days - lifetime), now - timedelta(hours=1))
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         builder = (
@@ -54,7 +63,7 @@ class CA:
             .issuer_name(_name(names[0]) if self_signed else self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=max(1.0, -days + 1)))
+            .not_valid_before(not_before)
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), False)
         )

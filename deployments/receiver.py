@@ -46,8 +46,8 @@ from tasks.alert_routes import (
     DEFAULT_ROUTES,
     PAYLOADS,
     Alert,
-    AlertmanagerPayload,
     Dispatch,
+    GenericPayload,
     Outcome,
     ReceiverSettings,
     Route,
@@ -569,9 +569,9 @@ def create_app(receiver: Receiver) -> FastAPI:
                 422, exc.errors(include_url=False, include_context=False, include_input=False)
             )
         results = await run_in_threadpool(receiver.handle_all, split_alerts(source, payload))
-        truncated = payload.truncatedAlerts if isinstance(payload, AlertmanagerPayload) else 0
+        truncated = 0 if isinstance(payload, GenericPayload) else payload.truncatedAlerts
         if truncated:
-            # Alertmanager left these out of the group (its max_alerts): they were never seen.
+            # The sender left these out of the group (its max_alerts): they were never seen.
             print(f"alerts truncated source={source} count={truncated}", flush=True)
         return JSONResponse(
             {"alerts": [asdict(r) for r in results], "truncated": truncated}, status_code=202

@@ -14,7 +14,14 @@ from tasks.models import ActionStatus, Report, utcnow
 from tasks.services import restart_service
 from tasks.settings import load_settings
 from tasks.tls import read_served_certificates, reload_proxy, renew_certificate
-from tasks.tls_rules import TlsParams, plan_renewals, renew_argv, served_new, tls_findings
+from tasks.tls_rules import (
+    TlsParams,
+    declined_finding,
+    plan_renewals,
+    renew_argv,
+    served_new,
+    tls_findings,
+)
 
 RUNBOOK = "tls-certificates"
 RELOAD_GRACE_SECONDS = 10
@@ -44,13 +51,20 @@ def tls_certificates(
     actions = plan_renewals(certs, endpoints, utcnow(), per)
     # 3. gate
     approved = gate(actions, dry_run=dry_run, approval=approval)
-    # 4. act: renew, reload what serves it
+    # 4. act: renew, reload what serves it; a CA client that declines has not failed
+    declined = []
     for action in approved:
         ep = endpoints[action.target]
         argv = renew_argv(ep)
         assert argv is not None
-        if run_action(action, renew_certificate, action.target, argv) is None:
+        renewal = run_action(action, renew_certificate, action.target, argv, ep.cert_name)
+        if renewal is None:
             continue
+        if not renewal.renewed:
+            action.status, action.detail = ActionStatus.skipped, renewal.said
+            declined.append(action)
+            continue
+        action.detail = "renewed"
         if ep.reload_command:
             run_action(action, reload_proxy, action.target, ep.reload_command)
         elif ep.service:
@@ -88,12 +102,16 @@ def tls_certificates(
             action.detail = (
                 f"renewed and served: now valid until {new.not_after:%Y-%m-%d %H:%M} UTC"
             )
+    after = tls_findings(certs, utcnow(), per)
+    for action in declined:
+        certificate = next(f for f in after if f.target == action.target)
+        after.append(declined_finding(action, certificate))
     return finish(
         RUNBOOK,
         target,
         dry_run=dry_run,
         started_at=started,
         before=before,
-        after=tls_findings(certs, utcnow(), per),
+        after=after,
         actions=actions,
     )

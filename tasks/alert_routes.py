@@ -8,8 +8,6 @@ never interpolated into anything (a template, a query, a tag, a run name)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -41,6 +40,8 @@ Status = Literal["firing", "resolved"]
 # Alertmanager's fingerprints are 16 hex digits; ours and Grafana's fit the same shape. The
 # fingerprint names an event resource, so it is kept to characters that need no escaping.
 Fingerprint = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# Absent or empty (some relays send ""): computed from the labels (fingerprint_of).
+SentFingerprint = Annotated[Fingerprint | None, BeforeValidator(lambda v: None if v == "" else v)]
 # Bounded so that one alert's Prefect event (labels twice: resource and payload) stays far
 # under Prefect's event size limit; Prometheus's own labels are short. Annotations are free
 # text (descriptions, runbook links): their values are bounded only by max_body_bytes.
@@ -190,7 +191,9 @@ class AlertmanagerAlert(_Payload):
     status: Status
     labels: LabelSet
     annotations: Annotations = Field(default_factory=dict)
-    fingerprint: Fingerprint
+    # Alertmanager sends it from 0.19 on; before, it is computed from the labels as
+    # Alertmanager computes it (fingerprint_of), so an upgrade does not change an alert's.
+    fingerprint: SentFingerprint = None
 
     @model_validator(mode="after")
     def _named(self) -> AlertmanagerAlert:
@@ -203,7 +206,8 @@ class AlertmanagerPayload(_Payload):
 
     version: Literal["4"]
     status: Status
-    # Alerts of the group Alertmanager left out (its max_alerts): reported, never received.
+    # Alerts of the group Alertmanager left out (its max_alerts; the field from 0.21 on):
+    # reported, never received.
     truncatedAlerts: int = Field(0, ge=0)
     alerts: list[AlertmanagerAlert] = Field(min_length=1)
 
@@ -212,7 +216,7 @@ class GrafanaAlert(_Payload):
     status: Status
     labels: LabelSet
     annotations: Annotations = Field(default_factory=dict)
-    fingerprint: Fingerprint | None = None
+    fingerprint: SentFingerprint = None
 
     @model_validator(mode="after")
     def _named(self) -> GrafanaAlert:
@@ -224,6 +228,9 @@ class GrafanaPayload(_Payload):
     """Grafana unified alerting's webhook contact point payload."""
 
     status: Status
+    # Alerts Grafana left out of the notification (the contact point's max_alerts), as
+    # Alertmanager's field of the same name: reported, never received.
+    truncatedAlerts: int = Field(0, ge=0)
     alerts: list[GrafanaAlert] = Field(min_length=1)
 
 
@@ -232,7 +239,7 @@ class GenericAlert(_Payload):
     status: Status
     labels: LabelSet = Field(default_factory=dict)
     annotations: Annotations = Field(default_factory=dict)
-    fingerprint: Fingerprint | None = None
+    fingerprint: SentFingerprint = None
 
 
 class GenericPayload(_Payload):
@@ -260,11 +267,24 @@ class Alert:
     fingerprint: str
 
 
+FNV64_OFFSET, FNV64_PRIME = 14695981039346656037, 1099511628211
+LABEL_SEPARATOR = 0xFF
+
+
 def fingerprint_of(name: str, labels: Mapping[str, str]) -> str:
-    """Stable for the same name and label set, like Alertmanager's own: a re-send dedups."""
-    # The name last: a label called alertname cannot make one alert another's.
-    canonical = json.dumps({**labels, "alertname": name}, sort_keys=True, ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """The fingerprint of an alert that came without one, for every source: Prometheus's
+    LabelSet.Fingerprint (prometheus/common model/signature.go), the one Alertmanager 0.19+
+    and Grafana send: FNV-1a 64 over each label name and value in name order, each followed
+    by the byte 0xFF, as 16 hex digits. The same labels always give the same fingerprint, so
+    a re-send dedups, and an Alertmanager upgraded past 0.19 keeps its alerts' fingerprints.
+    `name` is the alertname label (a generic alert's name wins over a label of that name);
+    a label with an empty value is no label, as in Prometheus."""
+    digest = FNV64_OFFSET
+    present = {k: v for k, v in labels.items() if v}
+    for key, value in sorted({**present, "alertname": name}.items()):
+        for byte in (*key.encode(), LABEL_SEPARATOR, *value.encode(), LABEL_SEPARATOR):
+            digest = ((digest ^ byte) * FNV64_PRIME) & 0xFFFF_FFFF_FFFF_FFFF
+    return f"{digest:016x}"
 
 
 def split_alerts(

@@ -3,6 +3,7 @@ checklist, 001 backups)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,116 @@ if TYPE_CHECKING:
 class BackupParams(Params):
     """Age and size limits live with each backup set in the inventory (max_age_hours,
     min_size_ratio)."""
+
+
+# The first PostgreSQL whose pg_dump writes each custom-format archive version
+# (src/bin/pg_dump/pg_backup_archiver.h: K_VERS_1_14 "add tableam", K_VERS_1_15 "add
+# compression_algorithm in header", K_VERS_1_16 "BLOB METADATA entries and multiple BLOBS,
+# relkind"); pg_restore refuses any version newer than its own pg_dump writes.
+ARCHIVE_FIRST_MAJOR = {(1, 14): 12, (1, 15): 16, (1, 16): 17}
+UNSUPPORTED_ARCHIVE = re.compile(r"unsupported version \((\d+)\.(\d+)\) in file header")
+
+
+def dump_made_by(head: bytes) -> str | None:
+    """The pg_dump version ("17.2 (Debian 17.2-1.pgdg120+1)") a custom-format dump's header
+    names, read from its first bytes, or None when they do not say. The header (ReadHead in
+    pg_backup_archiver.c): "PGDMP", version major, minor, revision, int size, offset size,
+    format; the compression (one byte from archive 1.15, an int before); seven ints of
+    creation time; then the strings database name, server version and pg_dump version. An
+    int is a sign byte and `int size` bytes little-endian; a string an int length and its
+    bytes. A version newer than 1.16 is read with either layout, whichever is consistent."""
+    if head[:5] != b"PGDMP" or len(head) < 11:
+        return None
+    int_size = head[8]
+    newer = (head[5], head[6]) >= (1, 15)
+
+    def read_int(pos: int) -> tuple[int, int]:
+        end = pos + 1 + int_size
+        if end > len(head):
+            raise ValueError("header cut short")
+        value = int.from_bytes(head[pos + 1 : end], "little")
+        return (-value if head[pos] else value), end
+
+    for one_byte in (newer, not newer):
+        pos = 12 if one_byte else read_int(11)[1]
+        try:
+            stamp = []
+            for _ in range(7):
+                value, pos = read_int(pos)
+                stamp.append(value)
+            strings = []
+            for _ in range(3):
+                length, pos = read_int(pos)
+                if not 0 <= length <= 256 or pos + length > len(head):
+                    raise ValueError("not a header string")
+                strings.append(head[pos : pos + length].decode())
+                pos += length
+        except (ValueError, UnicodeDecodeError):
+            continue
+        sec, minute, hour, mday, month, year, _ = stamp
+        sane_time = 0 <= sec <= 61 and 0 <= minute < 60 and 0 <= hour < 24 and 1 <= mday <= 31
+        if sane_time and 0 <= month < 12 and 70 <= year < 1100 and re.match(r"\d+", strings[2]):
+            return strings[2]
+    return None
+
+
+def newer_client_needed(problem: str, head: bytes, pg_restore_version: str) -> str | None:
+    """When pg_restore refused a dump for its archive version ("unsupported version (1.16)
+    in file header"): a message naming the PostgreSQL major whose client reads it (from the
+    dump's header, else ARCHIVE_FIRST_MAJOR) and how to get it. None for any other failure,
+    and when the header names a pg_dump no newer than this pg_restore (the version bytes
+    are damaged, then): only a genuinely newer dump is no sign of a damaged backup."""
+    found = UNSUPPORTED_ARCHIVE.search(problem)
+    if found is None:
+        return None
+    archive = (int(found[1]), int(found[2]))
+    made_by = dump_made_by(head)
+    major = re.match(r"\d+", made_by or "")
+    local = re.match(r"\d+", pg_restore_version)
+    if major and local and int(major[0]) <= int(local[0]):
+        return None  # its own pg_dump could not have written it: a damaged header
+    if made_by and major:
+        client = f"PostgreSQL {major[0]} client (Debian/Ubuntu: postgresql-client-{major[0]})"
+        source = f"pg_dump {made_by}"
+    else:
+        first = ARCHIVE_FIRST_MAJOR.get(archive)
+        newest = max(ARCHIVE_FIRST_MAJOR.values())
+        client = (
+            f"PostgreSQL {first} (or later) client"
+            if first
+            else f"client of the PostgreSQL that made it (newer than {newest})"
+        )
+        source = "a newer pg_dump"
+    return (
+        f"made by {source} (archive format {archive[0]}.{archive[1]}), which pg_restore "
+        f'{pg_restore_version} here cannot read ("{found[0]}"); not a sign of corruption: '
+        "install the "
+        f"{client} where backups are verified and restored; its pg_restore reads older dumps too"
+    )
+
+
+def dumped_by_major(head: bytes) -> int | None:
+    """The major version of the pg_dump that made a dump, from its first bytes: a plain
+    dump's "-- Dumped by pg_dump version 17.2" comment, or a custom dump's header."""
+    plain = re.search(rb"^-- Dumped by pg_dump version (\d+)", head, re.MULTILINE)
+    if plain:
+        return int(plain[1])
+    major = re.match(r"\d+", dump_made_by(head) or "")
+    return int(major[0]) if major else None
+
+
+def older_server_note(head: bytes, server_major: int | None) -> str:
+    """When a dump from a newer pg_dump failed to restore into an older server: why, and
+    what to change. Dumps restore into the same or a newer major only (pg_dump emits the
+    settings and syntax of its own release, e.g. 17's `SET transaction_timeout`)."""
+    major = dumped_by_major(head)
+    if major is None or server_major is None or major <= server_major:
+        return ""
+    return (
+        f"; the dump comes from pg_dump {major} and the scratch server runs PostgreSQL "
+        f"{server_major}: a dump restores into the same or a newer major, so point `scratch` "
+        f"at a PostgreSQL {major} (or newer) server; not a sign of corruption"
+    )
 
 
 def backup_findings(
@@ -73,7 +184,9 @@ def backup_findings(
                 + ("; a sudden drop: an incomplete dump?" if ratio < cfg.min_size_ratio else ""),
             )
         )
-    if integrity is not None:
+    if integrity is not None and integrity.needs_client:
+        found.append(client_finding(name, newest.key, integrity.detail, Severity.warning))
+    elif integrity is not None:
         found.append(
             Finding(
                 check="integrity",
@@ -86,6 +199,18 @@ def backup_findings(
             )
         )
     return found
+
+
+def client_finding(name: str, key: str, detail: str, severity: Severity) -> Finding:
+    """A dump this machine's pg_restore is too old for: unverified, not corrupt."""
+    return Finding(
+        check="pg_restore_version",
+        target=name,
+        severity=severity,
+        observed=False,
+        threshold=True,
+        message=f"{key}: {detail}",
+    )
 
 
 def storage_finding(name: str, error: str) -> Finding:

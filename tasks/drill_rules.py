@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from pydantic import Field
 
+from tasks.backup_rules import client_finding
 from tasks.errors import ConfigError
 from tasks.models import Action, Finding, Params, Severity
 
@@ -131,7 +132,9 @@ def drill_findings(
     """restore is None when the drill stopped before it; restored_tables is None when it did
     not get to the end (the failed action says why), so there is no RTO to report."""
     found = []
-    if restore is not None:
+    if restore is not None and restore.needs_client:
+        found.append(client_finding(name, "the backup", restore.detail, Severity.warning))
+    elif restore is not None:
         found.append(
             Finding(
                 check="restore",
@@ -221,7 +224,9 @@ def dump_findings(name: str, dump: Dump | None, integrity: Integrity | None) -> 
             f"sha256 {dump.sha256[:16]}…",
         )
     ]
-    if integrity is not None:
+    if integrity is not None and integrity.needs_client:
+        found.append(client_finding(name, dump.key, integrity.detail, Severity.warning))
+    elif integrity is not None:
         found.append(
             Finding(
                 check="integrity",

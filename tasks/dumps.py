@@ -20,17 +20,20 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, SecretStr
 
+from tasks.backup_rules import newer_client_needed, older_server_note
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, ConfigError
+from tasks.errors import ActionFailed, ConfigError, RunbookError
 from tasks.host import memory_file
 from tasks.postgres import _first_line, connect
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import (
     CHUNK,
     BackupRefused,
+    BadGzip,
     _storage_errors,
+    dump_stream,
     error_lines,
-    gunzip,
+    pg_restore_version,
     read_chunks,
     run_fed,
     s3_client,
@@ -95,6 +98,7 @@ class Restore(BaseModel):
     ok: bool
     seconds: float
     detail: str
+    needs_client: bool = False  # pg_restore here is too old for the dump: not a bad backup
 
 
 @io_task("create-scratch-database", timeout_seconds=120, retries=0)  # not idempotent
@@ -126,26 +130,47 @@ def restore_backup(
     scratch: PostgresTarget,
     dbname: str,
 ) -> Restore:
-    """Stream the backup into the scratch database: pg_restore for custom-format dumps, psql
-    for .sql.gz. A backup that does not restore is a result, not an error."""
-    if key.endswith(".gz"):
+    """Stream the backup into the scratch database: pg_restore for archives (custom format,
+    tar), psql for plain SQL scripts, judged by content (tasks.storage.dump_stream), .gz
+    inflated on the way. A backup that does not restore is a result, not an error."""
+    start = time.perf_counter()
+    try:
+        with _storage_errors(f"backups {name!r}: {key}"):
+            head, stream, plain = dump_stream(read_chunks(backup, s3, key), key)
+    except BadGzip as exc:
+        return Restore(ok=False, seconds=time.perf_counter() - start, detail=str(exc))
+    if plain:
         argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"]
+        stream = _one_database(stream)
     else:
         argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--no-password"]
         argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
     env = libpq_env(scratch_name, scratch, dbname)
-    start = time.perf_counter()
     with memory_file() as stderr:  # a file: the tool never blocks on a full pipe; in memory
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
-        chunks = read_chunks(backup, s3, key)
-        stream = _one_database(gunzip(chunks)) if key.endswith(".gz") else chunks
         problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
     seconds = time.perf_counter() - start
+    advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
+    if problem and not advice:
+        problem += older_server_note(head, server_major(scratch_name, scratch))
     return Restore(
-        ok=not problem, seconds=seconds, detail=problem or f"restored in {seconds:.1f} s"
+        ok=not problem,
+        seconds=seconds,
+        detail=advice or problem or f"restored in {seconds:.1f} s",
+        needs_client=advice is not None,
     )
+
+
+def server_major(name: str, target: PostgresTarget) -> int | None:
+    """The server's major version (15), or None when it cannot be asked."""
+    try:
+        with connect(name, target) as conn:
+            row = conn.execute("SELECT current_setting('server_version_num') AS v").fetchone()
+    except (RunbookError, psycopg.Error):
+        return None
+    return int(row["v"]) // 10000 if row else None
 
 
 # psql would follow these out of the scratch database: a plain dump made with --create or

@@ -1,59 +1,41 @@
 """HTTP health probes with httpx: explicit timeouts, and the component states of a JSON
-health body (`{"status": "ok", "database": "error"}` and the usual nested shapes)."""
+health body (recognised by tasks.service_rules.components: states only, never build
+information, times or text)."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import httpx
 from pydantic import BaseModel
 
 from tasks.engine import io_task
-
-OK_STATES = {"ok", "up", "healthy", "pass", "passing", "ready", "connected", "true", "green"}
-NESTED = ("checks", "components", "dependencies", "services", "details", "info")
+from tasks.models import Severity
+from tasks.service_rules import components, severity_of, state_of
 
 
 class HttpProbe(BaseModel):
     url: str
-    ok: bool
+    ok: bool  # a 2xx answer whose body, if it has one, does not say it is failing
     status_code: int | None = None
     ms: float | None = None
     error: str = ""
+    status: str | None = None  # the body's own top-level state (`status`, `healthy`...)
     components: dict[str, str] = {}
     body_note: str = ""
 
     @property
+    def severity(self) -> Severity:
+        """critical when it did not answer 2xx or its body says it fails; warning when its
+        body says it is degraded."""
+        if not self.ok:
+            return Severity.critical
+        return severity_of(self.status or "ok") or Severity.ok
+
+    @property
     def failing(self) -> dict[str, str]:
-        return {k: v for k, v in self.components.items() if v.lower() not in OK_STATES}
-
-
-def _state(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "ok" if value else "error"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        inner = value.get("status", value.get("state"))
-        return _state(inner) if inner is not None else None
-    return None
-
-
-def components(body: Any) -> dict[str, str]:
-    """Component name -> state, from the top level and the usual nesting keys."""
-    if not isinstance(body, dict):
-        return {}
-    found: dict[str, str] = {}
-    for key, value in body.items():
-        if key in ("status", "state"):
-            continue
-        if key in NESTED and isinstance(value, dict):
-            found.update(components(value))
-        elif (state := _state(value)) is not None:
-            found[key] = state
-    return found
+        return {k: v for k, v in self.components.items() if severity_of(v) is Severity.critical}
 
 
 @io_task("probe-http", timeout_seconds=120, retries=0)
@@ -69,7 +51,11 @@ def probe_http(url: str, timeout_s: float) -> HttpProbe:
     probe = HttpProbe(url=url, ok=response.is_success, status_code=response.status_code, ms=ms)
     if "json" in response.headers.get("content-type", "") or response.text.lstrip()[:1] == "{":
         try:
-            probe.components = components(response.json())
+            body = response.json()
         except json.JSONDecodeError:
             probe.body_note = "the body says it is JSON but is not JSON"
+            return probe
+        probe.components = components(body)
+        probe.status = state_of(body)  # a bare "UP" body too
+        probe.ok = probe.ok and severity_of(probe.status or "ok") is not Severity.critical
     return probe

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -17,7 +17,137 @@ if TYPE_CHECKING:
     from tasks.settings import ServiceTarget, Settings
 
 DISK_WARNING, DISK_CRITICAL = 80.0, 90.0  # seed 002's monitoring thresholds
-GUESSES = {"postgres": r"db|database|postgres|pg|sql", "redis": r"redis|cache|queue|session"}
+# Words of a component's name that say which inventory kind it stands for, matched as whole
+# words ("primaryDb", "Database connections", "redis-cache"), never inside another word
+# ("mysql", "mongodb" and "upgrade" stand for no PostgreSQL).
+GUESSES = {
+    "postgres": {"db", "database", "postgres", "postgresql", "pg", "sql"},
+    "redis": {"redis", "cache", "queue", "queues", "session", "sessions"},
+}
+
+# Health bodies. Only states are components. A state is recognised by its value (`ok`, `UP`,
+# `pass`, `Healthy`, `green`...; `warn`, `degraded`...; `error`, `DOWN`, `fail`,
+# `critical`...), in the layouts health endpoints use: top-level keys (`{"status": "ok",
+# "database": "error"}`, Grafana's `{"commit": ..., "database": "ok", "version": ...}`),
+# objects with their own `status` (Spring Boot actuator 1.x-3.x, under `components` or
+# `details`), the nesting keys `checks`, `components`, `details`, `entries` (ASP.NET Core),
+# `dependencies`, `services`, the IETF health-check draft (draft-inadarei-api-health-check:
+# `status` pass/warn/fail, `checks` whose values are arrays of objects with a `status`) and
+# MicroProfile Health (`checks` as an array of `{"name", "status"}`), NestJS Terminus
+# (`details`, whose `info` and `error` repeat it), health-go (`failures`: name -> error
+# text), Consul (a list of checks) and "state: detail" texts (django-health-check's
+# "unavailable: ..."). Build information, timestamps, numbers and free text are not states
+# and are ignored, whatever they say. The vocabularies of Spring Boot (UP, DOWN,
+# OUT_OF_SERVICE, UNKNOWN), the IETF draft (pass, warn, fail), ASP.NET Core (Healthy,
+# Degraded, Unhealthy), Consul (passing, warning, critical), Elasticsearch (green, yellow,
+# red), Grafana (ok, failing), Terminus (ok, error, shutting_down), health-go (OK, Partially
+# Available, Unavailable), django-health-check (working) and common apps.
+STATES = {
+    Severity.ok: {
+        "ok", "up", "pass", "passed", "passing", "healthy", "ready", "connected", "green",
+        "available", "online", "running", "success", "good", "alive", "serving", "working",
+    },
+    Severity.warning: {
+        "warn", "warning", "degraded", "yellow", "unknown", "partial", "partially_healthy",
+        "partially_available", "maintenance",
+    },
+    Severity.critical: {
+        "error", "errored", "down", "fail", "failed", "failing", "failure", "critical",
+        "unhealthy", "red", "out_of_service", "unavailable", "offline", "disconnected",
+        "unreachable", "timeout", "not_serving", "not_ok", "ko", "dead", "shutting_down",
+        "unknown_error", "unexpected_result",
+    },
+}  # fmt: skip
+# Keys whose value is the state of the object holding them; booleans only under a key that
+# names the good state (`{"healthy": false}`), as `{"maintenance": false}` is no state at all.
+STATE_KEYS = ("status", "state", "health")
+BOOLEAN_KEYS = {
+    "ok", "up", "healthy", "alive", "ready", "live", "connected", "available", "reachable",
+}  # fmt: skip
+NAME_KEYS = ("name", "checkid", "componentid", "id")  # what a check in a list is called
+# Keys whose text is build information, a time or a message, never a component's state,
+# even when it happens to look like one (`"version": "unknown"`, `"message": "ok"`).
+METADATA = {
+    "version", "commit", "build", "revision", "branch", "release", "releaseid", "serviceid",
+    "timestamp", "time", "date", "uptime", "started", "startedat", "hostname", "host", "name",
+    "id", "componentid", "componenttype", "description", "output", "notes", "message",
+    "messages", "links", "observedvalue", "observedunit", "duration", "totalduration",
+    "tags", "data", "info", "environment", "env", "region", "node", "instance", "cluster_name",
+}  # fmt: skip
+NESTED = ("checks", "components", "details", "entries", "dependencies", "services")
+FAILURES = ("failures", "errors")  # name -> why it fails (health-go)
+MAX_DEPTH = 4
+
+
+def severity_of(state: str) -> Severity | None:
+    """The severity a health state stands for, or None when the value is not a state; in
+    "unavailable: connection refused" the state is the part before the colon."""
+    word = state.split(":", 1)[0].strip().lower().replace("-", "_").replace(" ", "_")
+    return next((sev for sev, words in STATES.items() if word in words), None)
+
+
+def _worst(states: list[str]) -> str | None:
+    order = [Severity.ok, Severity.warning, Severity.critical]
+    known = [(order.index(sev), s) for s in states if (sev := severity_of(s)) is not None]
+    return max(known)[1] if known else None
+
+
+def state_of(value: Any) -> str | None:
+    """The state a health-body value stands for: a state word, an object's `status`/`state`/
+    `health` (or a boolean `healthy`/`ok`/`up`... key, as "ok" or "error"), or the worst of an
+    IETF draft's array of check objects; None when the value is no state."""
+    if isinstance(value, str):
+        return value if severity_of(value) is not None else None
+    if isinstance(value, list):
+        return _worst([s for item in value if isinstance(item, dict) and (s := state_of(item))])
+    if not isinstance(value, dict):
+        return None
+    for key, inner in value.items():
+        if key.lower() in STATE_KEYS and isinstance(inner, str) and severity_of(inner):
+            return inner
+    for key, inner in value.items():
+        if key.lower() in BOOLEAN_KEYS and isinstance(inner, bool):
+            return "ok" if inner else "error"
+    return None
+
+
+def _walk(body: dict[str, Any], prefix: str, depth: int, found: dict[str, str]) -> None:
+    for key, value in body.items():
+        low = key.lower()
+        if low in STATE_KEYS or (low in METADATA and isinstance(value, str)):
+            continue
+        if low in NESTED and isinstance(value, list):  # MicroProfile: [{"name", "status"}]
+            _listed(value, prefix, key, found)
+        elif low in FAILURES and isinstance(value, dict):
+            found.update({f"{prefix}{name}": f"fail: {why}" for name, why in value.items()})
+        elif low in NESTED and isinstance(value, dict) and depth < MAX_DEPTH:
+            _walk(value, prefix, depth + 1, found)
+        elif (state := state_of(value)) is not None:
+            found[f"{prefix}{key}"] = state
+        elif isinstance(value, dict) and depth < MAX_DEPTH:  # a group: {"databases": {...}}
+            _walk(value, f"{prefix}{key}.", depth + 1, found)
+
+
+def _listed(items: list[Any], prefix: str, default: str, found: dict[str, str]) -> None:
+    for item in items:
+        if isinstance(item, dict) and (state := state_of(item)) is not None:
+            named = {k.lower(): v for k, v in item.items() if isinstance(v, str)}
+            name = next((named[k] for k in NAME_KEYS if k in named), default)
+            found[f"{prefix}{name}"] = state
+
+
+def components(body: Any) -> dict[str, str]:
+    """Component name -> state as the body wrote it, for the states only (see the module's
+    docstring for the layouts); a component with its own state is not looked into further
+    (Spring Boot's `details` under it are figures, not components)."""
+    found: dict[str, str] = {}
+    if isinstance(body, list):  # Consul: [{"Name", "CheckID", "Status": "passing"}, ...]
+        _listed(body, "", "check", found)
+    elif isinstance(body, dict):
+        if isinstance(body.get("details"), dict):  # Terminus: info and error repeat details
+            body = {k: v for k, v in body.items() if k not in ("info", "error")}
+        _walk(body, "", 0, found)
+    return found
 
 
 class PostgresDownParams(Params):
@@ -89,36 +219,41 @@ def dependency_for(component: str, svc: ServiceTarget, settings: Settings) -> st
     """The inventory target (postgres.NAME or redis.NAME) a failing component stands for."""
     if component in svc.dependencies:
         return svc.dependencies[component]
-    for kind, pattern in GUESSES.items():
+    words = set(re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", component).lower()))
+    for kind, names in GUESSES.items():
         targets = settings.targets(kind)
-        if re.search(pattern, component, re.IGNORECASE) and len(targets) == 1:
+        if words & names and len(targets) == 1:
             return f"{kind}.{next(iter(targets))}"
     return None
 
 
 def probe_findings(name: str, probe: HttpProbe) -> list[Finding]:
+    """The probe's answer (critical when not 2xx or its body's own status fails, warning when
+    that status is degraded) and one finding per component state of its body (see
+    tasks.http for the states and layouts recognised; anything else in the body is ignored)."""
     what = f"{probe.url}: " + (
         f"HTTP {probe.status_code} in {probe.ms:.0f} ms"
         if probe.status_code is not None
         else probe.error
     )
+    if probe.status:
+        what += f", status {probe.status}"
     found = [
         Finding(
             check="http",
             target=name,
-            severity=Severity.ok if probe.ok else Severity.critical,
+            severity=probe.severity,
             observed=probe.status_code,
             threshold="2xx",
             message=what + (f"; {probe.body_note}" if probe.body_note else ""),
         )
     ]
     for component, state in sorted(probe.components.items()):
-        failing = component in probe.failing
         found.append(
             Finding(
                 check=f"component.{component}",
                 target=name,
-                severity=Severity.critical if failing else Severity.ok,
+                severity=severity_of(state) or Severity.ok,
                 observed=state,
                 message=f"{probe.url} reports {component}: {state}",
             )

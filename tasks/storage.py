@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import re
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import botocore.exceptions
 import httpx
 from pydantic import BaseModel
 
+from tasks.backup_rules import newer_client_needed
 from tasks.engine import io_task
 from tasks.errors import TargetError, TargetUnreachable
 from tasks.host import memory_file
@@ -42,6 +44,7 @@ class Backup(BaseModel):
 class Integrity(BaseModel):
     ok: bool
     detail: str
+    needs_client: bool = False  # pg_restore here is too old for it: unverified, not corrupt
     sha256: str
     expected_sha256: str | None = None
 
@@ -235,28 +238,82 @@ def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
 
 @io_task("verify-backup", timeout_seconds=PG_RESTORE_TIMEOUT + 60, retries=0)
 def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -> Integrity:
-    """Stream it once: SHA-256 of the bytes, and a gzip test (.gz) or pg_restore reading every
-    block of a custom-format dump into /dev/null, fed as it arrives."""
+    """Stream it once: SHA-256 of the bytes, inflated when the name ends in .gz (as gunzip
+    does: BadGzip's cases fail it), and what it holds judged by its content, not its name:
+    an archive (custom format, tar, also inside a .gz) is read to the end by pg_restore into
+    /dev/null, fed as it arrives; a plain SQL script is read to the end."""
     digest = hashlib.sha256()
-    is_gzip = key.endswith(".gz")
     with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
-        if is_gzip:
-            problem = _stream_gzip(_hashed(read_chunks(backup, s3, key), digest), name, key)
-        else:
-            problem = _stream_pg_restore(
-                _hashed(read_chunks(backup, s3, key), digest), name, key, stderr
-            )
+        chunks = _hashed(read_chunks(backup, s3, key), digest)
+        problem, head, passed = _verify_stream(chunks, name, key, stderr)
     with _storage_errors(f"backups {name!r}: {key}"):
         expected = _expected(backup, s3, key)
     sha = digest.hexdigest()
-    if not problem and expected and expected != sha:
-        problem = f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
+    advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
+    if (not problem or advice) and expected and expected != sha:
+        advice, problem = None, f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
     return Integrity(
         ok=not problem,
-        detail=problem or ("gzip stream complete" if is_gzip else "pg_restore reads it to the end"),
+        detail=advice or problem or passed,
+        needs_client=advice is not None,
         sha256=sha,
         expected_sha256=expected,
     )
+
+
+def _verify_stream(
+    chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]
+) -> tuple[str, bytes, str]:
+    """(what is wrong or "", the dump's first bytes, what it passed)."""
+    gz = "gzip stream complete; " if key.endswith(".gz") else ""
+    with _storage_errors(f"backups {name!r}: {key}"):
+        try:
+            head, stream, plain = dump_stream(chunks, key)
+            if plain:
+                for _ in stream:
+                    pass
+        except BadGzip as exc:
+            return str(exc), b"", ""
+    if plain:
+        return "", head, gz + "a plain SQL script, read to the end"
+    problem = _stream_pg_restore(stream, name, key, stderr)
+    return problem, head, gz + "pg_restore reads it to the end"
+
+
+HEAD_BYTES = 1024  # a custom-format dump's header (its strings are short) fits many times
+
+
+def dump_stream(chunks: Iterator[bytes], key: str) -> tuple[bytes, Iterator[bytes], bool]:
+    """What the PostgreSQL tools get fed: the bytes, inflated when the name ends in .gz (as
+    `gunzip -c` would; BadGzip where it refuses them), their first HEAD_BYTES, and whether
+    they are a plain SQL script for psql rather than an archive for pg_restore (custom
+    format, starting "PGDMP"; tar, "ustar" at offset 257). Judged by content, as pg_restore
+    itself does, so a plain dump named .dump or a gzipped custom dump goes to the right tool.
+    The stream returned is whole: the head is read from it, not taken out."""
+    if key.endswith(".gz"):
+        chunks = gunzip(chunks)
+    taken: list[bytes] = []
+    for chunk in chunks:
+        taken.append(chunk)
+        if sum(map(len, taken)) >= HEAD_BYTES:
+            break
+    head = b"".join(taken)[:HEAD_BYTES]
+    # A custom dump cut inside its magic ("PGD") is still one: pg_restore says it is short.
+    archive = head[:5] == b"PGDMP"[: len(head)] or head[257:262] == b"ustar"
+    # Not a .gz: only text is a script; anything else is pg_restore's to judge (and refuse).
+    plain = not archive and (key.endswith(".gz") or (bool(head) and b"\0" not in head))
+    return head, itertools.chain(taken, chunks), plain
+
+
+def pg_restore_version() -> str:
+    """This machine's pg_restore version ("15.20 (Debian 15.20-0+deb12u1)")."""
+    try:
+        out = subprocess.run(
+            ["pg_restore", "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown)"
+    return out.strip().removeprefix("pg_restore (PostgreSQL) ")
 
 
 def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
@@ -273,30 +330,58 @@ def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
             hashing.result()
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class BadGzip(Exception):
+    """What `gzip -t` refuses, in its terms: not gzip, corrupt, truncated, trailing garbage."""
+
+
 def gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Inflate a gzip stream as it arrives, several members too (as `cat a.gz b.gz` makes);
-    zlib.error when it is corrupt, EOFError when it ends early."""
-    inflate = zlib.decompressobj(wbits=31)
+    """Inflate a gzip stream as it arrives, accepting exactly what GNU gzip (1.12) `gzip -t`
+    and `gunzip` accept with exit 0: one or more members (as `cat a.gz b.gz` makes), then
+    optionally zero bytes to the end (the padding to a block boundary tar, dd conv=sync and
+    tape archivers write). BadGzip for what they refuse: a file not starting with a member,
+    a corrupt member (bad data, CRC or length), one cut short, and anything else after the
+    last member (gzip exits 2 there: "decompression OK, trailing garbage ignored")."""
+    inflate: Any = None  # None: between members
+    members, pending, padding = 0, b"", False
     for chunk in chunks:
-        while chunk:
-            yield inflate.decompress(chunk, CHUNK)
-            chunk = inflate.unconsumed_tail
-            if inflate.eof and inflate.unused_data:
-                chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
-    if not inflate.eof:
-        raise EOFError("gzip stream ends early: the file is truncated")
+        data, pending = pending + chunk, b""
+        while data:
+            if padding:
+                if data.strip(b"\0"):
+                    raise BadGzip(_garbage())
+                break
+            if inflate is None:
+                if len(data) < 2:  # a member's magic may straddle two chunks
+                    pending = data
+                    break
+                if data[:2] != GZIP_MAGIC:
+                    if not members:
+                        raise BadGzip("not in gzip format (it does not start with 1f 8b)")
+                    if data[0] != 0:
+                        raise BadGzip(_garbage())
+                    padding = True
+                    continue
+                inflate = zlib.decompressobj(wbits=31)
+            try:
+                yield inflate.decompress(data, CHUNK)
+            except zlib.error as exc:
+                raise BadGzip(f"gzip data is corrupt: {exc}") from None
+            data = inflate.unconsumed_tail
+            if inflate.eof:
+                data, inflate, members = inflate.unused_data, None, members + 1
+    # gzip reads a member's two magic bytes whole: one lone byte is an early end, unless zero
+    if inflate is not None or not members or (pending and pending != b"\0"):
+        raise BadGzip("gzip stream ends early (unexpected end of file): the file is truncated")
 
 
-def _stream_gzip(chunks: Iterator[bytes], name: str, key: str) -> str:
-    with _storage_errors(f"backups {name!r}: {key}"):
-        try:
-            for _ in gunzip(chunks):
-                pass
-        except zlib.error as exc:
-            return f"gzip data is corrupt: {exc}"
-        except EOFError as exc:
-            return str(exc)
-    return ""
+def _garbage() -> str:
+    return (
+        "data after the last gzip member is neither a member nor zero padding (gzip -t: "
+        '"decompression OK, trailing garbage ignored", exit 2): a damaged or overwritten file'
+    )
 
 
 def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]) -> str:
@@ -335,9 +420,7 @@ def run_fed(
                             proc.stdin.write(chunk)
                         except BrokenPipeError:
                             problem = "stopped"  # its exit code and stderr say why
-            except zlib.error as exc:
-                problem = f"gzip data is corrupt: {exc}"
-            except (EOFError, BackupRefused) as exc:
+            except (BadGzip, BackupRefused) as exc:
                 problem = str(exc)
             finally:
                 with suppress(BrokenPipeError):

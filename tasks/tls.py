@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from tasks.engine import io_task
 from tasks.errors import ActionFailed
 from tasks.settings import TlsEndpoint
+from tasks.tls_rules import declined
 
 COMMAND_TIMEOUT_SECONDS = 300
 
@@ -30,6 +31,7 @@ class ServedCert(BaseModel):
     subject: str = ""
     names: list[str] = []
     issuer: str = ""
+    not_before: datetime | None = None
     not_after: datetime | None = None
     fingerprint: str = ""
     chain_ok: bool = False
@@ -62,6 +64,7 @@ def describe(der: bytes) -> dict[str, object]:
         "subject": str(common[0].value) if common else cert.subject.rfc4514_string(),
         "names": names,
         "issuer": str(issuer[0].value) if issuer else cert.issuer.rfc4514_string(),
+        "not_before": cert.not_valid_before_utc,
         "not_after": cert.not_valid_after_utc,
         "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
     }
@@ -142,7 +145,8 @@ def read_served_certificates(
     return asyncio.run(all_of_them())
 
 
-def _run(what: str, name: str, argv: list[str]) -> str:
+def _run(what: str, name: str, argv: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:
+    """The command's stdout and stderr; ActionFailed when it exits with another code."""
     try:
         proc = subprocess.run(
             argv,
@@ -161,18 +165,28 @@ def _run(what: str, name: str, argv: list[str]) -> str:
         raise ActionFailed(
             f"tls endpoint {name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
         ) from None
-    if proc.returncode != 0:
+    said = proc.stdout + proc.stderr
+    if proc.returncode not in ok_codes or (proc.returncode != 0 and not declined(said)):
         raise ActionFailed(
             f"tls endpoint {name!r}: {what} command exited {proc.returncode}: "
             f"{proc.stderr.strip()[-800:]}"
         )
-    return proc.stdout
+    return said
+
+
+class Renewal(BaseModel):
+    renewed: bool
+    said: str = ""  # the CA client's own words when it declined
 
 
 @io_task("renew-certificate", timeout_seconds=COMMAND_TIMEOUT_SECONDS + 30, retries=0)
-def renew_certificate(name: str, argv: list[str]) -> str:
-    _run("renew", name, argv)
-    return "renewed"
+def renew_certificate(name: str, argv: list[str], cert_name: str | None = None) -> Renewal:
+    """Run the renew command. A CA client that declines because the certificate is not due
+    by its own settings (certbot's "not yet due", acme.sh's skip, which exits 2, lego's "no
+    renewal") has not failed: the Renewal says it did not renew, in its words."""
+    said = _run("renew", name, argv, ok_codes=(0, 2))
+    words = declined(said, cert_name)
+    return Renewal(renewed=False, said=words) if words else Renewal(renewed=True)
 
 
 @io_task("reload-proxy", timeout_seconds=COMMAND_TIMEOUT_SECONDS + 30, retries=0)

@@ -3,9 +3,10 @@ Certificate Issues")."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from pydantic import Field
 
@@ -17,17 +18,94 @@ if TYPE_CHECKING:
 
 
 class TlsParams(Params):
-    warning_days: float = Field(30, ge=0, le=3650)
-    critical_days: float = Field(7, ge=0, le=3650)
-    renew_days: float = Field(30, ge=0, le=3650)
+    """Renewal timing. Unset, each is relative to the certificate's own lifetime (notAfter -
+    notBefore, see lifetime_thresholds); a number of days overrides it for every
+    certificate."""
+
+    warning_days: float | None = Field(
+        None, ge=0, le=3650, description="days left under which it is a warning"
+    )
+    critical_days: float | None = Field(
+        None, ge=0, le=3650, description="days left under which it is critical"
+    )
+    renew_days: float | None = Field(
+        None, ge=0, le=3650, description="days left under which it is renewed"
+    )
     timeout_seconds: float = Field(5, gt=0, le=120)
 
 
 THRESHOLD_NAMES = frozenset(TlsParams.model_fields)
+SHORT_LIFETIME_DAYS = 10
+DEFAULT_LIFETIME_DAYS = 90  # when the certificate's own is unknown
+
+
+class Thresholds(NamedTuple):
+    """Days left under which a certificate is a warning, critical, due for renewal."""
+
+    warning: float
+    critical: float
+    renew: float
+
+
+def lifetime_days(cert: ServedCert) -> float | None:
+    if cert.not_after is None or cert.not_before is None:
+        return None
+    return (cert.not_after - cert.not_before).total_seconds() / 86400
+
+
+def lifetime_thresholds(lifetime: float) -> Thresholds:
+    """The defaults for a certificate valid `lifetime` days. Renewal is due, and a warning,
+    when a third of the lifetime is left, or half under a 10-day lifetime (certbot 4's
+    default, which fits Let's Encrypt's 90-day, 45-day and 6-day certificates); critical
+    when a twelfth is left (7.5 of 90 days: seed 002's 7 days). 90 days: 30 and 7.5; 45
+    days: 15 and 3.75; 6 days: 3 and 0.5."""
+    due = lifetime / 2 if lifetime < SHORT_LIFETIME_DAYS else lifetime / 3
+    return Thresholds(warning=due, critical=lifetime / 12, renew=due)
+
+
+def thresholds(cert: ServedCert, p: TlsParams) -> Thresholds:
+    """The lifetime's defaults (DEFAULT_LIFETIME_DAYS when unknown), each overridden by a
+    day count the run or the target sets."""
+    default = lifetime_thresholds(lifetime_days(cert) or DEFAULT_LIFETIME_DAYS)
+    return Thresholds(
+        warning=default.warning if p.warning_days is None else p.warning_days,
+        critical=default.critical if p.critical_days is None else p.critical_days,
+        renew=default.renew if p.renew_days is None else p.renew_days,
+    )
 
 
 def days_left(cert: ServedCert, now: datetime) -> float | None:
     return (cert.not_after - now).total_seconds() / 86400 if cert.not_after else None
+
+
+# What CA clients print when they decline to renew a certificate not due by their own
+# settings: certbot ("Cert not yet due for renewal", from 1.x "Certificate not yet due for
+# renewal", then "The following certificates are not due for renewal yet: ... (skipped)",
+# "No renewals were attempted."), acme.sh ("Skip, Next renewal time is: ...", exit 2) and
+# lego ("... the number of days defined to perform the renewal is 30: no renewal.").
+DECLINED = re.compile(
+    r"not yet due for renewal|not due for renewal yet|\(skipped\)|no renewals were attempted"
+    r"|skip, next renewal time is|: no renewal\.",
+    re.IGNORECASE,
+)
+
+
+# ... and what they print when they did renew (certbot "(success)", "Congratulations, all
+# renewals succeeded"; acme.sh "Cert success."; lego "Server responded with a certificate").
+RENEWED = re.compile(
+    r"\(success\)|renewals succeeded|cert success|server responded with a certificate",
+    re.IGNORECASE,
+)
+
+
+def declined(output: str, cert_name: str | None = None) -> str:
+    """The lines in which a renew command's CA client says it did not renew; "" if none.
+    When it renewed something too (a renew of every lineage), only a declined line naming
+    this certificate's lineage (`live/CERT_NAME/`) counts."""
+    lines = [line.strip() for line in output.splitlines() if DECLINED.search(line)]
+    if lines and RENEWED.search(output):
+        lines = [line for line in lines if cert_name and f"/live/{cert_name}/" in line]
+    return "; ".join(lines)[-600:]
 
 
 def renew_argv(ep: TlsEndpoint) -> list[str] | None:
@@ -46,7 +124,7 @@ def renew_argv(ep: TlsEndpoint) -> list[str] | None:
 
 
 def cert_finding(cert: ServedCert, now: datetime, p: TlsParams) -> Finding:
-    left = days_left(cert, now)
+    left, limits, lifetime = days_left(cert, now), thresholds(cert, p), lifetime_days(cert)
     problems = []
     if not cert.reachable:
         problems.append(cert.error)
@@ -59,14 +137,17 @@ def cert_finding(cert: ServedCert, now: datetime, p: TlsParams) -> Finding:
             )
         if not cert.chain_ok:
             problems.append(f"chain not trusted: {cert.chain_error}")
-    if problems or (left is not None and left < p.critical_days):
+    if problems or (left is not None and left < limits.critical):
         severity = Severity.critical
-    elif left is not None and left < p.warning_days:
+    elif left is not None and left < limits.warning:
         severity = Severity.warning
     else:
         severity = Severity.ok
     facts = (
-        f"{left:.1f} days left (until {cert.not_after:%Y-%m-%d %H:%M} UTC), issuer {cert.issuer}"
+        f"{left:.1f} days left (until {cert.not_after:%Y-%m-%d %H:%M} UTC"
+        + (f", of {lifetime:.0f}" if lifetime is not None else "")
+        + f"), issuer {cert.issuer}; warning under {limits.warning:.1f} days, critical under "
+        f"{limits.critical:.1f}"
         if cert.reachable and cert.not_after and left is not None
         else ""
     )
@@ -75,7 +156,7 @@ def cert_finding(cert: ServedCert, now: datetime, p: TlsParams) -> Finding:
         target=cert.endpoint,
         severity=severity,
         observed=None if left is None else round(left, 2),
-        threshold=p.warning_days,
+        threshold=round(limits.warning, 2),
         message=f"{cert.address}: " + "; ".join([*problems, facts] if facts else problems),
     )
 
@@ -99,7 +180,11 @@ def plan_renewals(
     actions = []
     for cert in certs:
         left = days_left(cert, now)
-        if not cert.reachable or left is None or left > params[cert.endpoint].renew_days:
+        if (
+            not cert.reachable
+            or left is None
+            or left > thresholds(cert, params[cert.endpoint]).renew
+        ):
             continue
         ep = endpoints[cert.endpoint]
         action = Action(
@@ -136,9 +221,25 @@ def served_new(old: dict[str, object], new: ServedCert) -> str | None:
         return f"after the reload the endpoint does not answer: {new.error}"
     if new.fingerprint == old["fingerprint"]:
         return (
-            "renewed, but the old certificate is still served: the proxy did not pick it up "
-            "(does it point at certbot's live/ symlinks?)"
+            "the renew command succeeded, but the old certificate is still served: it wrote "
+            "no new one, or the proxy did not pick it up (does it point at certbot's live/ "
+            "symlinks?)"
         )
     if sorted(new.names) != sorted(cast(list[str], old["names"])):
         return f"a certificate for other names is served now: {', '.join(new.names)}"
     return None
+
+
+def declined_finding(action: Action, certificate: Finding) -> Finding:
+    """A renew command whose CA client declined (the certificate is not due by its own
+    settings): what it said, as severe as the certificate's own finding (a warning inside
+    the warning window), never a failure."""
+    return Finding(
+        check="renewal",
+        target=action.target,
+        severity=certificate.severity,
+        observed="not renewed",
+        message=f"the renew command did not renew; its CA client said: {action.detail} (it "
+        "renews later than this runbook's window: it will when due by its own settings, e.g. "
+        "certbot's renew_before_expiry in renewal/NAME.conf; sooner with --force-renewal)",
+    )

@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployments.localpg import free_port
 from flows.backup_verification import backup_verification
+from tasks.backup_rules import dump_made_by, newer_client_needed
 from tasks.models import RunStatus, Severity
 from tasks.settings import BackupSet, S3Target
-from tasks.storage import verify_backup
+from tasks.storage import BadGzip, gunzip, verify_backup
 from tests.conftest import Db
 from tests.s3_helpers import KEY, SECRET, MotoServer
+from tests.test_restore_drill import fill, future_dump, gzip_t, pg_dump, sql_gz
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 BUCKET = "backups"
@@ -178,3 +182,161 @@ def test_a_huge_object_is_streamed(s3: Any, moto_server: Any) -> None:
     assert peak < 16 * 2**20, (
         f"peak {peak / 2**20:.1f} MiB for a {len(data) / 2**20:.0f} MiB object"
     )
+
+
+# -- accepted exactly as the gzip tools accept; a dump for a newer pg_restore --------------
+
+
+def sidecar(path: Path) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+
+
+@pytest.mark.parametrize("how", ["dd", "truncate", "concatenated"])
+def test_a_sql_gz_the_gzip_tools_accept_passes(
+    db: Db, tmp_path: Path, inventory: Any, how: str
+) -> None:
+    fill(db)
+    path = sql_gz(db, tmp_path / "app-1.sql.gz", how)
+    sidecar(path)
+    assert gzip_t(path) == 0
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\n')
+    report = backup_verification("app")
+    assert report.status is RunStatus.healthy and report.exit_code == 0, report.findings
+    integrity = next(f for f in report.findings if f.check == "integrity")
+    assert "gzip stream complete" in integrity.message
+
+
+@pytest.mark.parametrize(
+    ("tail", "gzip_exit", "words"),
+    [
+        (b"\0" * 100 + b"x", 2, "trailing garbage"),
+        (b"garbage", 2, "trailing garbage"),
+        (b"\x1f\x8b\x08", 1, "truncated"),  # a second member cut short
+    ],
+)
+def test_a_sql_gz_the_gzip_tools_refuse_is_critical(
+    db: Db, tmp_path: Path, inventory: Any, tail: bytes, gzip_exit: int, words: str
+) -> None:
+    fill(db)
+    path = pg_dump(db, tmp_path / "app-1.sql.gz")
+    with path.open("ab") as out:
+        out.write(tail)
+    sidecar(path)  # the checksum matches: what is wrong is in the file itself
+    assert gzip_t(path) == gzip_exit
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\n')
+    report = backup_verification("app")
+    integrity = next(f for f in report.findings if f.check == "integrity")
+    assert integrity.severity is Severity.critical and words in integrity.message
+
+
+def test_a_dump_from_a_newer_pg_dump_is_its_own_finding(
+    db: Db, tmp_path: Path, inventory: Any
+) -> None:
+    fill(db)
+    path = pg_dump(db, tmp_path / "app-1.dump", "-Fc")
+    major = future_dump(path)
+    sidecar(path)
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\n')
+    report = backup_verification("app")
+    found = {f.check: f for f in report.findings}
+    assert "integrity" not in found
+    client = found["pg_restore_version"]
+    assert client.severity is Severity.warning and report.exit_code == 1
+    assert "unsupported version (1.99) in file header" in client.message
+    assert f"PostgreSQL {major} client" in client.message
+    # the same file with another checksum on record is damaged, whatever its header says
+    path.with_name("app-1.dump.sha256").write_text("0" * 64 + "  app-1.dump\n")
+    found = {f.check: f for f in backup_verification("app").findings}
+    assert found["integrity"].severity is Severity.critical
+    assert "checksum mismatch" in found["integrity"].message
+
+
+def test_a_damaged_version_byte_is_corruption_not_a_newer_dump(
+    db: Db, tmp_path: Path, inventory: Any
+) -> None:
+    fill(db)
+    path = pg_dump(db, tmp_path / "app-1.dump", "-Fc")
+    data = bytearray(path.read_bytes())
+    data[6] = 99  # the header still names this machine's own pg_dump
+    path.write_bytes(bytes(data))
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\n')
+    found = {f.check: f for f in backup_verification("app").findings}
+    assert "pg_restore_version" not in found
+    assert found["integrity"].severity is Severity.critical
+    assert "unsupported version (1.99)" in found["integrity"].message
+
+
+def test_the_header_of_a_1_16_dump_names_its_pg_dump(db: Db, tmp_path: Path) -> None:
+    # From archive 1.15 the compression is one byte, not an int: rewrite a real 1.14 header
+    # (intSize 4: the int is 5 bytes at offset 11) the way pg_dump 16 and later write it.
+    fill(db, rows=1)
+    head = pg_dump(db, tmp_path / "x.dump", "-Fc").read_bytes()[:1024]
+    assert dump_made_by(head) is not None
+    newer = head[:6] + b"\x10" + head[7:11] + b"\x00" + head[16:]
+    assert dump_made_by(newer) == dump_made_by(head)
+    message = newer_client_needed("unsupported version (1.16) in file header", newer, "9.6.1")
+    assert message is not None and "postgresql-client-" in message
+    assert dump_made_by(b"PGDMP\x01\x10") is None and dump_made_by(b"-- plain SQL") is None
+
+
+@given(
+    members=st.lists(st.binary(max_size=3000), min_size=1, max_size=3),
+    tail=st.one_of(
+        st.just(b""),
+        st.binary(max_size=40).map(lambda b: b"\0" * len(b)),
+        st.binary(min_size=1, max_size=40),
+        st.integers(1, 30).map(lambda n: b"\0" * n + b"\1"),
+    ),
+    cut=st.one_of(st.none(), st.integers(0, 200)),
+    flip=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+@settings(max_examples=150)
+def test_accepted_exactly_when_gzip_t_accepts(
+    members: list[bytes], tail: bytes, cut: int | None, flip: int | None
+) -> None:
+    # Members written by the real gzip, then damaged: padding, garbage, cut, a flipped bit.
+    data = b"".join(
+        subprocess.run(["gzip", "-c"], input=m, capture_output=True, check=True).stdout
+        for m in members
+    )
+    data += tail
+    if cut is not None:
+        data = data[: max(len(data) - cut, 0)]
+    if flip is not None and data:
+        damaged = bytearray(data)
+        damaged[flip % len(damaged)] ^= 0x10
+        data = bytes(damaged)
+    gzip = subprocess.run(["gzip", "-t"], input=data, capture_output=True, timeout=30)
+    try:
+        for _ in gunzip(iter([data[:7], data[7:]])):  # a chunk boundary inside the header
+            pass
+        accepted = True
+    except BadGzip:
+        accepted = False
+    assert accepted == (gzip.returncode == 0), gzip.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "passed"),
+    [
+        ("app-1.dump", [], "a plain SQL script, read to the end"),
+        ("app-1.dump", ["-Ft"], "pg_restore reads it to the end"),
+        ("app-1.dump.gz", ["-Fc"], "gzip stream complete; pg_restore reads it to the end"),
+    ],
+)
+def test_what_the_backup_holds_decides_how_it_is_read(
+    db: Db, tmp_path: Path, inventory: Any, name: str, fmt: list[str], passed: str
+) -> None:
+    fill(db)
+    path = pg_dump(db, tmp_path / name, *fmt)
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\npattern = ["*.dump", "*.dump.gz"]\n')
+    report = backup_verification("app")
+    integrity = next(f for f in report.findings if f.check == "integrity")
+    assert report.status is RunStatus.healthy and passed in integrity.message, report.findings
+    # A gzipped custom dump cut short inside is pg_restore's to refuse, not only gzip's.
+    if name.endswith(".gz"):
+        inner = subprocess.run(["gunzip", "-c", str(path)], capture_output=True, check=True)
+        path.write_bytes(gzip.compress(inner.stdout[: len(inner.stdout) // 2]))
+        integrity = next(f for f in backup_verification("app").findings if f.check == "integrity")
+        assert integrity.severity is Severity.critical and "pg_restore failed" in integrity.message

@@ -33,9 +33,10 @@ from deployments.alert_store import KEEP_DELIVERIES, AlertStore
 from deployments.localpg import free_port
 from deployments.receiver import ReceiverServer, build_receiver
 from flows.catalog import RUNBOOKS
-from tasks.alert_routes import Alert, AlertmanagerPayload, Dispatch
+from tasks.alert_routes import Alert, AlertmanagerPayload, Dispatch, fingerprint_of
 from tasks.models import wait_until
 from tasks.settings import load_settings
+from tests.alertmanager_helpers import Alertmanager
 from tests.conftest import Db
 
 TOKEN = "s3cret-token-for-tests"
@@ -605,14 +606,6 @@ MALFORMED: list[tuple[str, str, bytes, str]] = [
         json.dumps(am_payload(am_alert("a b"))).encode(),
         "string_pattern_mismatch",
     ),
-    (
-        "alertmanager",
-        "no fingerprint",
-        json.dumps(
-            am_payload({k: v for k, v in am_alert().items() if k != "fingerprint"})
-        ).encode(),
-        "missing",
-    ),
     ("grafana", "alerts is a string", b'{"status": "firing", "alerts": "x"}', "list_type"),
     ("generic", "no name", b'{"alerts": [{"status": "firing"}]}', "missing"),
     (
@@ -1095,3 +1088,96 @@ def test_a_busy_port_is_a_clear_config_error(db: Db, tmp_path: Path, prefect_api
             ReceiverServer(receiver).start()
     receiver.starter.shutdown()
     receiver.store.close()
+
+
+# -- payloads from the versions people run -------------------------------------------------
+
+
+def test_alertmanager_before_0_19_without_fingerprints(
+    prefect_api: str, make_receiver: Any
+) -> None:
+    # Alertmanager 0.18's webhook: no fingerprint on the alerts, no truncatedAlerts.
+    server = make_receiver()
+    labels = {"alertname": "IdleInTransaction", "severity": "critical", "target": "main"}
+    payload = am_payload(am_alert(**labels))
+    del payload["truncatedAlerts"]
+    del payload["alerts"][0]["fingerprint"]
+    response = post(server.url, "/alerts/alertmanager", payload)
+    assert response.status_code == 202, response.text
+    [result] = response.json()["alerts"]
+    assert result["outcome"] == "started" and response.json()["truncated"] == 0
+    # The fingerprint a real Alertmanager 0.19+ gives the same labels: an upgrade keeps it.
+    alertmanager = Alertmanager("http://127.0.0.1:9/unused", TOKEN).start()
+    try:
+        alertmanager.post(labels, starts_at=datetime.now(UTC))
+        assert result["fingerprint"] == alertmanager.fingerprint(labels)
+    finally:
+        alertmanager.stop()
+    wait_final(prefect_api, result["flow_run_id"])
+    # Sent again (as Alertmanager repeats a group): the same alert, deduplicated.
+    [again] = post(server.url, "/alerts/alertmanager", payload).json()["alerts"]
+    assert again["outcome"] == "deduplicated" and again["fingerprint"] == result["fingerprint"]
+
+
+def test_an_empty_fingerprint_is_computed_from_the_labels_for_every_source(
+    make_receiver: Any,
+) -> None:
+    server = make_receiver()
+    labels = {"alertname": "SomethingElse", "instance": "db-1:9187"}
+    bodies = {
+        "alertmanager": am_payload(am_alert(**labels) | {"fingerprint": ""}),
+        "grafana": {
+            "status": "firing",
+            "alerts": [{"status": "firing", "labels": labels, "fingerprint": ""}],
+        },
+        "generic": {
+            "alerts": [
+                {"name": "SomethingElse", "status": "firing", "labels": {"instance": "db-1:9187"}}
+            ]
+        },
+    }
+    fingerprints = set()
+    for source, body in bodies.items():
+        response = post(server.url, f"/alerts/{source}", body)
+        assert response.status_code == 202, response.text
+        [result] = response.json()["alerts"]
+        assert result["outcome"] == "unrouted"
+        fingerprints.add(result["fingerprint"])
+    # One function for all: the same labels, the same fingerprint, whoever sent them (the
+    # Alertmanager alert also carries severity and target labels, so it differs).
+    am = {**labels, "severity": "critical", "target": "main"}
+    expected = {fingerprint_of("SomethingElse", labels), fingerprint_of("SomethingElse", am)}
+    assert fingerprints == expected
+
+
+def test_grafana_truncated_alerts_are_reported(
+    make_receiver: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = make_receiver()
+    payload = {  # Grafana's webhook contact point, version 1, max_alerts = 1 of 4
+        "receiver": "runbook",
+        "status": "firing",
+        "orgId": 1,
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "SomethingElse", "grafana_folder": "ops"},
+                "annotations": {},
+                "startsAt": "2026-11-30T12:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "fingerprint": "57c6d9296de2ad39",
+            }
+        ],
+        "groupLabels": {"alertname": "SomethingElse"},
+        "commonLabels": {"alertname": "SomethingElse"},
+        "externalURL": "http://grafana.example/",
+        "version": "1",
+        "groupKey": '{}:{alertname="SomethingElse"}',
+        "truncatedAlerts": 3,
+        "title": "[FIRING:4] SomethingElse",
+        "state": "alerting",
+        "message": "",
+    }
+    response = post(server.url, "/alerts/grafana", payload)
+    assert response.status_code == 202 and response.json()["truncated"] == 3
+    assert "alerts truncated source=grafana count=3" in capsys.readouterr().out

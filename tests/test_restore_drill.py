@@ -3,7 +3,9 @@ backups in a directory and in S3 (moto's server over HTTP)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import re
 import subprocess
 import threading
 import time
@@ -292,3 +294,152 @@ def test_pre_change_backup_to_a_directory_through_the_cli(db: Db, tmp_path: Path
         ["pg_restore", "--list", str(folder / files[0])], capture_output=True, text=True
     )
     assert restored.returncode == 0 and "TABLE public items" in restored.stdout
+
+
+# -- what the gzip tools and pg_restore accept ---------------------------------------------
+
+
+def pad(path: Path, how: str) -> None:
+    """Zero padding to a 10 KiB block boundary, as tar, `dd conv=sync` and tape archivers
+    write it."""
+    size = path.stat().st_size
+    if how == "dd":
+        padded = path.with_name("padded")
+        subprocess.run(
+            ["dd", f"if={path}", f"of={padded}", "bs=10240", "conv=sync", "status=none"],
+            check=True,
+            timeout=60,
+        )
+        padded.replace(path)
+    else:
+        subprocess.run(
+            ["truncate", "-s", str((size // 10240 + 1) * 10240), str(path)], check=True, timeout=60
+        )
+    assert path.stat().st_size % 10240 == 0 and path.stat().st_size > size
+
+
+def gzip_t(path: Path) -> int:
+    return subprocess.run(["gzip", "-t", str(path)], capture_output=True, timeout=60).returncode
+
+
+def sql_gz(db: Db, path: Path, how: str) -> Path:
+    """A real plain dump through real gzip, padded, or as two members (schema, then data,
+    joined as `cat schema.gz data.gz` joins them)."""
+    if how == "concatenated":
+        schema = pg_dump(db, path.with_name("schema.gz"), "--schema-only")
+        data = pg_dump(db, path.with_name("data.gz"), "--data-only")
+        path.write_bytes(schema.read_bytes() + data.read_bytes())
+        schema.unlink()
+        data.unlink()
+    else:
+        pg_dump(db, path)
+        pad(path, how)
+    return path
+
+
+def future_dump(path: Path) -> int:
+    """A real custom-format dump made to look as a newer pg_dump writes it: the archive
+    version in its header past what this pg_restore reads (1.99), and the pg_dump and server
+    versions it names four majors on. Returns that major."""
+    out = subprocess.run(["pg_restore", "--version"], capture_output=True, text=True, timeout=30)
+    major = int(out.stdout.split()[2].split(".")[0])
+    data = bytearray(path.read_bytes())
+    assert data[:7] == b"PGDMP\x01\x0e"  # this pg_dump writes archive version 1.14
+    data[6] = 99
+    head = bytes(data[:256]).replace(f"{major}.".encode(), f"{major + 4}.".encode())
+    path.write_bytes(head + bytes(data[256:]))
+    return major + 4
+
+
+@pytest.mark.parametrize("how", ["dd", "truncate", "concatenated"])
+def test_a_sql_gz_the_gzip_tools_accept_restores(db: Db, tmp_path: Path, how: str) -> None:
+    fill(db)
+    path = sql_gz(db, tmp_path / "app-1.sql.gz", how)
+    assert gzip_t(path) == 0
+    drill_config(db, f'directory = "{tmp_path}"', checks='"SELECT count(*) = 500 FROM items"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert report.status is RunStatus.healthy, report.findings
+    assert found["restore"].severity is Severity.ok
+    assert found["check-1"].observed is True and found["tables"].observed == 2
+
+
+def test_a_sql_gz_with_trailing_garbage_is_refused_as_gzip_refuses_it(
+    db: Db, tmp_path: Path
+) -> None:
+    fill(db)
+    path = pg_dump(db, tmp_path / "app-1.sql.gz")
+    with path.open("ab") as out:
+        out.write(b"\0" * 100 + b"not gzip")  # zeros, then something else
+    assert gzip_t(path) == 2  # "decompression OK, trailing garbage ignored"
+    drill_config(db, f'directory = "{tmp_path}"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert found["restore"].severity is Severity.critical
+    assert "trailing garbage" in found["restore"].message and report.exit_code == 1
+    assert scratch_databases(db.server) == []
+
+
+def test_a_dump_from_a_newer_pg_dump_says_which_client_to_install(db: Db, tmp_path: Path) -> None:
+    fill(db)
+    major = future_dump(pg_dump(db, tmp_path / "app-1.dump", "-Fc"))
+    drill_config(db, f'directory = "{tmp_path}"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert "restore" not in found  # not "the backup does not restore"
+    client = found["pg_restore_version"]
+    assert client.severity is Severity.warning and report.exit_code == 1
+    assert "unsupported version (1.99) in file header" in client.message  # pg_restore's words
+    assert f"postgresql-client-{major}" in client.message
+    assert "not a sign of corruption" in client.message
+    assert scratch_databases(db.server) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "tool"),
+    [
+        ("app-1.dump", [], "psql"),  # `pg_dump -f app.dump`: plain SQL whatever the name
+        ("app-1.dump", ["-Ft"], "pg_restore"),
+        ("app-1.dump.gz", ["-Fc"], "pg_restore"),  # `pg_dump -Fc | gzip`
+    ],
+)
+def test_the_tool_is_chosen_by_what_the_backup_holds_not_its_name(
+    db: Db, tmp_path: Path, name: str, fmt: list[str], tool: str
+) -> None:
+    fill(db)
+    pg_dump(db, tmp_path / name, *fmt)
+    drill_config(
+        db,
+        f'directory = "{tmp_path}"\npattern = ["*.dump", "*.dump.gz"]',
+        checks='"SELECT count(*) = 500 FROM items"',
+    )
+    report = restore_drill("app", dry_run=False, approval="auto")
+    found = by_check(report)
+    assert report.status is RunStatus.healthy, report.findings
+    assert found["check-1"].observed is True and found["tables"].observed == 2
+
+
+def test_a_plain_dump_from_a_newer_pg_dump_says_the_scratch_server_is_too_old(
+    db: Db, tmp_path: Path
+) -> None:
+    # What pg_dump 17 writes, and PostgreSQL 15 refuses: its header names its version, and it
+    # sets transaction_timeout (new in 17) before anything else.
+    fill(db)
+    plain = pg_dump(db, tmp_path / "plain.sql").read_text()
+    assert "SET statement_timeout = 0;\n" in plain
+    newer = re.sub(r"(-- Dumped (?:from database|by pg_dump) version )\d+", r"\g<1>19", plain)
+    newer = newer.replace(
+        "SET statement_timeout = 0;\n", "SET statement_timeout = 0;\nSET transaction_timeout = 0;\n"
+    )
+    (tmp_path / "plain.sql").unlink()
+    (tmp_path / "app-1.sql.gz").write_bytes(gzip.compress(newer.encode()))
+    drill_config(db, f'directory = "{tmp_path}"')
+    report = restore_drill("app", dry_run=False, approval="auto")
+    restore = by_check(report)["restore"]
+    assert restore.severity is Severity.critical
+    assert 'unrecognized configuration parameter "transaction_timeout"' in restore.message
+    with psycopg.connect(db.dsn) as conn:
+        server = conn.info.server_version // 10000
+    assert f"runs PostgreSQL {server}" in restore.message
+    assert "a PostgreSQL 19 (or newer) server" in restore.message
+    assert scratch_databases(db.server) == []

@@ -16,7 +16,9 @@ from deployments.sandbox import HealthApp
 from flows.resource_pressure import resource_pressure
 from flows.service_health import service_health
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.service_rules import dependency_for
 from tasks.services import proc_stats
+from tasks.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -126,3 +128,318 @@ def test_proc_stats_of_a_real_process() -> None:
     stats = proc_stats(os.getpid(), interval=0.2)
     assert stats.memory_bytes and stats.memory_bytes > 10 * 2**20
     assert stats.cpu_percent is not None and stats.cpu_percent >= 0
+
+
+class BodyApp(HealthApp):
+    """A real HTTP server answering one fixed health body, as a given product does."""
+
+    def __init__(self) -> None:
+        self.code, self.body = 200, "{}"
+        super().__init__("")
+
+    def answer(self) -> tuple[int, object]:
+        return self.code, self.body
+
+
+@pytest.fixture
+def body_app(inventory: Any) -> Iterator[BodyApp]:
+    app = BodyApp()
+    inventory(
+        f'[services.app]\nkind = "command"\nhealth_url = "{app.url}"\ntimeout_seconds = 5\n'
+        'status_command = ["true"]\nrestart_command = ["true"]\n'
+    )
+    yield app
+    app.close()
+
+
+def test_grafana_health_body_is_healthy(body_app: BodyApp) -> None:
+    # Grafana's /api/health, byte for byte: commit and version are build information
+    body_app.body = '{"commit": "0a1b2c3d4e", "database": "ok", "version": "10.4.1"}'
+    report = service_health()
+    assert report.status is RunStatus.healthy and report.exit_code == 0
+    assert {f.check: f.observed for f in report.findings} == {
+        "http": 200,
+        "component.database": "ok",
+    }
+    assert not report.actions
+
+
+def test_grafana_with_its_database_failing_is_critical(body_app: BodyApp) -> None:
+    body_app.code = 503
+    body_app.body = '{"commit": "0a1b2c3d4e", "database": "failing", "version": "10.4.1"}'
+    report = service_health()
+    assert report.status is RunStatus.unhealthy and report.exit_code == 1
+    db = next(f for f in report.findings if f.check == "component.database")
+    assert db.severity is Severity.critical and db.observed == "failing"
+    assert "component.version" not in {f.check for f in report.findings}
+
+
+SPRING_BOOT_3 = {
+    "status": "DOWN",
+    "components": {
+        "db": {
+            "status": "UP",
+            "details": {"database": "PostgreSQL", "validationQuery": "isValid()"},
+        },
+        "diskSpace": {
+            "status": "UP",
+            "details": {
+                "total": 1e11,
+                "free": 5e10,
+                "threshold": 1e7,
+                "path": "/app/.",
+                "exists": True,
+            },
+        },
+        "ping": {"status": "UP"},
+        "mail": {
+            "status": "DOWN",
+            "details": {"location": "smtp:25", "error": "Connection refused"},
+        },
+    },
+}
+SPRING_BOOT_2_0 = {  # 2.0 and 2.1 nest under "details"; nested groups inside
+    "status": "UP",
+    "details": {
+        "db": {
+            "status": "UP",
+            "details": {
+                "primary": {"status": "UP", "details": {"database": "H2", "hello": 1}},
+                "replica": {"status": "UP", "details": {"database": "H2", "hello": 1}},
+            },
+        },
+        "diskSpace": {"status": "UP", "details": {"total": 1, "free": 1, "threshold": 1}},
+    },
+}
+SPRING_BOOT_1 = {
+    "status": "UP",
+    "diskSpace": {"status": "UP", "total": 1, "free": 1, "threshold": 1},
+    "db": {"status": "UP", "database": "PostgreSQL", "hello": 1},
+}
+IETF_DRAFT = {  # draft-inadarei-api-health-check-06, section 3's example, one check warning
+    "status": "warn",
+    "version": "1",
+    "releaseId": "1.2.2",
+    "notes": [""],
+    "output": "",
+    "serviceId": "f03e522f-1f44-4062-9b55-9587f91c9c41",
+    "description": "health of authz service",
+    "checks": {
+        "cassandra:responseTime": [
+            {
+                "componentId": "dfd6cf2b-1b6e-4412-a0b8-f6f7797a60d2",
+                "componentType": "datastore",
+                "observedValue": 250,
+                "observedUnit": "ms",
+                "status": "pass",
+                "affectedEndpoints": ["/health"],
+                "time": "2019-01-17T03:36:48Z",
+                "output": "",
+            },
+            {
+                "componentId": "6fd416e0-8920-410f-9c7b-c479000f7227",
+                "componentType": "datastore",
+                "observedValue": 600,
+                "observedUnit": "ms",
+                "status": "warn",
+                "time": "2019-01-17T03:36:48Z",
+                "output": "",
+            },
+        ],
+        "uptime": [
+            {
+                "componentType": "system",
+                "observedValue": 1209600.245,
+                "observedUnit": "s",
+                "status": "pass",
+                "time": "2019-01-17T03:36:48Z",
+            }
+        ],
+    },
+    "links": {"about": "http://api.example.com/about/authz"},
+}
+MICROPROFILE = {
+    "status": "UP",
+    "checks": [
+        {"name": "Database connections health check", "status": "UP", "data": {"pool": 8}},
+        {"name": "ping", "status": "UP"},
+    ],
+}
+ASPNET_CORE = {
+    "status": "Degraded",
+    "totalDuration": "00:00:00.0149071",
+    "entries": {
+        "npgsql": {"data": {}, "duration": "00:00:00.0108", "status": "Healthy", "tags": []},
+        "redis": {"data": {}, "duration": "00:00:00.0031", "status": "Degraded", "tags": []},
+    },
+}
+
+
+TERMINUS = {  # NestJS Terminus: info and error repeat what details holds
+    "status": "error",
+    "info": {"database": {"status": "up"}},
+    "error": {"redis": {"status": "down", "message": "connect ECONNREFUSED 127.0.0.1:6379"}},
+    "details": {
+        "database": {"status": "up"},
+        "redis": {"status": "down", "message": "connect ECONNREFUSED 127.0.0.1:6379"},
+    },
+}
+HEALTH_GO = {  # github.com/hellofresh/health-go
+    "status": "Partially Available",
+    "timestamp": "2026-11-30T12:00:00Z",
+    "failures": {"rabbitmq": "dial tcp 127.0.0.1:5672: connect: connection refused"},
+    "system": {"version": "go1.22", "goroutines_count": 12, "total_alloc_bytes": 123456},
+    "component": {"name": "orders", "version": "v1.4.2"},
+}
+DJANGO = {  # django-health-check's JSON
+    "Cache backend: default": "working",
+    "DatabaseBackend": "unavailable: Database error",
+    "DiskUsage": "working",
+}
+KONG = {  # Kong's /status
+    "database": {"reachable": False},
+    "server": {"connections_accepted": 10, "connections_active": 1, "total_requests": 9},
+    "memory": {"lua_shared_dicts": {"kong": {"allocated_slabs": "0.04 MiB"}}},
+}
+GITLAB = {  # GitLab's /-/readiness?all=1
+    "status": "failed",
+    "master_check": [{"status": "ok"}],
+    "db_check": [{"status": "ok"}],
+    "redis_check": [{"status": "failed", "message": "check error"}],
+}
+CONSUL = [  # Consul's /v1/health/checks/SERVICE: a list of checks
+    {"Node": "n1", "CheckID": "service:web", "Name": "Service 'web' check", "Status": "passing"},
+    {"Node": "n1", "CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "critical"},
+]
+VAULT = {  # Vault's /v1/sys/health: no state word at all
+    "initialized": True,
+    "sealed": False,
+    "standby": False,
+    "replication_dr_mode": "disabled",
+    "server_time_utc": 1764504000,
+    "version": "1.15.2",
+    "cluster_name": "vault-cluster-1",
+}
+
+
+@pytest.mark.parametrize(
+    ("code", "body", "http", "states"),
+    [
+        (
+            503,
+            SPRING_BOOT_3,
+            Severity.critical,
+            {"db": "UP", "diskSpace": "UP", "ping": "UP", "mail": "DOWN"},
+        ),
+        (200, SPRING_BOOT_2_0, Severity.ok, {"db": "UP", "diskSpace": "UP"}),
+        (200, SPRING_BOOT_1, Severity.ok, {"db": "UP", "diskSpace": "UP"}),
+        (200, IETF_DRAFT, Severity.warning, {"cassandra:responseTime": "warn", "uptime": "pass"}),
+        (200, MICROPROFILE, Severity.ok, {"Database connections health check": "UP", "ping": "UP"}),
+        (200, ASPNET_CORE, Severity.warning, {"npgsql": "Healthy", "redis": "Degraded"}),
+        (200, {"status": "ok", "time": "2026-11-30T18:00:00Z", "uptime": "3d 4h"}, Severity.ok, {}),
+        (200, {"healthy": False, "maintenance": False, "message": "ok"}, Severity.critical, {}),
+        (
+            200,
+            {"status": "fail", "checks": {"queue": {"status": "fail"}}},
+            Severity.critical,
+            {"queue": "fail"},
+        ),
+        (503, TERMINUS, Severity.critical, {"database": "up", "redis": "down"}),
+        (
+            200,
+            HEALTH_GO,
+            Severity.warning,
+            {"rabbitmq": "fail: dial tcp 127.0.0.1:5672: connect: connection refused"},
+        ),
+        (
+            500,
+            DJANGO,
+            Severity.critical,
+            {
+                "Cache backend: default": "working",
+                "DatabaseBackend": "unavailable: Database error",
+                "DiskUsage": "working",
+            },
+        ),
+        (200, KONG, Severity.ok, {"database": "error"}),
+        (
+            503,
+            GITLAB,
+            Severity.critical,
+            {"master_check": "ok", "db_check": "ok", "redis_check": "failed"},
+        ),
+        (
+            200,
+            CONSUL,
+            Severity.critical,
+            {"Service 'web' check": "passing", "Serf Health Status": "critical"},
+        ),
+        (200, VAULT, Severity.ok, {}),
+    ],
+    ids=[
+        "spring3",
+        "spring2.0",
+        "spring1",
+        "ietf",
+        "microprofile",
+        "aspnet",
+        "meta",
+        "bool",
+        "fail200",
+        "terminus",
+        "health-go",
+        "django",
+        "kong",
+        "gitlab",
+        "consul",
+        "vault",
+    ],
+)
+def test_health_body_layouts(
+    body_app: BodyApp, code: int, body: object, http: Severity, states: dict[str, str]
+) -> None:
+    body_app.code, body_app.body = code, json.dumps(body)
+    report = service_health()
+    found = {f.check: f for f in report.findings}
+    assert found.pop("http").severity is http
+    assert {c.removeprefix("component."): f.observed for c, f in found.items()} == states
+    worst = {"ok": "healthy", "warning": "unhealthy", "critical": "unhealthy"}
+    expected = max([http, *(f.severity for f in found.values())], key=list(Severity).index)
+    assert report.status.value == worst[expected.value]
+
+
+def test_a_component_stands_for_a_target_by_whole_words(inventory: Any) -> None:
+    inventory(
+        '[postgres.main]\ndsn = "postgresql://app@127.0.0.1:1/app"\n'
+        '[redis.cache]\nurl = "redis://127.0.0.1:1/0"\n'
+        '[services.api]\nkind = "command"\nstatus_command = ["true"]\nrestart_command = ["true"]\n'
+    )
+    settings = load_settings()
+    api = settings.services["api"]
+    guesses = {
+        name: dependency_for(name, api, settings)
+        for name in (
+            "db",
+            "primaryDb",
+            "Database connections health check",
+            "postgres:connections",
+            "redis-cache",
+            "sessionStore",
+            "mysql",
+            "mongodb",
+            "upgrade",
+            "diskSpace",
+        )
+    }
+    assert guesses == {
+        "db": "postgres.main",
+        "primaryDb": "postgres.main",
+        "Database connections health check": "postgres.main",
+        "postgres:connections": "postgres.main",
+        "redis-cache": "redis.cache",
+        "sessionStore": "redis.cache",
+        "mysql": None,
+        "mongodb": None,
+        "upgrade": None,
+        "diskSpace": None,
+    }

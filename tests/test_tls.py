@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,21 @@ import pytest
 
 from flows.tls_certificates import tls_certificates
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.settings import TlsEndpoint
+from tasks.tls import ServedCert
+from tasks.tls_rules import (
+    Thresholds,
+    TlsParams,
+    cert_finding,
+    declined,
+    lifetime_thresholds,
+    plan_renewals,
+    thresholds,
+)
 from tests.tls_helpers import CA, Servers
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
+ENDPOINT = TlsEndpoint(host="app.test", cert_name="app", reload_command=["true"])
 
 
 @pytest.fixture
@@ -120,3 +133,108 @@ def test_each_endpoint_is_judged_by_its_own_thresholds(
     # A value given for the run wins over the target's.
     report = tls_certificates(params={"warning_days": 25})
     assert {f.severity for f in report.findings} == {Severity.warning}
+
+
+# -- renewal timing relative to the certificate's own lifetime (pure rules) ----------------
+
+
+def served(lifetime: float, left: float, now: datetime) -> ServedCert:
+    not_after = now + timedelta(days=left)
+    return ServedCert(
+        endpoint="app",
+        address="app.test:443",
+        reachable=True,
+        names=["app.test"],
+        not_before=not_after - timedelta(days=lifetime),
+        not_after=not_after,
+        hostname_ok=True,
+        chain_ok=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "due", "critical"),
+    [(6, 3, 0.5), (45, 15, 3.75), (90, 30, 7.5)],  # Let's Encrypt's short, new and classic
+)
+def test_renewal_and_warning_at_a_third_of_the_lifetime_half_under_10_days(
+    lifetime: float, due: float, critical: float
+) -> None:
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    assert lifetime_thresholds(lifetime) == Thresholds(warning=due, critical=critical, renew=due)
+    p = TlsParams()
+    expected = [
+        (due + 0.01, Severity.ok, False),
+        (due - 0.01, Severity.warning, True),
+        (critical + 0.01, Severity.warning, True),
+        (critical - 0.01, Severity.critical, True),
+    ]
+    for left, severity, renew in expected:
+        cert = served(lifetime, left, now)
+        finding = cert_finding(cert, now, p)
+        assert finding.severity is severity, (lifetime, left)
+        assert finding.threshold == due
+        assert bool(plan_renewals([cert], {"app": ENDPOINT}, now, {"app": p})) is renew, (
+            lifetime,
+            left,
+        )
+
+
+def test_day_thresholds_override_the_lifetime() -> None:
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    cert = served(6, 2.5, now)  # inside half of a 6-day lifetime: a warning, due
+    assert cert_finding(cert, now, TlsParams()).severity is Severity.warning
+    days = TlsParams(warning_days=2, critical_days=1, renew_days=1)
+    assert cert_finding(cert, now, days).severity is Severity.ok
+    assert plan_renewals([cert], {"app": ENDPOINT}, now, {"app": days}) == []
+    seed = TlsParams(warning_days=30, critical_days=7, renew_days=30)
+    assert cert_finding(served(90, 20, now), now, seed).severity is Severity.warning
+    assert cert_finding(served(90, 6, now), now, seed).severity is Severity.critical
+    unknown = served(90, 20, now).model_copy(update={"not_before": None})
+    assert thresholds(unknown, TlsParams()) == lifetime_thresholds(90)  # as a 90-day one
+
+
+@pytest.mark.parametrize(
+    ("output", "words"),
+    [
+        (  # certbot 2.x, exit 0
+            "Processing /etc/letsencrypt/renewal/app.conf\nCertificate not yet due for "
+            "renewal\n\nThe following certificates are not due for renewal yet:\n  "
+            "/etc/letsencrypt/live/app/fullchain.pem expires on 2026-12-20 (skipped)\n"
+            "No renewals were attempted.\n",
+            "Certificate not yet due for renewal; The following certificates are not due for "
+            "renewal yet:; /etc/letsencrypt/live/app/fullchain.pem expires on 2026-12-20 "
+            "(skipped); No renewals were attempted.",
+        ),
+        ("Cert not yet due for renewal\n", "Cert not yet due for renewal"),  # certbot 0.x
+        (  # acme.sh, exit 2
+            "[Mon Nov 30 12:00:00 UTC 2026] Renew: 'app.test'\n[Mon Nov 30 12:00:00 UTC "
+            "2026] Skip, Next renewal time is: 2026-12-20T12:00:00Z\n[Mon Nov 30 12:00:00 UTC "
+            "2026] Add '--force' to force renewal.\n",
+            "[Mon Nov 30 12:00:00 UTC 2026] Skip, Next renewal time is: 2026-12-20T12:00:00Z",
+        ),
+        (  # lego renew
+            "2026/11/30 12:00:00 [app.test] The certificate expires in 20 days, the number "
+            "of days defined to perform the renewal is 10: no renewal.\n",
+            "2026/11/30 12:00:00 [app.test] The certificate expires in 20 days, the number "
+            "of days defined to perform the renewal is 10: no renewal.",
+        ),
+        ("Congratulations, all renewals succeeded:\n  /x/fullchain.pem (success)\n", ""),
+    ],
+)
+def test_what_a_ca_client_says_when_it_declines(output: str, words: str) -> None:
+    assert declined(output) == words
+
+
+def test_a_renewal_of_every_lineage_declined_only_where_it_names_this_one() -> None:
+    output = (
+        "Processing /etc/letsencrypt/renewal/api.conf\nCertificate not yet due for renewal\n"
+        "Processing /etc/letsencrypt/renewal/app.conf\n"
+        "Congratulations, all renewals succeeded:\n"
+        "  /etc/letsencrypt/live/app/fullchain.pem (success)\n"
+        "The following certificates are not due for renewal yet:\n"
+        "  /etc/letsencrypt/live/api/fullchain.pem expires on 2026-12-20 (skipped)\n"
+    )
+    assert declined(output, "app") == ""  # renewed: the reload and the check follow
+    skipped = "/etc/letsencrypt/live/api/fullchain.pem expires on 2026-12-20 (skipped)"
+    assert declined(output, "api") == skipped
+    assert declined(output) == ""
