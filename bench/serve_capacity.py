@@ -15,7 +15,8 @@ from a subprocess for --minutes after a one-minute warm-up. Measured from the Pr
   cpu s/run   CPU seconds of the server, the serving process and its children, per run
   peak MiB    highest sum of RSS of the server, the serving process and its children
 
-    .venv/bin/python bench/serve_capacity.py [--deployments 60] [--minutes 10]
+    .venv/bin/python bench/serve_capacity.py [--deployments 60] [--minutes 10] [--max-runs 4]
+        [--paths ours,prefect] [--loads quiet,cpu]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def worker(mode: str, count: int) -> None:
+def worker(mode: str, count: int, max_runs: int) -> None:
     """Serve `count` deployments of postgres-connections until SIGTERM."""
     from prefect import get_client
 
@@ -60,7 +61,7 @@ def worker(mode: str, count: int) -> None:
 
     runner = InProcessRunner(
         [(d, postgres_connections) for d in deployments],  # type: ignore[misc]
-        max_runs=4,
+        max_runs=max_runs,
     )
     signal.signal(signal.SIGTERM, lambda *_: runner.request_stop())
     with get_client(sync_client=True) as client:
@@ -134,7 +135,16 @@ def measure(mode: str, load: bool, args: argparse.Namespace, config: Path) -> di
         env["PREFECT_API_URL"] = api
         log = (home / "worker.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", mode, "--deployments", str(args.deployments)],
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                mode,
+                "--deployments",
+                str(args.deployments),
+                "--max-runs",
+                str(args.max_runs),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -231,10 +241,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deployments", type=int, default=60)
     parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--max-runs", type=int, default=4, help="runbook serve's --max-runs")
+    parser.add_argument(
+        "--paths", default="ours,prefect", help="which paths to measure (ours, prefect)"
+    )
+    parser.add_argument("--loads", default="quiet,cpu", help="quiet, cpu (a CPU-bound load)")
     parser.add_argument("--worker", choices=["ours", "prefect"])
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.deployments)
+        worker(args.worker, args.deployments, args.max_runs)
         return
     from deployments.localpg import LocalPostgres
 
@@ -243,9 +258,9 @@ def main() -> None:
     config.write_text(f'[postgres.main]\ndsn = "{pg.dsn}"\n')
     try:
         rows = [
-            measure(mode, load, args, config)
-            for load in (False, True)
-            for mode in ("ours", "prefect")
+            measure(mode, load == "cpu", args, config)
+            for load in args.loads.split(",")
+            for mode in args.paths.split(",")
         ]
     finally:
         pg.stop()
@@ -258,6 +273,8 @@ def main() -> None:
             )
         )
     for load in ("quiet", "cpu load"):
+        if not {("ours", load), ("prefect", load)} <= {(r["path"], r["load"]) for r in rows}:
+            continue
         ours, theirs = (
             next(r for r in rows if r["path"] == path and r["load"] == load)
             for path in ("ours", "prefect")
