@@ -1,0 +1,140 @@
+"""The Prefect API a command records its runs in: the one configured, a local one that answers,
+or Prefect's own API app served inside the command's process.
+
+Nothing here imports Prefect at module level: `runbook list` and `--help` import this module's
+callers without paying Prefect's import (about 1.6 s)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from tasks.errors import ConfigError, TargetError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+# Where `runbook serve` puts its embedded server by default.
+LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
+# A health check answers in milliseconds; 5 s allows for a server busy with a SQLite write.
+HEALTH_TIMEOUT = 5.0
+
+
+def api_problem(url: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
+    """Why the Prefect API at `url` (ending in /api) cannot be used, or None when its
+    `GET /health` answers 200 within `timeout` seconds."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.InvalidURL as exc:
+        return f"not a URL ({exc})"
+    except httpx.TimeoutException:
+        return f"no answer within {timeout:g} s"
+    except httpx.HTTPError as exc:
+        return str(exc) or type(exc).__name__
+    if response.status_code != 200:
+        return f"GET /health answered HTTP {response.status_code}"
+    return None
+
+
+def require_prefect_api(url: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """Raise TargetError (exit 3) naming `url`, what happened and the fix, unless the Prefect
+    API there answers its health check within `timeout` seconds. For every command that
+    needs the API in PREFECT_API_URL (run, receiver, serve), before it starts: Prefect's own
+    client would otherwise fail later with a traceback."""
+    problem = api_problem(url, timeout)
+    if problem is not None:
+        raise TargetError(
+            f"the Prefect API in PREFECT_API_URL ({url}) cannot be reached: {problem}; "
+            "start that server, or point PREFECT_API_URL at a running one "
+            "(or unset it to use a local one)"
+        )
+
+
+def local_prefect_api() -> str | None:
+    """The URL of a local Prefect server that answers (RUNBOOK_PREFECT_API, default
+    `runbook serve`'s http://127.0.0.1:4200/api), or None. Half a second at most: nothing
+    listening is refused at once."""
+    url = os.environ.get("RUNBOOK_PREFECT_API", LOCAL_PREFECT_API)
+    return url if api_problem(url, timeout=0.5) is None else None
+
+
+@contextmanager
+def in_process_api(startup_timeout: float) -> Iterator[str]:
+    """Prefect's API app (`create_app(ephemeral=True)`, what Prefect's temporary server runs:
+    no UI, the services of ephemeral mode) served by uvicorn on a thread of this process, on a
+    free loopback port, with its database where Prefect keeps it (PREFECT_HOME). Yields the
+    API URL to set as PREFECT_API_URL.
+
+    Prefect's own temporary server is the same app in a new interpreter: that costs a second
+    import of Prefect and its server per call. On exit the client's queued logs and events are
+    sent first, then the server stops, and its services write what they hold. TargetError
+    when it does not start within `startup_timeout` seconds."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app(ephemeral=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            lifespan="on",
+            log_config=None,
+            log_level="error",
+            access_log=False,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="prefect-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise TargetError(
+                "the in-process Prefect API did not start (its database in PREFECT_HOME: "
+                "RUNBOOK_DEBUG=1 shows why); start `runbook serve` or set PREFECT_API_URL"
+            )
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TargetError(
+                f"the in-process Prefect API did not start within {startup_timeout:g} s "
+                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); start `runbook serve` "
+                "or set PREFECT_API_URL"
+            )
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{bound_port(server)}/api"
+    finally:
+        flush_client_workers()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def bound_port(server: uvicorn.Server) -> int:
+    """The port the OS gave uvicorn's listening socket (it was asked for port 0)."""
+    return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+def flush_client_workers(timeout: float = 30) -> None:
+    """Send what Prefect's client still queues (run logs, then events such as task run
+    states) while the API is up: Prefect drains them at interpreter exit, after our server
+    would be gone."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout, at_exit=False)
+    EventsWorker.drain_all(timeout=timeout, at_exit=False)
+
+
+def no_api_configured() -> ConfigError:
+    return ConfigError(
+        "no Prefect API: PREFECT_API_URL is unset, nothing answers on "
+        f"{os.environ.get('RUNBOOK_PREFECT_API', LOCAL_PREFECT_API)} and Prefect's ephemeral "
+        "mode is off (PREFECT_SERVER_EPHEMERAL_ENABLED); set PREFECT_API_URL or start "
+        "`runbook serve`"
+    )
