@@ -142,6 +142,9 @@ def test_plan_then_apply_idle_in_transaction(db: Db, prefect_api: str) -> None:
     proc = cli("run", "postgres-connections", *sets, "--apply", "--yes", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "fixed" in proc.stdout and "Findings" in proc.stdout
+    # Not a terminal: each finding is one line, not wrapped at 80 columns.
+    row = next(line for line in proc.stdout.splitlines() if "long_query" in line)
+    assert "no session running one query longer than 5 min" in row
     assert db.alive(pids) == set()
     no_traceback(proc)
 
