@@ -6,7 +6,9 @@ callers without paying Prefect's import (about 1.6 s)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -90,29 +92,65 @@ def in_process_api(startup_timeout: float) -> Iterator[str]:
             access_log=False,
         )
     )
+    errors = ErrorRecords()
+    logging.getLogger("uvicorn.error").addHandler(errors)
     thread = threading.Thread(target=server.run, name="prefect-api", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive():
-            raise TargetError(
-                "the in-process Prefect API did not start (its database in PREFECT_HOME: "
-                "RUNBOOK_DEBUG=1 shows why); start `runbook serve` or set PREFECT_API_URL"
-            )
-        if time.monotonic() > deadline:
-            server.should_exit = True
-            raise TargetError(
-                f"the in-process Prefect API did not start within {startup_timeout:g} s "
-                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); start `runbook serve` "
-                "or set PREFECT_API_URL"
-            )
-        time.sleep(0.01)
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise TargetError(
+                    f"the in-process Prefect API did not start: {errors.reason()}; check "
+                    "Prefect's database (PREFECT_HOME/prefect.db unless "
+                    "PREFECT_API_DATABASE_CONNECTION_URL says otherwise), or start "
+                    "`runbook serve` or set PREFECT_API_URL"
+                )
+            if time.monotonic() > deadline:
+                server.should_exit = True
+                raise TargetError(
+                    f"the in-process Prefect API did not start within {startup_timeout:g} s "
+                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); start `runbook serve` "
+                    "or set PREFECT_API_URL"
+                )
+            time.sleep(0.01)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
     try:
         yield f"http://127.0.0.1:{bound_port(server)}/api"
     finally:
         flush_client_workers()
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) ...": a traceback's last word.
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)\b")
+
+
+class ErrorRecords(logging.Handler):
+    """uvicorn's error records while the server starts: why it did not (uvicorn logs a failed
+    startup, it does not raise it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def reason(self) -> str:
+        """The exception's own line: Starlette hands uvicorn a failed startup as traceback
+        text, a crash comes with exc_info."""
+        for record in self.records:
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                return f"{type(exc).__name__}: {exc}"
+            text = record.getMessage()
+            if text.startswith("Traceback"):
+                raised = [line for line in text.splitlines() if EXCEPTION_LINE.match(line)]
+                return raised[-1] if raised else text.strip().splitlines()[-1]
+        return self.records[-1].getMessage() if self.records else "no reason logged"
 
 
 def bound_port(server: uvicorn.Server) -> int:

@@ -350,3 +350,18 @@ def test_a_run_with_no_server_is_recorded_in_prefect_home(db: Db, tmp_path: Path
         assert len(runs) == 2
     finally:
         stop_process(server)
+
+
+def test_a_prefect_database_that_cannot_be_opened_is_one_line_and_exit_3(
+    db: Db, tmp_path: Path
+) -> None:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "prefect.db").write_text("not a database\n")
+    env = {"PREFECT_HOME": str(home), "RUNBOOK_PREFECT_API": dead_api()}
+    proc = cli("run", "postgres-connections", env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "the in-process Prefect API did not start" in proc.stderr
+    assert "file is not a database" in proc.stderr
+    no_traceback(proc)
