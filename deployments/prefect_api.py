@@ -6,13 +6,16 @@ callers without paying Prefect's import (about 1.6 s)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.errors import ConfigError, TargetError
@@ -79,8 +82,24 @@ def in_process_api(startup_timeout: float) -> Iterator[str]:
     when it does not start within `startup_timeout` seconds."""
     import uvicorn
     from prefect.server.api.server import create_app
+    from prefect.settings import (
+        PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED,
+        get_current_settings,
+        temporary_settings,
+    )
 
-    app = create_app(ephemeral=True)
+    database = get_current_settings().server.database.connection_url
+    # Automations (triggers and their actions) cost about 0.4 s of CPU a call to start and
+    # run; with none to evaluate they are left off.
+    updates = (
+        {}
+        if database is None or automations_possible(database.get_secret_value())
+        else {PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED: False}
+    )
+    with temporary_settings(updates=updates):
+        app = create_app(ephemeral=True)
+        # A thread starts with empty context variables: the server's gets these settings.
+        settings_context = contextvars.copy_context()
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -94,7 +113,9 @@ def in_process_api(startup_timeout: float) -> Iterator[str]:
     )
     errors = ErrorRecords()
     logging.getLogger("uvicorn.error").addHandler(errors)
-    thread = threading.Thread(target=server.run, name="prefect-api", daemon=True)
+    thread = threading.Thread(
+        target=settings_context.run, args=(server.run,), name="prefect-api", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + startup_timeout
     try:
@@ -126,6 +147,30 @@ def in_process_api(startup_timeout: float) -> Iterator[str]:
 
 # "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) ...": a traceback's last word.
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)\b")
+
+
+def automations_possible(connection_url: str) -> bool:
+    """Whether Prefect's database (its SQLAlchemy URL) may hold an enabled automation. False
+    only when it is a SQLite file that does not exist yet, or whose `automation` table has no
+    enabled row; any other database, or a file that cannot be read, True."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(connection_url)
+    if not url.drivername.startswith("sqlite"):
+        return True
+    if url.database in (None, "", ":memory:"):
+        return False
+    path = Path(url.database).resolve()
+    if not path.exists():
+        return False
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1)) as conn:
+            found = conn.execute("SELECT 1 FROM automation WHERE enabled LIMIT 1").fetchone()
+    except sqlite3.OperationalError as exc:
+        return "no such table" not in str(exc)
+    except sqlite3.Error:
+        return True
+    return found is not None
 
 
 class ErrorRecords(logging.Handler):

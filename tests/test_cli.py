@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from deployments.localpg import free_port, stop_process
+from deployments.prefect_api import automations_possible
 from flows.catalog import RUNBOOKS
 from tests.conftest import Db
 
@@ -348,6 +349,19 @@ def test_a_run_with_no_server_is_recorded_in_prefect_home(db: Db, tmp_path: Path
         assert_tracked(read_run(api, flow_run_id), "postgres-connections", "main")
         runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
         assert len(runs) == 2
+
+        # The in-process API leaves automations off only while the database has none.
+        database = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        assert not automations_possible(database)
+        from prefect.events.actions import DoNothing
+        from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+        failed = EventTrigger(expect={"prefect.flow-run.Failed"}, posture=Posture.Reactive)
+        automation = AutomationCore(name="on failure", trigger=failed, actions=[DoNothing()])
+        httpx.post(
+            f"{api}/automations/", json=automation.model_dump(mode="json"), timeout=60
+        ).raise_for_status()
+        assert automations_possible(database)
     finally:
         stop_process(server)
 
