@@ -89,7 +89,7 @@ def in_process_api(startup_timeout: float) -> Iterator[str]:
     )
 
     database = get_current_settings().server.database.connection_url
-    # Automations (triggers and their actions) cost about 0.4 s of CPU a call to start and
+    # Automations (triggers and their actions) cost 0.3-0.4 s of CPU a call to start and
     # run; with none to evaluate they are left off.
     updates = (
         {}
