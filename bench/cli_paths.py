@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,12 +49,21 @@ with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
 """
 
 
+# CPU seconds of the commands timed since the last clear().
+CPU: list[float] = []
+
+
 def timed(cmd: list[str], env: dict[str, str], ok: tuple[int, ...] = (0, 1)) -> float:
+    """Wall seconds of `cmd`; its CPU seconds (user + system, its waited-for children
+    included, such as Prefect's temporary server) are appended to CPU."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode not in ok:
         raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return elapsed
 
 
@@ -134,21 +144,26 @@ def main() -> None:
         if not args.skip_temporary:
             paths["before: Prefect's temporary server"] = temporary
         times: dict[str, list[float]] = {name: [] for name in paths}
+        cpu: dict[str, list[float]] = {name: [] for name in paths}
         load = os.getloadavg()[0]
         for _ in range(args.rounds):
             for name, measure in paths.items():
+                CPU.clear()
                 times[name].append(measure())
+                cpu[name].append(sum(CPU))
     plain = statistics.median(times["plain psycopg script"])
     print(
         f"rounds: {args.rounds}, interleaved; seconds, interpreter start included; "
         f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    print(f"{'':36} {'median':>7} {'min':>6} {'max':>6}  vs plain")
+    print(f"{'':36} {'median':>7} {'min':>6} {'max':>6}  vs plain   CPU s")
     for name, values in times.items():
         median = statistics.median(values)
         print(
-            f"{name:36} {median:7.2f} {min(values):6.2f} {max(values):6.2f}  {median / plain:6.1f}x"
+            f"{name:36} {median:7.2f} {min(values):6.2f} {max(values):6.2f}  "
+            f"{median / plain:6.1f}x  {statistics.median(cpu[name]):6.2f}"
         )
+    print("CPU s: the command's own user + system seconds (median), not those of a server it calls")
 
 
 if __name__ == "__main__":
