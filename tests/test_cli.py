@@ -63,7 +63,8 @@ def test_list_and_help_import_neither_prefect_nor_the_runbooks(args: tuple[str, 
         f"    app({list(args)!r})\n"
         "except SystemExit as exc:\n"
         "    assert not exc.code, exc.code\n"
-        "heavy = ('prefect', 'psycopg', 'redis', 'httpx', 'tasks.settings', 'tasks.models')\n"
+        "heavy = ('prefect', 'psycopg', 'redis', 'httpx', 'tasks.settings', 'tasks.models',\n"
+        "         'tasks.postgres_rules', 'flows.postgres_connections')\n"
         "sys.stderr.write(repr(sorted(m for m in heavy if m in sys.modules)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
