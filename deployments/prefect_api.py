@@ -29,30 +29,34 @@ LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
 HEALTH_TIMEOUT = 5.0
 
 
-def api_problem(url: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
-    """Why the Prefect API at `url` (ending in /api) cannot be used, or None when its
-    `GET /health` answers 200 within `timeout` seconds."""
+def unreachable(url: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
+    """Why the Prefect API `url` (ending in /api) cannot be used, or None when its
+    `GET /health` answers within `timeout` seconds with 200, or with 401/403 (it wants the
+    credentials Prefect's client sends: PREFECT_API_KEY, PREFECT_API_AUTH_STRING).
+    Certificate trust is left to Prefect's client too (PREFECT_API_SSL_CERT_FILE): this
+    probe sends nothing but the GET."""
     import httpx
 
     try:
-        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
-    except httpx.InvalidURL as exc:
-        return f"not a URL ({exc})"
+        # Not verified: a reachability probe carrying no credentials and no data.
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout, verify=False)  # noqa: S501
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+        return "not an http:// or https:// URL"
     except httpx.TimeoutException:
         return f"no answer within {timeout:g} s"
     except httpx.HTTPError as exc:
         return str(exc) or type(exc).__name__
-    if response.status_code != 200:
-        return f"GET /health answered HTTP {response.status_code}"
+    if response.status_code not in (200, 401, 403):
+        return f"GET /health answered HTTP {response.status_code}: is it a Prefect API URL?"
     return None
 
 
 def require_prefect_api(url: str, timeout: float = HEALTH_TIMEOUT) -> None:
-    """Raise TargetError (exit 3) naming `url`, what happened and the fix, unless the Prefect
-    API there answers its health check within `timeout` seconds. For every command that
-    needs the API in PREFECT_API_URL (run, receiver, serve), before it starts: Prefect's own
-    client would otherwise fail later with a traceback."""
-    problem = api_problem(url, timeout)
+    """Raise TargetError (exit 3) naming `url`, what happened and the fix when nothing
+    answers there (see `unreachable`). For every command that needs the API in
+    PREFECT_API_URL (run, receiver, serve), before it starts: Prefect's own client would
+    otherwise fail later with a traceback."""
+    problem = unreachable(url, timeout)
     if problem is not None:
         raise TargetError(
             f"the Prefect API in PREFECT_API_URL ({url}) cannot be reached: {problem}; "
@@ -62,11 +66,17 @@ def require_prefect_api(url: str, timeout: float = HEALTH_TIMEOUT) -> None:
 
 
 def local_prefect_api() -> str | None:
-    """The URL of a local Prefect server that answers (RUNBOOK_PREFECT_API, default
-    `runbook serve`'s http://127.0.0.1:4200/api), or None. Half a second at most: nothing
-    listening is refused at once."""
+    """The URL of a local Prefect server whose health check answers 200 (RUNBOOK_PREFECT_API,
+    default `runbook serve`'s http://127.0.0.1:4200/api), or None. Half a second at most:
+    nothing listening is refused at once."""
+    import httpx
+
     url = os.environ.get("RUNBOOK_PREFECT_API", LOCAL_PREFECT_API)
-    return url if api_problem(url, timeout=0.5) is None else None
+    try:
+        answered = httpx.get(f"{url}/health", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return None
+    return url if answered else None
 
 
 @contextmanager

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -379,4 +381,20 @@ def test_a_prefect_database_that_cannot_be_opened_is_one_line_and_exit_3(
     assert proc.stderr.count("\n") == 1
     assert "the in-process Prefect API did not start" in proc.stderr
     assert "file is not a database" in proc.stderr
+    no_traceback(proc)
+
+
+def test_a_prefect_api_url_of_something_else_is_one_line_and_exit_3(db: Db) -> None:
+    # A real HTTP server that is not a Prefect API: its /api/health is a 404.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        proc = cli("run", "postgres-connections", env={"PREFECT_API_URL": url})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert f"({url}) cannot be reached: GET /health answered HTTP 404" in proc.stderr
     no_traceback(proc)
