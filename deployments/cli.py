@@ -5,57 +5,93 @@ failed. Prefect is imported only by the commands that run a flow."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, cast
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.prompt import Confirm
-from rich.status import Status
-from rich.table import Column, Table
-from rich.text import Text
 
-from flows.catalog import RUNBOOKS, Runbook
 from tasks.errors import ConfigError, RunbookError
-from tasks.gate import approver
-from tasks.models import Action, Finding, Report, RunStatus, Severity, explain_params, utcnow
-from tasks.settings import config_path, load_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
+
+    from flows.catalog import Runbook
+    from tasks.models import Report
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's plain help: rich's formatting of it costs about 0.1 s of CPU a call.
+    rich_markup_mode=None,
     help="Incident runbooks as Prefect flows: diagnose, plan, gate, act, verify.",
 )
-out = Console()
-err = Console(stderr=True)
 
 # Flow parameters the CLI sets itself: --target, --apply and --yes, never --set.
 RESERVED = ("target", "dry_run", "approval")
-LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
+# Piped or redirected output is as wide as its lines: rich would wrap it at 80 columns.
+UNWRAPPED = 100_000
+
+
+@functools.cache
+def console(stderr: bool = False) -> Console:
+    """stdout's (or stderr's) rich console; imported on first use, as `--help` needs none."""
+    from rich.console import Console
+
+    found = Console(stderr=stderr)
+    if found.is_terminal or "COLUMNS" in os.environ:
+        return found
+    return Console(stderr=stderr, width=UNWRAPPED)
 
 
 def fail(exc: RunbookError) -> typer.Exit:
-    err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+    from rich.text import Text
+
+    console(stderr=True).print(
+        Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True
+    )
     return typer.Exit(exc.exit_code)
 
 
 @app.command("list")
 def list_runbooks() -> None:
-    """Every runbook with its purpose, triggers and what it may change."""
-    table = Table("purpose", "triggers", "may change", show_lines=True)
-    table.columns.insert(0, Column("runbook", no_wrap=True))
-    for rb in RUNBOOKS.values():
-        table.add_row(rb.name, Text(rb.purpose), Text(rb.triggers), Text(rb.changes))
-    out.print(table)
+    """Every runbook with its triggers, purpose and what it may change."""
+    from flows.catalog import RUNBOOKS
+
+    header = ("runbook", "triggers", "purpose", "may change")
+    rows = [(rb.name, rb.triggers, rb.purpose, rb.changes) for rb in RUNBOOKS.values()]
+    if not sys.stdout.isatty():
+        sys.stdout.write(plain_table(header, rows))
+        return
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    table = Table(Column(header[0], no_wrap=True), *header[1:], show_lines=True)
+    for row in rows:
+        table.add_row(row[0], *(Text(cell) for cell in row[1:]))
+    console().print(table)
+
+
+def plain_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    """One line per row, columns aligned with two spaces between them, never wrapped: what
+    grep, a pager or a file wants."""
+    lines = (header, *rows)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
+    return "".join(
+        "  ".join([*(row[i].ljust(width) for i, width in enumerate(widths)), row[-1]]) + "\n"
+        for row in lines
+    )
 
 
 def find_runbook(name: str) -> Runbook:
+    from flows.catalog import RUNBOOKS
+
     if name not in RUNBOOKS:
         raise ConfigError(
             f"unknown runbook {name!r}; known: {', '.join(RUNBOOKS)} (see `runbook list`)"
@@ -64,6 +100,10 @@ def find_runbook(name: str) -> Runbook:
 
 
 def parse_sets(rb: Runbook, pairs: list[str]) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from tasks.models import explain_params
+
     values: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -84,6 +124,8 @@ def parse_sets(rb: Runbook, pairs: list[str]) -> dict[str, Any]:
 
 
 def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]]:
+    from tasks.settings import config_path, load_settings
+
     settings = load_settings()
     if target is None and rb.default_target is not None:
         if not rb.targets(settings):
@@ -99,25 +141,17 @@ def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]
     return name, cfg.thresholds
 
 
-def local_prefect_api() -> str | None:
-    """A running local Prefect server (e.g. `runbook serve`) spares the 8-20 s start of a
-    temporary one and puts the run in its UI."""
-    import httpx
-
-    url = os.environ.get("RUNBOOK_PREFECT_API", LOCAL_PREFECT_API)
-    try:
-        ok = httpx.get(f"{url}/health", timeout=0.5).status_code == 200
-    except httpx.HTTPError:
-        return None
-    return url if ok else None
-
-
 @contextmanager
 def prefect_context() -> Iterator[None]:
+    """Prefect settings for one CLI run, recorded in: the API in PREFECT_API_URL (checked
+    first: TargetError when it does not answer), else a local server that answers (`runbook
+    serve`), else Prefect's API app served in this process on its database in PREFECT_HOME
+    (deployments.prefect_api), unless Prefect's ephemeral mode is off (ConfigError)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The report says what happened; Prefect's console logs (with tracebacks) would bury it.
     # They still reach the Prefect API and UI.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # A first run creates Prefect's database (its migrations): well over 20 s on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from prefect.settings import (
         PREFECT_API_URL,
@@ -126,16 +160,38 @@ def prefect_context() -> Iterator[None]:
         temporary_settings,
     )
 
+    from deployments.prefect_api import (
+        in_process_api,
+        local_prefect_api,
+        no_api_configured,
+        require_prefect_api,
+    )
+
+    settings = get_current_settings()
     # Heartbeats detect crashed runs of unattended workers; a CLI run is watched by the
     # person who started it, and joining the heartbeat thread costs about 1 s per run.
     updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    if get_current_settings().api.url is None and (url := local_prefect_api()):
-        updates[PREFECT_API_URL] = url
-    with temporary_settings(updates=updates):
+    with ExitStack() as stack:
+        if settings.api.url:
+            require_prefect_api(settings.api.url)
+        elif url := local_prefect_api():
+            updates[PREFECT_API_URL] = url
+        elif settings.server.ephemeral.enabled:
+            timeout = settings.server.ephemeral.startup_timeout_seconds
+            updates[PREFECT_API_URL] = stack.enter_context(in_process_api(timeout))
+        else:
+            raise no_api_configured()
+        stack.enter_context(temporary_settings(updates=updates))
         yield
 
 
 def terminal_approver(status: Status) -> Any:
+    from rich.prompt import Confirm
+
+    from tasks.models import Action
+
+    err = console(stderr=True)
+
     def decide(actions: list[Action]) -> bool:
         status.stop()
         err.print("[bold]These actions change the system:[/]")
@@ -150,10 +206,13 @@ def terminal_approver(status: Status) -> Any:
 
 @app.command()
 def run(
-    name: Annotated[str, typer.Argument(help="the runbook, see `runbook list`")],
-    target: Annotated[str | None, typer.Option(help="inventory target name")] = None,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the runbook, see `runbook list`")],
+    target: Annotated[
+        str | None, typer.Option(metavar="TARGET", help="inventory target name")
+    ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="parameter key=value, repeatable")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="a runbook parameter, repeatable"),
     ] = None,
     apply: Annotated[
         bool, typer.Option("--apply", help="carry out the plan (default: plan only)")
@@ -162,6 +221,9 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Run a runbook: plan only unless --apply."""
+    from tasks.gate import approver
+    from tasks.models import utcnow
+
     try:
         rb = find_runbook(name)
         params = parse_sets(rb, set_ or [])
@@ -173,7 +235,10 @@ def run(
         raise fail(exc) from None
     started = utcnow()
     try:
-        with prefect_context(), err.status(f"{rb.name} on {target_name}…") as status:
+        with (
+            prefect_context(),
+            console(stderr=True).status(f"{rb.name} on {target_name}…") as status,
+        ):
             flow = rb.load()
             decide = (
                 (lambda actions: True)
@@ -182,17 +247,17 @@ def run(
             )
             with approver(decide):
                 report = cast(
-                    Report,
+                    "Report",
                     flow(target=target_name, dry_run=not apply, approval="ask", params=params),
                 )
     except RunbookError as exc:
         if as_json:
-            out.print_json(
+            console().print_json(
                 failed_report(rb, target_name, not apply, started, exc).model_dump_json()
             )
         raise fail(exc) from None
     except KeyboardInterrupt:
-        err.print("interrupted")
+        console(stderr=True).print("interrupted")
         raise typer.Exit(130) from None
     except Exception as exc:
         if os.environ.get("RUNBOOK_DEBUG"):
@@ -213,6 +278,8 @@ def run(
 def failed_report(
     rb: Runbook, target: str, dry_run: bool, started: Any, exc: RunbookError
 ) -> Report:
+    from tasks.models import Finding, Report, RunStatus, Severity, utcnow
+
     return Report(
         runbook=rb.name,
         target=target,
@@ -240,6 +307,10 @@ STATUS_STYLE = {
 
 
 def show(report: Report) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console()
     findings = Table("check", "severity", "observed", "threshold", "message", title="Findings")
     for f in report.findings:
         findings.add_row(
@@ -271,20 +342,27 @@ def show(report: Report) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="address of the embedded Prefect server")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port of the embedded Prefect server")] = 4200,
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="address of the embedded Prefect server")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(metavar="PORT", help="port of the embedded Prefect server")
+    ] = 4200,
     max_runs: Annotated[
         int,
         typer.Option(
             min=1,
             max=64,
+            metavar="N",
             envvar="RUNBOOK_SERVE_MAX_RUNS",
             help="runs at once, each on a thread of this process",
         ),
     ] = 4,
 ) -> None:
-    """Serve every runbook as a deployment with its schedule (a sandbox if nothing is
-    configured); Ctrl-C stops all it started."""
+    """Serve every runbook with its schedule.
+
+    Every runbook is a deployment per target (a sandbox if nothing is configured), run in
+    this process; Ctrl-C stops all it started."""
     # One line per run on the console (deployments.runner); Prefect's own logs are in the UI.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
     from deployments.serve import serve_all
@@ -298,18 +376,26 @@ def serve(
 @app.command()
 def receiver(
     listen: Annotated[
-        str | None, typer.Option(help="HOST:PORT to listen on (default: receiver.listen)")
+        str | None,
+        typer.Option(metavar="HOST:PORT", help="where to listen (default: receiver.listen)"),
     ] = None,
 ) -> None:
-    """Run the alert receiver alone, against the Prefect API in PREFECT_API_URL or a local one
-    on 127.0.0.1:4200; runs start through their deployments. Ctrl-C stops it."""
+    """Run the alert receiver alone.
+
+    Against the Prefect API in PREFECT_API_URL or a local one on 127.0.0.1:4200; runs start
+    through their deployments. Ctrl-C stops it."""
+    from deployments.prefect_api import local_prefect_api, require_prefect_api
+    from tasks.settings import load_settings
+
     try:
         # Imports no Prefect: PREFECT_API_URL may still be set below.
         from deployments.receiver import receiver_settings, run_receiver
 
         settings = load_settings()
         receiver_settings(settings)
-        if not os.environ.get("PREFECT_API_URL"):
+        if url := os.environ.get("PREFECT_API_URL"):
+            require_prefect_api(url)
+        else:
             url = local_prefect_api()
             if url is None:
                 raise ConfigError(

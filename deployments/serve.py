@@ -26,6 +26,7 @@ import psycopg
 
 from deployments import sandbox
 from deployments.localpg import stop_process
+from deployments.prefect_api import require_prefect_api
 from flows.catalog import RUNBOOKS
 from tasks.errors import ConfigError, TargetError
 from tasks.settings import ENV_PREFIX, Settings, load_settings, sandbox_config_path
@@ -43,16 +44,6 @@ def api_healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def require_api(url: str) -> str:
-    """url, if a Prefect API answers there; else TargetError naming it and the fix."""
-    if not api_healthy(url):
-        raise TargetError(
-            f"no Prefect API answers at PREFECT_API_URL={url}: start that server, or unset "
-            "PREFECT_API_URL to let `runbook serve` start its own"
-        )
-    return url
 
 
 def start_server(host: str, port: int, stack: ExitStack) -> str:
@@ -219,7 +210,7 @@ def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: li
     in_sandbox = not has_inventory(settings)
     api = os.environ.get("PREFECT_API_URL")
     if api:
-        require_api(api)
+        require_prefect_api(api)
     if in_sandbox:
         print(
             "No inventory configured: starting the sandbox (a local PostgreSQL, two Redis "

@@ -1,5 +1,6 @@
 """Every runbook, what it is for, how it is triggered and what it may change. Plain data: the
-CLI lists and validates from here without importing Prefect or the flows."""
+CLI lists and validates from here without importing Prefect or the flows, and lists without
+importing the parameter classes either."""
 
 from __future__ import annotations
 
@@ -8,18 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tasks.backup_rules import BackupParams, ObjectStorageParams
-from tasks.drill_rules import PreChangeParams, RestoreDrillParams
-from tasks.models import Params
-from tasks.postgres_rules import ConnectionsParams, MaintenanceParams, StuckJobsParams
-from tasks.redis_rules import LockoutParams, QueueBacklogParams, RedisHealthParams
-from tasks.retention_rules import RetentionParams
-from tasks.service_rules import PostgresDownParams, ResourceParams, ServiceHealthParams
-from tasks.tls_rules import TlsParams
-
 if TYPE_CHECKING:
     from prefect import Flow
 
+    from tasks.models import Params
     from tasks.settings import Settings
 
 
@@ -30,7 +23,7 @@ class Runbook:
     purpose: str
     seeds: str
     inventory: str  # the inventory section its targets come from
-    params: type[Params]
+    params_class: str  # module:class of its parameters, imported when first needed
     changes: str
     cron: str | None  # its schedule, UTC; None: run by hand only
     # The parameters of scheduled runs; a manual run is always a dry run unless --apply.
@@ -49,6 +42,13 @@ class Runbook:
             return "manual"
         mode = "applies" if not self.scheduled.get("dry_run", True) else "diagnose only"
         return f"schedule `{self.cron}` ({mode}); manual"
+
+    @property
+    def params(self) -> type[Params]:
+        """The runbook's parameter class (a tasks.models.Params)."""
+        module, name = self.params_class.split(":")
+        params: type[Params] = getattr(importlib.import_module(module), name)
+        return params
 
     def load(self) -> Flow[..., Any]:
         module, function = self.entrypoint.split(":")
@@ -89,7 +89,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "queries, lock waits; cancels, then terminates, what is over the limits.",
             seeds="000 s2, 002 s5, 003 Database Connection Issues, 004 s5 (DBPoolExhausted)",
             inventory="postgres",
-            params=ConnectionsParams,
+            params_class="tasks.postgres_rules:ConnectionsParams",
             changes="cancels queries and terminates client backends (never superusers, "
             "replication or background workers; allow-lists and a cap per run)",
             cron="*/5 * * * *",
@@ -102,7 +102,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "and index sizes; VACUUM (ANALYZE) of bloated tables.",
             seeds="002 s1 and monthly checklist, 004 s2",
             inventory="postgres",
-            params=MaintenanceParams,
+            params_class="tasks.postgres_rules:MaintenanceParams",
             changes="runs VACUUM (ANALYZE) on tables over the dead-tuple threshold, one at a "
             "time, with lock and statement timeouts",
             cron="30 3 * * *",
@@ -115,7 +115,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "to pending in one transaction.",
             seeds="004 s6 (crawler stuck jobs)",
             inventory="postgres",
-            params=StuckJobsParams,
+            params_class="tasks.postgres_rules:StuckJobsParams",
             changes="UPDATEs stuck rows of the configured jobs table back to pending",
             cron="*/10 * * * *",
             scheduled={"dry_run": False, "approval": "auto"},
@@ -129,7 +129,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "eviction policy the role wants, persistence and clients; sets the policy.",
             seeds="000 s1, 001 Redis unavailable, 004 s4",
             inventory="redis",
-            params=RedisHealthParams,
+            params_class="tasks.redis_rules:RedisHealthParams",
             changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
             "queue: noeviction), CONFIG SET appendonly yes on a queue, and CONFIG REWRITE; "
             "restarts it through its service",
@@ -143,7 +143,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "and from a lockout table in PostgreSQL when configured.",
             seeds="001 Excessive login lockouts",
             inventory="redis",
-            params=LockoutParams,
+            params_class="tasks.redis_rules:LockoutParams",
             changes="UNLINKs lockout keys found with SCAN (never KEYS or FLUSHALL); DELETEs "
             "the subject's rows from the configured lockout table",
             cron=None,
@@ -155,7 +155,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "backlogs over the threshold and stalled workers.",
             seeds="000 s3 (waiting > 1000), 004 s4",
             inventory="redis",
-            params=QueueBacklogParams,
+            params_class="tasks.redis_rules:QueueBacklogParams",
             changes="scales the worker_service (a docker compose service) to "
             "scale_workers_to replicas",
             cron="*/5 * * * *",
@@ -170,7 +170,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "data directory; a restart through its service, then readiness with backoff.",
             seeds="001 Postgres unavailable, 002 s2, 003 Database Connection Issues, 004 s3",
             inventory="postgres",
-            params=PostgresDownParams,
+            params_class="tasks.service_rules:PostgresDownParams",
             changes="restarts the service that runs PostgreSQL (docker, systemd or command)",
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
@@ -182,7 +182,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "its runbook (postgres-down, redis-health), a failing app gets a restart.",
             seeds="001, 002 s2, 003 Application Not Responding, 004 s1 and s10, 000 s7",
             inventory="services",
-            params=ServiceHealthParams,
+            params_class="tasks.service_rules:ServiceHealthParams",
             changes="restarts an app that fails its own health check; what a hand-off "
             "runbook may change",
             cron="*/2 * * * *",
@@ -199,7 +199,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "top consumers first; restarts a service over its own memory limit.",
             seeds="002 s4, 003 High CPU/Memory Usage",
             inventory="services",
-            params=ResourceParams,
+            params_class="tasks.service_rules:ResourceParams",
             changes="restarts a service using more than memory_percent of its memory limit",
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
@@ -212,7 +212,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "renews those in the renewal window, reloads the proxy, checks the new one is served.",
             seeds="000 s5, 002 s3 and its thresholds, 003 SSL Certificate Issues",
             inventory="tls",
-            params=TlsParams,
+            params_class="tasks.tls_rules:TlsParams",
             changes="runs the renew command (certbot renew --cert-name ...) and the reload "
             "command (nginx -s reload) or restarts the proxy's service",
             cron="0 6 * * *",
@@ -226,7 +226,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "GET and delete, each timed; a failure says DNS/connect, credentials or provider.",
             seeds="004 s8 (object storage unreachable)",
             inventory="s3",
-            params=ObjectStorageParams,
+            params_class="tasks.backup_rules:ObjectStorageParams",
             changes="writes and deletes one canary object under the prefix",
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
@@ -238,7 +238,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "deletes the rest, oldest first, within max_deletions.",
             seeds="000 s4 (prune old backups), 002 Backup & Recovery",
             inventory="backups",
-            params=RetentionParams,
+            params_class="tasks.retention_rules:RetentionParams",
             changes="deletes backups past the policy and their .sha256 (never the newest or "
             "one younger than 24 h; max_deletions a run)",
             cron="30 7 * * *",
@@ -251,7 +251,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "a streamed gzip or pg_restore --list check, and its checksum.",
             seeds="002 Backup & Recovery and daily checklist, 001 backups",
             inventory="backups",
-            params=BackupParams,
+            params_class="tasks.backup_rules:BackupParams",
             changes="nothing: read-only",
             cron="0 7 * * *",
             scheduled={"dry_run": True},
@@ -263,7 +263,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "the SQL checks, compares tables with the source, reports RTO and RPO, drops it.",
             seeds="002 Database Recovery and monthly disaster recovery drill",
             inventory="backups",
-            params=RestoreDrillParams,
+            params_class="tasks.drill_rules:RestoreDrillParams",
             changes="creates and drops a scratch database on the scratch target's server; "
             "never touches the source database",
             cron="0 4 1 * *",
@@ -278,7 +278,7 @@ RUNBOOKS: dict[str, Runbook] = {
             "or directory with a checksum, read back and verified; run before a change.",
             seeds="002 change management (create backup), 001 backups",
             inventory="backups",
-            params=PreChangeParams,
+            params_class="tasks.drill_rules:PreChangeParams",
             changes="writes one new dump and its .sha256 to the backup storage",
             cron=None,
             requires='a database (database = "NAME" in [backups.NAME])',

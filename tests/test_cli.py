@@ -6,12 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from deployments.localpg import free_port, stop_process
+from deployments.prefect_api import automations_possible
+from flows.catalog import RUNBOOKS
 from tests.conftest import Db
 
 RUNBOOK = str(Path(sys.executable).parent / "runbook")
@@ -38,11 +44,34 @@ def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_list_shows_every_runbook() -> None:
-    proc = cli("list")
-    assert proc.returncode == 0
-    for name in ("postgres-connections", "postgres-maintenance", "stuck-jobs"):
-        assert name in proc.stdout
+def test_list_outside_a_terminal_is_one_unwrapped_line_per_runbook() -> None:
+    proc = cli("list")  # stdout is a pipe
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["runbook", "triggers", "purpose", "may", "change"]
+    assert len(lines) == 1 + len(RUNBOOKS)
+    for line, rb in zip(lines[1:], RUNBOOKS.values(), strict=True):
+        assert line.split("  ")[0] == rb.name
+        for text in (rb.triggers, rb.purpose, rb.changes):
+            assert f"  {text}" in line
+
+
+@pytest.mark.parametrize("args", [("list",), ("--help",), ("run", "--help")])
+def test_list_and_help_import_neither_prefect_nor_the_runbooks(args: tuple[str, ...]) -> None:
+    code = (
+        "import sys\n"
+        "from deployments.cli import app\n"
+        "try:\n"
+        f"    app({list(args)!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = ('prefect', 'psycopg', 'redis', 'httpx', 'tasks.settings', 'tasks.models',\n"
+        "         'tasks.postgres_rules', 'flows.postgres_connections')\n"
+        "sys.stderr.write(repr(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "[]"
 
 
 @pytest.mark.parametrize(
@@ -117,6 +146,9 @@ def test_plan_then_apply_idle_in_transaction(db: Db, prefect_api: str) -> None:
     proc = cli("run", "postgres-connections", *sets, "--apply", "--yes", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "fixed" in proc.stdout and "Findings" in proc.stdout
+    # Not a terminal: each finding is one line, not wrapped at 80 columns.
+    row = next(line for line in proc.stdout.splitlines() if "long_query" in line)
+    assert "no session running one query longer than 5 min" in row
     assert db.alive(pids) == set()
     no_traceback(proc)
 
@@ -216,3 +248,153 @@ def test_postgres_down_dry_run_then_brought_back(inventory: Any, prefect_api: st
 def test_runbooks_over_a_whole_section_need_one_entry(db: Db, runbook: str, expected: str) -> None:
     proc = cli("run", runbook)
     assert proc.returncode == 2 and expected in proc.stderr
+
+
+def dead_api() -> str:
+    """A loopback URL where nothing listens: connections are refused at once."""
+    return f"http://127.0.0.1:{free_port()}/api"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "postgres-connections"),
+        ("run", "postgres-connections", "--json"),
+        ("receiver",),
+        ("serve", "--port", str(free_port())),
+    ],
+)
+def test_an_unreachable_prefect_api_url_is_one_line_and_exit_3(
+    db: Db, args: tuple[str, ...]
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    db.write_config(f'[receiver]\ntoken = "a-long-enough-token"\nlisten = "{listen}"\n')
+    url = dead_api()
+    proc = cli(*args, env={"PREFECT_API_URL": url})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: the Prefect API in PREFECT_API_URL ({url})")
+    assert "Connection refused" in proc.stderr and "point PREFECT_API_URL at" in proc.stderr
+    if "--json" in args:
+        report = json.loads(proc.stdout)
+        assert report["status"] == "failed" and url in report["findings"][0]["message"]
+    no_traceback(proc)
+
+
+def test_no_api_and_ephemeral_mode_off_is_a_configuration_error(db: Db) -> None:
+    env = {"RUNBOOK_PREFECT_API": dead_api(), "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
+    proc = cli("run", "postgres-connections", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "no Prefect API" in proc.stderr and "PREFECT_SERVER_EPHEMERAL_ENABLED" in proc.stderr
+    no_traceback(proc)
+
+
+def read_run(api: str, flow_run_id: str) -> dict[str, Any]:
+    """The flow run as the Prefect API has it, with its task runs, logs and artifacts."""
+    with httpx.Client(base_url=api, timeout=60) as client:
+        run = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+        by_run = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+        run["task_runs"] = client.post("/task_runs/filter", json=by_run).raise_for_status().json()
+        logs = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
+        run["logs"] = client.post("/logs/filter", json=logs).raise_for_status().json()
+        artifacts = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        run["artifacts"] = (
+            client.post("/artifacts/filter", json=artifacts).raise_for_status().json()
+        )
+    return run
+
+
+def assert_tracked(run: dict[str, Any], runbook: str, target: str) -> None:
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["parameters"]["target"] == target and run["parameters"]["dry_run"] is True
+    assert run["task_runs"] and {t["state"]["type"] for t in run["task_runs"]} == {"COMPLETED"}
+    assert run["logs"]
+    assert f"runbook-{runbook}-{target}" in {a["key"] for a in run["artifacts"]}
+
+
+def test_a_run_is_recorded_in_the_local_server_it_finds(db: Db, prefect_api: str) -> None:
+    # No PREFECT_API_URL: the CLI looks for `runbook serve`'s server (RUNBOOK_PREFECT_API).
+    proc = cli("run", "postgres-connections", "--json", env={"RUNBOOK_PREFECT_API": prefect_api})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert_tracked(read_run(prefect_api, report["flow_run_id"]), "postgres-connections", "main")
+
+
+def test_a_run_with_no_server_is_recorded_in_prefect_home(db: Db, tmp_path: Path) -> None:
+    # No server anywhere: Prefect's API app runs inside the CLI on PREFECT_HOME's database,
+    # and everything the run sent is there once the command has returned.
+    home = tmp_path / "prefect-home"
+    env = {"PREFECT_HOME": str(home), "RUNBOOK_PREFECT_API": dead_api()}
+    proc = cli("run", "postgres-connections", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    flow_run_id = json.loads(proc.stdout)["flow_run_id"]
+    proc = cli("run", "postgres-connections", "--json", env=env)  # the database again
+    assert proc.returncode == 0, proc.stderr
+
+    port = free_port()
+    # The API app as Prefect's temporary server runs it, on the same database.
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"]
+    server = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
+        env={**os.environ, "PREFECT_HOME": str(home), "PREFECT__SERVER_EPHEMERAL": "1"},
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        assert_tracked(read_run(api, flow_run_id), "postgres-connections", "main")
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
+        assert len(runs) == 2
+
+        # The in-process API leaves automations off only while the database has none.
+        database = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        assert not automations_possible(database)
+        from prefect.events.actions import DoNothing
+        from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+        failed = EventTrigger(expect={"prefect.flow-run.Failed"}, posture=Posture.Reactive)
+        automation = AutomationCore(name="on failure", trigger=failed, actions=[DoNothing()])
+        httpx.post(
+            f"{api}/automations/", json=automation.model_dump(mode="json"), timeout=60
+        ).raise_for_status()
+        assert automations_possible(database)
+    finally:
+        stop_process(server)
+
+
+def test_a_prefect_database_that_cannot_be_opened_is_one_line_and_exit_3(
+    db: Db, tmp_path: Path
+) -> None:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "prefect.db").write_text("not a database\n")
+    env = {"PREFECT_HOME": str(home), "RUNBOOK_PREFECT_API": dead_api()}
+    proc = cli("run", "postgres-connections", env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "the in-process Prefect API did not start" in proc.stderr
+    assert "file is not a database" in proc.stderr
+    no_traceback(proc)
+
+
+def test_a_prefect_api_url_of_something_else_is_one_line_and_exit_3(db: Db) -> None:
+    # A real HTTP server that is not a Prefect API: its /api/health is a 404.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        proc = cli("run", "postgres-connections", env={"PREFECT_API_URL": url})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert f"({url}) cannot be reached: GET /health answered HTTP 404" in proc.stderr
+    no_traceback(proc)

@@ -172,25 +172,6 @@ def session_processes(sid: int) -> list[str]:
     return found.stdout.splitlines()
 
 
-def test_serve_with_an_unreachable_prefect_api_says_so_in_one_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOK_"))}
-    env.update(PREFECT_HOME=str(tmp_path), PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "runbook"), "serve"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 3
-    assert done.stdout == ""
-    assert done.stderr.startswith(
-        f"error: no Prefect API answers at PREFECT_API_URL={env['PREFECT_API_URL']}"
-    )
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-
-
 def test_readme_catalogue_matches_the_catalogue() -> None:
     readme = (ROOT / "README.md").read_text()
     for rb in RUNBOOKS.values():
