@@ -16,7 +16,7 @@ from a subprocess for --minutes after a one-minute warm-up. Measured from the Pr
   peak MiB    highest sum of RSS of the server, the serving process and its children
 
     .venv/bin/python bench/serve_capacity.py [--deployments 60] [--minutes 10] [--max-runs 4]
-        [--paths ours,prefect] [--loads quiet,cpu]
+        [--paths ours,prefect] [--loads quiet,cpu] [--stagger]
 """
 
 from __future__ import annotations
@@ -37,9 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def worker(mode: str, count: int, max_runs: int) -> None:
-    """Serve `count` deployments of postgres-connections until SIGTERM."""
+def worker(mode: str, count: int, max_runs: int, stagger: bool) -> None:
+    """Serve `count` deployments of postgres-connections until SIGTERM: all due at the same
+    second each minute (a burst, as crons on the same minute are), or spread evenly over the
+    minute (stagger)."""
+    from datetime import UTC, datetime
+
     from prefect import get_client
+    from prefect.schedules import Interval
 
     from deployments.runner import InProcessRunner
     from flows.postgres_connections import postgres_connections
@@ -47,7 +52,11 @@ def worker(mode: str, count: int, max_runs: int) -> None:
     deployments = [
         postgres_connections.to_deployment(
             name=f"bench-{n:03d}",
-            interval=timedelta(minutes=1),
+            schedule=Interval(
+                timedelta(minutes=1),
+                anchor_date=datetime(2026, 1, 1, tzinfo=UTC)
+                + timedelta(seconds=60 * n / count if stagger else 0),
+            ),
             parameters={"target": "main", "dry_run": True},
         )
         for n in range(count)
@@ -144,6 +153,7 @@ def measure(mode: str, load: bool, args: argparse.Namespace, config: Path) -> di
                 str(args.deployments),
                 "--max-runs",
                 str(args.max_runs),
+                *(["--stagger"] if args.stagger else []),
             ],
             env=env,
             stdout=log,
@@ -246,10 +256,13 @@ def main() -> None:
         "--paths", default="ours,prefect", help="which paths to measure (ours, prefect)"
     )
     parser.add_argument("--loads", default="quiet,cpu", help="quiet, cpu (a CPU-bound load)")
+    parser.add_argument(
+        "--stagger", action="store_true", help="spread the runs over the minute, not a burst"
+    )
     parser.add_argument("--worker", choices=["ours", "prefect"])
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.deployments, args.max_runs)
+        worker(args.worker, args.deployments, args.max_runs, args.stagger)
         return
     from deployments.localpg import LocalPostgres
 
