@@ -15,7 +15,7 @@ from a subprocess for --minutes after a one-minute warm-up. Measured from the Pr
   cpu s/run   CPU seconds of the server, the serving process and its children, per run
   peak MiB    highest sum of RSS of the server, the serving process and its children
 
-    .venv/bin/python bench/serve_capacity.py [--deployments 60] [--minutes 10] [--max-runs 4]
+    .venv/bin/python bench/serve_capacity.py [--deployments 60] [--minutes 10] [--max-runs 8]
         [--paths ours,prefect] [--loads quiet,cpu] [--stagger]
 """
 
@@ -251,7 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deployments", type=int, default=60)
     parser.add_argument("--minutes", type=float, default=10)
-    parser.add_argument("--max-runs", type=int, default=4, help="runbook serve's --max-runs")
+    parser.add_argument("--max-runs", type=int, default=8, help="runbook serve's --max-runs")
     parser.add_argument(
         "--paths", default="ours,prefect", help="which paths to measure (ours, prefect)"
     )
