@@ -189,6 +189,7 @@ def test_late_scheduled_checks_are_skipped_and_a_manual_run_is_not(
     30-minute schedule over a window 3 h to 1.5 h ago (as if serve had stalled). The older ones
     are superseded, the newest is later than its interval; a manual run as late still runs."""
     import httpx
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL
 
     served, client = runner
@@ -209,8 +210,10 @@ def test_late_scheduled_checks_are_skipped_and_a_manual_run_is_not(
         ).raise_for_status()
     backfilled = [
         r
-        for r in client.read_flow_runs(limit=50)
-        if r.deployment_id == dep and r.auto_scheduled and r.expected_start_time < now
+        for r in client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep])), limit=200
+        )
+        if r.auto_scheduled and r.expected_start_time < now
     ]
     assert len(backfilled) >= 3
     ended = [wait_for_state(client, r.id, StateType.CANCELLED) for r in backfilled]
