@@ -200,7 +200,8 @@ def measure(mode: str, load: bool, args: argparse.Namespace, config: Path) -> di
         runs = read_runs(api, start, end)
         stop_process(proc, 60)
         log.close()
-    window_min = (end - start).total_seconds() / 60
+    # The runs read are those due in [start, end - 30 s] (read_runs): rates are over that span.
+    window_min = (end - start - timedelta(seconds=30)).total_seconds() / 60
     started = [r for r in runs if r["start_time"]]
     late = [
         (
