@@ -351,34 +351,49 @@ class InProcessRunner:
     def _execute(self, flow: Flow[..., Any], run: FlowRun, name: str) -> None:
         from prefect.exceptions import Abort
         from prefect.flow_engine import run_flow
-        from prefect.states import Cancelled
 
-        cancelled = False
+        cancelled, failure = False, ""
         try:
             state: Any = run_flow(flow, flow_run=run, return_type="state")
             print(f"{_now()} {name}: {state.name}: {state.message or ''}", flush=True)
         except Abort:
             cancelled = True
             print(f"{_now()} {name}: Cancelled at a task boundary", flush=True)
-        except BaseException as exc:  # the run's own state says what failed; keep the thread
-            print(f"{_now()} {name}: ended with {type(exc).__name__}: {exc}", flush=True)
+        except BaseException as exc:  # keep the thread; the run must not stay Pending
+            failure = f"{type(exc).__name__}: {exc}"
+            print(f"{_now()} {name}: ended with {failure}", flush=True)
         finally:
             forget_cancel(run.id)
             try:
-                if cancelled:
+                final = self._final_state(run.id, cancelled, failure)
+                if final is not None:
                     from prefect import get_client
 
                     with get_client(sync_client=True) as client:
-                        client.set_flow_run_state(
-                            run.id,
-                            Cancelled(message="cancelled; stopped at a task boundary"),
-                            force=True,
-                        )
+                        client.set_flow_run_state(run.id, final, force=True)
             finally:
                 with self._lock:
                     self._active.pop(run.id, None)
                     self._futures.pop(run.id, None)
                 self._wake.set()
+
+    @staticmethod
+    def _final_state(run_id: UUID, cancelled: bool, failure: str) -> Any:
+        """The state to end a run in that the flow engine did not end: Cancelled after a
+        cancellation, Failed after an error raised before the run began (parameters the flow
+        does not take, say), None when the run ended in a final state of its own."""
+        from prefect import get_client
+        from prefect.states import Cancelled, Failed
+
+        if cancelled:
+            return Cancelled(message="cancelled; stopped at a task boundary")
+        if not failure:
+            return None
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+        if state is not None and state.is_final():
+            return None
+        return Failed(message=f"the run could not start: {failure}"[:500])
 
     # -- stop -------------------------------------------------------------------------------
 

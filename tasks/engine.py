@@ -85,6 +85,7 @@ def raise_if_cancel_requested() -> None:
     with _cancel_lock:
         cancelled = ctx.flow_run.id in _cancel_requested
     if cancelled:
+        get_run_logger().warning("Cancelled: stopping here, before the next task")
         raise Abort("cancelled: stopped at a task boundary")
 
 

@@ -15,7 +15,7 @@ import hypothesis
 import psycopg
 import pytest
 
-from deployments.localpg import LocalPostgres
+from deployments.localpg import LocalPostgres, free_port
 
 # Before Prefect is imported anywhere: its home in a temp dir, quiet, offline.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="runbook-test-prefect-")
@@ -24,6 +24,9 @@ os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
 os.environ.pop("PREFECT_API_URL", None)
 for key in [k for k in os.environ if k.startswith("RUNBOOK_")]:
     del os.environ[key]
+# The CLI looks for `runbook serve` on 127.0.0.1:4200: one the engineer runs beside the tests
+# must not take their runs. Tests that want a local server name it themselves.
+os.environ["RUNBOOK_PREFECT_API"] = f"http://127.0.0.1:{free_port()}/api"
 
 # Property tests run beside real servers on a busy 2-core machine: no per-example deadline.
 hypothesis.settings.register_profile("runbook", deadline=None)

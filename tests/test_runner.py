@@ -224,3 +224,18 @@ def test_late_scheduled_checks_are_skipped_and_a_manual_run_is_not(
     assert "more than its schedule's interval (1800 s)" in newest.state.message
     done = wait_for_state(client, manual.id, StateType.COMPLETED, StateType.FAILED)
     assert done.state.type is StateType.COMPLETED
+
+
+def test_a_run_with_parameters_the_flow_does_not_take_ends_failed(
+    runner: tuple[InProcessRunner, Any],
+) -> None:
+    """Accepted by the API, refused by the flow before it begins: Failed, saying why, not
+    left Pending."""
+    served, client = runner
+    run = client.create_flow_run_from_deployment(
+        deployment_id(served, "runner-test-slow"), parameters={"sample_seconds": 60}
+    )
+    ended = wait_for_state(client, run.id, StateType.FAILED, StateType.COMPLETED)
+    assert ended.state.type is StateType.FAILED
+    assert "could not start" in ended.state.message and "sample_seconds" in ended.state.message
+    assert served.active == 0
