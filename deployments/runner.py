@@ -8,7 +8,7 @@ has the flows imported, claims a due run (Pending) and runs it on one of `max_ru
 
 Each poll (every `poll_seconds`):
 1. runs of ours that someone set Cancelling (the UI's Cancel) are asked to stop at their next
-   task call (tasks.engine.request_cancel), and end Cancelled;
+   task call (tasks.cancel), and end Cancelled;
 2. the due runs of every served deployment are read, oldest first. A scheduled check is
    skipped, ending Cancelled with the state name "Skipped", when a newer scheduled run of the
    same deployment is also due (it supersedes it) or when it is late by more than its
@@ -42,7 +42,7 @@ from uuid import UUID
 from croniter import croniter
 from dateutil.rrule import rrulestr
 
-from tasks.engine import forget_cancel, request_cancel
+from tasks.cancel import forget_cancel, request_cancel
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -358,7 +358,7 @@ class InProcessRunner:
             print(f"{_now()} {name}: {state.name}: {state.message or ''}", flush=True)
         except Abort:
             cancelled = True
-            print(f"{_now()} {name}: Cancelled at a task boundary", flush=True)
+            print(f"{_now()} {name}: Cancelled", flush=True)
         except BaseException as exc:  # keep the thread; the run must not stay Pending
             failure = f"{type(exc).__name__}: {exc}"
             print(f"{_now()} {name}: ended with {failure}", flush=True)
@@ -386,7 +386,7 @@ class InProcessRunner:
         from prefect.states import Cancelled, Failed
 
         if cancelled:
-            return Cancelled(message="cancelled; stopped at a task boundary")
+            return Cancelled(message="cancelled; stopped at its next task or wait")
         if not failure:
             return None
         with get_client(sync_client=True) as client:

@@ -6,6 +6,7 @@ import time
 
 from prefect import State
 
+from tasks.cancel import pause
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import Approval, gate
@@ -38,7 +39,7 @@ def queue_backlog(
     # 1. diagnose: two samples, for the drain rate and whether workers make progress
     first = read_queue_counts(name, rd, rd.queues)
     begun = time.monotonic()
-    time.sleep(p.sample_seconds)
+    pause(p.sample_seconds)
     second = read_queue_counts(name, rd, rd.queues)
     seconds = time.monotonic() - begun
     findings = [

@@ -7,30 +7,26 @@ automation can match it (event `prefect.flow-run.<name>`):
     healthy   -> COMPLETED "Healthy"      unhealthy -> FAILED "Unhealthy"
     fixed     -> COMPLETED "Fixed"        failed    -> FAILED "Failed"
 
-Cancellation of runs served in-process (deployments.runner): the runner marks the run with
-request_cancel(); its next task call raises Abort, which ends the run without a Failed or
-Crashed state, and the runner then sets it Cancelled."""
+Cancellation of runs served in-process (deployments.runner): see tasks.cancel; every task call
+checks it first."""
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
-from uuid import UUID
 
 from prefect import Flow, Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import FlowRunContext
-from prefect.exceptions import Abort
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from tasks.cancel import raise_if_cancel_requested
 from tasks.errors import RunbookError, TargetUnreachable
 from tasks.models import (
     Action,
@@ -58,42 +54,11 @@ def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bo
     return False
 
 
-_cancel_lock = threading.Lock()
-_cancel_requested: set[UUID] = set()
-
-
-def request_cancel(flow_run_id: UUID) -> None:
-    """Ask the in-process run flow_run_id to stop at its next task call."""
-    with _cancel_lock:
-        _cancel_requested.add(flow_run_id)
-
-
-def forget_cancel(flow_run_id: UUID) -> bool:
-    """Drop a run's cancel request once it has ended; whether there was one."""
-    with _cancel_lock:
-        if flow_run_id in _cancel_requested:
-            _cancel_requested.remove(flow_run_id)
-            return True
-        return False
-
-
-def raise_if_cancel_requested() -> None:
-    """Raises prefect.exceptions.Abort in a flow run whose cancellation was requested."""
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return
-    with _cancel_lock:
-        cancelled = ctx.flow_run.id in _cancel_requested
-    if cancelled:
-        get_run_logger().warning("Cancelled: stopping here, before the next task")
-        raise Abort("cancelled: stopped at a task boundary")
-
-
 class RunbookTask(Task[P, R]):
     """A Prefect task that first checks whether its flow run was cancelled."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise_if_cancel_requested()
+        raise_if_cancel_requested("before the next task")
         return super().__call__(*args, **kwargs)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.cancel import pause
 from tasks.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def wait_until(
         left = timeout_s - (time.monotonic() - start)
         if left <= 0:
             return None
-        time.sleep(min(delay, left))
+        pause(min(delay, left))
         delay = min(delay * 2, max_delay)
 
 

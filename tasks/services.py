@@ -18,6 +18,7 @@ import docker
 import docker.errors
 from pydantic import BaseModel
 
+from tasks.cancel import pause
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.host import memory_file
@@ -160,7 +161,7 @@ def proc_stats(pid: int, interval: float = 0.5) -> ServiceStats:
 
     try:
         first, start = cpu_ticks(), time.monotonic()
-        time.sleep(interval)
+        pause(interval)
         used = cpu_ticks() - first
         rss = next(
             int(line.split()[1]) * 1024

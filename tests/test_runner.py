@@ -18,6 +18,7 @@ from prefect.states import Cancelling, Scheduled
 
 from deployments.runner import Due, InProcessRunner, triage
 from flows.stuck_jobs import stuck_jobs
+from tasks.cancel import pause
 from tasks.engine import io_task, runbook_flow
 from tasks.models import utcnow
 from tests.conftest import Db
@@ -95,6 +96,14 @@ def tick(key: str) -> None:
     time.sleep(0.2)
 
 
+@runbook_flow("runner-test-wait")
+def waits(target: str, seconds: float = 600) -> Any:
+    tick(target)
+    pause(seconds)  # as queue-backlog waits between its samples
+    tick(target)
+    return None
+
+
 @runbook_flow("runner-test-slow")
 def slow(target: str, ticks: int = 300) -> Any:
     for _ in range(ticks):
@@ -119,6 +128,7 @@ def runner() -> Iterator[tuple[InProcessRunner, Any]]:
             ),
             stuck_jobs,
         ),
+        (waits.to_deployment(name=name, parameters={"target": name}), waits),
     ]
     runner = InProcessRunner(deployments, max_runs=2, poll_seconds=0.5)  # type: ignore[arg-type]
     with get_client(sync_client=True) as client:
@@ -239,3 +249,19 @@ def test_a_run_with_parameters_the_flow_does_not_take_ends_failed(
     assert ended.state.type is StateType.FAILED
     assert "could not start" in ended.state.message and "sample_seconds" in ended.state.message
     assert served.active == 0
+
+
+def test_a_run_cancelled_during_a_wait_stops_without_waiting_it_out(
+    runner: tuple[InProcessRunner, Any],
+) -> None:
+    served, client = runner
+    run = client.create_flow_run_from_deployment(deployment_id(served, "runner-test-wait"))
+    key = client.read_flow_run(run.id).parameters["target"]
+    wait_for_state(client, run.id, StateType.RUNNING)
+    deadline = time.monotonic() + 60
+    while iterations.get(key, 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client.set_flow_run_state(run.id, Cancelling(message="from the UI"))
+    ended = wait_for_state(client, run.id, StateType.CANCELLED, StateType.COMPLETED, timeout=300)
+    assert ended.state.type is StateType.CANCELLED
+    assert iterations[key] == 1  # the task after the ten-minute wait never ran
