@@ -2,8 +2,10 @@
 
 The runner marks a run with request_cancel() when someone sets it Cancelling (the UI's Cancel)
 or serve stops. The run then raises prefect.exceptions.Abort at its next task call
-(tasks.engine.RunbookTask) or during a wait (pause, and tasks.models.wait_until), which ends
-it without a Failed or Crashed state; the runner then sets it Cancelled. Outside such a run
+(tasks.engine.RunbookTask) or during a wait of the flow between tasks (pause, and
+tasks.models.wait_until), which ends it without a Failed or Crashed state; the runner then
+sets it Cancelled. Inside a task nothing is raised (Prefect would log the task as an error):
+the task finishes on its own timeouts and the run stops at the next call. Outside such a run
 (the CLI, tests) nothing is ever requested and the checks cost a set lookup."""
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ def raise_if_cancel_requested(where: str) -> None:
     logging that it stops `where` (e.g. "before the next task")."""
     if not _requested:
         return
-    from prefect.context import FlowRunContext
+    from prefect.context import FlowRunContext, TaskRunContext
     from prefect.exceptions import Abort
     from prefect.logging import get_run_logger
 
     ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
+    if ctx is None or ctx.flow_run is None or TaskRunContext.get() is not None:
         return
     with _lock:
         cancelled = ctx.flow_run.id in _requested
@@ -53,7 +55,7 @@ def raise_if_cancel_requested(where: str) -> None:
 
 def pause(seconds: float) -> None:
     """time.sleep(seconds), in slices of at most SLICE_SECONDS, that ends with Abort as soon
-    as the run's cancellation is requested."""
+    as the run's cancellation is requested (in a flow, between tasks)."""
     end = time.monotonic() + seconds
     while True:
         raise_if_cancel_requested("during a wait")

@@ -18,7 +18,6 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from tasks.cancel import pause
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
 from tasks.models import wait_until
@@ -208,7 +207,7 @@ def await_queries_ended(
             running = [r["pid"] for r in conn.execute(_STILL_RUNNING, args).fetchall()]
         if not running or time.monotonic() >= deadline:
             return running
-        pause(min(0.5, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 @io_task("terminate-backend", timeout_seconds=30)

@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import redis
 
-from tasks.cancel import pause
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.models import wait_until
@@ -80,7 +79,7 @@ def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> 
             raw = cast(dict[str, Any], r.info("all"))
             info = {k: str(v) for k, v in raw.items() if not isinstance(v, dict)}
             if sample_seconds:
-                pause(sample_seconds)
+                time.sleep(sample_seconds)
                 evicted = int(cast(dict[str, Any], r.info("stats"))["evicted_keys"])
                 rate = (evicted - int(info.get("evicted_keys", 0))) / sample_seconds
             else:
