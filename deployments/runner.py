@@ -433,6 +433,36 @@ class InProcessRunner:
                 client.pause_deployment(deployment_id)
             except Exception as exc:
                 print(f"could not pause {self.served[deployment_id].name}: {exc}", flush=True)
+        self._delete_left_scheduled(client)
+
+    def _delete_left_scheduled(self, client: SyncPrefectClient) -> None:
+        """Pausing deletes future scheduled runs; this deletes those already due and not
+        claimed too, so none is left to start late (or to load the server) next time. Runs
+        asked for by hand stay."""
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterId,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        try:
+            left = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(self.served))),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                    )
+                ),
+                limit=200,
+            )
+            for run in left:
+                if run.auto_scheduled:
+                    client.delete_flow_run(run.id)
+        except Exception as exc:
+            print(f"could not delete the scheduled runs left: {exc}", flush=True)
 
     @property
     def active(self) -> int:
