@@ -25,6 +25,8 @@ class Runbook:
     inventory: str  # the inventory section its targets come from
     params_class: str  # module:class of its parameters, imported when first needed
     changes: str
+    # The kinds of action it may plan (Action.kind): what [approval] and [limits] may name.
+    actions: tuple[str, ...]
     cron: str | None  # its schedule, UTC; None: run by hand only
     # The parameters of scheduled runs; a manual run is always a dry run unless --apply.
     scheduled: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +94,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.postgres_rules:ConnectionsParams",
             changes="cancels queries and terminates client backends (never superusers, "
             "replication or background workers; allow-lists and a cap per run)",
+            actions=("cancel_query", "terminate_backend"),
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -105,6 +108,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.postgres_rules:MaintenanceParams",
             changes="runs VACUUM (ANALYZE) on tables over the dead-tuple threshold, one at a "
             "time, with lock and statement timeouts",
+            actions=("vacuum_analyze",),
             cron="30 3 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
         ),
@@ -117,6 +121,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="postgres",
             params_class="tasks.postgres_rules:StuckJobsParams",
             changes="UPDATEs stuck rows of the configured jobs table back to pending",
+            actions=("reset_stuck_jobs",),
             cron="*/10 * * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             requires='a jobs table ([postgres.NAME.jobs] with table = "SCHEMA.TABLE")',
@@ -133,6 +138,7 @@ RUNBOOKS: dict[str, Runbook] = {
             changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
             "queue: noeviction), CONFIG SET appendonly yes on a queue, and CONFIG REWRITE; "
             "restarts it through its service",
+            actions=("set_maxmemory_policy", "enable_aof", "restart_service"),
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -146,6 +152,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.redis_rules:LockoutParams",
             changes="UNLINKs lockout keys found with SCAN (never KEYS or FLUSHALL); DELETEs "
             "the subject's rows from the configured lockout table",
+            actions=("clear_lockout_keys", "clear_lockout_rows"),
             cron=None,
         ),
         Runbook(
@@ -158,6 +165,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.redis_rules:QueueBacklogParams",
             changes="scales the worker_service (a docker compose service) to "
             "scale_workers_to replicas",
+            actions=("scale_workers",),
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
             requires="BullMQ queue names (queues = [...] in [redis.NAME])",
@@ -172,6 +180,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="postgres",
             params_class="tasks.service_rules:PostgresDownParams",
             changes="restarts the service that runs PostgreSQL (docker, systemd or command)",
+            actions=("restart_service",),
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -185,6 +194,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.service_rules:ServiceHealthParams",
             changes="restarts an app that fails its own health check; what a hand-off "
             "runbook may change",
+            actions=("restart_service", "handoff"),
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
             requires="a health_url or ready_url",
@@ -201,6 +211,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="services",
             params_class="tasks.service_rules:ResourceParams",
             changes="restarts a service using more than memory_percent of its memory limit",
+            actions=("restart_service",),
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
             default_target="all",
@@ -215,6 +226,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.tls_rules:TlsParams",
             changes="runs the renew command (certbot renew --cert-name ...) and the reload "
             "command (nginx -s reload) or restarts the proxy's service",
+            actions=("renew_certificate",),
             cron="0 6 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             default_target="all",
@@ -228,6 +240,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="s3",
             params_class="tasks.backup_rules:ObjectStorageParams",
             changes="writes and deletes one canary object under the prefix",
+            actions=(),
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -241,6 +254,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.retention_rules:RetentionParams",
             changes="deletes backups past the policy and their .sha256 (never the newest or "
             "one younger than 24 h; max_deletions a run)",
+            actions=("delete_backup",),
             cron="30 7 * * *",
             scheduled={"dry_run": True},
         ),
@@ -253,6 +267,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="backups",
             params_class="tasks.backup_rules:BackupParams",
             changes="nothing: read-only",
+            actions=(),
             cron="0 7 * * *",
             scheduled={"dry_run": True},
         ),
@@ -266,6 +281,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.drill_rules:RestoreDrillParams",
             changes="creates and drops a scratch database on the scratch target's server; "
             "never touches the source database",
+            actions=("restore-drill",),
             cron="0 4 1 * *",
             scheduled={"dry_run": False, "approval": "auto"},
             requires='a scratch target (scratch = "NAME" in [backups.NAME])',
@@ -280,9 +296,13 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="backups",
             params_class="tasks.drill_rules:PreChangeParams",
             changes="writes one new dump and its .sha256 to the backup storage",
+            actions=("dump",),
             cron=None,
             requires='a database (database = "NAME" in [backups.NAME])',
             accepts=lambda target: target.database is not None,
         ),
     )
 }
+
+# Every kind of action any runbook may plan.
+ACTION_KINDS: frozenset[str] = frozenset(kind for rb in RUNBOOKS.values() for kind in rb.actions)

@@ -85,6 +85,33 @@ class Action(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
+class Decision(StrEnum):
+    approved = "approved"
+    rejected = "rejected"
+    timed_out = "timed_out"
+
+
+class ApprovalRecord(BaseModel):
+    """A human's answer to a run's request for approval (the Prefect UI's form, or the CLI's
+    prompt): who, when, and what they said. approver is None when nobody answered in time."""
+
+    decision: Decision
+    approver: str | None = None
+    comment: str = ""
+    requested_at: datetime
+    answered_at: datetime
+
+
+class TimelineEntry(BaseModel):
+    """One step of a run, in the shape of a post-incident timeline (seed 003 "Post-Incident"):
+    alert_received, diagnosed, approval_requested, approval_answered, action_started,
+    action_ended, verified, finished."""
+
+    at: datetime
+    event: str
+    detail: str = ""
+
+
 class Report(BaseModel):
     runbook: str
     target: str
@@ -95,6 +122,9 @@ class Report(BaseModel):
     started_at: datetime
     finished_at: datetime
     flow_run_id: str | None = None
+    # Set when a human was asked: the answer, or the timeout.
+    approval: ApprovalRecord | None = None
+    timeline: list[TimelineEntry] = Field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
