@@ -9,8 +9,9 @@ from prefect import State
 from tasks.backup_rules import storage_finding
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
-from tasks.gate import Approval, gate
-from tasks.models import Action, ActionStatus, Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
 from tasks.retention_rules import (
     RetentionParams,
     plan_deletions,
@@ -28,9 +29,11 @@ def backup_retention(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: RetentionParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
     p = RetentionParams.resolve(params, cfg.thresholds, f"{RUNBOOK} on {name}")
@@ -56,7 +59,13 @@ def backup_retention(
     # 2. plan
     actions = plan_deletions(name, plan)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act: one batched call for all of them; each action gets its own outcome
     if approved:
         _delete(name, cfg, s3, approved)

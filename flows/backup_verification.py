@@ -8,8 +8,8 @@ from prefect import State
 from tasks.backup_rules import BackupParams, backup_findings, storage_finding
 from tasks.engine import finish, runbook_flow
 from tasks.errors import TargetUnreachable
-from tasks.gate import Approval
-from tasks.models import Report, utcnow
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Report, utcnow
 from tasks.settings import load_settings
 from tasks.storage import backups_location, list_backups, verify_backup
 
@@ -22,8 +22,9 @@ def backup_verification(
     dry_run: bool = True,
     approval: Approval = "ask",
     params: BackupParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
     where = backups_location(cfg, s3)

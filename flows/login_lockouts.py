@@ -6,8 +6,9 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
-from tasks.models import Action, ActionStatus, Finding, Report, Severity, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, Severity
 from tasks.postgres import count_lockout_rows, delete_lockout_rows, read_writability
 from tasks.redis import clear_lockout_keys, find_lockout_keys
 from tasks.redis_rules import LockoutParams
@@ -21,9 +22,11 @@ def login_lockouts(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: LockoutParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)
     p = LockoutParams.resolve(params, {}, f"{RUNBOOK} on {name}")
@@ -78,7 +81,13 @@ def login_lockouts(
         action.status = ActionStatus.skipped
         action.detail = f"postgres {pg_name} refuses writes: {refusal}; delete them on the primary"
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act
     for action in approved:
         if action.kind == "clear_lockout_keys":

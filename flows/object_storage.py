@@ -9,8 +9,8 @@ from prefect import State
 
 from tasks.backup_rules import ObjectStorageParams, canary_findings
 from tasks.engine import finish, runbook_flow
-from tasks.gate import Approval
-from tasks.models import Report, utcnow
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Report
 from tasks.settings import load_settings
 from tasks.storage import (
     Probe,
@@ -31,9 +31,10 @@ def object_storage(
     dry_run: bool = True,
     approval: Approval = "ask",
     params: ObjectStorageParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
     """dry_run and approval are accepted like every runbook's: it has no actions to gate."""
-    started = utcnow()
+    started = begin(alert)
     name, s3 = load_settings().target("s3", target)
     p = ObjectStorageParams.resolve(params, s3.thresholds, f"{RUNBOOK} on {name}")
     where = f"s3://{s3.bucket}/{s3.prefix}" + (f" at {s3.endpoint_url}" if s3.endpoint_url else "")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
-from tasks.models import Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Report
 from tasks.postgres import (
     CANCELLED,
     await_queries_ended,
@@ -26,9 +27,11 @@ def postgres_connections(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: ConnectionsParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     name, pg = load_settings().postgres_target(target)
     p = ConnectionsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
 
@@ -38,7 +41,13 @@ def postgres_connections(
     # 2. plan
     actions = plan_connections(name, activity, pg, p)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act: cancels first, a terminate only for queries that outlive the grace period
     cancels = [a for a in approved if a.kind == "cancel_query"]
     for action in cancels:

@@ -7,9 +7,10 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.host import read_disk_usage
-from tasks.models import Action, ActionStatus, Finding, Report, Severity, utcnow
+from tasks.journal import begin
+from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, Severity
 from tasks.postgres import Probe, await_postgres_ready, probe_postgres
 from tasks.service_rules import PostgresDownParams, disk_finding, status_finding
 from tasks.services import restart_service, service_logs, service_status
@@ -48,9 +49,11 @@ def postgres_down(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: PostgresDownParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, pg = settings.postgres_target(target)
     p = PostgresDownParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
@@ -96,7 +99,13 @@ def postgres_down(
             )
         actions.append(restart)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act
     for action in approved:
         assert svc is not None and pg.service is not None

@@ -6,8 +6,9 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
-from tasks.models import Finding, Report, Severity, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Finding, Report, Severity
 from tasks.postgres import read_table_stats, read_top_queries, read_writability, vacuum_table
 from tasks.postgres_rules import MaintenanceParams, maintenance_findings, plan_maintenance
 from tasks.settings import load_settings
@@ -20,9 +21,11 @@ def postgres_maintenance(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: MaintenanceParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     name, pg = load_settings().postgres_target(target)
     p = MaintenanceParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
 
@@ -45,7 +48,13 @@ def postgres_maintenance(
     # 2. plan
     actions = [] if standby else plan_maintenance(name, tables, p)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act: one table at a time, each bounded by lock and statement timeouts
     vacuum = vacuum_table.with_options(timeout_seconds=p.vacuum_timeout_seconds + 30)
     for action in approved:

@@ -10,8 +10,9 @@ from tasks.drill_rules import PreChangeParams, dump_findings
 from tasks.dumps import Dump, dump_key, dump_to_storage
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import Approval, gate
-from tasks.models import Action, Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import Action, AlertInfo, Approval, Report
 from tasks.settings import load_settings
 from tasks.storage import verify_backup
 
@@ -23,9 +24,11 @@ def pre_change_backup(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: PreChangeParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
     p = PreChangeParams.resolve(params, {}, f"{RUNBOOK} on {name}")
@@ -47,7 +50,13 @@ def pre_change_backup(
         )
     ]
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        [],
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act
     dump: Dump | None = None
     if approved:

@@ -9,8 +9,9 @@ from prefect import State
 from tasks.cancel import pause
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import Approval, gate
-from tasks.models import Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Report
 from tasks.redis import read_queue_counts
 from tasks.redis_rules import QueueBacklogParams, plan_backlog, queue_findings
 from tasks.services import scale_service
@@ -24,9 +25,11 @@ def queue_backlog(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: QueueBacklogParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)
     if not rd.queues:
@@ -48,7 +51,13 @@ def queue_backlog(
     # 2. plan
     actions = plan_backlog(name, rd, findings, p)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        findings,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act: more workers through the service controller
     for action in approved:
         assert rd.worker_service is not None

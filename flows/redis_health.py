@@ -6,8 +6,9 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
-from tasks.models import Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Report
 from tasks.redis import (
     await_redis_ready,
     enable_aof,
@@ -26,9 +27,11 @@ def redis_health(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: RedisHealthParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)
     p = RedisHealthParams.resolve(params, rd.thresholds, f"{RUNBOOK} on {name}")
@@ -39,7 +42,13 @@ def redis_health(
     # 2. plan
     actions = plan_health(name, rd, health)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act
     for action in approved:
         if action.kind == "set_maxmemory_policy":

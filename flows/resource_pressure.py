@@ -7,9 +7,10 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.host import read_host_stats
-from tasks.models import Action, Finding, Report, Severity, utcnow
+from tasks.journal import begin
+from tasks.models import Action, AlertInfo, Approval, Finding, Report, Severity
 from tasks.service_rules import ResourceParams, host_findings, resource_findings
 from tasks.services import ServiceStats, restart_service, service_stats, service_status
 from tasks.settings import load_settings
@@ -22,9 +23,11 @@ def resource_pressure(
     target: str = "all",
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: ResourceParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     services = dict(settings.services) if target == "all" else {target: settings.service(target)}
     p = ResourceParams.resolve(params, {}, RUNBOOK)
@@ -70,7 +73,13 @@ def resource_pressure(
         and s.memory_limit_bytes
     ]
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act
     for action in approved:
         name = action.args["service"]

@@ -32,8 +32,9 @@ from tasks.dumps import (
 )
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import RunbookError, TargetUnreachable
-from tasks.gate import Approval, gate
-from tasks.models import Action, ActionStatus, Finding, Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, utcnow
 from tasks.settings import PostgresTarget, load_settings
 from tasks.storage import backups_location, list_backups
 
@@ -45,9 +46,11 @@ def restore_drill(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: RestoreDrillParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
     p = RestoreDrillParams.resolve(params, {}, f"{RUNBOOK} on {name}")
@@ -68,7 +71,13 @@ def restore_drill(
     # 2. plan
     actions = plan_drill(name, backup, scratch_name, dbname)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     if not approved or backup is None:
         return _report(name, dry_run, started, before, actions)
     # 4. act: restore, check, and drop whatever happens

@@ -13,9 +13,10 @@ from flows.postgres_down import postgres_down
 from flows.redis_health import redis_health
 from tasks.engine import RunbookFlow, finish, run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import Approval, gate
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.http import HttpProbe, probe_http
-from tasks.models import Action, ActionStatus, Finding, Report, utcnow, wait_until
+from tasks.journal import begin
+from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, wait_until
 from tasks.service_rules import ServiceHealthParams, dependency_for, probe_findings
 from tasks.services import restart_service
 from tasks.settings import ServiceTarget, load_settings
@@ -48,9 +49,11 @@ def service_health(
     target: str = "all",
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: ServiceHealthParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     p = ServiceHealthParams.resolve(params, {}, RUNBOOK)
     chosen = p.service or target
@@ -102,11 +105,20 @@ def service_health(
             )
     # 3. gate: hand-offs run either way; the runbook they start has its own dry run and gate
     handoffs = [a for a in actions if a.kind == "handoff"]
-    approved = gate([a for a in actions if a.kind != "handoff"], dry_run=dry_run, approval=approval)
+    approved = gate(
+        [a for a in actions if a.kind != "handoff"],
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act
     for action in handoffs:
         sub = HANDOFF[action.args["kind"]](
-            target=action.args["target"], dry_run=dry_run, approval=approval
+            target=action.args["target"],
+            dry_run=dry_run,
+            approval=approval,
+            approval_timeout_seconds=approval_timeout_seconds,
         )
         action.status = ActionStatus.done
         action.detail = f"{sub.runbook} on {sub.target}: {sub.status.value}"

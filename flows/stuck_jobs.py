@@ -6,8 +6,9 @@ from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import Approval, gate
-from tasks.models import ActionStatus, Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import ActionStatus, AlertInfo, Approval, Report
 from tasks.postgres import find_stuck_jobs, read_writability, reset_stuck_jobs
 from tasks.postgres_rules import StuckJobsParams, listing, plan_stuck_jobs, stuck_findings
 from tasks.settings import load_settings
@@ -20,9 +21,11 @@ def stuck_jobs(
     target: str,
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: StuckJobsParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     name, pg = load_settings().postgres_target(target)
     if pg.jobs is None:
         raise ConfigError(
@@ -42,7 +45,13 @@ def stuck_jobs(
         action.status = ActionStatus.skipped
         action.detail = f"the server refuses writes: {refusal}; run stuck-jobs on the primary"
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act: one transaction, only rows still stuck
     for action in approved:
         reset = run_action(

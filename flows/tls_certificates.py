@@ -9,8 +9,9 @@ import time
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import Approval, gate
-from tasks.models import ActionStatus, Report, utcnow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.journal import begin
+from tasks.models import ActionStatus, AlertInfo, Approval, Report, utcnow
 from tasks.services import restart_service
 from tasks.settings import load_settings
 from tasks.tls import read_served_certificates, reload_proxy, renew_certificate
@@ -32,9 +33,11 @@ def tls_certificates(
     target: str = "all",
     dry_run: bool = True,
     approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
     params: TlsParams | None = None,
+    alert: AlertInfo | None = None,
 ) -> State[Report]:
-    started = utcnow()
+    started = begin(alert)
     settings = load_settings()
     endpoints = dict(settings.tls) if target == "all" else dict([settings.target("tls", target)])
     # Each endpoint's own thresholds; values given for the run win over them.
@@ -50,7 +53,13 @@ def tls_certificates(
     # 2. plan
     actions = plan_renewals(certs, endpoints, utcnow(), per)
     # 3. gate
-    approved = gate(actions, dry_run=dry_run, approval=approval)
+    approved = gate(
+        actions,
+        before,
+        dry_run=dry_run,
+        approval=approval,
+        timeout_seconds=approval_timeout_seconds,
+    )
     # 4. act: renew, reload what serves it; a CA client that declines has not failed
     declined = []
     for action in approved:

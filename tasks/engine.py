@@ -12,6 +12,7 @@ checks it first."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from prefect.states import Completed, Failed
 
 from tasks.cancel import raise_if_cancel_requested
 from tasks.errors import RunbookError, TargetUnreachable
+from tasks.journal import journal, journal_scope
 from tasks.models import (
     Action,
     ActionStatus,
@@ -36,7 +38,6 @@ from tasks.models import (
     RunStatus,
     final_status,
     problems,
-    utcnow,
 )
 
 P = ParamSpec("P")
@@ -102,10 +103,16 @@ class RunbookFlow(Flow[P, State[Report]]):
 
 
 def runbook_flow(name: str) -> Callable[[Callable[P, State[Report]]], RunbookFlow[P]]:
-    """The @flow of a runbook: named after it, each run named after its target."""
+    """The @flow of a runbook: named after it, each run named after its target, with its own
+    journal (tasks.journal) from start to end."""
 
     def decorate(fn: Callable[P, State[Report]]) -> RunbookFlow[P]:
-        return RunbookFlow(fn=fn, name=name, flow_run_name="{target}")
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> State[Report]:
+            with journal_scope():
+                return fn(*args, **kwargs)
+
+        return RunbookFlow(fn=run, name=name, flow_run_name="{target}")
 
     return decorate
 
@@ -135,18 +142,22 @@ def outcome_state(report: Report) -> State[Report]:
 
 def run_action(action: Action, do: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | None:
     """Carry out one approved action. Its outcome lands on the action (a str result becomes its
-    detail); a failure is logged, marks the run failed, and the report says which and why."""
+    detail); a failure is logged, marks the run failed, and the report says which and why.
+    Its start and end go on the run's timeline."""
+    log = journal()
+    log.note("action_started", f"{action.kind} on {action.target}: {action.description}")
     try:
         result = do(*args, **kwargs)
     except RunbookError as exc:
         action.status = ActionStatus.failed
         action.detail = str(exc)
         get_run_logger().error("%s on %s failed: %s", action.kind, action.target, exc)
-        return None
-    action.status = ActionStatus.done
-    if isinstance(result, str):
-        action.detail = result
-    return result
+    else:
+        action.status = ActionStatus.done
+        if isinstance(result, str):
+            action.detail = result
+    log.note("action_ended", f"{action.kind} on {action.target}: {action.status.value}")
+    return result if action.status is ActionStatus.done else None
 
 
 def finish(
@@ -161,20 +172,26 @@ def finish(
 ) -> State[Report]:
     """The report of a run, published as artifacts and logged; returned as the run's final
     state (outcome_state)."""
+    log = journal()
+    status = final_status(before, after, actions)
+    if any(a.status is not ActionStatus.planned for a in actions):
+        log.note("verified", f"{len(problems(after))} problem(s) remain")
+    log.note("finished", status.value)
     report = Report(
         runbook=runbook,
         target=target,
         dry_run=dry_run,
-        status=final_status(before, after, actions),
+        status=status,
         findings=after,
         actions=actions,
         started_at=started_at,
-        finished_at=utcnow(),
+        finished_at=log.timeline[-1].at,
         flow_run_id=flow_run.get_id(),
+        approval=log.approval,
+        timeline=log.timeline,
     )
     publish(report, before)
-    log = get_run_logger()
-    log.log(
+    get_run_logger().log(
         logging.INFO if report.exit_code == 0 else logging.WARNING,
         "%s on %s: %s",
         runbook,
@@ -261,6 +278,15 @@ def render_markdown(report: Report, before: list[Finding]) -> str:
             ]
             lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in f.rows]
             lines.append("")
+    if report.approval is not None:
+        a = report.approval
+        lines += [
+            "## Approval",
+            "",
+            f"{a.decision.value} by {a.approver or 'nobody'} at {a.answered_at:%Y-%m-%d %H:%M:%S} "
+            f"UTC (asked {a.requested_at:%H:%M:%S} UTC){': ' + a.comment if a.comment else ''}",
+            "",
+        ]
     lines += ["## Actions", ""]
     if report.actions:
         lines += ["| action | target | destructive | status | detail |", "|---|---|---|---|---|"]
@@ -271,4 +297,10 @@ def render_markdown(report: Report, before: list[Finding]) -> str:
         ]
     else:
         lines.append("none needed")
+    if report.timeline:
+        lines += ["", "## Timeline (UTC)", ""]
+        lines += [
+            f"- {e.at:%Y-%m-%d %H:%M:%S} **{e.event.replace('_', ' ')}** {_cell(e.detail)}"
+            for e in report.timeline
+        ]
     return "\n".join(lines) + "\n"

@@ -1,63 +1,219 @@
 """The gate between plan and act: dry run, the approval policy, and who may approve.
 
-Dry run stops every action here. Otherwise non-destructive actions pass, and destructive
-ones pass only as the approval policy says:
+A dry run stops every action here. Otherwise non-destructive actions pass, and each
+destructive one passes as its policy says (action_policy): the strictest of
 
-- auto: approved (schedules and alert rules that were written to remediate on their own);
+- the run's `approval` parameter (what a schedule, a route or the person starting it asks);
+- the inventory's `[approval] <runbook>.<action_kind>`;
+- the `approval` of the targets it touches (the run's target, and the target of the same
+  inventory section the action names, e.g. the service a restart acts on);
+
+where auto < ask < never, and `production = true` on such a target turns auto into ask.
+
+- auto: approved;
 - never: skipped;
-- ask: the approver in force decides. The CLI installs one (a terminal prompt, or --yes);
-  a run with no approver skips them and says how to approve. Human approval from the Prefect
-  UI plugs in here, as another approver.
+- ask: a human decides. The CLI installs an approver (a terminal prompt, or --yes). A run of
+  a deployment (served, worker, alert) with none pauses for an answer on its form in the
+  Prefect UI (tasks.approval), up to its approval_timeout_seconds; no answer is a rejection.
+  Anything else skips them and says how to approve.
+
+Every decision lands on the actions (skipped, with the reason), on the run's journal (the
+timeline, and the human answer for the report), and in the run's logs.
 """
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from tasks.models import Action, ActionStatus
+from pydantic import Field
 
-Approval = Literal["auto", "ask", "never"]
+from tasks.journal import journal
+from tasks.models import (
+    Action,
+    ActionStatus,
+    Approval,
+    ApprovalRecord,
+    Decision,
+    Finding,
+    problems,
+    utcnow,
+)
+
+# One hour, as Prefect's own pause_flow_run default: long enough to wake someone (seed 002's
+# escalation levels run 15 min to 1 h), short enough that a stale plan is not carried out.
+APPROVAL_TIMEOUT_SECONDS = 3600
+ApprovalTimeout = Annotated[int, Field(ge=10, le=7 * 86400, description="seconds")]
+STRICTNESS: dict[Approval, int] = {"auto": 0, "ask": 1, "never": 2}
+
 Approver = Callable[[list[Action]], bool]
 
-_approver: ContextVar[Approver | None] = ContextVar("runbook_approver", default=None)
+
+@dataclass(frozen=True)
+class _TerminalApprover:
+    decide: Approver
+    who: str
+
+
+_approver: ContextVar[_TerminalApprover | None] = ContextVar("runbook_approver", default=None)
 
 
 @contextmanager
-def approver(decide: Approver | None) -> Iterator[None]:
-    token = _approver.set(decide)
+def approver(decide: Approver | None, who: str | None = None) -> Iterator[None]:
+    """Within: `ask` is answered by decide(actions) (the CLI's prompt or --yes), on behalf of
+    `who` (default: the login name)."""
+    token = _approver.set(
+        None if decide is None else _TerminalApprover(decide, who or _login_name())
+    )
     try:
         yield
     finally:
         _approver.reset(token)
 
 
-def gate(actions: list[Action], *, dry_run: bool, approval: Approval) -> list[Action]:
-    """Mark what may not run as skipped and return the actions that may."""
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "the terminal's user"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The policy in force for one action, and where it comes from (for the report)."""
+
+    approval: Approval
+    source: str
+
+
+def action_policy(
+    requested: Approval,
+    action: Action,
+    *,
+    runbook: str | None,
+    kind_policies: dict[str, dict[str, Approval]],
+    targets: dict[str, Any],
+) -> Policy:
+    """The policy for one destructive action (module docstring). targets: the inventory
+    targets it touches, by name (each with .approval and .production). Pure."""
+    candidates = [Policy(requested, "the run's approval")]
+    if runbook is not None and (kind := kind_policies.get(runbook, {}).get(action.kind)):
+        candidates.append(Policy(kind, f"[approval] {runbook}.{action.kind}"))
+    candidates += [Policy(t.approval, f"target {name!r}") for name, t in targets.items()]
+    policy = max(candidates, key=lambda p: STRICTNESS[p.approval])
+    production = [name for name, t in targets.items() if t.production]
+    if policy.approval == "auto" and production:
+        return Policy("ask", f"target {production[0]!r} is production")
+    return policy
+
+
+def gate(
+    actions: list[Action],
+    before: list[Finding],
+    *,
+    dry_run: bool,
+    approval: Approval,
+    timeout_seconds: int = APPROVAL_TIMEOUT_SECONDS,
+) -> list[Action]:
+    """Mark what may not run as skipped and return the actions that may, in order.
+
+    before: the diagnosis the plan came from (the evidence on an approval form).
+    timeout_seconds: how long a paused run waits for an answer."""
     pending = [a for a in actions if a.status is ActionStatus.planned]
+    log = journal()
+    log.note("diagnosed", f"{len(problems(before))} problem(s); {len(pending)} action(s) planned")
     if dry_run:
         for action in pending:
             action.detail = action.detail or "dry run: pass --apply (or dry_run=false) to act"
         return []
-    destructive = [a for a in pending if a.destructive]
-    reason = _refusal(destructive, approval) if destructive else None
-    if reason:
-        for action in destructive:
-            _skip(action, reason)
+    runbook, target = _run_identity()
+    asked: list[Action] = []
+    for action in (a for a in pending if a.destructive):
+        policy = _policy_in_force(approval, action, runbook, target)
+        if policy.approval == "never":
+            _skip(action, f"approval policy is 'never' ({policy.source})")
+        elif policy.approval == "ask":
+            asked.append(action)
+    if asked:
+        _ask(asked, before, runbook or "this runbook", target or "?", timeout_seconds)
     return [a for a in pending if a.status is ActionStatus.planned]
 
 
-def _refusal(destructive: list[Action], approval: Approval) -> str | None:
-    if approval == "auto":
-        return None
-    if approval == "never":
-        return "approval policy is 'never'"
-    decide = _approver.get()
-    if decide is None:
-        return "needs approval and no approver is present: run with --yes, or approval=auto"
-    return None if decide(destructive) else "declined at the approval prompt"
+def _run_identity() -> tuple[str | None, str | None]:
+    """The runbook and target of the flow run we are in, if any."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow is None:
+        return None, None
+    target = (ctx.parameters or {}).get("target")
+    return ctx.flow.name, target if isinstance(target, str) else None
+
+
+def _policy_in_force(
+    requested: Approval, action: Action, runbook: str | None, target: str | None
+) -> Policy:
+    if runbook is None:
+        return Policy(requested, "the run's approval")
+    from flows.catalog import RUNBOOKS
+    from tasks.settings import load_settings
+
+    settings = load_settings()
+    section = settings.targets(RUNBOOKS[runbook].inventory) if runbook in RUNBOOKS else {}
+    touched = {n: section[n] for n in {target, action.target} if n is not None and n in section}
+    return action_policy(
+        requested, action, runbook=runbook, kind_policies=settings.approval, targets=touched
+    )
+
+
+def _ask(
+    actions: list[Action], before: list[Finding], runbook: str, target: str, timeout_s: int
+) -> None:
+    from prefect.logging import get_run_logger
+
+    from tasks.approval import approval_form, wait_for_approval
+
+    log = journal()
+    terminal = _approver.get()
+    if terminal is None and not log.deployed:
+        for action in actions:
+            _skip(
+                action,
+                "needs approval and no approver is present: run with --yes, or "
+                "approval=auto, or start it from its deployment to approve in the Prefect UI",
+            )
+        return
+    log.note("approval_requested", f"{len(actions)} action(s)")
+    if terminal is not None:
+        requested = utcnow()
+        approved = terminal.decide(actions)
+        record = ApprovalRecord(
+            decision=Decision.approved if approved else Decision.rejected,
+            approver=terminal.who,
+            comment="at the terminal",
+            requested_at=requested,
+            answered_at=utcnow(),
+        )
+    else:
+        form = approval_form(runbook, target, actions, before, timeout_s)
+        record = wait_for_approval(form, timeout_s)
+    log.approval = record
+    log.note("approval_answered", _answer_text(record, timeout_s))
+    get_run_logger().warning("%s", _answer_text(record, timeout_s))
+    if record.decision is not Decision.approved:
+        for action in actions:
+            _skip(action, _answer_text(record, timeout_s))
+
+
+def _answer_text(record: ApprovalRecord, timeout_s: int) -> str:
+    if record.decision is Decision.timed_out:
+        return f"no answer to the approval request within {timeout_s} s: timed out, not carried out"
+    said = f": {record.comment}" if record.comment else ""
+    return f"{record.decision.value} by {record.approver}{said}"
 
 
 def _skip(action: Action, reason: str) -> None:

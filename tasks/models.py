@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +32,11 @@ def wait_until(
             return None
         pause(min(delay, left))
         delay = min(delay * 2, max_delay)
+
+
+# Who decides on destructive actions: auto (approved), ask (a human, at the CLI's prompt or
+# on the paused run's form in the Prefect UI), never (skipped). Strictness: auto < ask < never.
+Approval = Literal["auto", "ask", "never"]
 
 
 class Severity(StrEnum):
@@ -100,6 +105,17 @@ class ApprovalRecord(BaseModel):
     comment: str = ""
     requested_at: datetime
     answered_at: datetime
+
+
+class AlertInfo(BaseModel):
+    """The alert that started a run: set by the alert receiver as the flow's `alert`
+    parameter, so the Prefect UI shows it with the run, and the timeline begins with it."""
+
+    name: str
+    source: str
+    fingerprint: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    received_at: datetime | None = None
 
 
 class TimelineEntry(BaseModel):

@@ -36,6 +36,7 @@ from pydantic_settings import (
 from tasks.alert_routes import ReceiverSettings, Route, check_route
 from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
+from tasks.models import Approval
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
 from tasks.retention_rules import THRESHOLD_NAMES as RETENTION_THRESHOLDS
@@ -100,6 +101,11 @@ class JobsTable(TimedTable):
 class _Target(_Strict):
     # Per-target values for a runbook's parameters, e.g. idle_in_transaction_seconds = 300.
     thresholds: dict[str, int | float] = Field(default_factory=dict)
+    # The most a run may do on its own here: a run's `auto` becomes this when stricter ("ask":
+    # a human decides; "never": destructive actions are skipped). production = true turns
+    # `auto` into `ask` for destructive actions (tasks.gate).
+    approval: Approval = "auto"
+    production: bool = False
     _threshold_names: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("thresholds")
@@ -274,6 +280,9 @@ class Settings(BaseSettings):
     # The alert receiver and its routes (README, Alerts); no routes: deployments/alerts/routes.toml.
     receiver: ReceiverSettings | None = None
     routes: list[Route] = Field(default_factory=list)
+    # Per runbook and action kind, the most its runs may do on their own (as a target's
+    # approval): [approval] postgres-connections.terminate_backend = "ask".
+    approval: dict[str, dict[str, Approval]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -306,6 +315,24 @@ class Settings(BaseSettings):
                 kind, target_name = ref.split(".", 1)
                 if target_name not in self.targets(kind):
                     raise ValueError(f"services.{name}.dependencies.{component}: no [{ref}]")
+        return self
+
+    @model_validator(mode="after")
+    def _approval_names_resolve(self) -> Settings:
+        from flows.catalog import RUNBOOKS
+
+        for runbook, kinds in self.approval.items():
+            if runbook not in RUNBOOKS:
+                raise ValueError(
+                    f"approval.{runbook}: unknown runbook; known: {', '.join(RUNBOOKS)}"
+                )
+            known = RUNBOOKS[runbook].actions
+            for kind in kinds:
+                if kind not in known:
+                    raise ValueError(
+                        f"approval.{runbook}.{kind}: {runbook} plans no action of that kind; "
+                        f"its kinds: {', '.join(known) or 'none (it changes nothing)'}"
+                    )
         return self
 
     @model_validator(mode="after")

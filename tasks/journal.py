@@ -1,0 +1,88 @@
+"""The journal of one flow run: its timeline (the shape of seed 003's post-incident list) and
+the human answer to its approval request, gathered by the steps as they happen and handed to
+the report by tasks.engine.finish.
+
+Kept in a context variable that runbook_flow sets for the length of each run (journal_scope):
+served runs each run in their own copy of the context (deployments.runner), and a subflow has
+its own journal and gives its parent's back when it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from tasks.models import AlertInfo, ApprovalRecord, TimelineEntry, utcnow
+
+
+@dataclass
+class Journal:
+    flow_run_id: UUID | None
+    # A run of a deployment, or a subflow of one: a human can answer it in the Prefect UI.
+    deployed: bool = False
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    approval: ApprovalRecord | None = None
+    # What the run holds until it finishes (a mutating-run slot): closed by close_journal.
+    held: ExitStack = field(default_factory=ExitStack)
+
+    def note(self, event: str, detail: str = "") -> None:
+        self.timeline.append(TimelineEntry(at=utcnow(), event=event, detail=detail))
+
+
+_current: ContextVar[Journal | None] = ContextVar("runbook_journal", default=None)
+
+
+def _flow_run() -> Any:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx.flow_run if ctx is not None else None
+
+
+@contextmanager
+def journal_scope() -> Iterator[Journal]:
+    """A flow run's journal, from its start to its end (tasks.engine.runbook_flow): a subflow
+    has its own and leaves its parent's as it was. On exit, what the run held is released."""
+    parent = _current.get()
+    run = _flow_run()
+    found = Journal(
+        run.id if run is not None else None,
+        deployed=(run is not None and run.deployment_id is not None)
+        or (parent is not None and parent.deployed),
+    )
+    token = _current.set(found)
+    try:
+        yield found
+    finally:
+        found.held.close()
+        _current.reset(token)
+
+
+def journal() -> Journal:
+    """The current flow run's journal (a fresh one outside any: unit tests of the gate)."""
+    found = _current.get()
+    if found is None:
+        found = Journal(None)
+        _current.set(found)
+    return found
+
+
+def begin(alert: AlertInfo | None = None) -> datetime:
+    """A run's first step: notes the alert that started it, if any (the flows' `alert`
+    parameter), then the start; returns the start time (UTC)."""
+    found = journal()
+    if alert is not None:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
+        found.timeline.append(
+            TimelineEntry(
+                at=alert.received_at or utcnow(),
+                event="alert_received",
+                detail=f"{alert.name} from {alert.source} {{{labels}}}",
+            )
+        )
+    found.note("started")
+    return found.timeline[-1].at
