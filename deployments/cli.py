@@ -221,7 +221,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Run a runbook: plan only unless --apply."""
-    from tasks.gate import approver
+    from tasks.gate import approver, login_name
     from tasks.models import utcnow
 
     try:
@@ -245,7 +245,7 @@ def run(
                 if yes
                 else (terminal_approver(status) if sys.stdin.isatty() else None)
             )
-            with approver(decide):
+            with approver(decide, who=f"{login_name()} (--yes)" if yes else None):
                 report = cast(
                     "Report",
                     flow(target=target_name, dry_run=not apply, approval="ask", params=params),

@@ -375,6 +375,7 @@ class Receiver:
                     (rb.default_target, rb.narrowed_by)
                     if rb.default_target and rb.narrowed_by
                     else None,
+                    received_at=utcnow(),
                 )
             except ConfigError as exc:
                 rejected = str(exc)

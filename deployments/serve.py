@@ -105,11 +105,13 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
 ALERT_DISPATCH_EVENT = "runbook.alert.dispatch"
 
 
-def _from_event(field: str) -> dict[str, Any]:
+def _from_event(field: str, default: str = "") -> dict[str, Any]:
     """A parameter taken from the dispatch event's payload with its JSON type: a bare
     template renders to a string, and a plain {"__prefect_kind": "json", "value": "{{ ... }}"}
-    is parsed before it is rendered (InvalidJSON), so the JSON kind wraps a Jinja kind."""
-    template = "{{ event.payload.parameters." + field + " | tojson }}"
+    is parsed before it is rendered (InvalidJSON), so the JSON kind wraps a Jinja kind.
+    default: a Jinja `default(...)` filter for a field an older receiver did not send."""
+    fallback = f" | default({default})" if default else ""
+    template = "{{ event.payload.parameters." + field + fallback + " | tojson }}"
     return {"__prefect_kind": "json", "value": {"__prefect_kind": "jinja", "template": template}}
 
 
@@ -127,6 +129,7 @@ def alert_trigger_spec(runbook: str, target: str) -> dict[str, Any]:
             "dry_run": _from_event("dry_run"),
             "approval": _from_event("approval"),
             "params": _from_event("params"),
+            "alert": _from_event("alert", default="None"),
         },
     }
 

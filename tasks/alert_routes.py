@@ -28,11 +28,11 @@ from pydantic import (
 )
 
 from tasks.errors import ConfigError
-from tasks.models import Params, explain_params
+from tasks.models import AlertInfo, Approval, Params, explain_params
 
 DEFAULT_ROUTES = Path(__file__).resolve().parents[1] / "deployments" / "alerts" / "routes.toml"
 # Flow parameters the route sets itself (target from labels, dry_run from apply): never `set`.
-RESERVED = ("target", "dry_run", "approval")
+RESERVED = ("target", "dry_run", "approval", "alert")
 CAP_PERIOD = timedelta(hours=1)
 
 Source = Literal["alertmanager", "grafana", "generic"]
@@ -113,7 +113,10 @@ class Route(_Strict):
     target_label: str | None = Field(
         None, description='the label naming the target; unset: "target"'
     )
+    # false: the run diagnoses and plans only. true: it acts, its destructive actions as
+    # `approval` says: ask (the default: it pauses for a human in the Prefect UI), auto, never.
     apply: bool = False
+    approval: Approval = "ask"
     set: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -367,6 +370,7 @@ def plan_dispatch(
     targets: list[str],
     params: type[Params],
     narrow: tuple[str, str] | None = None,
+    received_at: datetime | None = None,
 ) -> Dispatch:
     """The run the route asks for; parameters typed by the runbook's Params class, so numbers
     and lists reach the flow as numbers and lists. narrow: (the one target a runbook is served
@@ -385,8 +389,15 @@ def plan_dispatch(
         parameters={
             "target": target,
             "dry_run": not route.apply,
-            "approval": "auto" if route.apply else "never",
+            "approval": route.approval if route.apply else "never",
             "params": typed,
+            "alert": AlertInfo(
+                name=alert.name,
+                source=alert.source,
+                fingerprint=alert.fingerprint,
+                labels=alert.labels,
+                received_at=received_at,
+            ).model_dump(mode="json"),
         },
     )
 

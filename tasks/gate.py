@@ -24,6 +24,7 @@ timeline, and the human answer for the report), and in the run's logs.
 from __future__ import annotations
 
 import getpass
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -67,7 +68,7 @@ def approver(decide: Approver | None, who: str | None = None) -> Iterator[None]:
     """Within: `ask` is answered by decide(actions) (the CLI's prompt or --yes), on behalf of
     `who` (default: the login name)."""
     token = _approver.set(
-        None if decide is None else _TerminalApprover(decide, who or _login_name())
+        None if decide is None else _TerminalApprover(decide, who or login_name())
     )
     try:
         yield
@@ -75,7 +76,7 @@ def approver(decide: Approver | None, who: str | None = None) -> Iterator[None]:
         _approver.reset(token)
 
 
-def _login_name() -> str:
+def login_name() -> str:
     try:
         return getpass.getuser()
     except (OSError, KeyError):
@@ -173,8 +174,6 @@ def _policy_in_force(
 def _ask(
     actions: list[Action], before: list[Finding], runbook: str, target: str, timeout_s: int
 ) -> None:
-    from prefect.logging import get_run_logger
-
     from tasks.approval import approval_form, wait_for_approval
 
     log = journal()
@@ -203,10 +202,21 @@ def _ask(
         record = wait_for_approval(form, timeout_s)
     log.approval = record
     log.note("approval_answered", _answer_text(record, timeout_s))
-    get_run_logger().warning("%s", _answer_text(record, timeout_s))
+    _logger().warning("approval of %d action(s): %s", len(actions), _answer_text(record, timeout_s))
     if record.decision is not Decision.approved:
         for action in actions:
             _skip(action, _answer_text(record, timeout_s))
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run's logger (its lines reach the Prefect UI), or a plain one outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def _answer_text(record: ApprovalRecord, timeout_s: int) -> str:

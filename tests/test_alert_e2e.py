@@ -44,6 +44,7 @@ matchers = {{ severity = "critical" }}
 runbook = "{runbook}"
 target_label = "target"
 apply = true
+approval = "auto"
 set = {{ idle_in_transaction_seconds = 1 }}
 """
 
@@ -137,6 +138,7 @@ def test_alertmanager_alert_runs_the_runbook_and_fixes_the_incident(
             assert firing["payload"]["flow_run_id"] == run["id"]
         else:
             dispatched = feed(serve.api, "runbook.alert.dispatch", fingerprint)
+            assert dispatched["payload"]["parameters"].pop("alert")["fingerprint"] == fingerprint
             assert dispatched["payload"]["parameters"] == {
                 "target": "main",
                 "dry_run": False,

@@ -219,20 +219,27 @@ def test_parameters_reach_the_flow_typed() -> None:
     )
     dispatch = plan_dispatch(alert(target="main"), route, ["main"], ConnectionsParams)
     assert dispatch.deployment == "postgres-connections/main"
+    sent = dispatch.parameters.pop("alert")
     assert dispatch.parameters == {
         "target": "main",
         "dry_run": False,
-        "approval": "auto",
+        "approval": "ask",  # a route that applies asks a human unless it says otherwise
         "params": {"idle_in_transaction_seconds": 60, "max_backends_ended": 5},
     }
+    assert (sent["name"], sent["labels"]) == ("A", {"target": "main"})
+    auto = route.model_copy(update={"approval": "auto"})
+    assert (
+        plan_dispatch(alert(), auto, ["main"], ConnectionsParams).parameters["approval"] == "auto"
+    )
     dry = plan_dispatch(
         alert(), Route(alert="A", runbook="postgres-connections"), ["main"], ConnectionsParams
     )
-    assert dry.parameters | {"params": None} == {
+    assert dry.parameters | {"params": None, "alert": None} == {
         "target": "main",
         "dry_run": True,
         "approval": "never",
         "params": None,
+        "alert": None,
     }
     assert dry.parameters["params"] == {}
 

@@ -64,7 +64,13 @@ def test_alert_trigger_renders_typed_parameters_from_the_event() -> None:
     rendered = hydrate(
         spec["parameters"], HydrationContext(render_jinja=True, jinja_context={"event": event})
     )
-    assert rendered == {"target": "main", "dry_run": False, "approval": "auto", "params": params}
+    assert rendered == {
+        "target": "main",
+        "dry_run": False,
+        "approval": "auto",
+        "params": params,
+        "alert": None,  # an event from a receiver that sent none
+    }
     event["payload"]["parameters"]["approval"] = "{{ 7 * 7 }}"
     rendered = hydrate(
         spec["parameters"], HydrationContext(render_jinja=True, jinja_context={"event": event})

@@ -52,6 +52,7 @@ matchers = {{ severity = "critical" }}
 runbook = "postgres-connections"
 target_label = "target"
 apply = {apply}
+approval = "auto"
 set = {{ idle_in_transaction_seconds = 1, max_backends_ended = 50 }}
 """
 
@@ -232,12 +233,14 @@ def test_alert_runs_the_deployment_in_process_and_fixes_the_incident(
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["deployment_id"] == served_deployment and "alert" in run["tags"]
     # Typed all the way: numbers arrive as numbers, not strings.
+    sent = run["parameters"].pop("alert")
     assert run["parameters"] == {
         "target": "main",
         "dry_run": False,
         "approval": "auto",
         "params": {"idle_in_transaction_seconds": 1, "max_backends_ended": 50},
     }
+    assert (sent["name"], sent["fingerprint"]) == ("IdleInTransaction", fingerprint)
     assert states(prefect_api, result["flow_run_id"]).count("RUNNING") == 1
     assert db.alive(pids) == set()  # the sessions idle in transaction are gone
 
@@ -948,6 +951,7 @@ def test_trigger_dispatch_emits_the_dispatch_event_with_typed_parameters(
     [event] = alert_events(prefect_api, "runbook.alert.dispatch", fingerprint)
     assert event["resource"]["runbook.runbook"] == RUNBOOK
     assert event["resource"]["runbook.target"] == "main"
+    assert event["payload"]["parameters"].pop("alert")["fingerprint"] == fingerprint
     assert event["payload"]["parameters"] == {
         "target": "main",
         "dry_run": False,

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import SecretStr
 
-from tasks.gate import approver, gate
-from tasks.models import Action, ActionStatus, Finding, RunStatus, Severity, final_status
+from tasks.approval import approval_form
+from tasks.gate import action_policy, approver, gate
+from tasks.models import (
+    Action,
+    ActionStatus,
+    Approval,
+    Finding,
+    RunStatus,
+    Severity,
+    final_status,
+)
 from tasks.postgres import Activity, Backend, TableStats, TopQueries
 from tasks.postgres_rules import (
     ConnectionsParams,
@@ -185,24 +195,69 @@ def action(destructive: bool = True) -> Action:
 
 def test_gate_dry_run_stops_everything() -> None:
     actions = [action(), action(False)]
-    assert gate(actions, dry_run=True, approval="auto") == []
+    assert gate(actions, [], dry_run=True, approval="auto") == []
     assert all(a.status is ActionStatus.planned for a in actions)
 
 
 def test_gate_policy_and_approver() -> None:
     actions = [action(), action(False)]
-    assert gate(actions, dry_run=False, approval="never") == [actions[1]]
+    assert gate(actions, [], dry_run=False, approval="never") == [actions[1]]
     assert actions[0].status is ActionStatus.skipped
     actions = [action(), action(False)]
-    assert gate(actions, dry_run=False, approval="ask") == [actions[1]]
+    assert gate(actions, [], dry_run=False, approval="ask") == [actions[1]]
     assert "no approver" in actions[0].detail
     actions = [action()]
-    with approver(lambda a: False):
-        assert gate(actions, dry_run=False, approval="ask") == []
-    assert "declined" in actions[0].detail
+    with approver(lambda a: False, who="tester"):
+        assert gate(actions, [], dry_run=False, approval="ask") == []
+    assert actions[0].detail == "rejected by tester: at the terminal"
     actions = [action()]
     with approver(lambda a: True):
-        assert gate(actions, dry_run=False, approval="ask") == actions
+        assert gate(actions, [], dry_run=False, approval="ask") == actions
+
+
+@dataclass(frozen=True)
+class _Policy:
+    approval: Approval = "auto"
+    production: bool = False
+
+
+@pytest.mark.parametrize(
+    ("requested", "kind", "targets", "expected"),
+    [
+        ("auto", None, {}, "auto"),
+        ("auto", "ask", {}, "ask"),
+        ("auto", None, {"main": _Policy("never")}, "never"),
+        ("ask", "auto", {"main": _Policy()}, "ask"),  # a policy only ever restricts
+        ("never", None, {"main": _Policy(production=True)}, "never"),
+        ("auto", None, {"main": _Policy(production=True)}, "ask"),
+        ("auto", None, {"main": _Policy(), "api": _Policy("ask")}, "ask"),
+    ],
+)
+def test_action_policy_is_the_strictest_and_production_asks(
+    requested: Approval, kind: Approval | None, targets: dict[str, _Policy], expected: str
+) -> None:
+    kinds = {"rb": {"k": kind}} if kind else {}
+    policy = action_policy(requested, action(), runbook="rb", kind_policies=kinds, targets=targets)
+    assert policy.approval == expected
+
+
+def test_approval_form_shows_evidence_actions_and_blast_radius() -> None:
+    found = [
+        Finding(check="idle", target="main", severity=Severity.critical, message="3 idle"),
+        Finding(check="ok", target="main", severity=Severity.ok, message="fine"),
+    ]
+    acts = [
+        Action(
+            kind="terminate_backend", target="main", description=f"end pid {p}", destructive=True
+        )
+        for p in (1, 2)
+    ]
+    form = approval_form("postgres-connections", "main", acts, found, 900)
+    assert "Approval needed: postgres-connections on `main`" in form
+    assert "**critical** idle on `main`: 3 idle" in form and "fine" not in form
+    assert "| 1 | end pid 1 | main | 3 idle |" in form
+    assert "- 2 x terminate_backend on `main`" in form
+    assert "within 15 min" in form
 
 
 def finding(severity: Severity) -> Finding:
