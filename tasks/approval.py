@@ -125,7 +125,7 @@ def wait_for_approval(form: str, timeout_seconds: int) -> ApprovalRecord:
     until = requested + timedelta(seconds=timeout_seconds)
     paused: State[Any] = Paused(
         timeout_seconds=timeout_seconds + PAUSE_MARGIN_SECONDS,
-        pause_key=f"approval-{requested:%Y%m%dT%H%M%S%f}",
+        pause_key=f"approval-{requested:%Y%m%d%H%M%S%f}",
         message=f"waiting for approval until {until:%Y-%m-%d %H:%M} UTC",
     )
     keyset = keyset_from_paused_state(paused)
@@ -136,6 +136,7 @@ def wait_for_approval(form: str, timeout_seconds: int) -> ApprovalRecord:
         state = propose_state_sync(client=client, state=paused, flow_run_id=run_id)
         if not state.is_paused():
             raise RuntimeError(f"Prefect did not pause the run for approval: {state.type.value}")
+        # After the pause: Prefect's server deletes what a pause's keyset holds when it pauses.
         form_input.save(keyset, flow_run_id=run_id)
         log.warning("Paused for approval: answer on the run's page in the Prefect UI")
         deadline = time.monotonic() + timeout_seconds

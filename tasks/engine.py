@@ -13,6 +13,7 @@ checks it first."""
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -112,6 +113,9 @@ def runbook_flow(name: str) -> Callable[[Callable[P, State[Report]]], RunbookFlo
             with journal_scope():
                 return fn(*args, **kwargs)
 
+        # Prefect reads the parameters from the signature and resolves string annotations in
+        # the globals of the function it runs (this module's): give it them resolved already.
+        run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
         return RunbookFlow(fn=run, name=name, flow_run_name="{target}")
 
     return decorate

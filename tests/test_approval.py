@@ -1,0 +1,168 @@
+"""Human approval through a real Prefect API: a deployed run of postgres-connections with
+approval "ask", run by serve's in-process runner, pauses with the plan on its form; an answer
+sent to Prefect's resume endpoint (as the UI and other tools send it) decides what happens to
+real sessions idle in transaction."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prefect import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelling
+
+from deployments.runner import InProcessRunner
+from flows.postgres_connections import postgres_connections
+from tests.conftest import Db
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+PARAMETERS = {
+    "target": "main",
+    "dry_run": False,
+    "approval": "ask",
+    "params": {"idle_in_transaction_seconds": 1},
+}
+
+
+@pytest.fixture
+def served(db: Db) -> Iterator[tuple[Any, uuid.UUID]]:
+    """postgres-connections on main served in-process, as `runbook serve` does."""
+    deployment = postgres_connections.to_deployment(
+        name=f"approval-{uuid.uuid4().hex[:8]}", parameters=PARAMETERS
+    )
+    runner = InProcessRunner([(deployment, postgres_connections)], max_runs=2, poll_seconds=0.5)
+    db.write_config()
+    with get_client(sync_client=True) as client:
+        runner.register(client)
+        thread = threading.Thread(target=runner.serve, args=(client,), daemon=True)
+        thread.start()
+        try:
+            yield client, next(iter(runner.served.values())).id
+        finally:
+            runner.request_stop()
+            thread.join(30)
+            runner.stop(client, grace_seconds=30)
+
+
+def wait_for(client: Any, run_id: uuid.UUID, *types: StateType, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.type in types:
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} still {run.state} after {timeout} s")
+
+
+def paused_run(
+    db: Db, client: Any, deployment: uuid.UUID, **parameters: Any
+) -> tuple[Any, list[int]]:
+    pids = db.idle_in_transaction(3)
+    time.sleep(1.5)  # over idle_in_transaction_seconds = 1
+    run = wait_for(
+        client,
+        client.create_flow_run_from_deployment(deployment, parameters=parameters or None).id,
+        StateType.PAUSED,
+    )
+    # The form is saved just after the pause (Prefect's server clears a pause's inputs).
+    deadline = time.monotonic() + 60
+    while not client.filter_flow_run_input(
+        run.id, key_prefix="paused-", limit=3, exclude_keys=set()
+    ):
+        assert time.monotonic() < deadline, "no form was saved"
+        time.sleep(0.2)
+    return run, pids
+
+
+def resume(run_id: uuid.UUID, run_input: dict[str, Any]) -> dict[str, Any]:
+    """What the Prefect UI's form sends, through Prefect's REST API."""
+    with httpx.Client(base_url=str(PREFECT_API_URL.value()), timeout=60) as http:
+        response = http.post(f"/flow_runs/{run_id}/resume", json={"run_input": run_input})
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+
+def report_markdown(client: Any, run_id: uuid.UUID) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+    )
+    [markdown] = [a.data for a in artifacts if a.type == "markdown"]
+    return str(markdown)
+
+
+def test_an_approved_run_ends_the_sessions_and_says_who_approved(
+    db: Db, served: tuple[Any, uuid.UUID]
+) -> None:
+    client, deployment = served
+    run, pids = paused_run(db, client, deployment)
+    keyset = run.state.state_details.run_input_keyset
+    schema = json.loads(client.read_flow_run_input(run.id, keyset["schema"]))
+    assert set(schema["properties"]) == {"approve", "approver", "comment"}
+    assert schema["required"] == ["approver"]
+    form = json.loads(client.read_flow_run_input(run.id, keyset["description"]))
+    assert "Approval needed: postgres-connections on `main`" in form
+    assert form.count("| terminate") == 3 and "- 3 x terminate_backend on `main`" in form
+    assert db.alive(pids) == set(pids)  # nothing changed while it waits
+
+    refused = resume(run.id, {"approve": True, "approver": "  "})  # no name: refused
+    assert refused["status"] == "REJECT"
+    assert client.read_flow_run(run.id).state.type is StateType.PAUSED
+
+    resume(run.id, {"approve": True, "approver": "oncall-primary", "comment": "pool exhausted"})
+    done = wait_for(client, run.id, StateType.COMPLETED, StateType.FAILED)
+    assert (done.state.type, done.state.name) == (StateType.COMPLETED, "Fixed")
+    assert db.alive(pids) == set()
+    markdown = report_markdown(client, run.id)
+    assert "approved by oncall-primary" in markdown and "pool exhausted" in markdown
+    timeline = markdown.split("## Timeline (UTC)")[1]
+    events = ["started", "diagnosed", "approval requested", "approval answered"]
+    events += ["action started", "action ended", "verified", "finished"]
+    positions = [timeline.index(f"**{e}**") for e in events]
+    assert positions == sorted(positions)
+
+
+def test_a_rejected_run_changes_nothing_and_ends_unhealthy(
+    db: Db, served: tuple[Any, uuid.UUID]
+) -> None:
+    client, deployment = served
+    run, pids = paused_run(db, client, deployment)
+    resume(run.id, {"approve": False, "approver": "oncall-secondary", "comment": "app deploy"})
+    done = wait_for(client, run.id, StateType.COMPLETED, StateType.FAILED)
+    assert (done.state.type, done.state.name) == (StateType.FAILED, "Unhealthy")
+    assert db.alive(pids) == set(pids)
+    markdown = report_markdown(client, run.id)
+    assert markdown.count("rejected by oncall-secondary: app deploy") >= 3  # each action
+
+
+def test_no_answer_in_time_is_a_rejection_not_a_crash(
+    db: Db, served: tuple[Any, uuid.UUID]
+) -> None:
+    client, deployment = served
+    run, pids = paused_run(db, client, deployment, **PARAMETERS, approval_timeout_seconds=10)
+    done = wait_for(client, run.id, StateType.COMPLETED, StateType.FAILED, StateType.CRASHED)
+    assert (done.state.type, done.state.name) == (StateType.FAILED, "Unhealthy")
+    assert db.alive(pids) == set(pids)
+    assert "no answer to the approval request within 10 s" in report_markdown(client, run.id)
+
+
+def test_a_paused_run_cancelled_from_the_ui_ends_cancelled(
+    db: Db, served: tuple[Any, uuid.UUID]
+) -> None:
+    client, deployment = served
+    run, pids = paused_run(db, client, deployment)
+    client.set_flow_run_state(run.id, Cancelling(message="from the UI"))
+    done = wait_for(client, run.id, StateType.CANCELLED, StateType.COMPLETED, StateType.FAILED)
+    assert done.state.type is StateType.CANCELLED
+    assert db.alive(pids) == set(pids)
