@@ -236,7 +236,14 @@ class InProcessRunner:
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(
                     type=FlowRunFilterStateType(
-                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                        any_=[
+                            StateType.PENDING,
+                            StateType.RUNNING,
+                            StateType.CANCELLING,
+                            # waiting for approval in a serve that is gone: nothing would
+                            # carry out an answer given now
+                            StateType.PAUSED,
+                        ]
                     )
                 )
             ),

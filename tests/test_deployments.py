@@ -181,7 +181,9 @@ def session_processes(sid: int) -> list[str]:
 def test_readme_catalogue_matches_the_catalogue() -> None:
     readme = (ROOT / "README.md").read_text()
     for rb in RUNBOOKS.values():
-        assert f"| `{rb.name}` | {rb.seeds} | {rb.triggers} | {rb.changes} |" in readme
+        kinds = ", ".join(f"`{k}`" for k in rb.actions) or "none"
+        row = f"| `{rb.name}` | {rb.seeds} | {rb.triggers} | {rb.changes} | {kinds} |"
+        assert row in readme
         for name, field in rb.params.model_fields.items():
             assert f"`{name}` [{field.default}]" in readme, name
 
