@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.backup_rules import storage_finding
-from tasks.engine import finish, run_action, runbook_flow
+from tasks.engine import finish, gated, run_action, runbook_flow
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
@@ -91,6 +91,7 @@ def backup_retention(
 
 
 def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[Action]) -> None:
+    approved = gated(approved)
     try:
         failed = delete_backups(name, cfg, s3, [a.args["key"] for a in approved])
     except TargetError as exc:

@@ -144,11 +144,24 @@ def outcome_state(report: Report) -> State[Report]:
     )
 
 
+def gated(actions: list[Action]) -> list[Action]:
+    """The actions the gate let through in this run; any other is marked failed and logged,
+    never carried out (a dry run lets none through)."""
+    passed = journal().passed
+    for action in (a for a in actions if id(a) not in passed):
+        action.status = ActionStatus.failed
+        action.detail = "refused: it did not pass the gate (dry run, approval, limits)"
+        get_run_logger().error("%s on %s %s", action.kind, action.target, action.detail)
+    return [a for a in actions if id(a) in passed]
+
+
 def run_action(action: Action, do: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | None:
-    """Carry out one approved action. Its outcome lands on the action (a str result becomes its
-    detail); a failure is logged, marks the run failed, and the report says which and why.
-    Its start and end go on the run's timeline."""
+    """Carry out one action the gate let through (gated: any other is refused). Its outcome
+    lands on the action (a str result becomes its detail); a failure is logged, marks the run
+    failed, and the report says which and why. Its start and end go on the run's timeline."""
     log = journal()
+    if not gated([action]):
+        return None
     log.note("action_started", f"{action.kind} on {action.target}: {action.description}")
     try:
         result = do(*args, **kwargs)

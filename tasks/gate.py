@@ -141,7 +141,9 @@ def gate(
             asked.append(action)
     if asked:
         _ask(asked, before, runbook or "this runbook", target or "?", timeout_seconds)
-    return [a for a in pending if a.status is ActionStatus.planned]
+    passed = [a for a in pending if a.status is ActionStatus.planned]
+    log.passed.update(id(a) for a in passed)
+    return passed
 
 
 def _run_identity() -> tuple[str | None, str | None]:

@@ -26,6 +26,8 @@ class Journal:
     deployed: bool = False
     timeline: list[TimelineEntry] = field(default_factory=list)
     approval: ApprovalRecord | None = None
+    # The actions the gate let through in this run (by identity): the only ones act may run.
+    passed: set[int] = field(default_factory=set)
     # What the run holds until it finishes (a mutating-run slot): closed by close_journal.
     held: ExitStack = field(default_factory=ExitStack)
 

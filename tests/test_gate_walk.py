@@ -1,0 +1,122 @@
+"""A walk through the catalogue: no destructive action can run in a dry run, or without passing
+the gate, in any runbook. The flows are read as code (every call that changes a system goes
+through run_action, or through gated() first), and run_action refuses for real an action the
+gate did not let through."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import Task
+
+from flows.catalog import ACTION_KINDS, RUNBOOKS
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import gate
+from tasks.models import Action, ActionStatus, Report
+
+FLOWS = Path(__file__).resolve().parents[1] / "flows"
+# The verbs of the task functions that change a system (tasks/*.py).
+MUTATING = re.compile(
+    r"^(cancel|terminate|restart|set|enable|clear|delete|reset|scale|renew|reload|vacuum|"
+    r"create|drop|restore|dump|unlink)_"
+)
+
+
+def test_every_runbook_is_a_dry_run_unless_told_and_declares_its_action_kinds() -> None:
+    for rb in RUNBOOKS.values():
+        properties = rb.load().parameters.properties
+        assert properties["dry_run"]["default"] is True, rb.name
+        assert properties["approval"]["default"] == "ask", rb.name
+        if rb.actions:
+            assert properties["approval_timeout_seconds"]["default"] == 3600, rb.name
+    assert "terminate_backend" in ACTION_KINDS and "restart_service" in ACTION_KINDS
+
+
+# Changes made outside run_action on purpose, each within what its run created itself.
+OWN_MAKING = {
+    ("object_storage.py", "delete_canary"): "the canary object the same run wrote",
+    ("restore_drill.py", "restore_backup"): "into the scratch database the gated create made",
+    ("restore_drill.py", "drop_scratch_database"): "the scratch database the run created",
+}
+
+
+def _mutating_tasks(tree: ast.Module) -> set[str]:
+    """The Prefect tasks imported from tasks.* whose verb changes a system."""
+    return {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks.")
+        for alias in node.names
+        if MUTATING.match(alias.name)
+        and isinstance(getattr(importlib.import_module(node.module or ""), alias.name), Task)
+    }
+
+
+def test_flows_change_systems_only_through_run_action_or_after_gated() -> None:
+    """A call of a task that changes a system, made directly in a flow module, must sit in a
+    function that first keeps only the gated actions (backup-retention's batched delete)."""
+    checked, violations, seen = 0, [], set()
+    for path in sorted(FLOWS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        mutating = _mutating_tasks(tree) - {n for f, n in OWN_MAKING if f == path.name}
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            gated_at = [
+                c.lineno
+                for c in ast.walk(fn)
+                if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "gated"
+            ]
+            for call in ast.walk(fn):
+                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+                    continue
+                if call.func.id == "run_action":
+                    checked += 1
+                    continue
+                if call.func.id not in mutating:
+                    continue
+                seen.add(path.name)
+                if not any(line < call.lineno for line in gated_at):
+                    violations.append(f"{path.name}:{call.lineno} {call.func.id}")
+    assert checked >= 15  # the walk saw the flows' actions
+    assert "backup_retention.py" in seen  # a batched delete, checked for its gated()
+    assert violations == []
+
+
+@runbook_flow("gate-walk")
+def _acts(target: str, dry_run: bool) -> Any:
+    from tasks.engine import finish
+    from tasks.models import utcnow
+
+    started = utcnow()
+    actions = [Action(kind="k", target=target, description="d", destructive=True)]
+    stray = Action(kind="k", target=target, description="never gated", destructive=False)
+    approved = gate(actions, [], dry_run=dry_run, approval="auto")
+    for action in [*actions, stray]:  # as a flow that forgot to act on `approved` only
+        run_action(action, _calls.append, action.description)
+    assert approved == ([] if dry_run else actions)
+    return finish(
+        "gate-walk",
+        target,
+        dry_run=dry_run,
+        started_at=started,
+        before=[],
+        after=[],
+        actions=[*actions, stray],
+    )
+
+
+_calls: list[str] = []
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_run_action_refuses_what_did_not_pass_the_gate(dry_run: bool) -> None:
+    _calls.clear()
+    report: Report = _acts("t", dry_run)
+    assert _calls == ([] if dry_run else ["d"])
+    stray = report.actions[-1]
+    assert stray.status is ActionStatus.failed and "did not pass the gate" in stray.detail
