@@ -132,7 +132,10 @@ def test_plan_then_apply_idle_in_transaction(db: Db, prefect_api: str) -> None:
         "started_at",
         "finished_at",
         "flow_run_id",
+        "approval",
+        "timeline",
     }
+    assert report["approval"] is None  # nobody was asked: a dry run
     assert report["status"] == "unhealthy" and report["dry_run"] is True
     assert [a["status"] for a in report["actions"]] == ["planned", "planned"]
     assert db.alive(pids) == set(pids)
