@@ -9,21 +9,27 @@ with `strict=True`: a limit that cannot be created or read is an error (TargetEr
 a silent pass. They show on the Concurrency page of the Prefect UI, where they can be read,
 reset or switched off.
 
-How a Prefect rate limit behaves (prefect 3.9.1, server/models/concurrency_limits_v2.py):
-a limit with `slot_decay_per_second > 0` is a leaky bucket of `limit` slots. Taking a slot
-is one atomic UPDATE, so two processes can never both take the last one. The occupied
-count shrinks by `floor(slot_decay_per_second * seconds since the row was last updated)`,
-and every write to the row (a slot taken, and also a refusal, which counts a denied slot)
-restarts that clock and drops the fraction gone by. A bucket alone cannot express "N per
-window" with N per window sustained: leaking N/W would allow close to 2N in one window.
-Rates here leak one slot per `per_seconds` (decay 1/per_seconds), so no interval between
-two writes shorter than per_seconds gives a slot back, and therefore at most `max` actions
-start in any window of per_seconds (the max+1-th comes no earlier than per_seconds after
-the first). The price: after a burst of `max`, one slot comes back per per_seconds, and a
-full bucket is empty again only after max * per_seconds. An engineer who wants the whole
-budget back at once resets the limit in the UI. Because a refusal restarts the clock, this
-module reads the limit before taking a slot and does not ask Prefect for one it can see is
-taken; only a race lost to another process costs a refusal (which delays the next slot).
+How a Prefect rate limit behaves (prefect 3.9.1, server/models/concurrency_limits_v2.py,
+measured against its API): a limit with `slot_decay_per_second > 0` is a leaky bucket of
+`limit` slots. Taking a slot is one atomic UPDATE, so two processes never both take the last
+one. The occupied count shrinks by `floor(slot_decay_per_second * seconds since the row was
+last written)`; taking a slot writes the row, so it restarts that clock and drops the
+fraction gone by. A refusal writes nothing (the server raises its 423 inside the
+transaction that would count the denied slot, which rolls it back).
+
+A bucket alone cannot express "N per window" with N per window sustained: leaking N/W allows
+close to 2N in one window. Rates here leak one slot per `per_seconds` (decay
+1/per_seconds), so no interval between two takes shorter than per_seconds gives a slot
+back, and therefore at most `max` actions start in any window of per_seconds (the max+1-th
+comes no earlier than per_seconds after the first). The price: after a burst of `max`, a
+slot comes back only per_seconds after the latest take, and a full bucket is empty again
+only after max * per_seconds. Whoever wants the budget back at once resets the limit's
+active slots on the Concurrency page of the Prefect UI.
+
+A limit switched off in the UI (inactive) is not enforced by Prefect; that is left as the
+operator's decision. This module reads a limit before asking for a slot and does not ask for
+one it can see is taken: a refusal is then immediate and quiet; only a race lost to another
+process waits ACQUIRE_TIMEOUT_SECONDS (and Prefect logs the timed-out request).
 """
 
 from __future__ import annotations

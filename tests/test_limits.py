@@ -193,8 +193,7 @@ def test_admit_within_and_over_a_rate(prefect_api: str) -> None:
     limit = read_limit(name)
     assert (limit.limit, limit.active_slots) == (2, 2)
     assert limit.slot_decay_per_second == pytest.approx(1 / 3600)
-    # No request for a slot the read showed taken: a refusal would have written the row and
-    # restarted its decay clock, pushing the next slot back.
+    # A refusal leaves the limit as it was: its decay clock runs from the second restart.
     assert limit.updated == taken_at
 
 
