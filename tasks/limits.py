@@ -217,8 +217,17 @@ def mutating_run(resource: str) -> Iterator[str | None]:
     from prefect.concurrency.sync import concurrency
 
     name = mutating_limit_name(resource)
+    busy = (
+        f"another run is changing {resource}: it holds the concurrency limit {name} "
+        "(one mutating run at a time per target); run again when it has finished, or see "
+        "the Concurrency page of the Prefect UI"
+    )
     with _client(f"the concurrency limit {name}") as client:
-        ensure_limit(client, name, limit=1, slot_decay_per_second=0.0)
+        limit = ensure_limit(client, name, limit=1, slot_decay_per_second=0.0)
+    if limit.active and limit.active_slots >= limit.limit:
+        # Seen taken: say so without asking (a request that times out logs an error).
+        yield busy
+        return
     with ExitStack() as stack:
         try:
             with _api_errors(f"the concurrency limit {name}"):
@@ -234,11 +243,7 @@ def mutating_run(resource: str) -> Iterator[str | None]:
                     )
                 )
         except TimeoutError:
-            reason: str | None = (
-                f"another run is changing {resource}: it holds the concurrency limit {name} "
-                "(one mutating run at a time per target); run again when it has finished, "
-                "or see the Concurrency page of the Prefect UI"
-            )
+            reason: str | None = busy
         else:
             reason = None
         yield reason
