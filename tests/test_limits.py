@@ -217,6 +217,31 @@ def test_a_changed_rate_updates_the_limit(prefect_api: str) -> None:
     assert limit.slot_decay_per_second == pytest.approx(1 / 7200)
 
 
+def test_never_more_than_max_in_any_window(prefect_api: str) -> None:
+    """The decay admit gives Prefect (one slot per window) keeps at most max per window
+    through the leaky bucket, whatever the timing of the requests. A window of 3 s stands in
+    for an hour (configuration refuses less than 60 s: built unvalidated here)."""
+    window = 3.0
+    rate = RateLimit.model_construct(max=2, per_seconds=int(window))
+    service = f"api-{uuid.uuid4().hex[:8]}"
+    taken: list[tuple[float, float]] = []  # (sent, answered) of each admitted action
+    refused = 0
+    end = time.monotonic() + 4 * window
+    while time.monotonic() < end:
+        sent = time.monotonic()
+        action = restart(service)
+        if admit([action], rates={"restart_service": rate}):
+            taken.append((sent, time.monotonic()))
+        else:
+            refused += 1
+        time.sleep(0.1)
+    assert len(taken) >= 3 and refused
+    # The server took slot i+max at least one window after slot i: it answered the later one
+    # no sooner than one window after it was sent the earlier one.
+    for (first_sent, _), (_, later_answered) in zip(taken, taken[2:], strict=False):
+        assert later_answered - first_sent >= window
+
+
 def test_limits_hold_under_concurrent_runs_in_two_processes(
     prefect_api: str, tmp_path: Path
 ) -> None:
