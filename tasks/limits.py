@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 # Waiting for a slot: the brief wait that lets a slot freed this instant be taken; a run
 # over its limit says so at once instead of waiting silently (issue 13).
 ACQUIRE_TIMEOUT_SECONDS = 1.0
+# Requests for the slots of one rate limit in one admit: each after a race lost to another
+# process, so that a busy limit still answers within a few seconds.
+MAX_ATTEMPTS = 3
 # Each call to the Prefect API for creating and reading limits; Prefect's client retries
 # 429/503 answers within it.
 API_TIMEOUT_SECONDS = 10.0
@@ -144,53 +147,70 @@ def mutating_limit_name(resource: str) -> str:
 def admit(actions: list[Action], *, rates: Mapping[str, RateLimit]) -> list[Action]:
     """Take one slot of its rate limit for each planned action whose kind has a rate
     (`rate_for`: configured, else DEFAULT_RATES), keyed by (action.kind, action.target), and
-    return the planned actions admitted, in order. Call it in a run, after approval.
+    return the planned actions admitted, in their order. Call it in a run, after approval.
 
-    An action over its limit is marked skipped with a detail naming the limit, its rate, and
-    when the next slot frees (seconds from now and UTC time); later actions on the same limit
-    in this call are skipped without asking again. Nothing waits more than about
-    ACQUIRE_TIMEOUT_SECONDS per limit. Actions not `planned` are neither taken nor returned.
-    Limits are created when missing (races between processes are settled by the API's
-    unique names) and set to the configured rate when it changed.
+    The actions of one limit take their slots together, in one atomic request: as many as
+    are free, the first ones first. An action over its limit is marked skipped with a detail
+    naming the limit, its rate, and when its next slot frees (seconds from now and UTC
+    time). Nothing waits more than about ACQUIRE_TIMEOUT_SECONDS per request, with at most
+    MAX_ATTEMPTS requests per limit (only races lost to other processes cost one). Actions
+    not `planned` are neither taken nor returned. Limits are created when missing (races
+    between processes are settled by the API's unique names) and set to the configured rate
+    when it changed.
 
     Raises TargetError (exit 3) when the Prefect API cannot create, read or use a limit:
     a limit that cannot be kept is an error, never a pass.
     """
     planned = [a for a in actions if a.status is ActionStatus.planned]
-    if all(rate_for(a.kind, rates) is None for a in planned):
-        return planned
-    from prefect.concurrency.sync import rate_limit
-
-    admitted: list[Action] = []
-    refused: dict[str, str] = {}
-    with _client("the rate limits of these actions") as client:
-        for action in planned:
-            rate = rate_for(action.kind, rates)
-            if rate is None:
-                admitted.append(action)
-                continue
+    groups: dict[str, tuple[RateLimit, list[Action]]] = {}
+    for action in planned:
+        rate = rate_for(action.kind, rates)
+        if rate is not None:
             name = rate_limit_name(action.kind, action.target)
-            if name in refused:
-                _skip(action, refused[name])
-                continue
+            groups.setdefault(name, (rate, []))[1].append(action)
+    if not groups:
+        return planned
+    with _client("the rate limits of these actions") as client:
+        for name, (rate, group) in groups.items():
             limit = ensure_limit(
                 client, name, limit=rate.max, slot_decay_per_second=rate.slot_decay_per_second
             )
-            if limit.active and limit.active_slots >= limit.limit:
-                refused[name] = _rate_refusal(limit, rate)
-                _skip(action, refused[name])
-                continue
-            try:
-                with _api_errors(f"the concurrency limit {name}"):
-                    rate_limit(name, timeout_seconds=ACQUIRE_TIMEOUT_SECONDS, strict=True)
-            except TimeoutError:
-                # Another process took the slot between our read and our request.
-                limit = _read(client, name)
-                refused[name] = _rate_refusal(limit, rate)
-                _skip(action, refused[name])
-                continue
-            admitted.append(action)
-    return admitted
+            taken, limit = _take(client, limit, len(group))
+            if taken < len(group):
+                if taken:
+                    limit = _read(client, name)  # when its clock restarted, for the detail
+                reason = _rate_refusal(limit, rate)
+                for action in group[taken:]:
+                    _skip(action, reason)
+    return [a for a in planned if a.status is ActionStatus.planned]
+
+
+def _take(
+    client: SyncPrefectClient, limit: GlobalConcurrencyLimitResponse, wanted: int
+) -> tuple[int, GlobalConcurrencyLimitResponse]:
+    """Take up to `wanted` slots of a rate limit, as many as it shows free, in one request;
+    return how many were taken and the limit as last read."""
+    from prefect.concurrency.sync import rate_limit
+
+    for _ in range(MAX_ATTEMPTS):
+        # Prefect lets everything through an inactive limit (switched off in the UI).
+        free = wanted if not limit.active else min(wanted, limit.limit - limit.active_slots)
+        if free <= 0:
+            return 0, limit
+        try:
+            with _api_errors(f"the concurrency limit {limit.name}"):
+                rate_limit(
+                    limit.name,
+                    occupy=free,
+                    timeout_seconds=ACQUIRE_TIMEOUT_SECONDS,
+                    strict=True,
+                )
+        except TimeoutError:
+            # Another process took slots between our read and our request.
+            limit = _read(client, limit.name)
+            continue
+        return free, limit
+    return 0, limit
 
 
 @contextmanager
