@@ -75,8 +75,8 @@ class RateLimit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max: int = Field(ge=1, le=100_000, description="actions allowed in any window")
-    # At least a minute: Prefect reckons decay in whole slots from second-resolution clocks.
+    max: int = Field(ge=1, description="actions allowed in any window")
+    # At least a minute: schedules run minutes apart, so a shorter window limits nothing.
     # At most 31 days: anything longer is a typo, or a limit better kept as policy `never`.
     per_seconds: int = Field(ge=60, le=31 * 86_400, description="the window, in seconds")
 
@@ -91,11 +91,12 @@ class RateLimit(BaseModel):
 
 # Per destructive action kind (flows.catalog.ACTION_KINDS); configured [limits] replace them.
 DEFAULT_RATES: dict[str, RateLimit] = {
-    # Issue 13's own example: at most 2 restarts of one service per hour. A service that
-    # needs a third is not fixed by restarting it (seed 003, "Service Crash Loop").
+    # Issue 13's own example: at most 2 restarts of one service per hour. Seed 003
+    # ("Application Not Responding") escalates when a restart does not fix it, rather than
+    # restarting again.
     "restart_service": RateLimit(max=2, per_seconds=3600),
-    # Issue 13's own example: at most 500 backends ended per hour on one PostgreSQL, which
-    # is also the upper bound of postgres-connections' own max_backends_ended per run.
+    # Issue 13's own example: at most 500 backends ended per hour on one PostgreSQL
+    # (postgres-connections ends at most max_backends_ended, default 20, per run).
     "terminate_backend": RateLimit(max=500, per_seconds=3600),
     # A cancel escalates to a terminate after its grace period: the same budget.
     "cancel_query": RateLimit(max=500, per_seconds=3600),
@@ -103,7 +104,8 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     # honestly be found stuck at most twice an hour; 4 leaves room for runs by hand.
     "reset_stuck_jobs": RateLimit(max=4, per_seconds=3600),
     # Lockouts are a security control (seed 002, "Security Procedures"): clearing them over
-    # and over in an hour is an attack, not an incident. login-lockouts is run by hand.
+    # and over in an hour is an attack, not an incident. login-lockouts (seed 001,
+    # "Excessive login lockouts") is run by hand, for a few users at a time.
     "clear_lockout_keys": RateLimit(max=5, per_seconds=3600),
     "clear_lockout_rows": RateLimit(max=5, per_seconds=3600),
     # backup-retention runs once a day and deletes at most max_deletions (default 50) per
@@ -118,7 +120,7 @@ DEFAULT_RATES: dict[str, RateLimit] = {
 
 def rate_for(kind: str, rates: Mapping[str, RateLimit]) -> RateLimit | None:
     """The rate of an action kind: the configured one (Settings.limits), else
-    DEFAULT_RATES', else None (not limited over time)."""
+    DEFAULT_RATES, else None (not limited over time)."""
     return rates.get(kind) or DEFAULT_RATES.get(kind)
 
 
