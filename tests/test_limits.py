@@ -166,6 +166,32 @@ def test_limit_names_are_readable_and_never_shared() -> None:
     assert odd != rate_limit_name("restart_service", "web api/v2")
 
 
+def test_next_slot_at_counts_whole_slots_from_the_last_write() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+
+    from tasks.limits import next_slot_at
+
+    written = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+    def limit(active: int, size: int, decay: float) -> GlobalConcurrencyLimitResponse:
+        return GlobalConcurrencyLimitResponse(
+            name="x", limit=size, active_slots=active, slot_decay_per_second=decay, updated=written
+        )
+
+    hourly = 1 / 3600
+    now = written + timedelta(minutes=20)
+    assert next_slot_at(limit(2, 2, hourly), now) == written + timedelta(hours=1)
+    # Made smaller in the UI than the slots in use: two slots must go first.
+    assert next_slot_at(limit(3, 2, hourly), now) == written + timedelta(hours=2)
+    # One slot already gone (the read shows it), the limit still full: the second one.
+    later = written + timedelta(minutes=90)
+    assert next_slot_at(limit(2, 2, hourly), later) == written + timedelta(hours=2)
+    # No decay: it frees only on release.
+    assert next_slot_at(limit(1, 1, 0.0), now) == now
+
+
 # --- rate limits against a real Prefect API ------------------------------------------------
 
 
