@@ -36,6 +36,7 @@ from pydantic_settings import (
 from tasks.alert_routes import ReceiverSettings, Route, check_route
 from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
+from tasks.limits import RateLimit
 from tasks.models import Approval
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
@@ -283,6 +284,21 @@ class Settings(BaseSettings):
     # Per runbook and action kind, the most its runs may do on their own (as a target's
     # approval): [approval] postgres-connections.terminate_backend = "ask".
     approval: dict[str, dict[str, Approval]] = Field(default_factory=dict)
+    # Rates per action kind over time (README, Limits); unset kinds keep tasks.limits'
+    # DEFAULT_RATES: [limits] restart_service = { max = 2, per_seconds = 3600 }.
+    limits: dict[str, RateLimit] = Field(default_factory=dict)
+
+    @field_validator("limits")
+    @classmethod
+    def _known_action_kinds(cls, value: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        # Imported here: the catalogue imports the tasks modules, this one among them.
+        from flows.catalog import ACTION_KINDS
+
+        unknown = sorted(set(value) - ACTION_KINDS)
+        if unknown:
+            known = ", ".join(sorted(ACTION_KINDS))
+            raise ValueError(f"unknown action kind {', '.join(unknown)}; known: {known}")
+        return value
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:

@@ -1,0 +1,413 @@
+"""Blast-radius limits over time, across runs and processes, kept by the Prefect API:
+
+- a **rate limit** per action kind and target (`runbook-rate-<kind>-<target>`), e.g. at most 2
+  restart_service on service `api` in any hour, whatever runbook, run or process asks;
+- **one mutating run at a time** per inventory target (`runbook-mutating-<resource>`).
+
+Both are Prefect global concurrency limits, created here when missing and then always used
+with `strict=True`: a limit that cannot be created or read is an error (TargetError), never
+a silent pass. They show on the Concurrency page of the Prefect UI, where they can be read,
+reset or switched off.
+
+How a Prefect rate limit behaves (prefect 3.9.1, server/models/concurrency_limits_v2.py,
+measured against its API): a limit with `slot_decay_per_second > 0` is a leaky bucket of
+`limit` slots. Taking a slot is one atomic UPDATE, so two processes never both take the last
+one. The occupied count shrinks by `floor(slot_decay_per_second * seconds since the row was
+last written)`; taking a slot writes the row, so it restarts that clock and drops the
+fraction gone by. A refusal writes nothing (the server raises its 423 inside the
+transaction that would count the denied slot, which rolls it back).
+
+A bucket alone cannot express "N per window" with N per window sustained: leaking N/W allows
+close to 2N in one window. Rates here leak one slot per `per_seconds` (decay
+1/per_seconds), so no interval between two takes shorter than per_seconds gives a slot
+back, and therefore at most `max` actions start in any window of per_seconds (the max+1-th
+comes no earlier than per_seconds after the first). The price: after a burst of `max`, a
+slot comes back only per_seconds after the latest take, and a full bucket is empty again
+only after max * per_seconds. Whoever wants the budget back at once resets the limit's
+active slots on the Concurrency page of the Prefect UI.
+
+A limit switched off in the UI (inactive) is not enforced by Prefect; that is left as the
+operator's decision. This module reads a limit before asking for a slot and does not ask for
+one it can see is taken: a refusal is then immediate and quiet; only a race lost to another
+process waits ACQUIRE_TIMEOUT_SECONDS (and Prefect logs the timed-out request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import TargetError
+from tasks.models import Action, ActionStatus
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+
+# Waiting for a slot: the brief wait that lets a slot freed this instant be taken; a run
+# over its limit says so at once instead of waiting silently (issue 13).
+ACQUIRE_TIMEOUT_SECONDS = 1.0
+# Requests for the slots of one rate limit in one admit: each after a race lost to another
+# process, so that a busy limit still answers within a few seconds.
+MAX_ATTEMPTS = 3
+# Each call to the Prefect API for creating and reading limits; Prefect's client retries
+# 429/503 answers within it.
+API_TIMEOUT_SECONDS = 10.0
+# The mutating lock's lease: Prefect renews it every 3/4 of this while the run holds it; a
+# killed holder's slot comes back when it runs out (minimum 60 s, Prefect's API).
+MUTATING_LEASE_SECONDS = 120.0
+
+RATE_PREFIX = "runbook-rate-"
+MUTATING_PREFIX = "runbook-mutating-"
+
+
+class RateLimit(BaseModel):
+    """At most `max` actions in any window of `per_seconds` seconds (see the module's
+    docstring for how Prefect's leaky bucket keeps it, and what it costs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max: int = Field(ge=1, description="actions allowed in any window")
+    # At least a minute: schedules run minutes apart, so a shorter window limits nothing.
+    # At most 31 days: anything longer is a typo, or a limit better kept as policy `never`.
+    per_seconds: int = Field(ge=60, le=31 * 86_400, description="the window, in seconds")
+
+    @property
+    def slot_decay_per_second(self) -> float:
+        """Prefect's decay for this rate: one slot per window (module docstring)."""
+        return 1.0 / self.per_seconds
+
+    def __str__(self) -> str:
+        return f"{self.max} per {self.per_seconds} s"
+
+
+# Per destructive action kind (flows.catalog.ACTION_KINDS); configured [limits] replace them.
+DEFAULT_RATES: dict[str, RateLimit] = {
+    # Issue 13's own example: at most 2 restarts of one service per hour. Seed 003
+    # ("Application Not Responding") escalates when a restart does not fix it, rather than
+    # restarting again.
+    "restart_service": RateLimit(max=2, per_seconds=3600),
+    # Issue 13's own example: at most 500 backends ended per hour on one PostgreSQL
+    # (postgres-connections ends at most max_backends_ended, default 20, per run).
+    "terminate_backend": RateLimit(max=500, per_seconds=3600),
+    # A cancel escalates to a terminate after its grace period: the same budget.
+    "cancel_query": RateLimit(max=500, per_seconds=3600),
+    # stuck-jobs runs every 10 minutes with a 30-minute threshold (seed 004 s6): a job can
+    # honestly be found stuck at most twice an hour; 4 leaves room for runs by hand.
+    "reset_stuck_jobs": RateLimit(max=4, per_seconds=3600),
+    # Lockouts are a security control (seed 002, "Security Procedures"): clearing them over
+    # and over in an hour is an attack, not an incident. login-lockouts (seed 001,
+    # "Excessive login lockouts") is run by hand, for a few users at a time.
+    "clear_lockout_keys": RateLimit(max=5, per_seconds=3600),
+    "clear_lockout_rows": RateLimit(max=5, per_seconds=3600),
+    # backup-retention runs once a day and deletes at most max_deletions (default 50) per
+    # run: the same number per day across all runs.
+    "delete_backup": RateLimit(max=50, per_seconds=86_400),
+    # A background rewrite of the whole data set (a fork and disk writes): rare by nature.
+    "enable_aof": RateLimit(max=2, per_seconds=3600),
+    # Destructive when it turns eviction on: keys start going at once if memory is full.
+    "set_maxmemory_policy": RateLimit(max=2, per_seconds=3600),
+}
+
+
+def rate_for(kind: str, rates: Mapping[str, RateLimit]) -> RateLimit | None:
+    """The rate of an action kind: the configured one (Settings.limits), else
+    DEFAULT_RATES, else None (not limited over time)."""
+    return rates.get(kind) or DEFAULT_RATES.get(kind)
+
+
+def limit_name(prefix: str, *parts: str) -> str:
+    """A global concurrency limit's name: prefix and parts joined by "-", kept readable on
+    the Concurrency page. Characters other than letters, digits, ".", "_" and "-" (Prefect
+    bans / % & < > in names, and the name travels in URL paths) become "-", and then a
+    short hash of the original parts is appended so two targets never share a limit."""
+    raw = "-".join(parts)
+    clean = re.sub(r"[^A-Za-z0-9._-]", "-", raw)
+    if clean != raw:
+        clean += "-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return prefix + clean
+
+
+def rate_limit_name(kind: str, target: str) -> str:
+    """`runbook-rate-<kind>-<target>`, e.g. runbook-rate-restart_service-api."""
+    return limit_name(RATE_PREFIX, kind, target)
+
+
+def mutating_limit_name(resource: str) -> str:
+    """`runbook-mutating-<resource>`, e.g. runbook-mutating-postgres.main."""
+    return limit_name(MUTATING_PREFIX, resource)
+
+
+def admit(actions: list[Action], *, rates: Mapping[str, RateLimit]) -> list[Action]:
+    """Take one slot of its rate limit for each planned action whose kind has a rate
+    (`rate_for`: configured, else DEFAULT_RATES), keyed by (action.kind, action.target), and
+    return the planned actions admitted, in their order. Call it in a run, after approval.
+
+    The actions of one limit take their slots together, in one atomic request: as many as
+    are free, the first ones first. An action over its limit is marked skipped with a detail
+    naming the limit, its rate, and when its next slot frees (seconds from now and UTC
+    time). Nothing waits more than about ACQUIRE_TIMEOUT_SECONDS per request, with at most
+    MAX_ATTEMPTS requests per limit (only races lost to other processes cost one). Actions
+    not `planned` are neither taken nor returned. Limits are created when missing (races
+    between processes are settled by the API's unique names) and set to the configured rate
+    when it changed.
+
+    Raises TargetError (exit 3) when the Prefect API cannot create, read or use a limit:
+    a limit that cannot be kept is an error, never a pass.
+    """
+    planned = [a for a in actions if a.status is ActionStatus.planned]
+    groups: dict[str, tuple[RateLimit, list[Action]]] = {}
+    for action in planned:
+        rate = rate_for(action.kind, rates)
+        if rate is not None:
+            name = rate_limit_name(action.kind, action.target)
+            groups.setdefault(name, (rate, []))[1].append(action)
+    if not groups:
+        return planned
+    with _client("the rate limits of these actions") as client:
+        for name, (rate, group) in groups.items():
+            limit = ensure_limit(
+                client, name, limit=rate.max, slot_decay_per_second=rate.slot_decay_per_second
+            )
+            taken, limit = _take(client, limit, len(group))
+            if taken < len(group):
+                if taken:
+                    limit = _read(client, name)  # when its clock restarted, for the detail
+                reason = _rate_refusal(limit, rate)
+                for action in group[taken:]:
+                    _skip(action, reason)
+    return [a for a in planned if a.status is ActionStatus.planned]
+
+
+def _take(
+    client: SyncPrefectClient, limit: GlobalConcurrencyLimitResponse, wanted: int
+) -> tuple[int, GlobalConcurrencyLimitResponse]:
+    """Take up to `wanted` slots of a rate limit, as many as it shows free, in one request;
+    return how many were taken and the limit as last read."""
+    from prefect.concurrency.sync import rate_limit
+
+    for _ in range(MAX_ATTEMPTS):
+        # Prefect lets everything through an inactive limit (switched off in the UI).
+        free = wanted if not limit.active else min(wanted, limit.limit - limit.active_slots)
+        if free <= 0:
+            return 0, limit
+        try:
+            with _api_errors(f"the concurrency limit {limit.name}"):
+                rate_limit(
+                    limit.name,
+                    occupy=free,
+                    timeout_seconds=ACQUIRE_TIMEOUT_SECONDS,
+                    strict=True,
+                )
+        except TimeoutError:
+            # Another process took slots between our read and our request.
+            limit = _read(client, limit.name)
+            continue
+        return free, limit
+    return 0, limit
+
+
+@contextmanager
+def mutating_run(resource: str) -> Iterator[str | None]:
+    """Hold the global concurrency limit of 1 `runbook-mutating-<resource>` (resource is an
+    inventory target like "postgres.main") while the body runs: one mutating run at a time per
+    target. Yields None when held; or, after waiting at most about ACQUIRE_TIMEOUT_SECONDS,
+    the reason it is not (which limit, that another run holds it, where to look) and the body
+    must not change anything. The slot is released when the body ends, also by an exception.
+
+    The limit is created when missing and taken with strict=True. The slot is held under a
+    lease of MUTATING_LEASE_SECONDS that Prefect's client renews in the background (recorded
+    with the flow run as holder when called in one); a holder killed without releasing
+    gets its slot back when the lease expires and the server's repossessor service revokes
+    it. Caveats of Prefect 3.9.1 (server/concurrency/lease_storage/memory.py, the default
+    lease storage, and services/repossessor.py, not run by ephemeral servers): leases live
+    in the API server's memory, so after a server restart, or for an API served inside a
+    killed process (the CLI's), the slot stays taken until reset on the UI's Concurrency page.
+    A failed lease renewal is logged and the run goes on: stopping a remediation half done is
+    worse than a moment without the lock.
+
+    Raises TargetError (exit 3) when the Prefect API cannot create, read or use the limit.
+    """
+    from prefect.concurrency.sync import concurrency
+
+    name = mutating_limit_name(resource)
+    busy = (
+        f"another run is changing {resource}: it holds the concurrency limit {name} "
+        "(one mutating run at a time per target); run again when it has finished, or see "
+        "the Concurrency page of the Prefect UI"
+    )
+    with _client(f"the concurrency limit {name}") as client:
+        limit = ensure_limit(client, name, limit=1, slot_decay_per_second=0.0)
+    if limit.active and limit.active_slots >= limit.limit:
+        # Seen taken: say so without asking (a request that times out logs an error).
+        yield busy
+        return
+    with ExitStack() as stack:
+        try:
+            with _api_errors(f"the concurrency limit {name}"):
+                stack.enter_context(
+                    concurrency(
+                        name,
+                        occupy=1,
+                        timeout_seconds=ACQUIRE_TIMEOUT_SECONDS,
+                        lease_duration=MUTATING_LEASE_SECONDS,
+                        strict=True,
+                        holder=_holder(),
+                        raise_on_lease_renewal_failure=False,
+                    )
+                )
+        except TimeoutError:
+            reason: str | None = busy
+        else:
+            reason = None
+        yield reason
+
+
+def ensure_limit(
+    client: SyncPrefectClient, name: str, *, limit: int, slot_decay_per_second: float
+) -> GlobalConcurrencyLimitResponse:
+    """The global concurrency limit `name`, created when missing and updated when its size or
+    decay differs from the ones given (the configuration is the source of truth; whether it
+    is active is left to whoever switched it in the UI). A create that loses a race with
+    another process reads the winner's. TargetError when the API refuses or cannot be reached.
+    """
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with _api_errors(f"the concurrency limit {name}"):
+        try:
+            found = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(
+                        name=name, limit=limit, slot_decay_per_second=slot_decay_per_second
+                    )
+                )
+            found = client.read_global_concurrency_limit_by_name(name)
+        if found.limit != limit or not math.isclose(
+            found.slot_decay_per_second, slot_decay_per_second, rel_tol=1e-9, abs_tol=0.0
+        ):
+            client.update_global_concurrency_limit(
+                name,
+                GlobalConcurrencyLimitUpdate(
+                    limit=limit, slot_decay_per_second=slot_decay_per_second
+                ),
+            )
+            found = client.read_global_concurrency_limit_by_name(name)
+    return found
+
+
+def next_slot_at(limit: GlobalConcurrencyLimitResponse, now: datetime) -> datetime:
+    """When the next slot of a full rate limit frees (UTC): its occupied count drops by one
+    each 1/slot_decay_per_second seconds counted from the limit's last update (module
+    docstring). A limit without decay frees only on release: `now` is returned."""
+    decay = limit.slot_decay_per_second
+    if decay <= 0 or limit.updated is None:
+        return now
+    # Prefect's timestamps are UTC; a plain datetime keeps pendulum's arithmetic out.
+    stamp = limit.updated
+    updated = datetime(*stamp.timetuple()[:6], stamp.microsecond, tzinfo=stamp.tzinfo or UTC)
+    updated = updated.astimezone(UTC)
+    gone = math.floor(decay * max((now - updated).total_seconds(), 0.0))
+    needed = gone + max(limit.active_slots - limit.limit, 0) + 1
+    return updated + timedelta(seconds=needed / decay)
+
+
+def _rate_refusal(limit: GlobalConcurrencyLimitResponse, rate: RateLimit) -> str:
+    now = datetime.now(UTC)
+    frees = next_slot_at(limit, now)
+    wait = max(math.ceil((frees - now).total_seconds()), 0)
+    return (
+        f"over the rate limit {limit.name} ({rate}): its next slot frees in {wait} s, at "
+        f"{frees:%Y-%m-%d %H:%M:%S} UTC; see or reset it on the Concurrency page of the "
+        "Prefect UI"
+    )
+
+
+def _skip(action: Action, reason: str) -> None:
+    action.status = ActionStatus.skipped
+    action.detail = reason
+
+
+def _read(client: SyncPrefectClient, name: str) -> GlobalConcurrencyLimitResponse:
+    with _api_errors(f"the concurrency limit {name}"):
+        return client.read_global_concurrency_limit_by_name(name)
+
+
+@contextmanager
+def _client(what: str) -> Iterator[SyncPrefectClient]:
+    from prefect.client.orchestration import get_client
+
+    with (
+        _api_errors(what),
+        get_client(httpx_settings={"timeout": API_TIMEOUT_SECONDS}, sync_client=True) as client,
+    ):
+        yield client
+
+
+def _holder() -> Any:
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    return ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
+
+
+@contextmanager
+def _api_errors(what: str) -> Iterator[None]:
+    """Prefect's errors about `what` (a limit) as one TargetError naming it; a wait that timed out
+    (TimeoutError) is an answer, not an error, and passes through."""
+    import httpx
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        yield
+    except TimeoutError:
+        raise
+    except (ConcurrencySlotAcquisitionError, httpx.HTTPError, ObjectNotFound) as exc:
+        raise TargetError(
+            f"{what} could not be kept by the Prefect API at "
+            f"{_api_url()}: {_why(exc)}; no action was allowed past it. Check that the API "
+            "answers and that its credentials may manage concurrency limits"
+        ) from exc
+
+
+def _api_url() -> str:
+    """PREFECT_API_URL without any user or password it may carry."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return "(ephemeral)"
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def _why(exc: BaseException) -> str:
+    import httpx
+    from prefect.exceptions import ObjectNotFound
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} from {exc.request.method} {exc.request.url.path}"
+    if isinstance(exc, ObjectNotFound):
+        return "it does not exist (deleted while in use?)"
+    cause = exc.__cause__
+    if isinstance(cause, httpx.HTTPError):
+        return f"{exc}: {_why(cause)}"
+    return str(exc) or type(exc).__name__
