@@ -141,9 +141,31 @@ def gate(
             asked.append(action)
     if asked:
         _ask(asked, before, runbook or "this runbook", target or "?", timeout_seconds)
+    if runbook is not None and target is not None:
+        _within_limits([a for a in pending if a.status is ActionStatus.planned], runbook, target)
     passed = [a for a in pending if a.status is ActionStatus.planned]
     log.passed.update(id(a) for a in passed)
     return passed
+
+
+def _within_limits(actions: list[Action], runbook: str, target: str) -> None:
+    """Blast-radius limits over time (tasks.limits), after approval so that a run waiting for
+    an answer holds nothing: one mutating run at a time per target (held until the run ends,
+    by its journal), then the rate of each action kind on what it acts on. What is over a
+    limit is skipped, saying which limit and when it frees; nothing waits."""
+    if not actions:
+        return
+    from flows.catalog import RUNBOOKS
+    from tasks.limits import admit, mutating_run
+    from tasks.settings import load_settings
+
+    resource = f"{RUNBOOKS[runbook].inventory}.{target}" if runbook in RUNBOOKS else target
+    busy = journal().held.enter_context(mutating_run(resource))
+    if busy is not None:
+        for action in actions:
+            _skip(action, busy)
+        return
+    admit(actions, rates=load_settings().limits)
 
 
 def _run_identity() -> tuple[str | None, str | None]:
