@@ -62,6 +62,22 @@ def prefect_api() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(autouse=True)
+def fresh_limits(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test that uses the session's Prefect API starts with a fresh budget of the
+    project's limits (tasks.limits), as it starts with a fresh database: a restart counted
+    by one test must not refuse the next test's."""
+    yield
+    if "prefect_api" not in request.fixturenames:
+        return
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        for limit in client.read_global_concurrency_limits(limit=200, offset=0):
+            if limit.name.startswith("runbook-"):
+                client.delete_global_concurrency_limit_by_name(limit.name)
+
+
 @dataclass
 class Db:
     """A fresh database, its inventory file, and the incident sessions opened on it."""

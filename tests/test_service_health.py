@@ -90,6 +90,20 @@ def test_stuck_app_gets_a_gated_restart(stack: Any) -> None:
     assert report.status is RunStatus.fixed
 
 
+def test_a_third_restart_within_the_hour_is_refused_by_the_rate_limit(stack: Any) -> None:
+    _, app = stack
+    for _ in range(2):
+        app.broken.touch()
+        assert service_health(dry_run=False, approval="auto").status is RunStatus.fixed
+    app.broken.touch()
+    report = service_health(dry_run=False, approval="auto")
+    [restart] = report.actions
+    assert restart.status is ActionStatus.skipped
+    assert "over the rate limit runbook-rate-restart_service-api (2 per 3600 s)" in restart.detail
+    assert "next slot frees in" in restart.detail
+    assert report.status is RunStatus.unhealthy and app.broken.exists()
+
+
 def test_ready_timeout_of_the_service_itself(stack: Any, inventory: Any) -> None:
     # A restart that does not help: the wait for an answer is the service's own threshold.
     _, app = stack
