@@ -55,11 +55,18 @@ def _cell(value: object) -> str:
 
 
 def approval_form(
-    runbook: str, target: str, actions: list[Action], before: list[Finding], deadline_s: int
+    runbook: str,
+    target: str,
+    actions: list[Action],
+    before: list[Finding],
+    deadline_s: int,
+    *,
+    why: str = "",
 ) -> str:
     """The form's text, in markdown: the evidence (what the diagnosis found), each action with
     its target, why (the problems found on that target) and what it changes, the blast radius
-    (how many actions of each kind on which targets), and how to answer. Pure."""
+    (how many actions of each kind on which targets), how to answer, and why a human is asked
+    (`why`: the policy in force and where it comes from). Pure."""
     found = problems(before)
     lines = [
         f"## Approval needed: {runbook} on `{target}`",
@@ -68,6 +75,7 @@ def approval_form(
         "*approve* off to reject (nothing runs). No answer within "
         f"{_duration(deadline_s)} counts as a rejection.",
         "",
+        *([f"A human is asked because {why}.", ""] if why else []),
         "### What the diagnosis found",
         "",
     ]
@@ -82,12 +90,12 @@ def approval_form(
         "|---|---|---|---|",
     ]
     for i, action in enumerate(actions, 1):
-        why = [f.message for f in found if f.target == action.target] or [
+        reasons = [f.message for f in found if f.target == action.target] or [
             f.message for f in found if f.severity is Severity.critical
         ]
         lines.append(
             f"| {i} | {_cell(action.description)} | {_cell(action.target)} | "
-            f"{_cell('; '.join(why[:3]) or 'see above')} |"
+            f"{_cell('; '.join(reasons[:3]) or 'see above')} |"
         )
     kinds = Counter((a.kind, a.target) for a in actions)
     lines += ["", "### Blast radius", ""]

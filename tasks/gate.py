@@ -133,14 +133,17 @@ def gate(
         return []
     runbook, target = _run_identity()
     asked: list[Action] = []
+    sources: list[str] = []
     for action in (a for a in pending if a.destructive):
         policy = _policy_in_force(approval, action, runbook, target)
         if policy.approval == "never":
             _skip(action, f"approval policy is 'never' ({policy.source})")
         elif policy.approval == "ask":
             asked.append(action)
+            sources += [policy.source] if policy.source not in sources else []
     if asked:
-        _ask(asked, before, runbook or "this runbook", target or "?", timeout_seconds)
+        why = f"approval is 'ask' by {', '.join(sources)}"
+        _ask(asked, before, runbook or "this runbook", target or "?", why, timeout_seconds)
     if runbook is not None and target is not None:
         _within_limits([a for a in pending if a.status is ActionStatus.planned], runbook, target)
     passed = [a for a in pending if a.status is ActionStatus.planned]
@@ -196,7 +199,12 @@ def _policy_in_force(
 
 
 def _ask(
-    actions: list[Action], before: list[Finding], runbook: str, target: str, timeout_s: int
+    actions: list[Action],
+    before: list[Finding],
+    runbook: str,
+    target: str,
+    why: str,
+    timeout_s: int,
 ) -> None:
     from tasks.approval import approval_form, wait_for_approval
 
@@ -222,11 +230,16 @@ def _ask(
             answered_at=utcnow(),
         )
     else:
-        form = approval_form(runbook, target, actions, before, timeout_s)
+        form = approval_form(runbook, target, actions, before, timeout_s, why=why)
         record = wait_for_approval(form, timeout_s)
     log.approval = record
     log.note("approval_answered", _answer_text(record, timeout_s))
-    _logger().warning("approval of %d action(s): %s", len(actions), _answer_text(record, timeout_s))
+    _logger().log(
+        logging.INFO if record.decision is Decision.approved else logging.WARNING,
+        "approval of %d action(s): %s",
+        len(actions),
+        _answer_text(record, timeout_s),
+    )
     if record.decision is not Decision.approved:
         for action in actions:
             _skip(action, _answer_text(record, timeout_s))

@@ -252,12 +252,12 @@ def test_approval_form_shows_evidence_actions_and_blast_radius() -> None:
         )
         for p in (1, 2)
     ]
-    form = approval_form("postgres-connections", "main", acts, found, 900)
+    form = approval_form("postgres-connections", "main", acts, found, 900, why="W")
     assert "Approval needed: postgres-connections on `main`" in form
     assert "**critical** idle on `main`: 3 idle" in form and "fine" not in form
     assert "| 1 | end pid 1 | main | 3 idle |" in form
     assert "- 2 x terminate_backend on `main`" in form
-    assert "within 15 min" in form
+    assert "within 15 min" in form and "A human is asked because W." in form
 
 
 def finding(severity: Severity) -> Finding:
