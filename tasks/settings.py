@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from tasks.alert_routes import ReceiverSettings, Route, check_route
+from tasks.audit import AuditSettings
 from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
 from tasks.models import Approval
@@ -283,6 +284,8 @@ class Settings(BaseSettings):
     # Per runbook and action kind, the most its runs may do on their own (as a target's
     # approval): [approval] postgres-connections.terminate_backend = "ask".
     approval: dict[str, dict[str, Approval]] = Field(default_factory=dict)
+    # Where the audit trail's rows go (README, Audit); unset: Prefect events only.
+    audit: AuditSettings | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
