@@ -355,7 +355,7 @@ def read_trail(
     """The trail since `since` (timezone-aware), of one target name or all, newest first, at
     most `limit` entries: from the table when settings is set, else from Prefect's events
     (event prefix runbook.action., through the client's events filter API; Prefect keeps
-    events for its retention period, PREFECT_EVENTS_RETENTION_PERIOD, 7 days by default).
+    events for its retention period, PREFECT_SERVER_EVENTS_RETENTION_PERIOD, 7 days by default).
 
     Raises TargetUnreachable when the audit database or the Prefect API does not answer,
     TargetError when the database refuses (the table missing: run `runbook audit --init`)."""

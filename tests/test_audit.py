@@ -436,3 +436,31 @@ def test_runbook_audit_init_creates_a_schema_qualified_table_once(
         with db.admin() as conn:
             conn.execute(f"DROP OWNED BY {writer}")
             conn.execute(f"DROP ROLE {writer}")
+
+
+def test_a_bad_audit_section_is_one_clear_error_without_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "runbook.toml"
+    config.write_text(
+        f'[audit]\ndsn = "postgresql://writer:{SECRET}@127.0.0.1:1/ops"\ntable = "a.b.c"\n'
+    )
+    proc = cli("--since", "1h", config=config)
+    assert proc.returncode == 2
+    assert "audit.table: Value error, must be TABLE or SCHEMA.TABLE" in proc.stderr
+    assert f"{config}" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    config.write_text("")
+    alone = cli("--grant", "someone", config=config)
+    assert alone.returncode == 2
+    assert "--grant goes with --init" in alone.stderr
+    no_section = cli("--init", config=config)
+    assert no_section.returncode == 2
+    assert "--init needs an [audit] section" in no_section.stderr
+    config.write_text(
+        f'[audit]\ndsn = "postgresql://writer:{SECRET}@127.0.0.1:{free_port()}/ops"\n'
+    )
+    down = cli("--since", "1h", config=config)
+    assert down.returncode == 3
+    assert "audit table runbook_audit on 127.0.0.1:" in down.stderr
+    assert "cannot connect" in down.stderr
+    assert SECRET not in down.stdout + down.stderr
