@@ -496,9 +496,10 @@ def audit(
 
     table = Table(*header, title="Audit trail")
     for row in rows:
-        table.add_row(
-            *row[:4], Text(row[4], STATUS_STYLE[row[4]]), *(Text(cell) for cell in row[5:])
-        )
+        # Text, not markup: names and details come from inventories and systems.
+        cells = [Text(cell) for cell in row]
+        cells[4].stylize(STATUS_STYLE[row[4]])
+        table.add_row(*cells)
     console().print(table)
 
 
