@@ -408,5 +408,100 @@ def receiver(
         raise fail(exc) from None
 
 
+SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> int:
+    """Seconds in a --since value: a whole number and a unit, m (minutes), h (hours) or
+    d (days): 30m, 24h, 7d. ConfigError (exit 2) otherwise."""
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if not number.isdigit() or unit not in SINCE_UNITS or int(number) == 0:
+        raise ConfigError(
+            f"--since {text!r}: expected a whole number of minutes, hours or days, "
+            "such as 30m, 24h or 7d"
+        )
+    return int(number) * SINCE_UNITS[unit]
+
+
+@app.command()
+def audit(
+    since: Annotated[str, typer.Option(metavar="AGE", help="how far back: 30m, 24h, 7d")] = "24h",
+    target: Annotated[
+        str | None, typer.Option(metavar="TARGET", help="one inventory target name")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON array")] = False,
+    init: Annotated[
+        bool,
+        typer.Option("--init", help="create the [audit] table (as its owner) and exit"),
+    ] = False,
+    grant: Annotated[
+        str | None,
+        typer.Option(metavar="ROLE", help="with --init: grant ROLE INSERT and SELECT on it"),
+    ] = None,
+) -> None:
+    """The audit trail: what runs did, skipped or failed on their targets, newest first.
+
+    From the [audit] table when configured, else from the Prefect API's events."""
+    from datetime import UTC, timedelta
+
+    from tasks.audit import init_table, read_trail
+    from tasks.models import utcnow
+    from tasks.settings import config_path, load_settings
+
+    try:
+        seconds = parse_since(since)
+        settings = load_settings()
+        if grant is not None and not init:
+            raise ConfigError("--grant goes with --init")
+        if init:
+            if settings.audit is None:
+                raise ConfigError(
+                    f"--init needs an [audit] section with dsn in {config_path()} "
+                    "(or RUNBOOK_AUDIT__DSN); see README, Audit"
+                )
+            init_table(settings.audit, grant_to=grant)
+            console(stderr=True).print(
+                f"audit table {settings.audit.table} is ready", highlight=False
+            )
+            return
+        start = utcnow() - timedelta(seconds=seconds)
+        if settings.audit is not None:
+            trail = read_trail(start, target, settings.audit)
+        else:
+            with prefect_context():
+                trail = read_trail(start, target, None)
+    except RunbookError as exc:
+        raise fail(exc) from None
+    if as_json:
+        sys.stdout.write("[" + ",".join(entry.model_dump_json() for entry in trail) + "]\n")
+        return
+    header = ("time (UTC)", "target", "runbook", "action", "status", "approver", "detail")
+    rows = [
+        (
+            e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            f"{e.inventory}.{e.target}" if e.inventory else e.target,
+            e.runbook,
+            e.kind,
+            e.status.value,
+            e.approver or "",
+            e.detail,
+        )
+        for e in trail
+    ]
+    if not sys.stdout.isatty():
+        sys.stdout.write(plain_table(header, rows))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(*header, title="Audit trail")
+    for row in rows:
+        # Text, not markup: names and details come from inventories and systems.
+        cells = [Text(cell) for cell in row]
+        cells[4].stylize(STATUS_STYLE[row[4]])
+        table.add_row(*cells)
+    console().print(table)
+
+
 def main() -> None:
     app()

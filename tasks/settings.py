@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from tasks.alert_routes import ReceiverSettings, Route, check_route
+from tasks.audit import AuditSettings
 from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
 from tasks.limits import RateLimit
@@ -299,6 +300,9 @@ class Settings(BaseSettings):
             known = ", ".join(sorted(ACTION_KINDS))
             raise ValueError(f"unknown action kind {', '.join(unknown)}; known: {known}")
         return value
+
+    # Where the audit trail's rows go (README, Audit); unset: Prefect events only.
+    audit: AuditSettings | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
