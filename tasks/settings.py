@@ -37,6 +37,7 @@ from tasks.alert_routes import ReceiverSettings, Route, check_route
 from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
 from tasks.models import Approval
+from tasks.notify import NotifySettings
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
 from tasks.retention_rules import THRESHOLD_NAMES as RETENTION_THRESHOLDS
@@ -283,6 +284,8 @@ class Settings(BaseSettings):
     # Per runbook and action kind, the most its runs may do on their own (as a target's
     # approval): [approval] postgres-connections.terminate_backend = "ask".
     approval: dict[str, dict[str, Approval]] = Field(default_factory=dict)
+    # Who is told of approval requests and outcomes, and escalation ([[notify.routes]]).
+    notify: NotifySettings | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
