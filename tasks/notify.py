@@ -24,6 +24,7 @@ import contextvars
 import logging
 import re
 import threading
+import time
 from typing import Literal, get_args
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -281,14 +282,14 @@ def _deliver(
     sender = apprise.Apprise(asset=_asset())
     names: dict[str, tuple[str, str]] = {}
     for n, (where, url) in enumerate(chosen):
-        service = _service(url)
+        # A tag per URL: apprise's results name services by masked URL, tags map them back.
+        tag = f"route-url-{n}"
+        service = _service(url, tag)
         if service is None:
             failures.append(f"notify {where}: apprise does not accept this URL")
             continue
         service.socket_connect_timeout = min(service.socket_connect_timeout, SOCKET_TIMEOUT_SECONDS)
         service.socket_read_timeout = min(service.socket_read_timeout, SOCKET_TIMEOUT_SECONDS)
-        tag = f"route-url-{n}"
-        service.tags = {tag}
         names[tag] = (where, str(service.service_name or "apprise"))
         sender.add(service)
     if not names:
@@ -317,12 +318,13 @@ def _deliver(
         ]
         reason = service_result.status.name.lower()
         if said:
-            reason += ": " + " ".join(said[-2:])
+            # apprise's own words: they may quote the URL, so only they are redacted
+            reason += ": " + _redact(" ".join(said[-2:]), secrets)
         failures.append(f"notify {where} ({name}): {event} not delivered: {reason}")
     for tag, (where, name) in names.items():
         if tag not in delivered:
             failures.append(f"notify {where} ({name}): {event} not attempted: {result.status.name}")
-    return [_redact(f, secrets) for f in failures]
+    return failures
 
 
 def _asset() -> apprise.AppriseAsset:
@@ -335,9 +337,9 @@ def _asset() -> apprise.AppriseAsset:
     )
 
 
-def _service(url: SecretStr) -> apprise.NotifyBase | None:
+def _service(url: SecretStr, tag: str | None = None) -> apprise.NotifyBase | None:
     _register([url])
-    return apprise.Apprise.instantiate(url.get_secret_value(), asset=_asset())
+    return apprise.Apprise.instantiate(url.get_secret_value(), asset=_asset(), tag=tag)
 
 
 # Apprise logs through one logger ("apprise"), some records with a service's URL in them
@@ -446,6 +448,12 @@ class Escalation:
             self._cancelled = True
             for timer in self._timers:
                 timer.cancel()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to timeout seconds in all for the timers to end (sent, or cancelled)."""
+        deadline = time.monotonic() + timeout
+        for timer in list(self._timers):
+            timer.join(max(0.0, deadline - time.monotonic()))
 
     def _fire(self, minutes: float) -> None:
         with self._lock:
