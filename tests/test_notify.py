@@ -389,6 +389,15 @@ after_minutes = 15
     assert "TokenA" not in repr(loaded)
 
 
+def test_the_readme_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Notifications\n", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    loaded = load_settings(write(tmp_path, example))
+    assert loaded.notify is not None
+    assert [r.after_minutes for r in loaded.notify.routes] == [0, 0, 0, 15]
+
+
 @pytest.mark.parametrize(
     ("route", "said"),
     [
