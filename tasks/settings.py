@@ -39,6 +39,7 @@ from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
 from tasks.limits import RateLimit
 from tasks.models import Approval
+from tasks.notify import NotifySettings
 from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
 from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
 from tasks.retention_rules import THRESHOLD_NAMES as RETENTION_THRESHOLDS
@@ -288,6 +289,10 @@ class Settings(BaseSettings):
     # Rates per action kind over time (README, Limits); unset kinds keep tasks.limits'
     # DEFAULT_RATES: [limits] restart_service = { max = 2, per_seconds = 3600 }.
     limits: dict[str, RateLimit] = Field(default_factory=dict)
+    # Where the audit trail's rows go (README, Audit); unset: Prefect events only.
+    audit: AuditSettings | None = None
+    # Who is told of approval requests and outcomes, and escalation ([[notify.routes]]).
+    notify: NotifySettings | None = None
 
     @field_validator("limits")
     @classmethod
@@ -300,9 +305,6 @@ class Settings(BaseSettings):
             known = ", ".join(sorted(ACTION_KINDS))
             raise ValueError(f"unknown action kind {', '.join(unknown)}; known: {known}")
         return value
-
-    # Where the audit trail's rows go (README, Audit); unset: Prefect events only.
-    audit: AuditSettings | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
