@@ -208,6 +208,8 @@ def finish(
         timeline=log.timeline,
     )
     publish(report, before)
+    for problem in tell(report, before):
+        get_run_logger().warning("%s", problem)
     get_run_logger().log(
         logging.INFO if report.exit_code == 0 else logging.WARNING,
         "%s on %s: %s",
@@ -216,6 +218,25 @@ def finish(
         report.status.value,
     )
     return outcome_state(report)
+
+
+def tell(report: Report, before: list[Finding]) -> list[str]:
+    """A finished run's audit trail (tasks.audit: events, and rows with [audit]) and its
+    notifications (tasks.notify, [notify]). Returns what could not be recorded or sent, for
+    the run's log; neither changes the run's outcome."""
+    from flows.catalog import RUNBOOKS
+    from tasks.audit import record
+    from tasks.notify import notify_report
+    from tasks.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except RunbookError as exc:
+        return [f"audit and notifications skipped: {exc}"]
+    inventory = RUNBOOKS[report.runbook].inventory if report.runbook in RUNBOOKS else "other"
+    return record(report, inventory=inventory, settings=settings.audit) + notify_report(
+        report, before, settings.notify
+    )
 
 
 def artifact_key(runbook: str, target: str) -> str:

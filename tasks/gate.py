@@ -206,7 +206,7 @@ def _ask(
     why: str,
     timeout_s: int,
 ) -> None:
-    from tasks.approval import approval_form, wait_for_approval
+    from tasks.approval import approval_form
 
     log = journal()
     terminal = _approver.get()
@@ -231,7 +231,7 @@ def _ask(
         )
     else:
         form = approval_form(runbook, target, actions, before, timeout_s, why=why)
-        record = wait_for_approval(form, timeout_s)
+        record = _wait_telling_people(form, actions, before, runbook, target, timeout_s)
     log.approval = record
     log.note("approval_answered", _answer_text(record, timeout_s))
     _logger().log(
@@ -243,6 +243,41 @@ def _ask(
     if record.decision is not Decision.approved:
         for action in actions:
             _skip(action, _answer_text(record, timeout_s))
+
+
+def _wait_telling_people(
+    form: str,
+    actions: list[Action],
+    before: list[Finding],
+    runbook: str,
+    target: str,
+    timeout_s: int,
+) -> ApprovalRecord:
+    """wait_for_approval, with the approval request sent to the [notify] routes that take it
+    (the form's text and the link to the paused run), and escalated to the later levels while
+    it stays unanswered (tasks.notify.Escalation)."""
+    from tasks.approval import wait_for_approval
+    from tasks.notify import Escalation, run_severity, send
+    from tasks.settings import load_settings
+
+    settings = load_settings().notify
+    run_id = journal().flow_run_id
+    message: dict[str, Any] = {
+        "runbook": runbook,
+        "target": target,
+        "severity": run_severity(before),
+        "title": f"{runbook} on {target}: {len(actions)} action(s) wait for approval",
+        "body": form,
+        "flow_run_id": str(run_id) if run_id else None,
+    }
+    for failure in send("approval_needed", settings=settings, **message):
+        _logger().warning("%s", failure)
+    escalation = Escalation(settings, **message)
+    escalation.start()
+    try:
+        return wait_for_approval(form, timeout_s)
+    finally:
+        escalation.cancel()
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -19,9 +19,14 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
 
+from deployments.localpg import free_port
+from deployments.receiver import ReceiverServer, build_receiver
 from deployments.runner import InProcessRunner
 from flows.postgres_connections import postgres_connections
+from tasks.settings import load_settings
 from tests.conftest import Db
+from tests.test_notify import Hook, hook  # noqa: F401 (a fixture)
+from tests.test_receiver import TOKEN, am_alert, am_payload, post, served_deployment  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -166,3 +171,52 @@ def test_a_paused_run_cancelled_from_the_ui_ends_cancelled(
     done = wait_for(client, run.id, StateType.CANCELLED, StateType.COMPLETED, StateType.FAILED)
     assert done.state.type is StateType.CANCELLED
     assert db.alive(pids) == set(pids)
+
+
+def test_an_alert_routed_to_ask_pauses_tells_oncall_and_acts_once_approved(
+    db: Db,
+    tmp_path: Any,
+    served_deployment: str,  # noqa: F811 (a fixture)
+    hook: Hook,  # noqa: F811 (a fixture)
+) -> None:
+    """The alert starts the run, it diagnoses and pauses; the on-call endpoint gets the
+    request with the link to the paused run; the approval finishes the remediation."""
+    ui = "http://ui.example.test:4200"
+    db.write_config(
+        f'[receiver]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "{TOKEN}"\n'
+        f'state_file = "{tmp_path / "alerts.sqlite"}"\n'
+        '[[routes]]\nalert = "IdleInTransaction"\nrunbook = "postgres-connections"\n'
+        'target_label = "target"\napply = true\nset = { idle_in_transaction_seconds = 1 }\n'
+        f'[notify]\nui_url = "{ui}"\n[[notify.routes]]\nurls = ["{hook.url("oncall")}"]\n'
+        'events = ["approval_needed", "fixed"]\n'
+    )
+    pids = db.idle_in_transaction(3)
+    time.sleep(1.5)
+    server = ReceiverServer(build_receiver(load_settings(), in_process=True)).start()
+    try:
+        response = post(server.url, "/alerts/alertmanager", am_payload(am_alert()))
+        [result] = response.json()["alerts"]
+        run_id = uuid.UUID(result["flow_run_id"])
+        with get_client(sync_client=True) as client:
+            run = wait_for(client, run_id, StateType.PAUSED)
+            assert client.read_flow_run(run_id).parameters["approval"] == "ask"
+            path, asked = hook.posts.get(timeout=60)
+            assert path == "/oncall" and "approval needed" in asked["title"]
+            assert f"{ui}/runs/flow-run/{run_id}" in asked["message"]
+            assert "terminate" in asked["message"] and db.alive(pids) == set(pids)
+            deadline = time.monotonic() + 60
+            while not client.filter_flow_run_input(
+                run.id, key_prefix="paused-", limit=3, exclude_keys=set()
+            ):
+                assert time.monotonic() < deadline, "no form was saved"
+                time.sleep(0.2)
+            resume(run_id, {"approve": True, "approver": "oncall-primary"})
+            done = wait_for(client, run_id, StateType.COMPLETED, StateType.FAILED)
+            assert (done.state.type, done.state.name) == (StateType.COMPLETED, "Fixed")
+            assert db.alive(pids) == set()
+            _, fixed = hook.posts.get(timeout=60)
+            assert "fixed" in fixed["title"] and f"{ui}/runs/flow-run/{run_id}" in fixed["message"]
+            timeline = report_markdown(client, run_id).split("## Timeline (UTC)")[1]
+            assert "**alert received** IdleInTransaction from alertmanager" in timeline
+    finally:
+        server.stop()
