@@ -181,12 +181,14 @@ def test_routes_take_their_events_severities_and_runbooks(hook: Hook) -> None:
     assert hook.drain() == []
 
 
-def test_without_a_ui_address_the_message_has_no_link(
-    hook: Hook, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_without_a_ui_address_the_message_has_no_link(hook: Hook) -> None:
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    with temporary_settings(set_defaults={PREFECT_API_URL: None, PREFECT_UI_URL: None}):
+    # As under the session's Prefect API (which sets PREFECT_API_URL), then neither set.
+    with (
+        temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}),
+        temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_UI_URL}),
+    ):
         notify = settings({"urls": [hook.url("chat")]}, ui_url=None)
         assert run_link(RUN_ID, notify) is None
         send_now("fixed", notify)
