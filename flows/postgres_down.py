@@ -90,6 +90,7 @@ def postgres_down(
             destructive=True,
             description=f"restart {pg.service or 'its service'} and wait up to "
             f"{p.ready_timeout_seconds:g} s for SELECT 1",
+            args={"service": pg.service} if pg.service else {},
         )
         if svc is None:
             restart.status = ActionStatus.skipped

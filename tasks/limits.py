@@ -146,9 +146,17 @@ def mutating_limit_name(resource: str) -> str:
     return limit_name(MUTATING_PREFIX, resource)
 
 
+def acted_on(action: Action) -> str:
+    """What an action changes, for its rate limit: the service a restart acts on (its
+    args["service"]: postgres-down and redis-health name their target, service-health and
+    resource-pressure the service), else the action's target."""
+    service = action.args.get("service")
+    return service if isinstance(service, str) else action.target
+
+
 def admit(actions: list[Action], *, rates: Mapping[str, RateLimit]) -> list[Action]:
     """Take one slot of its rate limit for each planned action whose kind has a rate
-    (`rate_for`: configured, else DEFAULT_RATES), keyed by (action.kind, action.target), and
+    (`rate_for`: configured, else DEFAULT_RATES), keyed by (action.kind, acted_on(action)), and
     return the planned actions admitted, in their order. Call it in a run, after approval.
 
     The actions of one limit take their slots together, in one atomic request: as many as
@@ -168,7 +176,7 @@ def admit(actions: list[Action], *, rates: Mapping[str, RateLimit]) -> list[Acti
     for action in planned:
         rate = rate_for(action.kind, rates)
         if rate is not None:
-            name = rate_limit_name(action.kind, action.target)
+            name = rate_limit_name(action.kind, acted_on(action))
             groups.setdefault(name, (rate, []))[1].append(action)
     if not groups:
         return planned

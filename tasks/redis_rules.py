@@ -224,6 +224,7 @@ def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[Action]:
             destructive=True,
             description=f"restart {target.service or 'the service of'} redis "
             f"target {name!r} and wait for PING",
+            args={"service": target.service} if target.service else {},
         )
         if target.service is None:
             restart.status = ActionStatus.skipped
