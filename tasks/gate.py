@@ -132,10 +132,11 @@ def gate(
             action.detail = action.detail or "dry run: pass --apply (or dry_run=false) to act"
         return []
     runbook, target = _run_identity()
+    policy_of = _policies(approval, runbook, target)
     asked: list[Action] = []
     sources: list[str] = []
     for action in (a for a in pending if a.destructive):
-        policy = _policy_in_force(approval, action, runbook, target)
+        policy = policy_of(action)
         if policy.approval == "never":
             _skip(action, f"approval policy is 'never' ({policy.source})")
         elif policy.approval == "ask":
@@ -182,20 +183,26 @@ def _run_identity() -> tuple[str | None, str | None]:
     return ctx.flow.name, target if isinstance(target, str) else None
 
 
-def _policy_in_force(
-    requested: Approval, action: Action, runbook: str | None, target: str | None
-) -> Policy:
+def _policies(
+    requested: Approval, runbook: str | None, target: str | None
+) -> Callable[[Action], Policy]:
+    """action -> the policy in force for it in this run (action_policy, with the inventory
+    read once)."""
     if runbook is None:
-        return Policy(requested, "the run's approval")
+        return lambda action: Policy(requested, "the run's approval")
     from flows.catalog import RUNBOOKS
     from tasks.settings import load_settings
 
     settings = load_settings()
     section = settings.targets(RUNBOOKS[runbook].inventory) if runbook in RUNBOOKS else {}
-    touched = {n: section[n] for n in {target, action.target} if n is not None and n in section}
-    return action_policy(
-        requested, action, runbook=runbook, kind_policies=settings.approval, targets=touched
-    )
+
+    def policy(action: Action) -> Policy:
+        touched = {n: section[n] for n in {target, action.target} if n is not None and n in section}
+        return action_policy(
+            requested, action, runbook=runbook, kind_policies=settings.approval, targets=touched
+        )
+
+    return policy
 
 
 def _ask(

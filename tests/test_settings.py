@@ -54,6 +54,14 @@ def test_environment_overrides_the_file_and_merges(
             "[services.api.thresholds]\nhost_memory_percent = 50\n",
             "unknown host_memory_percent; known: cpu_percent, memory_percent",
         ),
+        ('[postgres.main]\ndsn = "x"\napproval = "sometimes"\n', "postgres.main.approval"),
+        ('[approval]\nnosuch.terminate_backend = "ask"\n', "approval.nosuch: unknown runbook"),
+        (
+            '[approval]\npostgres-connections.vacuum_analyze = "ask"\n',
+            "postgres-connections plans no action of that kind; its kinds: cancel_query, "
+            "terminate_backend",
+        ),
+        ('[approval]\nstuck-jobs.reset_stuck_jobs = "maybe"\n', "stuck-jobs.reset_stuck_jobs"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
