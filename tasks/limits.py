@@ -28,8 +28,9 @@ active slots on the Concurrency page of the Prefect UI.
 
 A limit switched off in the UI (inactive) is not enforced by Prefect; that is left as the
 operator's decision. This module reads a limit before asking for a slot and does not ask for
-one it can see is taken: a refusal is then immediate and quiet; only a race lost to another
-process waits ACQUIRE_TIMEOUT_SECONDS (and Prefect logs the timed-out request).
+one it can see is taken; a request that loses a race to another process is refused by the
+API at once (423 Locked, never retried). Nothing here waits for a slot: only for the API to
+answer, at most API_TIMEOUT_SECONDS a call (a busy SQLite server can take seconds).
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 
-# Waiting for a slot: the brief wait that lets a slot freed this instant be taken; a run
-# over its limit says so at once instead of waiting silently (issue 13).
-ACQUIRE_TIMEOUT_SECONDS = 1.0
+# Prefect's answer when the slots asked for are in use: refused at once, never waited for
+# (a run over its limit says so instead of waiting silently).
+LOCKED = 423
 # Requests for the slots of one rate limit in one admit: each after a race lost to another
 # process, so that a busy limit still answers within a few seconds.
 MAX_ATTEMPTS = 3
-# Each call to the Prefect API for creating and reading limits; Prefect's client retries
-# 429/503 answers within it.
-API_TIMEOUT_SECONDS = 10.0
+# Each call to the Prefect API for creating, reading and taking limits; Prefect's client
+# retries 429/503 answers within it. A busy SQLite server can take seconds to answer.
+API_TIMEOUT_SECONDS = 30.0
 # The mutating lock's lease: Prefect renews it every 3/4 of this while the run holds it; a
 # killed holder's slot comes back when it runs out (minimum 60 s, Prefect's API).
 MUTATING_LEASE_SECONDS = 120.0
@@ -162,8 +163,8 @@ def admit(actions: list[Action], *, rates: Mapping[str, RateLimit]) -> list[Acti
     The actions of one limit take their slots together, in one atomic request: as many as
     are free, the first ones first. An action over its limit is marked skipped with a detail
     naming the limit, its rate, and when its next slot frees (seconds from now and UTC
-    time). Nothing waits more than about ACQUIRE_TIMEOUT_SECONDS per request, with at most
-    MAX_ATTEMPTS requests per limit (only races lost to other processes cost one). Actions
+    time). Nothing waits for a slot; at most MAX_ATTEMPTS requests per limit (only races
+    lost to other processes cost one), each answered within API_TIMEOUT_SECONDS. Actions
     not `planned` are neither taken nor returned. Limits are created when missing (races
     between processes are settled by the API's unique names) and set to the configured rate
     when it changed.
@@ -200,7 +201,7 @@ def _take(
 ) -> tuple[int, GlobalConcurrencyLimitResponse]:
     """Take up to `wanted` slots of a rate limit, as many as it shows free, in one request;
     return how many were taken and the limit as last read."""
-    from prefect.concurrency.sync import rate_limit
+    import httpx
 
     for _ in range(MAX_ATTEMPTS):
         # Prefect lets everything through an inactive limit (switched off in the UI).
@@ -209,26 +210,35 @@ def _take(
             return 0, limit
         try:
             with _api_errors(f"the concurrency limit {limit.name}"):
-                rate_limit(
-                    limit.name,
-                    occupy=free,
-                    timeout_seconds=ACQUIRE_TIMEOUT_SECONDS,
-                    strict=True,
-                )
-        except TimeoutError:
+                try:
+                    granted = client.increment_concurrency_slots([limit.name], free, "rate_limit")
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code == LOCKED:
+                        raise _SlotsTaken from None
+                    raise
+        except _SlotsTaken:
             # Another process took slots between our read and our request.
             limit = _read(client, limit.name)
             continue
+        if not granted.json():  # strict: a limit deleted in between is no pass
+            raise TargetError(
+                f"the concurrency limit {limit.name} vanished while in use at {_api_url()}; "
+                "no action was allowed past it"
+            )
         return free, limit
     return 0, limit
+
+
+class _SlotsTaken(Exception):
+    """Prefect's API answered 423 Locked: the slots asked for are in use."""
 
 
 @contextmanager
 def mutating_run(resource: str) -> Iterator[str | None]:
     """Hold the global concurrency limit of 1 `runbook-mutating-<resource>` (resource is an
     inventory target like "postgres.main") while the body runs: one mutating run at a time per
-    target. Yields None when held; or, after waiting at most about ACQUIRE_TIMEOUT_SECONDS,
-    the reason it is not (which limit, that another run holds it, where to look) and the body
+    target. Yields None when held; or, without waiting for the slot, the reason it is not
+    (which limit, that another run holds it, where to look) and the body
     must not change anything. The slot is released when the body ends, also by an exception.
 
     The limit is created when missing and taken with strict=True. The slot is held under a
@@ -244,6 +254,7 @@ def mutating_run(resource: str) -> Iterator[str | None]:
 
     Raises TargetError (exit 3) when the Prefect API cannot create, read or use the limit.
     """
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
     name = mutating_limit_name(resource)
@@ -261,18 +272,26 @@ def mutating_run(resource: str) -> Iterator[str | None]:
     with ExitStack() as stack:
         try:
             with _api_errors(f"the concurrency limit {name}"):
-                stack.enter_context(
-                    concurrency(
-                        name,
-                        occupy=1,
-                        timeout_seconds=ACQUIRE_TIMEOUT_SECONDS,
-                        lease_duration=MUTATING_LEASE_SECONDS,
-                        strict=True,
-                        holder=_holder(),
-                        raise_on_lease_renewal_failure=False,
+                try:
+                    stack.enter_context(
+                        concurrency(
+                            name,
+                            occupy=1,
+                            # a slot in use is refused at once (423, not retried); this bounds
+                            # only how long a busy API may take to answer
+                            timeout_seconds=API_TIMEOUT_SECONDS,
+                            max_retries=0,
+                            lease_duration=MUTATING_LEASE_SECONDS,
+                            strict=True,
+                            holder=_holder(),
+                            raise_on_lease_renewal_failure=False,
+                        )
                     )
-                )
-        except TimeoutError:
+                except ConcurrencySlotAcquisitionError as exc:
+                    if _locked(exc):
+                        raise _SlotsTaken from None
+                    raise
+        except _SlotsTaken:
             reason: str | None = busy
         else:
             reason = None
@@ -375,19 +394,30 @@ def _holder() -> Any:
     return ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
 
 
+def _locked(exc: BaseException) -> bool:
+    """Whether Prefect's acquisition error is its API's 423 Locked (the slot is in use)."""
+    import httpx
+
+    cause = exc.__cause__
+    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == LOCKED
+
+
 @contextmanager
 def _api_errors(what: str) -> Iterator[None]:
-    """Prefect's errors about `what` (a limit) as one TargetError naming it; a wait that timed out
-    (TimeoutError) is an answer, not an error, and passes through."""
+    """Prefect's errors about `what` (a limit) as one TargetError naming it, an API that did
+    not answer in time (TimeoutError) included."""
     import httpx
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.exceptions import ObjectNotFound
 
     try:
         yield
-    except TimeoutError:
-        raise
-    except (ConcurrencySlotAcquisitionError, httpx.HTTPError, ObjectNotFound) as exc:
+    except (
+        ConcurrencySlotAcquisitionError,
+        httpx.HTTPError,
+        ObjectNotFound,
+        TimeoutError,
+    ) as exc:
         raise TargetError(
             f"{what} could not be kept by the Prefect API at "
             f"{_api_url()}: {_why(exc)}; no action was allowed past it. Check that the API "

@@ -394,8 +394,13 @@ def test_s3_a_protected_backup_is_reported_and_the_rest_deleted(
     assert s3_backups.keys() == with_sidecars(keys[:3]) | {protected}
 
 
-def test_s3_more_than_a_thousand_keys_in_one_run(s3_backups: AgedS3, prefect_api: str) -> None:
-    # 520 old backups and their sidecars: 1038 keys to delete, more than one DeleteObjects call
+def test_s3_more_than_a_thousand_keys_in_one_run(
+    s3_backups: AgedS3, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 520 old backups and their sidecars: 1038 keys to delete, more than one DeleteObjects call;
+    # over the default rate of delete_backup (50 a day), raised as a first clean-up would.
+    monkeypatch.setenv("RUNBOOK_LIMITS__DELETE_BACKUP__MAX", "1000")
+    monkeypatch.setenv("RUNBOOK_LIMITS__DELETE_BACKUP__PER_SECONDS", "86400")
     keys = [f"db/app/app-{n:04d}.sql.gz" for n in range(520)]
     for n, key in enumerate(keys):
         s3_backups.put(key, 10 + n / 100)
@@ -408,3 +413,24 @@ def test_s3_more_than_a_thousand_keys_in_one_run(s3_backups: AgedS3, prefect_api
     assert report.status is RunStatus.fixed, report.findings
     assert len(report.actions) == 519
     assert s3_backups.keys() == with_sidecars(keys[:1])
+
+
+def test_deletions_over_the_daily_rate_are_skipped_saying_when_it_frees(
+    s3_backups: AgedS3, prefect_api: str
+) -> None:
+    keys = [f"db/app/app-{n:03d}.sql.gz" for n in range(60)]
+    for n, key in enumerate(keys):
+        s3_backups.put(key, 10 + n / 100)
+    report = backup_retention(
+        "app",
+        dry_run=False,
+        approval="auto",
+        params=RetentionParams(keep_daily=0, keep_weekly=0, keep_monthly=0, max_deletions=100),
+    )
+    done = [a for a in report.actions if a.status is ActionStatus.done]
+    refused = [a for a in report.actions if a.status is ActionStatus.skipped]
+    assert (len(done), len(refused)) == (50, 9)  # the newest is always kept
+    assert "over the rate limit runbook-rate-delete_backup-app (50 per 86400 s)" in (
+        refused[0].detail
+    )
+    assert len(s3_backups.keys()) == 2 * (60 - 50)
