@@ -155,8 +155,9 @@ def gate(
 def _within_limits(actions: list[Action], runbook: str, target: str) -> None:
     """Blast-radius limits over time (tasks.limits), after approval so that a run waiting for
     an answer holds nothing: one mutating run at a time per target (held until the run ends,
-    by its journal), then the rate of each action kind on what it acts on. What is over a
-    limit is skipped, saying which limit and when it frees; nothing waits."""
+    by its journal; a run changing it already is waited for, up to a minute), then the rate
+    of each action kind on what it acts on. What is over a limit is skipped, saying which
+    limit and when it frees."""
     if not actions:
         return
     from flows.catalog import RUNBOOKS

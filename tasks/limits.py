@@ -29,13 +29,16 @@ active slots on the Concurrency page of the Prefect UI.
 A limit switched off in the UI (inactive) is not enforced by Prefect; that is left as the
 operator's decision. This module reads a limit before asking for a slot and does not ask for
 one it can see is taken; a request that loses a race to another process is refused by the
-API at once (423 Locked, never retried). Nothing here waits for a slot: only for the API to
-answer, at most API_TIMEOUT_SECONDS a call (a busy SQLite server can take seconds).
+API at once (423 Locked, never retried): a rate never waits. The mutating slot waits up to
+MUTATING_WAIT_SECONDS for the run holding it, saying so in the run's log, so that runs due
+together follow one another. Each API call is bounded by API_TIMEOUT_SECONDS (a busy SQLite
+server can take seconds).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -65,6 +68,11 @@ API_TIMEOUT_SECONDS = 30.0
 # The mutating lock's lease: Prefect renews it every 3/4 of this while the run holds it; a
 # killed holder's slot comes back when it runs out (minimum 60 s, Prefect's API).
 MUTATING_LEASE_SECONDS = 120.0
+
+# How long a run that would change a target waits for another run changing it: remediations
+# take seconds, and runs due at the same minute (a schedule, an alert) should follow one
+# another rather than skip; a wait longer than this means something is stuck.
+MUTATING_WAIT_SECONDS = 60.0
 
 RATE_PREFIX = "runbook-rate-"
 MUTATING_PREFIX = "runbook-mutating-"
@@ -234,11 +242,14 @@ class _SlotsTaken(Exception):
 
 
 @contextmanager
-def mutating_run(resource: str) -> Iterator[str | None]:
+def mutating_run(
+    resource: str, wait_seconds: float = MUTATING_WAIT_SECONDS
+) -> Iterator[str | None]:
     """Hold the global concurrency limit of 1 `runbook-mutating-<resource>` (resource is an
     inventory target like "postgres.main") while the body runs: one mutating run at a time per
-    target. Yields None when held; or, without waiting for the slot, the reason it is not
-    (which limit, that another run holds it, where to look) and the body
+    target. Yields None when held; or, when another run still holds it after wait_seconds
+    (said in the run's log when the wait begins), the reason it is not (which limit, that
+    another run holds it, where to look) and the body
     must not change anything. The slot is released when the body ends, also by an exception.
 
     The limit is created when missing and taken with strict=True. The slot is held under a
@@ -254,48 +265,77 @@ def mutating_run(resource: str) -> Iterator[str | None]:
 
     Raises TargetError (exit 3) when the Prefect API cannot create, read or use the limit.
     """
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
     name = mutating_limit_name(resource)
-    busy = (
-        f"another run is changing {resource}: it holds the concurrency limit {name} "
-        "(one mutating run at a time per target); run again when it has finished, or see "
-        "the Concurrency page of the Prefect UI"
-    )
     with _client(f"the concurrency limit {name}") as client:
         limit = ensure_limit(client, name, limit=1, slot_decay_per_second=0.0)
-    if limit.active and limit.active_slots >= limit.limit:
-        # Seen taken: say so without asking (a request that times out logs an error).
-        yield busy
-        return
-    with ExitStack() as stack:
-        try:
-            with _api_errors(f"the concurrency limit {name}"):
-                try:
+        if limit.active and limit.active_slots >= limit.limit:
+            _logger().warning(
+                "another run is changing %s (concurrency limit %s): waiting up to %g s for it",
+                resource,
+                name,
+                wait_seconds,
+            )
+        with ExitStack() as stack:
+            try:
+                with _api_errors(f"the concurrency limit {name}"):
                     stack.enter_context(
                         concurrency(
                             name,
                             occupy=1,
-                            # a slot in use is refused at once (423, not retried); this bounds
-                            # only how long a busy API may take to answer
-                            timeout_seconds=API_TIMEOUT_SECONDS,
-                            max_retries=0,
+                            timeout_seconds=wait_seconds,
                             lease_duration=MUTATING_LEASE_SECONDS,
                             strict=True,
                             holder=_holder(),
                             raise_on_lease_renewal_failure=False,
                         )
                     )
-                except ConcurrencySlotAcquisitionError as exc:
-                    if _locked(exc):
-                        raise _SlotsTaken from None
+            except TargetError as exc:
+                if not isinstance(exc.__cause__, TimeoutError):
                     raise
-        except _SlotsTaken:
-            reason: str | None = busy
-        else:
-            reason = None
-        yield reason
+                reason: str | None = _still_busy(client, name, resource, wait_seconds)
+            else:
+                reason = None
+            yield reason
+
+
+def _still_busy(client: SyncPrefectClient, name: str, resource: str, waited: float) -> str:
+    """Why a mutating slot was not granted within `waited` seconds."""
+    if _read(client, name).active_slots >= 1:
+        return (
+            f"another run is changing {resource}: it held the concurrency limit {name} (one "
+            f"mutating run at a time per target) for the {waited:g} s this run waited; run "
+            "again when it has finished, or see the Concurrency page of the Prefect UI"
+        )
+    return (
+        f"the Prefect API at {_api_url()} did not grant the concurrency limit {name} within "
+        f"{waited:g} s though it shows it free; nothing was changed: run again"
+    )
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+class _QuietRefusals(logging.Filter):
+    """Prefect's slot service logs an ERROR line (no traceback) for every request it gives up
+    on; here a timed-out wait is an answer, reported on the action instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.getMessage().startswith("Service 'ConcurrencySlotAcquisition")
+            and "raised TimeoutError" in record.getMessage()
+        )
+
+
+logging.getLogger("prefect._internal.concurrency").addFilter(_QuietRefusals())
 
 
 def ensure_limit(
@@ -392,14 +432,6 @@ def _holder() -> Any:
     if ctx is None or ctx.flow_run is None:
         return None
     return ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
-
-
-def _locked(exc: BaseException) -> bool:
-    """Whether Prefect's acquisition error is its API's 423 Locked (the slot is in use)."""
-    import httpx
-
-    cause = exc.__cause__
-    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == LOCKED
 
 
 @contextmanager
