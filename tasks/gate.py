@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from tasks.journal import journal
+from tasks.journal import journal, run_logger
 from tasks.models import (
     Action,
     ActionStatus,
@@ -242,7 +242,7 @@ def _ask(
         record = _wait_telling_people(form, actions, before, runbook, target, timeout_s)
     log.approval = record
     log.note("approval_answered", _answer_text(record, timeout_s))
-    _logger().log(
+    run_logger(__name__).log(
         logging.INFO if record.decision is Decision.approved else logging.WARNING,
         "approval of %d action(s): %s",
         len(actions),
@@ -279,24 +279,13 @@ def _wait_telling_people(
         "flow_run_id": str(run_id) if run_id else None,
     }
     for failure in send("approval_needed", settings=settings, **message):
-        _logger().warning("%s", failure)
+        run_logger(__name__).warning("%s", failure)
     escalation = Escalation(settings, **message)
     escalation.start()
     try:
         return wait_for_approval(form, timeout_s)
     finally:
         escalation.cancel()
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    """The run's logger (its lines reach the Prefect UI), or a plain one outside a run."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 def _answer_text(record: ApprovalRecord, timeout_s: int) -> str:

@@ -8,6 +8,7 @@ its own journal and gives its parent's back when it ends."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -88,3 +89,15 @@ def begin(alert: AlertInfo | None = None) -> datetime:
         )
     found.note("started")
     return found.timeline[-1].at
+
+
+def run_logger(fallback: str) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger (its lines reach the Prefect UI), or the logger named fallback
+    outside a run (unit tests, a helper thread without the run's context)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(fallback)

@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import TargetError
+from tasks.journal import run_logger
 from tasks.models import Action, ActionStatus
 
 if TYPE_CHECKING:
@@ -271,7 +272,7 @@ def mutating_run(
     with _client(f"the concurrency limit {name}") as client:
         limit = ensure_limit(client, name, limit=1, slot_decay_per_second=0.0)
         if limit.active and limit.active_slots >= limit.limit:
-            _logger().warning(
+            run_logger(__name__).warning(
                 "another run is changing %s (concurrency limit %s): waiting up to %g s for it",
                 resource,
                 name,
@@ -312,16 +313,6 @@ def _still_busy(client: SyncPrefectClient, name: str, resource: str, waited: flo
         f"the Prefect API at {_api_url()} did not grant the concurrency limit {name} within "
         f"{waited:g} s though it shows it free; nothing was changed: run again"
     )
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 class _QuietRefusals(logging.Filter):

@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import apprise
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from tasks.journal import run_logger
 from tasks.models import ActionStatus, Finding, Report, RunStatus, Severity, problems
 
 NotifyEvent = Literal["approval_needed", "remediation_failed", "verification_failed", "fixed"]
@@ -474,14 +475,4 @@ class Escalation:
             self.sent.append(minutes)
             self.failures.extend(failures)
         for failure in failures:
-            _logger().warning("%s", failure)
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
+            run_logger(__name__).warning("%s", failure)

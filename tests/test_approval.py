@@ -27,6 +27,7 @@ from tasks.settings import load_settings
 from tests.conftest import Db
 from tests.test_notify import Hook, hook  # noqa: F401 (a fixture)
 from tests.test_receiver import TOKEN, am_alert, am_payload, post, served_deployment  # noqa: F401
+from tests.test_runner import wait_for_state as wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -56,16 +57,6 @@ def served(db: Db) -> Iterator[tuple[Any, uuid.UUID]]:
             runner.request_stop()
             thread.join(30)
             runner.stop(client, grace_seconds=30)
-
-
-def wait_for(client: Any, run_id: uuid.UUID, *types: StateType, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(run_id)
-        if run.state is not None and run.state.type in types:
-            return run
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} still {run.state} after {timeout} s")
 
 
 def paused_run(
