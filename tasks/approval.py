@@ -27,7 +27,7 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from tasks.cancel import pause
-from tasks.models import Action, ApprovalRecord, Decision, Finding, Severity, problems, utcnow
+from tasks.models import Action, ApprovalRecord, Decision, Finding, problems, utcnow
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -48,10 +48,6 @@ class ApprovalInput(RunInput):
         description="who decides: your name, for the report and the audit trail",
     )
     comment: str = Field("", max_length=2000, description="why, for the post-mortem")
-
-
-def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def approval_form(
@@ -82,21 +78,17 @@ def approval_form(
     lines += [f"- **{f.severity.value}** {f.check} on `{f.target}`: {f.message}" for f in found]
     if not found:
         lines.append("- no problem above its threshold")
-    lines += [
-        "",
-        "### What will change",
-        "",
-        "| # | action | target | why |",
-        "|---|---|---|---|",
-    ]
+    lines += ["", "### What will change", ""]
     for i, action in enumerate(actions, 1):
-        reasons = [f.message for f in found if f.target == action.target] or [
-            f.message for f in found if f.severity is Severity.critical
-        ]
-        lines.append(
-            f"| {i} | {_cell(action.description)} | {_cell(action.target)} | "
-            f"{_cell('; '.join(reasons[:3]) or 'see above')} |"
+        on_target = [f for f in found if f.target == action.target]
+        why = (
+            on_target[0].message
+            if len(on_target) == 1
+            else f"the {len(on_target)} problems above on `{action.target}`"
+            if on_target
+            else "the problems above"
         )
+        lines.append(f"{i}. {action.description} on `{action.target}`; why: {why}")
     kinds = Counter((a.kind, a.target) for a in actions)
     lines += ["", "### Blast radius", ""]
     lines += [f"- {n} x {kind} on `{t}`" for (kind, t), n in sorted(kinds.items())]

@@ -191,7 +191,7 @@ def finish(
     state (outcome_state)."""
     log = journal()
     status = final_status(before, after, actions)
-    if any(a.status is not ActionStatus.planned for a in actions):
+    if any(a.status in (ActionStatus.done, ActionStatus.failed) for a in actions):
         log.note("verified", f"{len(problems(after))} problem(s) remain")
     log.note("finished", status.value)
     report = Report(

@@ -143,7 +143,7 @@ def gate(
             asked.append(action)
             sources += [policy.source] if policy.source not in sources else []
     if asked:
-        why = f"approval is 'ask' by {', '.join(sources)}"
+        why = f"the policy in force is 'ask' ({'; '.join(sources)})"
         _ask(asked, before, runbook or "this runbook", target or "?", why, timeout_seconds)
     if runbook is not None and target is not None:
         _within_limits([a for a in pending if a.status is ActionStatus.planned], runbook, target)
@@ -233,7 +233,6 @@ def _ask(
         record = ApprovalRecord(
             decision=Decision.approved if approved else Decision.rejected,
             approver=terminal.who,
-            comment="at the terminal",
             requested_at=requested,
             answered_at=utcnow(),
         )

@@ -509,11 +509,16 @@ def _explain(path: Path, exc: ValidationError) -> str:
     for err in exc.errors(include_input=False, include_url=False):
         key = ".".join(str(p) for p in err["loc"])
         env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's wrapping of our own
+        if not err["loc"]:
+            # A check across sections (its message names the keys): no one key to point at.
+            lines.append(f"{path}: {message}; correct it there or in the {ENV_PREFIX}* variables")
+            continue
         if err["type"] == "extra_forbidden":
             fix = "remove it or correct its spelling"
         elif err["type"] == "missing":
             fix = f"add it to {path} or set {env}"
         else:
             fix = f"correct it in {path} or {env}"
-        lines.append(f"{path}: {key}: {err['msg']}; {fix}")
+        lines.append(f"{path}: {key}: {message}; {fix}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

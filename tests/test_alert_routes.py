@@ -317,7 +317,10 @@ BASE = '[postgres.main]\ndsn = "postgresql://app@127.0.0.1:5432/app"\n'
         ),
         ('[receiver]\ntoken = "short"\n', "receiver.token must be at least 8 characters"),
         ('[receiver]\nlisten = "8787"\n', "receiver.listen"),
-        ('[receiver]\nlisten = "127.0.0.1:70000"\n', "receiver.listen: Value error, "),
+        (
+            '[receiver]\nlisten = "127.0.0.1:70000"\n',
+            "receiver.listen: '127.0.0.1:70000': the port",
+        ),
         ('[receiver]\nlisten = "127.0.0.1:0"\n', "the port must be 1-65535"),
         ('[receiver]\ndispatch = "carrier-pigeon"\n', "receiver.dispatch"),
         ('[receiver]\ntokn = "abcdefghij"\n', "receiver.tokn"),

@@ -445,7 +445,7 @@ def test_a_bad_audit_section_is_one_clear_error_without_the_password(tmp_path: P
     )
     proc = cli("--since", "1h", config=config)
     assert proc.returncode == 2
-    assert "audit.table: Value error, must be TABLE or SCHEMA.TABLE" in proc.stderr
+    assert "audit.table: must be TABLE or SCHEMA.TABLE" in proc.stderr
     assert f"{config}" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

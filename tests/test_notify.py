@@ -405,7 +405,7 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
     [
         (
             f'urls = ["json://127.0.0.1/ok", "nosuchscheme://{TOKEN}@host"]',
-            "notify: Value error, routes[0].urls[1]: apprise does not accept this URL",
+            "notify: routes[0].urls[1]: apprise does not accept this URL",
         ),
         (
             'urls = ["json://127.0.0.1/ok"]\nrunbooks = ["no-such-book"]',

@@ -209,7 +209,7 @@ def test_gate_policy_and_approver() -> None:
     actions = [action()]
     with approver(lambda a: False, who="tester"):
         assert gate(actions, [], dry_run=False, approval="ask") == []
-    assert actions[0].detail == "rejected by tester: at the terminal"
+    assert actions[0].detail == "rejected by tester"
     actions = [action()]
     with approver(lambda a: True):
         assert gate(actions, [], dry_run=False, approval="ask") == actions
@@ -255,7 +255,7 @@ def test_approval_form_shows_evidence_actions_and_blast_radius() -> None:
     form = approval_form("postgres-connections", "main", acts, found, 900, why="W")
     assert "Approval needed: postgres-connections on `main`" in form
     assert "**critical** idle on `main`: 3 idle" in form and "fine" not in form
-    assert "| 1 | end pid 1 | main | 3 idle |" in form
+    assert "1. end pid 1 on `main`; why: 3 idle" in form
     assert "- 2 x terminate_backend on `main`" in form
     assert "within 15 min" in form and "A human is asked because W." in form
 

@@ -69,6 +69,7 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str)
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert expected in str(caught.value) and str(path) in str(caught.value)
+    assert ": :" not in str(caught.value) and "Value error" not in str(caught.value)
 
 
 def test_a_named_config_that_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
