@@ -230,8 +230,6 @@ class ObjectStorageParams(Params):
     latency_critical_ms: float = Field(5000, gt=0, le=600_000)
 
 
-OBJECT_STORAGE_THRESHOLDS = frozenset(ObjectStorageParams.model_fields)
-
 STEPS = {
     "head_bucket": "head bucket",
     "put": "put canary",

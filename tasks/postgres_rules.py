@@ -45,13 +45,6 @@ class StuckJobsParams(Params):
     max_jobs_reset: int = Field(1000, ge=0, le=100_000)
 
 
-THRESHOLD_NAMES = frozenset(
-    name
-    for model in (ConnectionsParams, MaintenanceParams, StuckJobsParams)
-    for name in model.model_fields
-)
-
-
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"

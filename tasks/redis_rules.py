@@ -31,6 +31,7 @@ class RedisHealthParams(Params):
 
 
 class LockoutParams(Params):
+    run_only = frozenset({"subject", "all"})
     subject: str | None = Field(None, min_length=1, description="a user id, email or IP")
     all: bool = False
 
@@ -45,11 +46,6 @@ class QueueBacklogParams(Params):
     waiting_threshold: int = Field(1000, ge=0)
     sample_seconds: float = Field(5, gt=0, le=300)
     scale_workers_to: int = Field(3, ge=1, le=100)
-
-
-THRESHOLD_NAMES = frozenset(
-    name for model in (RedisHealthParams, QueueBacklogParams) for name in model.model_fields
-)
 
 
 # --- redis-health --------------------------------------------------------------------------

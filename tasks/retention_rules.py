@@ -32,9 +32,6 @@ class RetentionParams(Params):
     max_deletions: int = Field(50, ge=1, le=10_000)
 
 
-THRESHOLD_NAMES = frozenset(RetentionParams.model_fields)
-
-
 class Decision(BaseModel):
     key: str
     modified: datetime

@@ -155,6 +155,7 @@ class PostgresDownParams(Params):
 
 
 class ServiceHealthParams(Params):
+    run_only = frozenset({"service"})
     service: str | None = Field(None, description="one [services.NAME]; default all")
     ready_timeout_seconds: float = Field(60, gt=0, le=3600)
 
@@ -165,14 +166,12 @@ class ResourceParams(Params):
     host_memory_percent of its memory in use, host_load_per_cpu for the 1-minute load average
     divided by its CPUs."""
 
+    run_only = frozenset({"host_memory_percent", "host_load_per_cpu"})
+
     memory_percent: float = Field(90, gt=0, le=100)
     cpu_percent: float = Field(90, gt=0, le=10_000)
     host_memory_percent: float = Field(90, gt=0, le=100)
     host_load_per_cpu: float = Field(1.5, gt=0, le=1000)
-
-
-# What a [services.NAME.thresholds] may set: the parameters that are about one service.
-THRESHOLD_NAMES = frozenset({"ready_timeout_seconds", "memory_percent", "cpu_percent"})
 
 
 def disk_finding(name: str, disk: DiskUsage) -> Finding:

@@ -34,7 +34,6 @@ class TlsParams(Params):
     timeout_seconds: float = Field(5, gt=0, le=120)
 
 
-THRESHOLD_NAMES = frozenset(TlsParams.model_fields)
 SHORT_LIFETIME_DAYS = 10
 DEFAULT_LIFETIME_DAYS = 90  # when the certificate's own is unknown
 

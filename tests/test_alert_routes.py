@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from flows.catalog import RUNBOOKS
-from tasks.alert_routes import (
+from deployments.alert_routes import (
     DEFAULT_ROUTES,
     PAYLOADS,
     AlertmanagerPayload,
@@ -30,6 +29,8 @@ from tasks.alert_routes import (
     split_alerts,
     storm_decision,
 )
+from deployments.catalog import RUNBOOKS
+from deployments.config import load_config
 from tasks.errors import ConfigError
 from tasks.postgres_rules import ConnectionsParams
 from tasks.settings import load_settings
@@ -331,7 +332,7 @@ def test_a_bad_receiver_or_route_config_is_one_clear_error(
 ) -> None:
     inventory(BASE + text)
     with pytest.raises(ConfigError) as info:
-        load_settings()
+        load_config()
     assert expected in str(info.value)
 
 

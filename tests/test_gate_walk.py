@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prefect import Task
 
-from flows.catalog import ACTION_KINDS, RUNBOOKS
+from deployments.catalog import ACTION_KINDS, RUNBOOKS
 from tasks.engine import run_action, runbook_flow
 from tasks.gate import gate
 from tasks.models import Action, ActionStatus, Report
