@@ -26,7 +26,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, suppress
@@ -60,6 +59,7 @@ from tasks.alert_routes import (
 from tasks.errors import ConfigError, TargetError
 from tasks.models import utcnow
 from tasks.settings import Settings, config_path
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     import uvicorn
@@ -130,19 +130,24 @@ class InProcessStarter:
 
         if name in self._deployments:
             return self._deployments[name]
-        deadline = time.monotonic() + DEPLOYMENT_WAIT_S
-        while True:
+
+        def lookup() -> UUID | None:
             try:
-                found = client.read_deployment_by_name(name).id
+                return client.read_deployment_by_name(name).id
             except ObjectNotFound:
-                if time.monotonic() > deadline:
-                    raise TargetError(
-                        f"deployment {name} does not exist: is `runbook serve` serving it?"
-                    ) from None
-                time.sleep(0.5)
-                continue
-            self._deployments[name] = found
-            return found
+                return None
+
+        found = poll(
+            lookup,
+            what=f"deployment {name} to be registered",
+            timeout_seconds=DEPLOYMENT_WAIT_S,
+            first_delay_seconds=0.5,
+            max_delay_seconds=0.5,
+        ).value
+        if found is None:
+            raise TargetError(f"deployment {name} does not exist: is `runbook serve` serving it?")
+        self._deployments[name] = found
+        return found
 
     def _refuse_if_closed(self) -> None:
         if self._closed:
@@ -647,12 +652,16 @@ class ReceiverServer:
 
     def start(self) -> ReceiverServer:
         self.thread.start()
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.server.should_exit = True
-                raise cannot_listen(self.receiver.config)
-            time.sleep(0.05)
+        poll(
+            lambda: self.server.started or not self.thread.is_alive(),
+            what="the receiver to listen",
+            timeout_seconds=SERVER_START_TIMEOUT_S,
+            first_delay_seconds=0.05,
+            max_delay_seconds=0.05,
+        )
+        if not self.server.started:
+            self.server.should_exit = True
+            raise cannot_listen(self.receiver.config)
         return self
 
     def stop(self) -> None:
