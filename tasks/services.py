@@ -26,7 +26,6 @@ from tasks.host import memory_file
 from tasks.settings import ServiceTarget
 
 LOG_LINES = 50
-HOST_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 COMPOSE_NUMBER = "com.docker.compose.container-number"
@@ -382,6 +381,7 @@ class DockerController:
 
     def stats(self) -> ServiceStats | None:
         total = ServiceStats(cpu_percent=0.0, memory_bytes=0, memory_limit_bytes=0)
+        host_memory: int | None = None  # the engine's machine, which may not be this one
         for c in self._containers():
             if c.status != "running":
                 continue
@@ -391,7 +391,9 @@ class DockerController:
             total.memory_bytes = (total.memory_bytes or 0) + int(mem.get("usage", 0))
             limit = int(mem.get("limit", 0))
             # Docker reports the host's memory as the limit of an unlimited container.
-            if limit and limit < HOST_MEMORY:
+            if limit and host_memory is None:
+                host_memory = int(self.client.info()["MemTotal"])
+            if limit and host_memory is not None and limit < host_memory:
                 total.memory_limit_bytes = (total.memory_limit_bytes or 0) + limit
         if not total.memory_limit_bytes:
             total.memory_limit_bytes = None
@@ -461,6 +463,22 @@ class DockerController:
 
     def close(self) -> None:
         self.client.close()
+
+
+def remote_docker_host(services: dict[str, ServiceTarget]) -> str | None:
+    """The Docker API URL of the one remote engine (not a unix socket here) that runs every
+    one of these services, whose host figures are that machine's; None when they run here,
+    or on several machines (then this machine's figures are read, as for systemd)."""
+    urls = {
+        cfg.docker_host or os.environ.get("DOCKER_HOST", DEFAULT_DOCKER_HOST)
+        if cfg.kind == "docker"
+        else DEFAULT_DOCKER_HOST
+        for cfg in services.values()
+    }
+    if len(urls) != 1:
+        return None
+    (url,) = urls
+    return None if url.startswith("unix://") else url
 
 
 def controller(name: str, cfg: ServiceTarget) -> Controller:

@@ -17,7 +17,9 @@ from flows.queue_backlog import queue_backlog
 from flows.resource_pressure import resource_pressure
 from flows.service_health import service_health
 from tasks.errors import TargetError
+from tasks.host import read_host_stats
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.service_rules import ResourceParams, host_findings
 from tasks.services import (
     COMPOSE_DIR,
     COMPOSE_FILES,
@@ -27,6 +29,7 @@ from tasks.services import (
     DEFAULT_DOCKER_HOST,
     compose_cli,
     compose_scale,
+    remote_docker_host,
     service_status,
 )
 from tasks.settings import ServiceTarget
@@ -268,3 +271,29 @@ def test_leaking_container_over_its_memory_limit_is_restarted(engine: Any, inven
     memory = {f.target: f for f in report.findings if f.check == "memory"}
     assert memory["twin"].severity is Severity.critical and memory["leaky"].threshold == 20
     client.close()
+
+
+def test_host_figures_of_a_docker_host_are_its_engines(engine: Any) -> None:
+    client = engine.client()
+    info = client.info()
+    client.close()
+    host = read_host_stats.fn(engine.socket)
+    assert host.memory_total == info["MemTotal"] and host.cpus == info["NCPU"]
+    assert host.memory_available is None and host.load_1m is None
+    memory, load = host_findings(host, ResourceParams())
+    assert memory.severity is Severity.ok and memory.observed is None
+    assert memory.message.startswith(f"unknown: the Docker host {engine.socket} reports its")
+    assert load.observed is None and load.message.startswith("unknown:")
+
+
+def test_the_host_is_read_from_the_one_remote_engine_the_services_run_on() -> None:
+    def docker(host: str | None) -> ServiceTarget:
+        return ServiceTarget(kind="docker", container="api", docker_host=host)
+
+    local = ServiceTarget(kind="systemd", unit="api.service")
+    remote = "tcp://10.0.0.5:2376"
+    assert remote_docker_host({"a": docker(remote), "b": docker(remote)}) == remote
+    assert remote_docker_host({"a": docker("unix:///run/podman.sock")}) is None
+    assert remote_docker_host({"a": local}) is None
+    # On several machines: this one's figures, as before.
+    assert remote_docker_host({"a": docker(remote), "b": local}) is None
