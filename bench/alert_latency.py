@@ -49,7 +49,7 @@ import httpx
 
 from deployments.localpg import LocalPostgres, free_port, stop_process
 from deployments.serve import start_server
-from tasks.models import wait_until
+from tasks.wait import poll
 
 HOME = Path(os.environ["PREFECT_HOME"])  # the server's home, the inventory, serve's log
 RUNBOOK, TARGET, ALERT = "postgres-connections", "main", "BenchAlert"
@@ -173,7 +173,7 @@ def settle(api: str, expected: int, timeout: float = 180) -> list[dict[str, Any]
             return False
         return len(found) >= expected and all(r["state_type"] in FINAL for r in found)
 
-    if wait_until(done, timeout, max_delay=2) is None:
+    if not poll(done, what="the runs to settle", timeout_seconds=timeout, max_delay_seconds=2).done:
         states = statistics.multimode(r["state_type"] for r in found)
         raise SystemExit(f"runs did not settle: {len(found)}/{expected}, mostly {states}")
     return found
@@ -247,7 +247,7 @@ def main() -> None:
                 a["name"] == f"{RUNBOOK}/{TARGET}: alert" for a in automations
             )
 
-        if wait_until(ready, 120) is None:
+        if not poll(ready, what="runbook serve to be ready", timeout_seconds=120).done:
             raise SystemExit(f"runbook serve not ready: {log.read_text()[-3000:]}")
         receiver = f"http://127.0.0.1:{receiver_port}"
         n = args.alerts
@@ -269,10 +269,10 @@ def main() -> None:
         prefect_runs = [by_tag[i] for i in range(n)]
 
     failed = [r["id"] for r in ours_runs + prefect_runs if r["state_type"] != "COMPLETED"]
-    poll = args.runner_poll or 10
+    runner_poll = args.runner_poll or 10
     rows = {
         "ours (receiver, direct)": (ours_sent, ours_runs),
-        f"prefect (event -> trigger -> runner, poll {poll} s)": (prefect_sent, prefect_runs),
+        f"prefect (event -> trigger -> runner, poll {runner_poll} s)": (prefect_sent, prefect_runs),
     }
     print(f"alert -> flow run, {n} alerts per path, mean interval {args.interval} s (seconds)")
     print(f"{'path':<48} {'to':<8} {'p50':>6} {'p99':>6} {'max':>6}")

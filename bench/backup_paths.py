@@ -44,7 +44,7 @@ RESTORE = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error"]
 OUR_CHECK = """
 import json, resource, sys, time
 from tasks.settings import BackupSet
-from tasks.storage import verify_backup
+from tasks.backups import verify_backup
 path = sys.argv[1]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

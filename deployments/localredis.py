@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
 
 from deployments.localpg import free_port, stop_process
+from tasks.wait import poll
 
 
 class LocalRedis:
@@ -72,16 +72,25 @@ class LocalRedis:
         self.proc = subprocess.Popen(
             [binary, *self.argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 10
-        while True:
+        proc = self.proc
+
+        def answers() -> bool:
             try:
                 with self.client() as r:
-                    r.ping()
-                return self
+                    return bool(r.ping())
             except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {self.argv}") from None
-                time.sleep(0.05)
+                return False
+
+        started = poll(
+            lambda: answers() or proc.poll() is not None,
+            what="redis-server to answer",
+            timeout_seconds=10,
+            first_delay_seconds=0.05,
+            max_delay_seconds=0.05,
+        )
+        if not started.done or proc.poll() is not None:
+            raise RuntimeError(f"redis-server did not start: {self.argv}")
+        return self
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=10)

@@ -12,13 +12,13 @@ import os
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.errors import ConfigError, TargetError
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     import uvicorn
@@ -127,24 +127,28 @@ def in_process_api(startup_timeout: float) -> Iterator[str]:
         target=settings_context.run, args=(server.run,), name="prefect-api", daemon=True
     )
     thread.start()
-    deadline = time.monotonic() + startup_timeout
     try:
-        while not server.started:
-            if not thread.is_alive():
-                raise TargetError(
-                    f"the in-process Prefect API did not start: {errors.reason()}; check "
-                    "Prefect's database (PREFECT_HOME/prefect.db unless "
-                    "PREFECT_API_DATABASE_CONNECTION_URL says otherwise), or start "
-                    "`runbook serve` or set PREFECT_API_URL"
-                )
-            if time.monotonic() > deadline:
-                server.should_exit = True
-                raise TargetError(
-                    f"the in-process Prefect API did not start within {startup_timeout:g} s "
-                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); start `runbook serve` "
-                    "or set PREFECT_API_URL"
-                )
-            time.sleep(0.01)
+        poll(
+            lambda: server.started or not thread.is_alive(),
+            what="the in-process Prefect API to start",
+            timeout_seconds=startup_timeout,
+            first_delay_seconds=0.01,
+            max_delay_seconds=0.01,
+        )
+        if not server.started and not thread.is_alive():
+            raise TargetError(
+                f"the in-process Prefect API did not start: {errors.reason()}; check "
+                "Prefect's database (PREFECT_HOME/prefect.db unless "
+                "PREFECT_API_DATABASE_CONNECTION_URL says otherwise), or start "
+                "`runbook serve` or set PREFECT_API_URL"
+            )
+        if not server.started:
+            server.should_exit = True
+            raise TargetError(
+                f"the in-process Prefect API did not start within {startup_timeout:g} s "
+                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); start `runbook serve` "
+                "or set PREFECT_API_URL"
+            )
     finally:
         logging.getLogger("uvicorn.error").removeHandler(errors)
     try:

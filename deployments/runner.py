@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from croniter import croniter
 from dateutil.rrule import rrulestr
 
 from tasks.cancel import forget_cancel, request_cancel
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -422,12 +422,18 @@ class InProcessRunner:
             request_cancel(run_id)
         if active:
             print(f"Stopping {len(active)} runs in flight at their next task", flush=True)
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline:
+
+        def ended() -> bool:
             with self._lock:
-                if not self._active:
-                    break
-            time.sleep(0.2)
+                return not self._active
+
+        poll(
+            ended,
+            what="the runs in flight to stop",
+            timeout_seconds=grace_seconds,
+            first_delay_seconds=0.2,
+            max_delay_seconds=0.2,
+        )
         with self._lock:
             queued = [(run_id, f) for run_id, f in self._futures.items() if f.cancel()]
         for run_id, _ in queued:

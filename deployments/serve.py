@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from deployments.localpg import stop_process
 from deployments.prefect_api import require_prefect_api
 from tasks.errors import ConfigError, TargetError
 from tasks.settings import ENV_PREFIX, Settings, sandbox_config_path
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -74,21 +74,25 @@ def start_server(host: str, port: int, stack: ExitStack) -> str:
             start_new_session=True,
         )
     print(f"Prefect server starting; its log: {log}", flush=True)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while not api_healthy(url):
-        if proc.poll() is not None:
-            detail = log.read_text(errors="replace")[-2000:].strip()
-            raise TargetError(
-                f"the Prefect server did not start (exit {proc.returncode}): "
-                f"{detail}; is port {port} free? (--port)"
-            )
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            raise TargetError(
-                f"the Prefect server did not answer at {url} within "
-                f"{SERVER_START_TIMEOUT} s; its log: {log}"
-            )
-        time.sleep(0.5)
+    healthy = poll(
+        lambda: api_healthy(url) or proc.poll() is not None,
+        what=f"the Prefect server to answer at {url}",
+        timeout_seconds=SERVER_START_TIMEOUT,
+        first_delay_seconds=0.5,
+        max_delay_seconds=0.5,
+    )
+    if not healthy.done:
+        stop_process(proc)
+        raise TargetError(
+            f"the Prefect server did not answer at {url} within "
+            f"{SERVER_START_TIMEOUT} s; its log: {log}"
+        )
+    if proc.poll() is not None and not api_healthy(url):
+        detail = log.read_text(errors="replace")[-2000:].strip()
+        raise TargetError(
+            f"the Prefect server did not start (exit {proc.returncode}): "
+            f"{detail}; is port {port} free? (--port)"
+        )
 
     def stop() -> None:
         stop_process(proc)

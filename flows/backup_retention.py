@@ -7,11 +7,13 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.backup_rules import storage_finding
+from tasks.backups import backups_location, list_backups
 from tasks.engine import finish, gated, run_action, runbook_flow
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
+from tasks.retention import delete_backups
 from tasks.retention_rules import (
     RetentionParams,
     plan_deletions,
@@ -19,7 +21,6 @@ from tasks.retention_rules import (
     retention_findings,
 )
 from tasks.settings import BackupSet, S3Target, load_settings
-from tasks.storage import backups_location, delete_backups, list_backups
 
 RUNBOOK = "backup-retention"
 

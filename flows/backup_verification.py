@@ -6,12 +6,12 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.backup_rules import BackupParams, backup_findings, storage_finding
+from tasks.backups import backups_location, list_backups, verify_backup
 from tasks.engine import finish, runbook_flow
 from tasks.errors import TargetUnreachable
 from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Report, utcnow
 from tasks.settings import load_settings
-from tasks.storage import backups_location, list_backups, verify_backup
 
 RUNBOOK = "backup-verification"
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 from prefect import State
 
 from tasks.backup_rules import ObjectStorageParams, canary_findings
-from tasks.engine import finish, runbook_flow
-from tasks.journal import begin
-from tasks.models import AlertInfo, Approval, Report
-from tasks.settings import load_settings
-from tasks.storage import (
+from tasks.canary import (
     Probe,
     canary_key,
     delete_canary,
@@ -21,6 +17,10 @@ from tasks.storage import (
     presigned_get,
     put_canary,
 )
+from tasks.engine import finish, runbook_flow
+from tasks.journal import begin
+from tasks.models import AlertInfo, Approval, Report
+from tasks.settings import load_settings
 
 RUNBOOK = "object-storage"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prefect import State
 
+from tasks.backups import verify_backup
 from tasks.drill_rules import PreChangeParams, dump_findings
 from tasks.dumps import Dump, dump_key, dump_to_storage
 from tasks.engine import finish, run_action, runbook_flow
@@ -14,7 +15,6 @@ from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import Action, AlertInfo, Approval, Report
 from tasks.settings import load_settings
-from tasks.storage import verify_backup
 
 RUNBOOK = "pre-change-backup"
 

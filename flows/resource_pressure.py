@@ -12,7 +12,13 @@ from tasks.host import read_host_stats
 from tasks.journal import begin
 from tasks.models import Action, AlertInfo, Approval, Finding, Report, Severity
 from tasks.service_rules import ResourceParams, host_findings, resource_findings
-from tasks.services import ServiceStats, restart_service, service_stats, service_status
+from tasks.services import (
+    ServiceStats,
+    remote_docker_host,
+    restart_service,
+    service_stats,
+    service_status,
+)
 from tasks.settings import load_settings
 
 RUNBOOK = "resource-pressure"
@@ -38,7 +44,7 @@ def resource_pressure(
     }
 
     def diagnose() -> tuple[list[Finding], dict[str, ServiceStats | None]]:
-        host = read_host_stats()
+        host = read_host_stats(remote_docker_host(services))
         found, stats = host_findings(host, p), {}
         for name, svc in services.items():
             stats[name] = service_stats(name, svc)

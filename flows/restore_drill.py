@@ -12,6 +12,7 @@ from datetime import datetime
 from prefect import State
 
 from tasks.backup_rules import storage_finding
+from tasks.backups import backups_location, list_backups
 from tasks.drill_rules import (
     DRILL_DB_PREFIX,
     RestoreDrillParams,
@@ -36,7 +37,6 @@ from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, utcnow
 from tasks.settings import PostgresTarget, load_settings
-from tasks.storage import backups_location, list_backups
 
 RUNBOOK = "restore-drill"
 

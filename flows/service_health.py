@@ -16,10 +16,11 @@ from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.http import HttpProbe, probe_http
 from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, wait_until
+from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report
 from tasks.service_rules import ServiceHealthParams, dependency_for, probe_findings
 from tasks.services import restart_service
 from tasks.settings import ServiceTarget, load_settings
+from tasks.wait import poll
 
 RUNBOOK = "service-health"
 HANDOFF: dict[str, RunbookFlow[...]] = {"postgres": postgres_down, "redis": redis_health}
@@ -126,15 +127,16 @@ def service_health(
         name = action.args["service"]
         if run_action(action, restart_service, name, services[name]) is not None:
             ready_timeout = per[name].ready_timeout_seconds
-            waited = wait_until(
+            waited = poll(
                 partial(is_answering, name, services[name]),
-                ready_timeout,
-                first_delay=1,
-                max_delay=1,
+                what=f"service {name!r} to answer",
+                timeout_seconds=ready_timeout,
+                first_delay_seconds=1,
+                max_delay_seconds=1,
             )
             action.detail += (
                 "; answering again"
-                if waited is not None
+                if waited.done
                 else f"; not answering within {ready_timeout:g} s"
             )
     # 5. verify and report

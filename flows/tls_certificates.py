@@ -4,8 +4,6 @@ reload, and proof that the new certificate is served (seeds 000 s5, 002 s3, 003)
 
 from __future__ import annotations
 
-import time
-
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
@@ -14,7 +12,7 @@ from tasks.journal import begin
 from tasks.models import ActionStatus, AlertInfo, Approval, Report, utcnow
 from tasks.services import restart_service
 from tasks.settings import load_settings
-from tasks.tls import read_served_certificates, reload_proxy, renew_certificate
+from tasks.tls import read_served_certificates, read_until_served, reload_proxy, renew_certificate
 from tasks.tls_rules import (
     TlsParams,
     declined_finding,
@@ -91,14 +89,13 @@ def tls_certificates(
         )
     # A reload is asynchronous (old workers finish their connections): give it a few seconds.
     done = [a for a in approved if a.status is ActionStatus.done]
-    deadline = time.monotonic() + RELOAD_GRACE_SECONDS
-    while True:
-        certs = read_served_certificates(endpoints, timeouts)
-        served = {c.endpoint: c for c in certs}
-        waiting = [a for a in done if served_new(a.args, served[a.target])]
-        if not waiting or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    certs = read_until_served(
+        endpoints,
+        timeouts,
+        lambda served: any(served_new(a.args, served[a.target]) for a in done),
+        RELOAD_GRACE_SECONDS,
+    )
+    served = {c.endpoint: c for c in certs}
     for action in approved:
         if action.status is not ActionStatus.done:
             continue

@@ -11,6 +11,10 @@ command -v redis-server >/dev/null || need+=(redis-server)
 # The docker controller's tests run a real Docker Engine with an image built from busybox.
 command -v dockerd >/dev/null || need+=(docker.io)
 [ -x /bin/busybox ] || need+=(busybox-static)
+# Workers are scaled through docker compose (the project's own service definition); Debian 12
+# packages the standalone docker-compose (v1), not the v2 plugin.
+command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 \
+  || need+=(docker-compose)
 # The TLS renewal is tested for real: Pebble (a test ACME server), certbot and nginx.
 command -v pebble >/dev/null || need+=(pebble)
 command -v certbot >/dev/null || need+=(certbot)

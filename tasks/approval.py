@@ -17,7 +17,6 @@ never fails the run first (its FailExpiredPauses service)."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,8 +25,8 @@ from uuid import UUID
 from prefect.input import RunInput
 from pydantic import Field
 
-from tasks.cancel import pause
 from tasks.models import Action, ApprovalRecord, Decision, Finding, problems, utcnow
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -139,12 +138,16 @@ def wait_for_approval(form: str, timeout_seconds: int) -> ApprovalRecord:
         # After the pause: Prefect's server deletes what a pause's keyset holds when it pauses.
         form_input.save(keyset, flow_run_id=run_id)
         log.warning("Paused for approval: answer on the run's page in the Prefect UI")
-        deadline = time.monotonic() + timeout_seconds
-        while time.monotonic() < deadline:
-            pause(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            answer = _answer(client, run_id, form_input, keyset)
-            if answer is not None:
-                return _record(answer, requested)
+        answered = poll(
+            lambda: _answer(client, run_id, form_input, keyset),
+            what="an answer to the approval request",
+            timeout_seconds=timeout_seconds,
+            done=lambda answer: answer is not None,
+            first_delay_seconds=POLL_SECONDS,
+            max_delay_seconds=POLL_SECONDS,
+        )
+        if answered.done:
+            return _record(answered.value, requested)
         answer = _resume_unanswered(client, run_id, form_input, keyset, timeout_seconds)
     if answer is not None:
         return _record(answer, requested)

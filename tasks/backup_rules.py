@@ -12,8 +12,9 @@ from pydantic import Field
 from tasks.models import Finding, Params, Severity
 
 if TYPE_CHECKING:
+    from tasks.backups import Backup, Integrity
+    from tasks.canary import Probe
     from tasks.settings import BackupSet
-    from tasks.storage import Backup, Integrity, Probe
 
 
 class BackupParams(Params):

@@ -3,7 +3,7 @@
 The runner marks a run with request_cancel() when someone sets it Cancelling (the UI's Cancel)
 or serve stops. The run then raises prefect.exceptions.Abort at its next task call
 (tasks.engine.RunbookTask) or during a wait of the flow between tasks (pause, and
-tasks.models.wait_until), which ends it without a Failed or Crashed state; the runner then
+tasks.wait.poll), which ends it without a Failed or Crashed state; the runner then
 sets it Cancelled. Inside a task nothing is raised (Prefect would log the task as an error):
 the task finishes on its own timeouts and the run stops at the next call. Outside such a run
 (the CLI, tests) nothing is ever requested and the checks cost a set lookup."""

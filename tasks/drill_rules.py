@@ -14,9 +14,9 @@ from tasks.errors import ConfigError
 from tasks.models import Action, Finding, Params, Severity
 
 if TYPE_CHECKING:
+    from tasks.backups import Backup, Integrity
     from tasks.dumps import CheckResult, Dump, Restore
     from tasks.settings import PostgresTarget
-    from tasks.storage import Backup, Integrity
 
 DRILL_DB_PREFIX = "runbook_drill_"
 

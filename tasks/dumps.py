@@ -21,24 +21,22 @@ from psycopg import sql
 from pydantic import BaseModel, SecretStr
 
 from tasks.backup_rules import newer_client_needed, older_server_note
-from tasks.engine import io_task
-from tasks.errors import ActionFailed, ConfigError, RunbookError
-from tasks.host import memory_file
-from tasks.postgres import _first_line, connect
-from tasks.settings import BackupSet, PostgresTarget, S3Target
-from tasks.storage import (
-    CHUNK,
+from tasks.backups import (
     BackupRefused,
     BadGzip,
-    _storage_errors,
     dump_stream,
     error_lines,
     pg_restore_version,
     read_chunks,
     run_fed,
-    s3_client,
     set_prefix,
 )
+from tasks.engine import io_task
+from tasks.errors import ActionFailed, ConfigError, RunbookError
+from tasks.host import memory_file
+from tasks.postgres import _first_line, connect
+from tasks.settings import BackupSet, PostgresTarget, S3Target
+from tasks.storage import CHUNK, s3_client, storage_errors
 
 RESTORE_TIMEOUT_SECONDS = 6 * 3600
 DUMP_TIMEOUT_SECONDS = 6 * 3600
@@ -131,11 +129,11 @@ def restore_backup(
     dbname: str,
 ) -> Restore:
     """Stream the backup into the scratch database: pg_restore for archives (custom format,
-    tar), psql for plain SQL scripts, judged by content (tasks.storage.dump_stream), .gz
+    tar), psql for plain SQL scripts, judged by content (tasks.backups.dump_stream), .gz
     inflated on the way. A backup that does not restore is a result, not an error."""
     start = time.perf_counter()
     try:
-        with _storage_errors(f"backups {name!r}: {key}"):
+        with storage_errors(f"backups {name!r}: {key}"):
             head, stream, plain = dump_stream(read_chunks(backup, s3, key), key)
     except BadGzip as exc:
         return Restore(ok=False, seconds=time.perf_counter() - start, detail=str(exc))
@@ -316,7 +314,7 @@ def dump_to_storage(
     if s3 is None:
         Path(key + ".sha256").write_bytes(sidecar)
     else:
-        with _storage_errors(f"backups {name!r}: {key}.sha256"):
+        with storage_errors(f"backups {name!r}: {key}.sha256"):
             s3_client(s3).put_object(Bucket=s3.bucket, Key=key + ".sha256", Body=sidecar)
     return Dump(key=key, size=reader.size, sha256=sha, seconds=time.perf_counter() - start)
 
@@ -336,7 +334,7 @@ def _write(s3: S3Target | None, key: str, reader: _DumpReader, name: str) -> Non
         return
     from boto3.s3.transfer import TransferConfig
 
-    with _storage_errors(f"backups {name!r}: {key}"):
+    with storage_errors(f"backups {name!r}: {key}"):
         s3_client(s3).upload_fileobj(
             reader,
             s3.bucket,

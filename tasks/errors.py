@@ -5,6 +5,7 @@
     +-- TargetError              the runbook could not do its job on a target (exit 3)
         +-- TargetUnreachable    could not connect; `transient` says whether a retry may help
         +-- ActionFailed         an action was attempted and the system refused it
+        +-- WaitTimedOut         a condition waited for (tasks.wait.poll) did not come in time
 
 Messages name the target, what was observed and how to fix it. They never contain a secret:
 DSNs are shown through `tasks.settings.describe_dsn`, which drops the password.
@@ -32,4 +33,8 @@ class TargetUnreachable(TargetError):
 
 
 class ActionFailed(TargetError):
+    pass
+
+
+class WaitTimedOut(TargetError):
     pass

@@ -1,25 +1,36 @@
-"""The local host: memory, load and disk, read from /proc and statvfs (no subprocess)."""
+"""The host: memory, load and disk, read from /proc and statvfs (no subprocess) on this
+machine, or memory from the Docker engine's info when the services run on a remote engine."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from contextlib import closing
 from pathlib import Path
 from typing import IO
 
+import docker
+import docker.errors
 from pydantic import BaseModel
 
 from tasks.engine import io_task
+from tasks.errors import TargetUnreachable
 
 
 class HostStats(BaseModel):
+    """Memory in bytes; None where the source does not give it (a Docker engine's info has
+    the total and the CPUs, not what is available nor the load). machine: where it was read."""
+
     memory_total: int
-    memory_available: int
-    load_1m: float
+    memory_available: int | None
+    load_1m: float | None
     cpus: int
+    machine: str = "this machine"
 
     @property
-    def memory_percent(self) -> float:
+    def memory_percent(self) -> float | None:
+        if self.memory_available is None:
+            return None
         return 100 * (1 - self.memory_available / self.memory_total)
 
 
@@ -33,8 +44,14 @@ class DiskUsage(BaseModel):
         return 100 * (1 - self.free / self.total) if self.total else 0.0
 
 
-@io_task("read-host-stats", timeout_seconds=10, retries=0)
-def read_host_stats() -> HostStats:
+@io_task("read-host-stats", timeout_seconds=30, retries=0)
+def read_host_stats(docker_host: str | None = None) -> HostStats:
+    """This machine's memory, load and CPUs from /proc; with docker_host (a Docker API URL,
+    for services on a remote engine), that engine's total memory and CPUs, the rest unknown.
+
+    Raises TargetUnreachable (transient) when the Docker engine does not answer in 10 s."""
+    if docker_host is not None:
+        return _engine_stats(docker_host)
     meminfo = {
         line.split(":")[0]: int(line.split()[1]) * 1024
         for line in Path("/proc/meminfo").read_text().splitlines()
@@ -45,6 +62,23 @@ def read_host_stats() -> HostStats:
         memory_available=meminfo["MemAvailable"],
         load_1m=os.getloadavg()[0],
         cpus=os.cpu_count() or 1,
+    )
+
+
+def _engine_stats(docker_host: str) -> HostStats:
+    try:
+        with closing(docker.DockerClient(base_url=docker_host, timeout=10)) as client:
+            info = client.info()
+    except docker.errors.DockerException as exc:
+        raise TargetUnreachable(
+            f"Docker host {docker_host}: cannot read its memory: {exc}", transient=True
+        ) from exc
+    return HostStats(
+        memory_total=int(info["MemTotal"]),
+        memory_available=None,
+        load_1m=None,
+        cpus=int(info.get("NCPU") or 1),
+        machine=f"the Docker host {docker_host}",
     )
 
 

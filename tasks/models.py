@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.cancel import pause
 from tasks.errors import ConfigError
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def wait_until(
-    ready: Callable[[], bool], timeout_s: float, *, first_delay: float = 0.5, max_delay: float = 5
-) -> float | None:
-    """Seconds until ready() is true, polling with backoff; None if it was not within
-    timeout_s."""
-    start, delay = time.monotonic(), first_delay
-    while True:
-        if ready():
-            return time.monotonic() - start
-        left = timeout_s - (time.monotonic() - start)
-        if left <= 0:
-            return None
-        pause(min(delay, left))
-        delay = min(delay * 2, max_delay)
 
 
 # Who decides on destructive actions: auto (approved), ask (a human, at the CLI's prompt or

@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
-from tasks.models import wait_until
 from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable
+from tasks.wait import poll
 
 CONNECT_TIMEOUT_SECONDS = 5
 APPLICATION_NAME = "runbook"
@@ -201,13 +201,19 @@ def await_queries_ended(
 ) -> list[int]:
     """Wait up to grace_seconds for cancelled queries to end; return the pids still running."""
     args = {"pids": [q["pid"] for q in queries], "starts": [q["query_start"] for q in queries]}
-    deadline = time.monotonic() + grace_seconds
-    while True:
+
+    def running() -> list[int]:
         with connect(name, target) as conn:
-            running = [r["pid"] for r in conn.execute(_STILL_RUNNING, args).fetchall()]
-        if not running or time.monotonic() >= deadline:
-            return running
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            return [r["pid"] for r in conn.execute(_STILL_RUNNING, args).fetchall()]
+
+    return poll(
+        running,
+        what=f"the cancelled queries on postgres target {name!r} to end",
+        timeout_seconds=grace_seconds,
+        done=lambda pids: not pids,
+        first_delay_seconds=0.5,
+        max_delay_seconds=0.5,
+    ).value
 
 
 @io_task("terminate-backend", timeout_seconds=30)
@@ -644,7 +650,12 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
 
 
 @io_task("await-postgres-ready", timeout_seconds=3700, retries=0)
-def await_postgres_ready(name: str, target: PostgresTarget, timeout_s: float) -> float | None:
+def await_postgres_ready(name: str, target: PostgresTarget, timeout_seconds: float) -> float | None:
     """Seconds until SELECT 1 answers, backing off from 0.5 s to 5 s; None if it never did
-    within timeout_s."""
-    return wait_until(lambda: probe_postgres.fn(name, target).ok, timeout_s)
+    within timeout_seconds."""
+    waited = poll(
+        lambda: probe_postgres.fn(name, target).ok,
+        what=f"postgres target {name!r} to answer",
+        timeout_seconds=timeout_seconds,
+    )
+    return waited.seconds if waited.done else None

@@ -13,9 +13,9 @@ import redis
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
-from tasks.models import wait_until
 from tasks.redis_rules import QueueCounts, RedisHealth, lockout_patterns
 from tasks.settings import RedisTarget
+from tasks.wait import poll
 
 TIMEOUT_SECONDS = 5
 SCAN_COUNT = 1000
@@ -221,7 +221,9 @@ def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict
 
 
 @io_task("await-redis-ready", timeout_seconds=3700, retries=0)
-def await_redis_ready(name: str, target: RedisTarget, timeout_s: float) -> bool:
+def await_redis_ready(name: str, target: RedisTarget, timeout_seconds: float) -> bool:
+    """Whether the server answers PING within timeout_seconds (backing off from 0.2 s to 2 s)."""
+
     def answers() -> bool:
         try:
             with connect(name, target) as r:
@@ -229,4 +231,10 @@ def await_redis_ready(name: str, target: RedisTarget, timeout_s: float) -> bool:
         except TargetUnreachable:
             return False
 
-    return wait_until(answers, timeout_s, first_delay=0.2, max_delay=2) is not None
+    return poll(
+        answers,
+        what=f"redis target {name!r} to answer",
+        timeout_seconds=timeout_seconds,
+        first_delay_seconds=0.2,
+        max_delay_seconds=2,
+    ).done

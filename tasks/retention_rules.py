@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from tasks.models import Action, Finding, Params, Severity
 
 if TYPE_CHECKING:
-    from tasks.storage import Backup
+    from tasks.backups import Backup
 
 MIN_AGE = timedelta(hours=24)
 ROWS_SHOWN = 200  # rows of the per-backup table in the report; the counts cover the rest

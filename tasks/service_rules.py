@@ -315,7 +315,10 @@ def resource_findings(
 
 
 def host_findings(host: HostStats, p: ResourceParams) -> list[Finding]:
-    memory, load = host.memory_percent, host.load_1m / host.cpus
+    memory, load_1m = host.memory_percent, host.load_1m
+    if memory is None or load_1m is None:
+        return _unknown_host_findings(host, p)
+    load = load_1m / host.cpus
     return [
         Finding(
             check="host_memory",
@@ -329,8 +332,31 @@ def host_findings(host: HostStats, p: ResourceParams) -> list[Finding]:
             check="host_load",
             target="host",
             severity=Severity.warning if load >= p.host_load_per_cpu else Severity.ok,
-            observed=round(host.load_1m, 2),
+            observed=round(load_1m, 2),
             threshold=p.host_load_per_cpu * host.cpus,
-            message=f"load {host.load_1m:.2f} on {host.cpus} CPUs",
+            message=f"load {load_1m:.2f} on {host.cpus} CPUs",
+        ),
+    ]
+
+
+def _unknown_host_findings(host: HostStats, p: ResourceParams) -> list[Finding]:
+    """What the source did not give is said to be unknown, not judged."""
+    total = f"{host.memory_total / 2**30:.1f} GiB"
+    return [
+        Finding(
+            check="host_memory",
+            target="host",
+            severity=Severity.ok,
+            observed=None,
+            threshold=p.host_memory_percent,
+            message=f"unknown: {host.machine} reports its total ({total}), not what is in use",
+        ),
+        Finding(
+            check="host_load",
+            target="host",
+            severity=Severity.ok,
+            observed=None,
+            threshold=p.host_load_per_cpu * host.cpus,
+            message=f"unknown: {host.machine} does not report its load ({host.cpus} CPUs)",
         ),
     ]

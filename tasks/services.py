@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -24,10 +26,12 @@ from tasks.host import memory_file
 from tasks.settings import ServiceTarget
 
 LOG_LINES = 50
-HOST_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 COMPOSE_NUMBER = "com.docker.compose.container-number"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+COMPOSE_FILES = "com.docker.compose.project.config_files"
+COMPOSE_DIR = "com.docker.compose.project.working_dir"
 
 
 class ServiceStatus(BaseModel):
@@ -238,14 +242,75 @@ def cpu_percent(stats: dict[str, Any]) -> float | None:
     return 100.0 * used / system * cpus if system > 0 else 0.0
 
 
+class ComposeScale(BaseModel):
+    """How to scale a compose service: argv to run here (None: it cannot run here, `missing`
+    says why), and the command for a human either way."""
+
+    argv: list[str] | None
+    command: list[str]
+    missing: str = ""
+
+
+def compose_cli() -> list[str] | None:
+    """The compose CLI of this machine: the docker plugin (`docker compose`), else the
+    standalone `docker-compose`; None when neither is installed."""
+    docker_cli = shutil.which("docker")
+    if docker_cli is not None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            probe = subprocess.run(
+                [docker_cli, "compose", "version"],
+                capture_output=True,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                timeout=10,
+            )
+            if probe.returncode == 0:
+                return [docker_cli, "compose"]
+    standalone = shutil.which("docker-compose")
+    return [standalone] if standalone is not None else None
+
+
+def compose_scale(
+    cfg: ServiceTarget,
+    labels: dict[str, str],
+    replicas: int,
+    docker_host: str,
+    cli: list[str] | None,
+) -> ComposeScale:
+    """The compose command that scales cfg's service to `replicas`, from the labels docker
+    compose puts on the containers it makes (project, config files, working directory), for
+    the engine at docker_host. cli: this machine's compose CLI (compose_cli()). The command is
+    runnable here (argv) when there is a CLI and the project's files are on this machine."""
+    project = labels.get(COMPOSE_PROJECT) or cfg.compose_project or ""
+    service = cfg.compose_service or ""
+    files = [f for f in labels.get(COMPOSE_FILES, "").split(",") if f]
+    where = labels.get(COMPOSE_DIR)
+    args = ["-p", project]
+    for f in files or ["<the project's compose file>"]:
+        args += ["-f", f]
+    args += ["--project-directory", where] if where else []
+    args += ["up", "-d", "--scale", f"{service}={replicas}", "--no-recreate", service]
+    command = ["docker", "compose", *args]
+    if docker_host != DEFAULT_DOCKER_HOST:
+        command = ["env", f"DOCKER_HOST={docker_host}", *command]
+    if not files:
+        missing = f"its containers carry no {COMPOSE_FILES} label (not made by docker compose)"
+    elif absent := [f for f in files if not Path(f).is_file()]:
+        missing = f"the compose file {', '.join(absent)} is not on this machine"
+    elif cli is None:
+        missing = "no docker compose here (apt-get install docker-compose-v2 or docker-compose)"
+    else:
+        return ComposeScale(argv=[*cli, *args], command=command)
+    return ComposeScale(argv=None, command=command, missing=missing)
+
+
 class DockerController:
     def __init__(self, name: str, cfg: ServiceTarget) -> None:
         self.name, self.cfg = name, cfg
+        self.base_url = cfg.docker_host or os.environ.get("DOCKER_HOST", DEFAULT_DOCKER_HOST)
         try:
             self.client = docker.DockerClient(
-                base_url=cfg.docker_host
-                or os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
-                timeout=int(cfg.timeout_seconds),
+                base_url=self.base_url, timeout=int(cfg.timeout_seconds)
             )
         except docker.errors.DockerException as exc:
             raise TargetUnreachable(
@@ -316,6 +381,7 @@ class DockerController:
 
     def stats(self) -> ServiceStats | None:
         total = ServiceStats(cpu_percent=0.0, memory_bytes=0, memory_limit_bytes=0)
+        host_memory: int | None = None  # the engine's machine, which may not be this one
         for c in self._containers():
             if c.status != "running":
                 continue
@@ -325,15 +391,21 @@ class DockerController:
             total.memory_bytes = (total.memory_bytes or 0) + int(mem.get("usage", 0))
             limit = int(mem.get("limit", 0))
             # Docker reports the host's memory as the limit of an unlimited container.
-            if limit and limit < HOST_MEMORY:
+            if limit and host_memory is None:
+                host_memory = int(self.client.info()["MemTotal"])
+            if limit and host_memory is not None and limit < host_memory:
                 total.memory_limit_bytes = (total.memory_limit_bytes or 0) + limit
         if not total.memory_limit_bytes:
             total.memory_limit_bytes = None
         return total
 
     def scale(self, replicas: int) -> str:
-        """Compose services only: add containers cloned from the first, or remove the highest
-        numbered, so that `replicas` carry the service's labels."""
+        """Compose services only, through the compose project's own service definition (its
+        volumes, ports and limits): `docker compose ... up -d --scale S=N --no-recreate S`
+        with the project, files and directory its containers' labels name. Without a compose
+        CLI or the project's files on this machine, fewer replicas are had by stopping the
+        highest numbered containers; more are refused (ActionFailed) with the command to run,
+        since a container copied by hand would lack what the definition gives it."""
         if self.cfg.container:
             raise ActionFailed(
                 f"service {self.name!r} is one container: scaling needs "
@@ -341,33 +413,72 @@ class DockerController:
             )
         containers = self._containers()
         have = len(containers)
-        try:
-            if replicas > have:
-                base = containers[0].attrs
-                numbers = {int(c.labels.get(COMPOSE_NUMBER, 0)) for c in containers}
-                for n in range(replicas - have):
-                    number = max(numbers) + 1 + n
-                    labels = {**base["Config"]["Labels"], COMPOSE_NUMBER: str(number)}
-                    self.client.containers.run(
-                        base["Config"]["Image"],
-                        base["Config"]["Cmd"],
-                        environment=base["Config"].get("Env"),
-                        labels=labels,
-                        detach=True,
-                        name=f"{self.cfg.compose_project}-{self.cfg.compose_service}-{number}",
-                        network_mode=base["HostConfig"].get("NetworkMode") or "none",
-                    )
-            for c in containers[replicas:][::-1] if replicas < have else []:
-                c.stop(timeout=int(self.cfg.timeout_seconds))
-                c.remove()
-        except docker.errors.DockerException as exc:
+        plan = compose_scale(self.cfg, containers[0].labels, replicas, self.base_url, compose_cli())
+        if plan.argv is not None:
+            self._compose(plan.argv, replicas)
+        elif replicas > have:
             raise ActionFailed(
-                f"service {self.name!r}: scaling to {replicas} failed: {exc}"
-            ) from exc
+                f"service {self.name!r}: not scaled to {replicas}: {plan.missing}; a copy made "
+                "here would lack the volumes, ports and limits of the compose definition. Run: "
+                f"{shlex.join(plan.command)}"
+            )
+        else:
+            try:
+                for c in containers[replicas:][::-1]:
+                    c.stop(timeout=int(self.cfg.timeout_seconds))
+                    c.remove()
+            except docker.errors.DockerException as exc:
+                raise ActionFailed(
+                    f"service {self.name!r}: scaling to {replicas} failed: {exc}"
+                ) from exc
         return f"{have} -> {replicas} replicas"
+
+    def _compose(self, argv: list[str], replicas: int) -> None:
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                timeout=self.cfg.timeout_seconds,
+                env={**os.environ, "DOCKER_HOST": self.base_url},
+            )
+        except subprocess.TimeoutExpired:
+            raise ActionFailed(
+                f"service {self.name!r}: {shlex.join(argv)} did not finish within "
+                f"{self.cfg.timeout_seconds:g} s (timeout_seconds)"
+            ) from None
+        if proc.returncode != 0:
+            raise ActionFailed(
+                f"service {self.name!r}: {shlex.join(argv)} exited {proc.returncode}: "
+                f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+            )
+        now = len(self._containers())
+        if now != replicas:
+            raise ActionFailed(
+                f"service {self.name!r}: {shlex.join(argv)} left {now} containers, not "
+                f"{replicas}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+            )
 
     def close(self) -> None:
         self.client.close()
+
+
+def remote_docker_host(services: dict[str, ServiceTarget]) -> str | None:
+    """The Docker API URL of the one remote engine (not a unix socket here) that runs every
+    one of these services, whose host figures are that machine's; None when they run here,
+    or on several machines (then this machine's figures are read, as for systemd)."""
+    urls = {
+        cfg.docker_host or os.environ.get("DOCKER_HOST", DEFAULT_DOCKER_HOST)
+        if cfg.kind == "docker"
+        else DEFAULT_DOCKER_HOST
+        for cfg in services.values()
+    }
+    if len(urls) != 1:
+        return None
+    (url,) = urls
+    return None if url.startswith("unix://") else url
 
 
 def controller(name: str, cfg: ServiceTarget) -> Controller:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ssl
 import subprocess
+from collections.abc import Callable
 from datetime import datetime
 
 from cryptography import x509
@@ -19,6 +20,7 @@ from tasks.engine import io_task
 from tasks.errors import ActionFailed
 from tasks.settings import TlsEndpoint
 from tasks.tls_rules import declined
+from tasks.wait import poll
 
 COMMAND_TIMEOUT_SECONDS = 300
 
@@ -143,6 +145,32 @@ def read_served_certificates(
         return list(await asyncio.gather(*checks))
 
     return asyncio.run(all_of_them())
+
+
+def read_until_served(
+    endpoints: dict[str, TlsEndpoint],
+    timeouts: dict[str, float],
+    still_old: Callable[[dict[str, ServedCert]], object],
+    grace_seconds: float,
+) -> list[ServedCert]:
+    """Read what the endpoints serve (read_served_certificates, timeouts in seconds per
+    endpoint) until still_old(the reading by endpoint name) is false, or grace_seconds have
+    passed: a reload is asynchronous (old workers finish their connections). Every 0.5 s,
+    through tasks.wait.poll, so a cancelled run stops meanwhile (prefect Abort).
+
+    Returns the last reading, in the order of read_served_certificates."""
+
+    def by_endpoint(certs: list[ServedCert]) -> dict[str, ServedCert]:
+        return {c.endpoint: c for c in certs}
+
+    return poll(
+        lambda: read_served_certificates(endpoints, timeouts),
+        what="the renewed certificates to be served",
+        timeout_seconds=grace_seconds,
+        done=lambda certs: not still_old(by_endpoint(certs)),
+        first_delay_seconds=0.5,
+        max_delay_seconds=0.5,
+    ).value
 
 
 def _run(what: str, name: str, argv: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:

@@ -18,7 +18,8 @@ import httpx
 
 from deployments.localpg import free_port, stop_process
 from deployments.serve import api_healthy
-from tasks.models import utcnow, wait_until
+from tasks.models import utcnow
+from tasks.wait import poll
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 TIMEOUT = httpx.Timeout(30)  # a ceiling: a busy SQLite Prefect server can stall a read
@@ -82,7 +83,13 @@ class Alertmanager:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
-        if wait_until(self._ready, 30, first_delay=0.1, max_delay=0.5) is None:
+        if not poll(
+            self._ready,
+            what="Alertmanager to be ready",
+            timeout_seconds=30,
+            first_delay_seconds=0.1,
+            max_delay_seconds=0.5,
+        ).done:
             self.stop()
             raise RuntimeError(f"Alertmanager did not become ready: {self.log[-2000:]}")
         return self
@@ -130,7 +137,13 @@ class Alertmanager:
             found.extend(a["fingerprint"] for a in alerts if a["labels"] == labels)
             return bool(found)
 
-        if wait_until(listed, 10, first_delay=0.1, max_delay=0.5) is None:
+        if not poll(
+            listed,
+            what="Alertmanager to list the alert",
+            timeout_seconds=10,
+            first_delay_seconds=0.1,
+            max_delay_seconds=0.5,
+        ).done:
             raise AssertionError(f"Alertmanager does not list an alert with labels {labels}")
         return found[0]
 
@@ -182,7 +195,12 @@ class PrefectServer:
                 raise RuntimeError(f"prefect server exited: {self.log.read_text()[-2000:]}")
             return api_healthy(self.api)
 
-        if wait_until(healthy, timeout, max_delay=1) is None:
+        if not poll(
+            healthy,
+            what="the prefect server to be healthy",
+            timeout_seconds=timeout,
+            max_delay_seconds=1,
+        ).done:
             self.stop()
             raise RuntimeError(f"prefect server not healthy in {timeout} s: {self.log}")
         return self
@@ -231,7 +249,13 @@ class Serve:
                 raise AssertionError(f"runbook serve exited {self.proc.returncode}: {self.output}")
             return any(line.startswith(ready) for line in self.output.splitlines())
 
-        if wait_until(started, timeout, first_delay=0.2, max_delay=1) is None:
+        if not poll(
+            started,
+            what="runbook serve to be ready",
+            timeout_seconds=timeout,
+            first_delay_seconds=0.2,
+            max_delay_seconds=1,
+        ).done:
             raise AssertionError(f"runbook serve did not print {ready!r}: {self.output}")
         return self
 

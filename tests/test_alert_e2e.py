@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from deployments.localpg import free_port
-from tasks.models import utcnow, wait_until
+from tasks.models import utcnow
+from tasks.wait import poll
 from tests.alertmanager_helpers import (
     Alertmanager,
     PrefectServer,
@@ -62,7 +63,13 @@ def feed(api: str, name: str, fingerprint: str) -> dict[str, Any]:
         found[:] = events(api, name, f"runbook.alert.{fingerprint}")
         return bool(found)
 
-    assert wait_until(listed, 30, first_delay=0.5, max_delay=1) is not None, name
+    assert poll(
+        listed,
+        what="the alert event",
+        timeout_seconds=30,
+        first_delay_seconds=0.5,
+        max_delay_seconds=1,
+    ).done, name
     assert len(found) == 1, found
     return found[0]
 
@@ -96,12 +103,11 @@ def test_alertmanager_alert_runs_the_runbook_and_fixes_the_incident(
         )
         assert httpx.get(f"http://127.0.0.1:{receiver_port}/healthz", timeout=5).status_code == 200
         # The trigger has to exist before the event it waits for.
-        assert (
-            wait_until(
-                lambda: f"{RUNBOOK}/main: alert" in {a["name"] for a in automations(serve.api)}, 60
-            )
-            is not None
-        ), serve.output
+        assert poll(
+            lambda: f"{RUNBOOK}/main: alert" in {a["name"] for a in automations(serve.api)},
+            what="the alert trigger",
+            timeout_seconds=60,
+        ).done, serve.output
         alertmanager.start()
 
         starts_at = utcnow()
@@ -114,9 +120,9 @@ def test_alertmanager_alert_runs_the_runbook_and_fixes_the_incident(
             done[:] = [r for r in alert_runs(serve.api) if r["state_type"] in FINAL]
             return bool(done)
 
-        assert wait_until(finished, 90, max_delay=1) is not None, (
-            f"no run finished; serve: {serve.output[-3000:]}; Alertmanager: {alertmanager.log}"
-        )
+        assert poll(
+            finished, what="an alert run to finish", timeout_seconds=90, max_delay_seconds=1
+        ).done, f"no run finished; serve: {serve.output[-3000:]}; Alertmanager: {alertmanager.log}"
         (run,) = done
         assert run["state_type"] == "COMPLETED", run["state"]
         # Typed all the way: an int and a bool, not "1" and "false".

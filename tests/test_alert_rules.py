@@ -24,7 +24,8 @@ import yaml
 
 from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port, stop_process
-from tasks.models import utcnow, wait_until
+from tasks.models import utcnow
+from tasks.wait import poll
 
 ALERTS = Path(__file__).resolve().parents[1] / "deployments" / "alerts"
 RULE_FILES = sorted(ALERTS.glob("*.rules.yml"))
@@ -271,7 +272,13 @@ def example_alertmanager() -> Iterator[tuple[str, Webhook, str]]:
             except httpx.TransportError:
                 return False
 
-        assert wait_until(ready, 30, first_delay=0.1, max_delay=0.5) is not None
+        assert poll(
+            ready,
+            what="Alertmanager to be ready",
+            timeout_seconds=30,
+            first_delay_seconds=0.1,
+            max_delay_seconds=0.5,
+        ).done
         yield api, webhook, token
     finally:
         stop_process(proc)
@@ -311,7 +318,12 @@ def test_example_config_routes_runbook_alerts_to_the_receiver(
     unrelated = {"alertname": "Watchdog", "instance": "prometheus:9090", "severity": "none"}
     post_alerts(api, [firing(critical, started), firing(unrelated, started)])
 
-    assert wait_until(lambda: bool(webhook.posts), 20, first_delay=0.2) is not None
+    assert poll(
+        lambda: bool(webhook.posts),
+        what="a webhook post",
+        timeout_seconds=20,
+        first_delay_seconds=0.2,
+    ).done
     first = webhook.posts[0]
     assert first["path"] == "/alerts/alertmanager"
     assert first["authorization"] == f"Bearer {token}"
@@ -325,10 +337,21 @@ def test_example_config_routes_runbook_alerts_to_the_receiver(
     # (Sent in the same instant as the critical, Alertmanager may let it through once:
     # prometheus/alertmanager#2229.)
     post_alerts(api, [firing(warning, started)])
-    assert wait_until(lambda: bool(inhibited_by(api, warning)), 10, first_delay=0.2) is not None
+    assert poll(
+        lambda: bool(inhibited_by(api, warning)),
+        what="the warning to be inhibited",
+        timeout_seconds=10,
+        first_delay_seconds=0.2,
+    ).done
     # A few group intervals for anything else Alertmanager would send.
     deadline = utcnow() + timedelta(seconds=3)
-    wait_until(lambda: utcnow() > deadline, 5, first_delay=0.5, max_delay=0.5)
+    poll(
+        lambda: utcnow() > deadline,
+        what="a few group intervals",
+        timeout_seconds=5,
+        first_delay_seconds=0.5,
+        max_delay_seconds=0.5,
+    )
     delivered = [alert["labels"] for alert in webhook.alerts()]
     assert warning not in delivered
     # Alerts without a runbook label never reach the receiver.
@@ -345,13 +368,11 @@ def test_example_config_routes_runbook_alerts_to_the_receiver(
             }
         ],
     )
-    assert (
-        wait_until(
-            lambda: any(
-                a["labels"] == critical and a["status"] == "resolved" for a in webhook.alerts()
-            ),
-            20,
-            first_delay=0.2,
-        )
-        is not None
-    )
+    assert poll(
+        lambda: any(
+            a["labels"] == critical and a["status"] == "resolved" for a in webhook.alerts()
+        ),
+        what="the resolved alert to be sent",
+        timeout_seconds=20,
+        first_delay_seconds=0.2,
+    ).done

@@ -32,8 +32,8 @@ from tasks.models import (
     Decision,
     Report,
     RunStatus,
-    wait_until,
 )
+from tasks.wait import poll
 from tests.conftest import Db
 
 RUNBOOK = str(Path(sys.executable).parent / "runbook")
@@ -167,7 +167,7 @@ def events_of(api: str, target: str, count: int) -> list[dict[str, Any]]:
         found[:] = response.json()["events"]
         return len(found) >= count
 
-    wait_until(seen, 60)
+    poll(seen, what="the events of the run", timeout_seconds=60)
     return found
 
 

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from flows.backup_retention import backup_retention
+from tasks.backups import Backup
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.retention import batches
 from tasks.retention_rules import RetentionParams, plan_retention, retention_findings
-from tasks.storage import Backup, batches
 from tests.s3_helpers import KEY, SECRET, MotoServer, client
 from tests.test_cli import cli, no_traceback
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from deployments.localpg import free_port
 from flows.backup_verification import backup_verification
 from tasks.backup_rules import dump_made_by, newer_client_needed
+from tasks.backups import BadGzip, gunzip, verify_backup
 from tasks.models import RunStatus, Severity
 from tasks.settings import BackupSet, S3Target
-from tasks.storage import BadGzip, gunzip, verify_backup
 from tests.conftest import Db
 from tests.s3_helpers import KEY, SECRET, MotoServer
 from tests.test_restore_drill import fill, future_dump, gzip_t, pg_dump, sql_gz

@@ -21,8 +21,8 @@ from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port
 from deployments.sandbox import Sandbox
 from deployments.serve import alert_trigger_spec, build_deployments
-from tasks.models import wait_until
 from tasks.settings import load_settings
+from tasks.wait import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,9 +128,12 @@ def test_serve_runs_the_sandbox_in_process_and_sigterm_stops_it(tmp_path: Path) 
         )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        assert wait_until(lambda: "Serving " in log.read_text(), 200, max_delay=1) is not None, (
-            log.read_text()
-        )
+        assert poll(
+            lambda: "Serving " in log.read_text(),
+            what="serve to say Serving",
+            timeout_seconds=200,
+            max_delay_seconds=1,
+        ).done, log.read_text()
         ui = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()
         assert ui["api_url"] == api
         deployed = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
@@ -144,7 +147,12 @@ def test_serve_runs_the_sandbox_in_process_and_sigterm_stops_it(tmp_path: Path) 
             return {r["state_name"] for r in runs}
 
         # stuck-jobs and postgres-maintenance fix theirs at once, TLS stays unhealthy
-        assert wait_until(lambda: {"Fixed", "Unhealthy"} <= outcomes(), 180, max_delay=2)
+        assert poll(
+            lambda: {"Fixed", "Unhealthy"} <= outcomes(),
+            what="a fixed and an unhealthy run",
+            timeout_seconds=180,
+            max_delay_seconds=2,
+        ).done
         assert "Flow run could not start" not in log.read_text()
         assert not [p for p in session_processes(proc.pid) if "prefect.engine" in p]
     finally:

@@ -17,8 +17,8 @@ import pytest
 from deployments.localpg import free_port
 from flows.object_storage import object_storage
 from tasks.backup_rules import ObjectStorageParams
+from tasks.canary import CANARY_DIR
 from tasks.models import RunStatus, Severity
-from tasks.storage import CANARY_DIR
 from tests.s3_helpers import KEY, SECRET, MotoServer, client
 from tests.test_cli import cli, no_traceback
 

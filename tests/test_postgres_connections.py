@@ -14,7 +14,8 @@ import pytest
 from deployments.localpg import stop_process
 from flows.postgres_connections import postgres_connections
 from tasks.errors import TargetUnreachable
-from tasks.models import ActionStatus, RunStatus, Severity, wait_until
+from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.wait import poll
 from tests.conftest import Db
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -174,7 +175,9 @@ def test_replication_connection_of_pg_receivewal_is_not_a_long_query(
                 ).fetchall()
             return [r[0] for r in rows]
 
-        assert wait_until(lambda: bool(walsender()), 30) is not None, log.read_text()
+        assert poll(lambda: bool(walsender()), what="a walsender", timeout_seconds=30).done, (
+            log.read_text()
+        )
         sender = walsender()
         wait_past_threshold()  # streaming for longer than long_query_seconds
 

@@ -34,8 +34,8 @@ from deployments.alert_store import KEEP_DELIVERIES, AlertStore
 from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port
 from deployments.receiver import ReceiverServer, build_receiver
-from tasks.models import wait_until
 from tasks.settings import load_settings
+from tasks.wait import poll
 from tests.alertmanager_helpers import Alertmanager
 from tests.conftest import Db
 
@@ -131,7 +131,11 @@ def flow_run(api: str, run_id: str) -> dict[str, Any]:
 
 
 def wait_final(api: str, run_id: str, timeout: float = 90) -> dict[str, Any]:
-    assert wait_until(lambda: flow_run(api, run_id)["state_type"] in FINAL, timeout), run_id
+    assert poll(
+        lambda: flow_run(api, run_id)["state_type"] in FINAL,
+        what="the run to end",
+        timeout_seconds=timeout,
+    ).done, run_id
     return flow_run(api, run_id)
 
 
@@ -172,7 +176,7 @@ def alert_events(api: str, name: str, fingerprint: str, timeout: float = 30) -> 
         found[:] = api_post(api, "/events/filter", body)["events"]
         return bool(found)
 
-    wait_until(seen, timeout)
+    poll(seen, what="the events", timeout_seconds=timeout)
     return found
 
 
@@ -1004,7 +1008,9 @@ def test_runbook_receiver_alone_creates_the_run_through_the_deployment(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(partial(answering, proc, url), 60)
+        assert poll(
+            partial(answering, proc, url), what="the receiver to answer", timeout_seconds=60
+        ).done
         response = post(url, "/alerts/alertmanager", am_payload(am_alert()))
         [result] = response.json()["alerts"]
         assert result["outcome"] == "started"
@@ -1042,7 +1048,9 @@ def test_runbook_serve_runs_an_alert_in_its_own_process_and_the_runner_leaves_it
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(partial(answering, proc, url), 120)
+        assert poll(
+            partial(answering, proc, url), what="the receiver to answer", timeout_seconds=120
+        ).done
         assert httpx.get(f"{url}/healthz", timeout=5).json()["dispatch"] == "in-process"
         response = post(url, "/alerts/alertmanager", am_payload(am_alert()))
         [result] = response.json()["alerts"]

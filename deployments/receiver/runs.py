@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -14,6 +13,7 @@ from uuid import UUID
 from deployments.alert_routes import Alert, Dispatch, Outcome
 from deployments.catalog import RUNBOOKS
 from tasks.errors import TargetError
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -74,19 +74,24 @@ class InProcessStarter:
 
         if name in self._deployments:
             return self._deployments[name]
-        deadline = time.monotonic() + DEPLOYMENT_WAIT_S
-        while True:
+
+        def lookup() -> UUID | None:
             try:
-                found = client.read_deployment_by_name(name).id
+                return client.read_deployment_by_name(name).id
             except ObjectNotFound:
-                if time.monotonic() > deadline:
-                    raise TargetError(
-                        f"deployment {name} does not exist: is `runbook serve` serving it?"
-                    ) from None
-                time.sleep(0.5)
-                continue
-            self._deployments[name] = found
-            return found
+                return None
+
+        found = poll(
+            lookup,
+            what=f"deployment {name} to be registered",
+            timeout_seconds=DEPLOYMENT_WAIT_S,
+            first_delay_seconds=0.5,
+            max_delay_seconds=0.5,
+        ).value
+        if found is None:
+            raise TargetError(f"deployment {name} does not exist: is `runbook serve` serving it?")
+        self._deployments[name] = found
+        return found
 
     def _refuse_if_closed(self) -> None:
         if self._closed:

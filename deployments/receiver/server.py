@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from deployments.receiver.runs import (
 )
 from tasks.errors import ConfigError
 from tasks.settings import ReceiverSettings, Settings, config_path
+from tasks.wait import poll
 
 if TYPE_CHECKING:
     import uvicorn
@@ -121,12 +121,16 @@ class ReceiverServer:
 
     def start(self) -> ReceiverServer:
         self.thread.start()
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.server.should_exit = True
-                raise cannot_listen(self.receiver.config)
-            time.sleep(0.05)
+        poll(
+            lambda: self.server.started or not self.thread.is_alive(),
+            what="the receiver to listen",
+            timeout_seconds=SERVER_START_TIMEOUT_S,
+            first_delay_seconds=0.05,
+            max_delay_seconds=0.05,
+        )
+        if not self.server.started:
+            self.server.should_exit = True
+            raise cannot_listen(self.receiver.config)
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,342 @@
+"""Backups in S3 or a local directory: listing and integrity checks that stream the file,
+never holding it in memory."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import subprocess
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, cast
+
+import botocore.exceptions
+from pydantic import BaseModel
+
+from tasks.backup_rules import newer_client_needed
+from tasks.engine import io_task
+from tasks.errors import TargetError
+from tasks.host import memory_file
+from tasks.settings import BackupSet, S3Target
+from tasks.storage import CHUNK, s3_client, storage_errors
+
+PG_RESTORE_TIMEOUT = 3600
+
+
+class Backup(BaseModel):
+    key: str
+    size: int
+    modified: datetime
+
+
+class Integrity(BaseModel):
+    ok: bool
+    detail: str
+    needs_client: bool = False  # pg_restore here is too old for it: unverified, not corrupt
+    sha256: str
+    expected_sha256: str | None = None
+
+
+def set_prefix(backup: BackupSet, s3: S3Target) -> str:
+    """The set's key prefix as configured: "db/" and "app/" give "db/app/", so listing "app/"
+    never reaches "app2/...", another set's backups."""
+    parts = [p for p in (s3.prefix, backup.prefix or "") if p.strip("/")]
+    joined = "/".join(p.strip("/") for p in parts)
+    return joined + "/" if parts and parts[-1].endswith("/") else joined
+
+
+def _matches(backup: BackupSet, key: str) -> bool:
+    return any(fnmatch.fnmatch(key.rsplit("/", 1)[-1], p) for p in backup.pattern)
+
+
+@io_task("list-backups", timeout_seconds=300, retries=1)
+def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Backup]:
+    """Newest first."""
+    found: list[Backup] = []
+    if s3 is None:
+        folder = Path(backup.directory or ".")
+        if not folder.is_dir():
+            raise TargetError(f"backups {name!r}: {folder} is not a directory")
+        for path in folder.iterdir():
+            if path.is_file() and _matches(backup, path.name):
+                stat = path.stat()
+                found.append(
+                    Backup(
+                        key=str(path),
+                        size=stat.st_size,
+                        modified=datetime.fromtimestamp(stat.st_mtime, UTC),
+                    )
+                )
+    else:
+        prefix = set_prefix(backup, s3)
+        with storage_errors(f"backups {name!r} in s3://{s3.bucket}"):
+            pages = (
+                s3_client(s3)
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=s3.bucket, Prefix=prefix)
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    # Keys right under the prefix, as in a directory: another set's backups
+                    # in a "sub-folder" are never ours to judge or delete.
+                    nested = "/" in obj["Key"][len(prefix) :].lstrip("/")
+                    if not nested and _matches(backup, obj["Key"]):
+                        found.append(
+                            Backup(key=obj["Key"], size=obj["Size"], modified=obj["LastModified"])
+                        )
+    return sorted(found, key=lambda b: b.modified, reverse=True)
+
+
+def read_chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[bytes]:
+    if s3 is None:
+        with open(key, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+        return
+    body = s3_client(s3).get_object(Bucket=s3.bucket, Key=key)["Body"]
+    try:
+        yield from body.iter_chunks(CHUNK)
+    finally:
+        body.close()  # also when the reader stops early: the connection goes back
+
+
+def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
+    """A sidecar KEY.sha256 (`sha256sum` format), or the object's sha256 metadata."""
+    if s3 is None:
+        sidecar = Path(key + ".sha256")
+        return sidecar.read_text().split()[0].lower() if sidecar.is_file() else None
+    client = s3_client(s3)
+    try:
+        body: bytes = client.get_object(Bucket=s3.bucket, Key=key + ".sha256")["Body"].read()
+        return body.decode().split()[0].lower()
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+    meta = client.head_object(Bucket=s3.bucket, Key=key).get("Metadata", {})
+    value = meta.get("sha256")
+    return str(value).lower() if value else None
+
+
+@io_task("verify-backup", timeout_seconds=PG_RESTORE_TIMEOUT + 60, retries=0)
+def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -> Integrity:
+    """Stream it once: SHA-256 of the bytes, inflated when the name ends in .gz (as gunzip
+    does: BadGzip's cases fail it), and what it holds judged by its content, not its name:
+    an archive (custom format, tar, also inside a .gz) is read to the end by pg_restore into
+    /dev/null, fed as it arrives; a plain SQL script is read to the end."""
+    digest = hashlib.sha256()
+    with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
+        chunks = _hashed(read_chunks(backup, s3, key), digest)
+        problem, head, passed = _verify_stream(chunks, name, key, stderr)
+    with storage_errors(f"backups {name!r}: {key}"):
+        expected = _expected(backup, s3, key)
+    sha = digest.hexdigest()
+    advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
+    if (not problem or advice) and expected and expected != sha:
+        advice, problem = None, f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
+    return Integrity(
+        ok=not problem,
+        detail=advice or problem or passed,
+        needs_client=advice is not None,
+        sha256=sha,
+        expected_sha256=expected,
+    )
+
+
+def _verify_stream(
+    chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]
+) -> tuple[str, bytes, str]:
+    """(what is wrong or "", the dump's first bytes, what it passed)."""
+    gz = "gzip stream complete; " if key.endswith(".gz") else ""
+    with storage_errors(f"backups {name!r}: {key}"):
+        try:
+            head, stream, plain = dump_stream(chunks, key)
+            if plain:
+                for _ in stream:
+                    pass
+        except BadGzip as exc:
+            return str(exc), b"", ""
+    if plain:
+        return "", head, gz + "a plain SQL script, read to the end"
+    problem = _stream_pg_restore(stream, name, key, stderr)
+    return problem, head, gz + "pg_restore reads it to the end"
+
+
+HEAD_BYTES = 1024  # a custom-format dump's header (its strings are short) fits many times
+
+
+def dump_stream(chunks: Iterator[bytes], key: str) -> tuple[bytes, Iterator[bytes], bool]:
+    """What the PostgreSQL tools get fed: the bytes, inflated when the name ends in .gz (as
+    `gunzip -c` would; BadGzip where it refuses them), their first HEAD_BYTES, and whether
+    they are a plain SQL script for psql rather than an archive for pg_restore (custom
+    format, starting "PGDMP"; tar, "ustar" at offset 257). Judged by content, as pg_restore
+    itself does, so a plain dump named .dump or a gzipped custom dump goes to the right tool.
+    The stream returned is whole: the head is read from it, not taken out."""
+    if key.endswith(".gz"):
+        chunks = gunzip(chunks)
+    taken: list[bytes] = []
+    for chunk in chunks:
+        taken.append(chunk)
+        if sum(map(len, taken)) >= HEAD_BYTES:
+            break
+    head = b"".join(taken)[:HEAD_BYTES]
+    # A custom dump cut inside its magic ("PGD") is still one: pg_restore says it is short.
+    archive = head[:5] == b"PGDMP"[: len(head)] or head[257:262] == b"ustar"
+    # Not a .gz: only text is a script; anything else is pg_restore's to judge (and refuse).
+    plain = not archive and (key.endswith(".gz") or (bool(head) and b"\0" not in head))
+    return head, itertools.chain(taken, chunks), plain
+
+
+def pg_restore_version() -> str:
+    """This machine's pg_restore version ("15.20 (Debian 15.20-0+deb12u1)")."""
+    try:
+        out = subprocess.run(
+            ["pg_restore", "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown)"
+    return out.strip().removeprefix("pg_restore (PostgreSQL) ")
+
+
+def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
+    """Hash each chunk on another thread while the caller inflates or pipes it: both release
+    the GIL, so the checksum costs little wall time on a second core."""
+    with ThreadPoolExecutor(1) as pool:
+        hashing: Future[None] | None = None
+        for chunk in chunks:
+            if hashing is not None:
+                hashing.result()  # one chunk in flight: memory stays flat
+            hashing = pool.submit(digest.update, chunk)
+            yield chunk
+        if hashing is not None:
+            hashing.result()
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class BadGzip(Exception):
+    """What `gzip -t` refuses, in its terms: not gzip, corrupt, truncated, trailing garbage."""
+
+
+def gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Inflate a gzip stream as it arrives, accepting exactly what GNU gzip (1.12) `gzip -t`
+    and `gunzip` accept with exit 0: one or more members (as `cat a.gz b.gz` makes), then
+    optionally zero bytes to the end (the padding to a block boundary tar, dd conv=sync and
+    tape archivers write). BadGzip for what they refuse: a file not starting with a member,
+    a corrupt member (bad data, CRC or length), one cut short, and anything else after the
+    last member (gzip exits 2 there: "decompression OK, trailing garbage ignored")."""
+    inflate: Any = None  # None: between members
+    members, pending, padding = 0, b"", False
+    for chunk in chunks:
+        data, pending = pending + chunk, b""
+        while data:
+            if padding:
+                if data.strip(b"\0"):
+                    raise BadGzip(_garbage())
+                break
+            if inflate is None:
+                if len(data) < 2:  # a member's magic may straddle two chunks
+                    pending = data
+                    break
+                if data[:2] != GZIP_MAGIC:
+                    if not members:
+                        raise BadGzip("not in gzip format (it does not start with 1f 8b)")
+                    if data[0] != 0:
+                        raise BadGzip(_garbage())
+                    padding = True
+                    continue
+                inflate = zlib.decompressobj(wbits=31)
+            try:
+                yield inflate.decompress(data, CHUNK)
+            except zlib.error as exc:
+                raise BadGzip(f"gzip data is corrupt: {exc}") from None
+            data = inflate.unconsumed_tail
+            if inflate.eof:
+                data, inflate, members = inflate.unused_data, None, members + 1
+    # gzip reads a member's two magic bytes whole: one lone byte is an early end, unless zero
+    if inflate is not None or not members or (pending and pending != b"\0"):
+        raise BadGzip("gzip stream ends early (unexpected end of file): the file is truncated")
+
+
+def _garbage() -> str:
+    return (
+        "data after the last gzip member is neither a member nor zero padding (gzip -t: "
+        '"decompression OK, trailing garbage ignored", exit 2): a damaged or overwritten file'
+    )
+
+
+def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]) -> str:
+    # --file=/dev/null: pg_restore reads every data block; --list stops after the table of
+    # contents, so a dump cut short in its data would pass.
+    argv = ["pg_restore", "--file=/dev/null"]
+    restore = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr
+    )
+    return run_fed(restore, chunks, name, key, stderr, PG_RESTORE_TIMEOUT)
+
+
+class BackupRefused(Exception):
+    """The backup holds something that must not run where it is being fed."""
+
+
+def run_fed(
+    proc: subprocess.Popen[bytes],
+    chunks: Iterator[bytes],
+    name: str,
+    key: str,
+    stderr: IO[bytes],
+    timeout_s: float,
+) -> str:
+    """Feed a backup to a tool's stdin and wait for it; what is wrong with the backup, if
+    anything. The stream is read to its end even when the tool stops early, so a checksum
+    taken on the way covers every byte; the tool never outlives this call."""
+    assert proc.stdin is not None
+    problem = ""
+    try:
+        with storage_errors(f"backups {name!r}: {key}"):
+            try:
+                for chunk in chunks:
+                    if not problem:
+                        try:
+                            proc.stdin.write(chunk)
+                        except BrokenPipeError:
+                            problem = "stopped"  # its exit code and stderr say why
+            except (BadGzip, BackupRefused) as exc:
+                problem = str(exc)
+            finally:
+                with suppress(BrokenPipeError):
+                    proc.stdin.close()
+        code = proc.wait(timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if problem and problem != "stopped":
+        return problem
+    if code == 0:
+        return ""
+    tool = cast(list[str], proc.args)[0]  # always started from an argv list
+    return f"{tool} failed (exit {code}): {error_lines(stderr)}"
+
+
+def error_lines(stderr: IO[bytes]) -> str:
+    """The tool's error lines, not the CONTEXT/DETAIL/LINE lines that quote rows of the
+    backup (which may hold anybody's data)."""
+    stderr.seek(0)
+    lines = stderr.read().decode(errors="replace").splitlines()
+    errors = [
+        line.strip()
+        for line in lines
+        if ("error" in line.lower() or "fatal" in line.lower())
+        and not line.lstrip().startswith(("CONTEXT:", "DETAIL:", "LINE ", "HINT:"))
+    ]
+    return "; ".join(errors)[-400:] or "no error message"
+
+
+def backups_location(backup: BackupSet, s3: S3Target | None) -> str:
+    return f"s3://{s3.bucket}/{set_prefix(backup, s3)}" if s3 else str(backup.directory)

@@ -1,0 +1,61 @@
+"""backup-retention: deleting backups and their .sha256 sidecars, in S3 in batches of
+DeleteObjects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import botocore.exceptions
+
+from tasks.engine import io_task
+from tasks.settings import BackupSet, S3Target
+from tasks.storage import classify, s3_client, storage_errors
+
+DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects call
+
+
+def batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@io_task("delete-backups", timeout_seconds=600, retries=1)
+def delete_backups(
+    name: str, backup: BackupSet, s3: S3Target | None, keys: list[str]
+) -> dict[str, str]:
+    """Each backup with its KEY.sha256 sidecar; in S3 through DeleteObjects, 1000 keys a call.
+    Returns what failed: backup key -> why. A key already gone counts as deleted, so a retry
+    after a partial run is safe."""
+    failed: dict[str, str] = {}
+    if s3 is None:
+        for key in keys:
+            try:
+                Path(key).unlink(missing_ok=True)
+                Path(key + ".sha256").unlink(missing_ok=True)
+            except OSError as exc:
+                failed[key] = f"{exc.strerror}: {exc.filename}"
+        return failed
+    wanted = set(keys)
+    objects = [k for key in keys for k in (key, key + ".sha256")]
+    with storage_errors(f"backups {name!r} in s3://{s3.bucket}"):
+        client = s3_client(s3)
+        for batch in batches(objects, DELETE_BATCH):
+            try:
+                answer = client.delete_objects(
+                    Bucket=s3.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                # this batch only: the ones before it are deleted, the ones after are tried
+                for key in batch:
+                    owner = key.removesuffix(".sha256") if key not in wanted else key
+                    failed.setdefault(owner, classify(exc))
+                continue
+            for error in answer.get("Errors", []):
+                key = str(error.get("Key", ""))
+                owner = key if key in wanted else key.removesuffix(".sha256")
+                what = "" if owner == key else "its .sha256: "
+                why = f"{what}{error.get('Code', '?')}: {error.get('Message', '')}".strip()
+                failed[owner] = f"{failed[owner]}; {why}" if owner in failed else why
+    return failed
