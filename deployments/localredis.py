@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 from deployments.localpg import free_port, stop_process
+from tasks.errors import ConfigError, TargetError
 
 
 class LocalRedis:
@@ -68,7 +69,7 @@ class LocalRedis:
     def start(self) -> LocalRedis:
         binary = shutil.which(self.argv[0])
         if binary is None:
-            raise RuntimeError("no redis-server found: apt-get install redis-server")
+            raise ConfigError("no redis-server found: apt-get install redis-server")
         self.proc = subprocess.Popen(
             [binary, *self.argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -80,7 +81,7 @@ class LocalRedis:
                 return self
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {self.argv}") from None
+                    raise TargetError(f"redis-server did not start: {self.argv}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -19,7 +19,13 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
+from tasks.errors import (
+    ActionFailed,
+    AuthenticationFailed,
+    ConfigError,
+    TargetError,
+    TargetUnreachable,
+)
 from tasks.models import wait_until
 from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable
 
@@ -29,14 +35,36 @@ CANCELLED = "cancelled"
 # What pg_stat_activity and pg_stat_statements show of another role's statement to a role
 # without pg_read_all_stats.
 HIDDEN_QUERY = "<insufficient privilege>"
-# SQLSTATEs where connecting again cannot help: bad password or role, unknown database. libpq
-# gives no SQLSTATE for a refused connection, so its message is read too.
-_PERMANENT = {"28P01", "28000", "3D000"}
+# Where connecting again cannot help: bad password or role, unknown database (SQLSTATE 28P01,
+# 28000, 3D000). libpq gives no SQLSTATE for a refused connection, so its message is read too.
+_REFUSED_ERRORS = (
+    psycopg.errors.InvalidPassword,
+    psycopg.errors.InvalidAuthorizationSpecification,
+    psycopg.errors.InvalidCatalogName,
+)
 _REFUSED = re.compile(
     r'authentication failed|no pg_hba\.conf entry|(role|database) ".*" does not exist'
 )
-# The server is shutting down or restarting under us: worth another try.
-_SHUTDOWN = {"57P01", "57P02", "57P03"}
+# The connection broke (SQLSTATE class 08), or the server is shutting down or restarting under
+# us (57P01, 57P02, 57P03): worth another try.
+_CONNECTION_LOST = (
+    psycopg.errors.ConnectionException,
+    psycopg.errors.SqlclientUnableToEstablishSqlconnection,
+    psycopg.errors.ConnectionDoesNotExist,
+    psycopg.errors.SqlserverRejectedEstablishmentOfSqlconnection,
+    psycopg.errors.ConnectionFailure,
+    psycopg.errors.TransactionResolutionUnknown,
+    psycopg.errors.ProtocolViolation,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CrashShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+
+
+def credentials_refused(exc: psycopg.Error) -> bool:
+    """Whether the server refused the login itself (password, role, database), as opposed to
+    not answering: the first is an AuthenticationFailed, never retried."""
+    return isinstance(exc, _REFUSED_ERRORS) or _REFUSED.search(str(exc)) is not None
 
 
 @contextmanager
@@ -62,22 +90,22 @@ def connect(
             row_factory=dict_row,
         )
     except psycopg.OperationalError as exc:
-        permanent = exc.sqlstate in _PERMANENT or _REFUSED.search(str(exc)) is not None
-        fix = (
-            "check the credentials and database name in its dsn"
-            if permanent
-            else "check that the server is up and the dsn's host and port"
-        )
+        where = f"postgres target {name!r} ({target.description})"
+        if credentials_refused(exc):
+            raise AuthenticationFailed(
+                f"{where}: cannot connect: {_first_line(exc)}; "
+                "check the credentials and database name in its dsn"
+            ) from exc
         raise TargetUnreachable(
-            f"postgres target {name!r} ({target.description}): cannot connect: "
-            f"{_first_line(exc)}; {fix}",
-            transient=not permanent,
+            f"{where}: cannot connect: {_first_line(exc)}; "
+            "check that the server is up and the dsn's host and port",
+            transient=True,
         ) from exc
     try:
         with conn:
             yield conn
     except psycopg.Error as exc:
-        if exc.sqlstate is None or exc.sqlstate[:2] == "08" or exc.sqlstate in _SHUTDOWN:
+        if exc.sqlstate is None or isinstance(exc, _CONNECTION_LOST):
             raise TargetUnreachable(
                 f"postgres target {name!r} ({target.description}): connection lost: "
                 f"{_first_line(exc)}",
@@ -635,7 +663,7 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
     try:
         with connect(name, target, statement_timeout_s=5) as conn:
             conn.execute("SELECT 1")
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         recovering = _NOT_ACCEPTING.search(str(exc)) is not None
         return Probe(ok=False, transient=exc.transient, recovering=recovering, error=str(exc))
     except TargetError as exc:

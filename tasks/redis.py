@@ -12,7 +12,13 @@ from typing import Any, cast
 import redis
 
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.errors import (
+    ActionFailed,
+    AuthenticationFailed,
+    ConfigError,
+    TargetError,
+    TargetUnreachable,
+)
 from tasks.models import wait_until
 from tasks.redis_rules import QueueCounts, RedisHealth, lockout_patterns
 from tasks.settings import RedisTarget
@@ -38,20 +44,21 @@ def connect(name: str, target: RedisTarget) -> Iterator[redis.Redis]:
             **extra,
         )
     except ValueError as exc:
-        raise TargetError(f"{where}: the url is not a redis:// URL: {exc}") from None
+        raise ConfigError(
+            f"{where}: redis.{name}.url is not a Redis URL: {exc}; write it as "
+            "redis://[user:password@]host:port/db (rediss:// for TLS, unix:///path for a socket)"
+        ) from None
     try:
         with client:
             yield client
     except redis.AuthenticationError as exc:
-        raise TargetUnreachable(
-            f"{where}: authentication failed ({exc}); check the password in its url or `password`",
-            transient=False,
+        raise AuthenticationFailed(
+            f"{where}: authentication failed ({exc}); check the password in its url or `password`"
         ) from exc
     except redis.ResponseError as exc:
         if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            raise TargetUnreachable(
-                f"{where}: not authorised ({exc}); check the password and the user's ACL",
-                transient=False,
+            raise AuthenticationFailed(
+                f"{where}: not authorised ({exc}); check the password and the user's ACL"
             ) from exc
         raise TargetError(f"{where}: {exc}") from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -84,7 +91,7 @@ def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> 
                 rate = (evicted - int(info.get("evicted_keys", 0))) / sample_seconds
             else:
                 rate = 0.0
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         return RedisHealth(
             reachable=False, transient=exc.transient, error=str(exc).split(": ", 1)[-1]
         )
@@ -226,7 +233,7 @@ def await_redis_ready(name: str, target: RedisTarget, timeout_s: float) -> bool:
         try:
             with connect(name, target) as r:
                 return bool(r.ping())
-        except TargetUnreachable:
+        except (TargetUnreachable, AuthenticationFailed):
             return False
 
     return wait_until(answers, timeout_s, first_delay=0.2, max_delay=2) is not None

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from tasks.backup_rules import newer_client_needed
 from tasks.engine import io_task
-from tasks.errors import TargetError, TargetUnreachable
+from tasks.errors import AuthenticationFailed, TargetError, TargetUnreachable
 from tasks.host import memory_file
 from tasks.settings import BackupSet, S3Target
 
@@ -97,18 +97,21 @@ def classify(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied", "403")
+
+
+def _denied(exc: Exception) -> bool:
+    """Whether the provider refused the credentials (or there were none to send)."""
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return exc.response.get("Error", {}).get("Code", "?") in _DENIED or status == 403
+    return False
+
+
 def _by_code(code: str, status: int) -> str:
-    if (
-        code
-        in (
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "ExpiredToken",
-            "AccessDenied",
-            "403",
-        )
-        or status == 403
-    ):
+    if code in _DENIED or status == 403:
         return f"credentials expired or denied ({code})"
     if status >= 500:
         return f"the storage provider failed ({code}, HTTP {status})"
@@ -153,6 +156,8 @@ def _storage_errors(where: str) -> Iterator[None]:
     ) as exc:
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=True) from exc
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        if _denied(exc):
+            raise AuthenticationFailed(f"{where}: {classify(exc)}") from exc
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=False) from exc
 
 
@@ -333,7 +338,7 @@ def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class BadGzip(Exception):
+class BadGzip(TargetError):
     """What `gzip -t` refuses, in its terms: not gzip, corrupt, truncated, trailing garbage."""
 
 
@@ -394,7 +399,7 @@ def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[
     return run_fed(restore, chunks, name, key, stderr, PG_RESTORE_TIMEOUT)
 
 
-class BackupRefused(Exception):
+class BackupRefused(TargetError):
     """The backup holds something that must not run where it is being fed."""
 
 

@@ -103,6 +103,15 @@ def test_malformed_config_exits_2(db: Db) -> None:
     no_traceback(proc)
 
 
+def test_a_malformed_redis_url_exits_2(inventory: Any, prefect_api: str) -> None:
+    inventory('[redis.cache]\nurl = "http://:hunter2@127.0.0.1:6379/0"\n')
+    proc = cli("run", "redis-health", "--target", "cache", env={"PREFECT_API_URL": prefect_api})
+    assert proc.returncode == 2, proc.stderr
+    assert "redis.cache.url is not a Redis URL" in proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    no_traceback(proc)
+
+
 def test_unreachable_target_exits_3_without_leaking_the_password(db: Db, prefect_api: str) -> None:
     db.config.write_text('[postgres.main]\ndsn = "postgresql://app:hunter2@127.0.0.1:1/app"\n')
     proc = cli("run", "postgres-connections", "--json", env={"PREFECT_API_URL": prefect_api})
