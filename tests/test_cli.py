@@ -304,7 +304,7 @@ def test_no_api_and_ephemeral_mode_off_is_a_configuration_error(db: Db) -> None:
 def read_run(api: str, flow_run_id: str) -> dict[str, Any]:
     """The flow run as the Prefect API has it, with its task runs, logs and artifacts."""
     with httpx.Client(base_url=api, timeout=60) as client:
-        run = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+        run: dict[str, Any] = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
         by_run = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
         run["task_runs"] = client.post("/task_runs/filter", json=by_run).raise_for_status().json()
         logs = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
