@@ -69,8 +69,8 @@ if TYPE_CHECKING:
 
     from deployments.runner import InProcessRunner
 
-DEPLOYMENT_WAIT_S = 15  # a deployment `runbook serve` is still registering
-SERVER_START_TIMEOUT_S = 15
+DEPLOYMENT_WAIT_SECONDS = 15  # a deployment `runbook serve` is still registering
+SERVER_START_TIMEOUT_SECONDS = 15
 JSON_TYPES = ("application/json", "application/vnd.json")
 UNAUTHORIZED = (
     "missing or invalid credentials: send 'Authorization: Bearer <receiver.token>' or "
@@ -130,7 +130,7 @@ class InProcessStarter:
 
         if name in self._deployments:
             return self._deployments[name]
-        deadline = time.monotonic() + DEPLOYMENT_WAIT_S
+        deadline = time.monotonic() + DEPLOYMENT_WAIT_SECONDS
         while True:
             try:
                 found = client.read_deployment_by_name(name).id
@@ -647,7 +647,7 @@ class ReceiverServer:
 
     def start(self) -> ReceiverServer:
         self.thread.start()
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.server.should_exit = True

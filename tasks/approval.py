@@ -56,7 +56,7 @@ def approval_form(
     target: str,
     actions: list[Action],
     before: list[Finding],
-    deadline_s: int,
+    deadline_seconds: int,
     *,
     why: str = "",
 ) -> str:
@@ -70,7 +70,7 @@ def approval_form(
         "",
         f"{len(actions)} action(s) change the system. Approve to carry them out; leave "
         "*approve* off to reject (nothing runs). No answer within "
-        f"{_duration(deadline_s)} counts as a rejection.",
+        f"{_duration(deadline_seconds)} counts as a rejection.",
         "",
         *([f"A human is asked because {why}.", ""] if why else []),
         "### What the diagnosis found",

@@ -111,7 +111,7 @@ def create_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> 
 @io_task("drop-scratch-database", timeout_seconds=300, retries=2)
 def drop_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> bool:
     """Drop it (its sessions too) and say whether it is gone."""
-    with connect(name, scratch, statement_timeout_s=240) as conn:
+    with connect(name, scratch, statement_timeout_seconds=240) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
         )
@@ -204,11 +204,13 @@ class CheckResult(BaseModel):
 
 @io_task("run-restore-checks", timeout_seconds=1800, retries=0)
 def run_checks(
-    name: str, scratch: PostgresTarget, dbname: str, checks: list[str], timeout_s: float
+    name: str, scratch: PostgresTarget, dbname: str, checks: list[str], timeout_seconds: float
 ) -> list[CheckResult]:
     """Each check is a query returning one boolean; anything else is a failed check."""
     results = []
-    with connect(name, on_database(scratch, dbname), statement_timeout_s=timeout_s) as conn:
+    with connect(
+        name, on_database(scratch, dbname), statement_timeout_seconds=timeout_seconds
+    ) as conn:
         for query in checks:
             try:
                 row = conn.execute(query).fetchone()

@@ -39,12 +39,12 @@ class HttpProbe(BaseModel):
 
 
 @io_task("probe-http", timeout_seconds=120, retries=0)
-def probe_http(url: str, timeout_s: float) -> HttpProbe:
+def probe_http(url: str, timeout_seconds: float) -> HttpProbe:
     start = time.perf_counter()
     try:
-        response = httpx.get(url, timeout=timeout_s, follow_redirects=False)
+        response = httpx.get(url, timeout=timeout_seconds, follow_redirects=False)
     except httpx.TimeoutException:
-        return HttpProbe(url=url, ok=False, error=f"no answer within {timeout_s:g} s")
+        return HttpProbe(url=url, ok=False, error=f"no answer within {timeout_seconds:g} s")
     except httpx.HTTPError as exc:
         return HttpProbe(url=url, ok=False, error=f"{type(exc).__name__}: {exc}")
     ms = (time.perf_counter() - start) * 1000

@@ -72,13 +72,13 @@ def connect(
     name: str,
     target: PostgresTarget,
     *,
-    statement_timeout_s: float = 30,
-    lock_timeout_s: float = 5,
+    statement_timeout_seconds: float = 30,
+    lock_timeout_seconds: float = 5,
     autocommit: bool = True,
 ) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     options = (
-        f"-c statement_timeout={int(statement_timeout_s * 1000)} "
-        f"-c lock_timeout={int(lock_timeout_s * 1000)}"
+        f"-c statement_timeout={int(statement_timeout_seconds * 1000)} "
+        f"-c lock_timeout={int(lock_timeout_seconds * 1000)}"
     )
     try:
         conn = psycopg.connect(
@@ -372,15 +372,18 @@ def vacuum_table(
     target: PostgresTarget,
     schema_name: str,
     table: str,
-    lock_timeout_s: float,
-    statement_timeout_s: float,
+    lock_timeout_seconds: float,
+    statement_timeout_seconds: float,
 ) -> str:
     """VACUUM (ANALYZE) one table. The server skips a table the role may not vacuum with only a
     WARNING (15: 'skipping "t" --- only table or database owner can vacuum it'; 16+:
     'permission denied to vacuum "t", skipping it'): that is a failure."""
     skipped: list[str] = []
     with connect(
-        name, target, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
+        name,
+        target,
+        statement_timeout_seconds=statement_timeout_seconds,
+        lock_timeout_seconds=lock_timeout_seconds,
     ) as conn:
         conn.add_notice_handler(
             lambda d: (
@@ -398,8 +401,8 @@ def vacuum_table(
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
             raise ActionFailed(
                 f"postgres target {name!r}: VACUUM of {schema_name}.{table} gave up: "
-                f"{_first_line(exc)} (lock_timeout {lock_timeout_s} s, statement_timeout "
-                f"{statement_timeout_s} s); retry off-peak or raise the timeouts"
+                f"{_first_line(exc)} (lock_timeout {lock_timeout_seconds} s, statement_timeout "
+                f"{statement_timeout_seconds} s); retry off-peak or raise the timeouts"
             ) from exc
     if skipped:
         raise ActionFailed(
@@ -661,7 +664,7 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
     SELECT 1 is not up."""
     start = time.perf_counter()
     try:
-        with connect(name, target, statement_timeout_s=5) as conn:
+        with connect(name, target, statement_timeout_seconds=5) as conn:
             conn.execute("SELECT 1")
     except (TargetUnreachable, AuthenticationFailed) as exc:
         recovering = _NOT_ACCEPTING.search(str(exc)) is not None

@@ -409,7 +409,7 @@ def run_fed(
     name: str,
     key: str,
     stderr: IO[bytes],
-    timeout_s: float,
+    timeout_seconds: float,
 ) -> str:
     """Feed a backup to a tool's stdin and wait for it; what is wrong with the backup, if
     anything. The stream is read to its end even when the tool stops early, so a checksum
@@ -430,7 +430,7 @@ def run_fed(
             finally:
                 with suppress(BrokenPipeError):
                     proc.stdin.close()
-        code = proc.wait(timeout_s)
+        code = proc.wait(timeout_seconds)
     finally:
         if proc.poll() is None:
             proc.kill()
