@@ -166,7 +166,20 @@ FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
 
 @io_task("read-activity", timeout_seconds=45)
 def read_activity(name: str, target: PostgresTarget) -> Activity:
-    """Every backend in pg_stat_activity, with now() and max_connections from the server."""
+    """Every backend in pg_stat_activity, with now() and max_connections from the server.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        Activity: the server's now(), max_connections, the runbook's role and every backend
+        (rows the role may not read in full are marked hidden).
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         head = conn.execute(
             "SELECT now() AS now, current_setting('max_connections')::int AS max_connections, "
@@ -289,6 +302,19 @@ FROM pg_stat_user_tables s ORDER BY total_bytes DESC
 
 @io_task("read-table-stats", timeout_seconds=60)
 def read_table_stats(name: str, target: PostgresTarget) -> list[TableStats]:
+    """Tuples, sizes and last (auto)vacuum and analyze of every user table, largest first.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        One TableStats per table.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         return [TableStats(**r) for r in conn.execute(_TABLE_STATS).fetchall()]
 
@@ -321,6 +347,21 @@ ORDER BY {order} DESC LIMIT %(limit)s
 
 @io_task("read-top-queries", timeout_seconds=60)
 def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQueries:
+    """The statements with the most total execution time, from pg_stat_statements.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        limit: how many statements, at most.
+
+    Returns:
+        TopQueries: the statements (calls, total and mean milliseconds, rows), or
+        available=False with the reason (the extension is not installed or not loaded).
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         installed = conn.execute(
             "SELECT extnamespace::regnamespace::text AS schema FROM pg_extension "
@@ -377,7 +418,24 @@ def vacuum_table(
 ) -> str:
     """VACUUM (ANALYZE) one table. The server skips a table the role may not vacuum with only a
     WARNING (15: 'skipping "t" --- only table or database owner can vacuum it'; 16+:
-    'permission denied to vacuum "t", skipping it'): that is a failure."""
+    'permission denied to vacuum "t", skipping it'): that is a failure.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        schema_name: the table's schema.
+        table: the table's name.
+        lock_timeout_seconds: how long to wait for the table's lock, in seconds.
+        statement_timeout_seconds: how long the VACUUM may run, in seconds.
+
+    Returns:
+        What was done, for the action's detail.
+
+    Raises:
+        ActionFailed: the lock or statement timeout ended it, or the server skipped the table.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     skipped: list[str] = []
     with connect(
         name,
@@ -522,7 +580,22 @@ def _jobs_errors(name: str, jobs: JobsTable) -> contextlib.AbstractContextManage
 
 @io_task("find-stuck-jobs", timeout_seconds=60)
 def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, minutes: int) -> StuckJobs:
-    """Jobs in the running state that started over `minutes` ago, oldest first."""
+    """Jobs in the running state that started over `minutes` ago, oldest first.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        jobs: the jobs table, its columns and status values.
+        minutes: minutes running after which a job is stuck.
+
+    Returns:
+        StuckJobs: their ids, oldest first, and the oldest one's age in seconds.
+
+    Raises:
+        ConfigError: the jobs table or one of its columns does not exist as configured.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     args = {"running": jobs.running_value, "minutes": minutes, "time_zone": jobs.time_zone}
     with connect(name, target) as conn, _jobs_errors(name, jobs):
         parts = _jobs_sql(jobs, TimeColumn.read(conn, jobs, jobs.started_column))
@@ -582,6 +655,23 @@ def _lockout_query(
 def count_lockout_rows(
     name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
 ) -> int:
+    """How many rows of the lockout table hold one subject, or all rows when subject is None.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        redis_name: the [redis.NAME] whose lockout_table this is, for messages.
+        table: the lockout table and its columns.
+        subject: a user id, email or IP; None: every lockout.
+
+    Returns:
+        The number of rows.
+
+    Raises:
+        ConfigError: the table or one of its columns does not exist as configured.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     args = {"subject": subject, "time_zone": table.time_zone}
     with connect(name, target) as conn, _lockout_errors(redis_name, table):
         query = _lockout_query(conn, "SELECT count(*) AS n FROM", table, subject)
@@ -628,7 +718,19 @@ class Writability(BaseModel):
 @io_task("read-writability", timeout_seconds=30)
 def read_writability(name: str, target: PostgresTarget) -> Writability:
     """Whether the target takes writes: read before planning changes a standby (or a database
-    set read-only) would refuse, so they are skipped with the reason instead of failing."""
+    set read-only) would refuse, so they are skipped with the reason instead of failing.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        Writability: in_recovery (a standby) and read_only (transaction_read_only).
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         row = conn.execute(
             "SELECT pg_is_in_recovery() AS in_recovery, "
@@ -661,7 +763,15 @@ class Probe(BaseModel):
 @io_task("probe-postgres", timeout_seconds=30, retries=0)
 def probe_postgres(name: str, target: PostgresTarget) -> Probe:
     """Like pg_isready, plus a query: a server that accepts connections but cannot answer
-    SELECT 1 is not up."""
+    SELECT 1 is not up. A server that is down is a result, not an error.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        Probe: ok and the milliseconds SELECT 1 took; or the error, whether a restart may help
+        (transient False: credentials or database refused) and whether it is recovering."""
     start = time.perf_counter()
     try:
         with connect(name, target, statement_timeout_seconds=5) as conn:
