@@ -347,7 +347,8 @@ ORDER BY {order} DESC LIMIT %(limit)s
 
 @io_task("read-top-queries", timeout_seconds=60)
 def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQueries:
-    """The statements with the most total execution time, from pg_stat_statements.
+    """The statements with the most total and the most mean execution time, from
+    pg_stat_statements.
 
     Args:
         name: the [postgres.NAME] target's name, for messages.
@@ -355,8 +356,9 @@ def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQuerie
         limit: how many statements, at most.
 
     Returns:
-        TopQueries: the statements (calls, total and mean milliseconds, rows), or
-        available=False with the reason (the extension is not installed or not loaded).
+        TopQueries: both rankings (calls, total and mean milliseconds, rows) and how many
+        the role may not read; or available=False with the reason (the extension is not
+        installed or not loaded).
 
     Raises:
         AuthenticationFailed: the server refused the login (password, role, database).
