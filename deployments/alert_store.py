@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tasks.alert_routes import CAP_PERIOD, Alert, Dispatch, Episode, Outcome, storm_decision
+from deployments.alert_routes import CAP_PERIOD, Alert, Dispatch, Episode, Outcome, storm_decision
 
 BUSY_TIMEOUT_SECONDS = 30  # a writer waits this long for another process's transaction
 KEEP_DELIVERIES = timedelta(days=30)  # and runs, and alerts not seen since

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.status import Status
 
-    from flows.catalog import Runbook
+    from deployments.catalog import Runbook
     from tasks.models import Report
 
 app = typer.Typer(
@@ -62,7 +62,7 @@ def fail(exc: RunbookError) -> typer.Exit:
 @app.command("list")
 def list_runbooks() -> None:
     """Every runbook with its triggers, purpose and what it may change."""
-    from flows.catalog import RUNBOOKS
+    from deployments.catalog import RUNBOOKS
 
     header = ("runbook", "triggers", "purpose", "may change")
     rows = [(rb.name, rb.triggers, rb.purpose, rb.changes) for rb in RUNBOOKS.values()]
@@ -90,7 +90,7 @@ def plain_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str
 
 
 def find_runbook(name: str) -> Runbook:
-    from flows.catalog import RUNBOOKS
+    from deployments.catalog import RUNBOOKS
 
     if name not in RUNBOOKS:
         raise ConfigError(
@@ -124,9 +124,10 @@ def parse_sets(rb: Runbook, pairs: list[str]) -> dict[str, Any]:
 
 
 def resolve_target(rb: Runbook, target: str | None) -> tuple[str, dict[str, Any]]:
-    from tasks.settings import config_path, load_settings
+    from deployments.config import load_config
+    from tasks.settings import config_path
 
-    settings = load_settings()
+    settings = load_config()
     if target is None and rb.default_target is not None:
         if not rb.targets(settings):
             raise ConfigError(
@@ -384,14 +385,14 @@ def receiver(
 
     Against the Prefect API in PREFECT_API_URL or a local one on 127.0.0.1:4200; runs start
     through their deployments. Ctrl-C stops it."""
+    from deployments.config import load_config
     from deployments.prefect_api import local_prefect_api, require_prefect_api
-    from tasks.settings import load_settings
 
     try:
         # Imports no Prefect: PREFECT_API_URL may still be set below.
         from deployments.receiver import receiver_settings, run_receiver
 
-        settings = load_settings()
+        settings = load_config()
         receiver_settings(settings)
         if url := os.environ.get("PREFECT_API_URL"):
             require_prefect_api(url)
@@ -444,13 +445,14 @@ def audit(
     From the [audit] table when configured, else from the Prefect API's events."""
     from datetime import UTC, timedelta
 
+    from deployments.config import load_config
     from tasks.audit import init_table, read_trail
     from tasks.models import utcnow
-    from tasks.settings import config_path, load_settings
+    from tasks.settings import config_path
 
     try:
         seconds = parse_since(since)
-        settings = load_settings()
+        settings = load_config()
         if grant is not None and not init:
             raise ConfigError("--grant goes with --init")
         if init:

@@ -25,11 +25,12 @@ import httpx
 import psycopg
 
 from deployments import sandbox
+from deployments.catalog import RUNBOOKS
+from deployments.config import load_config
 from deployments.localpg import stop_process
 from deployments.prefect_api import require_prefect_api
-from flows.catalog import RUNBOOKS
 from tasks.errors import ConfigError, TargetError
-from tasks.settings import ENV_PREFIX, Settings, load_settings, sandbox_config_path
+from tasks.settings import ENV_PREFIX, Settings, sandbox_config_path
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -211,7 +212,7 @@ def serve_all(host: str, port: int, max_runs: int = DEFAULT_MAX_RUNS) -> None:
 def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: list[Any]) -> None:
     from deployments.runner import InProcessRunner
 
-    settings = load_settings()
+    settings = load_config()
     in_sandbox = not has_inventory(settings)
     api = os.environ.get("PREFECT_API_URL")
     if api:
@@ -233,7 +234,7 @@ def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: li
                 + (f": {detail.decode(errors='replace').strip()}" if detail else "")
             ) from None
         os.environ[f"{ENV_PREFIX}CONFIG"] = str(box.config)
-        settings = load_settings(box.config)
+        settings = load_config(box.config)
         stable = sandbox_config_path()
         stable.parent.mkdir(parents=True, exist_ok=True)
         stable.write_text(box.config.read_text())

@@ -24,7 +24,7 @@ from tasks.storage import backups_location, delete_backups, list_backups
 RUNBOOK = "backup-retention"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="backups", actions=("delete_backup",))
 def backup_retention(
     target: str,
     dry_run: bool = True,

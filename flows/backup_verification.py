@@ -16,7 +16,7 @@ from tasks.storage import backups_location, list_backups, verify_backup
 RUNBOOK = "backup-verification"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="backups", actions=())
 def backup_verification(
     target: str,
     dry_run: bool = True,

@@ -17,7 +17,7 @@ from tasks.settings import load_settings
 RUNBOOK = "login-lockouts"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="redis", actions=("clear_lockout_keys", "clear_lockout_rows"))
 def login_lockouts(
     target: str,
     dry_run: bool = True,

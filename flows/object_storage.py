@@ -25,7 +25,7 @@ from tasks.storage import (
 RUNBOOK = "object-storage"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="s3", actions=())
 def object_storage(
     target: str,
     dry_run: bool = True,

@@ -22,7 +22,7 @@ from tasks.settings import load_settings
 RUNBOOK = "postgres-connections"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="postgres", actions=("cancel_query", "terminate_backend"))
 def postgres_connections(
     target: str,
     dry_run: bool = True,

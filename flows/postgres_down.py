@@ -44,7 +44,7 @@ def reachability(name: str, probe: Probe) -> Finding:
     )
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="postgres", actions=("restart_service",))
 def postgres_down(
     target: str,
     dry_run: bool = True,

@@ -16,7 +16,7 @@ from tasks.settings import load_settings
 RUNBOOK = "postgres-maintenance"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="postgres", actions=("vacuum_analyze",))
 def postgres_maintenance(
     target: str,
     dry_run: bool = True,

@@ -19,7 +19,7 @@ from tasks.storage import verify_backup
 RUNBOOK = "pre-change-backup"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="backups", actions=("dump",))
 def pre_change_backup(
     target: str,
     dry_run: bool = True,

@@ -20,7 +20,7 @@ from tasks.settings import load_settings
 RUNBOOK = "queue-backlog"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="redis", actions=("scale_workers",))
 def queue_backlog(
     target: str,
     dry_run: bool = True,

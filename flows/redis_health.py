@@ -22,7 +22,9 @@ from tasks.settings import load_settings
 RUNBOOK = "redis-health"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(
+    RUNBOOK, inventory="redis", actions=("set_maxmemory_policy", "enable_aof", "restart_service")
+)
 def redis_health(
     target: str,
     dry_run: bool = True,

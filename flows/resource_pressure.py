@@ -18,7 +18,7 @@ from tasks.settings import load_settings
 RUNBOOK = "resource-pressure"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="services", actions=("restart_service",))
 def resource_pressure(
     target: str = "all",
     dry_run: bool = True,

@@ -41,7 +41,7 @@ from tasks.storage import backups_location, list_backups
 RUNBOOK = "restore-drill"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="backups", actions=("restore-drill",))
 def restore_drill(
     target: str,
     dry_run: bool = True,

@@ -44,7 +44,7 @@ def findings_of(probes: dict[str, list[HttpProbe]]) -> list[Finding]:
     ]
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="services", actions=("restart_service", "handoff"))
 def service_health(
     target: str = "all",
     dry_run: bool = True,

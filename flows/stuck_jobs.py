@@ -16,7 +16,7 @@ from tasks.settings import load_settings
 RUNBOOK = "stuck-jobs"
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="postgres", actions=("reset_stuck_jobs",))
 def stuck_jobs(
     target: str,
     dry_run: bool = True,

@@ -28,7 +28,7 @@ RUNBOOK = "tls-certificates"
 RELOAD_GRACE_SECONDS = 10
 
 
-@runbook_flow(RUNBOOK)
+@runbook_flow(RUNBOOK, inventory="tls", actions=("renew_certificate",))
 def tls_certificates(
     target: str = "all",
     dry_run: bool = True,

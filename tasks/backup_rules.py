@@ -240,8 +240,6 @@ class ObjectStorageParams(Params):
     )
 
 
-OBJECT_STORAGE_THRESHOLDS = frozenset(ObjectStorageParams.model_fields)
-
 STEPS = {
     "head_bucket": "head bucket",
     "put": "put canary",

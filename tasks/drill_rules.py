@@ -22,6 +22,8 @@ DRILL_DB_PREFIX = "runbook_drill_"
 
 
 class RestoreDrillParams(Params):
+    # Each run's own choice: the inventory's [backups.NAME] keeps no drill thresholds.
+    run_only = frozenset({"backup", "max_rto_seconds", "max_rpo_hours", "check_timeout_seconds"})
     backup: str | None = Field(
         None, description="the backup to restore (its key or file name); unset: the newest"
     )
@@ -37,6 +39,7 @@ class RestoreDrillParams(Params):
 
 
 class PreChangeParams(Params):
+    run_only = frozenset({"label"})
     label: str = Field(
         "pre-change",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",

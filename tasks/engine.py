@@ -1,5 +1,6 @@
 """What every runbook flow shares: the flow and task shapes, running approved actions, and
-finishing a run (status, report, artifacts, and the final Prefect state that shows the outcome).
+finishing a run (status, report, its artifacts (tasks.render), and the final Prefect state that
+shows the outcome).
 
 Outcome -> final state of the flow run (type, name), so the UI's run list shows it and a Prefect
 automation can match it (event `prefect.flow-run.<name>`):
@@ -15,13 +16,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Flow, Task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
@@ -40,6 +39,7 @@ from tasks.models import (
     final_status,
     problems,
 )
+from tasks.render import publish
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -89,7 +89,12 @@ def io_task(
 class RunbookFlow(Flow[P, State[Report]]):
     """A runbook's flow. Its function returns the final state (outcome_state); called directly,
     the flow returns the Report whatever the outcome, and raises what the run raised when it
-    ended without one (a RunbookError: a target unreachable, bad configuration)."""
+    ended without one (a RunbookError: a target unreachable, bad configuration).
+
+    inventory and actions: what runbook_flow declared for it."""
+
+    inventory: str | None = None
+    actions: tuple[str, ...] | None = None
 
     def __call__(  # type: ignore[override]
         self, *args: Any, return_state: bool = False, **kwargs: Any
@@ -103,20 +108,31 @@ class RunbookFlow(Flow[P, State[Report]]):
         return state.result()
 
 
-def runbook_flow(name: str) -> Callable[[Callable[P, State[Report]]], RunbookFlow[P]]:
+def runbook_flow(
+    name: str, *, inventory: str | None = None, actions: tuple[str, ...] | None = None
+) -> Callable[[Callable[P, State[Report]]], RunbookFlow[P]]:
     """The @flow of a runbook: named after it, each run named after its target, with its own
-    journal (tasks.journal) from start to end."""
+    journal (tasks.journal) from start to end.
+
+    inventory: the inventory section its targets come from (postgres, redis, services, tls,
+    s3, backups): the gate's mutating-run resource and policies, the audit's inventory.
+    actions: every kind of action it may plan (Action.kind): the gate refuses to act when
+    `[approval] <name>.<kind>` names another. Both must agree with its entry in
+    deployments/catalog.py (tests/test_layers.py checks it); None: undeclared (a test's flow).
+    """
 
     def decorate(fn: Callable[P, State[Report]]) -> RunbookFlow[P]:
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> State[Report]:
-            with journal_scope():
+            with journal_scope(inventory, actions):
                 return fn(*args, **kwargs)
 
         # Prefect reads the parameters from the signature and resolves string annotations in
         # the globals of the function it runs (this module's): give it them resolved already.
         run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
-        return RunbookFlow(fn=run, name=name, flow_run_name="{target}")
+        found = RunbookFlow(fn=run, name=name, flow_run_name="{target}")
+        found.inventory, found.actions = inventory, actions
+        return found
 
     return decorate
 
@@ -224,7 +240,6 @@ def tell(report: Report, before: list[Finding]) -> list[str]:
     """A finished run's audit trail (tasks.audit: events, and rows with [audit]) and its
     notifications (tasks.notify, [notify]). Returns what could not be recorded or sent, for
     the run's log; neither changes the run's outcome."""
-    from flows.catalog import RUNBOOKS
     from tasks.audit import record
     from tasks.notify import notify_report
     from tasks.settings import load_settings
@@ -233,112 +248,7 @@ def tell(report: Report, before: list[Finding]) -> list[str]:
         settings = load_settings()
     except RunbookError as exc:
         return [f"audit and notifications skipped: {exc}"]
-    inventory = RUNBOOKS[report.runbook].inventory if report.runbook in RUNBOOKS else "other"
+    inventory = journal().inventory or "other"
     return record(report, inventory=inventory, settings=settings.audit) + notify_report(
         report, before, settings.notify
     )
-
-
-def artifact_key(runbook: str, target: str) -> str:
-    """Stable per runbook and target, so the UI shows a history; keys allow [a-z0-9-]."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"runbook-{runbook}-{target}".lower()).strip("-")
-
-
-def publish(report: Report, before: list[Finding]) -> None:
-    key = artifact_key(report.runbook, report.target)
-    create_markdown_artifact(
-        markdown=render_markdown(report, before),
-        key=key,
-        description=f"{report.runbook} on {report.target}: {report.status.value}",
-    )
-    rows: list[dict[str, Any]] = [
-        {
-            "step": "finding",
-            "name": f.check,
-            "state": f.severity.value,
-            "observed": str(f.observed_brief),
-            "threshold": str(f.threshold or ""),
-            "message": f.message,
-        }
-        for f in report.findings
-    ] + [
-        {
-            "step": "action",
-            "name": a.kind,
-            "state": a.status.value,
-            "observed": "",
-            "threshold": "",
-            "message": f"{a.description}. {a.detail}".strip(),
-        }
-        for a in report.actions
-    ]
-    create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
-
-
-def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(report: Report, before: list[Finding]) -> str:
-    lines = [
-        f"# {report.runbook} on `{report.target}`: **{report.status.value}**",
-        "",
-        f"dry run: {'yes' if report.dry_run else 'no'}; "
-        f"started {report.started_at:%Y-%m-%d %H:%M:%S} UTC, "
-        f"{(report.finished_at - report.started_at).total_seconds():.1f} s",
-        "",
-    ]
-    sections: list[tuple[str, list[Finding]]] = [("Findings", report.findings)]
-    if before != report.findings:
-        sections.insert(0, ("Found before acting", before))
-        sections[1] = ("After acting", report.findings)
-    for title, findings in sections:
-        lines += [
-            f"## {title}",
-            "",
-            "| check | severity | observed | threshold | message |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {_cell(f.check)} | {f.severity.value} | {_cell(f.observed_brief)} | "
-            f"{_cell(f.threshold)} | {_cell(f.message)} |"
-            for f in findings
-        ]
-        lines.append("")
-    for f in report.findings:
-        if f.rows:
-            keys = list(f.rows[0])
-            lines += [
-                f"### {f.check}",
-                "",
-                "| " + " | ".join(keys) + " |",
-                "|" + "---|" * len(keys),
-            ]
-            lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in f.rows]
-            lines.append("")
-    if report.approval is not None:
-        a = report.approval
-        lines += [
-            "## Approval",
-            "",
-            f"{a.decision.value} by {a.approver or 'nobody'} at {a.answered_at:%Y-%m-%d %H:%M:%S} "
-            f"UTC (asked {a.requested_at:%H:%M:%S} UTC){': ' + a.comment if a.comment else ''}",
-            "",
-        ]
-    lines += ["## Actions", ""]
-    if report.actions:
-        lines += ["| action | target | destructive | status | detail |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {_cell(a.description)} | {_cell(a.target)} | {'yes' if a.destructive else 'no'} "
-            f"| {a.status.value} | {_cell(a.detail)} |"
-            for a in report.actions
-        ]
-    else:
-        lines.append("none needed")
-    if report.timeline:
-        lines += ["", "## Timeline (UTC)", ""]
-        lines += [
-            f"- {e.at:%Y-%m-%d %H:%M:%S} **{e.event.replace('_', ' ')}** {_cell(e.detail)}"
-            for e in report.timeline
-        ]
-    return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from tasks.errors import ConfigError
 from tasks.journal import journal, run_logger
 from tasks.models import (
     Action,
@@ -160,11 +161,11 @@ def _within_limits(actions: list[Action], runbook: str, target: str) -> None:
     limit and when it frees."""
     if not actions:
         return
-    from flows.catalog import RUNBOOKS
     from tasks.limits import admit, mutating_run
     from tasks.settings import load_settings
 
-    resource = f"{RUNBOOKS[runbook].inventory}.{target}" if runbook in RUNBOOKS else target
+    inventory = journal().inventory
+    resource = f"{inventory}.{target}" if inventory is not None else target
     busy = journal().held.enter_context(mutating_run(resource))
     if busy is not None:
         for action in actions:
@@ -191,11 +192,12 @@ def _policies(
     read once)."""
     if runbook is None:
         return lambda action: Policy(requested, "the run's approval")
-    from flows.catalog import RUNBOOKS
     from tasks.settings import load_settings
 
     settings = load_settings()
-    section = settings.targets(RUNBOOKS[runbook].inventory) if runbook in RUNBOOKS else {}
+    log = journal()
+    _known_kinds(runbook, settings.approval.get(runbook, {}), log.actions)
+    section = settings.targets(log.inventory) if log.inventory is not None else {}
 
     def policy(action: Action) -> Policy:
         touched = {n: section[n] for n in {target, action.target} if n is not None and n in section}
@@ -204,6 +206,28 @@ def _policies(
         )
 
     return policy
+
+
+def _known_kinds(
+    runbook: str, configured: dict[str, Approval], declared: tuple[str, ...] | None
+) -> None:
+    """Refuse to act when `[approval] <runbook>.<kind>` names a kind the runbook does not
+    declare (tasks.engine.runbook_flow): a misspelt `never` must not let the action through.
+    The entry points check every runbook's keys when they load the inventory
+    (deployments.config); a worker loads it here, so the run checks its own.
+
+    Raises ConfigError naming the key and the kinds there are."""
+    if declared is None:
+        return
+    from tasks.settings import ENV_PREFIX, config_path
+
+    for kind in configured:
+        if kind not in declared:
+            raise ConfigError(
+                f"{config_path()}: approval.{runbook}.{kind}: {runbook} plans no action of that "
+                f"kind; its kinds: {', '.join(declared) or 'none (it changes nothing)'}; correct "
+                f"it there or in {ENV_PREFIX}APPROVAL__{runbook.upper()}__{kind.upper()}"
+            )
 
 
 def _ask(

@@ -31,6 +31,10 @@ class Journal:
     passed: set[int] = field(default_factory=set)
     # What the run holds until it finishes (a mutating-run slot): closed by close_journal.
     held: ExitStack = field(default_factory=ExitStack)
+    # What its runbook declares (tasks.engine.runbook_flow): the inventory section of its
+    # targets, and the kinds of action it may plan; None: not declared (a test's flow).
+    inventory: str | None = None
+    actions: tuple[str, ...] | None = None
 
     def note(self, event: str, detail: str = "") -> None:
         self.timeline.append(TimelineEntry(at=utcnow(), event=event, detail=detail))
@@ -47,15 +51,21 @@ def _flow_run() -> Any:
 
 
 @contextmanager
-def journal_scope() -> Iterator[Journal]:
+def journal_scope(
+    inventory: str | None = None, actions: tuple[str, ...] | None = None
+) -> Iterator[Journal]:
     """A flow run's journal, from its start to its end (tasks.engine.runbook_flow): a subflow
-    has its own and leaves its parent's as it was. On exit, what the run held is released."""
+    has its own and leaves its parent's as it was. On exit, what the run held is released.
+
+    inventory, actions: what the runbook declares (Journal.inventory, Journal.actions)."""
     parent = _current.get()
     run = _flow_run()
     found = Journal(
         run.id if run is not None else None,
         deployed=(run is not None and run.deployment_id is not None)
         or (parent is not None and parent.deployed),
+        inventory=inventory,
+        actions=actions,
     )
     token = _current.set(found)
     try:

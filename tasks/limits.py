@@ -99,7 +99,7 @@ class RateLimit(BaseModel):
         return f"{self.max} per {self.per_seconds} s"
 
 
-# Per destructive action kind (flows.catalog.ACTION_KINDS); configured [limits] replace them.
+# Per destructive action kind (deployments.catalog.ACTION_KINDS); configured [limits] replace them.
 DEFAULT_RATES: dict[str, RateLimit] = {
     # Issue 13's own example: at most 2 restarts of one service per hour. Seed 003
     # ("Application Not Responding") escalates when a restart does not fix it, rather than

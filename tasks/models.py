@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -170,6 +170,14 @@ class Params(BaseModel):
     target in the inventory's `thresholds`; values given for the run win over the target's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Parameters that are the run's own choice (which subject, which backup) or no target's
+    # (the host's limits): never set in a target's `thresholds`.
+    run_only: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def threshold_names(cls) -> frozenset[str]:
+        """The parameters a target's `thresholds` may set: every field but run_only."""
+        return frozenset(cls.model_fields) - cls.run_only
 
     @classmethod
     def resolve(cls, given: Params | None, target_values: dict[str, Any], where: str) -> Self:

@@ -114,17 +114,10 @@ class NotifySettings(BaseModel):
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
-    def _names_and_urls_resolve(self) -> NotifySettings:
-        # Imported here: the catalogue imports the tasks modules (as Settings._routes_resolve).
-        from flows.catalog import RUNBOOKS
-
+    def _urls_resolve(self) -> NotifySettings:
+        # The runbooks each route names are checked against the registry by the entry points
+        # (deployments.config); a route naming none that runs gets nothing, as one filtered out.
         for i, route in enumerate(self.routes):
-            for name in route.runbooks or []:
-                if name not in RUNBOOKS:
-                    raise ValueError(
-                        f"routes[{i}].runbooks: unknown runbook {name!r}; known: "
-                        f"{', '.join(RUNBOOKS)}"
-                    )
             for j, url in enumerate(route.urls):
                 if _service(url) is None:
                     # Never the URL itself: it holds tokens.

@@ -84,13 +84,6 @@ class StuckJobsParams(Params):
     )
 
 
-THRESHOLD_NAMES = frozenset(
-    name
-    for model in (ConnectionsParams, MaintenanceParams, StuckJobsParams)
-    for name in model.model_fields
-)
-
-
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"

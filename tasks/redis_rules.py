@@ -56,6 +56,7 @@ class RedisHealthParams(Params):
 
 
 class LockoutParams(Params):
+    run_only = frozenset({"subject", "all"})
     subject: str | None = Field(
         None, min_length=1, description="a user id, email or IP whose lockout is cleared"
     )
@@ -83,11 +84,6 @@ class QueueBacklogParams(Params):
     scale_workers_to: int = Field(
         3, ge=1, le=100, description="worker replicas to scale a stuck queue's service to; 1 to 100"
     )
-
-
-THRESHOLD_NAMES = frozenset(
-    name for model in (RedisHealthParams, QueueBacklogParams) for name in model.model_fields
-)
 
 
 # --- redis-health --------------------------------------------------------------------------

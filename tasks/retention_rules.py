@@ -40,9 +40,6 @@ class RetentionParams(Params):
     )
 
 
-THRESHOLD_NAMES = frozenset(RetentionParams.model_fields)
-
-
 class Decision(BaseModel):
     key: str
     modified: datetime

@@ -160,6 +160,7 @@ class PostgresDownParams(Params):
 
 
 class ServiceHealthParams(Params):
+    run_only = frozenset({"service"})
     service: str | None = Field(None, description="one [services.NAME]; default all")
     ready_timeout_seconds: float = Field(
         60,
@@ -174,6 +175,8 @@ class ResourceParams(Params):
     service's, and may be set per service under its `thresholds`; the host has its own:
     host_memory_percent of its memory in use, host_load_per_cpu for the 1-minute load average
     divided by its CPUs."""
+
+    run_only = frozenset({"host_memory_percent", "host_load_per_cpu"})
 
     memory_percent: float = Field(
         90,
@@ -199,10 +202,6 @@ class ResourceParams(Params):
         le=1000,
         description="1-minute load average per CPU for a warning; over 0, at most 1000",
     )
-
-
-# What a [services.NAME.thresholds] may set: the parameters that are about one service.
-THRESHOLD_NAMES = frozenset({"ready_timeout_seconds", "memory_percent", "cpu_percent"})
 
 
 def disk_finding(name: str, disk: DiskUsage) -> Finding:

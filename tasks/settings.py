@@ -3,6 +3,11 @@ environment overrides (prefix RUNBOOK_, nested delimiter __), e.g.
 RUNBOOK_POSTGRES__MAIN__DSN=postgresql://app@127.0.0.1:5432/app.
 
 Every problem becomes one ConfigError that names the file, the key and the fix.
+
+Shapes only: what names a runbook, an action kind or a runbook's parameter ([approval],
+[limits], thresholds, [[routes]], [[notify.routes]] runbooks) is checked against the registry
+by the entry points that load it (deployments.config.load_config); a run checks its own
+[approval] kinds at the gate (tasks.gate).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -33,18 +38,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from tasks.alert_routes import ReceiverSettings, Route, check_route
 from tasks.audit import AuditSettings
-from tasks.backup_rules import OBJECT_STORAGE_THRESHOLDS
 from tasks.errors import ConfigError
 from tasks.limits import RateLimit
 from tasks.models import Approval
 from tasks.notify import NotifySettings
-from tasks.postgres_rules import THRESHOLD_NAMES as POSTGRES_THRESHOLDS
-from tasks.redis_rules import THRESHOLD_NAMES as REDIS_THRESHOLDS
-from tasks.retention_rules import THRESHOLD_NAMES as RETENTION_THRESHOLDS
-from tasks.service_rules import THRESHOLD_NAMES as SERVICE_THRESHOLDS
-from tasks.tls_rules import THRESHOLD_NAMES as TLS_THRESHOLDS
 
 DEFAULT_CONFIG = "runbook.toml"
 ENV_PREFIX = "RUNBOOK_"
@@ -102,23 +100,14 @@ class JobsTable(TimedTable):
 
 
 class _Target(_Strict):
-    # Per-target values for a runbook's parameters, e.g. idle_in_transaction_seconds = 300.
+    # Per-target values for a runbook's parameters, e.g. idle_in_transaction_seconds = 300:
+    # the names its section's runbooks take (deployments.catalog.threshold_names).
     thresholds: dict[str, int | float] = Field(default_factory=dict)
     # The most a run may do on its own here: a run's `auto` becomes this when stricter ("ask":
     # a human decides; "never": destructive actions are skipped). production = true turns
     # `auto` into `ask` for destructive actions (tasks.gate).
     approval: Approval = "auto"
     production: bool = False
-    _threshold_names: ClassVar[frozenset[str]] = frozenset()
-
-    @field_validator("thresholds")
-    @classmethod
-    def _known_thresholds(cls, value: dict[str, int | float]) -> dict[str, int | float]:
-        unknown = sorted(set(value) - cls._threshold_names)
-        if unknown:
-            known = ", ".join(sorted(cls._threshold_names))
-            raise ValueError(f"unknown {', '.join(unknown)}; known: {known}")
-        return value
 
 
 class PostgresTarget(_Target):
@@ -130,7 +119,6 @@ class PostgresTarget(_Target):
     jobs: JobsTable | None = None
     service: str | None = Field(None, description="the [services.NAME] that runs it")
     data_directory: str | None = Field(None, description="local data directory, for disk space")
-    _threshold_names = POSTGRES_THRESHOLDS | {"ready_timeout_seconds"}
 
     @property
     def description(self) -> str:
@@ -160,7 +148,6 @@ class ServiceTarget(_Target):
     # Health-body components and the inventory target each stands for, e.g.
     # database = "postgres.main"; unset: inferred when there is one target of that kind.
     dependencies: dict[str, str] = Field(default_factory=dict)
-    _threshold_names = SERVICE_THRESHOLDS
 
     @model_validator(mode="after")
     def _kind_has_what_it_needs(self) -> ServiceTarget:
@@ -194,7 +181,6 @@ class TlsEndpoint(_Target):
         None, description="restarted through its controller instead of reload_command"
     )
     cert_name: str | None = None
-    _threshold_names = TLS_THRESHOLDS
 
 
 class S3Target(_Target):
@@ -206,7 +192,6 @@ class S3Target(_Target):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     timeout_seconds: float = Field(10, gt=0, le=600)
-    _threshold_names = OBJECT_STORAGE_THRESHOLDS
 
 
 class BackupSet(_Target):
@@ -225,7 +210,6 @@ class BackupSet(_Target):
     checks: list[str] = Field(default_factory=list)
     # backup-retention's keep_daily, keep_weekly, keep_monthly, max_deletions go in
     # [backups.NAME.thresholds].
-    _threshold_names = RETENTION_THRESHOLDS
 
     @model_validator(mode="after")
     def _one_place(self) -> BackupSet:
@@ -258,7 +242,6 @@ class RedisTarget(_Target):
     worker_service: str | None = Field(
         None, description="the [services.NAME] of the queue's workers, scaled by queue-backlog"
     )
-    _threshold_names = REDIS_THRESHOLDS
 
     @property
     def wanted_policy(self) -> str:
@@ -267,6 +250,73 @@ class RedisTarget(_Target):
     @property
     def description(self) -> str:
         return describe_url(self.url)
+
+
+class ReceiverSettings(_Strict):
+    """[receiver]: where it listens, how callers authenticate, storm control, dispatch."""
+
+    listen: str = Field("127.0.0.1:8787", pattern=r"^[^\s:]+:\d{1,5}$")
+    token: SecretStr | None = Field(None, description="Authorization: Bearer TOKEN")
+    hmac_secret: SecretStr | None = Field(
+        None, description="X-Runbook-Signature: sha256=<hex HMAC-SHA256 of the body>"
+    )
+    dedup_window_seconds: int = Field(600, ge=0, le=7 * 86400)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    max_runs_per_hour: int = Field(20, ge=0, le=100_000)
+    dispatch: Literal["direct", "trigger"] = "direct"
+    state_file: Path | None = Field(None, description="storm-control SQLite file")
+    # In-process runs at once in `runbook serve`; more wait, Pending, in order.
+    max_concurrent_runs: int = Field(4, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _secrets_not_empty(self) -> ReceiverSettings:
+        for key in ("token", "hmac_secret"):
+            secret = getattr(self, key)
+            if secret is not None and len(secret.get_secret_value()) < 8:
+                raise ValueError(f"receiver.{key} must be at least 8 characters")
+        return self
+
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, listen: str) -> str:
+        if not 0 < int(listen.rsplit(":", 1)[1]) < 65536:
+            raise ValueError(f"{listen!r}: the port must be 1-65535")
+        return listen
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.token is not None or self.hmac_secret is not None
+
+
+class Route(_Strict):
+    """[[routes]]: an alert (name plus label matchers) to a runbook, a target and parameters."""
+
+    alert: str = Field(min_length=1, max_length=256)
+    matchers: dict[str, str] = Field(default_factory=dict)
+    runbook: str
+    target: str | None = Field(None, description="a fixed inventory target")
+    target_label: str | None = Field(
+        None, description='the label naming the target; unset: "target"'
+    )
+    # false: the run diagnoses and plans only. true: it acts, its destructive actions as
+    # `approval` says: ask (the default: it pauses for a human in the Prefect UI), auto, never.
+    apply: bool = False
+    approval: Approval = "ask"
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_target_source(self) -> Route:
+        if self.target is not None and self.target_label is not None:
+            raise ValueError("set either target or target_label, not both")
+        return self
 
 
 class Settings(BaseSettings):
@@ -281,6 +331,7 @@ class Settings(BaseSettings):
     s3: dict[str, S3Target] = Field(default_factory=dict)
     backups: dict[str, BackupSet] = Field(default_factory=dict)
     # The alert receiver and its routes (README, Alerts); no routes: deployments/alerts/routes.toml.
+    # Their names are checked where the receiver is built (deployments.alert_routes).
     receiver: ReceiverSettings | None = None
     routes: list[Route] = Field(default_factory=list)
     # Per runbook and action kind, the most its runs may do on their own (as a target's
@@ -293,18 +344,6 @@ class Settings(BaseSettings):
     audit: AuditSettings | None = None
     # Who is told of approval requests and outcomes, and escalation ([[notify.routes]]).
     notify: NotifySettings | None = None
-
-    @field_validator("limits")
-    @classmethod
-    def _known_action_kinds(cls, value: dict[str, RateLimit]) -> dict[str, RateLimit]:
-        # Imported here: the catalogue imports the tasks modules, this one among them.
-        from flows.catalog import ACTION_KINDS
-
-        unknown = sorted(set(value) - ACTION_KINDS)
-        if unknown:
-            known = ", ".join(sorted(ACTION_KINDS))
-            raise ValueError(f"unknown action kind {', '.join(unknown)}; known: {known}")
-        return value
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -337,43 +376,6 @@ class Settings(BaseSettings):
                 kind, target_name = ref.split(".", 1)
                 if target_name not in self.targets(kind):
                     raise ValueError(f"services.{name}.dependencies.{component}: no [{ref}]")
-        return self
-
-    @model_validator(mode="after")
-    def _approval_names_resolve(self) -> Settings:
-        from flows.catalog import RUNBOOKS
-
-        for runbook, kinds in self.approval.items():
-            if runbook not in RUNBOOKS:
-                raise ValueError(
-                    f"approval.{runbook}: unknown runbook; known: {', '.join(RUNBOOKS)}"
-                )
-            known = RUNBOOKS[runbook].actions
-            for kind in kinds:
-                if kind not in known:
-                    raise ValueError(
-                        f"approval.{runbook}.{kind}: {runbook} plans no action of that kind; "
-                        f"its kinds: {', '.join(known) or 'none (it changes nothing)'}"
-                    )
-        return self
-
-    @model_validator(mode="after")
-    def _routes_resolve(self) -> Settings:
-        # Imported here: the catalogue imports the tasks modules, this one among them.
-        from flows.catalog import RUNBOOKS
-
-        params = {name: rb.params for name, rb in RUNBOOKS.items()}
-        for i, route in enumerate(self.routes):
-            try:
-                check_route(f"routes[{i}]", route, params)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-            targets = RUNBOOKS[route.runbook].alert_targets(self)
-            if route.target is not None and route.target not in targets:
-                raise ValueError(
-                    f"routes[{i}].target names {route.target!r}, not a {route.runbook} target "
-                    f"(configured: {', '.join(targets) or 'none'}); fix it or use target_label"
-                )
         return self
 
     @classmethod

@@ -36,7 +36,6 @@ class TlsParams(Params):
     )
 
 
-THRESHOLD_NAMES = frozenset(TlsParams.model_fields)
 SHORT_LIFETIME_DAYS = 10
 DEFAULT_LIFETIME_DAYS = 90  # when the certificate's own is unknown
 

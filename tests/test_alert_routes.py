@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from flows.catalog import RUNBOOKS
-from tasks.alert_routes import (
+from deployments.alert_routes import (
     DEFAULT_ROUTES,
     PAYLOADS,
     AlertmanagerPayload,
@@ -21,7 +20,6 @@ from tasks.alert_routes import (
     GenericPayload,
     GrafanaPayload,
     Outcome,
-    Route,
     fingerprint_of,
     load_routes,
     pick_target,
@@ -30,9 +28,11 @@ from tasks.alert_routes import (
     split_alerts,
     storm_decision,
 )
+from deployments.catalog import RUNBOOKS
+from deployments.config import load_config
 from tasks.errors import ConfigError
 from tasks.postgres_rules import ConnectionsParams
-from tasks.settings import load_settings
+from tasks.settings import Route, load_settings
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 PARAMS = {name: rb.params for name, rb in RUNBOOKS.items()}
@@ -331,7 +331,7 @@ def test_a_bad_receiver_or_route_config_is_one_clear_error(
 ) -> None:
     inventory(BASE + text)
     with pytest.raises(ConfigError) as info:
-        load_settings()
+        load_config()
     assert expected in str(info.value)
 
 

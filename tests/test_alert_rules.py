@@ -22,8 +22,8 @@ import httpx
 import pytest
 import yaml
 
+from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port, stop_process
-from flows.catalog import RUNBOOKS
 from tasks.models import utcnow, wait_until
 
 ALERTS = Path(__file__).resolve().parents[1] / "deployments" / "alerts"

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port, stop_process
 from deployments.prefect_api import automations_possible
-from flows.catalog import RUNBOOKS
 from tests.conftest import Db
 
 RUNBOOK = str(Path(sys.executable).parent / "runbook")

@@ -18,10 +18,10 @@ import psycopg
 import pytest
 import yaml
 
+from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port
 from deployments.sandbox import Sandbox
 from deployments.serve import alert_trigger_spec, build_deployments
-from flows.catalog import RUNBOOKS
 from tasks.models import wait_until
 from tasks.settings import load_settings
 

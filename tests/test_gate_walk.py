@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from prefect import Task
 
-from flows.catalog import ACTION_KINDS, RUNBOOKS
+from deployments.catalog import ACTION_KINDS, RUNBOOKS
 from tasks.engine import run_action, runbook_flow
+from tasks.errors import ConfigError
 from tasks.gate import gate
 from tasks.models import Action, ActionStatus, Report
 
@@ -120,3 +121,44 @@ def test_run_action_refuses_what_did_not_pass_the_gate(dry_run: bool) -> None:
     assert _calls == ([] if dry_run else ["d"])
     stray = report.actions[-1]
     assert stray.status is ActionStatus.failed and "did not pass the gate" in stray.detail
+
+
+@runbook_flow("gate-declared", inventory="postgres", actions=("k",))
+def _declared(target: str) -> Any:
+    from tasks.engine import finish
+    from tasks.models import utcnow
+
+    started = utcnow()
+    actions = [Action(kind="k", target=target, description="d", destructive=True)]
+    for action in gate(actions, [], dry_run=False, approval="auto"):
+        run_action(action, _calls.append, action.description)
+    return finish(
+        "gate-declared",
+        target,
+        dry_run=False,
+        started_at=started,
+        before=[],
+        after=[],
+        actions=actions,
+    )
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_misspelt_approval_kind_stops_a_run_that_loads_no_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker loads the inventory without the registry's checks (deployments.config): the
+    gate still refuses an [approval] kind its runbook does not declare, as a misspelt `never`
+    would otherwise let the action run."""
+    _calls.clear()
+    path = tmp_path / "runbook.toml"
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(path))
+    path.write_text('[approval]\ngate-declared.kk = "never"\n')
+    with pytest.raises(ConfigError, match=r"approval\.gate-declared\.kk: .*its kinds: k;"):
+        _declared("t")
+    assert _calls == []
+    path.write_text('[approval]\ngate-declared.k = "never"\n')
+    report: Report = _declared("t")
+    assert _calls == []
+    assert report.actions[0].status is ActionStatus.skipped
+    assert "approval policy is 'never'" in report.actions[0].detail

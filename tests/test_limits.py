@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from deployments.config import load_config
 from tasks.errors import ConfigError, TargetError
 from tasks.limits import (
     DEFAULT_RATES,
@@ -118,7 +119,7 @@ def test_bad_limits_are_one_clear_error(tmp_path: Path, text: str, expected: str
     path = tmp_path / "runbook.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=expected) as caught:
-        load_settings(path)
+        load_config(path)
     assert str(path) in str(caught.value)
 
 
@@ -137,7 +138,7 @@ def test_limits_configure_from_file_and_environment(
 
 
 def test_every_destructive_kind_of_the_catalogue_has_a_default_rate() -> None:
-    from flows.catalog import ACTION_KINDS
+    from deployments.catalog import ACTION_KINDS
 
     destructive = {
         "cancel_query",

@@ -20,6 +20,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from pydantic import SecretStr
 
+from deployments.config import load_config
 from deployments.localpg import free_port
 from tasks.errors import ConfigError
 from tasks.models import (
@@ -420,7 +421,7 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
 )
 def test_a_bad_route_is_one_clear_config_error(tmp_path: Path, route: str, said: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(write(tmp_path, f"[[notify.routes]]\n{route}\n"))
+        load_config(write(tmp_path, f"[[notify.routes]]\n{route}\n"))
     assert said in str(caught.value)
     assert TOKEN not in str(caught.value)
 

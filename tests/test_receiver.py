@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from deployments.alert_routes import Alert, AlertmanagerPayload, Dispatch, fingerprint_of
 from deployments.alert_store import KEEP_DELIVERIES, AlertStore
+from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port
 from deployments.receiver import ReceiverServer, build_receiver
-from flows.catalog import RUNBOOKS
-from tasks.alert_routes import Alert, AlertmanagerPayload, Dispatch, fingerprint_of
 from tasks.models import wait_until
 from tasks.settings import load_settings
 from tests.alertmanager_helpers import Alertmanager
@@ -319,7 +319,7 @@ import sys, time
 from datetime import UTC, datetime
 from pathlib import Path
 from deployments.alert_store import AlertStore
-from tasks.alert_routes import Alert, Dispatch
+from deployments.alert_routes import Alert, Dispatch
 
 store = AlertStore(Path(sys.argv[1]), window_seconds=600, max_runs_per_hour=20)
 alert = Alert("alertmanager", "IdleInTransaction", "firing", {}, {}, "racefingerprint01")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.config import load_config
 from tasks.errors import ConfigError
 from tasks.settings import load_settings
 
@@ -67,7 +68,7 @@ def test_environment_overrides_the_file_and_merges(
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
-        load_settings(path)
+        load_config(path)
     assert expected in str(caught.value) and str(path) in str(caught.value)
     assert ": :" not in str(caught.value) and "Value error" not in str(caught.value)
 
@@ -114,7 +115,7 @@ def test_redis_targets(tmp_path: Path) -> None:
 )
 def test_bad_redis_config(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(write(tmp_path, text))
+        load_config(write(tmp_path, text))
     assert expected in str(caught.value)
 
 

@@ -1,4 +1,5 @@
-"""Alerts in, remediations out: the [receiver] and [[routes]] configuration, the webhook payloads
+"""Alerts in, remediations out: the checks of the [[routes]] configuration against the registry
+(its shape, and the [receiver]'s, is tasks.settings'), the default routes, the webhook payloads
 we accept (Alertmanager v4, Grafana unified alerting, our generic schema), one Alert per
 fingerprint, and the pure decisions (which route, which target, which parameters, and whether
 storm control lets a run start). No I/O here.
@@ -21,16 +22,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
 from tasks.errors import ConfigError
-from tasks.models import AlertInfo, Approval, Params, explain_params
+from tasks.models import AlertInfo, Params, explain_params
+from tasks.settings import Route, Settings
 
-DEFAULT_ROUTES = Path(__file__).resolve().parents[1] / "deployments" / "alerts" / "routes.toml"
+DEFAULT_ROUTES = Path(__file__).resolve().parent / "alerts" / "routes.toml"
 # Flow parameters the route sets itself (target from labels, dry_run from apply): never `set`.
 RESERVED = ("target", "dry_run", "approval", "alert")
 CAP_PERIOD = timedelta(hours=1)
@@ -52,83 +52,7 @@ LabelSet = dict[LabelName, Annotated[str, Field(max_length=MAX_LABEL_VALUE)]]
 Annotations = dict[LabelName, str]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # -- configuration --------------------------------------------------------------------------
-
-
-class ReceiverSettings(_Strict):
-    """[receiver]: where it listens, how callers authenticate, storm control, dispatch."""
-
-    listen: str = Field("127.0.0.1:8787", pattern=r"^[^\s:]+:\d{1,5}$")
-    token: SecretStr | None = Field(None, description="Authorization: Bearer TOKEN")
-    hmac_secret: SecretStr | None = Field(
-        None, description="X-Runbook-Signature: sha256=<hex HMAC-SHA256 of the body>"
-    )
-    dedup_window_seconds: int = Field(600, ge=0, le=7 * 86400)
-    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
-    max_runs_per_hour: int = Field(20, ge=0, le=100_000)
-    dispatch: Literal["direct", "trigger"] = "direct"
-    state_file: Path | None = Field(None, description="storm-control SQLite file")
-    # In-process runs at once in `runbook serve`; more wait, Pending, in order.
-    max_concurrent_runs: int = Field(4, ge=1, le=32)
-
-    @model_validator(mode="after")
-    def _secrets_not_empty(self) -> ReceiverSettings:
-        for key in ("token", "hmac_secret"):
-            secret = getattr(self, key)
-            if secret is not None and len(secret.get_secret_value()) < 8:
-                raise ValueError(f"receiver.{key} must be at least 8 characters")
-        return self
-
-    @field_validator("listen")
-    @classmethod
-    def _port_in_range(cls, listen: str) -> str:
-        if not 0 < int(listen.rsplit(":", 1)[1]) < 65536:
-            raise ValueError(f"{listen!r}: the port must be 1-65535")
-        return listen
-
-    @property
-    def host(self) -> str:
-        return self.listen.rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
-
-    @property
-    def has_credentials(self) -> bool:
-        return self.token is not None or self.hmac_secret is not None
-
-
-class Route(_Strict):
-    """[[routes]]: an alert (name plus label matchers) to a runbook, a target and parameters."""
-
-    alert: str = Field(min_length=1, max_length=256)
-    matchers: dict[str, str] = Field(default_factory=dict)
-    runbook: str
-    target: str | None = Field(None, description="a fixed inventory target")
-    target_label: str | None = Field(
-        None, description='the label naming the target; unset: "target"'
-    )
-    # false: the run diagnoses and plans only. true: it acts, its destructive actions as
-    # `approval` says: ask (the default: it pauses for a human in the Prefect UI), auto, never.
-    apply: bool = False
-    approval: Approval = "ask"
-    set: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_target_source(self) -> Route:
-        if self.target is not None and self.target_label is not None:
-            raise ValueError("set either target or target_label, not both")
-        return self
-
-    def matches(self, alert: Alert) -> bool:
-        return alert.name == self.alert and all(
-            alert.labels.get(label) == value for label, value in self.matchers.items()
-        )
 
 
 def check_route(where: str, route: Route, params: Mapping[str, type[Params]]) -> None:
@@ -150,6 +74,25 @@ def check_route(where: str, route: Route, params: Mapping[str, type[Params]]) ->
             f"{where}.set: {explain_params(params[route.runbook], exc)}; fix the value or "
             "remove the key"
         ) from None
+
+
+def check_routes(settings: Settings) -> None:
+    """The configured [[routes]] against the registry: each names a runbook, only its
+    parameters (check_route), and a fixed target only among the targets an alert may name for
+    it (Runbook.alert_targets). Run where the receiver is built, and by load_config.
+
+    Raises ConfigError naming routes[i] and the fix."""
+    from deployments.catalog import RUNBOOKS
+
+    params = {name: rb.params for name, rb in RUNBOOKS.items()}
+    for i, route in enumerate(settings.routes):
+        check_route(f"routes[{i}]", route, params)
+        targets = RUNBOOKS[route.runbook].alert_targets(settings)
+        if route.target is not None and route.target not in targets:
+            raise ConfigError(
+                f"routes[{i}].target names {route.target!r}, not a {route.runbook} target "
+                f"(configured: {', '.join(targets) or 'none'}); fix it or use target_label"
+            )
 
 
 def load_routes(path: Path, params: Mapping[str, type[Params]]) -> list[Route]:
@@ -321,9 +264,16 @@ class Outcome(StrEnum):
     rejected = "rejected"
 
 
+def matches(route: Route, alert: Alert) -> bool:
+    """Whether the route takes the alert: its name, and every matcher's label equal."""
+    return alert.name == route.alert and all(
+        alert.labels.get(label) == value for label, value in route.matchers.items()
+    )
+
+
 def route_for(alert: Alert, routes: list[Route]) -> Route | None:
     """The first route that matches, in configuration order."""
-    return next((r for r in routes if r.matches(alert)), None)
+    return next((r for r in routes if matches(r, alert)), None)
 
 
 @dataclass(frozen=True)

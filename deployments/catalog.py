@@ -1,6 +1,10 @@
-"""Every runbook, what it is for, how it is triggered and what it may change. Plain data: the
-CLI lists and validates from here without importing Prefect or the flows, and lists without
-importing the parameter classes either."""
+"""The registry: every runbook, what it is for, how it is triggered and what it may change. Plain
+data: the CLI lists and validates from here without importing Prefect or the flows, and lists
+without importing the parameter classes either.
+
+Each flow declares its inventory section and action kinds itself (tasks.engine.runbook_flow),
+for the gate and the audit of its runs; tests/test_layers.py checks they agree with its entry
+here. deployments.config checks an inventory against this registry."""
 
 from __future__ import annotations
 
@@ -306,3 +310,17 @@ RUNBOOKS: dict[str, Runbook] = {
 
 # Every kind of action any runbook may plan.
 ACTION_KINDS: frozenset[str] = frozenset(kind for rb in RUNBOOKS.values() for kind in rb.actions)
+# The inventory sections runbooks take their targets from.
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(rb.inventory for rb in RUNBOOKS.values()))
+
+
+def threshold_names(section: str) -> frozenset[str]:
+    """What a target's `thresholds` may set in an inventory section (postgres, redis, ...): the
+    parameters of the runbooks of that section (Params.threshold_names). Imports their
+    parameter classes."""
+    return frozenset(
+        name
+        for rb in RUNBOOKS.values()
+        if rb.inventory == section
+        for name in rb.params.threshold_names()
+    )

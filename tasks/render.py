@@ -1,0 +1,120 @@
+"""A finished run's report as Prefect artifacts: a markdown page and a table, under a key stable
+per runbook and target so the UI shows their history (tasks.engine.finish publishes them)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.models import Finding, Report
+
+
+def artifact_key(runbook: str, target: str) -> str:
+    """Stable per runbook and target, so the UI shows a history; keys allow [a-z0-9-]."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"runbook-{runbook}-{target}".lower()).strip("-")
+
+
+def publish(report: Report, before: list[Finding]) -> None:
+    """Create the report's markdown artifact (render_markdown) and its table artifact (one row
+    per finding and action), keyed artifact_key and artifact_key-table."""
+    key = artifact_key(report.runbook, report.target)
+    create_markdown_artifact(
+        markdown=render_markdown(report, before),
+        key=key,
+        description=f"{report.runbook} on {report.target}: {report.status.value}",
+    )
+    rows: list[dict[str, Any]] = [
+        {
+            "step": "finding",
+            "name": f.check,
+            "state": f.severity.value,
+            "observed": str(f.observed_brief),
+            "threshold": str(f.threshold or ""),
+            "message": f.message,
+        }
+        for f in report.findings
+    ] + [
+        {
+            "step": "action",
+            "name": a.kind,
+            "state": a.status.value,
+            "observed": "",
+            "threshold": "",
+            "message": f"{a.description}. {a.detail}".strip(),
+        }
+        for a in report.actions
+    ]
+    create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: Report, before: list[Finding]) -> str:
+    """The report as markdown: findings (before and after acting, when they differ), their
+    rows, the approval, the actions and the timeline; `|` and newlines in values escaped."""
+    lines = [
+        f"# {report.runbook} on `{report.target}`: **{report.status.value}**",
+        "",
+        f"dry run: {'yes' if report.dry_run else 'no'}; "
+        f"started {report.started_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"{(report.finished_at - report.started_at).total_seconds():.1f} s",
+        "",
+    ]
+    sections: list[tuple[str, list[Finding]]] = [("Findings", report.findings)]
+    if before != report.findings:
+        sections.insert(0, ("Found before acting", before))
+        sections[1] = ("After acting", report.findings)
+    for title, findings in sections:
+        lines += [
+            f"## {title}",
+            "",
+            "| check | severity | observed | threshold | message |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {_cell(f.check)} | {f.severity.value} | {_cell(f.observed_brief)} | "
+            f"{_cell(f.threshold)} | {_cell(f.message)} |"
+            for f in findings
+        ]
+        lines.append("")
+    for f in report.findings:
+        if f.rows:
+            keys = list(f.rows[0])
+            lines += [
+                f"### {f.check}",
+                "",
+                "| " + " | ".join(keys) + " |",
+                "|" + "---|" * len(keys),
+            ]
+            lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in f.rows]
+            lines.append("")
+    if report.approval is not None:
+        a = report.approval
+        lines += [
+            "## Approval",
+            "",
+            f"{a.decision.value} by {a.approver or 'nobody'} at {a.answered_at:%Y-%m-%d %H:%M:%S} "
+            f"UTC (asked {a.requested_at:%H:%M:%S} UTC){': ' + a.comment if a.comment else ''}",
+            "",
+        ]
+    lines += ["## Actions", ""]
+    if report.actions:
+        lines += ["| action | target | destructive | status | detail |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {_cell(a.description)} | {_cell(a.target)} | {'yes' if a.destructive else 'no'} "
+            f"| {a.status.value} | {_cell(a.detail)} |"
+            for a in report.actions
+        ]
+    else:
+        lines.append("none needed")
+    if report.timeline:
+        lines += ["", "## Timeline (UTC)", ""]
+        lines += [
+            f"- {e.at:%Y-%m-%d %H:%M:%S} **{e.event.replace('_', ' ')}** {_cell(e.detail)}"
+            for e in report.timeline
+        ]
+    return "\n".join(lines) + "\n"
