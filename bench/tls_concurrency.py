@@ -41,17 +41,18 @@ def main() -> None:
             )
         start = time.perf_counter()
         concurrent = read_served_certificates.fn(endpoints, dict.fromkeys(endpoints, args.timeout))
-        concurrent_s = time.perf_counter() - start
+        concurrent_seconds = time.perf_counter() - start
         start = time.perf_counter()
         sequential = [asyncio.run(_check(n, ep, args.timeout)) for n, ep in endpoints.items()]
-        sequential_s = time.perf_counter() - start
+        sequential_seconds = time.perf_counter() - start
     servers.close()
     assert sum(c.reachable for c in concurrent) == sum(c.reachable for c in sequential)
     print(f"{args.endpoints} endpoints, {args.dead} dead, handshake timeout {args.timeout:g} s")
-    print(f"sequential loop    {sequential_s:7.2f} s   1.00x")
+    print(f"sequential loop    {sequential_seconds:7.2f} s   1.00x")
     print(
-        f"concurrent check   {concurrent_s:7.2f} s   {concurrent_s / sequential_s:5.3f}x of "
-        f"the loop, {concurrent_s / args.timeout:.2f}x one timeout"
+        f"concurrent check   {concurrent_seconds:7.2f} s   "
+        f"{concurrent_seconds / sequential_seconds:5.3f}x of "
+        f"the loop, {concurrent_seconds / args.timeout:.2f}x one timeout"
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from deployments.alert_routes import CAP_PERIOD, Alert, Dispatch, Episode, Outcome, storm_decision
 
-BUSY_TIMEOUT_S = 30  # a writer waits this long for another process's transaction
+BUSY_TIMEOUT_SECONDS = 30  # a writer waits this long for another process's transaction
 KEEP_DELIVERIES = timedelta(days=30)  # and runs, and alerts not seen since
 
 SCHEMA = """
@@ -106,7 +106,7 @@ class AlertStore:
     def _connect(self) -> sqlite3.Connection:
         # Each connection is used by one thread only; close() may close it from another.
         db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
         )
         db.execute("PRAGMA synchronous=NORMAL")
         return db

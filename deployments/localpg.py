@@ -16,6 +16,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from tasks.errors import ConfigError
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -44,7 +46,7 @@ def _bindir() -> Path:
     pg_ctl = shutil.which("pg_ctl")
     if pg_ctl:
         return Path(pg_ctl).parent
-    raise RuntimeError("no PostgreSQL server binaries (pg_ctl) found: apt-get install postgresql")
+    raise ConfigError("no PostgreSQL server binaries (pg_ctl) found: apt-get install postgresql")
 
 
 class LocalPostgres:

@@ -11,6 +11,7 @@ from pathlib import Path
 import redis
 
 from deployments.localpg import free_port, stop_process
+from tasks.errors import ConfigError, TargetError
 from tasks.wait import poll
 
 
@@ -68,7 +69,7 @@ class LocalRedis:
     def start(self) -> LocalRedis:
         binary = shutil.which(self.argv[0])
         if binary is None:
-            raise RuntimeError("no redis-server found: apt-get install redis-server")
+            raise ConfigError("no redis-server found: apt-get install redis-server")
         self.proc = subprocess.Popen(
             [binary, *self.argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -89,7 +90,7 @@ class LocalRedis:
             max_delay_seconds=0.05,
         )
         if not started.done or proc.poll() is not None:
-            raise RuntimeError(f"redis-server did not start: {self.argv}")
+            raise TargetError(f"redis-server did not start: {self.argv}")
         return self
 
     def stop(self) -> None:

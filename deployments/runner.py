@@ -42,6 +42,7 @@ from croniter import croniter
 from dateutil.rrule import rrulestr
 
 from tasks.cancel import forget_cancel, request_cancel
+from tasks.errors import ConfigError
 from tasks.wait import poll
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class InProcessRunner:
         poll_seconds: float = 2.0,
     ) -> None:
         if max_runs < 1:
-            raise ValueError(f"max_runs must be at least 1, got {max_runs}")
+            raise ConfigError(f"max_runs must be at least 1, got {max_runs}")
         self._deployments = deployments
         self.max_runs = max_runs
         self.poll_seconds = poll_seconds

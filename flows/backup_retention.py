@@ -9,7 +9,7 @@ from prefect import State
 from tasks.backup_rules import storage_finding
 from tasks.backups import backups_location, list_backups
 from tasks.engine import finish, gated, run_action, runbook_flow
-from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.errors import ActionFailed, AuthenticationFailed, TargetError, TargetUnreachable
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
@@ -43,7 +43,7 @@ def backup_retention(
     # 1. diagnose
     try:
         backups = list_backups(name, cfg, s3)
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         found = [storage_finding(name, str(exc))]
         return finish(
             RUNBOOK,
@@ -75,7 +75,7 @@ def backup_retention(
     if approved:
         try:
             left = list_backups(name, cfg, s3)
-        except TargetUnreachable as exc:
+        except (TargetUnreachable, AuthenticationFailed) as exc:
             after = [storage_finding(name, f"listing again after deleting: {exc}")]
         else:
             after = retention_findings(name, where, plan_retention(left, now, p), p)

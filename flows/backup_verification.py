@@ -8,7 +8,7 @@ from prefect import State
 from tasks.backup_rules import BackupParams, backup_findings, storage_finding
 from tasks.backups import backups_location, list_backups, verify_backup
 from tasks.engine import finish, runbook_flow
-from tasks.errors import TargetUnreachable
+from tasks.errors import AuthenticationFailed, TargetUnreachable
 from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Report, utcnow
 from tasks.settings import load_settings
@@ -34,7 +34,7 @@ def backup_verification(
         backups = list_backups(name, cfg, s3)
         integrity = verify_backup(name, cfg, s3, backups[0].key) if backups else None
         findings = backup_findings(name, where, cfg, backups, integrity, utcnow())
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         findings = [storage_finding(name, str(exc))]
     # 5. report
     return finish(

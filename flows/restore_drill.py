@@ -32,7 +32,7 @@ from tasks.dumps import (
     run_checks,
 )
 from tasks.engine import finish, run_action, runbook_flow
-from tasks.errors import RunbookError, TargetUnreachable
+from tasks.errors import AuthenticationFailed, RunbookError, TargetUnreachable
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, utcnow
@@ -65,7 +65,7 @@ def restore_drill(
     # 1. diagnose: which backup
     try:
         backup = pick_backup(list_backups(name, cfg, s3), p.backup)
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         return _report(name, dry_run, started, [storage_finding(name, str(exc))], [])
     before = [chosen_finding(name, where, backup, p.backup, utcnow(), p)]
     # 2. plan

@@ -25,6 +25,7 @@ from uuid import UUID
 from prefect.input import RunInput
 from pydantic import Field
 
+from tasks.errors import TargetError
 from tasks.models import Action, ApprovalRecord, Decision, Finding, problems, utcnow
 from tasks.wait import poll
 
@@ -54,7 +55,7 @@ def approval_form(
     target: str,
     actions: list[Action],
     before: list[Finding],
-    deadline_s: int,
+    deadline_seconds: int,
     *,
     why: str = "",
 ) -> str:
@@ -68,7 +69,7 @@ def approval_form(
         "",
         f"{len(actions)} action(s) change the system. Approve to carry them out; leave "
         "*approve* off to reject (nothing runs). No answer within "
-        f"{_duration(deadline_s)} counts as a rejection.",
+        f"{_duration(deadline_seconds)} counts as a rejection.",
         "",
         *([f"A human is asked because {why}.", ""] if why else []),
         "### What the diagnosis found",
@@ -108,7 +109,8 @@ def wait_for_approval(form: str, timeout_seconds: int) -> ApprovalRecord:
     Returns the answer (approved or rejected, by whom, their comment) or, after
     timeout_seconds without one, a timed_out record with the run Running again.
     Raises prefect.exceptions.Abort when the run is cancelled meanwhile (the UI's Cancel, or
-    `runbook serve` stopping), RuntimeError when Prefect's server refuses the pause."""
+    `runbook serve` stopping), TargetError when Prefect's server refuses the pause or the
+    resumption, RuntimeError outside a flow run (a bug in the caller)."""
     from prefect import get_client
     from prefect.context import FlowRunContext
     from prefect.input.run_input import keyset_from_paused_state
@@ -134,7 +136,7 @@ def wait_for_approval(form: str, timeout_seconds: int) -> ApprovalRecord:
     with get_client(sync_client=True) as client:
         state = propose_state_sync(client=client, state=paused, flow_run_id=run_id)
         if not state.is_paused():
-            raise RuntimeError(f"Prefect did not pause the run for approval: {state.type.value}")
+            raise TargetError(f"Prefect did not pause the run for approval: {state.type.value}")
         # After the pause: Prefect's server deletes what a pause's keyset holds when it pauses.
         form_input.save(keyset, flow_run_id=run_id)
         log.warning("Paused for approval: answer on the run's page in the Prefect UI")
@@ -190,7 +192,7 @@ def _resume_unanswered(
     )
     state = propose_state_sync(client=client, state=running, flow_run_id=run_id)
     if not state.is_running():
-        raise RuntimeError(f"the run could not resume after its approval timed out: {state}")
+        raise TargetError(f"the run could not resume after its approval timed out: {state}")
     return None
 
 

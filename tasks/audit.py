@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from tasks.errors import ConfigError, TargetError, TargetUnreachable
+from tasks.errors import AuthenticationFailed, ConfigError, TargetError, TargetUnreachable
 from tasks.models import ActionStatus, Report
 
 if TYPE_CHECKING:
@@ -243,6 +243,16 @@ def _no_secret(exc: BaseException, settings: AuditSettings) -> str:
     return text
 
 
+def _not_connected(exc: psycopg.OperationalError, settings: AuditSettings) -> TargetError:
+    """AuthenticationFailed when the server refused the login, else TargetUnreachable."""
+    from tasks.postgres import credentials_refused  # tasks.postgres imports tasks.settings
+
+    message = f"{_where(settings)}: cannot connect: {_no_secret(exc, settings)}"
+    if credentials_refused(exc):
+        return AuthenticationFailed(f"{message}; check the credentials in [audit] dsn")
+    return TargetUnreachable(message, transient=True)
+
+
 def _row(entry: AuditEntry) -> tuple[Any, ...]:
     values = entry.model_dump(mode="python")
     values["status"] = entry.status.value
@@ -280,7 +290,8 @@ def init_table(settings: AuditSettings, *, grant_to: str | None = None) -> None:
     that role INSERT and SELECT on it (and USAGE on its schema). Identity values come from
     the column's own sequence, which needs no grant of its own (PostgreSQL, CREATE TABLE:
     GENERATED ALWAYS AS IDENTITY). Raises TargetUnreachable when the server does not answer,
-    TargetError when it refuses (e.g. no CREATE on the schema)."""
+    AuthenticationFailed when it refuses the login, TargetError when it refuses the
+    statements (e.g. no CREATE on the schema)."""
     table, function = settings.table_ident, settings.function_ident
     statements = [
         sql.SQL(
@@ -334,9 +345,7 @@ def init_table(settings: AuditSettings, *, grant_to: str | None = None) -> None:
             for statement in statements:
                 conn.execute(statement)
     except psycopg.OperationalError as exc:
-        raise TargetUnreachable(
-            f"{_where(settings)}: cannot connect: {_no_secret(exc, settings)}", transient=True
-        ) from None
+        raise _not_connected(exc, settings) from None
     except psycopg.Error as exc:
         raise TargetError(
             f"{_where(settings)}: could not be created: {_no_secret(exc, settings)}; run "
@@ -358,7 +367,8 @@ def read_trail(
     events for its retention period, PREFECT_SERVER_EVENTS_RETENTION_PERIOD, 7 days by default).
 
     Raises TargetUnreachable when the audit database or the Prefect API does not answer,
-    TargetError when the database refuses (the table missing: run `runbook audit --init`)."""
+    AuthenticationFailed when the database refuses the login, TargetError when it refuses
+    the query (the table missing: run `runbook audit --init`)."""
     if since.tzinfo is None:
         raise ConfigError(f"since={since.isoformat()} has no time zone: pass a UTC time")
     if settings is None:
@@ -376,9 +386,7 @@ def read_trail(
             "owner (README, Audit)"
         ) from None
     except psycopg.OperationalError as exc:
-        raise TargetUnreachable(
-            f"{_where(settings)}: cannot connect: {_no_secret(exc, settings)}", transient=True
-        ) from None
+        raise _not_connected(exc, settings) from None
     except psycopg.Error as exc:
         raise TargetError(f"{_where(settings)}: {_no_secret(exc, settings)}") from None
     return [AuditEntry.model_validate(dict(zip(COLUMNS, row, strict=True))) for row in rows]

@@ -226,9 +226,19 @@ def storage_finding(name: str, error: str) -> Finding:
 class ObjectStorageParams(Params):
     """Latency of each step of the canary round trip (head, put, get, presigned GET, delete)."""
 
-    latency_warning_ms: float = Field(1000, gt=0, le=600_000)
+    latency_warning_ms: float = Field(
+        1000,
+        gt=0,
+        le=600_000,
+        description="milliseconds of one step for a warning; over 0, at most 600000",
+    )
     # Not checked against each other: a run may raise one alone, and critical is tested first.
-    latency_critical_ms: float = Field(5000, gt=0, le=600_000)
+    latency_critical_ms: float = Field(
+        5000,
+        gt=0,
+        le=600_000,
+        description="milliseconds of one step for critical; over 0, at most 600000",
+    )
 
 
 STEPS = {

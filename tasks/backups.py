@@ -219,7 +219,7 @@ def _hashed(chunks: Iterator[bytes], digest: Any) -> Iterator[bytes]:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class BadGzip(Exception):
+class BadGzip(TargetError):
     """What `gzip -t` refuses, in its terms: not gzip, corrupt, truncated, trailing garbage."""
 
 
@@ -280,7 +280,7 @@ def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[
     return run_fed(restore, chunks, name, key, stderr, PG_RESTORE_TIMEOUT)
 
 
-class BackupRefused(Exception):
+class BackupRefused(TargetError):
     """The backup holds something that must not run where it is being fed."""
 
 
@@ -290,7 +290,7 @@ def run_fed(
     name: str,
     key: str,
     stderr: IO[bytes],
-    timeout_s: float,
+    timeout_seconds: float,
 ) -> str:
     """Feed a backup to a tool's stdin and wait for it; what is wrong with the backup, if
     anything. The stream is read to its end even when the tool stops early, so a checksum
@@ -311,7 +311,7 @@ def run_fed(
             finally:
                 with suppress(BrokenPipeError):
                     proc.stdin.close()
-        code = proc.wait(timeout_s)
+        code = proc.wait(timeout_seconds)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -27,9 +27,15 @@ class RestoreDrillParams(Params):
     backup: str | None = Field(
         None, description="the backup to restore (its key or file name); unset: the newest"
     )
-    max_rto_seconds: float = Field(3600, gt=0, description="restore plus checks, longest allowed")
-    max_rpo_hours: float = Field(26, gt=0, description="age of the restored data, oldest allowed")
-    check_timeout_seconds: float = Field(300, gt=0, le=3600)
+    max_rto_seconds: float = Field(
+        3600, gt=0, description="seconds the restore plus checks may take (RTO); over 0"
+    )
+    max_rpo_hours: float = Field(
+        26, gt=0, description="hours old the restored backup may be (RPO); over 0"
+    )
+    check_timeout_seconds: float = Field(
+        300, gt=0, le=3600, description="seconds each check query may run; over 0, at most 3600"
+    )
 
 
 class PreChangeParams(Params):
@@ -37,7 +43,7 @@ class PreChangeParams(Params):
     label: str = Field(
         "pre-change",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-        description="goes into the dump's name, e.g. the migration's name",
+        description="in the dump's name, e.g. the migration's; 1 to 64 of A-Z a-z 0-9 _ . -",
     )
 
 

@@ -101,6 +101,20 @@ class Restore(BaseModel):
 
 @io_task("create-scratch-database", timeout_seconds=120, retries=0)  # not idempotent
 def create_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> str:
+    """CREATE DATABASE on the scratch server, for a restore drill.
+
+    Args:
+        name: the scratch [postgres.NAME] target's name, for messages.
+        scratch: its inventory entry.
+        dbname: the database to create (runbook_drill_...).
+
+    Returns:
+        What was done, for the action's detail.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, scratch) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     return f"created {dbname}"
@@ -108,8 +122,21 @@ def create_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> 
 
 @io_task("drop-scratch-database", timeout_seconds=300, retries=2)
 def drop_scratch_database(name: str, scratch: PostgresTarget, dbname: str) -> bool:
-    """Drop it (its sessions too) and say whether it is gone."""
-    with connect(name, scratch, statement_timeout_s=240) as conn:
+    """Drop it (its sessions too) and say whether it is gone.
+
+    Args:
+        name: the scratch [postgres.NAME] target's name, for messages.
+        scratch: its inventory entry.
+        dbname: the database to drop.
+
+    Returns:
+        True when no database of that name is left.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
+    with connect(name, scratch, statement_timeout_seconds=240) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
         )
@@ -130,7 +157,25 @@ def restore_backup(
 ) -> Restore:
     """Stream the backup into the scratch database: pg_restore for archives (custom format,
     tar), psql for plain SQL scripts, judged by content (tasks.backups.dump_stream), .gz
-    inflated on the way. A backup that does not restore is a result, not an error."""
+    inflated on the way. A backup that does not restore is a result, not an error.
+
+    Args:
+        name: the [backups.NAME] set's name, for messages.
+        backup: the set's inventory entry.
+        s3: its [s3.NAME] target, or None for a directory.
+        key: the backup's key (or file name in the directory).
+        scratch_name: the scratch [postgres.NAME] target's name.
+        scratch: its inventory entry.
+        dbname: the scratch database restored into.
+
+    Returns:
+        Restore: whether it restored, in how many seconds, and the tool's error if not.
+
+    Raises:
+        ConfigError: the scratch target's dsn is one pg_restore cannot use.
+        AuthenticationFailed: the storage or the scratch server refused the credentials.
+        TargetUnreachable: the storage or the scratch server did not answer.
+        TargetError: the scratch server refused a query."""
     start = time.perf_counter()
     try:
         with storage_errors(f"backups {name!r}: {key}"):
@@ -202,11 +247,28 @@ class CheckResult(BaseModel):
 
 @io_task("run-restore-checks", timeout_seconds=1800, retries=0)
 def run_checks(
-    name: str, scratch: PostgresTarget, dbname: str, checks: list[str], timeout_s: float
+    name: str, scratch: PostgresTarget, dbname: str, checks: list[str], timeout_seconds: float
 ) -> list[CheckResult]:
-    """Each check is a query returning one boolean; anything else is a failed check."""
+    """Each check is a query returning one boolean; anything else is a failed check.
+
+    Args:
+        name: the scratch [postgres.NAME] target's name, for messages.
+        scratch: its inventory entry.
+        dbname: the restored database the checks run in.
+        checks: SQL queries, each returning one row with one boolean column.
+        timeout_seconds: statement timeout of each query, in seconds.
+
+    Returns:
+        One CheckResult per query, in order: ok, and what it returned or its error.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     results = []
-    with connect(name, on_database(scratch, dbname), statement_timeout_s=timeout_s) as conn:
+    with connect(
+        name, on_database(scratch, dbname), statement_timeout_seconds=timeout_seconds
+    ) as conn:
         for query in checks:
             try:
                 row = conn.execute(query).fetchone()
@@ -232,6 +294,19 @@ WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_s
 
 @io_task("list-tables", timeout_seconds=60)
 def list_tables(name: str, target: PostgresTarget) -> list[str]:
+    """The ordinary and partitioned tables of a database, outside the system schemas.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry (its dsn names the database).
+
+    Returns:
+        schema.table names, sorted.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         return sorted(row["name"] for row in conn.execute(_TABLES))
 
@@ -287,7 +362,24 @@ def dump_to_storage(
     source: PostgresTarget,
 ) -> Dump:
     """pg_dump -Fc straight into the bucket (a multipart upload fed from the pipe) or the
-    directory, then a `sha256sum`-style sidecar. A failed dump leaves nothing behind."""
+    directory, then a `sha256sum`-style sidecar. A failed dump leaves nothing behind.
+
+    Args:
+        name: the [backups.NAME] set's name, for messages.
+        backup: the set's inventory entry.
+        s3: its [s3.NAME] target, or None for a directory.
+        key: the key (or file name) the dump is written to.
+        source_name: the [postgres.NAME] target dumped.
+        source: its inventory entry.
+
+    Returns:
+        Dump: its key, size in bytes, SHA-256 and the seconds it took.
+
+    Raises:
+        ConfigError: the source's dsn is one pg_dump cannot use.
+        ActionFailed: pg_dump failed, or the upload or the file write did.
+        AuthenticationFailed: the storage refused the credentials.
+        TargetUnreachable: the storage did not answer."""
     start = time.perf_counter()
     with memory_file() as stderr:
         proc = subprocess.Popen(

@@ -236,7 +236,7 @@ def _ask(
     runbook: str,
     target: str,
     why: str,
-    timeout_s: int,
+    timeout_seconds: int,
 ) -> None:
     from tasks.approval import approval_form
 
@@ -261,19 +261,19 @@ def _ask(
             answered_at=utcnow(),
         )
     else:
-        form = approval_form(runbook, target, actions, before, timeout_s, why=why)
-        record = _wait_telling_people(form, actions, before, runbook, target, timeout_s)
+        form = approval_form(runbook, target, actions, before, timeout_seconds, why=why)
+        record = _wait_telling_people(form, actions, before, runbook, target, timeout_seconds)
     log.approval = record
-    log.note("approval_answered", _answer_text(record, timeout_s))
+    log.note("approval_answered", _answer_text(record, timeout_seconds))
     run_logger(__name__).log(
         logging.INFO if record.decision is Decision.approved else logging.WARNING,
         "approval of %d action(s): %s",
         len(actions),
-        _answer_text(record, timeout_s),
+        _answer_text(record, timeout_seconds),
     )
     if record.decision is not Decision.approved:
         for action in actions:
-            _skip(action, _answer_text(record, timeout_s))
+            _skip(action, _answer_text(record, timeout_seconds))
 
 
 def _wait_telling_people(
@@ -282,7 +282,7 @@ def _wait_telling_people(
     before: list[Finding],
     runbook: str,
     target: str,
-    timeout_s: int,
+    timeout_seconds: int,
 ) -> ApprovalRecord:
     """wait_for_approval, with the approval request sent to the [notify] routes that take it
     (the form's text and the link to the paused run), and escalated to the later levels while
@@ -306,14 +306,17 @@ def _wait_telling_people(
     escalation = Escalation(settings, **message)
     escalation.start()
     try:
-        return wait_for_approval(form, timeout_s)
+        return wait_for_approval(form, timeout_seconds)
     finally:
         escalation.cancel()
 
 
-def _answer_text(record: ApprovalRecord, timeout_s: int) -> str:
+def _answer_text(record: ApprovalRecord, timeout_seconds: int) -> str:
     if record.decision is Decision.timed_out:
-        return f"no answer to the approval request within {timeout_s} s: timed out, not carried out"
+        return (
+            f"no answer to the approval request within {timeout_seconds} s: "
+            "timed out, not carried out"
+        )
     said = f": {record.comment}" if record.comment else ""
     return f"{record.decision.value} by {record.approver}{said}"
 

@@ -39,12 +39,25 @@ class HttpProbe(BaseModel):
 
 
 @io_task("probe-http", timeout_seconds=120, retries=0)
-def probe_http(url: str, timeout_s: float) -> HttpProbe:
+def probe_http(url: str, timeout_seconds: float) -> HttpProbe:
+    """GET a health URL (no redirects followed) and read a JSON health body when there is one.
+    No answer is a result, not an error: it is what the runbooks diagnose.
+
+    Args:
+        url: the http(s):// health or readiness URL.
+        timeout_seconds: connect and read timeout, in seconds.
+
+    Returns:
+        HttpProbe: ok (2xx and no critical component), status code, milliseconds, the body's
+        status and components; or the error when nothing answered in time.
+
+    Raises:
+        Nothing of its own: connection errors and timeouts are in the HttpProbe."""
     start = time.perf_counter()
     try:
-        response = httpx.get(url, timeout=timeout_s, follow_redirects=False)
+        response = httpx.get(url, timeout=timeout_seconds, follow_redirects=False)
     except httpx.TimeoutException:
-        return HttpProbe(url=url, ok=False, error=f"no answer within {timeout_s:g} s")
+        return HttpProbe(url=url, ok=False, error=f"no answer within {timeout_seconds:g} s")
     except httpx.HTTPError as exc:
         return HttpProbe(url=url, ok=False, error=f"{type(exc).__name__}: {exc}")
     ms = (time.perf_counter() - start) * 1000

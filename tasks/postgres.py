@@ -19,7 +19,13 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, ConfigError, TargetError, TargetUnreachable
+from tasks.errors import (
+    ActionFailed,
+    AuthenticationFailed,
+    ConfigError,
+    TargetError,
+    TargetUnreachable,
+)
 from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable
 from tasks.wait import poll
 
@@ -29,14 +35,36 @@ CANCELLED = "cancelled"
 # What pg_stat_activity and pg_stat_statements show of another role's statement to a role
 # without pg_read_all_stats.
 HIDDEN_QUERY = "<insufficient privilege>"
-# SQLSTATEs where connecting again cannot help: bad password or role, unknown database. libpq
-# gives no SQLSTATE for a refused connection, so its message is read too.
-_PERMANENT = {"28P01", "28000", "3D000"}
+# Where connecting again cannot help: bad password or role, unknown database (SQLSTATE 28P01,
+# 28000, 3D000). libpq gives no SQLSTATE for a refused connection, so its message is read too.
+_REFUSED_ERRORS = (
+    psycopg.errors.InvalidPassword,
+    psycopg.errors.InvalidAuthorizationSpecification,
+    psycopg.errors.InvalidCatalogName,
+)
 _REFUSED = re.compile(
     r'authentication failed|no pg_hba\.conf entry|(role|database) ".*" does not exist'
 )
-# The server is shutting down or restarting under us: worth another try.
-_SHUTDOWN = {"57P01", "57P02", "57P03"}
+# The connection broke (SQLSTATE class 08), or the server is shutting down or restarting under
+# us (57P01, 57P02, 57P03): worth another try.
+_CONNECTION_LOST = (
+    psycopg.errors.ConnectionException,
+    psycopg.errors.SqlclientUnableToEstablishSqlconnection,
+    psycopg.errors.ConnectionDoesNotExist,
+    psycopg.errors.SqlserverRejectedEstablishmentOfSqlconnection,
+    psycopg.errors.ConnectionFailure,
+    psycopg.errors.TransactionResolutionUnknown,
+    psycopg.errors.ProtocolViolation,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CrashShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+
+
+def credentials_refused(exc: psycopg.Error) -> bool:
+    """Whether the server refused the login itself (password, role, database), as opposed to
+    not answering: the first is an AuthenticationFailed, never retried."""
+    return isinstance(exc, _REFUSED_ERRORS) or _REFUSED.search(str(exc)) is not None
 
 
 @contextmanager
@@ -44,13 +72,13 @@ def connect(
     name: str,
     target: PostgresTarget,
     *,
-    statement_timeout_s: float = 30,
-    lock_timeout_s: float = 5,
+    statement_timeout_seconds: float = 30,
+    lock_timeout_seconds: float = 5,
     autocommit: bool = True,
 ) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     options = (
-        f"-c statement_timeout={int(statement_timeout_s * 1000)} "
-        f"-c lock_timeout={int(lock_timeout_s * 1000)}"
+        f"-c statement_timeout={int(statement_timeout_seconds * 1000)} "
+        f"-c lock_timeout={int(lock_timeout_seconds * 1000)}"
     )
     try:
         conn = psycopg.connect(
@@ -62,22 +90,22 @@ def connect(
             row_factory=dict_row,
         )
     except psycopg.OperationalError as exc:
-        permanent = exc.sqlstate in _PERMANENT or _REFUSED.search(str(exc)) is not None
-        fix = (
-            "check the credentials and database name in its dsn"
-            if permanent
-            else "check that the server is up and the dsn's host and port"
-        )
+        where = f"postgres target {name!r} ({target.description})"
+        if credentials_refused(exc):
+            raise AuthenticationFailed(
+                f"{where}: cannot connect: {_first_line(exc)}; "
+                "check the credentials and database name in its dsn"
+            ) from exc
         raise TargetUnreachable(
-            f"postgres target {name!r} ({target.description}): cannot connect: "
-            f"{_first_line(exc)}; {fix}",
-            transient=not permanent,
+            f"{where}: cannot connect: {_first_line(exc)}; "
+            "check that the server is up and the dsn's host and port",
+            transient=True,
         ) from exc
     try:
         with conn:
             yield conn
     except psycopg.Error as exc:
-        if exc.sqlstate is None or exc.sqlstate[:2] == "08" or exc.sqlstate in _SHUTDOWN:
+        if exc.sqlstate is None or isinstance(exc, _CONNECTION_LOST):
             raise TargetUnreachable(
                 f"postgres target {name!r} ({target.description}): connection lost: "
                 f"{_first_line(exc)}",
@@ -138,7 +166,20 @@ FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid
 
 @io_task("read-activity", timeout_seconds=45)
 def read_activity(name: str, target: PostgresTarget) -> Activity:
-    """Every backend in pg_stat_activity, with now() and max_connections from the server."""
+    """Every backend in pg_stat_activity, with now() and max_connections from the server.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        Activity: the server's now(), max_connections, the runbook's role and every backend
+        (rows the role may not read in full are marked hidden).
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         head = conn.execute(
             "SELECT now() AS now, current_setting('max_connections')::int AS max_connections, "
@@ -267,6 +308,19 @@ FROM pg_stat_user_tables s ORDER BY total_bytes DESC
 
 @io_task("read-table-stats", timeout_seconds=60)
 def read_table_stats(name: str, target: PostgresTarget) -> list[TableStats]:
+    """Tuples, sizes and last (auto)vacuum and analyze of every user table, largest first.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        One TableStats per table.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         return [TableStats(**r) for r in conn.execute(_TABLE_STATS).fetchall()]
 
@@ -299,6 +353,23 @@ ORDER BY {order} DESC LIMIT %(limit)s
 
 @io_task("read-top-queries", timeout_seconds=60)
 def read_top_queries(name: str, target: PostgresTarget, limit: int) -> TopQueries:
+    """The statements with the most total and the most mean execution time, from
+    pg_stat_statements.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        limit: how many statements, at most.
+
+    Returns:
+        TopQueries: both rankings (calls, total and mean milliseconds, rows) and how many
+        the role may not read; or available=False with the reason (the extension is not
+        installed or not loaded).
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         installed = conn.execute(
             "SELECT extnamespace::regnamespace::text AS schema FROM pg_extension "
@@ -350,15 +421,35 @@ def vacuum_table(
     target: PostgresTarget,
     schema_name: str,
     table: str,
-    lock_timeout_s: float,
-    statement_timeout_s: float,
+    lock_timeout_seconds: float,
+    statement_timeout_seconds: float,
 ) -> str:
     """VACUUM (ANALYZE) one table. The server skips a table the role may not vacuum with only a
     WARNING (15: 'skipping "t" --- only table or database owner can vacuum it'; 16+:
-    'permission denied to vacuum "t", skipping it'): that is a failure."""
+    'permission denied to vacuum "t", skipping it'): that is a failure.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        schema_name: the table's schema.
+        table: the table's name.
+        lock_timeout_seconds: how long to wait for the table's lock, in seconds.
+        statement_timeout_seconds: how long the VACUUM may run, in seconds.
+
+    Returns:
+        What was done, for the action's detail.
+
+    Raises:
+        ActionFailed: the lock or statement timeout ended it, or the server skipped the table.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     skipped: list[str] = []
     with connect(
-        name, target, statement_timeout_s=statement_timeout_s, lock_timeout_s=lock_timeout_s
+        name,
+        target,
+        statement_timeout_seconds=statement_timeout_seconds,
+        lock_timeout_seconds=lock_timeout_seconds,
     ) as conn:
         conn.add_notice_handler(
             lambda d: (
@@ -376,8 +467,8 @@ def vacuum_table(
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
             raise ActionFailed(
                 f"postgres target {name!r}: VACUUM of {schema_name}.{table} gave up: "
-                f"{_first_line(exc)} (lock_timeout {lock_timeout_s} s, statement_timeout "
-                f"{statement_timeout_s} s); retry off-peak or raise the timeouts"
+                f"{_first_line(exc)} (lock_timeout {lock_timeout_seconds} s, statement_timeout "
+                f"{statement_timeout_seconds} s); retry off-peak or raise the timeouts"
             ) from exc
     if skipped:
         raise ActionFailed(
@@ -497,7 +588,22 @@ def _jobs_errors(name: str, jobs: JobsTable) -> contextlib.AbstractContextManage
 
 @io_task("find-stuck-jobs", timeout_seconds=60)
 def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, minutes: int) -> StuckJobs:
-    """Jobs in the running state that started over `minutes` ago, oldest first."""
+    """Jobs in the running state that started over `minutes` ago, oldest first.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        jobs: the jobs table, its columns and status values.
+        minutes: minutes running after which a job is stuck.
+
+    Returns:
+        StuckJobs: their ids, oldest first, and the oldest one's age in seconds.
+
+    Raises:
+        ConfigError: the jobs table or one of its columns does not exist as configured.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     args = {"running": jobs.running_value, "minutes": minutes, "time_zone": jobs.time_zone}
     with connect(name, target) as conn, _jobs_errors(name, jobs):
         parts = _jobs_sql(jobs, TimeColumn.read(conn, jobs, jobs.started_column))
@@ -557,6 +663,23 @@ def _lockout_query(
 def count_lockout_rows(
     name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
 ) -> int:
+    """How many rows of the lockout table hold one subject, or all rows when subject is None.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        redis_name: the [redis.NAME] whose lockout_table this is, for messages.
+        table: the lockout table and its columns.
+        subject: a user id, email or IP; None: every lockout.
+
+    Returns:
+        The number of rows.
+
+    Raises:
+        ConfigError: the table or one of its columns does not exist as configured.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     args = {"subject": subject, "time_zone": table.time_zone}
     with connect(name, target) as conn, _lockout_errors(redis_name, table):
         query = _lockout_query(conn, "SELECT count(*) AS n FROM", table, subject)
@@ -603,7 +726,19 @@ class Writability(BaseModel):
 @io_task("read-writability", timeout_seconds=30)
 def read_writability(name: str, target: PostgresTarget) -> Writability:
     """Whether the target takes writes: read before planning changes a standby (or a database
-    set read-only) would refuse, so they are skipped with the reason instead of failing."""
+    set read-only) would refuse, so they are skipped with the reason instead of failing.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        Writability: in_recovery (a standby) and read_only (transaction_read_only).
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     with connect(name, target) as conn:
         row = conn.execute(
             "SELECT pg_is_in_recovery() AS in_recovery, "
@@ -636,12 +771,20 @@ class Probe(BaseModel):
 @io_task("probe-postgres", timeout_seconds=30, retries=0)
 def probe_postgres(name: str, target: PostgresTarget) -> Probe:
     """Like pg_isready, plus a query: a server that accepts connections but cannot answer
-    SELECT 1 is not up."""
+    SELECT 1 is not up. A server that is down is a result, not an error.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        Probe: ok and the milliseconds SELECT 1 took; or the error, whether a restart may help
+        (transient False: credentials or database refused) and whether it is recovering."""
     start = time.perf_counter()
     try:
-        with connect(name, target, statement_timeout_s=5) as conn:
+        with connect(name, target, statement_timeout_seconds=5) as conn:
             conn.execute("SELECT 1")
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         recovering = _NOT_ACCEPTING.search(str(exc)) is not None
         return Probe(ok=False, transient=exc.transient, recovering=recovering, error=str(exc))
     except TargetError as exc:

@@ -25,24 +25,63 @@ LISTED = 10  # ids or pids named in one message
 
 
 class ConnectionsParams(Params):
-    idle_in_transaction_seconds: int = Field(600, ge=1, le=7 * 86400)
-    long_query_seconds: int = Field(300, ge=1, le=7 * 86400)
-    cancel_grace_seconds: int = Field(10, ge=0, le=300)
-    max_backends_ended: int = Field(20, ge=0, le=1000)
+    idle_in_transaction_seconds: int = Field(
+        600,
+        ge=1,
+        le=7 * 86400,
+        description="seconds a transaction may sit idle before its backend is ended; 1 to 604800",
+    )
+    long_query_seconds: int = Field(
+        300,
+        ge=1,
+        le=7 * 86400,
+        description="seconds a statement may run before it is cancelled; 1 to 604800",
+    )
+    cancel_grace_seconds: int = Field(
+        10,
+        ge=0,
+        le=300,
+        description="seconds a cancelled query gets before its backend is terminated; 0 to 300",
+    )
+    max_backends_ended: int = Field(
+        20, ge=0, le=1000, description="most backends cancelled or terminated per run; 0 to 1000"
+    )
 
 
 class MaintenanceParams(Params):
-    dead_tuple_ratio: float = Field(0.2, gt=0, le=1)
-    min_dead_tuples: int = Field(1000, ge=0)
-    top_queries: int = Field(10, ge=1, le=100)
-    max_tables: int = Field(20, ge=0, le=1000)
-    lock_timeout_seconds: float = Field(5, gt=0, le=600)
-    vacuum_timeout_seconds: float = Field(1800, gt=0, le=86400)
+    dead_tuple_ratio: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="dead tuples over all tuples from which a table is vacuumed; over 0, at most 1",
+    )
+    min_dead_tuples: int = Field(
+        1000, ge=0, description="dead tuples a table needs before its ratio counts; 0 or more"
+    )
+    top_queries: int = Field(
+        10, ge=1, le=100, description="slowest statements listed (pg_stat_statements); 1 to 100"
+    )
+    max_tables: int = Field(
+        20, ge=0, le=1000, description="most tables vacuumed per run; 0 to 1000"
+    )
+    lock_timeout_seconds: float = Field(
+        5, gt=0, le=600, description="seconds VACUUM waits for its lock; over 0, at most 600"
+    )
+    vacuum_timeout_seconds: float = Field(
+        1800, gt=0, le=86400, description="seconds one VACUUM may run; over 0, at most 86400"
+    )
 
 
 class StuckJobsParams(Params):
-    stuck_after_minutes: int = Field(30, ge=1, le=30 * 1440)
-    max_jobs_reset: int = Field(1000, ge=0, le=100_000)
+    stuck_after_minutes: int = Field(
+        30,
+        ge=1,
+        le=30 * 1440,
+        description="minutes running after which a job is stuck (seed 004: 30); 1 to 43200",
+    )
+    max_jobs_reset: int = Field(
+        1000, ge=0, le=100_000, description="most stuck jobs reset per run; 0 to 100000"
+    )
 
 
 def _age(seconds: float) -> str:

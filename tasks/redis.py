@@ -12,7 +12,13 @@ from typing import Any, cast
 import redis
 
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, TargetError, TargetUnreachable
+from tasks.errors import (
+    ActionFailed,
+    AuthenticationFailed,
+    ConfigError,
+    TargetError,
+    TargetUnreachable,
+)
 from tasks.redis_rules import QueueCounts, RedisHealth, lockout_patterns
 from tasks.settings import RedisTarget
 from tasks.wait import poll
@@ -38,20 +44,21 @@ def connect(name: str, target: RedisTarget) -> Iterator[redis.Redis]:
             **extra,
         )
     except ValueError as exc:
-        raise TargetError(f"{where}: the url is not a redis:// URL: {exc}") from None
+        raise ConfigError(
+            f"{where}: redis.{name}.url is not a Redis URL: {exc}; write it as "
+            "redis://[user:password@]host:port/db (rediss:// for TLS, unix:///path for a socket)"
+        ) from None
     try:
         with client:
             yield client
     except redis.AuthenticationError as exc:
-        raise TargetUnreachable(
-            f"{where}: authentication failed ({exc}); check the password in its url or `password`",
-            transient=False,
+        raise AuthenticationFailed(
+            f"{where}: authentication failed ({exc}); check the password in its url or `password`"
         ) from exc
     except redis.ResponseError as exc:
         if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            raise TargetUnreachable(
-                f"{where}: not authorised ({exc}); check the password and the user's ACL",
-                transient=False,
+            raise AuthenticationFailed(
+                f"{where}: not authorised ({exc}); check the password and the user's ACL"
             ) from exc
         raise TargetError(f"{where}: {exc}") from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -68,7 +75,21 @@ def connect(name: str, target: RedisTarget) -> Iterator[redis.Redis]:
 
 @io_task("read-redis-health", timeout_seconds=120, retries=0)
 def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> RedisHealth:
-    """Unreachable is a finding here, not an error: it is what this runbook diagnoses."""
+    """PING three times, INFO, and the eviction rate over `sample_seconds`. Unreachable is a
+    finding here, not an error: it is what this runbook diagnoses.
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry.
+        sample_seconds: seconds between the two reads of evicted_keys; 0: no sample.
+
+    Returns:
+        RedisHealth: median PING in milliseconds, INFO's flat fields, evictions per second;
+        or reachable=False with the error (transient=False when credentials were refused).
+
+    Raises:
+        ConfigError: the target's url is not a Redis URL.
+        TargetError: an error Redis answered with other than a refused login."""
     try:
         with connect(name, target) as r:
             pings = []
@@ -84,7 +105,7 @@ def read_redis_health(name: str, target: RedisTarget, sample_seconds: float) -> 
                 rate = (evicted - int(info.get("evicted_keys", 0))) / sample_seconds
             else:
                 rate = 0.0
-    except TargetUnreachable as exc:
+    except (TargetUnreachable, AuthenticationFailed) as exc:
         return RedisHealth(
             reachable=False, transient=exc.transient, error=str(exc).split(": ", 1)[-1]
         )
@@ -117,13 +138,43 @@ def _config_set(name: str, target: RedisTarget, parameter: str, value: str) -> s
 
 @io_task("set-maxmemory-policy", timeout_seconds=30)
 def set_maxmemory_policy(name: str, target: RedisTarget, policy: str) -> str:
+    """CONFIG SET maxmemory-policy, then CONFIG REWRITE so it survives a restart.
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry.
+        policy: a Redis maxmemory-policy, e.g. allkeys-lru or noeviction.
+
+    Returns:
+        What was done, for the action's detail (a failed CONFIG REWRITE is said there).
+
+    Raises:
+        ActionFailed: CONFIG SET was refused (managed Redis often disables CONFIG).
+        ConfigError: the target's url is not a Redis URL.
+        AuthenticationFailed: Redis refused the password or the user's ACL.
+        TargetUnreachable: no connection, or it timed out (transient: retried).
+        TargetError: any other error Redis answered with."""
     return _config_set(name, target, "maxmemory-policy", policy)
 
 
 @io_task("enable-aof", timeout_seconds=30)
 def enable_aof(name: str, target: RedisTarget) -> str:
     """CONFIG SET appendonly yes (and CONFIG REWRITE): Redis starts writing its append-only
-    file with a background rewrite of the whole data set (a fork and disk writes)."""
+    file with a background rewrite of the whole data set (a fork and disk writes).
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry.
+
+    Returns:
+        What was done, for the action's detail.
+
+    Raises:
+        ActionFailed: CONFIG SET was refused (managed Redis often disables CONFIG).
+        ConfigError: the target's url is not a Redis URL.
+        AuthenticationFailed: Redis refused the password or the user's ACL.
+        TargetUnreachable: no connection, or it timed out (transient: retried).
+        TargetError: any other error Redis answered with."""
     return _config_set(name, target, "appendonly", "yes")
 
 
@@ -141,6 +192,22 @@ def _lockout_keys(r: redis.Redis, prefix: str, subject: str | None) -> Iterator[
 def find_lockout_keys(
     name: str, target: RedisTarget, subject: str | None, sample: int = 10
 ) -> tuple[int, list[str]]:
+    """The lockout keys (SCAN, never KEYS) of one subject, or all when subject is None.
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry (lockout_prefix).
+        subject: a user id, email or IP; None: every lockout.
+        sample: how many key names to return at most.
+
+    Returns:
+        (how many keys match, up to `sample` of their names).
+
+    Raises:
+        ConfigError: the target's url is not a Redis URL.
+        AuthenticationFailed: Redis refused the password or the user's ACL.
+        TargetUnreachable: no connection, or it timed out (transient: retried).
+        TargetError: any other error Redis answered with."""
     with connect(name, target) as r:
         count, shown = 0, list[str]()
         for key in _lockout_keys(r, target.lockout_prefix, subject):
@@ -153,7 +220,21 @@ def find_lockout_keys(
 @io_task("clear-lockout-keys", timeout_seconds=300)
 def clear_lockout_keys(name: str, target: RedisTarget, subject: str | None) -> int:
     """UNLINK in batches what matches now: idempotent, and new lockouts of the same subject
-    made since the plan are cleared too."""
+    made since the plan are cleared too.
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry (lockout_prefix).
+        subject: a user id, email or IP; None: every lockout.
+
+    Returns:
+        How many keys were unlinked.
+
+    Raises:
+        ConfigError: the target's url is not a Redis URL.
+        AuthenticationFailed: Redis refused the password or the user's ACL.
+        TargetUnreachable: no connection, or it timed out (transient: retried).
+        TargetError: any other error Redis answered with."""
     removed = 0
     with connect(name, target) as r:
         batch: list[str] = []
@@ -181,7 +262,21 @@ def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict
 
     One round trip, but no MULTI: a Redis at maxmemory with noeviction refuses every command
     inside a transaction, and a full queue Redis is what this runbook is run for. A job
-    moving between two lists during the round trip may be counted in both or neither."""
+    moving between two lists during the round trip may be counted in both or neither.
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry (the BullMQ key prefix).
+        queues: BullMQ queue names.
+
+    Returns:
+        Per queue name, its counts (waiting, active, delayed, failed, completed ...).
+
+    Raises:
+        ConfigError: the target's url is not a Redis URL.
+        AuthenticationFailed: Redis refused the password or the user's ACL.
+        TargetUnreachable: no connection, or it timed out (transient: retried).
+        TargetError: any other error Redis answered with."""
     with connect(name, target) as r:
         pipe = r.pipeline(transaction=False)
         for queue in queues:
@@ -228,7 +323,7 @@ def await_redis_ready(name: str, target: RedisTarget, timeout_seconds: float) ->
         try:
             with connect(name, target) as r:
                 return bool(r.ping())
-        except TargetUnreachable:
+        except (TargetUnreachable, AuthenticationFailed):
             return False
 
     return poll(

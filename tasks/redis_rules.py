@@ -23,17 +23,44 @@ NO_CONTROLLER = (
 
 
 class RedisHealthParams(Params):
-    memory_warning_percent: float = Field(80, gt=0, le=100)
-    memory_critical_percent: float = Field(90, gt=0, le=100)
-    fragmentation_ratio: float = Field(1.5, gt=1, le=100)
-    latency_warning_ms: float = Field(100, gt=0, le=60_000)
-    sample_seconds: float = Field(2, ge=0, le=60)
+    memory_warning_percent: float = Field(
+        80,
+        gt=0,
+        le=100,
+        description="used memory, % of maxmemory, for a warning; over 0, at most 100",
+    )
+    memory_critical_percent: float = Field(
+        90,
+        gt=0,
+        le=100,
+        description="used memory, % of maxmemory, for critical; over 0, at most 100",
+    )
+    fragmentation_ratio: float = Field(
+        1.5,
+        gt=1,
+        le=100,
+        description="mem_fragmentation_ratio (RSS / used memory), a warning; over 1, at most 100",
+    )
+    latency_warning_ms: float = Field(
+        100,
+        gt=0,
+        le=60_000,
+        description="median PING time, milliseconds, for a warning; over 0, at most 60000",
+    )
+    sample_seconds: float = Field(
+        2,
+        ge=0,
+        le=60,
+        description="seconds between the two reads of evicted_keys (0: no sample); 0 to 60",
+    )
 
 
 class LockoutParams(Params):
     run_only = frozenset({"subject", "all"})
-    subject: str | None = Field(None, min_length=1, description="a user id, email or IP")
-    all: bool = False
+    subject: str | None = Field(
+        None, min_length=1, description="a user id, email or IP whose lockout is cleared"
+    )
+    all: bool = Field(False, description="clear every lockout (instead of one subject)")
 
     @model_validator(mode="after")
     def _subject_or_all(self) -> Self:
@@ -43,9 +70,20 @@ class LockoutParams(Params):
 
 
 class QueueBacklogParams(Params):
-    waiting_threshold: int = Field(1000, ge=0)
-    sample_seconds: float = Field(5, gt=0, le=300)
-    scale_workers_to: int = Field(3, ge=1, le=100)
+    waiting_threshold: int = Field(
+        1000,
+        ge=0,
+        description="waiting jobs over which a queue is backlogged (seed 000: 1000); 0 or more",
+    )
+    sample_seconds: float = Field(
+        5,
+        gt=0,
+        le=300,
+        description="seconds between the two counts, for the drain rate; over 0, at most 300",
+    )
+    scale_workers_to: int = Field(
+        3, ge=1, le=100, description="worker replicas to scale a stuck queue's service to; 1 to 100"
+    )
 
 
 # --- redis-health --------------------------------------------------------------------------

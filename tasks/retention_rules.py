@@ -26,10 +26,18 @@ ROWS_SHOWN = 200  # rows of the per-backup table in the report; the counts cover
 
 
 class RetentionParams(Params):
-    keep_daily: int = Field(7, ge=0, le=3660)
-    keep_weekly: int = Field(4, ge=0, le=520)
-    keep_monthly: int = Field(6, ge=0, le=1200)
-    max_deletions: int = Field(50, ge=1, le=10_000)
+    keep_daily: int = Field(
+        7, ge=0, le=3660, description="days whose newest backup is kept; 0 to 3660"
+    )
+    keep_weekly: int = Field(
+        4, ge=0, le=520, description="ISO weeks whose newest backup is kept; 0 to 520"
+    )
+    keep_monthly: int = Field(
+        6, ge=0, le=1200, description="months whose newest backup is kept; 0 to 1200"
+    )
+    max_deletions: int = Field(
+        50, ge=1, le=10_000, description="most backups deleted per run; 1 to 10000"
+    )
 
 
 class Decision(BaseModel):

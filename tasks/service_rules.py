@@ -151,13 +151,23 @@ def components(body: Any) -> dict[str, str]:
 
 
 class PostgresDownParams(Params):
-    ready_timeout_seconds: float = Field(120, gt=0, le=3600)
+    ready_timeout_seconds: float = Field(
+        120,
+        gt=0,
+        le=3600,
+        description="seconds to wait for SELECT 1 after a restart; over 0, at most 3600",
+    )
 
 
 class ServiceHealthParams(Params):
     run_only = frozenset({"service"})
     service: str | None = Field(None, description="one [services.NAME]; default all")
-    ready_timeout_seconds: float = Field(60, gt=0, le=3600)
+    ready_timeout_seconds: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="seconds to wait for health after a restart; over 0, at most 3600",
+    )
 
 
 class ResourceParams(Params):
@@ -168,10 +178,30 @@ class ResourceParams(Params):
 
     run_only = frozenset({"host_memory_percent", "host_load_per_cpu"})
 
-    memory_percent: float = Field(90, gt=0, le=100)
-    cpu_percent: float = Field(90, gt=0, le=10_000)
-    host_memory_percent: float = Field(90, gt=0, le=100)
-    host_load_per_cpu: float = Field(1.5, gt=0, le=1000)
+    memory_percent: float = Field(
+        90,
+        gt=0,
+        le=100,
+        description="service memory, % of its limit or the host's, critical; over 0, at most 100",
+    )
+    cpu_percent: float = Field(
+        90,
+        gt=0,
+        le=10_000,
+        description="service CPU, % of one CPU (docker stats), a warning; over 0, at most 10000",
+    )
+    host_memory_percent: float = Field(
+        90,
+        gt=0,
+        le=100,
+        description="host memory in use, %, for critical (seed 002: 90); over 0, at most 100",
+    )
+    host_load_per_cpu: float = Field(
+        1.5,
+        gt=0,
+        le=1000,
+        description="1-minute load average per CPU for a warning; over 0, at most 1000",
+    )
 
 
 def disk_finding(name: str, disk: DiskUsage) -> Finding:

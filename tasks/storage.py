@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions
 import httpx
 
-from tasks.errors import TargetUnreachable
+from tasks.errors import AuthenticationFailed, TargetUnreachable
 from tasks.settings import S3Target
 
 CHUNK = 1 << 20
@@ -70,18 +70,21 @@ def classify(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied", "403")
+
+
+def _denied(exc: Exception) -> bool:
+    """Whether the provider refused the credentials (or there were none to send)."""
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return exc.response.get("Error", {}).get("Code", "?") in _DENIED or status == 403
+    return False
+
+
 def _by_code(code: str, status: int) -> str:
-    if (
-        code
-        in (
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "ExpiredToken",
-            "AccessDenied",
-            "403",
-        )
-        or status == 403
-    ):
+    if code in _DENIED or status == 403:
         return f"credentials expired or denied ({code})"
     if status >= 500:
         return f"the storage provider failed ({code}, HTTP {status})"
@@ -126,4 +129,6 @@ def storage_errors(where: str) -> Iterator[None]:
     ) as exc:
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=True) from exc
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        if _denied(exc):
+            raise AuthenticationFailed(f"{where}: {classify(exc)}") from exc
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=False) from exc

@@ -138,7 +138,15 @@ def read_served_certificates(
     endpoints: dict[str, TlsEndpoint], timeouts: dict[str, float]
 ) -> list[ServedCert]:
     """Every endpoint at once, each with its own timeout in seconds: the whole check takes
-    about the slowest handshake."""
+    about the slowest handshake.
+
+    Args:
+        endpoints: [tls.NAME] entries by name.
+        timeouts: seconds to connect and handshake, by the same names.
+
+    Returns:
+        One ServedCert per endpoint: the certificate it serves, or the error when none was
+        read (an endpoint that does not answer is a finding, not an error)."""
 
     async def all_of_them() -> list[ServedCert]:
         checks = (_check(n, ep, timeouts[n]) for n, ep in endpoints.items())
@@ -211,7 +219,19 @@ class Renewal(BaseModel):
 def renew_certificate(name: str, argv: list[str], cert_name: str | None = None) -> Renewal:
     """Run the renew command. A CA client that declines because the certificate is not due
     by its own settings (certbot's "not yet due", acme.sh's skip, which exits 2, lego's "no
-    renewal") has not failed: the Renewal says it did not renew, in its words."""
+    renewal") has not failed: the Renewal says it did not renew, in its words.
+
+    Args:
+        name: the [tls.NAME] endpoint's name, for messages.
+        argv: the renew command, run without a shell.
+        cert_name: the certificate's name in the CA client: its 'not yet due' is told apart
+            from another certificate's.
+
+    Returns:
+        Renewal: whether it renewed, and the command's words.
+
+    Raises:
+        ActionFailed: the command failed, timed out, or could not be started."""
     said = _run("renew", name, argv, ok_codes=(0, 2))
     words = declined(said, cert_name)
     return Renewal(renewed=False, said=words) if words else Renewal(renewed=True)
@@ -219,5 +239,16 @@ def renew_certificate(name: str, argv: list[str], cert_name: str | None = None) 
 
 @io_task("reload-proxy", timeout_seconds=COMMAND_TIMEOUT_SECONDS + 30, retries=0)
 def reload_proxy(name: str, argv: list[str]) -> str:
+    """Run the proxy's reload command (e.g. nginx -s reload) so it serves the new certificate.
+
+    Args:
+        name: the [tls.NAME] endpoint's name, for messages.
+        argv: the reload command, run without a shell.
+
+    Returns:
+        "reloaded".
+
+    Raises:
+        ActionFailed: the command failed, timed out, or could not be started."""
     _run("reload", name, argv)
     return "reloaded"

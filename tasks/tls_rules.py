@@ -23,15 +23,17 @@ class TlsParams(Params):
     certificate."""
 
     warning_days: float | None = Field(
-        None, ge=0, le=3650, description="days left under which it is a warning"
+        None, ge=0, le=3650, description="days left under which it is a warning; 0 to 3650"
     )
     critical_days: float | None = Field(
-        None, ge=0, le=3650, description="days left under which it is critical"
+        None, ge=0, le=3650, description="days left under which it is critical; 0 to 3650"
     )
     renew_days: float | None = Field(
-        None, ge=0, le=3650, description="days left under which it is renewed"
+        None, ge=0, le=3650, description="days left under which it is renewed; 0 to 3650"
     )
-    timeout_seconds: float = Field(5, gt=0, le=120)
+    timeout_seconds: float = Field(
+        5, gt=0, le=120, description="seconds to connect and handshake; over 0, at most 120"
+    )
 
 
 SHORT_LIFETIME_DAYS = 10

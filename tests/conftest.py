@@ -9,13 +9,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hypothesis
 import psycopg
 import pytest
 
 from deployments.localpg import LocalPostgres, free_port
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
 
 # Before Prefect is imported anywhere: its home in a temp dir, quiet, offline.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="runbook-test-prefect-")
@@ -33,6 +36,15 @@ hypothesis.settings.register_profile("runbook", deadline=None)
 hypothesis.settings.load_profile("runbook")
 
 APP_ROLE = "app"  # a plain role: the sessions that play the incidents log in as it
+
+
+def runner_deployment(made: object) -> RunnerDeployment:
+    """What Flow.to_deployment returns when called from sync code. Prefect types its result as
+    that or a coroutine (it dispatches on whether the caller is async); here it is the former."""
+    from prefect.deployments.runner import RunnerDeployment
+
+    assert isinstance(made, RunnerDeployment), type(made)
+    return made
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from deployments.alert_routes import (
     GenericPayload,
     GrafanaPayload,
     Outcome,
-    Route,
     fingerprint_of,
     load_routes,
     pick_target,
@@ -33,7 +32,7 @@ from deployments.catalog import RUNBOOKS
 from deployments.config import load_config
 from tasks.errors import ConfigError
 from tasks.postgres_rules import ConnectionsParams
-from tasks.settings import load_settings
+from tasks.settings import Route, load_settings
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 PARAMS = {name: rb.params for name, rb in RUNBOOKS.items()}

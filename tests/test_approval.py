@@ -24,7 +24,7 @@ from deployments.receiver import ReceiverServer, build_receiver
 from deployments.runner import InProcessRunner
 from flows.postgres_connections import postgres_connections
 from tasks.settings import load_settings
-from tests.conftest import Db
+from tests.conftest import Db, runner_deployment
 from tests.test_notify import Hook, hook  # noqa: F401 (a fixture)
 from tests.test_receiver import TOKEN, am_alert, am_payload, post, served_deployment  # noqa: F401
 from tests.test_runner import wait_for_state as wait_for
@@ -42,8 +42,10 @@ PARAMETERS = {
 @pytest.fixture
 def served(db: Db) -> Iterator[tuple[Any, uuid.UUID]]:
     """postgres-connections on main served in-process, as `runbook serve` does."""
-    deployment = postgres_connections.to_deployment(
-        name=f"approval-{uuid.uuid4().hex[:8]}", parameters=PARAMETERS
+    deployment = runner_deployment(
+        postgres_connections.to_deployment(
+            name=f"approval-{uuid.uuid4().hex[:8]}", parameters=PARAMETERS
+        )
     )
     runner = InProcessRunner([(deployment, postgres_connections)], max_runs=2, poll_seconds=0.5)
     db.write_config()

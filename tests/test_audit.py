@@ -230,14 +230,19 @@ def test_a_rejection_is_a_skip_with_the_answer_and_a_dry_run_leaves_nothing(
     assert (
         record(
             report(
-                target, None, approval=rejected, actions=[("terminate_backend", "skipped", detail)]
+                target,
+                None,
+                approval=rejected,
+                actions=[("terminate_backend", ActionStatus.skipped, detail)],
             ),
             inventory="postgres",
             settings=trail.settings,
         )
         == []
     )
-    dry = report(target, None, approval=None, actions=[("terminate_backend", "planned", "")])
+    dry = report(
+        target, None, approval=None, actions=[("terminate_backend", ActionStatus.planned, "")]
+    )
     dry.dry_run = True
     assert record(dry, inventory="postgres", settings=trail.settings) == []
 
@@ -303,7 +308,9 @@ def test_the_writer_needs_insert_and_select_only(prefect_api: str, trail: Trail)
         actions=[("cancel_backend", ActionStatus.done, "first")],
         finished_at=datetime.now(UTC) - timedelta(hours=2),
     )
-    late = report(target, None, approval=None, actions=[("terminate_backend", "done", "second")])
+    late = report(
+        target, None, approval=None, actions=[("terminate_backend", ActionStatus.done, "second")]
+    )
     for built in (early, late):
         assert record(built, inventory="postgres", settings=trail.settings) == []
     trail_back = read_trail(datetime.now(UTC) - timedelta(days=1), target, trail.settings)

@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from deployments.localpg import free_port
 from flows.backup_verification import backup_verification
 from tasks.backup_rules import dump_made_by, newer_client_needed
-from tasks.backups import BadGzip, gunzip, verify_backup
+from tasks.backups import BadGzip, gunzip, list_backups, verify_backup
+from tasks.errors import AuthenticationFailed
 from tasks.models import RunStatus, Severity
-from tasks.settings import BackupSet, S3Target
+from tasks.settings import BackupSet, S3Target, load_settings
 from tests.conftest import Db
 from tests.s3_helpers import KEY, SECRET, MotoServer
 from tests.test_restore_drill import fill, future_dump, gzip_t, pg_dump, sql_gz
@@ -135,6 +136,9 @@ def test_credentials_denied(inventory: Any) -> None:
         report = backup_verification("app")
         assert report.findings[0].check == "storage"
         assert "credentials expired or denied" in report.findings[0].message
+        # Its own error, never retried: not a connection that may come back.
+        with pytest.raises(AuthenticationFailed, match="credentials expired or denied"):
+            list_backups.fn(*load_settings().backup_set("app"))
     finally:
         server.stop()
 

@@ -103,6 +103,15 @@ def test_malformed_config_exits_2(db: Db) -> None:
     no_traceback(proc)
 
 
+def test_a_malformed_redis_url_exits_2(inventory: Any, prefect_api: str) -> None:
+    inventory('[redis.cache]\nurl = "http://:hunter2@127.0.0.1:6379/0"\n')
+    proc = cli("run", "redis-health", "--target", "cache", env={"PREFECT_API_URL": prefect_api})
+    assert proc.returncode == 2, proc.stderr
+    assert "redis.cache.url is not a Redis URL" in proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    no_traceback(proc)
+
+
 def test_unreachable_target_exits_3_without_leaking_the_password(db: Db, prefect_api: str) -> None:
     db.config.write_text('[postgres.main]\ndsn = "postgresql://app:hunter2@127.0.0.1:1/app"\n')
     proc = cli("run", "postgres-connections", "--json", env={"PREFECT_API_URL": prefect_api})
@@ -295,7 +304,7 @@ def test_no_api_and_ephemeral_mode_off_is_a_configuration_error(db: Db) -> None:
 def read_run(api: str, flow_run_id: str) -> dict[str, Any]:
     """The flow run as the Prefect API has it, with its task runs, logs and artifacts."""
     with httpx.Client(base_url=api, timeout=60) as client:
-        run = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+        run: dict[str, Any] = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
         by_run = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
         run["task_runs"] = client.post("/task_runs/filter", json=by_run).raise_for_status().json()
         logs = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -57,7 +58,7 @@ def test_alert_trigger_renders_typed_parameters_from_the_event() -> None:
     assert trigger.expect == {"runbook.alert.dispatch"}
     RunDeployment.validate_parameters(spec["parameters"])  # what the server checks on create
     params = {"idle_in_transaction_seconds": 60, "ratio": 0.5, "names": ["a", "b"], "x": None}
-    event = {
+    event: dict[str, Any] = {
         "payload": {"parameters": {"dry_run": False, "approval": "auto", "params": params}},
         "resource": {"runbook.target": "{{ 7 * 7 }}"},
     }
@@ -78,6 +79,16 @@ def test_alert_trigger_renders_typed_parameters_from_the_event() -> None:
     assert rendered["approval"] == "{{ 7 * 7 }}"
 
 
+def match_of(trigger: object) -> dict[str, str | list[str]]:
+    """The resource labels an event trigger matches (runbook serve builds only those)."""
+    from prefect.events.schemas.automations import EventTrigger
+    from prefect.events.schemas.events import ResourceSpecification
+
+    assert isinstance(trigger, EventTrigger), type(trigger)
+    assert isinstance(trigger.match, ResourceSpecification), type(trigger.match)
+    return dict(trigger.match.root)
+
+
 def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
     box = Sandbox().start()
     try:
@@ -86,7 +97,7 @@ def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
         assert {d.flow_name for d in deployments} == set(RUNBOOKS)
         assert all(d.parameters["dry_run"] is False for d in deployments)
         assert all(
-            [t.match.model_dump() for t in d.triggers]
+            [match_of(t) for t in d.triggers]
             == [{"runbook.runbook": d.flow_name, "runbook.target": d.name}]
             for d in deployments
         )

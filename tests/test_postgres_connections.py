@@ -13,7 +13,7 @@ import pytest
 
 from deployments.localpg import stop_process
 from flows.postgres_connections import postgres_connections
-from tasks.errors import TargetUnreachable
+from tasks.errors import AuthenticationFailed, TargetUnreachable
 from tasks.models import ActionStatus, RunStatus, Severity
 from tasks.wait import poll
 from tests.conftest import Db
@@ -150,6 +150,17 @@ def test_refused_connection_is_a_clear_error(db: Db) -> None:
     with pytest.raises(TargetUnreachable) as caught:
         run()
     assert "127.0.0.1:1/app" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert caught.value.transient
+
+
+@pytest.mark.parametrize(
+    "dsn_of",
+    [lambda db: db.server.dsn_for(db.name, "nobody"), lambda db: db.server.dsn_for("nosuchdb")],
+)
+def test_refused_credentials_are_their_own_error(db: Db, dsn_of: Callable[[Db], str]) -> None:
+    db.config.write_text(f'[postgres.main]\ndsn = "{dsn_of(db)}"\n')
+    with pytest.raises(AuthenticationFailed, match="check the credentials and database name"):
+        run()
 
 
 def test_replication_connection_of_pg_receivewal_is_not_a_long_query(

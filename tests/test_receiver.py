@@ -37,7 +37,7 @@ from deployments.receiver import ReceiverServer, build_receiver
 from tasks.settings import load_settings
 from tasks.wait import poll
 from tests.alertmanager_helpers import Alertmanager
-from tests.conftest import Db
+from tests.conftest import Db, runner_deployment
 
 TOKEN = "s3cret-token-for-tests"
 HMAC_SECRET = "another-secret-for-hmac"
@@ -185,7 +185,7 @@ def served_deployment(prefect_api: str) -> str:
     """postgres-connections/main registered on the API, as `runbook serve` registers it
     (not served here: the receiver runs it in this process)."""
     flow = RUNBOOKS[RUNBOOK].load()
-    deployment = flow.to_deployment(name="main", parameters={"target": "main"})  # type: ignore[arg-type]
+    deployment = runner_deployment(flow.to_deployment(name="main", parameters={"target": "main"}))
     return str(deployment.apply())
 
 
@@ -435,7 +435,8 @@ def test_resolved_never_starts_and_closes_the_episode(
 
     def send(payload: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = post(server.url, "/alerts/alertmanager", payload).json()
-        return result["alerts"][0]
+        alert: dict[str, Any] = result["alerts"][0]
+        return alert
 
     assert send(resolved)["outcome"] == "resolved"  # unknown yet: still no run
     first = send(firing)
@@ -468,10 +469,11 @@ def test_a_burst_of_500_alerts_is_recorded_whole_and_runs_are_capped(
         with lock:
             results.extend(response.json()["alerts"])
 
-    threads = [
-        threading.Thread(target=lambda b=b: [deliver(x) for x in b])  # type: ignore[misc]
-        for b in (batches[i::10] for i in range(10))
-    ]
+    def deliver_each(some: list[list[str]]) -> None:
+        for batch in some:
+            deliver(batch)
+
+    threads = [threading.Thread(target=deliver_each, args=(batches[i::10],)) for i in range(10)]
     for t in threads:
         t.start()
     for t in threads:
@@ -1083,7 +1085,9 @@ def test_a_deployment_registered_again_gets_the_next_run(
     with get_client(sync_client=True) as client:
         client.delete_deployment(UUID(served_deployment))
     flow = RUNBOOKS[RUNBOOK].load()
-    again = str(flow.to_deployment(name="main", parameters={"target": "main"}).apply())  # type: ignore[arg-type]
+    again = str(
+        runner_deployment(flow.to_deployment(name="main", parameters={"target": "main"})).apply()
+    )
     assert again != served_deployment
     second = post(server.url, "/alerts/alertmanager", am_payload(am_alert())).json()["alerts"][0]
     assert second["outcome"] == "started", second

@@ -11,7 +11,10 @@ import pytest
 
 from deployments.localpg import free_port
 from flows.redis_health import redis_health
+from tasks.errors import AuthenticationFailed, ConfigError, TargetUnreachable
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.redis import connect
+from tasks.settings import RedisTarget
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 # A busy machine can take over 100 ms to answer PING: latency is tested on its own below, with
@@ -145,6 +148,24 @@ def test_wrong_password_is_a_clear_critical_finding(redis_server: Any, inventory
     finding = report.findings[0]
     assert finding.severity is Severity.critical and "authentication failed" in finding.message
     assert "wrong-one" not in report.model_dump_json()
+
+
+def test_refused_credentials_are_their_own_error(redis_server: Any) -> None:
+    server = redis_server(password="right-one")
+    url = f"redis://:wrong-one@127.0.0.1:{server.port}/0"
+    with pytest.raises(AuthenticationFailed) as caught, connect("cache", RedisTarget(url=url)) as r:
+        r.ping()
+    assert "authentication failed" in str(caught.value) and "wrong-one" not in str(caught.value)
+    assert not isinstance(caught.value, TargetUnreachable)  # never retried as a connection
+
+
+def test_a_url_that_is_not_redis_is_a_configuration_error() -> None:
+    target = RedisTarget(url="http://:pw@127.0.0.1:6379/0")
+    with pytest.raises(ConfigError) as caught, connect("cache", target):
+        pass
+    assert caught.value.exit_code == 2
+    assert "redis.cache.url is not a Redis URL" in str(caught.value)
+    assert "redis://" in str(caught.value) and ":pw@" not in str(caught.value)
 
 
 def test_down_redis_is_restarted_through_its_service(tmp_path: Any, inventory: Any) -> None:

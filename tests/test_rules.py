@@ -79,7 +79,7 @@ def test_only_plain_client_backends_are_eligible() -> None:
 def test_allow_lists_narrow(field: str, value: list[str], attr: str) -> None:
     narrowed = TARGET.model_copy(update={field: value})
     assert ineligible(backend(1), narrowed) is not None
-    assert ineligible(backend(1, **{attr: "other"}), narrowed) is None
+    assert ineligible(backend(1).model_copy(update={attr: "other"}), narrowed) is None
 
 
 def test_plan_cancels_before_terminating_and_respects_the_cap() -> None:
@@ -174,8 +174,10 @@ def test_hidden_rows_are_a_warning_naming_the_grant() -> None:
         max_connections=10,
         backends=[
             backend(1, state="idle in transaction (aborted)"),
-            backend(2, hidden=True, state_change=None, **hidden),
-            backend(3, hidden=True, datname=None, usename=None, state_change=None, **hidden),
+            backend(2, hidden=True, state_change=None).model_copy(update=hidden),
+            backend(3, hidden=True, datname=None, usename=None, state_change=None).model_copy(
+                update=hidden
+            ),
         ],
     )
     findings = {

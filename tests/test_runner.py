@@ -21,7 +21,7 @@ from flows.stuck_jobs import stuck_jobs
 from tasks.cancel import pause
 from tasks.engine import io_task, runbook_flow
 from tasks.models import utcnow
-from tests.conftest import Db
+from tests.conftest import Db, runner_deployment
 from tests.test_stuck_jobs import JOBS, make_jobs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -77,8 +77,8 @@ def test_the_sandbox_schedule_runs_every_minute_then_settles_to_five() -> None:
     from deployments.runner import schedule_interval
     from deployments.sandbox import schedule_rrule
 
-    deployment = slow.to_deployment(
-        name="s", schedules=[RRule(schedule_rrule(NOW), timezone="UTC")]
+    deployment = runner_deployment(
+        slow.to_deployment(name="s", schedules=[RRule(schedule_rrule(NOW), timezone="UTC")])
     )
     interval = schedule_interval(deployment)
     first = NOW + timedelta(seconds=10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -17,7 +18,7 @@ from flows.postgres_connections import postgres_connections
 from flows.redis_health import redis_health
 from tasks.audit import AuditSettings, init_table
 from tasks.errors import RunbookError
-from tasks.models import RunStatus
+from tasks.models import Report, RunStatus
 from tests.conftest import Db
 from tests.test_notify import Hook, hook  # noqa: F401 (a fixture)
 
@@ -67,7 +68,11 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
         "main", dry_run=False, approval="auto", params={"idle_in_transaction_seconds": 1}
     )
     assert fixed.status is RunStatus.fixed and db.alive(pids) == set()
-    for unreachable in (lambda: postgres_connections("gone"), lambda: redis_health("cache")):
+    runs: list[Callable[[], Report]] = [
+        lambda: postgres_connections("gone"),
+        lambda: redis_health("cache"),
+    ]
+    for unreachable in runs:
         try:
             report = unreachable()
         except RunbookError as exc:

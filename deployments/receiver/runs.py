@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from deployments.runner import InProcessRunner
 
-DEPLOYMENT_WAIT_S = 15  # a deployment `runbook serve` is still registering
+DEPLOYMENT_WAIT_SECONDS = 15  # a deployment `runbook serve` is still registering
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class InProcessStarter:
         found = poll(
             lookup,
             what=f"deployment {name} to be registered",
-            timeout_seconds=DEPLOYMENT_WAIT_S,
+            timeout_seconds=DEPLOYMENT_WAIT_SECONDS,
             first_delay_seconds=0.5,
             max_delay_seconds=0.5,
         ).value

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from deployments.runner import InProcessRunner
 
-SERVER_START_TIMEOUT_S = 15
+SERVER_START_TIMEOUT_SECONDS = 15
 
 
 def receiver_settings(settings: Settings) -> ReceiverSettings:
@@ -124,7 +124,7 @@ class ReceiverServer:
         poll(
             lambda: self.server.started or not self.thread.is_alive(),
             what="the receiver to listen",
-            timeout_seconds=SERVER_START_TIMEOUT_S,
+            timeout_seconds=SERVER_START_TIMEOUT_SECONDS,
             first_delay_seconds=0.05,
             max_delay_seconds=0.05,
         )
