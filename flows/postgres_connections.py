@@ -57,7 +57,7 @@ def postgres_connections(
         still = set(
             await_queries_ended(name, pg, [a.args for a in signalled], p.cancel_grace_seconds)
         )
-        for action in (a for a in signalled if a.args["pid"] in still):
+        for action in (a for a in signalled if a.args.pid in still):
             run_action(action, terminate_backend, name, pg, action.args, "active")
             action.detail = f"cancel ignored for {p.cancel_grace_seconds} s; {action.detail}"
     for action in (a for a in approved if a.kind == "terminate_backend"):

@@ -10,38 +10,20 @@ from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.host import read_disk_usage
 from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, Severity
+from tasks.models import AlertInfo, Approval, Finding, Report
 from tasks.postgres import Probe, await_postgres_ready, probe_postgres
-from tasks.service_rules import PostgresDownParams, disk_finding, status_finding
+from tasks.service_rules import (
+    PostgresDownParams,
+    disk_finding,
+    logs_finding,
+    plan_postgres_restart,
+    reachability,
+    status_finding,
+)
 from tasks.services import restart_service, service_logs, service_status
 from tasks.settings import load_settings
 
 RUNBOOK = "postgres-down"
-
-
-def reachability(name: str, probe: Probe) -> Finding:
-    if probe.ok:
-        return Finding(
-            check="reachable",
-            target=name,
-            severity=Severity.ok,
-            observed=True,
-            message=f"SELECT 1 answered in {probe.ms:.0f} ms",
-        )
-    return Finding(
-        check="reachable",
-        target=name,
-        severity=Severity.critical,
-        observed=False,
-        message=probe.error
-        + (
-            "; it is up but not accepting connections (starting up, recovering after a crash, "
-            "or a standby with hot_standby off): not restarted, as that would begin its "
-            "recovery again; follow its log"
-            if probe.recovering
-            else ""
-        ),
-    )
 
 
 @runbook_flow(RUNBOOK)
@@ -64,16 +46,7 @@ def postgres_down(
         found = [reachability(name, probe)]
         if not probe.ok and svc is not None and pg.service is not None:
             found.append(status_finding(name, pg.service, service_status(pg.service, svc)))
-            logs = service_logs(pg.service, svc)
-            found.append(
-                Finding(
-                    check="logs",
-                    target=name,
-                    severity=Severity.ok,
-                    observed=logs,
-                    message=f"last {len(logs)} log lines of {pg.service!r}",
-                )
-            )
+            found.append(logs_finding(name, pg.service, service_logs(pg.service, svc)))
         if pg.data_directory and (disk := read_disk_usage(pg.data_directory)):
             found.append(disk_finding(name, disk))
         return probe, found
@@ -82,23 +55,7 @@ def postgres_down(
     probe, before = diagnose()
     # 2. plan: a restart, only when the server is down (not when credentials are wrong, nor
     # while it is starting up or recovering)
-    actions: list[Action] = []
-    if not probe.ok and probe.transient and not probe.recovering:
-        restart = Action(
-            kind="restart_service",
-            target=name,
-            destructive=True,
-            description=f"restart {pg.service or 'its service'} and wait up to "
-            f"{p.ready_timeout_seconds:g} s for SELECT 1",
-            args={"service": pg.service} if pg.service else {},
-        )
-        if svc is None:
-            restart.status = ActionStatus.skipped
-            restart.detail = (
-                f"no service is configured for postgres target {name!r}: add "
-                f'service = "NAME" and a [services.NAME] section'
-            )
-        actions.append(restart)
+    actions = plan_postgres_restart(name, probe, pg, svc is not None, p)
     # 3. gate
     approved = gate(
         actions,

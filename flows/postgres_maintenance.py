@@ -63,8 +63,8 @@ def postgres_maintenance(
             vacuum,
             name,
             pg,
-            action.args["schema_name"],
-            action.args["table"],
+            action.args.schema_name,
+            action.args.table,
             p.lock_timeout_seconds,
             p.vacuum_timeout_seconds,
         )
@@ -75,8 +75,8 @@ def postgres_maintenance(
         after = maintenance_findings(name, tables, top, p)
         dead = {(t.schema_name, t.table): t.dead_tuples for t in tables}
         for action in approved:
-            now = dead.get((action.args["schema_name"], action.args["table"]))
-            action.detail += f"; dead tuples {action.args['dead_before']} -> {now}"
+            now = dead.get((action.args.schema_name, action.args.table))
+            action.detail += f"; dead tuples {action.args.dead_before} -> {now}"
     return finish(
         RUNBOOK,
         name,

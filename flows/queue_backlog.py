@@ -66,7 +66,7 @@ def queue_backlog(
             scale_service,
             rd.worker_service,
             settings.service(rd.worker_service),
-            action.args["replicas"],
+            action.args.replicas,
         )
     # 5. report: new workers need time to drain a backlog; the next scheduled run verifies
     return finish(

@@ -8,14 +8,14 @@ from prefect import State
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
-from tasks.models import AlertInfo, Approval, Report
+from tasks.models import AlertInfo, Approval, Report, ServiceRef
 from tasks.redis import (
     await_redis_ready,
     enable_aof,
     read_redis_health,
     set_maxmemory_policy,
 )
-from tasks.redis_rules import RedisHealthParams, health_findings, plan_health
+from tasks.redis_rules import MaxmemoryPolicy, RedisHealthParams, health_findings, plan_health
 from tasks.services import restart_service
 from tasks.settings import load_settings
 
@@ -51,17 +51,16 @@ def redis_health(
     )
     # 4. act
     for action in approved:
-        if action.kind == "set_maxmemory_policy":
-            run_action(action, set_maxmemory_policy, name, rd, action.args["policy"])
-        elif action.kind == "enable_aof":
-            run_action(action, enable_aof, name, rd)
-        elif (
-            rd.service
-            and run_action(action, restart_service, rd.service, settings.service(rd.service))
-            is not None
-        ):
-            waited = await_redis_ready(name, rd, settings.service(rd.service).timeout_seconds)
-            action.detail += "; answering PING" if waited else "; not answering PING"
+        match action.args:
+            case MaxmemoryPolicy(policy=policy):
+                run_action(action, set_maxmemory_policy, name, rd, policy)
+            case ServiceRef(service=service):
+                svc = settings.service(service)
+                if run_action(action, restart_service, service, svc) is not None:
+                    waited = await_redis_ready(name, rd, svc.timeout_seconds)
+                    action.detail += "; answering PING" if waited else "; not answering PING"
+            case None if action.kind == "enable_aof":
+                run_action(action, enable_aof, name, rd)
     # 5. verify and report
     after = before
     if approved:

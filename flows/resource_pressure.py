@@ -10,8 +10,14 @@ from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.host import read_host_stats
 from tasks.journal import begin
-from tasks.models import Action, AlertInfo, Approval, Finding, Report, Severity
-from tasks.service_rules import ResourceParams, host_findings, resource_findings
+from tasks.models import AlertInfo, Approval, Finding, Report
+from tasks.service_rules import (
+    ResourceParams,
+    by_urgency,
+    host_findings,
+    plan_resource_restarts,
+    resource_findings,
+)
 from tasks.services import ServiceStats, restart_service, service_stats, service_status
 from tasks.settings import load_settings
 
@@ -45,33 +51,12 @@ def resource_pressure(
             found += resource_findings(
                 name, service_status(name, svc), stats[name], host, per[name]
             )
-        # Top consumers first: the report is read from the top at 3 a.m.
-        found.sort(
-            key=lambda f: (
-                f.severity is Severity.ok,
-                f.check != "memory",
-                -(f.observed if isinstance(f.observed, float) else 0),
-            )
-        )
-        return found, stats
+        return by_urgency(found), stats
 
     # 1. diagnose
     before, stats = diagnose()
     # 2. plan: restart only what is over its own limit (not merely large on the host)
-    actions = [
-        Action(
-            kind="restart_service",
-            target=f.target,
-            destructive=True,
-            description=f"restart {f.target}: {f.message}",
-            args={"service": f.target},
-        )
-        for f in before
-        if f.check == "memory"
-        and f.severity is not Severity.ok
-        and (s := stats.get(f.target)) is not None
-        and s.memory_limit_bytes
-    ]
+    actions = plan_resource_restarts(before, stats)
     # 3. gate
     approved = gate(
         actions,
@@ -82,7 +67,7 @@ def resource_pressure(
     )
     # 4. act
     for action in approved:
-        name = action.args["service"]
+        name = action.args.service
         run_action(action, restart_service, name, services[name])
     # 5. verify and report
     after = diagnose()[0] if approved else before

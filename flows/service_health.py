@@ -14,34 +14,24 @@ from flows.redis_health import redis_health
 from tasks.engine import RunbookFlow, finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.http import HttpProbe, probe_http
+from tasks.http import is_answering, probe_services
 from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, wait_until
-from tasks.service_rules import ServiceHealthParams, dependency_for, probe_findings
+from tasks.models import ActionStatus, AlertInfo, Approval, Report, ServiceRef, wait_until
+from tasks.service_rules import (
+    DependencyKind,
+    Handoff,
+    ServiceHealthParams,
+    http_findings,
+    plan_services,
+)
 from tasks.services import restart_service
-from tasks.settings import ServiceTarget, load_settings
+from tasks.settings import load_settings
 
 RUNBOOK = "service-health"
-HANDOFF: dict[str, RunbookFlow[...]] = {"postgres": postgres_down, "redis": redis_health}
-
-
-def probe_all(services: dict[str, ServiceTarget]) -> dict[str, list[HttpProbe]]:
-    return {
-        name: [
-            probe_http(url, svc.timeout_seconds) for url in (svc.health_url, svc.ready_url) if url
-        ]
-        for name, svc in services.items()
-    }
-
-
-def is_answering(name: str, svc: ServiceTarget) -> bool:
-    return all(probe.ok for probe in probe_all({name: svc})[name])
-
-
-def findings_of(probes: dict[str, list[HttpProbe]]) -> list[Finding]:
-    return [
-        f for name, found in probes.items() for probe in found for f in probe_findings(name, probe)
-    ]
+HANDOFF: dict[DependencyKind, RunbookFlow[...]] = {
+    "postgres": postgres_down,
+    "redis": redis_health,
+}
 
 
 @runbook_flow(RUNBOOK)
@@ -73,36 +63,10 @@ def service_health(
     }
 
     # 1. diagnose
-    probes = probe_all(services)
-    before = findings_of(probes)
+    probes = probe_services(services)
+    before = http_findings(probes)
     # 2. plan: dependencies go to their runbook; only an app failing on its own is restarted
-    actions: list[Action] = []
-    for name, found in probes.items():
-        failing = {c: s for probe in found for c, s in probe.failing.items()}
-        refs = {ref for c in failing if (ref := dependency_for(c, services[name], settings))}
-        for ref in sorted(refs):
-            kind, dep = ref.split(".", 1)
-            actions.append(
-                Action(
-                    kind="handoff",
-                    target=name,
-                    destructive=False,
-                    description=f"{', '.join(failing)} failing: hand over to "
-                    f"{HANDOFF[kind].name} on {dep}",
-                    args={"kind": kind, "target": dep},
-                )
-            )
-        if not refs and any(not probe.ok for probe in found):
-            actions.append(
-                Action(
-                    kind="restart_service",
-                    target=name,
-                    destructive=True,
-                    description=f"restart {name} and wait up to "
-                    f"{per[name].ready_timeout_seconds:g} s for it to answer",
-                    args={"service": name},
-                )
-            )
+    actions = plan_services(probes, services, settings, per)
     # 3. gate: hand-offs run either way; the runbook they start has its own dry run and gate
     handoffs = [a for a in actions if a.kind == "handoff"]
     approved = gate(
@@ -114,8 +78,9 @@ def service_health(
     )
     # 4. act
     for action in handoffs:
-        sub = HANDOFF[action.args["kind"]](
-            target=action.args["target"],
+        assert isinstance(action.args, Handoff)
+        sub = HANDOFF[action.args.section](
+            target=action.args.target,
             dry_run=dry_run,
             approval=approval,
             approval_timeout_seconds=approval_timeout_seconds,
@@ -123,7 +88,8 @@ def service_health(
         action.status = ActionStatus.done
         action.detail = f"{sub.runbook} on {sub.target}: {sub.status.value}"
     for action in approved:
-        name = action.args["service"]
+        assert isinstance(action.args, ServiceRef)
+        name = action.args.service
         if run_action(action, restart_service, name, services[name]) is not None:
             ready_timeout = per[name].ready_timeout_seconds
             waited = wait_until(
@@ -138,7 +104,7 @@ def service_health(
                 else f"; not answering within {ready_timeout:g} s"
             )
     # 5. verify and report
-    after = findings_of(probe_all(services)) if handoffs or approved else before
+    after = http_findings(probe_services(services)) if handoffs or approved else before
     return finish(
         RUNBOOK,
         chosen,

@@ -55,7 +55,7 @@ def stuck_jobs(
     # 4. act: one transaction, only rows still stuck
     for action in approved:
         reset = run_action(
-            action, reset_stuck_jobs, name, pg, jobs, action.args["ids"], p.stuck_after_minutes
+            action, reset_stuck_jobs, name, pg, jobs, action.args.ids, p.stuck_after_minutes
         )
         if reset is not None:
             action.detail = f"reset {len(reset)} jobs: ids {listing(reset)}"

@@ -34,6 +34,7 @@ from tasks.journal import journal, journal_scope
 from tasks.models import (
     Action,
     ActionStatus,
+    AnyAction,
     Finding,
     Report,
     RunStatus,
@@ -144,7 +145,7 @@ def outcome_state(report: Report) -> State[Report]:
     )
 
 
-def gated(actions: list[Action]) -> list[Action]:
+def gated(actions: list[AnyAction]) -> list[AnyAction]:
     """The actions the gate let through in this run; any other is marked failed and logged,
     never carried out (a dry run lets none through)."""
     passed = journal().passed
