@@ -13,6 +13,8 @@ from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
 from tasks.retention_rules import (
+    BackupKey,
+    RetentionAction,
     RetentionParams,
     plan_deletions,
     plan_retention,
@@ -22,6 +24,7 @@ from tasks.settings import BackupSet, S3Target, load_settings
 from tasks.storage import backups_location, delete_backups, list_backups
 
 RUNBOOK = "backup-retention"
+RetentionStep = Action[RetentionAction, BackupKey]
 
 
 @runbook_flow(RUNBOOK)
@@ -90,14 +93,14 @@ def backup_retention(
     )
 
 
-def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[Action]) -> None:
+def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[RetentionStep]) -> None:
     approved = gated(approved)
     try:
-        failed = delete_backups(name, cfg, s3, [a.args["key"] for a in approved])
+        failed = delete_backups(name, cfg, s3, [a.args.key for a in approved])
     except TargetError as exc:
-        failed = {a.args["key"]: str(exc) for a in approved}
+        failed = {a.args.key: str(exc) for a in approved}
     for action in approved:
-        run_action(action, _outcome, failed.get(action.args["key"]))
+        run_action(action, _outcome, failed.get(action.args.key))
 
 
 def _outcome(error: str | None) -> str:
@@ -106,9 +109,9 @@ def _outcome(error: str | None) -> str:
     return "deleted, with its .sha256 if it had one"
 
 
-def _still_listed(approved: list[Action], listed: set[str]) -> None:
+def _still_listed(approved: list[RetentionStep], listed: set[str]) -> None:
     """A store that acknowledges a delete and still lists the key has not deleted it."""
     for action in approved:
-        if action.status is ActionStatus.done and action.args["key"] in listed:
+        if action.status is ActionStatus.done and action.args.key in listed:
             action.status = ActionStatus.failed
             action.detail = "acknowledged, but still listed afterwards"

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from prefect import State
 
-from tasks.drill_rules import PreChangeParams, dump_findings
+from tasks.drill_rules import PreChangeParams, dump_findings, plan_dump
 from tasks.dumps import Dump, dump_key, dump_to_storage
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
-from tasks.models import Action, AlertInfo, Approval, Report
+from tasks.models import AlertInfo, Approval, Report
 from tasks.settings import load_settings
 from tasks.storage import verify_backup
 
@@ -40,15 +40,7 @@ def pre_change_backup(
 
     # 1. diagnose: nothing to look at before; the dump itself is the check
     # 2. plan
-    actions = [
-        Action(
-            kind="dump",
-            target=name,
-            description=f"pg_dump --format=custom of {source_name} ({source.description}) to "
-            f"{where}, with a .sha256 beside it, then read it back",
-            destructive=False,
-        )
-    ]
+    actions = plan_dump(name, source_name, source, where)
     # 3. gate
     approved = gate(
         actions,
