@@ -27,7 +27,7 @@ from tasks.service_rules import (
     resource_findings,
 )
 from tasks.services import ServiceStats, ServiceStatus
-from tasks.settings import PostgresTarget, ServiceTarget, Settings
+from tasks.settings import PostgresTarget, Settings
 
 PG = PostgresTarget.model_validate({"dsn": "postgresql://app@127.0.0.1:5432/app", "service": "db"})
 GiB = 2**30
