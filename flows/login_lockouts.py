@@ -26,6 +26,24 @@ def login_lockouts(
     params: LockoutParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """The login lockouts of one subject (a user id, email or IP), or of all, in Redis and in
+    the lockout table in PostgreSQL when one is configured.
+
+    May UNLINK the lockout keys (found with SCAN) and DELETE the subject's rows from the
+    lockout table.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (LockoutParams); unset ones come from the target's
+            thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)

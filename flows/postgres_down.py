@@ -35,6 +35,24 @@ def postgres_down(
     params: PostgresDownParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Whether PostgreSQL answers SELECT 1; when it does not: its service's status, last log
+    lines and the disk of its data directory.
+
+    May restart its service (never while it is recovering or when credentials are refused),
+    then waits for it to answer.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (PostgresDownParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, pg = settings.postgres_target(target)

@@ -28,6 +28,22 @@ def pre_change_backup(
     params: PreChangeParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """A custom-format pg_dump of the set's database, written to its S3 prefix or directory
+    with a checksum, read back and verified.
+
+    Writes one new dump and its .sha256 to the backup storage.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (PreChangeParams).
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)

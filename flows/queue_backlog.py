@@ -29,6 +29,23 @@ def queue_backlog(
     params: QueueBacklogParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """BullMQ counts of each queue, sampled twice for the drain rate; backlogs over the
+    threshold and stalled workers.
+
+    May scale the worker service (a docker compose service) to scale_workers_to replicas.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (QueueBacklogParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)

@@ -31,6 +31,24 @@ def redis_health(
     params: RedisHealthParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """PING latency, memory against maxmemory, fragmentation, evictions, the eviction policy
+    its role wants, persistence and clients of one Redis.
+
+    May CONFIG SET maxmemory-policy and appendonly (then CONFIG REWRITE), and restart it
+    through its service when it is down.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (RedisHealthParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)

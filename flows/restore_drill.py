@@ -50,6 +50,23 @@ def restore_drill(
     params: RestoreDrillParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Whether the newest (or a chosen) backup restores: into a scratch database, with the
+    configured checks, its tables compared with the source's, RTO and RPO reported.
+
+    Creates and drops a scratch database on the scratch target's server; never touches the
+    source database.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (RestoreDrillParams).
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
