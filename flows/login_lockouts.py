@@ -40,8 +40,7 @@ def login_lockouts(
             or "never"; [approval] in the inventory may be stricter.
         approval_timeout_seconds: how long a run paused for approval waits for an answer, in
             seconds.
-        params: the runbook's parameters (LockoutParams); unset ones come from the target's
-            thresholds, then the defaults.
+        params: the runbook's parameters (LockoutParams): the subject, or all.
         alert: the alert that started the run, set by the alert receiver.
     """
     started = begin(alert)
