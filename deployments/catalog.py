@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -29,8 +29,9 @@ class Runbook:
     inventory: str  # the inventory section its targets come from
     params_class: str  # module:class of its parameters, imported when first needed
     changes: str
-    # The kinds of action it may plan (Action.kind): what [approval] and [limits] may name.
-    actions: tuple[str, ...]
+    # module:Literal of the kinds of action it may plan (Action.kind), imported when first
+    # needed; None: it plans none. `actions` lists them: what [approval] and [limits] may name.
+    action_kinds: str | None
     cron: str | None  # its schedule, UTC; None: run by hand only
     # The parameters of scheduled runs; a manual run is always a dry run unless --apply.
     scheduled: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +56,15 @@ class Runbook:
         module, name = self.params_class.split(":")
         params: type[Params] = getattr(importlib.import_module(module), name)
         return params
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The kinds of action it may plan, from its Literal (action_kinds)."""
+        if self.action_kinds is None:
+            return ()
+        module, name = self.action_kinds.split(":")
+        kinds: tuple[str, ...] = get_args(getattr(importlib.import_module(module), name))
+        return kinds
 
     def load(self) -> Flow[..., Any]:
         module, function = self.entrypoint.split(":")
@@ -98,7 +108,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.postgres_rules:ConnectionsParams",
             changes="cancels queries and terminates client backends (never superusers, "
             "replication or background workers; allow-lists and a cap per run)",
-            actions=("cancel_query", "terminate_backend"),
+            action_kinds="tasks.postgres_rules:ConnectionsAction",
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -112,7 +122,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.postgres_rules:MaintenanceParams",
             changes="runs VACUUM (ANALYZE) on tables over the dead-tuple threshold, one at a "
             "time, with lock and statement timeouts",
-            actions=("vacuum_analyze",),
+            action_kinds="tasks.postgres_rules:MaintenanceAction",
             cron="30 3 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
         ),
@@ -125,7 +135,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="postgres",
             params_class="tasks.postgres_rules:StuckJobsParams",
             changes="UPDATEs stuck rows of the configured jobs table back to pending",
-            actions=("reset_stuck_jobs",),
+            action_kinds="tasks.postgres_rules:StuckJobsAction",
             cron="*/10 * * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             requires='a jobs table ([postgres.NAME.jobs] with table = "SCHEMA.TABLE")',
@@ -142,7 +152,7 @@ RUNBOOKS: dict[str, Runbook] = {
             changes="CONFIG SET maxmemory-policy to what the role wants (cache: allkeys-lru, "
             "queue: noeviction), CONFIG SET appendonly yes on a queue, and CONFIG REWRITE; "
             "restarts it through its service",
-            actions=("set_maxmemory_policy", "enable_aof", "restart_service"),
+            action_kinds="tasks.redis_rules:RedisHealthAction",
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -156,7 +166,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.redis_rules:LockoutParams",
             changes="UNLINKs lockout keys found with SCAN (never KEYS or FLUSHALL); DELETEs "
             "the subject's rows from the configured lockout table",
-            actions=("clear_lockout_keys", "clear_lockout_rows"),
+            action_kinds="tasks.redis_rules:LockoutAction",
             cron=None,
         ),
         Runbook(
@@ -169,7 +179,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.redis_rules:QueueBacklogParams",
             changes="scales the worker_service (a docker compose service) to "
             "scale_workers_to replicas",
-            actions=("scale_workers",),
+            action_kinds="tasks.redis_rules:QueueBacklogAction",
             cron="*/5 * * * *",
             scheduled={"dry_run": True},
             requires="BullMQ queue names (queues = [...] in [redis.NAME])",
@@ -184,7 +194,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="postgres",
             params_class="tasks.service_rules:PostgresDownParams",
             changes="restarts the service that runs PostgreSQL (docker, systemd or command)",
-            actions=("restart_service",),
+            action_kinds="tasks.service_rules:PostgresDownAction",
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -198,7 +208,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.service_rules:ServiceHealthParams",
             changes="restarts an app that fails its own health check; what a hand-off "
             "runbook may change",
-            actions=("restart_service", "handoff"),
+            action_kinds="tasks.service_rules:ServiceHealthAction",
             cron="*/2 * * * *",
             scheduled={"dry_run": True},
             requires="a health_url or ready_url",
@@ -215,7 +225,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="services",
             params_class="tasks.service_rules:ResourceParams",
             changes="restarts a service using more than memory_percent of its memory limit",
-            actions=("restart_service",),
+            action_kinds="tasks.service_rules:ResourceAction",
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
             default_target="all",
@@ -230,7 +240,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.tls_rules:TlsParams",
             changes="runs the renew command (certbot renew --cert-name ...) and the reload "
             "command (nginx -s reload) or restarts the proxy's service",
-            actions=("renew_certificate",),
+            action_kinds="tasks.tls_rules:TlsAction",
             cron="0 6 * * *",
             scheduled={"dry_run": False, "approval": "auto"},
             default_target="all",
@@ -244,7 +254,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="s3",
             params_class="tasks.backup_rules:ObjectStorageParams",
             changes="writes and deletes one canary object under the prefix",
-            actions=(),
+            action_kinds=None,
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
         ),
@@ -258,7 +268,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.retention_rules:RetentionParams",
             changes="deletes backups past the policy and their .sha256 (never the newest or "
             "one younger than 24 h; max_deletions a run)",
-            actions=("delete_backup",),
+            action_kinds="tasks.retention_rules:RetentionAction",
             cron="30 7 * * *",
             scheduled={"dry_run": True},
         ),
@@ -271,7 +281,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="backups",
             params_class="tasks.backup_rules:BackupParams",
             changes="nothing: read-only",
-            actions=(),
+            action_kinds=None,
             cron="0 7 * * *",
             scheduled={"dry_run": True},
         ),
@@ -285,7 +295,7 @@ RUNBOOKS: dict[str, Runbook] = {
             params_class="tasks.drill_rules:RestoreDrillParams",
             changes="creates and drops a scratch database on the scratch target's server; "
             "never touches the source database",
-            actions=("restore-drill",),
+            action_kinds="tasks.drill_rules:RestoreDrillAction",
             cron="0 4 1 * *",
             scheduled={"dry_run": False, "approval": "auto"},
             requires='a scratch target (scratch = "NAME" in [backups.NAME])',
@@ -300,7 +310,7 @@ RUNBOOKS: dict[str, Runbook] = {
             inventory="backups",
             params_class="tasks.drill_rules:PreChangeParams",
             changes="writes one new dump and its .sha256 to the backup storage",
-            actions=("dump",),
+            action_kinds="tasks.drill_rules:PreChangeAction",
             cron=None,
             requires='a database (database = "NAME" in [backups.NAME])',
             accepts=lambda target: target.database is not None,
@@ -308,8 +318,6 @@ RUNBOOKS: dict[str, Runbook] = {
     )
 }
 
-# Every kind of action any runbook may plan.
-ACTION_KINDS: frozenset[str] = frozenset(kind for rb in RUNBOOKS.values() for kind in rb.actions)
 # The inventory sections runbooks take their targets from.
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(rb.inventory for rb in RUNBOOKS.values()))
 
@@ -324,3 +332,11 @@ def threshold_names(section: str) -> frozenset[str]:
         if rb.inventory == section
         for name in rb.params.threshold_names()
     )
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    """ACTION_KINDS: every kind of action any runbook may plan; computed when first asked
+    for, as it imports the runbooks' rules (listing the runbooks does not)."""
+    if name == "ACTION_KINDS":
+        return frozenset(kind for rb in RUNBOOKS.values() for kind in rb.actions)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

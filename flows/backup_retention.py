@@ -4,6 +4,8 @@ a directory, each with its .sha256 (seed 000 section 4, "prune old backups"; see
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.backup_rules import storage_finding
@@ -15,6 +17,8 @@ from tasks.journal import begin
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
 from tasks.retention import delete_backups
 from tasks.retention_rules import (
+    BackupKey,
+    RetentionAction,
     RetentionParams,
     plan_deletions,
     plan_retention,
@@ -23,9 +27,10 @@ from tasks.retention_rules import (
 from tasks.settings import BackupSet, S3Target, load_settings
 
 RUNBOOK = "backup-retention"
+RetentionStep = Action[RetentionAction, BackupKey]
 
 
-@runbook_flow(RUNBOOK, inventory="backups", actions=("delete_backup",))
+@runbook_flow(RUNBOOK, inventory="backups", actions=get_args(RetentionAction))
 def backup_retention(
     target: str,
     dry_run: bool = True,
@@ -34,6 +39,24 @@ def backup_retention(
     params: RetentionParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """The backups of a set against the policy: the newest of the last N days, M ISO weeks and
+    K months are kept.
+
+    May delete the others and their .sha256, oldest first, at most max_deletions a run;
+    never the newest, nor one younger than 24 h.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (RetentionParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
@@ -91,14 +114,14 @@ def backup_retention(
     )
 
 
-def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[Action]) -> None:
+def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[RetentionStep]) -> None:
     approved = gated(approved)
     try:
-        failed = delete_backups(name, cfg, s3, [a.args["key"] for a in approved])
+        failed = delete_backups(name, cfg, s3, [a.args.key for a in approved])
     except TargetError as exc:
-        failed = {a.args["key"]: str(exc) for a in approved}
+        failed = {a.args.key: str(exc) for a in approved}
     for action in approved:
-        run_action(action, _outcome, failed.get(action.args["key"]))
+        run_action(action, _outcome, failed.get(action.args.key))
 
 
 def _outcome(error: str | None) -> str:
@@ -107,9 +130,9 @@ def _outcome(error: str | None) -> str:
     return "deleted, with its .sha256 if it had one"
 
 
-def _still_listed(approved: list[Action], listed: set[str]) -> None:
+def _still_listed(approved: list[RetentionStep], listed: set[str]) -> None:
     """A store that acknowledges a delete and still lists the key has not deleted it."""
     for action in approved:
-        if action.status is ActionStatus.done and action.args["key"] in listed:
+        if action.status is ActionStatus.done and action.args.key in listed:
             action.status = ActionStatus.failed
             action.detail = "acknowledged, but still listed afterwards"

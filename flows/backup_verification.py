@@ -24,6 +24,19 @@ def backup_verification(
     params: BackupParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """The newest backup of a set: its age, its size against the previous one, a full read
+    (gzip or pg_restore --list) and its checksum.
+
+    Nothing: read-only.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: accepted like every runbook's; it has no actions to gate.
+        approval: accepted like every runbook's; it has no actions to gate.
+        params: the runbook's parameters (BackupParams); unset ones come from the target's
+            thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)

@@ -3,21 +3,29 @@ lockout table in PostgreSQL when one is configured) (seed 001 "Excessive login l
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, Severity
+from tasks.models import AlertInfo, Approval, Finding, Report
 from tasks.postgres import count_lockout_rows, delete_lockout_rows, read_writability
 from tasks.redis import clear_lockout_keys, find_lockout_keys
-from tasks.redis_rules import LockoutParams
+from tasks.redis_rules import (
+    LockoutAction,
+    LockoutParams,
+    lockout_findings,
+    plan_lockouts,
+    refuse_rows,
+)
 from tasks.settings import load_settings
 
 RUNBOOK = "login-lockouts"
 
 
-@runbook_flow(RUNBOOK, inventory="redis", actions=("clear_lockout_keys", "clear_lockout_rows"))
+@runbook_flow(RUNBOOK, inventory="redis", actions=get_args(LockoutAction))
 def login_lockouts(
     target: str,
     dry_run: bool = True,
@@ -26,60 +34,43 @@ def login_lockouts(
     params: LockoutParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """The login lockouts of one subject (a user id, email or IP), or of all, in Redis and in
+    the lockout table in PostgreSQL when one is configured.
+
+    May UNLINK the lockout keys (found with SCAN) and DELETE the subject's rows from the
+    lockout table.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (LockoutParams): the subject, or all.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)
     p = LockoutParams.resolve(params, {}, f"{RUNBOOK} on {name}")
-    who = "all subjects" if p.all else repr(p.subject)
     table = rd.lockout_table
     pg_name, pg = settings.postgres_target(table.postgres) if table else (None, None)
 
     def diagnose() -> list[Finding]:
         keys, sample = find_lockout_keys(name, rd, p.subject)
-        found = [
-            Finding(
-                check="lockout_keys",
-                target=name,
-                severity=Severity.warning if keys else Severity.ok,
-                observed=keys,
-                threshold=0,
-                message=f"{keys} lockout keys for {who} under {rd.lockout_prefix}:"
-                + (f"; e.g. {', '.join(sample)}" if sample else ""),
-            )
-        ]
+        rows = None
         if table is not None and pg_name is not None and pg is not None:
             rows = count_lockout_rows(pg_name, pg, name, table, p.subject)
-            found.append(
-                Finding(
-                    check="lockout_rows",
-                    target=name,
-                    severity=Severity.warning if rows else Severity.ok,
-                    observed=rows,
-                    threshold=0,
-                    message=f"{rows} rows for {who} in {table.table} on postgres {table.postgres}",
-                )
-            )
-        return found
+        return lockout_findings(name, rd, p, keys, sample, rows)
 
     # 1. diagnose
     before = diagnose()
     # 2. plan: one action per place that holds lockouts of this subject
-    described = {"lockout_keys": "UNLINK the lockout keys", "lockout_rows": "DELETE the rows"}
-    actions = [
-        Action(
-            kind=f"clear_{f.check}",
-            target=name,
-            destructive=True,
-            description=f"{described[f.check]} of {who} ({f.observed} now)",
-        )
-        for f in before
-        if f.observed
-    ]
-    rows = [a for a in actions if a.kind == "clear_lockout_rows"]
-    refusal = read_writability(pg_name, pg).refusal if rows and pg_name and pg else None
-    for action in rows if refusal else []:
-        action.status = ActionStatus.skipped
-        action.detail = f"postgres {pg_name} refuses writes: {refusal}; delete them on the primary"
+    actions = plan_lockouts(name, p, before)
+    if pg_name and pg and any(a.kind == "clear_lockout_rows" for a in actions):
+        refuse_rows(actions, pg_name, read_writability(pg_name, pg).refusal)
     # 3. gate
     approved = gate(
         actions,

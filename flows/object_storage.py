@@ -33,7 +33,20 @@ def object_storage(
     params: ObjectStorageParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
-    """dry_run and approval are accepted like every runbook's: it has no actions to gate."""
+    """A canary object through head bucket, put, get and compare, a presigned GET and delete,
+    each timed.
+
+    Writes and deletes one canary object under the prefix; nothing else (no actions to
+    gate).
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: accepted like every runbook's; it has no actions to gate.
+        approval: accepted like every runbook's; it has no actions to gate.
+        params: the runbook's parameters (ObjectStorageParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     name, s3 = load_settings().target("s3", target)
     p = ObjectStorageParams.resolve(params, s3.thresholds, f"{RUNBOOK} on {name}")

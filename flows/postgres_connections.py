@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
@@ -16,13 +18,18 @@ from tasks.postgres import (
     read_activity,
     terminate_backend,
 )
-from tasks.postgres_rules import ConnectionsParams, connection_findings, plan_connections
+from tasks.postgres_rules import (
+    ConnectionsAction,
+    ConnectionsParams,
+    connection_findings,
+    plan_connections,
+)
 from tasks.settings import load_settings
 
 RUNBOOK = "postgres-connections"
 
 
-@runbook_flow(RUNBOOK, inventory="postgres", actions=("cancel_query", "terminate_backend"))
+@runbook_flow(RUNBOOK, inventory="postgres", actions=get_args(ConnectionsAction))
 def postgres_connections(
     target: str,
     dry_run: bool = True,
@@ -31,6 +38,25 @@ def postgres_connections(
     params: ConnectionsParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Connections against max_connections, sessions idle in transaction, long queries and lock
+    waits on one PostgreSQL.
+
+    May cancel long queries (terminating those that ignore the cancel) and terminate
+    sessions idle in transaction: client backends only, within the allow-lists and
+    max_backends_ended a run.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (ConnectionsParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     name, pg = load_settings().postgres_target(target)
     p = ConnectionsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
@@ -57,7 +83,7 @@ def postgres_connections(
         still = set(
             await_queries_ended(name, pg, [a.args for a in signalled], p.cancel_grace_seconds)
         )
-        for action in (a for a in signalled if a.args["pid"] in still):
+        for action in (a for a in signalled if a.args.pid in still):
             run_action(action, terminate_backend, name, pg, action.args, "active")
             action.detail = f"cancel ignored for {p.cancel_grace_seconds} s; {action.detail}"
     for action in (a for a in approved if a.kind == "terminate_backend"):

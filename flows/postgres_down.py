@@ -4,47 +4,32 @@ and readiness awaited with backoff."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.host import read_disk_usage
 from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, Severity
+from tasks.models import AlertInfo, Approval, Finding, Report
 from tasks.postgres import Probe, await_postgres_ready, probe_postgres
-from tasks.service_rules import PostgresDownParams, disk_finding, status_finding
+from tasks.service_rules import (
+    PostgresDownAction,
+    PostgresDownParams,
+    disk_finding,
+    logs_finding,
+    plan_postgres_restart,
+    reachability,
+    status_finding,
+)
 from tasks.services import restart_service, service_logs, service_status
 from tasks.settings import load_settings
 
 RUNBOOK = "postgres-down"
 
 
-def reachability(name: str, probe: Probe) -> Finding:
-    if probe.ok:
-        return Finding(
-            check="reachable",
-            target=name,
-            severity=Severity.ok,
-            observed=True,
-            message=f"SELECT 1 answered in {probe.ms:.0f} ms",
-        )
-    return Finding(
-        check="reachable",
-        target=name,
-        severity=Severity.critical,
-        observed=False,
-        message=probe.error
-        + (
-            "; it is up but not accepting connections (starting up, recovering after a crash, "
-            "or a standby with hot_standby off): not restarted, as that would begin its "
-            "recovery again; follow its log"
-            if probe.recovering
-            else ""
-        ),
-    )
-
-
-@runbook_flow(RUNBOOK, inventory="postgres", actions=("restart_service",))
+@runbook_flow(RUNBOOK, inventory="postgres", actions=get_args(PostgresDownAction))
 def postgres_down(
     target: str,
     dry_run: bool = True,
@@ -53,6 +38,24 @@ def postgres_down(
     params: PostgresDownParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Whether PostgreSQL answers SELECT 1; when it does not: its service's status, last log
+    lines and the disk of its data directory.
+
+    May restart its service (never while it is recovering or when credentials are refused),
+    then waits for it to answer.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (PostgresDownParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, pg = settings.postgres_target(target)
@@ -64,16 +67,7 @@ def postgres_down(
         found = [reachability(name, probe)]
         if not probe.ok and svc is not None and pg.service is not None:
             found.append(status_finding(name, pg.service, service_status(pg.service, svc)))
-            logs = service_logs(pg.service, svc)
-            found.append(
-                Finding(
-                    check="logs",
-                    target=name,
-                    severity=Severity.ok,
-                    observed=logs,
-                    message=f"last {len(logs)} log lines of {pg.service!r}",
-                )
-            )
+            found.append(logs_finding(name, pg.service, service_logs(pg.service, svc)))
         if pg.data_directory and (disk := read_disk_usage(pg.data_directory)):
             found.append(disk_finding(name, disk))
         return probe, found
@@ -82,23 +76,7 @@ def postgres_down(
     probe, before = diagnose()
     # 2. plan: a restart, only when the server is down (not when credentials are wrong, nor
     # while it is starting up or recovering)
-    actions: list[Action] = []
-    if not probe.ok and probe.transient and not probe.recovering:
-        restart = Action(
-            kind="restart_service",
-            target=name,
-            destructive=True,
-            description=f"restart {pg.service or 'its service'} and wait up to "
-            f"{p.ready_timeout_seconds:g} s for SELECT 1",
-            args={"service": pg.service} if pg.service else {},
-        )
-        if svc is None:
-            restart.status = ActionStatus.skipped
-            restart.detail = (
-                f"no service is configured for postgres target {name!r}: add "
-                f'service = "NAME" and a [services.NAME] section'
-            )
-        actions.append(restart)
+    actions = plan_postgres_restart(name, probe, pg, svc is not None, p)
     # 3. gate
     approved = gate(
         actions,

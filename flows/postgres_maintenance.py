@@ -3,6 +3,8 @@ checklist, 004 s2): VACUUM (ANALYZE) the tables over the dead-tuple threshold, o
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
@@ -10,13 +12,18 @@ from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Finding, Report, Severity
 from tasks.postgres import read_table_stats, read_top_queries, read_writability, vacuum_table
-from tasks.postgres_rules import MaintenanceParams, maintenance_findings, plan_maintenance
+from tasks.postgres_rules import (
+    MaintenanceAction,
+    MaintenanceParams,
+    maintenance_findings,
+    plan_maintenance,
+)
 from tasks.settings import load_settings
 
 RUNBOOK = "postgres-maintenance"
 
 
-@runbook_flow(RUNBOOK, inventory="postgres", actions=("vacuum_analyze",))
+@runbook_flow(RUNBOOK, inventory="postgres", actions=get_args(MaintenanceAction))
 def postgres_maintenance(
     target: str,
     dry_run: bool = True,
@@ -25,6 +32,24 @@ def postgres_maintenance(
     params: MaintenanceParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Top queries, dead tuples, vacuum and analyze age, table and index sizes of one
+    PostgreSQL.
+
+    May run VACUUM (ANALYZE) on the tables over the dead-tuple threshold, one at a time,
+    bounded by lock and statement timeouts.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (MaintenanceParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     name, pg = load_settings().postgres_target(target)
     p = MaintenanceParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
@@ -63,8 +88,8 @@ def postgres_maintenance(
             vacuum,
             name,
             pg,
-            action.args["schema_name"],
-            action.args["table"],
+            action.args.schema_name,
+            action.args.table,
             p.lock_timeout_seconds,
             p.vacuum_timeout_seconds,
         )
@@ -75,8 +100,8 @@ def postgres_maintenance(
         after = maintenance_findings(name, tables, top, p)
         dead = {(t.schema_name, t.table): t.dead_tuples for t in tables}
         for action in approved:
-            now = dead.get((action.args["schema_name"], action.args["table"]))
-            action.detail += f"; dead tuples {action.args['dead_before']} -> {now}"
+            now = dead.get((action.args.schema_name, action.args.table))
+            action.detail += f"; dead tuples {action.args.dead_before} -> {now}"
     return finish(
         RUNBOOK,
         name,

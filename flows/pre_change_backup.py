@@ -4,22 +4,24 @@ prefix or directory with a checksum, read back and verified before the change go
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.backups import verify_backup
-from tasks.drill_rules import PreChangeParams, dump_findings
+from tasks.drill_rules import PreChangeAction, PreChangeParams, dump_findings, plan_dump
 from tasks.dumps import Dump, dump_key, dump_to_storage
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
-from tasks.models import Action, AlertInfo, Approval, Report
+from tasks.models import AlertInfo, Approval, Report
 from tasks.settings import load_settings
 
 RUNBOOK = "pre-change-backup"
 
 
-@runbook_flow(RUNBOOK, inventory="backups", actions=("dump",))
+@runbook_flow(RUNBOOK, inventory="backups", actions=get_args(PreChangeAction))
 def pre_change_backup(
     target: str,
     dry_run: bool = True,
@@ -28,6 +30,22 @@ def pre_change_backup(
     params: PreChangeParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """A custom-format pg_dump of the set's database, written to its S3 prefix or directory
+    with a checksum, read back and verified.
+
+    Writes one new dump and its .sha256 to the backup storage.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (PreChangeParams).
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)
@@ -40,15 +58,7 @@ def pre_change_backup(
 
     # 1. diagnose: nothing to look at before; the dump itself is the check
     # 2. plan
-    actions = [
-        Action(
-            kind="dump",
-            target=name,
-            description=f"pg_dump --format=custom of {source_name} ({source.description}) to "
-            f"{where}, with a .sha256 beside it, then read it back",
-            destructive=False,
-        )
-    ]
+    actions = plan_dump(name, source_name, source, where)
     # 3. gate
     approved = gate(
         actions,

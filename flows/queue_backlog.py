@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import get_args
 
 from prefect import State
 
@@ -13,14 +14,14 @@ from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Report
 from tasks.redis import read_queue_counts
-from tasks.redis_rules import QueueBacklogParams, plan_backlog, queue_findings
+from tasks.redis_rules import QueueBacklogAction, QueueBacklogParams, plan_backlog, queue_findings
 from tasks.services import scale_service
 from tasks.settings import load_settings
 
 RUNBOOK = "queue-backlog"
 
 
-@runbook_flow(RUNBOOK, inventory="redis", actions=("scale_workers",))
+@runbook_flow(RUNBOOK, inventory="redis", actions=get_args(QueueBacklogAction))
 def queue_backlog(
     target: str,
     dry_run: bool = True,
@@ -29,6 +30,23 @@ def queue_backlog(
     params: QueueBacklogParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """BullMQ counts of each queue, sampled twice for the drain rate; backlogs over the
+    threshold and stalled workers.
+
+    May scale the worker service (a docker compose service) to scale_workers_to replicas.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (QueueBacklogParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)
@@ -66,7 +84,7 @@ def queue_backlog(
             scale_service,
             rd.worker_service,
             settings.service(rd.worker_service),
-            action.args["replicas"],
+            action.args.replicas,
         )
     # 5. report: new workers need time to drain a backlog; the next scheduled run verifies
     return finish(

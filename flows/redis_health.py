@@ -3,28 +3,34 @@ role (seeds 000 s1, 001 "Redis unavailable", 004 s4)."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
-from tasks.models import AlertInfo, Approval, Report
+from tasks.models import AlertInfo, Approval, Report, ServiceRef
 from tasks.redis import (
     await_redis_ready,
     enable_aof,
     read_redis_health,
     set_maxmemory_policy,
 )
-from tasks.redis_rules import RedisHealthParams, health_findings, plan_health
+from tasks.redis_rules import (
+    MaxmemoryPolicy,
+    RedisHealthAction,
+    RedisHealthParams,
+    health_findings,
+    plan_health,
+)
 from tasks.services import restart_service
 from tasks.settings import load_settings
 
 RUNBOOK = "redis-health"
 
 
-@runbook_flow(
-    RUNBOOK, inventory="redis", actions=("set_maxmemory_policy", "enable_aof", "restart_service")
-)
+@runbook_flow(RUNBOOK, inventory="redis", actions=get_args(RedisHealthAction))
 def redis_health(
     target: str,
     dry_run: bool = True,
@@ -33,6 +39,24 @@ def redis_health(
     params: RedisHealthParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """PING latency, memory against maxmemory, fragmentation, evictions, the eviction policy
+    its role wants, persistence and clients of one Redis.
+
+    May CONFIG SET maxmemory-policy and appendonly (then CONFIG REWRITE), and restart it
+    through its service when it is down.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (RedisHealthParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, rd = settings.redis_target(target)
@@ -53,17 +77,16 @@ def redis_health(
     )
     # 4. act
     for action in approved:
-        if action.kind == "set_maxmemory_policy":
-            run_action(action, set_maxmemory_policy, name, rd, action.args["policy"])
-        elif action.kind == "enable_aof":
-            run_action(action, enable_aof, name, rd)
-        elif (
-            rd.service
-            and run_action(action, restart_service, rd.service, settings.service(rd.service))
-            is not None
-        ):
-            waited = await_redis_ready(name, rd, settings.service(rd.service).timeout_seconds)
-            action.detail += "; answering PING" if waited else "; not answering PING"
+        match action.args:
+            case MaxmemoryPolicy(policy=policy):
+                run_action(action, set_maxmemory_policy, name, rd, policy)
+            case ServiceRef(service=service):
+                svc = settings.service(service)
+                if run_action(action, restart_service, service, svc) is not None:
+                    waited = await_redis_ready(name, rd, svc.timeout_seconds)
+                    action.detail += "; answering PING" if waited else "; not answering PING"
+            case None if action.kind == "enable_aof":
+                run_action(action, enable_aof, name, rd)
     # 5. verify and report
     after = before
     if approved:

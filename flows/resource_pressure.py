@@ -4,14 +4,23 @@ own memory limit."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.host import read_host_stats
 from tasks.journal import begin
-from tasks.models import Action, AlertInfo, Approval, Finding, Report, Severity
-from tasks.service_rules import ResourceParams, host_findings, resource_findings
+from tasks.models import AlertInfo, Approval, Finding, Report
+from tasks.service_rules import (
+    ResourceAction,
+    ResourceParams,
+    by_urgency,
+    host_findings,
+    plan_resource_restarts,
+    resource_findings,
+)
 from tasks.services import (
     ServiceStats,
     remote_docker_host,
@@ -24,7 +33,7 @@ from tasks.settings import load_settings
 RUNBOOK = "resource-pressure"
 
 
-@runbook_flow(RUNBOOK, inventory="services", actions=("restart_service",))
+@runbook_flow(RUNBOOK, inventory="services", actions=get_args(ResourceAction))
 def resource_pressure(
     target: str = "all",
     dry_run: bool = True,
@@ -33,6 +42,23 @@ def resource_pressure(
     params: ResourceParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """CPU and memory of each service, OOM kills and restarts, the host's memory and load; top
+    consumers first.
+
+    May restart a service using more than memory_percent of its own memory limit.
+
+    Args:
+        target: one inventory target, or "all" (the default) for every one of its section.
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (ResourceParams); unset ones come from the target's
+            thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     services = dict(settings.services) if target == "all" else {target: settings.service(target)}
@@ -51,33 +77,12 @@ def resource_pressure(
             found += resource_findings(
                 name, service_status(name, svc), stats[name], host, per[name]
             )
-        # Top consumers first: the report is read from the top at 3 a.m.
-        found.sort(
-            key=lambda f: (
-                f.severity is Severity.ok,
-                f.check != "memory",
-                -(f.observed if isinstance(f.observed, float) else 0),
-            )
-        )
-        return found, stats
+        return by_urgency(found), stats
 
     # 1. diagnose
     before, stats = diagnose()
     # 2. plan: restart only what is over its own limit (not merely large on the host)
-    actions = [
-        Action(
-            kind="restart_service",
-            target=f.target,
-            destructive=True,
-            description=f"restart {f.target}: {f.message}",
-            args={"service": f.target},
-        )
-        for f in before
-        if f.check == "memory"
-        and f.severity is not Severity.ok
-        and (s := stats.get(f.target)) is not None
-        and s.memory_limit_bytes
-    ]
+    actions = plan_resource_restarts(before, stats)
     # 3. gate
     approved = gate(
         actions,
@@ -88,7 +93,7 @@ def resource_pressure(
     )
     # 4. act
     for action in approved:
-        name = action.args["service"]
+        name = action.args.service
         run_action(action, restart_service, name, services[name])
     # 5. verify and report
     after = diagnose()[0] if approved else before

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime
+from typing import get_args
 
 from prefect import State
 
@@ -15,6 +16,7 @@ from tasks.backup_rules import storage_finding
 from tasks.backups import backups_location, list_backups
 from tasks.drill_rules import (
     DRILL_DB_PREFIX,
+    RestoreDrillAction,
     RestoreDrillParams,
     chosen_finding,
     drill_findings,
@@ -41,7 +43,7 @@ from tasks.settings import PostgresTarget, load_settings
 RUNBOOK = "restore-drill"
 
 
-@runbook_flow(RUNBOOK, inventory="backups", actions=("restore-drill",))
+@runbook_flow(RUNBOOK, inventory="backups", actions=get_args(RestoreDrillAction))
 def restore_drill(
     target: str,
     dry_run: bool = True,
@@ -50,6 +52,23 @@ def restore_drill(
     params: RestoreDrillParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Whether the newest (or a chosen) backup restores: into a scratch database, with the
+    configured checks, its tables compared with the source's, RTO and RPO reported.
+
+    Creates and drops a scratch database on the scratch target's server; never touches the
+    source database.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (RestoreDrillParams).
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     name, cfg, s3 = settings.backup_set(target)

@@ -6,6 +6,7 @@ gated restart, then readiness is awaited."""
 from __future__ import annotations
 
 from functools import partial
+from typing import get_args
 
 from prefect import State
 
@@ -14,38 +15,29 @@ from flows.redis_health import redis_health
 from tasks.engine import RunbookFlow, finish, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.http import HttpProbe, probe_http
+from tasks.http import is_answering, probe_services
 from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report
-from tasks.service_rules import ServiceHealthParams, dependency_for, probe_findings
+from tasks.models import ActionStatus, AlertInfo, Approval, Report, ServiceRef
+from tasks.service_rules import (
+    DependencyKind,
+    Handoff,
+    ServiceHealthAction,
+    ServiceHealthParams,
+    http_findings,
+    plan_services,
+)
 from tasks.services import restart_service
-from tasks.settings import ServiceTarget, load_settings
+from tasks.settings import load_settings
 from tasks.wait import poll
 
 RUNBOOK = "service-health"
-HANDOFF: dict[str, RunbookFlow[...]] = {"postgres": postgres_down, "redis": redis_health}
+HANDOFF: dict[DependencyKind, RunbookFlow[...]] = {
+    "postgres": postgres_down,
+    "redis": redis_health,
+}
 
 
-def probe_all(services: dict[str, ServiceTarget]) -> dict[str, list[HttpProbe]]:
-    return {
-        name: [
-            probe_http(url, svc.timeout_seconds) for url in (svc.health_url, svc.ready_url) if url
-        ]
-        for name, svc in services.items()
-    }
-
-
-def is_answering(name: str, svc: ServiceTarget) -> bool:
-    return all(probe.ok for probe in probe_all({name: svc})[name])
-
-
-def findings_of(probes: dict[str, list[HttpProbe]]) -> list[Finding]:
-    return [
-        f for name, found in probes.items() for probe in found for f in probe_findings(name, probe)
-    ]
-
-
-@runbook_flow(RUNBOOK, inventory="services", actions=("restart_service", "handoff"))
+@runbook_flow(RUNBOOK, inventory="services", actions=get_args(ServiceHealthAction))
 def service_health(
     target: str = "all",
     dry_run: bool = True,
@@ -54,6 +46,25 @@ def service_health(
     params: ServiceHealthParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """The health and ready URLs of each service (or of one), and the components their bodies
+    report.
+
+    Hands a failing dependency to its runbook (postgres-down, redis-health), with this run's
+    dry_run and approval; may restart an app failing on its own, then waits for it to
+    answer.
+
+    Args:
+        target: one inventory target, or "all" (the default) for every one of its section.
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (ServiceHealthParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     p = ServiceHealthParams.resolve(params, {}, RUNBOOK)
@@ -74,36 +85,10 @@ def service_health(
     }
 
     # 1. diagnose
-    probes = probe_all(services)
-    before = findings_of(probes)
+    probes = probe_services(services)
+    before = http_findings(probes)
     # 2. plan: dependencies go to their runbook; only an app failing on its own is restarted
-    actions: list[Action] = []
-    for name, found in probes.items():
-        failing = {c: s for probe in found for c, s in probe.failing.items()}
-        refs = {ref for c in failing if (ref := dependency_for(c, services[name], settings))}
-        for ref in sorted(refs):
-            kind, dep = ref.split(".", 1)
-            actions.append(
-                Action(
-                    kind="handoff",
-                    target=name,
-                    destructive=False,
-                    description=f"{', '.join(failing)} failing: hand over to "
-                    f"{HANDOFF[kind].name} on {dep}",
-                    args={"kind": kind, "target": dep},
-                )
-            )
-        if not refs and any(not probe.ok for probe in found):
-            actions.append(
-                Action(
-                    kind="restart_service",
-                    target=name,
-                    destructive=True,
-                    description=f"restart {name} and wait up to "
-                    f"{per[name].ready_timeout_seconds:g} s for it to answer",
-                    args={"service": name},
-                )
-            )
+    actions = plan_services(probes, services, settings, per)
     # 3. gate: hand-offs run either way; the runbook they start has its own dry run and gate
     handoffs = [a for a in actions if a.kind == "handoff"]
     approved = gate(
@@ -115,8 +100,9 @@ def service_health(
     )
     # 4. act
     for action in handoffs:
-        sub = HANDOFF[action.args["kind"]](
-            target=action.args["target"],
+        assert isinstance(action.args, Handoff)
+        sub = HANDOFF[action.args.section](
+            target=action.args.target,
             dry_run=dry_run,
             approval=approval,
             approval_timeout_seconds=approval_timeout_seconds,
@@ -124,7 +110,8 @@ def service_health(
         action.status = ActionStatus.done
         action.detail = f"{sub.runbook} on {sub.target}: {sub.status.value}"
     for action in approved:
-        name = action.args["service"]
+        assert isinstance(action.args, ServiceRef)
+        name = action.args.service
         if run_action(action, restart_service, name, services[name]) is not None:
             ready_timeout = per[name].ready_timeout_seconds
             waited = poll(
@@ -140,7 +127,7 @@ def service_health(
                 else f"; not answering within {ready_timeout:g} s"
             )
     # 5. verify and report
-    after = findings_of(probe_all(services)) if handoffs or approved else before
+    after = http_findings(probe_services(services)) if handoffs or approved else before
     return finish(
         RUNBOOK,
         chosen,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
@@ -10,13 +12,19 @@ from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
 from tasks.journal import begin
 from tasks.models import ActionStatus, AlertInfo, Approval, Report
 from tasks.postgres import find_stuck_jobs, read_writability, reset_stuck_jobs
-from tasks.postgres_rules import StuckJobsParams, listing, plan_stuck_jobs, stuck_findings
+from tasks.postgres_rules import (
+    StuckJobsAction,
+    StuckJobsParams,
+    listing,
+    plan_stuck_jobs,
+    stuck_findings,
+)
 from tasks.settings import load_settings
 
 RUNBOOK = "stuck-jobs"
 
 
-@runbook_flow(RUNBOOK, inventory="postgres", actions=("reset_stuck_jobs",))
+@runbook_flow(RUNBOOK, inventory="postgres", actions=get_args(StuckJobsAction))
 def stuck_jobs(
     target: str,
     dry_run: bool = True,
@@ -25,6 +33,23 @@ def stuck_jobs(
     params: StuckJobsParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """Jobs left running longer than the threshold in the target's jobs table.
+
+    May reset them to pending in one transaction, only rows still stuck, at most
+    max_jobs_reset.
+
+    Args:
+        target: the inventory target to run on (its section's NAME).
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (StuckJobsParams); unset ones come from the
+            target's thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     name, pg = load_settings().postgres_target(target)
     if pg.jobs is None:
@@ -55,7 +80,7 @@ def stuck_jobs(
     # 4. act: one transaction, only rows still stuck
     for action in approved:
         reset = run_action(
-            action, reset_stuck_jobs, name, pg, jobs, action.args["ids"], p.stuck_after_minutes
+            action, reset_stuck_jobs, name, pg, jobs, action.args.ids, p.stuck_after_minutes
         )
         if reset is not None:
             action.detail = f"reset {len(reset)} jobs: ids {listing(reset)}"

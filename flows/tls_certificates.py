@@ -4,6 +4,8 @@ reload, and proof that the new certificate is served (seeds 000 s5, 002 s3, 003)
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prefect import State
 
 from tasks.engine import finish, run_action, runbook_flow
@@ -14,6 +16,7 @@ from tasks.services import restart_service
 from tasks.settings import load_settings
 from tasks.tls import read_served_certificates, read_until_served, reload_proxy, renew_certificate
 from tasks.tls_rules import (
+    TlsAction,
     TlsParams,
     declined_finding,
     plan_renewals,
@@ -26,7 +29,7 @@ RUNBOOK = "tls-certificates"
 RELOAD_GRACE_SECONDS = 10
 
 
-@runbook_flow(RUNBOOK, inventory="tls", actions=("renew_certificate",))
+@runbook_flow(RUNBOOK, inventory="tls", actions=get_args(TlsAction))
 def tls_certificates(
     target: str = "all",
     dry_run: bool = True,
@@ -35,6 +38,23 @@ def tls_certificates(
     params: TlsParams | None = None,
     alert: AlertInfo | None = None,
 ) -> State[Report]:
+    """The certificate each endpoint serves: days left, names, chain and issuer.
+
+    May run the renew command of the certificates in their renewal window, reload the proxy
+    (or restart its service), and checks the new certificate is the one served.
+
+    Args:
+        target: one inventory target, or "all" (the default) for every one of its section.
+        dry_run: True (the default): diagnose and plan only; False: act on what the gate
+            lets through.
+        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
+            or "never"; [approval] in the inventory may be stricter.
+        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
+            seconds.
+        params: the runbook's parameters (TlsParams); unset ones come from the target's
+            thresholds, then the defaults.
+        alert: the alert that started the run, set by the alert receiver.
+    """
     started = begin(alert)
     settings = load_settings()
     endpoints = dict(settings.tls) if target == "all" else dict([settings.target("tls", target)])

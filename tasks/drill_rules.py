@@ -4,10 +4,10 @@ recovery drill) and pre-change-backup (seed 002 change management: "create backu
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import psycopg
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.backup_rules import client_finding
 from tasks.errors import ConfigError
@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from tasks.backups import Backup, Integrity
     from tasks.dumps import CheckResult, Dump, Restore
     from tasks.settings import PostgresTarget
+
+# The kinds of action each runbook plans (the flow and deployments.catalog read them from here).
+RestoreDrillAction = Literal["restore_drill"]
+PreChangeAction = Literal["dump"]
+
+
+class DrillRef(BaseModel):
+    """What a drill restores, and into which scratch database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    dbname: str
+
 
 DRILL_DB_PREFIX = "runbook_drill_"
 
@@ -113,17 +127,35 @@ def chosen_finding(
     )
 
 
-def plan_drill(name: str, backup: Backup | None, scratch_name: str, dbname: str) -> list[Action]:
+def plan_drill(
+    name: str, backup: Backup | None, scratch_name: str, dbname: str
+) -> list[Action[RestoreDrillAction, DrillRef]]:
+    """One drill of the chosen backup into the scratch database dbname; none without one."""
     if backup is None:
         return []
     return [
         Action(
-            kind="restore-drill",
+            kind="restore_drill",
             target=name,
             description=f"restore {backup.key} into scratch database {dbname} on "
             f"{scratch_name}, run the checks, drop it",
             destructive=False,
-            args={"key": backup.key, "dbname": dbname},
+            args=DrillRef(key=backup.key, dbname=dbname),
+        )
+    ]
+
+
+def plan_dump(
+    name: str, source_name: str, source: PostgresTarget, where: str
+) -> list[Action[PreChangeAction, None]]:
+    """One dump of the source database to `where` (an s3:// URL or a path)."""
+    return [
+        Action(
+            kind="dump",
+            target=name,
+            description=f"pg_dump --format=custom of {source_name} ({source.description}) to "
+            f"{where}, with a .sha256 beside it, then read it back",
+            destructive=False,
         )
     ]
 

@@ -33,6 +33,7 @@ from tasks.journal import journal, journal_scope
 from tasks.models import (
     Action,
     ActionStatus,
+    AnyAction,
     Finding,
     Report,
     RunStatus,
@@ -116,7 +117,8 @@ def runbook_flow(
 
     inventory: the inventory section its targets come from (postgres, redis, services, tls,
     s3, backups): the gate's mutating-run resource and policies, the audit's inventory.
-    actions: every kind of action it may plan (Action.kind): the gate refuses to act when
+    actions: every kind of action it may plan (Action.kind), as `get_args` of the Literal of
+    kinds next to its rules (tasks/*_rules.py): the gate refuses to act when
     `[approval] <name>.<kind>` names another. Both must agree with its entry in
     deployments/catalog.py (tests/test_layers.py checks it); None: undeclared (a test's flow).
     """
@@ -160,7 +162,7 @@ def outcome_state(report: Report) -> State[Report]:
     )
 
 
-def gated(actions: list[Action]) -> list[Action]:
+def gated(actions: list[AnyAction]) -> list[AnyAction]:
     """The actions the gate let through in this run; any other is marked failed and logged,
     never carried out (a dry run lets none through)."""
     passed = journal().passed

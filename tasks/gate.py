@@ -38,6 +38,7 @@ from tasks.journal import journal, run_logger
 from tasks.models import (
     Action,
     ActionStatus,
+    AnyAction,
     Approval,
     ApprovalRecord,
     Decision,
@@ -114,13 +115,13 @@ def action_policy(
 
 
 def gate(
-    actions: list[Action],
+    actions: list[AnyAction],
     before: list[Finding],
     *,
     dry_run: bool,
     approval: Approval,
     timeout_seconds: int = APPROVAL_TIMEOUT_SECONDS,
-) -> list[Action]:
+) -> list[AnyAction]:
     """Mark what may not run as skipped and return the actions that may, in order.
 
     before: the diagnosis the plan came from (the evidence on an approval form).

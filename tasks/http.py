@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from tasks.engine import io_task
 from tasks.models import Severity
 from tasks.service_rules import components, severity_of, state_of
+from tasks.settings import ServiceTarget
 
 
 class HttpProbe(BaseModel):
@@ -72,3 +73,19 @@ def probe_http(url: str, timeout_seconds: float) -> HttpProbe:
         probe.status = state_of(body)  # a bare "UP" body too
         probe.ok = probe.ok and severity_of(probe.status or "ok") is not Severity.critical
     return probe
+
+
+def probe_services(services: dict[str, ServiceTarget]) -> dict[str, list[HttpProbe]]:
+    """Each service's health_url and ready_url (those it has) probed, by service name; each
+    probe bounded by the service's timeout_seconds."""
+    return {
+        name: [
+            probe_http(url, svc.timeout_seconds) for url in (svc.health_url, svc.ready_url) if url
+        ]
+        for name, svc in services.items()
+    }
+
+
+def is_answering(name: str, svc: ServiceTarget) -> bool:
+    """True when every URL of the service answers 2xx and its body does not say it fails."""
+    return all(probe.ok for probe in probe_services({name: svc})[name])

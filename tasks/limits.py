@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import TargetError
 from tasks.journal import run_logger
-from tasks.models import Action, ActionStatus
+from tasks.models import Action, ActionStatus, ServiceRef
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -158,10 +158,9 @@ def mutating_limit_name(resource: str) -> str:
 
 def acted_on(action: Action) -> str:
     """What an action changes, for its rate limit: the service a restart acts on (its
-    args["service"]: postgres-down and redis-health name their target, service-health and
-    resource-pressure the service), else the action's target."""
-    service = action.args.get("service")
-    return service if isinstance(service, str) else action.target
+    args, a ServiceRef: postgres-down and redis-health name their target's service,
+    service-health and resource-pressure the service), else the action's target."""
+    return action.args.service if isinstance(action.args, ServiceRef) else action.target
 
 
 def admit(actions: list[Action], *, rates: Mapping[str, RateLimit]) -> list[Action]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Generic, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypeVar
 
 from tasks.errors import ConfigError
 
@@ -60,15 +61,62 @@ class Finding(BaseModel):
         return f"{len(self.rows)} rows" if self.rows else self.observed
 
 
-class Action(BaseModel):
-    kind: str
+# An action's kind: each runbook's own Literal of snake_case verbs, kept beside its rules
+# (tasks/*_rules.py), e.g. ConnectionsAction = Literal["cancel_query", "terminate_backend"].
+K = TypeVar("K", bound=str, default=Any)
+# What the act step needs to carry an action out: a small model (a backend, a table, a
+# service), or None when the target says it all.
+A = TypeVar("A", bound="BaseModel | None", default=Any)
+
+
+class ServiceRef(BaseModel):
+    """The [services.NAME] an action restarts; its rate limit counts against the service."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+
+
+class Action(BaseModel, Generic[K, A]):
+    """One change a runbook plans, typed by its runbook: Action[ConnectionsAction, BackendRef].
+    mypy refuses a kind its runbook's Literal does not list, and pydantic refuses it at run
+    time. In the report only kind, target, description, destructive, status and detail show:
+    `args` is for the act step."""
+
+    kind: K
     target: str
     description: str
     destructive: bool
     status: ActionStatus = ActionStatus.planned
     detail: str = ""
-    # What the act step needs to carry the action out (pid, table, ids). Not part of the report.
-    args: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    args: A = Field(default=None, exclude=True)  # type: ignore[assignment]
+
+    # Written out so that mypy checks `kind` against the runbook's Literal (the pydantic
+    # plugin's own __init__ takes Any).
+    def __init__(
+        self,
+        *,
+        kind: K,
+        target: str,
+        description: str,
+        destructive: bool,
+        status: ActionStatus = ActionStatus.planned,
+        detail: str = "",
+        args: A = None,  # type: ignore[assignment]
+    ) -> None:
+        super().__init__(
+            kind=kind,
+            target=target,
+            description=description,
+            destructive=destructive,
+            status=status,
+            detail=detail,
+            args=args,
+        )
+
+
+# Any runbook's action, for helpers that hand back the actions they were given (the gate).
+AnyAction = TypeVar("AnyAction", bound=Action)
 
 
 class Decision(StrEnum):

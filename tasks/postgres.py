@@ -26,6 +26,7 @@ from tasks.errors import (
     TargetError,
     TargetUnreachable,
 )
+from tasks.postgres_rules import BackendRef, TerminateWhen
 from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable
 from tasks.wait import poll
 
@@ -209,28 +210,28 @@ WHERE pid = %(pid)s AND backend_start = %(backend_start)s AND {condition}
 
 
 def _signal(
-    name: str, target: PostgresTarget, query: str | sql.Composed, args: dict[str, Any]
+    name: str, target: PostgresTarget, query: str | sql.Composed, args: BackendRef
 ) -> bool | None:
     """True: signalled; None: the backend is no longer in the planned state."""
     with connect(name, target) as conn:
         try:
-            row = conn.execute(query, args).fetchone()
+            row = conn.execute(query, args.model_dump()).fetchone()
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ActionFailed(
-                f"postgres target {name!r}: not allowed to signal pid {args['pid']}: "
+                f"postgres target {name!r}: not allowed to signal pid {args.pid}: "
                 f"{_first_line(exc)}; grant pg_signal_backend to the runbook's role"
             ) from exc
     if row is None:
         return None
     if not row["ok"]:
         raise ActionFailed(
-            f"postgres target {name!r}: pid {args['pid']} did not end within 5 s of the signal"
+            f"postgres target {name!r}: pid {args.pid} did not end within 5 s of the signal"
         )
     return True
 
 
 @io_task("cancel-query", timeout_seconds=30)
-def cancel_query(name: str, target: PostgresTarget, args: dict[str, Any]) -> str:
+def cancel_query(name: str, target: PostgresTarget, args: BackendRef) -> str:
     if _signal(name, target, _CANCEL, args) is None:
         return "query had already finished"
     return CANCELLED
@@ -238,10 +239,10 @@ def cancel_query(name: str, target: PostgresTarget, args: dict[str, Any]) -> str
 
 @io_task("await-queries-ended", timeout_seconds=600)
 def await_queries_ended(
-    name: str, target: PostgresTarget, queries: list[dict[str, Any]], grace_seconds: float
+    name: str, target: PostgresTarget, queries: list[BackendRef], grace_seconds: float
 ) -> list[int]:
     """Wait up to grace_seconds for cancelled queries to end; return the pids still running."""
-    args = {"pids": [q["pid"] for q in queries], "starts": [q["query_start"] for q in queries]}
+    args = {"pids": [q.pid for q in queries], "starts": [q.query_start for q in queries]}
 
     def running() -> list[int]:
         with connect(name, target) as conn:
@@ -258,14 +259,17 @@ def await_queries_ended(
 
 
 @io_task("terminate-backend", timeout_seconds=30)
-def terminate_backend(name: str, target: PostgresTarget, args: dict[str, Any], when: str) -> str:
+def terminate_backend(
+    name: str, target: PostgresTarget, args: BackendRef, when: TerminateWhen
+) -> str:
     """End a backend that is still `when`: idle_in_transaction or active (a query that ignored
     its cancel)."""
-    condition = {
+    conditions: dict[TerminateWhen, str] = {
         "idle_in_transaction": "state IN ('idle in transaction', 'idle in transaction (aborted)')"
         " AND state_change = %(state_change)s",
         "active": "state = 'active' AND query_start = %(query_start)s",
-    }[when]
+    }
+    condition = conditions[when]
     if _signal(name, target, _TERMINATE.format(condition=condition), args) is None:
         return "backend had already ended or moved on"
     return "terminated"

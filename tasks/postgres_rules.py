@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import Action, ActionStatus, Finding, Params, Severity
 
@@ -22,6 +22,46 @@ IDLE_IN_TRANSACTION = frozenset({"idle in transaction", "idle in transaction (ab
 CONNECTIONS_WARNING = 0.8  # of max_connections; seeds 002/004: warn at 80 %, act at 90 %
 CONNECTIONS_CRITICAL = 0.9
 LISTED = 10  # ids or pids named in one message
+
+# The kinds of action each runbook plans (the flow and deployments.catalog read them from here).
+ConnectionsAction = Literal["cancel_query", "terminate_backend"]
+MaintenanceAction = Literal["vacuum_analyze"]
+StuckJobsAction = Literal["reset_stuck_jobs"]
+# The state a backend must still be in when it is terminated: the one it was planned in.
+TerminateWhen = Literal["idle_in_transaction", "active"]
+
+
+class BackendRef(BaseModel):
+    """One backend as planned: signalled only while it is still this backend (pid and
+    backend_start) in the same query (query_start) or idle transaction (state_change)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pid: int
+    backend_start: datetime | None
+    query_start: datetime | None = None
+    state_change: datetime | None = None
+
+
+class TableRef(BaseModel):
+    """A table to vacuum, with its dead tuples when planned (for the before/after detail)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_name: str
+    table: str
+    dead_before: int
+
+
+class JobIds(BaseModel):
+    """The ids of the stuck jobs to reset, as read from the jobs table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ids: list[Any]
+
+
+ConnectionsStep = Action[ConnectionsAction, BackendRef]
 
 
 class ConnectionsParams(Params):
@@ -308,10 +348,10 @@ def connection_findings(
 
 def plan_connections(
     target_name: str, activity: Activity, target: PostgresTarget, p: ConnectionsParams
-) -> list[Action]:
+) -> list[ConnectionsStep]:
     """Cancel long queries first (a terminate follows only if one outlives the grace period),
     then end sessions idle in transaction; never more than max_backends_ended backends."""
-    actions: list[Action] = []
+    actions: list[ConnectionsStep] = []
     for b in long_queries(activity, p):
         if ineligible(b, target) is None:
             actions.append(
@@ -321,11 +361,9 @@ def plan_connections(
                     destructive=True,
                     description=f"cancel the query of {_who(b)}; terminate it if still running "
                     f"{p.cancel_grace_seconds} s later",
-                    args={
-                        "pid": b.pid,
-                        "backend_start": b.backend_start,
-                        "query_start": b.query_start,
-                    },
+                    args=BackendRef(
+                        pid=b.pid, backend_start=b.backend_start, query_start=b.query_start
+                    ),
                 )
             )
     for b in idle_in_transaction(activity, p):
@@ -336,11 +374,9 @@ def plan_connections(
                     target=target_name,
                     destructive=True,
                     description=f"terminate {_who(b)}, idle in transaction",
-                    args={
-                        "pid": b.pid,
-                        "backend_start": b.backend_start,
-                        "state_change": b.state_change,
-                    },
+                    args=BackendRef(
+                        pid=b.pid, backend_start=b.backend_start, state_change=b.state_change
+                    ),
                 )
             )
     for action in actions[p.max_backends_ended :]:
@@ -468,14 +504,14 @@ def maintenance_findings(
 
 def plan_maintenance(
     target_name: str, tables: list[TableStats], p: MaintenanceParams
-) -> list[Action]:
-    actions = [
+) -> list[Action[MaintenanceAction, TableRef]]:
+    actions: list[Action[MaintenanceAction, TableRef]] = [
         Action(
             kind="vacuum_analyze",
             target=target_name,
             destructive=False,
             description=f"VACUUM (ANALYZE) {t.qualified} ({t.dead_tuples} dead tuples)",
-            args={"schema_name": t.schema_name, "table": t.table, "dead_before": t.dead_tuples},
+            args=TableRef(schema_name=t.schema_name, table=t.table, dead_before=t.dead_tuples),
         )
         for t in bloated(tables, p)
     ]
@@ -517,17 +553,17 @@ def stuck_findings(
 
 def plan_stuck_jobs(
     target_name: str, jobs: JobsTable, stuck: StuckJobs, p: StuckJobsParams
-) -> list[Action]:
+) -> list[Action[StuckJobsAction, JobIds]]:
     if not stuck.ids:
         return []
     ids = stuck.ids[: p.max_jobs_reset]
-    action = Action(
+    action: Action[StuckJobsAction, JobIds] = Action(
         kind="reset_stuck_jobs",
         target=target_name,
         destructive=True,
         description=f"set {len(ids)} stuck jobs in {jobs.table} back to "
         f"{jobs.pending_value!r}: ids {listing(ids)}",
-        args={"ids": ids},
+        args=JobIds(ids=ids),
     )
     if not ids:
         action.status = ActionStatus.skipped

@@ -4,11 +4,11 @@ was read, actions from findings. No I/O here."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.models import Action, ActionStatus, Finding, Params, Severity
+from tasks.models import Action, ActionStatus, Finding, Params, ServiceRef, Severity
 
 if TYPE_CHECKING:
     from tasks.settings import RedisTarget
@@ -20,6 +20,33 @@ NO_CONTROLLER = (
     "no service is configured for this target ({setting}), so this is not done here: {what} "
     "by hand (e.g. `docker compose {command}`)"
 )
+
+# The kinds of action each runbook plans (the flow and deployments.catalog read them from here).
+RedisHealthAction = Literal["set_maxmemory_policy", "enable_aof", "restart_service"]
+LockoutAction = Literal["clear_lockout_keys", "clear_lockout_rows"]
+QueueBacklogAction = Literal["scale_workers"]
+
+
+class MaxmemoryPolicy(BaseModel):
+    """The maxmemory-policy to set (what the target's role wants)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    policy: str
+
+
+class ScaleTo(BaseModel):
+    """How many replicas of the worker service to run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    replicas: int
+
+
+# set_maxmemory_policy carries the policy, restart_service the service (None: none is
+# configured, and the restart is skipped), enable_aof nothing.
+RedisHealthStep = Action[RedisHealthAction, MaxmemoryPolicy | ServiceRef | None]
+LockoutStep = Action[LockoutAction, None]
 
 
 class RedisHealthParams(Params):
@@ -67,6 +94,11 @@ class LockoutParams(Params):
         if (self.subject is None) == (not self.all):
             raise ValueError("set either subject=USER_EMAIL_OR_IP or all=true (not both)")
         return self
+
+    @property
+    def who(self) -> str:
+        """Whose lockouts, for messages: "all subjects" or the subject quoted."""
+        return "all subjects" if self.all else repr(self.subject)
 
 
 class QueueBacklogParams(Params):
@@ -250,15 +282,18 @@ def health_findings(
     return found
 
 
-def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[Action]:
+def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[RedisHealthStep]:
+    """Unreachable: a restart through its service (none when credentials are refused: a
+    restart would not help); reachable: the maxmemory-policy its role wants, and AOF on a
+    queue."""
     if not h.reachable:
-        restart = Action(
+        restart: RedisHealthStep = Action(
             kind="restart_service",
             target=name,
             destructive=True,
             description=f"restart {target.service or 'the service of'} redis "
             f"target {name!r} and wait for PING",
-            args={"service": target.service} if target.service else {},
+            args=ServiceRef(service=target.service) if target.service else None,
         )
         if target.service is None:
             restart.status = ActionStatus.skipped
@@ -266,7 +301,7 @@ def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[Action]:
                 setting='service = "NAME"', what="restart Redis", command="restart redis"
             )
         return [restart] if h.transient else []
-    actions = []
+    actions: list[RedisHealthStep] = []
     policy = h.info.get("maxmemory_policy")
     if policy is not None and policy != target.wanted_policy:
         actions.append(
@@ -277,7 +312,7 @@ def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[Action]:
                 destructive=target.wanted_policy != "noeviction",
                 description=f"CONFIG SET maxmemory-policy {target.wanted_policy} (was {policy}), "
                 "and CONFIG REWRITE so it survives a restart",
-                args={"policy": target.wanted_policy},
+                args=MaxmemoryPolicy(policy=target.wanted_policy),
             )
         )
     if target.role == "queue" and h.info.get("aof_enabled") == "0":
@@ -307,6 +342,76 @@ def lockout_patterns(prefix: str, subject: str | None) -> tuple[str | None, str]
     if subject is None:
         return None, f"{glob_escape(prefix)}:*"
     return f"{prefix}:{subject}", f"{glob_escape(prefix)}:{glob_escape(subject)}:*"
+
+
+# Per login-lockouts check: the action that clears what it found, and what that does.
+CLEARS: dict[str, tuple[LockoutAction, str]] = {
+    "lockout_keys": ("clear_lockout_keys", "UNLINK the lockout keys"),
+    "lockout_rows": ("clear_lockout_rows", "DELETE the rows"),
+}
+
+
+def lockout_findings(
+    name: str,
+    target: RedisTarget,
+    p: LockoutParams,
+    keys: int,
+    sample: list[str],
+    rows: int | None,
+) -> list[Finding]:
+    """The lockout keys found under the target's lockout_prefix (a sample of their names),
+    and, when it has a lockout table, its rows for the subject (rows None: not counted);
+    a warning for any found, ok for none."""
+    found = [
+        Finding(
+            check="lockout_keys",
+            target=name,
+            severity=Severity.warning if keys else Severity.ok,
+            observed=keys,
+            threshold=0,
+            message=f"{keys} lockout keys for {p.who} under {target.lockout_prefix}:"
+            + (f"; e.g. {', '.join(sample)}" if sample else ""),
+        )
+    ]
+    table = target.lockout_table
+    if table is not None and rows is not None:
+        found.append(
+            Finding(
+                check="lockout_rows",
+                target=name,
+                severity=Severity.warning if rows else Severity.ok,
+                observed=rows,
+                threshold=0,
+                message=f"{rows} rows for {p.who} in {table.table} on postgres {table.postgres}",
+            )
+        )
+    return found
+
+
+def plan_lockouts(name: str, p: LockoutParams, findings: list[Finding]) -> list[LockoutStep]:
+    """One clear per place that holds lockouts of the subject (CLEARS), none where none
+    were found."""
+    actions: list[LockoutStep] = []
+    for f in findings:
+        if f.check in CLEARS and f.observed:
+            kind, what = CLEARS[f.check]
+            actions.append(
+                Action(
+                    kind=kind,
+                    target=name,
+                    destructive=True,
+                    description=f"{what} of {p.who} ({f.observed} now)",
+                )
+            )
+    return actions
+
+
+def refuse_rows(actions: list[LockoutStep], postgres: str, refusal: str | None) -> None:
+    """Skip the clear of lockout rows when their PostgreSQL refuses writes (a standby, a
+    read-only transaction default), saying why and where to delete them instead."""
+    for action in (a for a in actions if refusal and a.kind == "clear_lockout_rows"):
+        action.status = ActionStatus.skipped
+        action.detail = f"postgres {postgres} refuses writes: {refusal}; delete them on the primary"
 
 
 # --- queue-backlog -------------------------------------------------------------------------
@@ -416,7 +521,7 @@ def queue_findings(
 
 def plan_backlog(
     name: str, target: RedisTarget, findings: list[Finding], p: QueueBacklogParams
-) -> list[Action]:
+) -> list[Action[QueueBacklogAction, ScaleTo]]:
     stuck = [
         f.check.rsplit(".", 1)[0]
         for f in findings
@@ -424,13 +529,13 @@ def plan_backlog(
     ]
     if not stuck:
         return []
-    scale = Action(
+    scale: Action[QueueBacklogAction, ScaleTo] = Action(
         kind="scale_workers",
         target=name,
         destructive=False,
         description=f"scale {target.worker_service or 'the workers'} of "
         f"{', '.join(sorted(set(stuck)))} to {p.scale_workers_to} replicas",
-        args={"replicas": p.scale_workers_to},
+        args=ScaleTo(replicas=p.scale_workers_to),
     )
     if target.worker_service is None:
         scale.status = ActionStatus.skipped

@@ -14,12 +14,24 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import Action, Finding, Params, Severity
 
 if TYPE_CHECKING:
     from tasks.backups import Backup
+
+# The kinds of action backup-retention plans (the flow and deployments.catalog read them from here).
+RetentionAction = Literal["delete_backup"]
+
+
+class BackupKey(BaseModel):
+    """A backup to delete: its key (an S3 key, or a path in the backups directory)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+
 
 MIN_AGE = timedelta(hours=24)
 ROWS_SHOWN = 200  # rows of the per-backup table in the report; the counts cover the rest
@@ -211,7 +223,8 @@ def retention_findings(
     return found
 
 
-def plan_deletions(name: str, plan: RetentionPlan) -> list[Action]:
+def plan_deletions(name: str, plan: RetentionPlan) -> list[Action[RetentionAction, BackupKey]]:
+    """A delete of each backup the plan does not keep, with its .sha256."""
     return [
         Action(
             kind="delete_backup",
@@ -219,7 +232,7 @@ def plan_deletions(name: str, plan: RetentionPlan) -> list[Action]:
             description=f"delete {d.key} ({d.modified.astimezone(UTC):%Y-%m-%d %H:%M} UTC, "
             f"{d.size / 2**20:.1f} MiB) and its .sha256",
             destructive=True,
-            args={"key": d.key},
+            args=BackupKey(key=d.key),
         )
         for d in plan.delete
     ]

@@ -4,17 +4,46 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.models import Finding, Params, Severity
+from tasks.models import Action, ActionStatus, Finding, Params, ServiceRef, Severity
 
 if TYPE_CHECKING:
     from tasks.host import DiskUsage, HostStats
     from tasks.http import HttpProbe
+    from tasks.postgres import Probe
     from tasks.services import ServiceStats, ServiceStatus
-    from tasks.settings import ServiceTarget, Settings
+    from tasks.settings import PostgresTarget, ServiceTarget, Settings
+
+# The kinds of action each runbook plans (the flow and deployments.catalog read them from here).
+PostgresDownAction = Literal["restart_service"]
+ServiceHealthAction = Literal["restart_service", "handoff"]
+ResourceAction = Literal["restart_service"]
+# The inventory sections a failing dependency can be handed over for, and their runbooks.
+DependencyKind = Literal["postgres", "redis"]
+HANDOFF_RUNBOOKS: dict[DependencyKind, str] = {
+    "postgres": "postgres-down",
+    "redis": "redis-health",
+}
+
+
+class Handoff(BaseModel):
+    """A failing dependency handed to its own runbook: [postgres.NAME] to postgres-down,
+    [redis.NAME] to redis-health."""
+
+    model_config = ConfigDict(frozen=True)
+
+    section: DependencyKind
+    target: str
+
+
+# postgres-down's restart names its service, or nothing when none is configured (skipped).
+PostgresDownStep = Action[PostgresDownAction, ServiceRef | None]
+ServiceHealthStep = Action[ServiceHealthAction, Handoff | ServiceRef]
+ResourceStep = Action[ResourceAction, ServiceRef]
 
 DISK_WARNING, DISK_CRITICAL = 80.0, 90.0  # seed 002's monitoring thresholds
 # Words of a component's name that say which inventory kind it stands for, matched as whole
@@ -389,4 +418,157 @@ def _unknown_host_findings(host: HostStats, p: ResourceParams) -> list[Finding]:
             threshold=p.host_load_per_cpu * host.cpus,
             message=f"unknown: {host.machine} does not report its load ({host.cpus} CPUs)",
         ),
+    ]
+
+
+# --- postgres-down -------------------------------------------------------------------------
+
+
+def reachability(name: str, probe: Probe) -> Finding:
+    """ok with the time SELECT 1 took; critical with why not, and, when the server is up but
+    not accepting connections (starting up, recovering), why it is not restarted."""
+    if probe.ok:
+        return Finding(
+            check="reachable",
+            target=name,
+            severity=Severity.ok,
+            observed=True,
+            message=f"SELECT 1 answered in {probe.ms:.0f} ms",
+        )
+    return Finding(
+        check="reachable",
+        target=name,
+        severity=Severity.critical,
+        observed=False,
+        message=probe.error
+        + (
+            "; it is up but not accepting connections (starting up, recovering after a crash, "
+            "or a standby with hot_standby off): not restarted, as that would begin its "
+            "recovery again; follow its log"
+            if probe.recovering
+            else ""
+        ),
+    )
+
+
+def logs_finding(name: str, service: str, logs: list[str]) -> Finding:
+    """The last log lines of the service, as an ok finding the report shows in full."""
+    return Finding(
+        check="logs",
+        target=name,
+        severity=Severity.ok,
+        observed=logs,
+        message=f"last {len(logs)} log lines of {service!r}",
+    )
+
+
+def plan_postgres_restart(
+    name: str, probe: Probe, pg: PostgresTarget, has_service: bool, p: PostgresDownParams
+) -> list[PostgresDownStep]:
+    """A restart, only when the server is down: not when it refused the credentials, nor
+    while it is starting up or recovering. Skipped, saying what to configure, when the target
+    has no [services.NAME] to restart it through (has_service False)."""
+    if probe.ok or not probe.transient or probe.recovering:
+        return []
+    restart: PostgresDownStep = Action(
+        kind="restart_service",
+        target=name,
+        destructive=True,
+        description=f"restart {pg.service or 'its service'} and wait up to "
+        f"{p.ready_timeout_seconds:g} s for SELECT 1",
+        args=ServiceRef(service=pg.service) if pg.service else None,
+    )
+    if not has_service:
+        restart.status = ActionStatus.skipped
+        restart.detail = (
+            f"no service is configured for postgres target {name!r}: add "
+            f'service = "NAME" and a [services.NAME] section'
+        )
+    return [restart]
+
+
+# --- service-health ------------------------------------------------------------------------
+
+
+def http_findings(probes: Mapping[str, list[HttpProbe]]) -> list[Finding]:
+    """The findings of every service's probes (probe_findings), service by service."""
+    return [
+        f for name, found in probes.items() for probe in found for f in probe_findings(name, probe)
+    ]
+
+
+def plan_services(
+    probes: Mapping[str, list[HttpProbe]],
+    services: Mapping[str, ServiceTarget],
+    settings: Settings,
+    per: Mapping[str, ServiceHealthParams],
+) -> list[ServiceHealthStep]:
+    """Per service: a hand-off of each failing dependency it names (dependency_for) to that
+    dependency's runbook; only a service failing with no dependency to blame gets a restart,
+    waited for up to its own ready_timeout_seconds (per: parameters by service)."""
+    actions: list[ServiceHealthStep] = []
+    for name, found in probes.items():
+        failing = {c: s for probe in found for c, s in probe.failing.items()}
+        refs = {ref for c in failing if (ref := dependency_for(c, services[name], settings))}
+        for ref in sorted(refs):
+            section, dep = ref.split(".", 1)
+            handoff = Handoff.model_validate({"section": section, "target": dep})
+            actions.append(
+                Action(
+                    kind="handoff",
+                    target=name,
+                    destructive=False,
+                    description=f"{', '.join(failing)} failing: hand over to "
+                    f"{HANDOFF_RUNBOOKS[handoff.section]} on {dep}",
+                    args=handoff,
+                )
+            )
+        if not refs and any(not probe.ok for probe in found):
+            actions.append(
+                Action(
+                    kind="restart_service",
+                    target=name,
+                    destructive=True,
+                    description=f"restart {name} and wait up to "
+                    f"{per[name].ready_timeout_seconds:g} s for it to answer",
+                    args=ServiceRef(service=name),
+                )
+            )
+    return actions
+
+
+# --- resource-pressure ---------------------------------------------------------------------
+
+
+def by_urgency(findings: list[Finding]) -> list[Finding]:
+    """Top consumers first, as the report is read from the top at 3 a.m.: problems before
+    ok, memory before other checks, then the largest observed figure first."""
+    return sorted(
+        findings,
+        key=lambda f: (
+            f.severity is Severity.ok,
+            f.check != "memory",
+            -(f.observed if isinstance(f.observed, float) else 0),
+        ),
+    )
+
+
+def plan_resource_restarts(
+    findings: list[Finding], stats: Mapping[str, ServiceStats | None]
+) -> list[ResourceStep]:
+    """A restart of each service over its own memory limit; never one merely large on the
+    host (no memory limit: a restart would not bring it under anything)."""
+    return [
+        Action(
+            kind="restart_service",
+            target=f.target,
+            destructive=True,
+            description=f"restart {f.target}: {f.message}",
+            args=ServiceRef(service=f.target),
+        )
+        for f in findings
+        if f.check == "memory"
+        and f.severity is not Severity.ok
+        and (s := stats.get(f.target)) is not None
+        and s.memory_limit_bytes
     ]

@@ -6,15 +6,29 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import Action, ActionStatus, Finding, Params, Severity
 
 if TYPE_CHECKING:
     from tasks.settings import TlsEndpoint
     from tasks.tls import ServedCert
+
+# The kinds of action tls-certificates plans (the flow and deployments.catalog read them from here).
+TlsAction = Literal["renew_certificate"]
+
+
+class PlannedCert(BaseModel):
+    """The certificate served when a renewal was planned: a renewal is proven when another
+    one, for the same names, is served afterwards."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fingerprint: str
+    names: list[str]
+    not_after: datetime | None
 
 
 class TlsParams(Params):
@@ -176,9 +190,9 @@ def plan_renewals(
     endpoints: dict[str, TlsEndpoint],
     now: datetime,
     params: Mapping[str, TlsParams],
-) -> list[Action]:
+) -> list[Action[TlsAction, PlannedCert]]:
     """A renewal of each reachable endpoint within its own renew_days of expiry."""
-    actions = []
+    actions: list[Action[TlsAction, PlannedCert]] = []
     for cert in certs:
         left = days_left(cert, now)
         if (
@@ -188,17 +202,15 @@ def plan_renewals(
         ):
             continue
         ep = endpoints[cert.endpoint]
-        action = Action(
+        action: Action[TlsAction, PlannedCert] = Action(
             kind="renew_certificate",
             target=cert.endpoint,
             destructive=False,
             description=f"renew the certificate of {cert.address} ({left:.1f} days "
             "left), reload its proxy, check the new one is served",
-            args={
-                "fingerprint": cert.fingerprint,
-                "names": cert.names,
-                "not_after": cert.not_after,
-            },
+            args=PlannedCert(
+                fingerprint=cert.fingerprint, names=cert.names, not_after=cert.not_after
+            ),
         )
         if renew_argv(ep) is None:
             action.status = ActionStatus.skipped
@@ -216,17 +228,17 @@ def plan_renewals(
     return actions
 
 
-def served_new(old: dict[str, object], new: ServedCert) -> str | None:
+def served_new(old: PlannedCert, new: ServedCert) -> str | None:
     """None when the new certificate is served; otherwise what is wrong."""
     if not new.reachable:
         return f"after the reload the endpoint does not answer: {new.error}"
-    if new.fingerprint == old["fingerprint"]:
+    if new.fingerprint == old.fingerprint:
         return (
             "the renew command succeeded, but the old certificate is still served: it wrote "
             "no new one, or the proxy did not pick it up (does it point at certbot's live/ "
             "symlinks?)"
         )
-    if sorted(new.names) != sorted(cast(list[str], old["names"])):
+    if sorted(new.names) != sorted(old.names):
         return f"a certificate for other names is served now: {', '.join(new.names)}"
     return None
 

@@ -240,7 +240,7 @@ def test_directory_cap_spreads_deletions_over_runs(
     )
     assert report.status is RunStatus.unhealthy  # three more are past the policy
     assert {f.check for f in report.findings} >= {"retention"}
-    assert [a.args["key"] for a in report.actions] == [str(p) for p in reversed(paths[6:])]
+    assert [a.args.key for a in report.actions] == [str(p) for p in reversed(paths[6:])]
     assert {p.name for p in tmp_path.glob("*.gz")} == {p.name for p in paths[:6]}
     before = {f.check: f for f in report.findings}
     assert before["retention"].observed == 3
@@ -389,7 +389,7 @@ def test_s3_a_protected_backup_is_reported_and_the_rest_deleted(
     )
     assert report.status is RunStatus.failed and report.exit_code == 3
     failed = [a for a in report.actions if a.status is ActionStatus.failed]
-    assert [a.args["key"] for a in failed] == [protected]
+    assert [a.args.key for a in failed] == [protected]
     assert "AccessDenied" in failed[0].detail
     # its sidecar went (the policy names only the dump); every other old backup is gone
     assert s3_backups.keys() == with_sidecars(keys[:3]) | {protected}

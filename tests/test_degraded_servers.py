@@ -169,7 +169,7 @@ def assert_read_only_diagnosis(idle_pids: set[int], refusal: str, standby: bool)
     connections = postgres_connections("main", params={"idle_in_transaction_seconds": 1})
     idle = [f for f in connections.findings if f.check == "idle_in_transaction"]
     assert {f.severity for f in idle} == {Severity.warning} and len(idle) == len(idle_pids)
-    assert {a.args["pid"] for a in connections.actions} == idle_pids
+    assert {a.args.pid for a in connections.actions} == idle_pids
     assert connections.status is RunStatus.unhealthy
 
     jobs = stuck_jobs("main", dry_run=False, approval="auto")

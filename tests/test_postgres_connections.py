@@ -216,7 +216,7 @@ def test_idle_in_aborted_transaction_is_ended_like_idle_in_transaction(db: Db) -
     assert [f.severity for f in idle] == [Severity.warning] and f"pid {pid}" in idle[0].message
     report = run()
     assert report.status is RunStatus.fixed, report.findings
-    assert [(a.kind, a.args["pid"], a.status) for a in report.actions] == [
+    assert [(a.kind, a.args.pid, a.status) for a in report.actions] == [
         ("terminate_backend", pid, ActionStatus.done)
     ]
     assert db.alive([pid]) == set()
@@ -237,7 +237,7 @@ def test_role_without_pg_read_all_stats_gets_a_warning_naming_the_grant(
     assert found["stats_privilege"].observed >= 2  # app's sessions, and the server's processes
     assert f"GRANT pg_read_all_stats TO {runbook}" in found["stats_privilege"].message
     # What it may see it still handles: its own role's session is ended, the others are not.
-    assert [(a.args["pid"], a.status) for a in report.actions] == [(own[0], ActionStatus.done)]
+    assert [(a.args.pid, a.status) for a in report.actions] == [(own[0], ActionStatus.done)]
     assert db.alive(own + others) == set(others)
     assert report.status is RunStatus.unhealthy
 

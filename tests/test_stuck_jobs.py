@@ -49,7 +49,7 @@ def test_dry_run_lists_then_apply_resets_only_stuck_jobs(db: Db) -> None:
     plan = stuck_jobs("main")
     assert plan.status is RunStatus.unhealthy
     assert plan.findings[0].observed == 2 and "ids 1, 2" in plan.findings[0].message
-    assert plan.actions[0].args["ids"] == [1, 2]
+    assert plan.actions[0].args.ids == [1, 2]
     assert rows(db) == untouched
 
     report = stuck_jobs("main", dry_run=False, approval="auto")
@@ -170,7 +170,7 @@ def test_prisma_timestamps_whatever_the_server_time_zone(
     plan = stuck_jobs("main")
     assert plan.status is RunStatus.unhealthy
     assert plan.findings[0].observed == 1
-    assert plan.actions[0].args["ids"] == ["stale"]
+    assert plan.actions[0].args.ids == ["stale"]
     # 45 minutes and the few seconds (or minutes, on a busy machine) since
     assert re.search(r"oldest started 4[5-9] min ago", plan.findings[0].message)
 

@@ -97,7 +97,7 @@ def test_plan_cancels_before_terminating_and_respects_the_cap() -> None:
         ],
     )
     actions = plan_connections("main", activity, TARGET, ConnectionsParams(max_backends_ended=2))
-    assert [(a.kind, a.args["pid"], a.status) for a in actions] == [
+    assert [(a.kind, a.args.pid, a.status) for a in actions] == [
         ("cancel_query", 3, ActionStatus.planned),
         ("terminate_backend", 1, ActionStatus.planned),
         ("terminate_backend", 2, ActionStatus.skipped),
@@ -188,7 +188,7 @@ def test_hidden_rows_are_a_warning_naming_the_grant() -> None:
     assert 'GRANT pg_read_all_stats TO "Ops Bot"' in findings["stats_privilege"].message
     assert findings["connections"].observed == 2  # pid 1, and pid 2 on a database
     actions = plan_connections("main", activity, TARGET, ConnectionsParams())
-    assert [(a.kind, a.args["pid"]) for a in actions] == [("terminate_backend", 1)]
+    assert [(a.kind, a.args.pid) for a in actions] == [("terminate_backend", 1)]
 
 
 def action(destructive: bool = True) -> Action:
