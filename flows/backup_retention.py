@@ -10,10 +10,9 @@ from prefect import State
 
 from tasks.backup_rules import storage_finding
 from tasks.backups import backups_location, list_backups
-from tasks.engine import finish, gated, run_action, runbook_flow
+from tasks.engine import gated, run_action, runbook_flow
 from tasks.errors import ActionFailed, AuthenticationFailed, TargetError, TargetUnreachable
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
 from tasks.retention import delete_backups
 from tasks.retention_rules import (
@@ -24,7 +23,8 @@ from tasks.retention_rules import (
     plan_retention,
     retention_findings,
 )
-from tasks.settings import BackupSet, S3Target, load_settings
+from tasks.run import open_run
+from tasks.settings import BackupSet, S3Target, Settings
 
 RUNBOOK = "backup-retention"
 RetentionStep = Action[RetentionAction, BackupKey]
@@ -57,10 +57,9 @@ def backup_retention(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, cfg, s3 = settings.backup_set(target)
-    p = RetentionParams.resolve(params, cfg.thresholds, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.backup_set, target, RetentionParams, params)
+    name, cfg, p = run.name, run.target, run.p
+    s3 = run.settings.storage_of(cfg)
     where = backups_location(cfg, s3)
 
     # 1. diagnose
@@ -68,28 +67,14 @@ def backup_retention(
         backups = list_backups(name, cfg, s3)
     except (TargetUnreachable, AuthenticationFailed) as exc:
         found = [storage_finding(name, str(exc))]
-        return finish(
-            RUNBOOK,
-            name,
-            dry_run=dry_run,
-            started_at=started,
-            before=found,
-            after=found,
-            actions=[],
-        )
+        return run.finish(found, found, [])
     now = utcnow()
     plan = plan_retention(backups, now, p)
     before = retention_findings(name, where, plan, p)
     # 2. plan
     actions = plan_deletions(name, plan)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act: one batched call for all of them; each action gets its own outcome
     if approved:
         _delete(name, cfg, s3, approved)
@@ -103,15 +88,7 @@ def backup_retention(
         else:
             after = retention_findings(name, where, plan_retention(left, now, p), p)
             _still_listed(approved, {b.key for b in left})
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)
 
 
 def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[RetentionStep]) -> None:

@@ -7,11 +7,11 @@ from prefect import State
 
 from tasks.backup_rules import BackupParams, backup_findings, storage_finding
 from tasks.backups import backups_location, list_backups, verify_backup
-from tasks.engine import finish, runbook_flow
+from tasks.engine import runbook_flow
 from tasks.errors import AuthenticationFailed, TargetUnreachable
-from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Report, utcnow
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "backup-verification"
 
@@ -37,9 +37,9 @@ def backup_verification(
             thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, cfg, s3 = settings.backup_set(target)
+    run = open_run(Settings.backup_set, target, BackupParams, params)
+    name, cfg = run.name, run.target
+    s3 = run.settings.storage_of(cfg)
     where = backups_location(cfg, s3)
 
     # 1. diagnose (read-only: this runbook plans, gates and changes nothing)
@@ -50,12 +50,4 @@ def backup_verification(
     except (TargetUnreachable, AuthenticationFailed) as exc:
         findings = [storage_finding(name, str(exc))]
     # 5. report
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=findings,
-        after=findings,
-        actions=[],
-    )
+    return run.finish(findings, findings, [])

@@ -7,9 +7,8 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import AlertInfo, Approval, Finding, Report
 from tasks.postgres import count_lockout_rows, delete_lockout_rows, read_writability
 from tasks.redis import clear_lockout_keys, find_lockout_keys
@@ -20,7 +19,8 @@ from tasks.redis_rules import (
     plan_lockouts,
     refuse_rows,
 )
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "login-lockouts"
 
@@ -51,12 +51,10 @@ def login_lockouts(
         params: the runbook's parameters (LockoutParams): the subject, or all.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, rd = settings.redis_target(target)
-    p = LockoutParams.resolve(params, {}, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.redis_target, target, LockoutParams, params)
+    name, rd, p = run.name, run.target, run.p
     table = rd.lockout_table
-    pg_name, pg = settings.postgres_target(table.postgres) if table else (None, None)
+    pg_name, pg = run.settings.postgres_target(table.postgres) if table else (None, None)
 
     def diagnose() -> list[Finding]:
         keys, sample = find_lockout_keys(name, rd, p.subject)
@@ -72,13 +70,7 @@ def login_lockouts(
     if pg_name and pg and any(a.kind == "clear_lockout_rows" for a in actions):
         refuse_rows(actions, pg_name, read_writability(pg_name, pg).refusal)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act
     for action in approved:
         if action.kind == "clear_lockout_keys":
@@ -90,12 +82,4 @@ def login_lockouts(
             action.detail = f"removed {removed}"
     # 5. verify and report
     after = diagnose() if approved else before
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

@@ -17,10 +17,10 @@ from tasks.canary import (
     presigned_get,
     put_canary,
 )
-from tasks.engine import finish, runbook_flow
-from tasks.journal import begin
+from tasks.engine import runbook_flow
 from tasks.models import AlertInfo, Approval, Report
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "object-storage"
 
@@ -47,15 +47,14 @@ def object_storage(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    name, s3 = load_settings().target("s3", target)
-    p = ObjectStorageParams.resolve(params, s3.thresholds, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.s3_target, target, ObjectStorageParams, params)
+    name, s3, p = run.name, run.target, run.p
     where = f"s3://{s3.bucket}/{s3.prefix}" + (f" at {s3.endpoint_url}" if s3.endpoint_url else "")
 
     # 1. diagnose: read-only but for the canary, which is deleted whatever else happens
     probes: list[Probe] = [head_bucket(name, s3)]
     if probes[-1].error is None:
-        key = canary_key(s3, started)
+        key = canary_key(s3, run.started_at)
         probes.append(put_canary(name, s3, key))
         if probes[-1].error is None:
             try:
@@ -65,12 +64,4 @@ def object_storage(
                 probes.append(delete_canary(name, s3, key))
     findings = canary_findings(name, where, probes, p)
     # 5. report
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=findings,
-        after=findings,
-        actions=[],
-    )
+    return run.finish(findings, findings, [])

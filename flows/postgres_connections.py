@@ -7,9 +7,8 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import AlertInfo, Approval, Report
 from tasks.postgres import (
     CANCELLED,
@@ -24,7 +23,8 @@ from tasks.postgres_rules import (
     connection_findings,
     plan_connections,
 )
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "postgres-connections"
 
@@ -57,9 +57,8 @@ def postgres_connections(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    name, pg = load_settings().postgres_target(target)
-    p = ConnectionsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.postgres_target, target, ConnectionsParams, params)
+    name, pg, p = run.name, run.target, run.p
 
     # 1. diagnose
     activity = read_activity(name, pg)
@@ -67,13 +66,7 @@ def postgres_connections(
     # 2. plan
     actions = plan_connections(name, activity, pg, p)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act: cancels first, a terminate only for queries that outlive the grace period
     cancels = [a for a in approved if a.kind == "cancel_query"]
     for action in cancels:
@@ -90,12 +83,4 @@ def postgres_connections(
         run_action(action, terminate_backend, name, pg, action.args, "idle_in_transaction")
     # 5. verify and report
     after = connection_findings(name, read_activity(name, pg), pg, p) if approved else before
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

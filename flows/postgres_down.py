@@ -8,12 +8,12 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.host import read_disk_usage
-from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Finding, Report
 from tasks.postgres import Probe, await_postgres_ready, probe_postgres
+from tasks.run import open_run
 from tasks.service_rules import (
     PostgresDownAction,
     PostgresDownParams,
@@ -24,7 +24,7 @@ from tasks.service_rules import (
     status_finding,
 )
 from tasks.services import restart_service, service_logs, service_status
-from tasks.settings import load_settings
+from tasks.settings import Settings
 
 RUNBOOK = "postgres-down"
 
@@ -56,11 +56,9 @@ def postgres_down(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, pg = settings.postgres_target(target)
-    p = PostgresDownParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
-    svc = settings.service(pg.service) if pg.service else None
+    run = open_run(Settings.postgres_target, target, PostgresDownParams, params)
+    name, pg, p = run.name, run.target, run.p
+    svc = run.settings.service(pg.service) if pg.service else None
 
     def diagnose() -> tuple[Probe, list[Finding]]:
         probe = probe_postgres(name, pg)
@@ -78,13 +76,7 @@ def postgres_down(
     # while it is starting up or recovering)
     actions = plan_postgres_restart(name, probe, pg, svc is not None, p)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act
     for action in approved:
         assert svc is not None and pg.service is not None
@@ -97,12 +89,4 @@ def postgres_down(
             )
     # 5. verify and report
     after = diagnose()[1] if approved else before
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

@@ -7,9 +7,8 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import AlertInfo, Approval, Finding, Report, Severity
 from tasks.postgres import read_table_stats, read_top_queries, read_writability, vacuum_table
 from tasks.postgres_rules import (
@@ -18,7 +17,8 @@ from tasks.postgres_rules import (
     maintenance_findings,
     plan_maintenance,
 )
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "postgres-maintenance"
 
@@ -50,9 +50,8 @@ def postgres_maintenance(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    name, pg = load_settings().postgres_target(target)
-    p = MaintenanceParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.postgres_target, target, MaintenanceParams, params)
+    name, pg, p = run.name, run.target, run.p
 
     # 1. diagnose
     tables = read_table_stats(name, pg)
@@ -73,13 +72,7 @@ def postgres_maintenance(
     # 2. plan
     actions = [] if standby else plan_maintenance(name, tables, p)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act: one table at a time, each bounded by lock and statement timeouts
     vacuum = vacuum_table.with_options(timeout_seconds=p.vacuum_timeout_seconds + 30)
     for action in approved:
@@ -102,12 +95,4 @@ def postgres_maintenance(
         for action in approved:
             now = dead.get((action.args.schema_name, action.args.table))
             action.detail += f"; dead tuples {action.args.dead_before} -> {now}"
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

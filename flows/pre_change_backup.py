@@ -11,12 +11,12 @@ from prefect import State
 from tasks.backups import verify_backup
 from tasks.drill_rules import PreChangeAction, PreChangeParams, dump_findings, plan_dump
 from tasks.dumps import Dump, dump_key, dump_to_storage
-from tasks.engine import finish, run_action, runbook_flow
+from tasks.engine import run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import AlertInfo, Approval, Report
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "pre-change-backup"
 
@@ -46,27 +46,20 @@ def pre_change_backup(
         params: the runbook's parameters (PreChangeParams).
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, cfg, s3 = settings.backup_set(target)
-    p = PreChangeParams.resolve(params, {}, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.backup_set, target, PreChangeParams, params)
+    name, cfg, p = run.name, run.target, run.p
+    s3 = run.settings.storage_of(cfg)
     if cfg.database is None:
         raise ConfigError(f"backups.{name}.database is not set: name the [postgres.NAME] to dump")
-    source_name, source = settings.postgres_target(cfg.database)
-    key = dump_key(cfg, s3, source_name, p.label, started.strftime("%Y%m%dT%H%M%SZ"))
+    source_name, source = run.settings.postgres_target(cfg.database)
+    key = dump_key(cfg, s3, source_name, p.label, run.started_at.strftime("%Y%m%dT%H%M%SZ"))
     where = f"s3://{s3.bucket}/{key}" if s3 else key
 
     # 1. diagnose: nothing to look at before; the dump itself is the check
     # 2. plan
     actions = plan_dump(name, source_name, source, where)
     # 3. gate
-    approved = gate(
-        actions,
-        [],
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, [])
     # 4. act
     dump: Dump | None = None
     if approved:
@@ -75,12 +68,4 @@ def pre_change_backup(
     integrity = verify_backup(name, cfg, s3, dump.key) if dump else None
     if dump is not None:
         approved[0].detail = f"{dump.size} bytes in {dump.seconds:.1f} s"
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=[],
-        after=dump_findings(name, dump, integrity),
-        actions=actions,
-    )
+    return run.finish([], dump_findings(name, dump, integrity), actions)

@@ -8,15 +8,15 @@ from typing import get_args
 from prefect import State
 
 from tasks.cancel import pause
-from tasks.engine import finish, run_action, runbook_flow
+from tasks.engine import run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import AlertInfo, Approval, Report
 from tasks.redis import read_queue_counts
 from tasks.redis_rules import QueueBacklogAction, QueueBacklogParams, plan_backlog, queue_findings
+from tasks.run import open_run
 from tasks.services import scale_service
-from tasks.settings import load_settings
+from tasks.settings import Settings
 
 RUNBOOK = "queue-backlog"
 
@@ -47,15 +47,13 @@ def queue_backlog(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, rd = settings.redis_target(target)
+    run = open_run(Settings.redis_target, target, QueueBacklogParams, params)
+    name, rd, p = run.name, run.target, run.p
     if not rd.queues:
         raise ConfigError(
             f'redis target {name!r} lists no queues: add queues = ["NAME", ...] '
             f"to [redis.{name}] (BullMQ queue names)"
         )
-    p = QueueBacklogParams.resolve(params, rd.thresholds, f"{RUNBOOK} on {name}")
 
     # 1. diagnose: two samples, for the drain rate and whether workers make progress
     first = read_queue_counts(name, rd, rd.queues)
@@ -69,13 +67,7 @@ def queue_backlog(
     # 2. plan
     actions = plan_backlog(name, rd, findings, p)
     # 3. gate
-    approved = gate(
-        actions,
-        findings,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, findings)
     # 4. act: more workers through the service controller
     for action in approved:
         assert rd.worker_service is not None
@@ -83,16 +75,8 @@ def queue_backlog(
             action,
             scale_service,
             rd.worker_service,
-            settings.service(rd.worker_service),
+            run.settings.service(rd.worker_service),
             action.args.replicas,
         )
     # 5. report: new workers need time to drain a backlog; the next scheduled run verifies
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=findings,
-        after=findings,
-        actions=actions,
-    )
+    return run.finish(findings, findings, actions)

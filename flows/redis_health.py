@@ -7,9 +7,8 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import AlertInfo, Approval, Report, ServiceRef
 from tasks.redis import (
     await_redis_ready,
@@ -24,8 +23,9 @@ from tasks.redis_rules import (
     health_findings,
     plan_health,
 )
+from tasks.run import open_run
 from tasks.services import restart_service
-from tasks.settings import load_settings
+from tasks.settings import Settings
 
 RUNBOOK = "redis-health"
 
@@ -57,10 +57,8 @@ def redis_health(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, rd = settings.redis_target(target)
-    p = RedisHealthParams.resolve(params, rd.thresholds, f"{RUNBOOK} on {name}")
+    run = open_run(Settings.redis_target, target, RedisHealthParams, params)
+    name, rd, p = run.name, run.target, run.p
 
     # 1. diagnose
     health = read_redis_health(name, rd, p.sample_seconds)
@@ -68,20 +66,14 @@ def redis_health(
     # 2. plan
     actions = plan_health(name, rd, health)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act
     for action in approved:
         match action.args:
             case MaxmemoryPolicy(policy=policy):
                 run_action(action, set_maxmemory_policy, name, rd, policy)
             case ServiceRef(service=service):
-                svc = settings.service(service)
+                svc = run.settings.service(service)
                 if run_action(action, restart_service, service, svc) is not None:
                     waited = await_redis_ready(name, rd, svc.timeout_seconds)
                     action.detail += "; answering PING" if waited else "; not answering PING"
@@ -91,12 +83,4 @@ def redis_health(
     after = before
     if approved:
         after = health_findings(name, rd, read_redis_health(name, rd, p.sample_seconds), p)
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

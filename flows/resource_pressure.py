@@ -8,11 +8,11 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.host import read_host_stats
-from tasks.journal import begin
 from tasks.models import AlertInfo, Approval, Finding, Report
+from tasks.run import open_each
 from tasks.service_rules import (
     ResourceAction,
     ResourceParams,
@@ -28,7 +28,6 @@ from tasks.services import (
     service_stats,
     service_status,
 )
-from tasks.settings import load_settings
 
 RUNBOOK = "resource-pressure"
 
@@ -59,15 +58,16 @@ def resource_pressure(
             thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    services = dict(settings.services) if target == "all" else {target: settings.service(target)}
-    p = ResourceParams.resolve(params, {}, RUNBOOK)
-    # Each service's own thresholds; values given for the run win over them.
-    per = {
-        name: ResourceParams.resolve(params, svc.thresholds, f"{RUNBOOK} on {name}")
-        for name, svc in services.items()
-    }
+    run = open_each(
+        lambda settings, _: (
+            settings.services if target == "all" else dict([settings.service_target(target)])
+        ),
+        target,
+        ResourceParams,
+        params,
+    )
+    # Each service's own thresholds (per); values given for the run win over them.
+    services, p, per = run.targets, run.p, run.per
 
     def diagnose() -> tuple[list[Finding], dict[str, ServiceStats | None]]:
         host = read_host_stats(remote_docker_host(services))
@@ -84,25 +84,11 @@ def resource_pressure(
     # 2. plan: restart only what is over its own limit (not merely large on the host)
     actions = plan_resource_restarts(before, stats)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act
     for action in approved:
         name = action.args.service
         run_action(action, restart_service, name, services[name])
     # 5. verify and report
     after = diagnose()[0] if approved else before
-    return finish(
-        RUNBOOK,
-        target,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime
 from typing import get_args
 
 from prefect import State
@@ -33,12 +32,12 @@ from tasks.dumps import (
     restore_backup,
     run_checks,
 )
-from tasks.engine import finish, run_action, runbook_flow
+from tasks.engine import run_action, runbook_flow
 from tasks.errors import AuthenticationFailed, RunbookError, TargetUnreachable
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
-from tasks.models import Action, ActionStatus, AlertInfo, Approval, Finding, Report, utcnow
-from tasks.settings import PostgresTarget, load_settings
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
+from tasks.models import ActionStatus, AlertInfo, Approval, Report, utcnow
+from tasks.run import open_run
+from tasks.settings import PostgresTarget, Settings
 
 RUNBOOK = "restore-drill"
 
@@ -69,13 +68,12 @@ def restore_drill(
         params: the runbook's parameters (RestoreDrillParams).
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    name, cfg, s3 = settings.backup_set(target)
-    p = RestoreDrillParams.resolve(params, {}, f"{RUNBOOK} on {name}")
-    source = settings.postgres_target(cfg.database) if cfg.database else None
+    run = open_run(Settings.backup_set, target, RestoreDrillParams, params)
+    name, cfg, p = run.name, run.target, run.p
+    s3 = run.settings.storage_of(cfg)
+    source = run.settings.postgres_target(cfg.database) if cfg.database else None
     scratch_name, scratch = refuse_source(
-        name, settings.postgres_target(cfg.scratch) if cfg.scratch else None, source
+        name, run.settings.postgres_target(cfg.scratch) if cfg.scratch else None, source
     )
     libpq_env(scratch_name, scratch)  # a DSN pg_restore cannot use fails now, not half-way
     where = backups_location(cfg, s3)
@@ -85,20 +83,15 @@ def restore_drill(
     try:
         backup = pick_backup(list_backups(name, cfg, s3), p.backup)
     except (TargetUnreachable, AuthenticationFailed) as exc:
-        return _report(name, dry_run, started, [storage_finding(name, str(exc))], [])
+        unreachable = [storage_finding(name, str(exc))]
+        return run.finish(unreachable, unreachable, [])
     before = [chosen_finding(name, where, backup, p.backup, utcnow(), p)]
     # 2. plan
     actions = plan_drill(name, backup, scratch_name, dbname)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     if not approved or backup is None:
-        return _report(name, dry_run, started, before, actions)
+        return run.finish(before, before, actions)
     # 4. act: restore, check, and drop whatever happens
     drill = approved[0]
     clock = time.perf_counter()
@@ -123,7 +116,7 @@ def restore_drill(
     after = before + drill_findings(
         name, restore, checks, restored_tables, source_tables, rto, dropped, p
     )
-    return _report(name, dry_run, started, before, actions, after)
+    return run.finish(before, after, actions)
 
 
 def _drop(scratch_name: str, scratch: PostgresTarget, dbname: str) -> bool:
@@ -131,22 +124,3 @@ def _drop(scratch_name: str, scratch: PostgresTarget, dbname: str) -> bool:
         return drop_scratch_database(scratch_name, scratch, dbname)
     except RunbookError:
         return False  # the report says to drop it by hand
-
-
-def _report(
-    name: str,
-    dry_run: bool,
-    started: datetime,
-    before: list[Finding],
-    actions: list[Action],
-    after: list[Finding] | None = None,
-) -> State[Report]:
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=before if after is None else after,
-        actions=actions,
-    )

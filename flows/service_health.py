@@ -12,12 +12,12 @@ from prefect import State
 
 from flows.postgres_down import postgres_down
 from flows.redis_health import redis_health
-from tasks.engine import RunbookFlow, finish, run_action, runbook_flow
+from tasks.engine import RunbookFlow, run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.http import is_answering, probe_services
-from tasks.journal import begin
 from tasks.models import ActionStatus, AlertInfo, Approval, Report, ServiceRef
+from tasks.run import open_each
 from tasks.service_rules import (
     DependencyKind,
     Handoff,
@@ -27,7 +27,7 @@ from tasks.service_rules import (
     plan_services,
 )
 from tasks.services import restart_service
-from tasks.settings import load_settings
+from tasks.settings import ServiceTarget, Settings
 from tasks.wait import poll
 
 RUNBOOK = "service-health"
@@ -65,39 +65,32 @@ def service_health(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    p = ServiceHealthParams.resolve(params, {}, RUNBOOK)
-    chosen = p.service or target
-    if chosen == "all":
-        services = {n: s for n, s in settings.services.items() if s.health_url or s.ready_url}
-    else:
-        services = {chosen: settings.service(chosen)}
-    if not services or not any(s.health_url or s.ready_url for s in services.values()):
-        raise ConfigError(
-            f"{RUNBOOK}: no service with a health_url or ready_url in "
-            f'{chosen!r}: add health_url = "http://..." to [services.NAME]'
-        )
-    # Each service's own ready_timeout_seconds; a value given for the run wins over them.
-    per = {
-        name: ServiceHealthParams.resolve(params, svc.thresholds, f"{RUNBOOK} on {name}")
-        for name, svc in services.items()
-    }
+
+    def probed(settings: Settings, p: ServiceHealthParams) -> dict[str, ServiceTarget]:
+        chosen = p.service or target
+        if chosen == "all":
+            found = {n: s for n, s in settings.services.items() if s.health_url or s.ready_url}
+        else:
+            found = dict([settings.service_target(chosen)])
+        if not found or not any(s.health_url or s.ready_url for s in found.values()):
+            raise ConfigError(
+                f"{RUNBOOK}: no service with a health_url or ready_url in "
+                f'{chosen!r}: add health_url = "http://..." to [services.NAME]'
+            )
+        return found
+
+    run = open_each(probed, lambda p: p.service or target, ServiceHealthParams, params)
+    # Each service's own ready_timeout_seconds (per); a value given for the run wins over them.
+    services, per = run.targets, run.per
 
     # 1. diagnose
     probes = probe_services(services)
     before = http_findings(probes)
     # 2. plan: dependencies go to their runbook; only an app failing on its own is restarted
-    actions = plan_services(probes, services, settings, per)
+    actions = plan_services(probes, services, run.settings, per)
     # 3. gate: hand-offs run either way; the runbook they start has its own dry run and gate
     handoffs = [a for a in actions if a.kind == "handoff"]
-    approved = gate(
-        [a for a in actions if a.kind != "handoff"],
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate([a for a in actions if a.kind != "handoff"], before)
     # 4. act
     for action in handoffs:
         assert isinstance(action.args, Handoff)
@@ -128,12 +121,4 @@ def service_health(
             )
     # 5. verify and report
     after = http_findings(probe_services(services)) if handoffs or approved else before
-    return finish(
-        RUNBOOK,
-        chosen,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

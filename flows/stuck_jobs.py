@@ -6,10 +6,9 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
+from tasks.engine import run_action, runbook_flow
 from tasks.errors import ConfigError
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import ActionStatus, AlertInfo, Approval, Report
 from tasks.postgres import find_stuck_jobs, read_writability, reset_stuck_jobs
 from tasks.postgres_rules import (
@@ -19,7 +18,8 @@ from tasks.postgres_rules import (
     plan_stuck_jobs,
     stuck_findings,
 )
-from tasks.settings import load_settings
+from tasks.run import open_run
+from tasks.settings import Settings
 
 RUNBOOK = "stuck-jobs"
 
@@ -50,15 +50,14 @@ def stuck_jobs(
             target's thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    name, pg = load_settings().postgres_target(target)
+    run = open_run(Settings.postgres_target, target, StuckJobsParams, params)
+    name, pg, p = run.name, run.target, run.p
     if pg.jobs is None:
         raise ConfigError(
             f"postgres target {name!r} has no jobs table: add [postgres.{name}.jobs] with "
             'table = "SCHEMA.TABLE" (see README, Configuration)'
         )
     jobs = pg.jobs
-    p = StuckJobsParams.resolve(params, pg.thresholds, f"{RUNBOOK} on {name}")
 
     # 1. diagnose
     stuck = find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes)
@@ -70,13 +69,7 @@ def stuck_jobs(
         action.status = ActionStatus.skipped
         action.detail = f"the server refuses writes: {refusal}; run stuck-jobs on the primary"
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act: one transaction, only rows still stuck
     for action in approved:
         reset = run_action(
@@ -90,12 +83,4 @@ def stuck_jobs(
         after = stuck_findings(
             name, jobs, find_stuck_jobs(name, pg, jobs, p.stuck_after_minutes), p
         )
-    return finish(
-        RUNBOOK,
-        name,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

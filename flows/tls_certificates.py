@@ -8,12 +8,11 @@ from typing import get_args
 
 from prefect import State
 
-from tasks.engine import finish, run_action, runbook_flow
-from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout, gate
-from tasks.journal import begin
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import ActionStatus, AlertInfo, Approval, Report, utcnow
+from tasks.run import open_each
 from tasks.services import restart_service
-from tasks.settings import load_settings
 from tasks.tls import read_served_certificates, read_until_served, reload_proxy, renew_certificate
 from tasks.tls_rules import (
     TlsAction,
@@ -55,14 +54,16 @@ def tls_certificates(
             thresholds, then the defaults.
         alert: the alert that started the run, set by the alert receiver.
     """
-    started = begin(alert)
-    settings = load_settings()
-    endpoints = dict(settings.tls) if target == "all" else dict([settings.target("tls", target)])
-    # Each endpoint's own thresholds; values given for the run win over them.
-    per = {
-        name: TlsParams.resolve(params, ep.thresholds, f"{RUNBOOK} on {name}")
-        for name, ep in endpoints.items()
-    }
+    run = open_each(
+        lambda settings, _: (
+            settings.tls if target == "all" else dict([settings.tls_target(target)])
+        ),
+        target,
+        TlsParams,
+        params,
+    )
+    # Each endpoint's own thresholds (per); values given for the run win over them.
+    endpoints, per = run.targets, run.per
     timeouts = {name: p.timeout_seconds for name, p in per.items()}
 
     # 1. diagnose: every endpoint at once, each bounded by its timeout_seconds
@@ -71,13 +72,7 @@ def tls_certificates(
     # 2. plan
     actions = plan_renewals(certs, endpoints, utcnow(), per)
     # 3. gate
-    approved = gate(
-        actions,
-        before,
-        dry_run=dry_run,
-        approval=approval,
-        timeout_seconds=approval_timeout_seconds,
-    )
+    approved = run.gate(actions, before)
     # 4. act: renew, reload what serves it; a CA client that declines has not failed
     declined = []
     for action in approved:
@@ -95,18 +90,10 @@ def tls_certificates(
         if ep.reload_command:
             run_action(action, reload_proxy, action.target, ep.reload_command)
         elif ep.service:
-            run_action(action, restart_service, ep.service, settings.service(ep.service))
+            run_action(action, restart_service, ep.service, run.settings.service(ep.service))
     # 5. verify: the new certificate must be the one served
     if not approved:
-        return finish(
-            RUNBOOK,
-            target,
-            dry_run=dry_run,
-            started_at=started,
-            before=before,
-            after=before,
-            actions=actions,
-        )
+        return run.finish(before, before, actions)
     # A reload is asynchronous (old workers finish their connections): give it a few seconds.
     done = [a for a in approved if a.status is ActionStatus.done]
     certs = read_until_served(
@@ -132,12 +119,4 @@ def tls_certificates(
     for action in declined:
         certificate = next(f for f in after if f.target == action.target)
         after.append(declined_finding(action, certificate))
-    return finish(
-        RUNBOOK,
-        target,
-        dry_run=dry_run,
-        started_at=started,
-        before=before,
-        after=after,
-        actions=actions,
-    )
+    return run.finish(before, after, actions)

@@ -29,7 +29,7 @@ from prefect.states import Completed, Failed
 
 from tasks.cancel import raise_if_cancel_requested
 from tasks.errors import RunbookError, TargetUnreachable
-from tasks.journal import journal, journal_scope
+from tasks.journal import RunOptions, begin, journal, journal_scope
 from tasks.models import (
     Action,
     ActionStatus,
@@ -113,7 +113,9 @@ def runbook_flow(
     name: str, *, inventory: str | None = None, actions: tuple[str, ...] | None = None
 ) -> Callable[[Callable[P, State[Report]]], RunbookFlow[P]]:
     """The @flow of a runbook: named after it, each run named after its target, with its own
-    journal (tasks.journal) from start to end.
+    journal (tasks.journal) from start to end, which begins with the alert that started it (its
+    `alert` parameter) and the start, and holds the run's options (its `dry_run`, `approval`
+    and `approval_timeout_seconds` parameters) for tasks.run.
 
     inventory: the inventory section its targets come from (postgres, redis, services, tls,
     s3, backups): the gate's mutating-run resource and policies, the audit's inventory.
@@ -124,14 +126,29 @@ def runbook_flow(
     """
 
     def decorate(fn: Callable[P, State[Report]]) -> RunbookFlow[P]:
-        @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> State[Report]:
-            with journal_scope(inventory, actions):
-                return fn(*args, **kwargs)
-
         # Prefect reads the parameters from the signature and resolves string annotations in
         # the globals of the function it runs (this module's): give it them resolved already.
-        run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+        signature = inspect.signature(fn, eval_str=True)
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> State[Report]:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = bound.arguments
+            options = (
+                RunOptions(
+                    dry_run=given["dry_run"],
+                    approval=given.get("approval", "ask"),
+                    approval_timeout_seconds=given.get("approval_timeout_seconds"),
+                )
+                if "dry_run" in given
+                else None
+            )
+            with journal_scope(inventory, actions, runbook=name, options=options):
+                begin(given.get("alert"))
+                return fn(*args, **kwargs)
+
+        run.__signature__ = signature  # type: ignore[attr-defined]
         found = RunbookFlow(fn=run, name=name, flow_run_name="{target}")
         found.inventory, found.actions = inventory, actions
         return found

@@ -17,12 +17,27 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from tasks.models import AlertInfo, ApprovalRecord, TimelineEntry, utcnow
+from tasks.models import AlertInfo, Approval, ApprovalRecord, TimelineEntry, utcnow
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """A runbook run's own options, from its flow's parameters: whether it acts, who decides
+    on destructive actions, how long a paused run waits for an answer (seconds; None: the
+    runbook changes nothing and has no such parameter)."""
+
+    dry_run: bool
+    approval: Approval = "ask"
+    approval_timeout_seconds: int | None = None
 
 
 @dataclass
 class Journal:
     flow_run_id: UUID | None
+    # The runbook's name, its run's options and its start (UTC): set by runbook_flow.
+    runbook: str | None = None
+    options: RunOptions | None = None
+    started_at: datetime | None = None
     # A run of a deployment, or a subflow of one: a human can answer it in the Prefect UI.
     deployed: bool = False
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -52,18 +67,25 @@ def _flow_run() -> Any:
 
 @contextmanager
 def journal_scope(
-    inventory: str | None = None, actions: tuple[str, ...] | None = None
+    inventory: str | None = None,
+    actions: tuple[str, ...] | None = None,
+    *,
+    runbook: str | None = None,
+    options: RunOptions | None = None,
 ) -> Iterator[Journal]:
     """A flow run's journal, from its start to its end (tasks.engine.runbook_flow): a subflow
     has its own and leaves its parent's as it was. On exit, what the run held is released.
 
-    inventory, actions: what the runbook declares (Journal.inventory, Journal.actions)."""
+    inventory, actions: what the runbook declares (Journal.inventory, Journal.actions);
+    runbook, options: its name and the run's options (Journal.runbook, Journal.options)."""
     parent = _current.get()
     run = _flow_run()
     found = Journal(
         run.id if run is not None else None,
         deployed=(run is not None and run.deployment_id is not None)
         or (parent is not None and parent.deployed),
+        runbook=runbook,
+        options=options,
         inventory=inventory,
         actions=actions,
     )
@@ -98,7 +120,8 @@ def begin(alert: AlertInfo | None = None) -> datetime:
             )
         )
     found.note("started")
-    return found.timeline[-1].at
+    found.started_at = found.timeline[-1].at
+    return found.started_at
 
 
 def run_logger(fallback: str) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -210,7 +210,16 @@ class Params(BaseModel):
 
     @classmethod
     def resolve(cls, given: Params | None, target_values: dict[str, Any], where: str) -> Self:
-        data = {k: v for k, v in target_values.items() if k in cls.model_fields}
+        """The parameters in force: given (the run's) over target_values (a target's
+        `thresholds`, of which only this class's fields that are not run_only count) over the
+        defaults. where: the run, for the message.
+
+        Raises ConfigError naming each invalid value and the valid parameters."""
+        data = {
+            k: v
+            for k, v in target_values.items()
+            if k in cls.model_fields and k not in cls.run_only
+        }
         if given is not None:
             data.update(given.model_dump(exclude_unset=True))
         try:

@@ -396,6 +396,15 @@ class Settings(BaseSettings):
     def redis_target(self, name: str | None) -> tuple[str, RedisTarget]:
         return _pick("redis", self.redis, name)
 
+    def s3_target(self, name: str | None) -> tuple[str, S3Target]:
+        return _pick("s3", self.s3, name)
+
+    def tls_target(self, name: str | None) -> tuple[str, TlsEndpoint]:
+        return _pick("tls", self.tls, name)
+
+    def service_target(self, name: str | None) -> tuple[str, ServiceTarget]:
+        return _pick("services", self.services, name)
+
     def service(self, name: str) -> ServiceTarget:
         found: ServiceTarget = _pick("services", self.services, name)[1]
         return found
@@ -408,10 +417,13 @@ class Settings(BaseSettings):
     def target(self, kind: str, name: str | None) -> tuple[str, Any]:
         return _pick(kind, self.targets(kind), name)
 
-    def backup_set(self, name: str | None) -> tuple[str, BackupSet, S3Target | None]:
-        """A [backups.NAME] and its [s3.*] target (None: kept in a directory)."""
-        found, backup = _pick("backups", self.backups, name)
-        return found, backup, self.s3[backup.s3] if backup.s3 else None
+    def backup_set(self, name: str | None) -> tuple[str, BackupSet]:
+        """A [backups.NAME]: its name and entry (ConfigError naming the known ones)."""
+        return _pick("backups", self.backups, name)
+
+    def storage_of(self, backup: BackupSet) -> S3Target | None:
+        """Where a backup set is kept: its [s3.*] target, or None for a directory."""
+        return self.s3[backup.s3] if backup.s3 else None
 
 
 class _InventoryEnv(EnvSettingsSource):

@@ -138,7 +138,9 @@ def test_credentials_denied(inventory: Any) -> None:
         assert "credentials expired or denied" in report.findings[0].message
         # Its own error, never retried: not a connection that may come back.
         with pytest.raises(AuthenticationFailed, match="credentials expired or denied"):
-            list_backups.fn(*load_settings().backup_set("app"))
+            settings = load_settings()
+            name, cfg = settings.backup_set("app")
+            list_backups.fn(name, cfg, settings.storage_of(cfg))
     finally:
         server.stop()
 
