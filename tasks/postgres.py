@@ -158,6 +158,9 @@ class Backend(BaseModel):
 
 
 class Activity(BaseModel):
+    """pg_stat_activity at one moment: the server's now() (UTC), max_connections, the role
+    the runbook connects as, and every backend (ours included, marked `ours`)."""
+
     now: datetime
     max_connections: int
     role: str = Field(description="the runbook's role (current_user)")
@@ -396,6 +399,9 @@ def read_table_stats(name: str, target: PostgresTarget) -> list[TableStats]:
 
 
 class QueryStat(BaseModel):
+    """One pg_stat_statements entry: the statement's first 300 characters, its calls, total
+    and mean execution time in milliseconds, and rows returned or affected."""
+
     query: str
     calls: int
     total_ms: float
@@ -404,6 +410,8 @@ class QueryStat(BaseModel):
 
 
 class TopQueries(BaseModel):
+    """The statements ranked by total and by mean time; or available False and why."""
+
     available: bool
     reason: str = ""
     by_total: list[QueryStat] = []
@@ -553,6 +561,8 @@ def vacuum_table(
 
 
 class StuckJobs(BaseModel):
+    """The stuck jobs' ids (the id column's values), oldest first."""
+
     ids: list[Any]
     oldest_seconds: float | None = Field(description="how long ago the oldest one started")
 
@@ -819,6 +829,9 @@ def _lockout_errors(
 
 
 class Writability(BaseModel):
+    """Whether the server is a standby (pg_is_in_recovery()) and whether its transactions
+    are read-only (transaction_read_only)."""
+
     in_recovery: bool
     read_only: bool
 
@@ -868,6 +881,8 @@ _NOT_ACCEPTING = re.compile(
 
 
 class Probe(BaseModel):
+    """One try at SELECT 1: ok and its milliseconds, or the error and what it means."""
+
     ok: bool
     transient: bool = True  # False: credentials or database wrong; a restart will not help
     # True: the server is up but not accepting connections yet; a restart would only begin its
