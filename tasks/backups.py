@@ -29,12 +29,17 @@ PG_RESTORE_TIMEOUT = 3600
 
 
 class Backup(BaseModel):
+    """One backup: its S3 key (or file path), size in bytes, and last-modified time (UTC)."""
+
     key: str
     size: int
     modified: datetime
 
 
 class Integrity(BaseModel):
+    """What verify_backup found: ok, what failed or what it passed (detail), and the SHA-256
+    (hex) of the stored bytes beside the one its sidecar or metadata gives, if any."""
+
     ok: bool
     detail: str
     needs_client: bool = False  # pg_restore here is too old for it: unverified, not corrupt
@@ -56,7 +61,25 @@ def _matches(backup: BackupSet, key: str) -> bool:
 
 @io_task("list-backups", timeout_seconds=300, retries=1)
 def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Backup]:
-    """Newest first."""
+    """The set's backups, newest first: the files of its directory, or the objects right
+    under its S3 prefix (not in "sub-folders": another set's), whose names match its pattern.
+
+    Args:
+        name: the [backups.NAME] set's name, for messages.
+        backup: the set's inventory entry (directory or prefix, pattern).
+        s3: its [s3.NAME] target, or None for a directory.
+
+    Returns:
+        One Backup per match (key, size in bytes, modified in UTC), newest first; empty when
+        none match.
+
+    Raises:
+        TargetError: the set's directory is not a directory.
+        AuthenticationFailed: S3 has no credentials or refused them.
+        TargetUnreachable: S3 cannot be connected to (transient: retried) or failed
+            otherwise (NoSuchBucket, a 5xx).
+        OSError: the directory or a file in it cannot be read (permissions).
+        ValueError: the s3 target's endpoint_url is not a URL."""
     found: list[Backup] = []
     if s3 is None:
         folder = Path(backup.directory or ".")
@@ -93,6 +116,10 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
 
 
 def read_chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[bytes]:
+    """A backup's stored bytes as they arrive, in chunks of up to CHUNK (1 MiB): a file's, or
+    an S3 object's (fetched on the first next()). Closing the iterator early closes the file
+    or the S3 response. Raises OSError for a file that cannot be read, and boto3's errors
+    untranslated (callers wrap it in tasks.storage.storage_errors)."""
     if s3 is None:
         with open(key, "rb") as fh:
             while chunk := fh.read(CHUNK):
@@ -127,7 +154,28 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
     """Stream it once: SHA-256 of the bytes, inflated when the name ends in .gz (as gunzip
     does: BadGzip's cases fail it), and what it holds judged by its content, not its name:
     an archive (custom format, tar, also inside a .gz) is read to the end by pg_restore into
-    /dev/null, fed as it arrives; a plain SQL script is read to the end."""
+    /dev/null, fed as it arrives; a plain SQL script is read to the end. A checksum that
+    differs from the sidecar KEY.sha256 (or the object's sha256 metadata) fails it too.
+
+    Args:
+        name: the [backups.NAME] set's name, for messages.
+        backup: the set's inventory entry.
+        s3: its [s3.NAME] target, or None for a directory.
+        key: the backup's key (or file path), as list_backups returned it.
+
+    Returns:
+        Integrity: ok, and detail saying what failed (bad gzip, pg_restore's error lines,
+        checksum mismatch) or what it passed; needs_client when this machine's pg_restore is
+        too old to read it (unverified, not corrupt); the SHA-256 of the stored bytes and
+        the expected one, if any. A corrupt backup is a result, not an error.
+
+    Raises:
+        AuthenticationFailed: S3 has no credentials or refused them.
+        TargetUnreachable: S3 cannot be connected to, or failed otherwise (NoSuchKey, a 5xx).
+        OSError: the file cannot be read, or pg_restore cannot be started (not installed).
+        subprocess.TimeoutExpired: pg_restore did not finish within PG_RESTORE_TIMEOUT
+            (3600 s) of the stream's end.
+        ValueError: the s3 target's endpoint_url is not a URL."""
     digest = hashlib.sha256()
     with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
         chunks = _hashed(read_chunks(backup, s3, key), digest)
@@ -192,7 +240,8 @@ def dump_stream(chunks: Iterator[bytes], key: str) -> tuple[bytes, Iterator[byte
 
 
 def pg_restore_version() -> str:
-    """This machine's pg_restore version ("15.20 (Debian 15.20-0+deb12u1)")."""
+    """This machine's pg_restore version ("15.20 (Debian 15.20-0+deb12u1)"); "(version
+    unknown)" when it cannot be run within 10 s. Never raises."""
     try:
         out = subprocess.run(
             ["pg_restore", "--version"], capture_output=True, text=True, timeout=10, check=True
@@ -294,7 +343,14 @@ def run_fed(
 ) -> str:
     """Feed a backup to a tool's stdin and wait for it; what is wrong with the backup, if
     anything. The stream is read to its end even when the tool stops early, so a checksum
-    taken on the way covers every byte; the tool never outlives this call."""
+    taken on the way covers every byte; the tool never outlives this call.
+
+    proc: the tool, started with stdin=PIPE and its stderr to `stderr` (a file, read back for
+    the message). name, key: the set and backup, for messages. timeout_seconds: how long the
+    tool may run after the stream's end. Returns "" when the tool exited 0, else one line:
+    the stream's BadGzip or BackupRefused, or "TOOL failed (exit N): its error lines".
+    Raises AuthenticationFailed or TargetUnreachable when reading from S3 fails (through
+    tasks.storage.storage_errors), and subprocess.TimeoutExpired after timeout_seconds."""
     assert proc.stdin is not None
     problem = ""
     try:
@@ -326,7 +382,8 @@ def run_fed(
 
 def error_lines(stderr: IO[bytes]) -> str:
     """The tool's error lines, not the CONTEXT/DETAIL/LINE lines that quote rows of the
-    backup (which may hold anybody's data)."""
+    backup (which may hold anybody's data): read from the start of `stderr`, joined by "; ",
+    the last 400 characters; "no error message" when there are none."""
     stderr.seek(0)
     lines = stderr.read().decode(errors="replace").splitlines()
     errors = [
@@ -339,4 +396,5 @@ def error_lines(stderr: IO[bytes]) -> str:
 
 
 def backups_location(backup: BackupSet, s3: S3Target | None) -> str:
+    """Where the set's backups are, for messages: s3://BUCKET/PREFIX, or the directory."""
     return f"s3://{s3.bucket}/{set_prefix(backup, s3)}" if s3 else str(backup.directory)

@@ -40,7 +40,9 @@ class _Mismatch(Exception):
 
 
 def canary_key(s3: S3Target, now: datetime) -> str:
-    """Under the target's prefix, unique per run, named so nobody takes it for data."""
+    """The canary's key: under the target's prefix, in .runbook-canary/, named by `now`
+    (UTC, to the second) and a random suffix, so it is unique per run and nobody takes it for
+    data."""
     name = f"{CANARY_DIR}/{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
     prefix = s3.prefix.strip("/")
     return f"{prefix}/{name}" if prefix else name
@@ -80,6 +82,19 @@ def _ms_since(start: float) -> float:
 # No Prefect retries: a probe reports what one attempt saw (boto3 already retries once).
 @io_task("head-bucket", timeout_seconds=120, retries=0)
 def head_bucket(name: str, s3: S3Target) -> Probe:
+    """HeadBucket: whether the bucket answers, with these credentials.
+
+    Args:
+        name: the [s3.NAME] target's name.
+        s3: its inventory entry.
+
+    Returns:
+        Probe "head_bucket": milliseconds, and the class of the failure (DNS, network,
+        credentials, the provider) when there was one.
+
+    Raises:
+        ValueError: the target's endpoint_url is not a URL, or its region is malformed
+            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:
@@ -91,6 +106,19 @@ def head_bucket(name: str, s3: S3Target) -> Probe:
 
 @io_task("put-canary", timeout_seconds=120, retries=0)
 def put_canary(name: str, s3: S3Target, key: str) -> Probe:
+    """PutObject of the canary: 4 KiB that only this key has (canary_body).
+
+    Args:
+        name: the [s3.NAME] target's name.
+        s3: its inventory entry.
+        key: the canary's key (canary_key).
+
+    Returns:
+        Probe "put": milliseconds, and the class of the failure when there was one.
+
+    Raises:
+        ValueError: the target's endpoint_url is not a URL, or its region is malformed
+            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
     client, body = s3_client(s3), canary_body(key)
 
     def call() -> str:
@@ -102,6 +130,20 @@ def put_canary(name: str, s3: S3Target, key: str) -> Probe:
 
 @io_task("get-canary", timeout_seconds=120, retries=0)
 def get_canary(name: str, s3: S3Target, key: str) -> Probe:
+    """GetObject of the canary, compared byte for byte with what put_canary wrote.
+
+    Args:
+        name: the [s3.NAME] target's name.
+        s3: its inventory entry.
+        key: the canary's key.
+
+    Returns:
+        Probe "get": milliseconds, and the class of the failure when there was one (a body
+        that differs from what was written is one, with both sizes and checksums).
+
+    Raises:
+        ValueError: the target's endpoint_url is not a URL, or its region is malformed
+            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:
@@ -114,8 +156,22 @@ def get_canary(name: str, s3: S3Target, key: str) -> Probe:
 
 @io_task("presigned-get", timeout_seconds=120, retries=0)
 def presigned_get(name: str, s3: S3Target, key: str) -> Probe:
-    """What a browser does with an upload's download link. The URL carries a signature: it
-    goes into no message."""
+    """What a browser does with an upload's download link: a GET over plain HTTP of a
+    presigned URL (valid PRESIGN_SECONDS, 300 s), compared byte for byte. The URL carries a
+    signature: it goes into no message.
+
+    Args:
+        name: the [s3.NAME] target's name.
+        s3: its inventory entry (timeout_seconds bounds the GET).
+        key: the canary's key.
+
+    Returns:
+        Probe "presigned_get": milliseconds, and the class of the failure when there was one
+        (an HTTP error status, a timeout, a body that differs).
+
+    Raises:
+        ValueError: the target's endpoint_url is not a URL, or its region is malformed
+            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:
@@ -132,6 +188,20 @@ def presigned_get(name: str, s3: S3Target, key: str) -> Probe:
 
 @io_task("delete-canary", timeout_seconds=120, retries=0)
 def delete_canary(name: str, s3: S3Target, key: str) -> Probe:
+    """DeleteObject of the canary, then HeadObject to see that it is gone (404).
+
+    Args:
+        name: the [s3.NAME] target's name.
+        s3: its inventory entry.
+        key: the canary's key.
+
+    Returns:
+        Probe "delete": milliseconds of the delete, and the failure when there was one: the
+        delete's, the check's, or that the object is still there.
+
+    Raises:
+        ValueError: the target's endpoint_url is not a URL, or its region is malformed
+            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:

@@ -29,18 +29,23 @@ class HostStats(BaseModel):
 
     @property
     def memory_percent(self) -> float | None:
+        """Memory in use, 0 to 100, as total minus available; None when available is unknown."""
         if self.memory_available is None:
             return None
         return 100 * (1 - self.memory_available / self.memory_total)
 
 
 class DiskUsage(BaseModel):
+    """The file system holding `path`: total and free bytes (free: what an unprivileged user
+    may still write, as `df` shows as available)."""
+
     path: str
     total: int
     free: int
 
     @property
     def used_percent(self) -> float:
+        """Space not free to write, 0 to 100; 0.0 for a file system of size 0."""
         return 100 * (1 - self.free / self.total) if self.total else 0.0
 
 
@@ -49,7 +54,19 @@ def read_host_stats(docker_host: str | None = None) -> HostStats:
     """This machine's memory, load and CPUs from /proc; with docker_host (a Docker API URL,
     for services on a remote engine), that engine's total memory and CPUs, the rest unknown.
 
-    Raises TargetUnreachable (transient) when the Docker engine does not answer in 10 s."""
+    Args:
+        docker_host: the remote engine's Docker API URL (tcp://..., ssh://...); None: this
+            machine.
+
+    Returns:
+        HostStats: memory_total and memory_available in bytes, the 1-minute load average,
+        the CPU count, and which machine it was read on (available and load are None for a
+        Docker host).
+
+    Raises:
+        TargetUnreachable: the Docker engine cannot be reached or does not answer in 10 s
+            (transient, though this task is not retried).
+        OSError: /proc/meminfo cannot be read (not Linux)."""
     if docker_host is not None:
         return _engine_stats(docker_host)
     meminfo = {
@@ -84,7 +101,17 @@ def _engine_stats(docker_host: str) -> HostStats:
 
 @io_task("read-disk-usage", timeout_seconds=10, retries=0)
 def read_disk_usage(path: str) -> DiskUsage | None:
-    """None when the path is not on this host (a remote or containerised server)."""
+    """The usage of the file system that holds `path`, on this machine.
+
+    Args:
+        path: a file or directory, e.g. a PostgreSQL data directory.
+
+    Returns:
+        DiskUsage in bytes; None when the path is not on this host (a remote or containerised
+        server) or cannot be read.
+
+    Raises:
+        Nothing of its own: an unreadable path is None."""
     try:
         usage = shutil.disk_usage(path)
     except OSError:
@@ -95,5 +122,6 @@ def read_disk_usage(path: str) -> DiskUsage | None:
 def memory_file() -> IO[bytes]:
     """An unnamed file in memory (memfd_create, Linux), for the output of a command the
     runbooks run: unlike a temp file it needs no disk space, and a full disk may be the very
-    incident being diagnosed. It is gone once closed."""
+    incident being diagnosed. It is gone once closed. Linux only (os.memfd_create); OSError
+    when the process is out of file descriptors."""
     return open(os.memfd_create("runbook-output", os.MFD_CLOEXEC), "w+b")

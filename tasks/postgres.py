@@ -77,6 +77,16 @@ def connect(
     lock_timeout_seconds: float = 5,
     autocommit: bool = True,
 ) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A connection to the target for one `with` block: rows as dicts, application_name
+    "runbook", a connect timeout of CONNECT_TIMEOUT_SECONDS (5 s), and statement_timeout and
+    lock_timeout (seconds, sent in milliseconds) for every statement; autocommit unless told
+    otherwise (then the block is one transaction, committed at its end, rolled back on error).
+
+    Raises AuthenticationFailed when the server refuses the login (password, role, database);
+    TargetUnreachable (transient) when it cannot be reached or the connection is lost
+    (SQLSTATE class 08, a shutdown, no SQLSTATE at all); TargetError for any other error the
+    server answers with inside the block. A dsn that is not a connection string at all raises
+    psycopg.ProgrammingError, untranslated."""
     options = (
         f"-c statement_timeout={int(statement_timeout_seconds * 1000)} "
         f"-c lock_timeout={int(lock_timeout_seconds * 1000)}"
@@ -148,6 +158,9 @@ class Backend(BaseModel):
 
 
 class Activity(BaseModel):
+    """pg_stat_activity at one moment: the server's now() (UTC), max_connections, the role
+    the runbook connects as, and every backend (ours included, marked `ours`)."""
+
     now: datetime
     max_connections: int
     role: str = Field(description="the runbook's role (current_user)")
@@ -232,6 +245,24 @@ def _signal(
 
 @io_task("cancel-query", timeout_seconds=30)
 def cancel_query(name: str, target: PostgresTarget, args: BackendRef) -> str:
+    """pg_cancel_backend on one backend, only while it is still the same backend (pid and
+    backend_start) running the same query (query_start, state active): idempotent, and safe
+    when the pid has been reused.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        args: the backend as planned (pid, backend_start, query_start).
+
+    Returns:
+        "cancelled", or "query had already finished" when it no longer matches the plan.
+
+    Raises:
+        ActionFailed: the role may not signal it (needs pg_signal_backend), or the server
+            reported the signal as not sent.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     if _signal(name, target, _CANCEL, args) is None:
         return "query had already finished"
     return CANCELLED
@@ -241,7 +272,23 @@ def cancel_query(name: str, target: PostgresTarget, args: BackendRef) -> str:
 def await_queries_ended(
     name: str, target: PostgresTarget, queries: list[BackendRef], grace_seconds: float
 ) -> list[int]:
-    """Wait up to grace_seconds for cancelled queries to end; return the pids still running."""
+    """Wait up to grace_seconds for cancelled queries to end, reading pg_stat_activity every
+    0.5 s (tasks.wait.poll). A query counts as ended once its pid is no longer active with the
+    same query_start.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        queries: the cancelled backends (pid and query_start are compared).
+        grace_seconds: how long to wait, in seconds; 0: look once.
+
+    Returns:
+        The pids still running the cancelled query at the end; empty when all ended.
+
+    Raises:
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     args = {"pids": [q.pid for q in queries], "starts": [q.query_start for q in queries]}
 
     def running() -> list[int]:
@@ -262,8 +309,25 @@ def await_queries_ended(
 def terminate_backend(
     name: str, target: PostgresTarget, args: BackendRef, when: TerminateWhen
 ) -> str:
-    """End a backend that is still `when`: idle_in_transaction or active (a query that ignored
-    its cancel)."""
+    """pg_terminate_backend on one backend that is still `when`: idle_in_transaction (same
+    state_change) or active (same query_start, a query that ignored its cancel), and still the
+    same backend (pid and backend_start). Waits up to 5 s for it to end.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        args: the backend as planned (pid, backend_start, and state_change or query_start).
+        when: the state it must still be in: "idle_in_transaction" or "active".
+
+    Returns:
+        "terminated", or "backend had already ended or moved on" when it no longer matches.
+
+    Raises:
+        ActionFailed: the role may not signal it (needs pg_signal_backend), or the backend did
+            not end within 5 s of the signal.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     conditions: dict[TerminateWhen, str] = {
         "idle_in_transaction": "state IN ('idle in transaction', 'idle in transaction (aborted)')"
         " AND state_change = %(state_change)s",
@@ -279,6 +343,9 @@ def terminate_backend(
 
 
 class TableStats(BaseModel):
+    """One row of pg_stat_user_tables: tuple counts (estimates), the last (auto)vacuum and
+    analyze, and sizes in bytes (table with TOAST, its indexes, and both)."""
+
     schema_name: str
     table: str
     live_tuples: int
@@ -293,10 +360,12 @@ class TableStats(BaseModel):
 
     @property
     def qualified(self) -> str:
+        """schema.table, unquoted: for messages, never for SQL."""
         return f"{self.schema_name}.{self.table}"
 
     @property
     def dead_ratio(self) -> float:
+        """Dead tuples over live plus dead, 0.0 to 1.0; 0.0 for an empty table."""
         total = self.live_tuples + self.dead_tuples
         return self.dead_tuples / total if total else 0.0
 
@@ -330,6 +399,9 @@ def read_table_stats(name: str, target: PostgresTarget) -> list[TableStats]:
 
 
 class QueryStat(BaseModel):
+    """One pg_stat_statements entry: the statement's first 300 characters, its calls, total
+    and mean execution time in milliseconds, and rows returned or affected."""
+
     query: str
     calls: int
     total_ms: float
@@ -338,6 +410,8 @@ class QueryStat(BaseModel):
 
 
 class TopQueries(BaseModel):
+    """The statements ranked by total and by mean time; or available False and why."""
+
     available: bool
     reason: str = ""
     by_total: list[QueryStat] = []
@@ -487,6 +561,8 @@ def vacuum_table(
 
 
 class StuckJobs(BaseModel):
+    """The stuck jobs' ids (the id column's values), oldest first."""
+
     ids: list[Any]
     oldest_seconds: float | None = Field(description="how long ago the oldest one started")
 
@@ -624,7 +700,26 @@ def find_stuck_jobs(name: str, target: PostgresTarget, jobs: JobsTable, minutes:
 def reset_stuck_jobs(
     name: str, target: PostgresTarget, jobs: JobsTable, ids: list[Any], minutes: int
 ) -> list[Any]:
-    """Back to pending, in one transaction, only rows that are still stuck; returns the ids."""
+    """Set the given jobs back to pending (and their started column to NULL when
+    clear_started), in one transaction, and only those still stuck now: running and started
+    over `minutes` ago. Idempotent: a job that finished or was reset meanwhile is left alone.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        jobs: the jobs table, its columns and status values.
+        ids: the ids find_stuck_jobs returned.
+        minutes: minutes running after which a job is stuck (as when they were found).
+
+    Returns:
+        The ids that were reset.
+
+    Raises:
+        ConfigError: the jobs table or one of its columns does not exist as configured, or
+            the started column is not a timestamp.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with (a standby refuses writes)."""
     args = {
         "pending": jobs.pending_value,
         "running": jobs.running_value,
@@ -695,6 +790,26 @@ def count_lockout_rows(
 def delete_lockout_rows(
     name: str, target: PostgresTarget, redis_name: str, table: LockoutTable, subject: str | None
 ) -> int:
+    """DELETE the lockout rows of one subject, or every row when subject is None, that are
+    still in force (expires_column after now(); every row when the table has none), in one
+    transaction. Idempotent: rows already gone are not counted.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        redis_name: the [redis.NAME] whose lockout_table this is, for messages.
+        table: the lockout table and its columns.
+        subject: a user id, email or IP; None: every lockout.
+
+    Returns:
+        The number of rows deleted.
+
+    Raises:
+        ConfigError: the table or one of its columns does not exist as configured, or the
+            expires column is not a timestamp.
+        AuthenticationFailed: the server refused the login (password, role, database).
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with (a standby refuses writes)."""
     args = {"subject": subject, "time_zone": table.time_zone}
     with connect(name, target, autocommit=False) as conn, _lockout_errors(redis_name, table):
         cur = conn.execute(_lockout_query(conn, "DELETE FROM", table, subject), args)
@@ -714,6 +829,9 @@ def _lockout_errors(
 
 
 class Writability(BaseModel):
+    """Whether the server is a standby (pg_is_in_recovery()) and whether its transactions
+    are read-only (transaction_read_only)."""
+
     in_recovery: bool
     read_only: bool
 
@@ -763,6 +881,8 @@ _NOT_ACCEPTING = re.compile(
 
 
 class Probe(BaseModel):
+    """One try at SELECT 1: ok and its milliseconds, or the error and what it means."""
+
     ok: bool
     transient: bool = True  # False: credentials or database wrong; a restart will not help
     # True: the server is up but not accepting connections yet; a restart would only begin its
@@ -783,7 +903,10 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
 
     Returns:
         Probe: ok and the milliseconds SELECT 1 took; or the error, whether a restart may help
-        (transient False: credentials or database refused) and whether it is recovering."""
+        (transient False: credentials or database refused) and whether it is recovering.
+
+    Raises:
+        Nothing of its own: a server that is down, refuses the login or errs is in the Probe."""
     start = time.perf_counter()
     try:
         with connect(name, target, statement_timeout_seconds=5) as conn:
@@ -798,8 +921,19 @@ def probe_postgres(name: str, target: PostgresTarget) -> Probe:
 
 @io_task("await-postgres-ready", timeout_seconds=3700, retries=0)
 def await_postgres_ready(name: str, target: PostgresTarget, timeout_seconds: float) -> float | None:
-    """Seconds until SELECT 1 answers, backing off from 0.5 s to 5 s; None if it never did
-    within timeout_seconds."""
+    """Wait until the server answers SELECT 1 (probe_postgres), backing off from 0.5 s to 5 s
+    between tries (tasks.wait.poll), for at most timeout_seconds.
+
+    Args:
+        name: the [postgres.NAME] target's name, for messages.
+        target: its inventory entry.
+        timeout_seconds: how long to wait, in seconds; 0: try once.
+
+    Returns:
+        Seconds until it answered; None when it did not within timeout_seconds.
+
+    Raises:
+        Nothing of its own: a server that does not answer (or refuses the login) is None."""
     waited = poll(
         lambda: probe_postgres.fn(name, target).ok,
         what=f"postgres target {name!r} to answer",

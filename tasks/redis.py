@@ -31,6 +31,13 @@ ACTIVE_IDS_SAMPLE = 100
 
 @contextmanager
 def connect(name: str, target: RedisTarget) -> Iterator[redis.Redis]:
+    """A client of the target for one `with` block, replies decoded to str, with connect and
+    socket timeouts of TIMEOUT_SECONDS (5 s); the target's `password` overrides its url's.
+
+    Raises ConfigError when the url is not a Redis URL; AuthenticationFailed when Redis
+    refuses the password or the user's ACL (NOAUTH, WRONGPASS, NOPERM); TargetUnreachable
+    (transient) when it cannot connect or a reply times out; TargetError for any other error
+    Redis answers with inside the block."""
     extra: dict[str, Any] = {}
     if target.password is not None:
         extra["password"] = target.password.get_secret_value()
@@ -317,7 +324,21 @@ def read_queue_counts(name: str, target: RedisTarget, queues: list[str]) -> dict
 
 @io_task("await-redis-ready", timeout_seconds=3700, retries=0)
 def await_redis_ready(name: str, target: RedisTarget, timeout_seconds: float) -> bool:
-    """Whether the server answers PING within timeout_seconds (backing off from 0.2 s to 2 s)."""
+    """Wait until the server answers PING, backing off from 0.2 s to 2 s between tries
+    (tasks.wait.poll), for at most timeout_seconds.
+
+    Args:
+        name: the [redis.NAME] target's name, for messages.
+        target: its inventory entry.
+        timeout_seconds: how long to wait, in seconds; 0: try once.
+
+    Returns:
+        True when it answered within timeout_seconds, False when it did not.
+
+    Raises:
+        ConfigError: the target's url is not a Redis URL.
+        TargetError: an error Redis answered with other than a refused login (LOADING,
+            while it loads its data set, counts as not answering yet)."""
 
     def answers() -> bool:
         try:

@@ -16,6 +16,7 @@ DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects call
 
 
 def batches(items: list[str], size: int) -> Iterator[list[str]]:
+    """items in consecutive lists of `size` (the last one shorter), in order; size >= 1."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -25,8 +26,23 @@ def delete_backups(
     name: str, backup: BackupSet, s3: S3Target | None, keys: list[str]
 ) -> dict[str, str]:
     """Each backup with its KEY.sha256 sidecar; in S3 through DeleteObjects, 1000 keys a call.
-    Returns what failed: backup key -> why. A key already gone counts as deleted, so a retry
-    after a partial run is safe."""
+    A key already gone counts as deleted, so a retry after a partial run is safe. A batch
+    that fails is reported per key, and the next batches are still tried.
+
+    Args:
+        name: the [backups.NAME] set's name, for messages.
+        backup: the set's inventory entry.
+        s3: its [s3.NAME] target, or None for a directory.
+        keys: the backups' keys (or file paths) to delete.
+
+    Returns:
+        What failed: backup key -> why (the OS's or S3's error, "its .sha256: ..." for the
+        sidecar); empty when every one is gone.
+
+    Raises:
+        TargetUnreachable: only when the S3 client cannot be made (a malformed region);
+            refused or failed deletes, missing credentials included, are in the result.
+        ValueError: the s3 target's endpoint_url is not a URL."""
     failed: dict[str, str] = {}
     if s3 is None:
         for key in keys:

@@ -35,6 +35,10 @@ COMPOSE_DIR = "com.docker.compose.project.working_dir"
 
 
 class ServiceStatus(BaseModel):
+    """How a service is: running (every container of it, or the unit, is), its state in the
+    system's words, health (Docker's healthcheck: "healthy", or the states when any is not),
+    restarts counted by Docker or systemd, whether it was OOM-killed, and its containers."""
+
     running: bool
     state: str
     health: str | None = None
@@ -45,23 +49,42 @@ class ServiceStatus(BaseModel):
 
 
 class ServiceStats(BaseModel):
+    """CPU in percent of one core (100: one core busy; summed over a compose service's
+    containers, so it may exceed 100) and memory in bytes; None where it is unknown."""
+
     cpu_percent: float | None = None
     memory_bytes: int | None = None
     memory_limit_bytes: int | None = None  # None: no limit of its own; judged against the host
 
     def memory_percent(self, host_total: int) -> float | None:
+        """Memory used, in percent of its own limit, or of host_total (bytes) when it has
+        none; None when the memory used is unknown."""
         if self.memory_bytes is None:
             return None
         return 100 * self.memory_bytes / (self.memory_limit_bytes or host_total)
 
 
 class Controller(Protocol):
-    def status(self) -> ServiceStatus: ...
-    def restart(self) -> str: ...
-    def logs(self, lines: int) -> list[str]: ...
-    def stats(self) -> ServiceStats | None: ...
-    def scale(self, replicas: int) -> str: ...
-    def close(self) -> None: ...
+    """One service through one kind of control (controller() picks it). Every call is bounded
+    by the service's timeout_seconds; a refused change raises ActionFailed."""
+
+    def status(self) -> ServiceStatus:
+        """How it is now."""
+
+    def restart(self) -> str:
+        """Restart it (or start it when it is down and it has a way to); what was done."""
+
+    def logs(self, lines: int) -> list[str]:
+        """Its last `lines` log lines at most, oldest first."""
+
+    def stats(self) -> ServiceStats | None:
+        """CPU and memory now; None when this kind cannot tell."""
+
+    def scale(self, replicas: int) -> str:
+        """Run `replicas` instances of it; what was done. ActionFailed where it cannot."""
+
+    def close(self) -> None:
+        """Release what it holds (the Docker client's connections)."""
 
 
 def _tail(text: str, lines: int) -> list[str]:
@@ -72,7 +95,10 @@ def _tail(text: str, lines: int) -> list[str]:
 
 
 class CommandController:
-    """For hosts the other kinds do not reach (fly.io, a pg_ctl cluster): argv lists, no shell."""
+    """For hosts the other kinds do not reach (fly.io, a pg_ctl cluster): argv lists, no shell.
+    Running means status_command exits 0 (one that cannot run or times out is state
+    "unknown"); restart runs start_command instead when it is down and there is one; no stats;
+    no scaling."""
 
     def __init__(self, name: str, cfg: ServiceTarget) -> None:
         self.name, self.cfg = name, cfg
@@ -156,7 +182,9 @@ class CommandController:
 
 
 def proc_stats(pid: int, interval: float = 0.5) -> ServiceStats:
-    """CPU (over `interval`) and resident memory of one process, from /proc."""
+    """CPU (over `interval` seconds, slept here) and resident memory of one process, from
+    /proc: cpu_percent 100 is one core busy, memory_bytes its VmRSS. An empty ServiceStats
+    (all None) when the process is gone or cannot be read; never raises."""
 
     def cpu_ticks() -> int:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -180,6 +208,9 @@ def proc_stats(pid: int, interval: float = 0.5) -> ServiceStats:
 
 
 class SystemdController(CommandController):
+    """A systemd unit on this machine, through systemctl (status, restart, the main process's
+    stats) and journalctl (logs); it cannot be scaled."""
+
     def __init__(self, name: str, cfg: ServiceTarget) -> None:
         super().__init__(name, cfg)
         self.unit = cfg.unit or ""
@@ -231,7 +262,9 @@ class SystemdController(CommandController):
 
 
 def cpu_percent(stats: dict[str, Any]) -> float | None:
-    """Docker's own formula (as `docker stats` prints it)."""
+    """Docker's own formula (as `docker stats` prints it), from one reply of the Docker stats
+    API (stream=False): percent of one CPU, up to 100 times the CPUs; None when the reply
+    lacks the counters (a container that is not running)."""
     cpu, pre = stats.get("cpu_stats", {}), stats.get("precpu_stats", {})
     try:
         used = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
@@ -305,6 +338,10 @@ def compose_scale(
 
 
 class DockerController:
+    """One container, or every container of a compose service (by its compose labels),
+    through the Docker API at docker_host (else $DOCKER_HOST, else the local socket).
+    Raises TargetUnreachable (transient) when the client cannot be made."""
+
     def __init__(self, name: str, cfg: ServiceTarget) -> None:
         self.name, self.cfg = name, cfg
         self.base_url = cfg.docker_host or os.environ.get("DOCKER_HOST", DEFAULT_DOCKER_HOST)
@@ -403,9 +440,10 @@ class DockerController:
         """Compose services only, through the compose project's own service definition (its
         volumes, ports and limits): `docker compose ... up -d --scale S=N --no-recreate S`
         with the project, files and directory its containers' labels name. Without a compose
-        CLI or the project's files on this machine, fewer replicas are had by stopping the
-        highest numbered containers; more are refused (ActionFailed) with the command to run,
-        since a container copied by hand would lack what the definition gives it."""
+        CLI or the project's files on this machine, fewer replicas are had by stopping and
+        removing the last containers by name; more are refused (ActionFailed) with the
+        command to run, since a container copied by hand would lack what the definition gives
+        it."""
         if self.cfg.container:
             raise ActionFailed(
                 f"service {self.name!r} is one container: scaling needs "
@@ -482,6 +520,8 @@ def remote_docker_host(services: dict[str, ServiceTarget]) -> str | None:
 
 
 def controller(name: str, cfg: ServiceTarget) -> Controller:
+    """The controller of cfg.kind (docker, systemd, command) for the service `name`; close it
+    after use. Raises TargetUnreachable (transient) when the Docker API client cannot be made."""
     kinds: dict[str, Callable[[str, ServiceTarget], Controller]] = {
         "docker": DockerController,
         "systemd": SystemdController,
@@ -495,12 +535,41 @@ def controller(name: str, cfg: ServiceTarget) -> Controller:
 
 @io_task("service-status", timeout_seconds=120, retries=1)
 def service_status(name: str, cfg: ServiceTarget) -> ServiceStatus:
+    """How the service is now: running, state, health, restarts, OOM kills, replicas.
+
+    Args:
+        name: the [services.NAME] service's name, for messages.
+        cfg: its inventory entry (kind docker, systemd or command).
+
+    Returns:
+        ServiceStatus. For kind command, running means status_command exited 0; a status
+        command that cannot run or times out gives state "unknown", not an error.
+
+    Raises:
+        TargetUnreachable: the Docker API cannot be reached (transient: retried).
+        TargetError: no container of that name, or none carries the compose labels.
+        ActionFailed: systemctl cannot run or did not finish within timeout_seconds."""
     with closing(controller(name, cfg)) as c:
         return c.status()
 
 
 @io_task("service-logs", timeout_seconds=120, retries=0)
 def service_logs(name: str, cfg: ServiceTarget, lines: int = LOG_LINES) -> list[str]:
+    """The service's last log lines: docker logs of each container (in name order), journalctl
+    of the unit, or logs_command's output.
+
+    Args:
+        name: the [services.NAME] service's name, for messages.
+        cfg: its inventory entry.
+        lines: how many lines at most.
+
+    Returns:
+        Up to `lines` lines, oldest first; empty for a command service without logs_command;
+        one line "(logs unavailable: why)" when they cannot be read.
+
+    Raises:
+        docker.errors.DockerException: the Docker API failed while reading a container's
+            logs (not translated); every other failure is the "(logs unavailable)" line."""
     try:
         with closing(controller(name, cfg)) as c:
             return c.logs(lines)
@@ -510,17 +579,72 @@ def service_logs(name: str, cfg: ServiceTarget, lines: int = LOG_LINES) -> list[
 
 @io_task("service-stats", timeout_seconds=120, retries=1)
 def service_stats(name: str, cfg: ServiceTarget) -> ServiceStats | None:
+    """The service's CPU and memory now.
+
+    Args:
+        name: the [services.NAME] service's name, for messages.
+        cfg: its inventory entry.
+
+    Returns:
+        ServiceStats: for docker, CPU percent and memory bytes summed over its running
+        containers, and their memory limit when they have one below the engine's memory;
+        for systemd, the main process's, from /proc over 0.5 s. None for a command service
+        or a unit without a main process.
+
+    Raises:
+        TargetUnreachable: the Docker API cannot be reached (transient: retried).
+        TargetError: no container of that name, or none carries the compose labels.
+        ActionFailed: systemctl cannot run, exited non-zero or did not finish within
+            timeout_seconds.
+        docker.errors.DockerException: the Docker API failed while reading a container's
+            stats or the engine's info (not translated)."""
     with closing(controller(name, cfg)) as c:
         return c.stats()
 
 
 @io_task("restart-service", timeout_seconds=3600, retries=0)
 def restart_service(name: str, cfg: ServiceTarget) -> str:
+    """Restart the service: each of its containers (docker restart, giving each up to
+    timeout_seconds to stop), `systemctl restart UNIT`, or restart_command (start_command
+    instead when the status command says it is down and there is one).
+
+    Args:
+        name: the [services.NAME] service's name, for messages.
+        cfg: its inventory entry.
+
+    Returns:
+        What was done, for the action's detail ("restarted api-1, api-2", "started").
+
+    Raises:
+        ActionFailed: Docker refused the restart, or the command exited non-zero, could not
+            run, or did not finish within timeout_seconds.
+        TargetUnreachable: the Docker API cannot be reached (transient: retried).
+        TargetError: no container of that name, or none carries the compose labels."""
     with closing(controller(name, cfg)) as c:
         return c.restart()
 
 
 @io_task("scale-service", timeout_seconds=3600, retries=0)
 def scale_service(name: str, cfg: ServiceTarget, replicas: int) -> str:
+    """Scale a compose service to `replicas` containers through docker compose and the
+    project's own service definition (its volumes, ports and limits). Without a compose CLI or
+    the project's files on this machine, fewer replicas are had by stopping and removing the
+    last containers by name, and more are refused.
+
+    Args:
+        name: the [services.NAME] service's name, for messages.
+        cfg: its inventory entry (kind docker, compose_project and compose_service).
+        replicas: how many containers it should have.
+
+    Returns:
+        "HAVE -> WANT replicas", for the action's detail.
+
+    Raises:
+        ActionFailed: it is not a compose service (one container, systemd, command); more
+            replicas without compose here (the message holds the command to run); compose
+            exited non-zero, timed out or left another number of containers; stopping or
+            removing a container failed.
+        TargetUnreachable: the Docker API cannot be reached (transient: retried).
+        TargetError: no container of that name, or none carries the compose labels."""
     with closing(controller(name, cfg)) as c:
         return c.scale(replicas)

@@ -19,10 +19,17 @@ import httpx
 from tasks.errors import AuthenticationFailed, TargetUnreachable
 from tasks.settings import S3Target
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes per read of a streamed object: 1 MiB
 
 
 def s3_client(s3: S3Target) -> Any:
+    """A boto3 S3 client for the target: its endpoint_url and region, connect and read
+    timeouts of its timeout_seconds, botocore's standard retries (2 attempts), and its
+    access keys when both are set (else boto3's own chain: AWS_* variables, files, roles).
+    Makes no request itself.
+
+    Raises ValueError when endpoint_url is not a URL, and botocore's InvalidRegionError (a
+    ValueError too) when region is malformed; neither is translated to a tasks.errors class."""
     extra = {}
     if s3.access_key_id is not None and s3.secret_access_key is not None:
         extra = {
@@ -41,7 +48,8 @@ def s3_client(s3: S3Target) -> Any:
 
 def classify(exc: Exception) -> str:
     """What an operator does next: DNS/connect, credentials, or the provider's side. Takes
-    boto3's errors and httpx's (a presigned URL fetched over plain HTTP)."""
+    boto3's errors and httpx's (a presigned URL fetched over plain HTTP); one line of text,
+    any other exception as "Type: message". Never raises."""
     if isinstance(
         exc,
         botocore.exceptions.EndpointConnectionError
@@ -121,6 +129,14 @@ def _root_cause(exc: BaseException) -> str:
 
 @contextmanager
 def storage_errors(where: str) -> Iterator[None]:
+    """Translate boto3's errors raised in the block into the tree of tasks.errors, each
+    message `where` (e.g. "backups 'db' in s3://bucket") and classify()'s words.
+
+    Raises TargetUnreachable (transient) when the endpoint cannot be connected to;
+    AuthenticationFailed when there are no credentials or the provider refuses them
+    (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken, AccessDenied, HTTP 403);
+    TargetUnreachable (not transient) for any other botocore or S3 error (NoSuchKey,
+    NoSuchBucket, a 5xx, a read timeout). Other exceptions go through unchanged."""
     try:
         yield
     except (

@@ -26,6 +26,11 @@ COMMAND_TIMEOUT_SECONDS = 300
 
 
 class ServedCert(BaseModel):
+    """What one endpoint serves: its leaf certificate (subject, DNS and IP names, issuer,
+    validity in UTC, SHA-256 fingerprint in hex), whether its chain verifies against the
+    system's or the endpoint's CAs, and whether it matches the SNI name; or, when no
+    handshake completed, reachable False and the error."""
+
     endpoint: str
     address: str
     reachable: bool
@@ -53,6 +58,10 @@ def hostname_matches(name: str, names: list[str]) -> bool:
 
 
 def describe(der: bytes) -> dict[str, object]:
+    """The ServedCert fields of one DER-encoded certificate: subject (its CN, else the whole
+    RFC 4514 name), names (DNS and IP subject alternative names), issuer (likewise),
+    not_before and not_after (UTC), fingerprint (SHA-256, hex). Raises ValueError when the
+    bytes are not a certificate."""
     cert = x509.load_der_x509_certificate(der)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -145,8 +154,14 @@ def read_served_certificates(
         timeouts: seconds to connect and handshake, by the same names.
 
     Returns:
-        One ServedCert per endpoint: the certificate it serves, or the error when none was
-        read (an endpoint that does not answer is a finding, not an error)."""
+        One ServedCert per endpoint, in the order of `endpoints`: the certificate it serves,
+        or the error when none was read (an endpoint that does not answer is a finding, not
+        an error).
+
+    Raises:
+        OSError: an endpoint's ca_file cannot be read.
+        ssl.SSLError: an endpoint's ca_file holds no certificate.
+        KeyError: an endpoint has no entry in `timeouts` (a bug in the caller)."""
 
     async def all_of_them() -> list[ServedCert]:
         checks = (_check(n, ep, timeouts[n]) for n, ep in endpoints.items())
@@ -166,7 +181,8 @@ def read_until_served(
     passed: a reload is asynchronous (old workers finish their connections). Every 0.5 s,
     through tasks.wait.poll, so a cancelled run stops meanwhile (prefect Abort).
 
-    Returns the last reading, in the order of read_served_certificates."""
+    Returns the last reading, in the order of read_served_certificates. Raises what
+    read_served_certificates raises (an unreadable ca_file)."""
 
     def by_endpoint(certs: list[ServedCert]) -> dict[str, ServedCert]:
         return {c.endpoint: c for c in certs}
@@ -211,6 +227,8 @@ def _run(what: str, name: str, argv: list[str], ok_codes: tuple[int, ...] = (0,)
 
 
 class Renewal(BaseModel):
+    """Whether the renew command renewed, or the CA client's words when it declined."""
+
     renewed: bool
     said: str = ""  # the CA client's own words when it declined
 
