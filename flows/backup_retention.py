@@ -44,18 +44,6 @@ def backup_retention(
 
     May delete the others and their .sha256, oldest first, at most max_deletions a run;
     never the newest, nor one younger than 24 h.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (RetentionParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.backup_set, target, RetentionParams, params)
     name, cfg, p = run.name, run.target, run.p

@@ -28,14 +28,6 @@ def backup_verification(
     (gzip or pg_restore --list) and its checksum.
 
     Nothing: read-only.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: accepted like every runbook's; it has no actions to gate.
-        approval: accepted like every runbook's; it has no actions to gate.
-        params: the runbook's parameters (BackupParams); unset ones come from the target's
-            thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.backup_set, target, BackupParams, params)
     name, cfg = run.name, run.target

@@ -39,17 +39,6 @@ def login_lockouts(
 
     May UNLINK the lockout keys (found with SCAN) and DELETE the subject's rows from the
     lockout table.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (LockoutParams): the subject, or all.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.redis_target, target, LockoutParams, params)
     name, rd, p = run.name, run.target, run.p

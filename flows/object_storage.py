@@ -38,14 +38,6 @@ def object_storage(
 
     Writes and deletes one canary object under the prefix; nothing else (no actions to
     gate).
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: accepted like every runbook's; it has no actions to gate.
-        approval: accepted like every runbook's; it has no actions to gate.
-        params: the runbook's parameters (ObjectStorageParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.s3_target, target, ObjectStorageParams, params)
     name, s3, p = run.name, run.target, run.p

@@ -44,18 +44,6 @@ def postgres_connections(
     May cancel long queries (terminating those that ignore the cancel) and terminate
     sessions idle in transaction: client backends only, within the allow-lists and
     max_backends_ended a run.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (ConnectionsParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.postgres_target, target, ConnectionsParams, params)
     name, pg, p = run.name, run.target, run.p

@@ -43,18 +43,6 @@ def postgres_down(
 
     May restart its service (never while it is recovering or when credentials are refused),
     then waits for it to answer.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (PostgresDownParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.postgres_target, target, PostgresDownParams, params)
     name, pg, p = run.name, run.target, run.p

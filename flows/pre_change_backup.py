@@ -34,17 +34,6 @@ def pre_change_backup(
     with a checksum, read back and verified.
 
     Writes one new dump and its .sha256 to the backup storage.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (PreChangeParams).
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.backup_set, target, PreChangeParams, params)
     name, cfg, p = run.name, run.target, run.p

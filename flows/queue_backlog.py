@@ -34,18 +34,6 @@ def queue_backlog(
     threshold and stalled workers.
 
     May scale the worker service (a docker compose service) to scale_workers_to replicas.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (QueueBacklogParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.redis_target, target, QueueBacklogParams, params)
     name, rd, p = run.name, run.target, run.p

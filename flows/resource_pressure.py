@@ -45,18 +45,6 @@ def resource_pressure(
     consumers first.
 
     May restart a service using more than memory_percent of its own memory limit.
-
-    Args:
-        target: one inventory target, or "all" (the default) for every one of its section.
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (ResourceParams); unset ones come from the target's
-            thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_each(
         lambda settings, _: (

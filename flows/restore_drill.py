@@ -56,17 +56,6 @@ def restore_drill(
 
     Creates and drops a scratch database on the scratch target's server; never touches the
     source database.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (RestoreDrillParams).
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.backup_set, target, RestoreDrillParams, params)
     name, cfg, p = run.name, run.target, run.p

@@ -52,18 +52,6 @@ def service_health(
     Hands a failing dependency to its runbook (postgres-down, redis-health), with this run's
     dry_run and approval; may restart an app failing on its own, then waits for it to
     answer.
-
-    Args:
-        target: one inventory target, or "all" (the default) for every one of its section.
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (ServiceHealthParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
 
     def probed(settings: Settings, p: ServiceHealthParams) -> dict[str, ServiceTarget]:

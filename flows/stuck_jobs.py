@@ -37,18 +37,6 @@ def stuck_jobs(
 
     May reset them to pending in one transaction, only rows still stuck, at most
     max_jobs_reset.
-
-    Args:
-        target: the inventory target to run on (its section's NAME).
-        dry_run: True (the default): diagnose and plan only; False: act on what the gate
-            lets through.
-        approval: who decides on destructive actions: "auto", "ask" (a human, the default)
-            or "never"; [approval] in the inventory may be stricter.
-        approval_timeout_seconds: how long a run paused for approval waits for an answer, in
-            seconds.
-        params: the runbook's parameters (StuckJobsParams); unset ones come from the
-            target's thresholds, then the defaults.
-        alert: the alert that started the run, set by the alert receiver.
     """
     run = open_run(Settings.postgres_target, target, StuckJobsParams, params)
     name, pg, p = run.name, run.target, run.p

@@ -18,7 +18,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, get_args
 
 from prefect import Flow, Task
 from prefect.cache_policies import NO_CACHE
@@ -149,11 +149,45 @@ def runbook_flow(
                 return fn(*args, **kwargs)
 
         run.__signature__ = signature  # type: ignore[attr-defined]
+        run.__doc__ = with_args(fn.__doc__ or "", signature)
         found = RunbookFlow(fn=run, name=name, flow_run_name="{target}")
         found.inventory, found.actions = inventory, actions
         return found
 
     return decorate
+
+
+# What the parameters every runbook shares mean: the Args lines runbook_flow adds to a flow's
+# docstring, which Prefect shows beside each field of the run form in the UI.
+SHARED_ARGS = {
+    "target": "the inventory target to run on (a NAME of its section).",
+    "dry_run": "True (the default): diagnose and plan only; False: act on what the gate lets "
+    "through.",
+    "approval": 'who decides on destructive actions: "auto", "ask" (a human, the default) or '
+    '"never"; [approval] and the target in the inventory may be stricter.',
+    "approval_timeout_seconds": "how long a run paused for approval waits for an answer, in "
+    "seconds (10 to 604800); no answer in time is a rejection.",
+    "alert": "the alert that started the run, set by the alert receiver.",
+}
+
+
+def with_args(doc: str, signature: inspect.Signature) -> str:
+    """A runbook's docstring with an Args section (Google style) for its parameters:
+    SHARED_ARGS, `target` "all" when that is its default, and `params` naming its class."""
+    lines = []
+    for name, parameter in signature.parameters.items():
+        text = SHARED_ARGS.get(name)
+        if name == "target" and parameter.default == "all":
+            text = 'one inventory target, or "all" (the default) for every one of its section.'
+        elif name == "params":
+            (cls,) = (a for a in get_args(parameter.annotation) if a is not type(None))
+            text = f"the runbook's parameters ({cls.__name__}); unset ones come from the "
+            text += "target's thresholds, then the defaults."
+            if not cls.threshold_names():
+                text = f"the runbook's parameters ({cls.__name__}): the run's own choices."
+        if text:
+            lines.append(f"    {name}: {text}")
+    return inspect.cleandoc(doc) + "\n\nArgs:\n" + "\n".join(lines) if lines else doc
 
 
 OUTCOME_STATES: dict[RunStatus, Callable[..., State[Any]]] = {

@@ -11,6 +11,7 @@ import annotated_types
 import pytest
 
 import tasks
+from deployments.catalog import RUNBOOKS
 from tasks.models import Params
 
 UNITS = {
@@ -68,3 +69,14 @@ def test_a_parameter_has_its_unit_and_bounds_in_its_description(
         elif isinstance(bound, annotated_types.Le):
             high = _number(bound.le)
             assert f"to {high}" in description or f"at most {high}" in description
+
+
+@pytest.mark.parametrize("runbook", sorted(RUNBOOKS))
+def test_the_run_form_describes_the_runbook_and_each_parameter(runbook: str) -> None:
+    flow = RUNBOOKS[runbook].load()
+    assert flow.description and "Args:" in flow.description
+    properties = flow.parameters.properties
+    assert set(properties) >= {"target", "dry_run", "approval", "alert"}
+    for name, schema in properties.items():
+        assert schema.get("description"), f"{runbook}: parameter {name} has no description"
+    assert RUNBOOKS[runbook].params.__name__ in properties["params"]["description"]
