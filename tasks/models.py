@@ -230,7 +230,9 @@ class Params(BaseModel):
 
 def explain_params(cls: type[Params], exc: ValidationError) -> str:
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+        # A check across fields has no loc; "Value error, " is pydantic's wrapping of ours.
+        (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "")
+        + e["msg"].removeprefix("Value error, ")
         for e in exc.errors(include_url=False, include_input=False)
     )
     return f"{problems} (valid parameters: {', '.join(cls.model_fields)})"

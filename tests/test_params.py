@@ -80,3 +80,14 @@ def test_the_run_form_describes_the_runbook_and_each_parameter(runbook: str) -> 
     for name, schema in properties.items():
         assert schema.get("description"), f"{runbook}: parameter {name} has no description"
     assert RUNBOOKS[runbook].params.__name__ in properties["params"]["description"]
+
+
+def test_a_rule_across_fields_reads_as_a_sentence() -> None:
+    from tasks.errors import ConfigError
+    from tasks.redis_rules import LockoutParams
+
+    with pytest.raises(ConfigError) as caught:
+        LockoutParams.resolve(None, {}, "login-lockouts --set")
+    message = str(caught.value)
+    assert message.startswith("login-lockouts --set: set either subject=")
+    assert ": :" not in message and "Value error" not in message
