@@ -34,7 +34,7 @@ from tasks.backups import (
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, RunbookError
 from tasks.host import memory_file
-from tasks.postgres import _first_line, connect
+from tasks.postgres import _first_line, connect, dsn_parts
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import CHUNK, s3_client, storage_errors
 
@@ -65,10 +65,7 @@ _LIBPQ_ENV = {
 def libpq_env(name: str, target: PostgresTarget, dbname: str | None = None) -> dict[str, str]:
     """The environment that points pg_dump, pg_restore or psql at a target (or at another
     database on its server)."""
-    try:
-        parts = psycopg.conninfo.conninfo_to_dict(target.dsn.get_secret_value())
-    except psycopg.ProgrammingError:
-        raise ConfigError(f"postgres.{name}.dsn: not a valid connection string") from None
+    parts = dsn_parts(name, target)
     unknown = sorted(set(parts) - set(_LIBPQ_ENV))
     if unknown:
         raise ConfigError(

@@ -111,7 +111,9 @@ class _Target(_Strict):
 
 
 class PostgresTarget(_Target):
-    dsn: SecretStr
+    dsn: SecretStr = Field(
+        description="libpq connection string: postgresql://USER@HOST:PORT/DBNAME or key=value"
+    )
     # Unset: no narrowing beyond the built-in rules (client backends, not superusers, not us).
     allow_roles: list[str] | None = None
     allow_databases: list[str] | None = None
@@ -119,6 +121,12 @@ class PostgresTarget(_Target):
     jobs: JobsTable | None = None
     service: str | None = Field(None, description="the [services.NAME] that runs it")
     data_directory: str | None = Field(None, description="local data directory, for disk space")
+
+    @field_validator("dsn")
+    @classmethod
+    def _parsable(cls, value: SecretStr) -> SecretStr:
+        dsn_keywords(value)
+        return value
 
     @property
     def description(self) -> str:
@@ -454,6 +462,27 @@ def _pick(kind: str, targets: dict[str, Any], name: str | None) -> tuple[str, An
             f"Add a [{kind}.{name}] section or pass one of those with --target."
         )
     return name, targets[name]
+
+
+# libpq names an unknown keyword in its message; anything else it says may quote the DSN.
+_UNKNOWN_KEYWORD = re.compile(r'invalid (?:connection option|URI query parameter):? "([A-Za-z_]+)"')
+
+
+def dsn_keywords(dsn: SecretStr) -> dict[str, Any]:
+    """A DSN's libpq keywords (host, port, dbname, user, password...), as libpq parses it.
+
+    Raises ValueError when libpq cannot parse it, saying what to write instead; the message
+    never quotes the DSN (it may hold a password)."""
+    try:
+        parts: dict[str, Any] = psycopg.conninfo.conninfo_to_dict(dsn.get_secret_value())
+    except psycopg.ProgrammingError as exc:
+        unknown = _UNKNOWN_KEYWORD.search(str(exc))
+        why = f"libpq knows no keyword {unknown.group(1)!r}" if unknown else "libpq cannot parse it"
+        raise ValueError(
+            f"not a PostgreSQL connection string ({why}): use "
+            "postgresql://USER:PASSWORD@HOST:PORT/DBNAME or host=HOST port=PORT dbname=DBNAME"
+        ) from None
+    return parts
 
 
 def describe_dsn(dsn: SecretStr) -> str:
