@@ -79,7 +79,7 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
         TargetUnreachable: S3 cannot be connected to (transient: retried) or failed
             otherwise (NoSuchBucket, a 5xx).
         OSError: the directory or a file in it cannot be read (permissions).
-        ValueError: the s3 target's endpoint_url is not a URL."""
+        ConfigError: botocore refuses the s3 target's endpoint_url or region."""
     found: list[Backup] = []
     if s3 is None:
         folder = Path(backup.directory or ".")
@@ -175,7 +175,7 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
         OSError: the file cannot be read, or pg_restore cannot be started (not installed).
         subprocess.TimeoutExpired: pg_restore did not finish within PG_RESTORE_TIMEOUT
             (3600 s) of the stream's end.
-        ValueError: the s3 target's endpoint_url is not a URL."""
+        ConfigError: botocore refuses the s3 target's endpoint_url or region."""
     digest = hashlib.sha256()
     with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
         chunks = _hashed(read_chunks(backup, s3, key), digest)

@@ -42,7 +42,7 @@ def delete_backups(
     Raises:
         TargetUnreachable: only when the S3 client cannot be made (a malformed region);
             refused or failed deletes, missing credentials included, are in the result.
-        ValueError: the s3 target's endpoint_url is not a URL."""
+        ConfigError: botocore refuses the s3 target's endpoint_url or region."""
     failed: dict[str, str] = {}
     if s3 is None:
         for key in keys:
