@@ -139,16 +139,20 @@ def storage_errors(where: str) -> Iterator[None]:
     """Translate boto3's errors raised in the block into the tree of tasks.errors, each
     message `where` (e.g. "backups 'db' in s3://bucket") and classify()'s words.
 
-    Raises TargetUnreachable (transient) when the endpoint cannot be connected to;
-    AuthenticationFailed when there are no credentials or the provider refuses them
-    (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken, AccessDenied, HTTP 403);
-    TargetUnreachable (not transient) for any other botocore or S3 error (NoSuchKey,
-    NoSuchBucket, a 5xx, a read timeout). Other exceptions go through unchanged."""
+    Raises TargetUnreachable (transient) when the endpoint cannot be connected to or does
+    not answer in time; AuthenticationFailed when there are no credentials or the provider
+    refuses them (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken, AccessDenied,
+    HTTP 403); TargetUnreachable (not transient) for any other botocore or S3 error
+    (NoSuchKey, NoSuchBucket, a 5xx). Other exceptions go through unchanged."""
     try:
         yield
+    # A read timeout is transient like a connect error: the provider was slow this once (a
+    # busy node, a long listing); another attempt often gets an answer. Errors the provider
+    # answered with (a missing key, a 5xx) say the same on a retry.
     except (
         botocore.exceptions.EndpointConnectionError,
         botocore.exceptions.ConnectTimeoutError,
+        botocore.exceptions.ReadTimeoutError,
     ) as exc:
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=True) from exc
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import os
 import random
+import socket
 import subprocess
 import time
 import tracemalloc
@@ -130,6 +131,23 @@ def test_endpoint_down(inventory: Any) -> None:
     assert report.findings[0].check == "storage"
     assert "cannot connect" in report.findings[0].message and report.exit_code == 1
     assert SECRET not in report.model_dump_json()
+
+
+def test_an_endpoint_that_does_not_answer_in_time_is_worth_a_retry() -> None:
+    # Accepts connections (the kernel's backlog) and never answers a request.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        store = S3Target(
+            bucket=BUCKET,
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key_id=KEY,
+            secret_access_key=SECRET,
+            timeout_seconds=0.5,
+        )
+        with pytest.raises(TargetUnreachable) as caught:
+            list_backups.fn("app", BackupSet(s3="store"), store)
+    assert "the storage provider did not answer in time" in str(caught.value)
+    assert caught.value.transient
 
 
 def test_credentials_denied(inventory: Any) -> None:
