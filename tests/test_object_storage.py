@@ -213,13 +213,13 @@ def test_a_malformed_endpoint_or_region_exits_2_naming_its_key(
 
 
 @pytest.mark.parametrize(
-    ("fields", "what"),
-    [({"endpoint_url": "127.0.0.1:9000"}, "endpoint"), ({"region": "eu central"}, "region")],
+    ("endpoint_url", "region", "what"),
+    [("127.0.0.1:9000", "us-east-1", "endpoint"), (None, "eu central", "region")],
 )
 def test_a_target_built_without_validation_gets_a_config_error(
-    fields: dict[str, str], what: str
+    endpoint_url: str | None, region: str, what: str
 ) -> None:
-    target = S3Target.model_construct(bucket=BUCKET, **fields)
+    target = S3Target.model_construct(bucket=BUCKET, endpoint_url=endpoint_url, region=region)
     expected = f"botocore refuses its {what}: correct endpoint_url"
     with pytest.raises(ConfigError, match=expected):
         head_bucket.fn("store", target)
