@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from tasks.backup_rules import newer_client_needed
 from tasks.engine import io_task
-from tasks.errors import TargetError
+from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.host import memory_file
 from tasks.settings import BackupSet, S3Target
 from tasks.storage import CHUNK, s3_client, storage_errors
@@ -55,6 +55,45 @@ def set_prefix(backup: BackupSet, s3: S3Target) -> str:
     return joined + "/" if parts and parts[-1].endswith("/") else joined
 
 
+def unreadable(name: str, exc: OSError) -> TargetUnreachable:
+    """The error for a backup's file or directory that cannot be read: like an S3 object
+    that cannot be fetched, not transient (a retry reads the same permissions), naming the
+    path, the OS's reason and the fix."""
+    return TargetUnreachable(
+        f"backups {name!r}: cannot read {exc.filename or 'the backup directory'}: "
+        f"{exc.strerror or exc}; give the user that runs the runbooks read access to it",
+        transient=False,
+    )
+
+
+def start_tool(
+    argv: list[str],
+    stderr: IO[bytes],
+    *,
+    stdout: int = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A PostgreSQL client tool (pg_restore, psql, pg_dump) started with stdin=PIPE (or
+    stdout=PIPE for pg_dump) and its stderr to `stderr`, without a shell.
+
+    Raises ActionFailed naming the tool and how to install it when it cannot be started
+    (not installed, not executable)."""
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL if stdout == subprocess.PIPE else subprocess.PIPE,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+        )
+    except OSError as exc:
+        raise ActionFailed(
+            f"{argv[0]} cannot be started on this machine: {exc.strerror or exc}; install "
+            "the PostgreSQL client tools (Debian: apt-get install postgresql-client) as new "
+            "as the servers the backups come from, on the PATH of the runbooks"
+        ) from None
+
+
 def _matches(backup: BackupSet, key: str) -> bool:
     return any(fnmatch.fnmatch(key.rsplit("/", 1)[-1], p) for p in backup.pattern)
 
@@ -77,24 +116,27 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
         TargetError: the set's directory is not a directory.
         AuthenticationFailed: S3 has no credentials or refused them.
         TargetUnreachable: S3 cannot be connected to (transient: retried) or failed
-            otherwise (NoSuchBucket, a 5xx).
-        OSError: the directory or a file in it cannot be read (permissions).
-        ValueError: the s3 target's endpoint_url is not a URL."""
+            otherwise (NoSuchBucket, a 5xx); the directory or a file in it cannot be read
+            (permissions; not transient).
+        ConfigError: botocore refuses the s3 target's endpoint_url or region."""
     found: list[Backup] = []
     if s3 is None:
         folder = Path(backup.directory or ".")
-        if not folder.is_dir():
-            raise TargetError(f"backups {name!r}: {folder} is not a directory")
-        for path in folder.iterdir():
-            if path.is_file() and _matches(backup, path.name):
-                stat = path.stat()
-                found.append(
-                    Backup(
-                        key=str(path),
-                        size=stat.st_size,
-                        modified=datetime.fromtimestamp(stat.st_mtime, UTC),
+        try:
+            if not folder.is_dir():
+                raise TargetError(f"backups {name!r}: {folder} is not a directory")
+            for path in folder.iterdir():
+                if path.is_file() and _matches(backup, path.name):
+                    stat = path.stat()
+                    found.append(
+                        Backup(
+                            key=str(path),
+                            size=stat.st_size,
+                            modified=datetime.fromtimestamp(stat.st_mtime, UTC),
+                        )
                     )
-                )
+        except OSError as exc:
+            raise unreadable(name, exc) from exc
     else:
         prefix = set_prefix(backup, s3)
         with storage_errors(f"backups {name!r} in s3://{s3.bucket}"):
@@ -115,15 +157,19 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
     return sorted(found, key=lambda b: b.modified, reverse=True)
 
 
-def read_chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[bytes]:
+def read_chunks(backup: BackupSet, s3: S3Target | None, key: str, name: str) -> Iterator[bytes]:
     """A backup's stored bytes as they arrive, in chunks of up to CHUNK (1 MiB): a file's, or
     an S3 object's (fetched on the first next()). Closing the iterator early closes the file
-    or the S3 response. Raises OSError for a file that cannot be read, and boto3's errors
-    untranslated (callers wrap it in tasks.storage.storage_errors)."""
+    or the S3 response. Raises TargetUnreachable (not transient, naming the set `name` and
+    the path) for a file that cannot be read, and boto3's errors untranslated (callers wrap
+    it in tasks.storage.storage_errors)."""
     if s3 is None:
-        with open(key, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                yield chunk
+        try:
+            with open(key, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+        except OSError as exc:
+            raise unreadable(name, exc) from exc
         return
     body = s3_client(s3).get_object(Bucket=s3.bucket, Key=key)["Body"]
     try:
@@ -132,11 +178,14 @@ def read_chunks(backup: BackupSet, s3: S3Target | None, key: str) -> Iterator[by
         body.close()  # also when the reader stops early: the connection goes back
 
 
-def _expected(backup: BackupSet, s3: S3Target | None, key: str) -> str | None:
+def _expected(backup: BackupSet, s3: S3Target | None, key: str, name: str) -> str | None:
     """A sidecar KEY.sha256 (`sha256sum` format), or the object's sha256 metadata."""
     if s3 is None:
         sidecar = Path(key + ".sha256")
-        return sidecar.read_text().split()[0].lower() if sidecar.is_file() else None
+        try:
+            return sidecar.read_text().split()[0].lower() if sidecar.is_file() else None
+        except OSError as exc:
+            raise unreadable(name, exc) from exc
     client = s3_client(s3)
     try:
         body: bytes = client.get_object(Bucket=s3.bucket, Key=key + ".sha256")["Body"].read()
@@ -171,17 +220,17 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
 
     Raises:
         AuthenticationFailed: S3 has no credentials or refused them.
-        TargetUnreachable: S3 cannot be connected to, or failed otherwise (NoSuchKey, a 5xx).
-        OSError: the file cannot be read, or pg_restore cannot be started (not installed).
-        subprocess.TimeoutExpired: pg_restore did not finish within PG_RESTORE_TIMEOUT
-            (3600 s) of the stream's end.
-        ValueError: the s3 target's endpoint_url is not a URL."""
+        TargetUnreachable: S3 cannot be connected to, or failed otherwise (NoSuchKey, a 5xx);
+            the file or its sidecar cannot be read (not transient).
+        ActionFailed: pg_restore cannot be started (not installed), or did not finish
+            within PG_RESTORE_TIMEOUT (3600 s) of the stream's end.
+        ConfigError: botocore refuses the s3 target's endpoint_url or region."""
     digest = hashlib.sha256()
     with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
-        chunks = _hashed(read_chunks(backup, s3, key), digest)
+        chunks = _hashed(read_chunks(backup, s3, key, name), digest)
         problem, head, passed = _verify_stream(chunks, name, key, stderr)
     with storage_errors(f"backups {name!r}: {key}"):
-        expected = _expected(backup, s3, key)
+        expected = _expected(backup, s3, key, name)
     sha = digest.hexdigest()
     advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
     if (not problem or advice) and expected and expected != sha:
@@ -322,10 +371,7 @@ def _garbage() -> str:
 def _stream_pg_restore(chunks: Iterator[bytes], name: str, key: str, stderr: IO[bytes]) -> str:
     # --file=/dev/null: pg_restore reads every data block; --list stops after the table of
     # contents, so a dump cut short in its data would pass.
-    argv = ["pg_restore", "--file=/dev/null"]
-    restore = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr
-    )
+    restore = start_tool(["pg_restore", "--file=/dev/null"], stderr)
     return run_fed(restore, chunks, name, key, stderr, PG_RESTORE_TIMEOUT)
 
 
@@ -350,7 +396,8 @@ def run_fed(
     tool may run after the stream's end. Returns "" when the tool exited 0, else one line:
     the stream's BadGzip or BackupRefused, or "TOOL failed (exit N): its error lines".
     Raises AuthenticationFailed or TargetUnreachable when reading from S3 fails (through
-    tasks.storage.storage_errors), and subprocess.TimeoutExpired after timeout_seconds."""
+    tasks.storage.storage_errors) or a file cannot be read, and ActionFailed when the tool
+    has not exited timeout_seconds after the stream's end (it is killed)."""
     assert proc.stdin is not None
     problem = ""
     try:
@@ -367,7 +414,14 @@ def run_fed(
             finally:
                 with suppress(BrokenPipeError):
                     proc.stdin.close()
-        code = proc.wait(timeout_seconds)
+        try:
+            code = proc.wait(timeout_seconds)
+        except subprocess.TimeoutExpired:
+            raise ActionFailed(
+                f"backups {name!r}: {key}: {_tool(proc)} had not finished {timeout_seconds:g} s "
+                "after the whole backup was fed to it, and was stopped; run it by hand on "
+                "the backup to see whether it hangs or needs longer"
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -376,8 +430,11 @@ def run_fed(
         return problem
     if code == 0:
         return ""
-    tool = cast(list[str], proc.args)[0]  # always started from an argv list
-    return f"{tool} failed (exit {code}): {error_lines(stderr)}"
+    return f"{_tool(proc)} failed (exit {code}): {error_lines(stderr)}"
+
+
+def _tool(proc: subprocess.Popen[bytes]) -> str:
+    return cast(list[str], proc.args)[0]  # always started from an argv list
 
 
 def error_lines(stderr: IO[bytes]) -> str:

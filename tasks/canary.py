@@ -93,8 +93,8 @@ def head_bucket(name: str, s3: S3Target) -> Probe:
         credentials, the provider) when there was one.
 
     Raises:
-        ValueError: the target's endpoint_url is not a URL, or its region is malformed
-            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
+        ConfigError: botocore refuses the target's endpoint_url or region (settings refuse
+            both at load); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:
@@ -117,8 +117,8 @@ def put_canary(name: str, s3: S3Target, key: str) -> Probe:
         Probe "put": milliseconds, and the class of the failure when there was one.
 
     Raises:
-        ValueError: the target's endpoint_url is not a URL, or its region is malformed
-            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
+        ConfigError: botocore refuses the target's endpoint_url or region (settings refuse
+            both at load); storage errors are in the Probe, not raised."""
     client, body = s3_client(s3), canary_body(key)
 
     def call() -> str:
@@ -142,8 +142,8 @@ def get_canary(name: str, s3: S3Target, key: str) -> Probe:
         that differs from what was written is one, with both sizes and checksums).
 
     Raises:
-        ValueError: the target's endpoint_url is not a URL, or its region is malformed
-            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
+        ConfigError: botocore refuses the target's endpoint_url or region (settings refuse
+            both at load); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:
@@ -170,8 +170,8 @@ def presigned_get(name: str, s3: S3Target, key: str) -> Probe:
         (an HTTP error status, a timeout, a body that differs).
 
     Raises:
-        ValueError: the target's endpoint_url is not a URL, or its region is malformed
-            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
+        ConfigError: botocore refuses the target's endpoint_url or region (settings refuse
+            both at load); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:
@@ -200,8 +200,8 @@ def delete_canary(name: str, s3: S3Target, key: str) -> Probe:
         delete's, the check's, or that the object is still there.
 
     Raises:
-        ValueError: the target's endpoint_url is not a URL, or its region is malformed
-            (botocore's InvalidRegionError); storage errors are in the Probe, not raised."""
+        ConfigError: botocore refuses the target's endpoint_url or region (settings refuse
+            both at load); storage errors are in the Probe, not raised."""
     client = s3_client(s3)
 
     def call() -> str:

@@ -30,11 +30,12 @@ from tasks.backups import (
     read_chunks,
     run_fed,
     set_prefix,
+    start_tool,
 )
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, RunbookError
 from tasks.host import memory_file
-from tasks.postgres import _first_line, connect
+from tasks.postgres import _first_line, connect, dsn_parts
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import CHUNK, s3_client, storage_errors
 
@@ -65,10 +66,7 @@ _LIBPQ_ENV = {
 def libpq_env(name: str, target: PostgresTarget, dbname: str | None = None) -> dict[str, str]:
     """The environment that points pg_dump, pg_restore or psql at a target (or at another
     database on its server)."""
-    try:
-        parts = psycopg.conninfo.conninfo_to_dict(target.dsn.get_secret_value())
-    except psycopg.ProgrammingError:
-        raise ConfigError(f"postgres.{name}.dsn: not a valid connection string") from None
+    parts = dsn_parts(name, target)
     unknown = sorted(set(parts) - set(_LIBPQ_ENV))
     if unknown:
         raise ConfigError(
@@ -174,12 +172,15 @@ def restore_backup(
     Raises:
         ConfigError: the scratch target's dsn is one pg_restore cannot use.
         AuthenticationFailed: the storage or the scratch server refused the credentials.
-        TargetUnreachable: the storage or the scratch server did not answer.
-        TargetError: the scratch server refused a query."""
+        TargetUnreachable: the storage or the scratch server did not answer, or the backup's
+            file cannot be read.
+        TargetError: the scratch server refused a query.
+        ActionFailed: psql or pg_restore cannot be started (not installed), or did not
+            finish within RESTORE_TIMEOUT_SECONDS (6 h) of the stream's end."""
     start = time.perf_counter()
     try:
         with storage_errors(f"backups {name!r}: {key}"):
-            head, stream, plain = dump_stream(read_chunks(backup, s3, key), key)
+            head, stream, plain = dump_stream(read_chunks(backup, s3, key, name), key)
     except BadGzip as exc:
         return Restore(ok=False, seconds=time.perf_counter() - start, detail=str(exc))
     if plain:
@@ -190,9 +191,7 @@ def restore_backup(
         argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
     env = libpq_env(scratch_name, scratch, dbname)
     with memory_file() as stderr:  # a file: the tool never blocks on a full pipe; in memory
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env
-        )
+        proc = start_tool(argv, stderr, env=env)
         problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
     seconds = time.perf_counter() - start
     advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
@@ -377,15 +376,16 @@ def dump_to_storage(
 
     Raises:
         ConfigError: the source's dsn is one pg_dump cannot use.
-        ActionFailed: pg_dump failed, or the upload or the file write did.
+        ActionFailed: pg_dump failed or cannot be started, or the upload or the file
+            write did.
         AuthenticationFailed: the storage refused the credentials.
         TargetUnreachable: the storage did not answer."""
     start = time.perf_counter()
     with memory_file() as stderr:
-        proc = subprocess.Popen(
+        proc = start_tool(
             ["pg_dump", "--format=custom", "--no-password"],
+            stderr,
             stdout=subprocess.PIPE,
-            stderr=stderr,
             env=libpq_env(source_name, source),
         )
         reader = _DumpReader(proc)
@@ -404,11 +404,21 @@ def dump_to_storage(
     sha = reader.digest.hexdigest()
     sidecar = f"{sha}  {key.rsplit('/', 1)[-1]}\n".encode()
     if s3 is None:
-        Path(key + ".sha256").write_bytes(sidecar)
+        try:
+            Path(key + ".sha256").write_bytes(sidecar)
+        except OSError as exc:
+            raise _unwritable(name, exc) from exc
     else:
         with storage_errors(f"backups {name!r}: {key}.sha256"):
             s3_client(s3).put_object(Bucket=s3.bucket, Key=key + ".sha256", Body=sidecar)
     return Dump(key=key, size=reader.size, sha256=sha, seconds=time.perf_counter() - start)
+
+
+def _unwritable(name: str, exc: OSError) -> ActionFailed:
+    return ActionFailed(
+        f"backups {name!r}: cannot write {exc.filename or 'the dump'}: {exc.strerror or exc}; "
+        "check the directory's free space and that the user running the runbooks may write there"
+    )
 
 
 def _write(s3: S3Target | None, key: str, reader: _DumpReader, name: str) -> None:
@@ -421,6 +431,8 @@ def _write(s3: S3Target | None, key: str, reader: _DumpReader, name: str) -> Non
             with partial.open("wb") as out:
                 shutil.copyfileobj(reader, out, CHUNK)
             partial.rename(key)
+        except OSError as exc:
+            raise _unwritable(name, exc) from exc
         finally:
             partial.unlink(missing_ok=True)
         return

@@ -27,7 +27,7 @@ from tasks.errors import (
     TargetUnreachable,
 )
 from tasks.postgres_rules import BackendRef, TerminateWhen
-from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable
+from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable, dsn_keywords
 from tasks.wait import poll
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -68,6 +68,17 @@ def credentials_refused(exc: psycopg.Error) -> bool:
     return isinstance(exc, _REFUSED_ERRORS) or _REFUSED.search(str(exc)) is not None
 
 
+def dsn_parts(name: str, target: PostgresTarget) -> dict[str, Any]:
+    """The target's DSN as libpq's keywords (host, port, dbname, user, password...).
+
+    Raises ConfigError naming postgres.NAME.dsn when libpq cannot parse it (settings catch
+    that at load; this is for a target built in code), without quoting the DSN."""
+    try:
+        return dsn_keywords(target.dsn)
+    except ValueError as exc:
+        raise ConfigError(f"postgres.{name}.dsn: {exc}") from None
+
+
 @contextmanager
 def connect(
     name: str,
@@ -85,12 +96,13 @@ def connect(
     Raises AuthenticationFailed when the server refuses the login (password, role, database);
     TargetUnreachable (transient) when it cannot be reached or the connection is lost
     (SQLSTATE class 08, a shutdown, no SQLSTATE at all); TargetError for any other error the
-    server answers with inside the block. A dsn that is not a connection string at all raises
-    psycopg.ProgrammingError, untranslated."""
+    server answers with inside the block; ConfigError (naming postgres.NAME.dsn) for a dsn
+    that is not a connection string at all."""
     options = (
         f"-c statement_timeout={int(statement_timeout_seconds * 1000)} "
         f"-c lock_timeout={int(lock_timeout_seconds * 1000)}"
     )
+    dsn_parts(name, target)  # psycopg's own ProgrammingError would quote the DSN
     try:
         conn = psycopg.connect(
             target.dsn.get_secret_value(),

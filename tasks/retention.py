@@ -40,9 +40,9 @@ def delete_backups(
         sidecar); empty when every one is gone.
 
     Raises:
-        TargetUnreachable: only when the S3 client cannot be made (a malformed region);
-            refused or failed deletes, missing credentials included, are in the result.
-        ValueError: the s3 target's endpoint_url is not a URL."""
+        ConfigError: botocore refuses the s3 target's endpoint_url or region (refused at
+            settings load already); refused or failed deletes, missing credentials
+            included, are in the result."""
     failed: dict[str, str] = {}
     if s3 is None:
         for key in keys:

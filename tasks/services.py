@@ -11,13 +11,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import docker
 import docker.errors
+import requests
 from pydantic import BaseModel
 
 from tasks.engine import io_task
@@ -337,6 +338,11 @@ def compose_scale(
     return ComposeScale(argv=None, command=command, missing=missing)
 
 
+# What docker-py raises when the engine does not answer: its own errors, and requests' for a
+# connection that breaks after the client was made (the engine stopped, the socket went away).
+_DOCKER_UNREACHABLE = (docker.errors.DockerException, requests.RequestException)
+
+
 class DockerController:
     """One container, or every container of a compose service (by its compose labels),
     through the Docker API at docker_host (else $DOCKER_HOST, else the local socket).
@@ -372,7 +378,7 @@ class DockerController:
                 f"service {self.name!r}: no container {self.cfg.container!r}; "
                 "check `container` in the config"
             ) from None
-        except docker.errors.DockerException as exc:
+        except _DOCKER_UNREACHABLE as exc:
             raise TargetUnreachable(
                 f"service {self.name!r}: Docker API: {exc}", transient=True
             ) from exc
@@ -382,6 +388,23 @@ class DockerController:
                 f"{self.cfg.compose_project}/{self.cfg.compose_service}"
             )
         return sorted(found, key=lambda c: c.name)
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Docker API errors of a read in the block (`what`: "logs of api-1") as the tree of
+        tasks.errors: TargetError when the engine answered with an error (the container is
+        gone, its log driver cannot be read), TargetUnreachable (transient) when it did not
+        answer."""
+        try:
+            yield
+        except docker.errors.APIError as exc:
+            raise TargetError(
+                f"service {self.name!r}: Docker API: reading the {what}: {exc.explanation or exc}"
+            ) from exc
+        except _DOCKER_UNREACHABLE as exc:
+            raise TargetUnreachable(
+                f"service {self.name!r}: Docker API: reading the {what}: {exc}", transient=True
+            ) from exc
 
     def status(self) -> ServiceStatus:
         containers = self._containers()
@@ -406,14 +429,15 @@ class DockerController:
         try:
             for c in containers:
                 c.restart(timeout=int(self.cfg.timeout_seconds))
-        except docker.errors.DockerException as exc:
+        except _DOCKER_UNREACHABLE as exc:
             raise ActionFailed(f"service {self.name!r}: restart failed: {exc}") from exc
         return f"restarted {', '.join(c.name for c in containers)}"
 
     def logs(self, lines: int) -> list[str]:
         out: list[str] = []
         for c in self._containers():
-            out += _tail(c.logs(tail=lines).decode(errors="replace"), lines)
+            with self._reading(f"logs of {c.name}"):
+                out += _tail(c.logs(tail=lines).decode(errors="replace"), lines)
         return out[-lines:]
 
     def stats(self) -> ServiceStats | None:
@@ -422,14 +446,16 @@ class DockerController:
         for c in self._containers():
             if c.status != "running":
                 continue
-            raw = c.stats(stream=False)
+            with self._reading(f"stats of {c.name}"):
+                raw = c.stats(stream=False)
             mem = raw.get("memory_stats", {})
             total.cpu_percent = (total.cpu_percent or 0) + (cpu_percent(raw) or 0)
             total.memory_bytes = (total.memory_bytes or 0) + int(mem.get("usage", 0))
             limit = int(mem.get("limit", 0))
             # Docker reports the host's memory as the limit of an unlimited container.
             if limit and host_memory is None:
-                host_memory = int(self.client.info()["MemTotal"])
+                with self._reading("engine's info"):
+                    host_memory = int(self.client.info()["MemTotal"])
             if limit and host_memory is not None and limit < host_memory:
                 total.memory_limit_bytes = (total.memory_limit_bytes or 0) + limit
         if not total.memory_limit_bytes:
@@ -465,7 +491,7 @@ class DockerController:
                 for c in containers[replicas:][::-1]:
                     c.stop(timeout=int(self.cfg.timeout_seconds))
                     c.remove()
-            except docker.errors.DockerException as exc:
+            except _DOCKER_UNREACHABLE as exc:
                 raise ActionFailed(
                     f"service {self.name!r}: scaling to {replicas} failed: {exc}"
                 ) from exc
@@ -565,11 +591,11 @@ def service_logs(name: str, cfg: ServiceTarget, lines: int = LOG_LINES) -> list[
 
     Returns:
         Up to `lines` lines, oldest first; empty for a command service without logs_command;
-        one line "(logs unavailable: why)" when they cannot be read.
+        one line "(logs unavailable: why)" when they cannot be read (the Docker API does
+        not answer or refuses, systemctl or logs_command fails).
 
     Raises:
-        docker.errors.DockerException: the Docker API failed while reading a container's
-            logs (not translated); every other failure is the "(logs unavailable)" line."""
+        Nothing of its own: every failure is the "(logs unavailable)" line."""
     try:
         with closing(controller(name, cfg)) as c:
             return c.logs(lines)
@@ -592,12 +618,12 @@ def service_stats(name: str, cfg: ServiceTarget) -> ServiceStats | None:
         or a unit without a main process.
 
     Raises:
-        TargetUnreachable: the Docker API cannot be reached (transient: retried).
-        TargetError: no container of that name, or none carries the compose labels.
+        TargetUnreachable: the Docker API cannot be reached, or stops answering while the
+            stats or the engine's info are read (transient: retried).
+        TargetError: no container of that name, none carries the compose labels, or the
+            engine refuses to read the stats (the container was removed meanwhile).
         ActionFailed: systemctl cannot run, exited non-zero or did not finish within
-            timeout_seconds.
-        docker.errors.DockerException: the Docker API failed while reading a container's
-            stats or the engine's info (not translated)."""
+            timeout_seconds."""
     with closing(controller(name, cfg)) as c:
         return c.stats()
 

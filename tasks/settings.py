@@ -111,7 +111,9 @@ class _Target(_Strict):
 
 
 class PostgresTarget(_Target):
-    dsn: SecretStr
+    dsn: SecretStr = Field(
+        description="libpq connection string: postgresql://USER@HOST:PORT/DBNAME or key=value"
+    )
     # Unset: no narrowing beyond the built-in rules (client backends, not superusers, not us).
     allow_roles: list[str] | None = None
     allow_databases: list[str] | None = None
@@ -119,6 +121,12 @@ class PostgresTarget(_Target):
     jobs: JobsTable | None = None
     service: str | None = Field(None, description="the [services.NAME] that runs it")
     data_directory: str | None = Field(None, description="local data directory, for disk space")
+
+    @field_validator("dsn")
+    @classmethod
+    def _parsable(cls, value: SecretStr) -> SecretStr:
+        dsn_keywords(value)
+        return value
 
     @property
     def description(self) -> str:
@@ -186,12 +194,46 @@ class TlsEndpoint(_Target):
 class S3Target(_Target):
     bucket: str
     prefix: str = ""
-    endpoint_url: str | None = None
+    endpoint_url: str | None = Field(
+        None, description="http(s)://HOST[:PORT] of an S3-compatible store; unset: AWS"
+    )
     region: str = "us-east-1"
     # Unset: the standard AWS variables and files.
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     timeout_seconds: float = Field(10, gt=0, le=600)
+
+    # botocore's own checks, so a value it would refuse when the client is made is refused at
+    # load instead. Imported here: botocore costs ~40 ms, paid only with an [s3] section.
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+        if value is not None and (
+            urlsplit(value).scheme not in ("http", "https")
+            or not (is_valid_endpoint_url(value) or is_valid_ipv6_endpoint_url(value))
+        ):
+            # The value is not quoted: a URL may carry credentials (user:password@).
+            raise ValueError(
+                "not an S3 endpoint URL: use http(s)://HOST[:PORT], e.g. "
+                "https://s3.eu-central-1.amazonaws.com or http://127.0.0.1:9000"
+            )
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region_is_a_name(cls, value: str) -> str:
+        from botocore.exceptions import InvalidRegionError
+        from botocore.utils import validate_region_name
+
+        try:
+            validate_region_name(value)
+        except InvalidRegionError:
+            raise ValueError(
+                f"{value!r} is not a region name: letters, digits and hyphens, e.g. us-east-1"
+            ) from None
+        return value
 
 
 class BackupSet(_Target):
@@ -454,6 +496,27 @@ def _pick(kind: str, targets: dict[str, Any], name: str | None) -> tuple[str, An
             f"Add a [{kind}.{name}] section or pass one of those with --target."
         )
     return name, targets[name]
+
+
+# libpq names an unknown keyword in its message; anything else it says may quote the DSN.
+_UNKNOWN_KEYWORD = re.compile(r'invalid (?:connection option|URI query parameter):? "([A-Za-z_]+)"')
+
+
+def dsn_keywords(dsn: SecretStr) -> dict[str, Any]:
+    """A DSN's libpq keywords (host, port, dbname, user, password...), as libpq parses it.
+
+    Raises ValueError when libpq cannot parse it, saying what to write instead; the message
+    never quotes the DSN (it may hold a password)."""
+    try:
+        parts: dict[str, Any] = psycopg.conninfo.conninfo_to_dict(dsn.get_secret_value())
+    except psycopg.ProgrammingError as exc:
+        unknown = _UNKNOWN_KEYWORD.search(str(exc))
+        why = f"libpq knows no keyword {unknown.group(1)!r}" if unknown else "libpq cannot parse it"
+        raise ValueError(
+            f"not a PostgreSQL connection string ({why}): use "
+            "postgresql://USER:PASSWORD@HOST:PORT/DBNAME or host=HOST port=PORT dbname=DBNAME"
+        ) from None
+    return parts
 
 
 def describe_dsn(dsn: SecretStr) -> str:

@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions
 import httpx
 
-from tasks.errors import AuthenticationFailed, TargetUnreachable
+from tasks.errors import AuthenticationFailed, ConfigError, TargetUnreachable
 from tasks.settings import S3Target
 
 CHUNK = 1 << 20  # bytes per read of a streamed object: 1 MiB
@@ -28,8 +28,8 @@ def s3_client(s3: S3Target) -> Any:
     access keys when both are set (else boto3's own chain: AWS_* variables, files, roles).
     Makes no request itself.
 
-    Raises ValueError when endpoint_url is not a URL, and botocore's InvalidRegionError (a
-    ValueError too) when region is malformed; neither is translated to a tasks.errors class."""
+    Raises ConfigError when botocore refuses endpoint_url or region (settings refuse both at
+    load; this is for a target built in code without validation)."""
     extra = {}
     if s3.access_key_id is not None and s3.secret_access_key is not None:
         extra = {
@@ -41,9 +41,16 @@ def s3_client(s3: S3Target) -> Any:
         read_timeout=s3.timeout_seconds,
         retries={"max_attempts": 2, "mode": "standard"},
     )
-    return boto3.client(
-        "s3", endpoint_url=s3.endpoint_url, region_name=s3.region, config=config, **extra
-    )
+    try:
+        return boto3.client(
+            "s3", endpoint_url=s3.endpoint_url, region_name=s3.region, config=config, **extra
+        )
+    except ValueError as exc:  # botocore's "Invalid endpoint", and its InvalidRegionError
+        what = "region" if isinstance(exc, botocore.exceptions.InvalidRegionError) else "endpoint"
+        raise ConfigError(
+            f"the [s3.*] target of bucket {s3.bucket!r}: botocore refuses its {what}: "
+            "correct endpoint_url (http(s)://HOST[:PORT]) or region (e.g. us-east-1)"
+        ) from None
 
 
 def classify(exc: Exception) -> str:
@@ -132,16 +139,20 @@ def storage_errors(where: str) -> Iterator[None]:
     """Translate boto3's errors raised in the block into the tree of tasks.errors, each
     message `where` (e.g. "backups 'db' in s3://bucket") and classify()'s words.
 
-    Raises TargetUnreachable (transient) when the endpoint cannot be connected to;
-    AuthenticationFailed when there are no credentials or the provider refuses them
-    (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken, AccessDenied, HTTP 403);
-    TargetUnreachable (not transient) for any other botocore or S3 error (NoSuchKey,
-    NoSuchBucket, a 5xx, a read timeout). Other exceptions go through unchanged."""
+    Raises TargetUnreachable (transient) when the endpoint cannot be connected to or does
+    not answer in time; AuthenticationFailed when there are no credentials or the provider
+    refuses them (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken, AccessDenied,
+    HTTP 403); TargetUnreachable (not transient) for any other botocore or S3 error
+    (NoSuchKey, NoSuchBucket, a 5xx). Other exceptions go through unchanged."""
     try:
         yield
+    # A read timeout is transient like a connect error: the provider was slow this once (a
+    # busy node, a long listing); another attempt often gets an answer. Errors the provider
+    # answered with (a missing key, a 5xx) say the same on a retry.
     except (
         botocore.exceptions.EndpointConnectionError,
         botocore.exceptions.ConnectTimeoutError,
+        botocore.exceptions.ReadTimeoutError,
     ) as exc:
         raise TargetUnreachable(f"{where}: {classify(exc)}", transient=True) from exc
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import BaseModel
 
 from tasks.engine import io_task
-from tasks.errors import ActionFailed
+from tasks.errors import ActionFailed, ConfigError
 from tasks.settings import TlsEndpoint
 from tasks.tls_rules import declined
 from tasks.wait import poll
@@ -100,7 +100,29 @@ async def _handshake(
             await asyncio.wait_for(writer.wait_closed(), 1)
 
 
-async def _check(name: str, ep: TlsEndpoint, timeout: float) -> ServedCert:
+def chain_context(name: str, ep: TlsEndpoint) -> ssl.SSLContext:
+    """The context a chain is verified with: the system's CAs, or the endpoint's ca_file.
+    Host names are not checked by it (hostname_matches judges them apart).
+
+    Raises ConfigError naming tls.NAME.ca_file when that file cannot be read or holds no
+    certificate."""
+    try:
+        context = ssl.create_default_context(cafile=ep.ca_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls.{name}.ca_file: {ep.ca_file} holds no CA certificate ({exc.reason or exc}); "
+            "point it at a PEM file of the certificates that sign the endpoint's chain"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"tls.{name}.ca_file: {ep.ca_file} cannot be read ({exc.strerror or exc}); "
+            "correct the path, or remove ca_file to use the system's CAs"
+        ) from None
+    context.check_hostname = False
+    return context
+
+
+async def _check(name: str, ep: TlsEndpoint, verify: ssl.SSLContext, timeout: float) -> ServedCert:
     sni = ep.server_name or ep.host
     address = f"{ep.host}:{ep.port} (SNI {sni})"
     seen = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -130,8 +152,6 @@ async def _check(name: str, ep: TlsEndpoint, timeout: float) -> ServedCert:
         )
     result = ServedCert(endpoint=name, address=address, reachable=True, **describe(der))
     result.hostname_ok = hostname_matches(sni, result.names)
-    verify = ssl.create_default_context(cafile=ep.ca_file)
-    verify.check_hostname = False  # judged above, so that the chain is judged on its own
     try:
         await _handshake(ep.host, ep.port, sni, verify, timeout)
         result.chain_ok = True
@@ -159,12 +179,14 @@ def read_served_certificates(
         an error).
 
     Raises:
-        OSError: an endpoint's ca_file cannot be read.
-        ssl.SSLError: an endpoint's ca_file holds no certificate.
+        ConfigError: an endpoint's ca_file cannot be read or holds no certificate (before
+            any endpoint is contacted).
         KeyError: an endpoint has no entry in `timeouts` (a bug in the caller)."""
+    # Every ca_file first: a bad one is the configuration's fault, named, before any handshake.
+    verifiers = {n: chain_context(n, ep) for n, ep in endpoints.items()}
 
     async def all_of_them() -> list[ServedCert]:
-        checks = (_check(n, ep, timeouts[n]) for n, ep in endpoints.items())
+        checks = (_check(n, ep, verifiers[n], timeouts[n]) for n, ep in endpoints.items())
         return list(await asyncio.gather(*checks))
 
     return asyncio.run(all_of_them())
@@ -182,7 +204,7 @@ def read_until_served(
     through tasks.wait.poll, so a cancelled run stops meanwhile (prefect Abort).
 
     Returns the last reading, in the order of read_served_certificates. Raises what
-    read_served_certificates raises (an unreadable ca_file)."""
+    read_served_certificates raises (ConfigError for an unusable ca_file)."""
 
     def by_endpoint(certs: list[ServedCert]) -> dict[str, ServedCert]:
         return {c.endpoint: c for c in certs}

@@ -7,9 +7,12 @@ import gzip
 import hashlib
 import os
 import random
+import socket
 import subprocess
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,9 @@ from hypothesis import strategies as st
 from deployments.localpg import free_port
 from flows.backup_verification import backup_verification
 from tasks.backup_rules import dump_made_by, newer_client_needed
-from tasks.backups import BadGzip, gunzip, list_backups, verify_backup
-from tasks.errors import AuthenticationFailed
+from tasks.backups import BadGzip, gunzip, list_backups, run_fed, verify_backup
+from tasks.errors import ActionFailed, AuthenticationFailed, TargetUnreachable
+from tasks.host import memory_file
 from tasks.models import RunStatus, Severity
 from tasks.settings import BackupSet, S3Target, load_settings
 from tests.conftest import Db
@@ -129,6 +133,23 @@ def test_endpoint_down(inventory: Any) -> None:
     assert SECRET not in report.model_dump_json()
 
 
+def test_an_endpoint_that_does_not_answer_in_time_is_worth_a_retry() -> None:
+    # Accepts connections (the kernel's backlog) and never answers a request.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        store = S3Target(
+            bucket=BUCKET,
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key_id=KEY,
+            secret_access_key=SECRET,
+            timeout_seconds=0.5,
+        )
+        with pytest.raises(TargetUnreachable) as caught:
+            list_backups.fn("app", BackupSet(s3="store"), store)
+    assert "the storage provider did not answer in time" in str(caught.value)
+    assert caught.value.transient
+
+
 def test_credentials_denied(inventory: Any) -> None:
     server = MotoServer(enforce_auth=True).start()
     try:
@@ -143,6 +164,65 @@ def test_credentials_denied(inventory: Any) -> None:
             list_backups.fn(name, cfg, settings.storage_of(cfg))
     finally:
         server.stop()
+
+
+@contextmanager
+def as_nobody() -> Iterator[None]:
+    """This process without root's power to read anything, for the block (not needed, and
+    not possible, when the tests do not run as root)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_a_directory_that_cannot_be_read(tmp_path: Path, inventory: Any) -> None:
+    folder = tmp_path / "backups"
+    folder.mkdir(mode=0o000)
+    inventory(f'[backups.app]\ndirectory = "{folder}"\n')
+    settings = load_settings()
+    name, cfg = settings.backup_set("app")
+    with as_nobody(), pytest.raises(TargetUnreachable) as caught:
+        list_backups.fn(name, cfg, None)
+    assert f"backups 'app': cannot read {folder}: Permission denied" in str(caught.value)
+    assert "give the user that runs the runbooks read access" in str(caught.value)
+    # Not transient: a retry reads with the same permissions. backup-verification reports it
+    # as its storage finding, as it does an S3 bucket it cannot read.
+    assert not caught.value.transient
+
+
+def test_a_backup_gone_before_it_is_verified(tmp_path: Path) -> None:
+    gone = tmp_path / "app-1.sql.gz"
+    with pytest.raises(TargetUnreachable, match=f"cannot read {gone}: No such file or directory"):
+        verify_backup.fn("app", BackupSet(directory=str(tmp_path)), None, str(gone))
+
+
+def test_without_pg_restore_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db: Db
+) -> None:
+    dump = tmp_path / "app-1.dump"
+    subprocess.run(["pg_dump", "-Fc", "-f", str(dump), db.dsn], check=True, timeout=60)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ActionFailed) as caught:
+        verify_backup.fn("app", BackupSet(directory=str(tmp_path)), None, str(dump))
+    assert "pg_restore cannot be started on this machine: No such file or directory" in str(
+        caught.value
+    )
+    assert "apt-get install postgresql-client" in str(caught.value)
+
+
+def test_a_tool_that_does_not_finish_is_stopped_and_named(tmp_path: Path) -> None:
+    with memory_file() as stderr:
+        sleeper = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE, stderr=stderr)
+        started = time.monotonic()
+        with pytest.raises(ActionFailed) as caught:
+            run_fed(sleeper, iter([b"x" * 100]), "app", "app-1.dump", stderr, 0.5)
+    assert time.monotonic() - started < 10 and sleeper.poll() is not None  # killed, not left
+    assert "backups 'app': app-1.dump: sleep had not finished 0.5 s after" in str(caught.value)
 
 
 @pytest.mark.parametrize("cut", [200, "half"])

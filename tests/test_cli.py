@@ -103,6 +103,15 @@ def test_malformed_config_exits_2(db: Db) -> None:
     no_traceback(proc)
 
 
+def test_a_malformed_dsn_exits_2_naming_its_key(db: Db) -> None:
+    db.config.write_text('[postgres.main]\ndsn = "password=s3cret-pw bogus=1"\n')
+    proc = cli("run", "postgres-connections")
+    assert proc.returncode == 2, proc.stderr
+    assert "postgres.main.dsn: not a PostgreSQL connection string" in proc.stderr
+    assert "s3cret-pw" not in proc.stderr + proc.stdout
+    no_traceback(proc)
+
+
 def test_a_malformed_redis_url_exits_2(inventory: Any, prefect_api: str) -> None:
     inventory('[redis.cache]\nurl = "http://:hunter2@127.0.0.1:6379/0"\n')
     proc = cli("run", "redis-health", "--target", "cache", env={"PREFECT_API_URL": prefect_api})

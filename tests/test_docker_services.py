@@ -4,6 +4,7 @@ queue-backlog, a leaking container restarted by resource-pressure."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import time
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker.types import LogConfig
 
-from deployments.localpg import free_port
+from deployments.localpg import free_port, stop_process
 from flows.queue_backlog import queue_backlog
 from flows.resource_pressure import resource_pressure
 from flows.service_health import service_health
-from tasks.errors import TargetError
+from tasks.errors import TargetError, TargetUnreachable
 from tasks.host import read_host_stats
 from tasks.models import ActionStatus, RunStatus, Severity
 from tasks.service_rules import ResourceParams, host_findings
@@ -27,13 +29,15 @@ from tasks.services import (
     COMPOSE_PROJECT,
     COMPOSE_SERVICE,
     DEFAULT_DOCKER_HOST,
+    DockerController,
     compose_cli,
     compose_scale,
     remote_docker_host,
+    service_logs,
     service_status,
 )
 from tasks.settings import ServiceTarget
-from tests.docker_engine import IMAGE
+from tests.docker_engine import IMAGE, DockerEngine
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -84,6 +88,48 @@ def test_app_that_stops_answering_is_restarted(engine: Any, inventory: Any) -> N
     assert report.actions[0].detail == "restarted api; answering again"
     assert client.api.inspect_container("api")["State"]["StartedAt"] != first_start
     client.close()
+
+
+def test_logs_the_log_driver_cannot_give_are_a_line_not_an_error(engine: Any) -> None:
+    client = engine.client()
+    client.containers.run(
+        IMAGE,
+        ["sleep", "60"],
+        name="quiet",
+        detach=True,
+        network_mode="none",
+        log_config=LogConfig(type="none"),
+    )
+    client.close()
+    cfg = ServiceTarget(kind="docker", container="quiet", docker_host=engine.socket)
+    [line] = service_logs.fn("quiet", cfg)
+    assert line.startswith("(logs unavailable: service 'quiet': Docker API: reading the logs")
+    assert "does not support reading" in line
+
+
+# docker-py leaks the socket of a connect that fails (tests/docker_engine.py says so too).
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_an_engine_that_stops_answering_mid_run(engine: Any) -> None:
+    # Its own engine: this one is stopped under a controller that had connected to it.
+    second = DockerEngine().start()
+    try:
+        client = second.client()
+        client.containers.run(
+            IMAGE, ["sleep", "60"], name="worker", detach=True, network_mode="none"
+        )
+        client.close()
+        cfg = ServiceTarget(kind="docker", container="worker", docker_host=second.socket)
+        gone = DockerController("worker", cfg)
+        stop_process(second.proc)
+        for read in (gone.status, gone.stats, lambda: gone.logs(5)):
+            with pytest.raises(TargetUnreachable) as caught:
+                read()
+            assert caught.value.transient and "service 'worker': Docker API" in str(caught.value)
+        gone.close()
+        del caught
+        gc.collect()  # the leaked sockets go here, where their warnings are ignored
+    finally:
+        second.stop()
 
 
 def test_status_of_a_missing_container_is_a_clear_error(engine: Any) -> None:

@@ -17,8 +17,10 @@ import pytest
 from deployments.localpg import free_port
 from flows.object_storage import object_storage
 from tasks.backup_rules import ObjectStorageParams
-from tasks.canary import CANARY_DIR
+from tasks.canary import CANARY_DIR, head_bucket, put_canary
+from tasks.errors import ConfigError
 from tasks.models import RunStatus, Severity
+from tasks.settings import S3Target
 from tests.s3_helpers import KEY, SECRET, MotoServer, client
 from tests.test_cli import cli, no_traceback
 
@@ -189,6 +191,40 @@ def test_an_endpoint_that_is_down(inventory: Any) -> None:
     assert head.severity is Severity.critical
     assert "cannot connect (network)" in head.message and "Connection refused" in head.message
     assert "endpoint_url" in head.message  # what to check next
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "expected"),
+    [
+        ("127.0.0.1:9000", "", "s3.store.endpoint_url: not an S3 endpoint URL: use http(s)://"),
+        ("ftp://127.0.0.1:9000", "", "s3.store.endpoint_url: not an S3 endpoint URL"),
+        ("http://u:s3cret-pw@no host", "", "s3.store.endpoint_url: not an S3 endpoint URL"),
+        ("http://127.0.0.1:9000", 'region = "eu central"', "'eu central' is not a region name"),
+    ],
+)
+def test_a_malformed_endpoint_or_region_exits_2_naming_its_key(
+    inventory: Any, url: str, extra: str, expected: str
+) -> None:
+    inventory(s3_config(url, extra=extra))
+    proc = cli("run", "object-storage")
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "s3cret-pw" not in proc.stderr + proc.stdout
+    no_traceback(proc)
+
+
+@pytest.mark.parametrize(
+    ("endpoint_url", "region", "what"),
+    [("127.0.0.1:9000", "us-east-1", "endpoint"), (None, "eu central", "region")],
+)
+def test_a_target_built_without_validation_gets_a_config_error(
+    endpoint_url: str | None, region: str, what: str
+) -> None:
+    target = S3Target.model_construct(bucket=BUCKET, endpoint_url=endpoint_url, region=region)
+    expected = f"botocore refuses its {what}: correct endpoint_url"
+    with pytest.raises(ConfigError, match=expected):
+        head_bucket.fn("store", target)
+    with pytest.raises(ConfigError, match=expected):
+        put_canary.fn("store", target, "key")
 
 
 def test_a_name_that_does_not_resolve(inventory: Any) -> None:

@@ -10,11 +10,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 
 from deployments.localpg import stop_process
 from flows.postgres_connections import postgres_connections
-from tasks.errors import AuthenticationFailed, TargetUnreachable
+from tasks.dumps import libpq_env
+from tasks.errors import AuthenticationFailed, ConfigError, TargetUnreachable
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.postgres import connect
+from tasks.settings import PostgresTarget
 from tasks.wait import poll
 from tests.conftest import Db
 
@@ -151,6 +155,17 @@ def test_refused_connection_is_a_clear_error(db: Db) -> None:
         run()
     assert "127.0.0.1:1/app" in str(caught.value) and "hunter2" not in str(caught.value)
     assert caught.value.transient
+
+
+def test_a_dsn_libpq_cannot_parse_is_a_config_error_naming_its_key() -> None:
+    # Settings refuse it at load; a target built in code without validation still gets a
+    # ConfigError, not psycopg's ProgrammingError (whose message quotes the DSN).
+    target = PostgresTarget.model_construct(dsn=SecretStr("password=s3cret-pw bogus=1"))
+    for call in (lambda: connect("main", target).__enter__(), lambda: libpq_env("main", target)):
+        with pytest.raises(ConfigError) as caught:
+            call()
+        assert "postgres.main.dsn: not a PostgreSQL connection string" in str(caught.value)
+        assert "s3cret-pw" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

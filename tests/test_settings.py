@@ -41,12 +41,15 @@ def test_environment_overrides_the_file_and_merges(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[postgres.main\ndsn = "x"', "not valid TOML"),
+        ('[postgres.main\ndsn = "host=x"', "not valid TOML"),
         ("[postgres.main]\nallow_roles = []\n", "postgres.main.dsn: Field required"),
-        ('[postgres.main]\ndsn = "x"\ndns = "y"\n', "postgres.main.dns: Extra inputs"),
-        ('[postgres.main]\ndsn = "x"\n[postgres.main.jobs]\ntable = "a.b.c"\n', "SCHEMA.TABLE"),
+        ('[postgres.main]\ndsn = "host=x"\ndns = "y"\n', "postgres.main.dns: Extra inputs"),
         (
-            '[postgres.main]\ndsn = "x"\n[postgres.main.thresholds]\nidle_seconds = 3\n',
+            '[postgres.main]\ndsn = "host=x"\n[postgres.main.jobs]\ntable = "a.b.c"\n',
+            "SCHEMA.TABLE",
+        ),
+        (
+            '[postgres.main]\ndsn = "host=x"\n[postgres.main.thresholds]\nidle_seconds = 3\n',
             "unknown idle_seconds",
         ),
         ('[nosuch.x]\nurl = "h"\n', "nosuch: Extra inputs"),
@@ -55,7 +58,7 @@ def test_environment_overrides_the_file_and_merges(
             "[services.api.thresholds]\nhost_memory_percent = 50\n",
             "unknown host_memory_percent; known: cpu_percent, memory_percent",
         ),
-        ('[postgres.main]\ndsn = "x"\napproval = "sometimes"\n', "postgres.main.approval"),
+        ('[postgres.main]\ndsn = "host=x"\napproval = "sometimes"\n', "postgres.main.approval"),
         ('[approval]\nnosuch.terminate_backend = "ask"\n', "approval.nosuch: unknown runbook"),
         (
             '[approval]\npostgres-connections.vacuum_analyze = "ask"\n',
@@ -73,6 +76,28 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str)
     assert ": :" not in str(caught.value) and "Value error" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("dsn", "why"),
+    [
+        ("postgresql://app:s3cret-pw@h:5432/app?sslmod=x", "libpq knows no keyword 'sslmod'"),
+        ("user=app password=s3cret-pw bogus=1", "libpq knows no keyword 'bogus'"),
+        ("s3cret-pw", "libpq cannot parse it"),
+    ],
+)
+def test_a_malformed_dsn_is_a_config_error_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dsn: str, why: str
+) -> None:
+    expected = f"postgres.main.dsn: not a PostgreSQL connection string ({why}): use postgresql://"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f'[postgres.main]\ndsn = "{dsn}"\n'))
+    assert expected in str(caught.value) and "s3cret-pw" not in str(caught.value)
+    monkeypatch.setenv("RUNBOOK_POSTGRES__MAIN__DSN", dsn)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, '[postgres.main]\ndsn = "host=x"\n'))
+    assert expected in str(caught.value) and "s3cret-pw" not in str(caught.value)
+    assert "RUNBOOK_POSTGRES__MAIN__DSN" in str(caught.value)
+
+
 def test_a_named_config_that_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBOOK_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(ConfigError, match="no such file"):
@@ -80,7 +105,9 @@ def test_a_named_config_that_is_missing(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_unknown_and_ambiguous_targets(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path, '[postgres.a]\ndsn = "x"\n[postgres.b]\ndsn = "y"\n'))
+    settings = load_settings(
+        write(tmp_path, '[postgres.a]\ndsn = "host=x"\n[postgres.b]\ndsn = "host=y"\n')
+    )
     with pytest.raises(ConfigError, match=r"unknown postgres target 'c'.*configured: a, b"):
         settings.postgres_target("c")
     with pytest.raises(ConfigError, match="pass --target"):
@@ -128,7 +155,10 @@ def test_bad_redis_config(tmp_path: Path, text: str, expected: str) -> None:
             "needs status_command and ",
         ),
         ('[services.a]\nkind = "ssh"\n', "services.a.kind"),
-        ('[postgres.main]\ndsn = "x"\nservice = "nope"\n', "postgres.main.service names 'nope'"),
+        (
+            '[postgres.main]\ndsn = "host=x"\nservice = "nope"\n',
+            "postgres.main.service names 'nope'",
+        ),
         (
             '[services.a]\nkind = "systemd"\nunit = "a"\ndependencies = { db = "mysql.x" }\n',
             "must be postgres.NAME or redis.NAME",

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from flows.tls_certificates import tls_certificates
+from tasks.errors import ConfigError
 from tasks.models import ActionStatus, RunStatus, Severity
 from tasks.settings import TlsEndpoint
 from tasks.tls import ServedCert
@@ -76,6 +77,31 @@ def test_every_kind_of_bad_certificate(tmp_path: Path, servers: Servers, invento
     assert report.status is RunStatus.unhealthy
     # Renewal planned only where it can run: none of these have a renew command.
     assert {a.status for a in report.actions} == {ActionStatus.skipped}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot be read (No such file or directory); correct the path"),
+        ("not a certificate\n", "holds no CA certificate"),
+    ],
+)
+def test_a_ca_file_that_cannot_be_used_is_a_config_error_naming_it(
+    tmp_path: Path, servers: Servers, inventory: Any, content: str | None, expected: str
+) -> None:
+    ca = CA(tmp_path)
+    good = servers.tls(*ca.issue("fine", ["app.test"], days=90))
+    bad = tmp_path / "bad-ca.pem"
+    if content is not None:
+        bad.write_text(content)
+    # One endpoint's bad ca_file: one clear error for the run, not a traceback from ssl.
+    inventory(
+        endpoint("fine", good, ca) + endpoint("other", good, ca).replace(str(ca.pem), str(bad))
+    )
+    with pytest.raises(ConfigError) as caught:
+        tls_certificates(params={"timeout_seconds": 1})
+    assert str(caught.value).startswith(f"tls.other.ca_file: {bad} ")
+    assert expected in str(caught.value)
 
 
 def test_renewal_that_is_not_served_is_a_failure(
