@@ -183,19 +183,25 @@ def _expected(backup: BackupSet, s3: S3Target | None, key: str, name: str) -> st
     if s3 is None:
         sidecar = Path(key + ".sha256")
         try:
-            return sidecar.read_text().split()[0].lower() if sidecar.is_file() else None
+            return _digest_of(sidecar.read_text()) if sidecar.is_file() else None
         except OSError as exc:
             raise unreadable(name, exc) from exc
     client = s3_client(s3)
     try:
         body: bytes = client.get_object(Bucket=s3.bucket, Key=key + ".sha256")["Body"].read()
-        return body.decode().split()[0].lower()
+        return _digest_of(body.decode(errors="replace"))
     except botocore.exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
             raise
     meta = client.head_object(Bucket=s3.bucket, Key=key).get("Metadata", {})
     value = meta.get("sha256")
     return str(value).lower() if value else None
+
+
+def _digest_of(sidecar: str) -> str:
+    """The digest a `sha256sum` line starts with, lower-cased; "" for an empty sidecar."""
+    words = sidecar.split()
+    return words[0].lower() if words else ""
 
 
 @io_task("verify-backup", timeout_seconds=PG_RESTORE_TIMEOUT + 60, retries=0)
@@ -233,7 +239,12 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
         expected = _expected(backup, s3, key, name)
     sha = digest.hexdigest()
     advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
-    if (not problem or advice) and expected and expected != sha:
+    if (not problem or advice) and expected == "":
+        advice, problem = (
+            None,
+            f"its checksum file {key}.sha256 is empty: the job writing it did not finish",
+        )
+    elif (not problem or advice) and expected and expected != sha:
         advice, problem = None, f"checksum mismatch: sha256 {sha[:16]}…, expected {expected[:16]}…"
     return Integrity(
         ok=not problem,

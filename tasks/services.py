@@ -513,6 +513,11 @@ class DockerController:
                 f"service {self.name!r}: {shlex.join(argv)} did not finish within "
                 f"{self.cfg.timeout_seconds:g} s (timeout_seconds)"
             ) from None
+        except OSError as exc:  # the compose CLI went away, or cannot be executed
+            raise ActionFailed(
+                f"service {self.name!r}: cannot run {shlex.join(argv)}: {exc.strerror}; "
+                "install Docker Compose (apt-get install docker-compose) or run it by hand"
+            ) from exc
         if proc.returncode != 0:
             raise ActionFailed(
                 f"service {self.name!r}: {shlex.join(argv)} exited {proc.returncode}: "

@@ -426,3 +426,12 @@ def test_what_the_backup_holds_decides_how_it_is_read(
         path.write_bytes(gzip.compress(inner.stdout[: len(inner.stdout) // 2]))
         integrity = next(f for f in backup_verification("app").findings if f.check == "integrity")
         assert integrity.severity is Severity.critical and "pg_restore failed" in integrity.message
+
+
+def test_an_empty_checksum_file_fails_the_backup(tmp_path: Path, inventory: Any) -> None:
+    (tmp_path / "app-1.sql").write_text("CREATE TABLE t (id int);\n")
+    (tmp_path / "app-1.sql.sha256").write_text("")  # the job writing it stopped first
+    inventory(f'[backups.app]\ndirectory = "{tmp_path}"\npattern = ["*.sql"]\n')
+    found = {f.check: f for f in backup_verification("app").findings}
+    assert found["integrity"].severity is Severity.critical
+    assert "app-1.sql.sha256 is empty" in found["integrity"].message
