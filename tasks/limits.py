@@ -127,6 +127,17 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "set_maxmemory_policy": RateLimit(max=2, per_seconds=3600),
 }
 
+# The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue
+# is in DEFAULT_RATES or here). They still take the one-mutating-run-per-target limit.
+UNRATED: dict[str, str] = {
+    "dump": "adds a backup and changes no data; pre-change-backup runs it by hand",
+    "handoff": "starts another runbook, which has its own gate and limits",
+    "renew_certificate": "the ACME CA rate-limits issuance itself; the window allows one a day",
+    "restore_drill": "works on a scratch database it creates and drops",
+    "scale_workers": "bounded by max_workers of the queue's worker service",
+    "vacuum_analyze": "takes no data away; at most max_tables a run, with lock timeouts",
+}
+
 
 def rate_for(kind: str, rates: Mapping[str, RateLimit]) -> RateLimit | None:
     """The rate of an action kind: the configured one (Settings.limits), else

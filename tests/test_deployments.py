@@ -35,6 +35,8 @@ def test_prefect_yaml_matches_the_catalogue() -> None:
         path, function = d["entrypoint"].split(":")
         module = path.removesuffix(".py").replace("/", ".")
         by_flow[f"{module}:{function}"] = d
+    missing = sorted({rb.entrypoint for rb in RUNBOOKS.values()} - set(by_flow))
+    assert not missing, f"prefect.yaml has no deployment of {missing}: add one per target"
     assert set(by_flow) == {rb.entrypoint for rb in RUNBOOKS.values()}
     for rb in RUNBOOKS.values():
         d = by_flow[rb.entrypoint]
@@ -202,9 +204,10 @@ def test_readme_catalogue_matches_the_catalogue() -> None:
     for rb in RUNBOOKS.values():
         kinds = ", ".join(f"`{k}`" for k in rb.actions) or "none"
         row = f"| `{rb.name}` | {rb.seeds} | {rb.triggers} | {rb.changes} | {kinds} |"
-        assert row in readme
+        assert row in readme, f"README.md's catalogue needs this row:\n{row}"
         for name, field in rb.params.model_fields.items():
-            assert f"`{name}` [{field.default}]" in readme, name
+            cell = f"`{name}` [{field.default}]"
+            assert cell in readme, f"README.md's parameter table: {rb.name}'s row needs {cell}"
 
 
 @pytest.mark.timeout(600)
