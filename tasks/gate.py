@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -198,6 +199,7 @@ def _policies(
     settings = load_settings()
     log = journal()
     _known_kinds(runbook, settings.approval.get(runbook, {}), log.actions)
+    _no_misspelt_runbook(runbook, settings.approval)
     section = settings.targets(log.inventory) if log.inventory is not None else {}
 
     def policy(action: Action) -> Policy:
@@ -228,6 +230,28 @@ def _known_kinds(
                 f"{config_path()}: approval.{runbook}.{kind}: {runbook} plans no action of that "
                 f"kind; its kinds: {', '.join(declared) or 'none (it changes nothing)'}; correct "
                 f"it there or in {ENV_PREFIX}APPROVAL__{runbook.upper()}__{kind.upper()}"
+            )
+
+
+# Two runbook names this alike are one misspelt (difflib's ratio; the registry's own names
+# stay below it: tests/test_gate_walk.py).
+MISSPELT_RATIO = 0.85
+
+
+def _no_misspelt_runbook(runbook: str, configured: dict[str, dict[str, Approval]]) -> None:
+    """Refuse to act when an `[approval]` section names a runbook that is not this one but is
+    spelt almost like it (`postgres-conections`): its policies, a `never` perhaps, were meant
+    for this run. A worker-started run loads no registry to know every runbook's name; each
+    runbook catches the misspellings of its own.
+
+    Raises ConfigError naming the section and the runbook it was likely meant for."""
+    from tasks.settings import config_path
+
+    for name in configured:
+        if name != runbook and SequenceMatcher(None, name, runbook).ratio() >= MISSPELT_RATIO:
+            raise ConfigError(
+                f"{config_path()}: approval.{name}: no runbook is called {name!r}; did you mean "
+                f"{runbook!r}? Correct the section's name: its policies would not apply"
             )
 
 

@@ -162,3 +162,34 @@ def test_a_misspelt_approval_kind_stops_a_run_that_loads_no_registry(
     assert _calls == []
     assert report.actions[0].status is ActionStatus.skipped
     assert "approval policy is 'never'" in report.actions[0].detail
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_misspelt_runbook_in_approval_stops_a_run_that_loads_no_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[approval] gate-declard.k = "never"` was meant for gate-declared: the run refuses to
+    act rather than act without the policy; another runbook's section is left alone."""
+    _calls.clear()
+    path = tmp_path / "runbook.toml"
+    monkeypatch.setenv("RUNBOOK_CONFIG", str(path))
+    path.write_text('[approval]\ngate-declard.k = "never"\n')
+    with pytest.raises(
+        ConfigError, match=r"approval\.gate-declard: .*did you mean 'gate-declared'"
+    ):
+        _declared("t")
+    assert _calls == []
+    path.write_text('[approval]\npostgres-connections.cancel_query = "never"\n')
+    report: Report = _declared("t")
+    assert report.actions[0].status is ActionStatus.done
+
+
+def test_no_two_runbooks_are_named_alike_enough_to_pass_for_a_misspelling() -> None:
+    from difflib import SequenceMatcher
+    from itertools import combinations
+
+    from deployments.catalog import RUNBOOKS
+    from tasks.gate import MISSPELT_RATIO
+
+    for a, b in combinations(RUNBOOKS, 2):
+        assert SequenceMatcher(None, a, b).ratio() < MISSPELT_RATIO, (a, b)
