@@ -44,13 +44,15 @@ def plain(dsn: str) -> None:
         dsn, connect_timeout=5, autocommit=True, row_factory=psycopg.rows.dict_row
     ) as conn:
         head = conn.execute(
-            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections"
+            "SELECT now() AS now, current_setting('max_connections')::int AS max_connections, "
+            "current_user AS role"
         ).fetchone()
         assert head is not None
         rows = conn.execute(_ACTIVITY).fetchall()
     activity = Activity(
         now=head["now"],
         max_connections=head["max_connections"],
+        role=head["role"],
         backends=[Backend(**r) for r in rows],
     )
     connection_findings("main", activity, target, ConnectionsParams())

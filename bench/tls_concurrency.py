@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.settings import TlsEndpoint
-from tasks.tls import _check, read_served_certificates
+from tasks.tls import _check, chain_context, read_served_certificates
 from tests.tls_helpers import CA, Servers
 
 
@@ -43,7 +43,10 @@ def main() -> None:
         concurrent = read_served_certificates.fn(endpoints, dict.fromkeys(endpoints, args.timeout))
         concurrent_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        sequential = [asyncio.run(_check(n, ep, args.timeout)) for n, ep in endpoints.items()]
+        sequential = [
+            asyncio.run(_check(n, ep, chain_context(n, ep), args.timeout))
+            for n, ep in endpoints.items()
+        ]
         sequential_seconds = time.perf_counter() - start
     servers.close()
     assert sum(c.reachable for c in concurrent) == sum(c.reachable for c in sequential)

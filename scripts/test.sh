@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy flows tasks deployments tests
+.venv/bin/mypy flows tasks deployments tests bench
 .venv/bin/pytest "$@"
