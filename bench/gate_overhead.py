@@ -46,6 +46,9 @@ def main() -> None:
     try:
         print(measure(args.rounds))
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # the runs' logs reach the server before it stops
         server.stop()
 
 
