@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.client.base import PrefectHttpxSyncClient
 
 from deployments.catalog import RUNBOOKS
 from deployments.localpg import free_port, stop_process
@@ -311,8 +312,9 @@ def test_no_api_and_ephemeral_mode_off_is_a_configuration_error(db: Db) -> None:
 
 
 def read_run(api: str, flow_run_id: str) -> dict[str, Any]:
-    """The flow run as the Prefect API has it, with its task runs, logs and artifacts."""
-    with httpx.Client(base_url=api, timeout=60) as client:
+    """The flow run as the Prefect API has it, with its task runs, logs and artifacts (through
+    Prefect's HTTP client, which retries the 503 of a busy SQLite server)."""
+    with PrefectHttpxSyncClient(base_url=api, timeout=60) as client:
         run: dict[str, Any] = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
         by_run = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
         run["task_runs"] = client.post("/task_runs/filter", json=by_run).raise_for_status().json()

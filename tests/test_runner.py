@@ -198,7 +198,7 @@ def test_late_scheduled_checks_are_skipped_and_a_manual_run_is_not(
     """Scheduled runs made late for real: Prefect's scheduler backfills the slow flow's
     30-minute schedule over a window 3 h to 1.5 h ago (as if serve had stalled). The older ones
     are superseded, the newest is later than its interval; a manual run as late still runs."""
-    import httpx
+    from prefect.client.base import PrefectHttpxSyncClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL
 
@@ -210,7 +210,8 @@ def test_late_scheduled_checks_are_skipped_and_a_manual_run_is_not(
         state=Scheduled(scheduled_time=utcnow() - timedelta(hours=4)),
     )
     now = utcnow()
-    with httpx.Client(base_url=str(PREFECT_API_URL.value()), timeout=60) as http:
+    # Prefect's own HTTP client: it retries the 503 a busy SQLite server answers.
+    with PrefectHttpxSyncClient(base_url=str(PREFECT_API_URL.value()), timeout=60) as http:
         http.post(
             f"/deployments/{dep}/schedule",
             json={
