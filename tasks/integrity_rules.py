@@ -194,7 +194,8 @@ def plan_integrity(
             kind="delete_orphans",
             target=name,
             destructive=True,
-            description=f"delete {limit} orphan rows of {describe_relation(cfg.relations[i])} "
+            description=f"delete {limit or count} orphan rows of "
+            f"{describe_relation(cfg.relations[i])} "
             f"in batches of {p.batch_size}",
             args=OrphanRef(relation=i, limit=limit),
         )
