@@ -315,6 +315,19 @@ RUNBOOKS: dict[str, Runbook] = {
             requires='a database (database = "NAME" in [backups.NAME])',
             accepts=lambda target: target.database is not None,
         ),
+        Runbook(
+            name="data-integrity",
+            entrypoint="flows.data_integrity:data_integrity",
+            purpose="Orphan rows along the configured relations, at every level, with a sample "
+            "of ids; expired sessions; live rows per table. Deletes them in capped batches.",
+            seeds="003 Data Corruption, 003 Login Problems (clear expired sessions)",
+            inventory="integrity",
+            params_class="tasks.integrity_rules:IntegrityParams",
+            changes="DELETEs orphan rows, deepest level first, and expired sessions, in batches "
+            "each its own transaction (max_rows_deleted and max_sessions_deleted a run)",
+            action_kinds="tasks.integrity_rules:IntegrityAction",
+            cron=None,
+        ),
     )
 }
 

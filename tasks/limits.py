@@ -125,6 +125,12 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "enable_aof": RateLimit(max=2, per_seconds=3600),
     # Destructive when it turns eviction on: keys start going at once if memory is full.
     "set_maxmemory_policy": RateLimit(max=2, per_seconds=3600),
+    # data-integrity deletes application rows (seed 003 "Data Corruption"), max_rows_deleted
+    # (1000) a run: a few runs an hour finish a backlog; orphans that keep coming back are a
+    # bug in the application, not something to delete over and over.
+    "delete_orphans": RateLimit(max=4, per_seconds=3600),
+    # Expired sessions are dead data (seed 003 "Login Problems"), max_sessions_deleted a run.
+    "delete_expired_sessions": RateLimit(max=4, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

@@ -270,6 +270,85 @@ class LockoutTable(TimedTable):
     )
 
 
+class Relation(_Strict):
+    """One foreign key the application means but the database may not enforce: each row of
+    child_table whose child_column is set names a row of parent_table by parent_column.
+    Names are case-sensitive, as Prisma creates them (table "Category", column "menuId");
+    a table may be schema-qualified (public.Category)."""
+
+    child_table: str = Field(description="TABLE or SCHEMA.TABLE, e.g. Category")
+    child_column: str = Field(description="the referencing column, e.g. menuId")
+    parent_table: str = Field(description="TABLE or SCHEMA.TABLE, e.g. Menu")
+    parent_column: str = Field("id", description="the referenced column, e.g. id")
+    child_id_column: str = Field("id", description="the child's key, shown in the sample")
+
+    @field_validator("child_table", "parent_table")
+    @classmethod
+    def _one_or_two_parts(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"{value!r} must be TABLE or SCHEMA.TABLE")
+        return value
+
+    @property
+    def child_parts(self) -> tuple[str, ...]:
+        return _qualified(self.child_table)
+
+    @property
+    def parent_parts(self) -> tuple[str, ...]:
+        return _qualified(self.parent_table)
+
+
+def _qualified(table: str) -> tuple[str, ...]:
+    """(schema, table): an unqualified name is in public, so that Category and
+    public.Category are one table when relations are chained."""
+    parts = tuple(table.split("."))
+    return parts if len(parts) == 2 else ("public", *parts)
+
+
+class SessionsTable(TimedTable):
+    """The application's sessions (seed 003 "Login Problems": "Session"."expiresAt")."""
+
+    expires_column: str = Field(description="when a session expires, e.g. expiresAt")
+
+
+class IntegritySet(_Target):
+    """[integrity.NAME]: the relations of one database to check for orphans, and its sessions
+    table (seed 003 "Data Corruption" and "Login Problems")."""
+
+    target: str = Field(description="a [postgres.NAME] target")
+    relations: list[Relation] = Field(default_factory=list)
+    sessions: SessionsTable | None = None
+
+    @model_validator(mode="after")
+    def _acyclic(self) -> IntegritySet:
+        if not self.relations and self.sessions is None:
+            raise ValueError(
+                "nothing to check: add [[integrity.NAME.relations]] (child_table, child_column, "
+                "parent_table, parent_column) or sessions = { table = ..., expires_column = ... }"
+            )
+        parents: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+        for r in self.relations:
+            parents.setdefault(r.child_parts, set()).add(r.parent_parts)
+
+        def reaches(start: tuple[str, ...], goal: tuple[str, ...], seen: set[Any]) -> bool:
+            for parent in parents.get(start, ()):
+                if parent == goal or (
+                    parent not in seen and reaches(parent, goal, seen | {parent})
+                ):
+                    return True
+            return False
+
+        for r in self.relations:
+            if r.child_parts == r.parent_parts or reaches(r.parent_parts, r.child_parts, set()):
+                raise ValueError(
+                    f"relation {r.child_table}.{r.child_column} -> {r.parent_table} closes a "
+                    "cycle: the relations must form a tree (a table referencing itself, or "
+                    "through others, is not supported); remove that relation"
+                )
+        return self
+
+
 class RedisTarget(_Target):
     url: SecretStr
     password: SecretStr | None = None
@@ -386,6 +465,8 @@ class Settings(BaseSettings):
     audit: AuditSettings | None = None
     # Who is told of approval requests and outcomes, and escalation ([[notify.routes]]).
     notify: NotifySettings | None = None
+    # data-integrity: the relations and sessions of a [postgres.NAME]'s database.
+    integrity: dict[str, IntegritySet] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -418,6 +499,17 @@ class Settings(BaseSettings):
                 kind, target_name = ref.split(".", 1)
                 if target_name not in self.targets(kind):
                     raise ValueError(f"services.{name}.dependencies.{component}: no [{ref}]")
+        return self
+
+    @model_validator(mode="after")
+    def _integrity_targets_resolve(self) -> Settings:
+        for name, found in self.integrity.items():
+            if found.target not in self.postgres:
+                known = ", ".join(self.postgres) or "none"
+                raise ValueError(
+                    f"integrity.{name}.target names {found.target!r}, which is not a "
+                    f"[postgres.*] target (configured: {known})"
+                )
         return self
 
     @classmethod
@@ -466,6 +558,10 @@ class Settings(BaseSettings):
     def storage_of(self, backup: BackupSet) -> S3Target | None:
         """Where a backup set is kept: its [s3.*] target, or None for a directory."""
         return self.s3[backup.s3] if backup.s3 else None
+
+    def integrity_set(self, name: str | None) -> tuple[str, IntegritySet]:
+        """An [integrity.NAME]: its name and entry (ConfigError naming the known ones)."""
+        return _pick("integrity", self.integrity, name)
 
 
 class _InventoryEnv(EnvSettingsSource):
