@@ -125,6 +125,10 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "enable_aof": RateLimit(max=2, per_seconds=3600),
     # Destructive when it turns eviction on: keys start going at once if memory is full.
     "set_maxmemory_policy": RateLimit(max=2, per_seconds=3600),
+    # security-incident is run by hand for the users of one incident (seed 004 s12).
+    "revoke_sessions": RateLimit(max=10, per_seconds=3600),
+    # Each rotation invalidates every token: all users are logged out.
+    "rotate_jwt_key": RateLimit(max=2, per_seconds=86_400),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue
