@@ -17,7 +17,7 @@ from prefect.blocks.system import Secret
 from psycopg import sql
 
 from tasks.engine import io_task
-from tasks.errors import ActionFailed, ConfigError
+from tasks.errors import ActionFailed, ConfigError, TargetError
 from tasks.postgres import TimeColumn, _configured_table, connect
 from tasks.security_rules import AUDIT_WINDOW_HOURS, KeyState
 from tasks.settings import PostgresTarget, SecurityTarget
@@ -200,6 +200,11 @@ def _load_secret(block: str) -> str | None:
         loaded = cast("Secret[Any]", Secret.load(block))
     except ValueError:  # Prefect: "Unable to find block document named ..."
         return None
+    except Exception as exc:  # the Prefect API's client errors (httpx, HTTP status)
+        raise TargetError(
+            f"Prefect Secret block {block!r} cannot be read: {type(exc).__name__}; check "
+            "PREFECT_API_URL and that the Prefect server is up"
+        ) from None
     value = loaded.get()
     return value if isinstance(value, str) else None
 
@@ -210,8 +215,8 @@ def read_jwt_key(name: str, target: SecurityTarget) -> KeyState | None:
     fingerprint (key_fingerprint). None when the target names no jwt_secret.
 
     Raises:
-        TargetError, TargetUnreachable: the Prefect API cannot be read (Prefect's own errors
-            are turned into these by the task's callers)."""
+        TargetError: the Prefect API cannot be read (the message names the error's type only:
+            Prefect's own messages may quote what was sent)."""
     block = target.jwt_secret
     if block is None:
         return None
@@ -242,7 +247,9 @@ def rotate_jwt_key(
         What was done, naming the fingerprints and the previous key's block, for the detail.
 
     Raises:
-        ActionFailed: the Prefect API refused to save a block (its message, never a key)."""
+        ActionFailed: the Prefect API refused to save a block (the error's type only, never
+            a key).
+        TargetError: the block cannot be read."""
     previous = _load_secret(block)
     kept = f"{block}-{now.strftime('%Y%m%dt%H%M%Sz')}"
     try:
