@@ -26,6 +26,7 @@ from tasks.security_rules import (
     SecurityParams,
     Users,
     audit_finding,
+    check_rotation,
     key_finding,
     plan_security,
     session_findings,
@@ -53,6 +54,7 @@ def security_incident(
     """
     run = open_run(Settings.security_target, target, SecurityParams, params)
     name, sec, p = run.name, run.target, run.p
+    check_rotation(name, sec, p)
     pg_name, pg = run.settings.postgres_target(sec.postgres)
     # The key taken as compromised: the one the block holds when the run starts.
     key_before = read_jwt_key(name, sec)

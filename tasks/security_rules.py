@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.errors import ConfigError
 from tasks.models import Action, Finding, Params, ServiceRef, Severity
 
 if TYPE_CHECKING:
@@ -82,6 +83,17 @@ class KeyState(BaseModel):
     exists: bool
     fingerprint: str | None = None
     error: str = ""
+
+
+def check_rotation(name: str, target: SecurityTarget, p: SecurityParams) -> None:
+    """rotate_jwt=true on a target with no jwt_secret cannot be done: say where to name it.
+
+    Raises ConfigError naming security.NAME.jwt_secret."""
+    if p.rotate_jwt and target.jwt_secret is None:
+        raise ConfigError(
+            f"security.{name}.jwt_secret is not set, so rotate_jwt=true has no key to rotate: "
+            "name the Prefect Secret block that holds the JWT private key"
+        )
 
 
 def session_findings(
