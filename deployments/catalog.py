@@ -328,6 +328,20 @@ RUNBOOKS: dict[str, Runbook] = {
             action_kinds="tasks.integrity_rules:IntegrityAction",
             cron=None,
         ),
+        Runbook(
+            name="security-incident",
+            entrypoint="flows.security_incident:security_incident",
+            purpose="Revokes the live sessions of compromised users, rotates the JWT signing "
+            "key and restarts the services that read it; shows the last 24 h of the audit log.",
+            seeds="004 s12 (token compromise), 002 Suspected Security Breach, 001 secrets rotation",
+            inventory="security",
+            params_class="tasks.security_rules:SecurityParams",
+            changes="UPDATEs the named users' live sessions to revoked; stores a new key pair "
+            "in the Prefect Secret block (the previous one kept under a dated name); restarts "
+            "the services that read it",
+            action_kinds="tasks.security_rules:SecurityAction",
+            cron=None,
+        ),
     )
 }
 

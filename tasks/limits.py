@@ -131,6 +131,10 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "delete_orphans": RateLimit(max=4, per_seconds=3600),
     # Expired sessions are dead data (seed 003 "Login Problems"), max_sessions_deleted a run.
     "delete_expired_sessions": RateLimit(max=4, per_seconds=3600),
+    # security-incident is run by hand for the users of one incident (seed 004 s12).
+    "revoke_sessions": RateLimit(max=10, per_seconds=3600),
+    # Each rotation invalidates every token: all users are logged out.
+    "rotate_jwt_key": RateLimit(max=2, per_seconds=86_400),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

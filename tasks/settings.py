@@ -373,6 +373,43 @@ class RedisTarget(_Target):
         return describe_url(self.url)
 
 
+class SessionsTable(TimedTable):
+    """The application's sessions (seed 004 s12: users.session, userid, revokedat): a session
+    is live while its revoked column is NULL; revoking sets it to now()."""
+
+    user_column: str = Field("userid", description="the column holding the user's id")
+    revoked_column: str = Field(
+        "revokedat", description="timestamp or timestamptz set when revoked; NULL: live"
+    )
+
+
+class AuditLogTable(TimedTable):
+    """The application's audit log (seed 004 s12: system.auditlog, createdat)."""
+
+    time_column: str = Field("createdat", description="timestamp or timestamptz of each row")
+
+
+class SecurityTarget(_Target):
+    """[security.NAME]: where one application keeps its sessions, its audit log and its JWT
+    signing key, and which services read the key (security-incident)."""
+
+    postgres: str = Field(description="the [postgres.NAME] holding the sessions and audit log")
+    sessions: SessionsTable
+    audit_log: AuditLogTable | None = None
+    jwt_secret: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="the Prefect Secret block holding the JWT private key (PEM); "
+        "lowercase letters, digits and dashes",
+    )
+    jwt_algorithm: Literal["RS256", "Ed25519"] = Field(
+        "RS256", description="RS256: RSA 2048-bit; Ed25519 (JWT's EdDSA)"
+    )
+    jwt_services: list[str] = Field(
+        default_factory=list, description="the [services.NAME]s that read the key: restarted"
+    )
+
+
 class ReceiverSettings(_Strict):
     """[receiver]: where it listens, how callers authenticate, storm control, dispatch."""
 
@@ -467,6 +504,8 @@ class Settings(BaseSettings):
     notify: NotifySettings | None = None
     # data-integrity: the relations and sessions of a [postgres.NAME]'s database.
     integrity: dict[str, IntegritySet] = Field(default_factory=dict)
+    # Where one application keeps sessions, audit log and JWT key (security-incident).
+    security: dict[str, SecurityTarget] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -562,6 +601,33 @@ class Settings(BaseSettings):
     def integrity_set(self, name: str | None) -> tuple[str, IntegritySet]:
         """An [integrity.NAME]: its name and entry (ConfigError naming the known ones)."""
         return _pick("integrity", self.integrity, name)
+
+    def security_target(self, name: str | None) -> tuple[str, SecurityTarget]:
+        """A [security.NAME]: its name and entry (ConfigError naming the known ones)."""
+        return _pick("security", self.security, name)
+
+    @model_validator(mode="after")
+    def _security_references_resolve(self) -> Settings:
+        for name, sec in self.security.items():
+            if sec.postgres not in self.postgres:
+                known = ", ".join(self.postgres) or "none"
+                raise ValueError(
+                    f"security.{name}.postgres names {sec.postgres!r}, which is not a "
+                    f"[postgres.*] target (configured: {known})"
+                )
+            for service in sec.jwt_services:
+                if service not in self.services:
+                    known = ", ".join(self.services) or "none"
+                    raise ValueError(
+                        f"security.{name}.jwt_services names {service!r}, which is not a "
+                        f"[services.*] entry (configured: {known})"
+                    )
+            if sec.jwt_services and sec.jwt_secret is None:
+                raise ValueError(
+                    f"security.{name}.jwt_services is set but jwt_secret is not: name the "
+                    "Prefect Secret block that holds the key the services read"
+                )
+        return self
 
 
 class _InventoryEnv(EnvSettingsSource):

@@ -1,7 +1,8 @@
 """Secret hygiene across a whole remediation: distinctive secret values configured in every
 place that takes one (DSNs, a Redis password, the audit DSN, a notification URL's token, the
-receiver's token), real runs that act, fail to reach a target and notify; then no log line,
-artifact, event, audit row, notification, report or error message holds any of them."""
+receiver's token), real runs that act, fail to reach a target and notify, and a rotation of a
+JWT signing key held in a Prefect Secret block; then no log line, artifact, event, audit row,
+notification, report or error message holds any of them, nor any line of either key."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from collections.abc import Callable
 import psycopg
 import pytest
 from prefect import get_client
+from prefect.blocks.system import Secret
 
 from deployments.localpg import free_port
 from flows.postgres_connections import postgres_connections
 from flows.redis_health import redis_health
+from flows.security_incident import security_incident
 from tasks.audit import AuditSettings, init_table
 from tasks.errors import RunbookError
 from tasks.models import Report, RunStatus
+from tasks.security import new_private_key
 from tests.conftest import Db
 from tests.test_notify import Hook, hook  # noqa: F401 (a fixture)
 
@@ -35,8 +39,10 @@ def with_password(dsn: str, password: str) -> str:
     return dsn.replace("postgres@", f"postgres:{password}@", 1)
 
 
-def leaks(text: str) -> list[str]:
-    return [s for s in SECRETS if s in text]
+def leaks(text: str, keys: tuple[str, ...] = ()) -> list[str]:
+    """The secrets, and the lines of PEM keys, that text holds."""
+    lines = tuple(line for key in keys for line in key.splitlines() if "-----" not in line)
+    return [s for s in SECRETS + lines if s in text]
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -58,7 +64,14 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
         f'[receiver]\ntoken = "{RECEIVER_SECRET}"\n'
         f"[notify]\n[[notify.routes]]\n"
         f'urls = ["{hook.url(NOTIFY_SECRET)}", "json://127.0.0.1:{closed}/{NOTIFY_SECRET}"]\n'
+        '[security.app]\npostgres = "main"\njwt_secret = "hygiene-jwt-key"\n'
+        '[security.app.sessions]\ntable = "session"\n'
     )
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE session (userid text, revokedat timestamptz)")
+        conn.execute("INSERT INTO session VALUES ('u1', NULL), ('u2', NULL)")
+    old_key = new_private_key("RS256")
+    Secret(value=old_key).save("hygiene-jwt-key", overwrite=True)
     pids = db.idle_in_transaction(2)
     time.sleep(1.5)
     caplog.set_level("DEBUG")
@@ -68,6 +81,13 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
         "main", dry_run=False, approval="auto", params={"idle_in_transaction_seconds": 1}
     )
     assert fixed.status is RunStatus.fixed and db.alive(pids) == set()
+    rotated = security_incident(
+        "app", dry_run=False, approval="auto", params={"users": ["u1"], "rotate_jwt": True}
+    )
+    assert rotated.status is RunStatus.fixed
+    new_key = Secret.load("hygiene-jwt-key").get()  # type: ignore[union-attr]
+    assert isinstance(new_key, str) and new_key != old_key
+    keys = (old_key, new_key)
     runs: list[Callable[[], Report]] = [
         lambda: postgres_connections("gone"),
         lambda: redis_health("cache"),
@@ -104,7 +124,7 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
     assert notified  # the fixed run told the route (its dead second URL failed, redacted)
 
     places = {
-        "report": [fixed.model_dump_json()],
+        "report": [fixed.model_dump_json(), rotated.model_dump_json()],
         "errors": errors,
         "logs": logs,
         "captured logs": [caplog.text],
@@ -113,5 +133,5 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
         "audit rows": rows,
         "notifications": notified,
     }
-    found = {where: leaks("\n".join(texts)) for where, texts in places.items()}
+    found = {where: leaks("\n".join(texts), keys) for where, texts in places.items()}
     assert found == {where: [] for where in places}

@@ -1,0 +1,96 @@
+"""security-incident: revoke the sessions of compromised users, rotate the JWT signing key
+and restart the services that read it, and show the last 24 h of the audit log (seeds 004 s12
+"Security Incident (Token Compromise)", 002 "Suspected Security Breach", 001 secrets
+rotation)."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from prefect import State
+
+from tasks.engine import run_action, runbook_flow
+from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
+from tasks.models import ActionStatus, AlertInfo, Approval, Finding, Report, ServiceRef, utcnow
+from tasks.run import open_run
+from tasks.security import (
+    count_live_sessions,
+    read_audit_log,
+    read_jwt_key,
+    revoke_sessions,
+    rotate_jwt_key,
+)
+from tasks.security_rules import (
+    KeyRotation,
+    SecurityAction,
+    SecurityParams,
+    Users,
+    audit_finding,
+    check_rotation,
+    key_finding,
+    plan_security,
+    session_findings,
+)
+from tasks.services import restart_service
+from tasks.settings import Settings
+
+RUNBOOK = "security-incident"
+
+
+@runbook_flow(RUNBOOK, inventory="security", actions=get_args(SecurityAction))
+def security_incident(
+    target: str,
+    dry_run: bool = True,
+    approval: Approval = "ask",
+    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
+    params: SecurityParams | None = None,
+    alert: AlertInfo | None = None,
+) -> State[Report]:
+    """The live sessions of the named users, the JWT signing key's Prefect Secret block (by
+    fingerprint only) and the audit log of the last 24 hours.
+
+    May UPDATE the named users' live sessions to revoked, store a new key pair in the Secret
+    block (the previous key kept under a dated name) and restart the services that read it.
+    """
+    run = open_run(Settings.security_target, target, SecurityParams, params)
+    name, sec, p = run.name, run.target, run.p
+    check_rotation(name, sec, p)
+    pg_name, pg = run.settings.postgres_target(sec.postgres)
+    # The key taken as compromised: the one the block holds when the run starts.
+    key_before = read_jwt_key(name, sec)
+    compromised = key_before.fingerprint if key_before and p.rotate_jwt else None
+
+    def diagnose(first: bool) -> list[Finding]:
+        live = count_live_sessions(pg_name, pg, name, sec, p.users)
+        key = key_before if first else read_jwt_key(name, sec)
+        found = session_findings(name, sec, p, live) + key_finding(name, sec, p, key, compromised)
+        if sec.audit_log is not None:
+            count, rows = read_audit_log(pg_name, pg, name, sec, p.audit_rows)
+            found += audit_finding(name, sec, count, rows)
+        return found
+
+    # 1. diagnose
+    before = diagnose(first=True)
+    # 2. plan
+    actions = plan_security(name, sec, p, before)
+    # 3. gate
+    approved = run.gate(actions, before)
+    # 4. act: sessions first (they stop the attacker at once), then the key, then restarts
+    rotated = False
+    for action in approved:
+        args = action.args
+        if isinstance(args, Users):
+            run_action(action, revoke_sessions, pg_name, pg, name, sec, args.users)
+        elif isinstance(args, KeyRotation):
+            done = run_action(action, rotate_jwt_key, name, args.block, args.algorithm, utcnow())
+            rotated = done is not None
+        elif isinstance(args, ServiceRef):
+            if not rotated:
+                # Restarting would only reload the key that is taken as compromised.
+                action.status = ActionStatus.skipped
+                action.detail = "the key was not rotated in this run: no restart"
+                continue
+            run_action(action, restart_service, args.service, run.settings.service(args.service))
+    # 5. verify and report
+    after = diagnose(first=False) if approved else before
+    return run.finish(before, after, actions)
