@@ -373,7 +373,7 @@ class RedisTarget(_Target):
         return describe_url(self.url)
 
 
-class SessionsTable(TimedTable):
+class RevocableSessions(TimedTable):
     """The application's sessions (seed 004 s12: users.session, userid, revokedat): a session
     is live while its revoked column is NULL; revoking sets it to now()."""
 
@@ -394,7 +394,7 @@ class SecurityTarget(_Target):
     signing key, and which services read the key (security-incident)."""
 
     postgres: str = Field(description="the [postgres.NAME] holding the sessions and audit log")
-    sessions: SessionsTable
+    sessions: RevocableSessions
     audit_log: AuditLogTable | None = None
     jwt_secret: str | None = Field(
         None,
