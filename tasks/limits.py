@@ -125,6 +125,10 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "enable_aof": RateLimit(max=2, per_seconds=3600),
     # Destructive when it turns eviction on: keys start going at once if memory is full.
     "set_maxmemory_policy": RateLimit(max=2, per_seconds=3600),
+    # failed-migration: a migration fails at most once per deploy; marking several resolved
+    # within an hour on one database is a deploy loop to look at, not to automate.
+    "resolve_prisma_migration": RateLimit(max=3, per_seconds=3600),
+    "force_migration_version": RateLimit(max=3, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

@@ -46,8 +46,8 @@ class MigrationParams(Params):
     force_version: int | None = Field(
         None,
         ge=-1,
-        description="golang-migrate: the version `migrate force` records, -1 (no version) or "
-        "more; unset: the version before the dirty one, only when none of the dirty "
+        description="golang-migrate: the version `migrate force` records, -1 or more (-1: "
+        "no version); unset: the version before the dirty one, only when none of the dirty "
         "migration's objects exist",
     )
 

@@ -7,8 +7,10 @@ import pytest
 from tasks.errors import ConfigError
 from tasks.migration_rules import (
     FailedMigration,
+    ForceVersion,
     MigrationParams,
     MigrationTable,
+    PrismaResolve,
     SchemaObject,
     created_objects,
     plan_migrations,
@@ -94,7 +96,9 @@ def _failed(name: str, exists: list[bool] | None) -> FailedMigration:
 def test_prisma_plan_refuses_what_the_database_contradicts() -> None:
     p = MigrationParams()
     (ok,) = plan_migrations("main", _prisma(_failed("m1", [False, False])), p)
-    assert ok.status is ActionStatus.planned and ok.args.resolve_as == "rolled-back"
+    assert ok.status is ActionStatus.planned and ok.args == PrismaResolve(
+        id="m1", migration_name="m1", checksum="c", resolve_as="rolled-back"
+    )
     (partial,) = plan_migrations("main", _prisma(_failed("m1", [True, False])), p)
     assert partial.status is ActionStatus.skipped
     assert 'DROP TABLE "T0";' in partial.detail and "resolve_as=applied" in partial.detail
@@ -110,7 +114,8 @@ def test_prisma_plan_chooses_the_named_migration_or_asks_for_one() -> None:
     (ask,) = plan_migrations("main", two, MigrationParams())
     assert ask.status is ActionStatus.skipped and "--set migration=NAME" in ask.detail
     (named,) = plan_migrations("main", two, MigrationParams(migration="m2"))
-    assert named.args.migration_name == "m2" and named.status is ActionStatus.planned
+    assert isinstance(named.args, PrismaResolve) and named.args.migration_name == "m2"
+    assert named.status is ActionStatus.planned
     with pytest.raises(ConfigError, match=r"'m3' is not a failed migration.*failed: m1, m2"):
         plan_migrations("main", two, MigrationParams(migration="m3"))
 
@@ -128,10 +133,12 @@ def test_golang_default_version_needs_the_file_and_nothing_applied() -> None:
         return [MigrationTable(tool="golang-migrate", table="s", present=True, failed=[m])]
 
     (clean,) = plan_migrations("main", table([False]), MigrationParams())
-    assert clean.status is ActionStatus.planned and clean.args.version == 5
+    assert clean.status is ActionStatus.planned
+    assert clean.args == ForceVersion(dirty_version=7, version=5)
     (partial,) = plan_migrations("main", table([True]), MigrationParams())
     assert partial.status is ActionStatus.skipped and "DROP TABLE t;" in partial.detail
     (unknown,) = plan_migrations("main", table(None), MigrationParams())
     assert unknown.status is ActionStatus.skipped and "migrations_dir" in unknown.detail
     (forced,) = plan_migrations("main", table(None), MigrationParams(force_version=7))
-    assert forced.status is ActionStatus.planned and forced.args.version == 7
+    assert forced.status is ActionStatus.planned
+    assert forced.args == ForceVersion(dirty_version=7, version=7)
