@@ -309,8 +309,11 @@ def migration_findings(target_name: str, tables: list[MigrationTable]) -> list[F
                 severity=Severity.ok,
                 observed=0,
                 message="no migration table: "
-                + " nor ".join(t.table for t in tables)
-                + " does not exist",
+                + (
+                    f"neither {' nor '.join(t.table for t in tables)} exists"
+                    if len(tables) > 1
+                    else f"{tables[0].table if tables else 'none'} does not exist"
+                ),
             )
         )
     return findings

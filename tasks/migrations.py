@@ -183,8 +183,8 @@ def read_migrations(name: str, target: PostgresTarget) -> list[MigrationTable]:
         One MigrationTable per tool looked at, `present` False when its table is absent.
 
     Raises:
-        ConfigError: `migrations` names a tool whose table is not in `migrations_schema`, or
-            `migrations_dir` is not a directory.
+        ConfigError: `migrations_schema` does not exist, `migrations` names a tool whose
+            table is not in it, or `migrations_dir` is not a directory.
         AuthenticationFailed: the server refused the login (password, role, database).
         TargetUnreachable: no connection, or it was lost (transient: retried).
         TargetError: any other error the server answered with."""
@@ -192,6 +192,16 @@ def read_migrations(name: str, target: PostgresTarget) -> list[MigrationTable]:
     tools: tuple[Tool, ...] = (target.migrations,) if target.migrations else TOOLS
     found: list[MigrationTable] = []
     with connect(name, target) as conn:
+        schema = conn.execute(
+            "SELECT to_regnamespace(%(s)s) IS NOT NULL AS e",
+            {"s": sql.Identifier(target.migrations_schema).as_string(conn)},
+        ).fetchone()
+        if not (schema and schema["e"]):
+            raise ConfigError(
+                f"postgres.{name}.migrations_schema = {target.migrations_schema!r}: no such "
+                "schema in the target database; name the schema the migration table is in "
+                '(names are case-sensitive; Prisma and golang-migrate default to "public")'
+            )
         for tool in tools:
             label = f"{target.migrations_schema}.{TABLES[tool]}"
             row = conn.execute(

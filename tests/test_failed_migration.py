@@ -283,6 +283,7 @@ def test_through_the_cli_exit_1_then_0(db: Db, tmp_path: Path, prefect_api: str)
         ('migrations = "prisma"\n', "public._prisma_migrations does not exist"),
         ('migrations_dir = "/nonexistent/migrations"\n', "migrations_dir: /nonexistent"),
         ('migrations = "flyway"\n', "postgres.main.migrations"),
+        ('migrations_schema = "deploy"\n', "migrations_schema = 'deploy': no such schema"),
     ],
 )
 def test_bad_configuration_exits_2(db: Db, prefect_api: str, extra: str, expected: str) -> None:
@@ -291,3 +292,11 @@ def test_bad_configuration_exits_2(db: Db, prefect_api: str, extra: str, expecte
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert expected in proc.stderr
     no_traceback(proc)
+
+
+def test_a_database_without_migration_tables_is_healthy(db: Db) -> None:
+    report = failed_migration("main", dry_run=False, approval="auto")
+    assert report.status is RunStatus.healthy and report.actions == []
+    assert report.findings[0].message == (
+        "no migration table: neither public._prisma_migrations nor public.schema_migrations exists"
+    )
