@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from flows.failed_migration import failed_migration
@@ -300,3 +301,35 @@ def test_a_database_without_migration_tables_is_healthy(db: Db) -> None:
     assert report.findings[0].message == (
         "no migration table: neither public._prisma_migrations nor public.schema_migrations exists"
     )
+
+
+def test_the_resolve_waits_for_approval(db: Db, tmp_path: Path) -> None:
+    prisma_incident(db, tmp_path / "migrations", partial=False)
+    report = failed_migration("main", dry_run=False, approval="ask")
+    assert report.actions[0].status is ActionStatus.skipped
+    assert prisma_rows(db)[1] == (CATEGORY_NAME, False, False)
+
+
+HOSTILE = 'x"; DROP TABLE victim; --'
+
+
+def test_a_hostile_schema_name_is_quoted_never_executed(db: Db) -> None:
+    with db.admin() as conn:
+        conn.execute("CREATE TABLE victim (id int)")
+        conn.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(HOSTILE)))
+        conn.execute(
+            psycopg.sql.SQL("SET search_path = {}").format(psycopg.sql.Identifier(HOSTILE))
+        )
+        conn.execute(GOLANG_TABLE)
+        conn.execute("INSERT INTO schema_migrations VALUES (4, true)")
+    db.write_config(f"migrations_schema = {json.dumps(HOSTILE)}\n")
+    report = failed_migration("main", dry_run=False, approval="auto", params={"force_version": 3})
+    assert report.status is RunStatus.fixed, report.findings
+    with db.admin() as conn:
+        assert conn.execute("SELECT to_regclass('public.victim')").fetchone() == ("victim",)
+        rows = conn.execute(
+            psycopg.sql.SQL("SELECT version, dirty FROM {}").format(
+                psycopg.sql.Identifier(HOSTILE, "schema_migrations")
+            )
+        ).fetchall()
+    assert rows == [(3, False)]
