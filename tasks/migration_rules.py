@@ -95,7 +95,11 @@ class FailedMigration(BaseModel):
     tool: Tool
     name: str = Field(description="Prisma's migration_name; golang-migrate's version as text")
     id: str | None = Field(None, description="Prisma: the row's id")
-    checksum: str | None = Field(None, description="Prisma: the row's checksum")
+    checksum: str | None = Field(
+        None,
+        description="Prisma: the SHA-256 (hex) of its migration.sql when the file is there (what "
+        "`migrate resolve --applied` records), else the failed row's",
+    )
     version: int | None = Field(None, description="golang-migrate: the dirty version")
     logs: str | None = None
     started_at: datetime | None = None

@@ -4,6 +4,7 @@ what `prisma migrate resolve` and `migrate force` write. One task per verb."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from pathlib import Path
@@ -110,15 +111,16 @@ def _read_prisma(
     failed = []
     for r in rows:
         file = folder / r["migration_name"] / "migration.sql" if folder else None
-        objects = None
+        objects, checksum = None, r["checksum"]
         if file is not None and file.is_file():
             objects = _look_up(conn, target.migrations_schema, created_objects(_read_script(file)))
+            checksum = hashlib.sha256(file.read_bytes()).hexdigest()
         failed.append(
             FailedMigration(
                 tool="prisma",
                 name=r["migration_name"],
                 id=r["id"],
-                checksum=r["checksum"],
+                checksum=checksum,
                 logs=r["logs"],
                 started_at=r["started_at"],
                 file=str(file) if objects is not None else None,

@@ -4,6 +4,7 @@ refused a statement, the error kept as the tool keeps it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -178,6 +179,14 @@ def test_a_partially_applied_prisma_migration_is_refused_with_what_to_undo(
         (CATEGORY_NAME, False, True),
         (CATEGORY_NAME, True, False),
     ]
+    with db.admin() as conn:
+        checksum = conn.execute(
+            "SELECT checksum FROM _prisma_migrations WHERE finished_at IS NOT NULL "
+            "AND migration_name = %s",
+            [CATEGORY_NAME],
+        ).fetchone()
+    file = folder / CATEGORY_NAME / "migration.sql"
+    assert checksum == (hashlib.sha256(file.read_bytes()).hexdigest(),)
 
 
 def golang_incident(db: Db, folder: Path, *, partial: bool) -> None:
