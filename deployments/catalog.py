@@ -342,6 +342,20 @@ RUNBOOKS: dict[str, Runbook] = {
             action_kinds="tasks.security_rules:SecurityAction",
             cron=None,
         ),
+        Runbook(
+            name="failed-migration",
+            entrypoint="flows.failed_migration:failed_migration",
+            purpose="A failed Prisma migration or a dirty golang-migrate version: its error and "
+            "whether its objects exist (partially applied); marks it resolved.",
+            seeds="000 s6, 002 s6, 003 Deployment Failures, 004 s11 (and 004 s3 after a restart)",
+            inventory="postgres",
+            params_class="tasks.migration_rules:MigrationParams",
+            changes="writes what `prisma migrate resolve` (UPDATE rolled_back_at; INSERT a "
+            "finished row) or `migrate force V` (TRUNCATE and INSERT schema_migrations) writes; "
+            "refused for a partially applied migration",
+            action_kinds="tasks.migration_rules:MigrationAction",
+            cron=None,
+        ),
     )
 }
 

@@ -11,6 +11,8 @@ from prefect import State
 from tasks.engine import run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.host import read_disk_usage
+from tasks.migration_rules import migration_findings
+from tasks.migrations import read_migrations
 from tasks.models import AlertInfo, Approval, Finding, Report
 from tasks.postgres import Probe, await_postgres_ready, probe_postgres
 from tasks.run import open_run
@@ -42,7 +44,8 @@ def postgres_down(
     lines and the disk of its data directory.
 
     May restart its service (never while it is recovering or when credentials are refused),
-    then waits for it to answer.
+    then waits for it to answer; once it answers, reports a failed or dirty migration
+    (failed-migration's checks).
     """
     run = open_run(Settings.postgres_target, target, PostgresDownParams, params)
     name, pg, p = run.name, run.target, run.p
@@ -76,5 +79,10 @@ def postgres_down(
                 else f"; not ready within {p.ready_timeout_seconds:g} s"
             )
     # 5. verify and report
-    after = diagnose()[1] if approved else before
+    after = before
+    if approved:
+        probe, after = diagnose()
+        # Seed 004 s3: a migration cut off by the outage shows once the server is back.
+        if probe.ok:
+            after += migration_findings(name, read_migrations(name, pg))
     return run.finish(before, after, actions)

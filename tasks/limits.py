@@ -135,6 +135,10 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "revoke_sessions": RateLimit(max=10, per_seconds=3600),
     # Each rotation invalidates every token: all users are logged out.
     "rotate_jwt_key": RateLimit(max=2, per_seconds=86_400),
+    # failed-migration: a migration fails at most once per deploy; marking several resolved
+    # within an hour on one database is a deploy loop to look at, not to automate.
+    "resolve_prisma_migration": RateLimit(max=3, per_seconds=3600),
+    "force_migration_version": RateLimit(max=3, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

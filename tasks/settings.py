@@ -121,6 +121,15 @@ class PostgresTarget(_Target):
     jobs: JobsTable | None = None
     service: str | None = Field(None, description="the [services.NAME] that runs it")
     data_directory: str | None = Field(None, description="local data directory, for disk space")
+    # failed-migration: the tool whose table to read (unset: both), the schema its table is
+    # in, and the migration files, to tell whether a failed migration partially applied.
+    migrations: Literal["prisma", "golang-migrate"] | None = None
+    migrations_schema: str = Field("public", min_length=1, max_length=63)
+    migrations_dir: str | None = Field(
+        None,
+        description="prisma: the migrations folder (NAME/migration.sql); golang-migrate: the "
+        "folder of VERSION_TITLE.up.sql files",
+    )
 
     @field_validator("dsn")
     @classmethod

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from deployments.localpg import LocalPostgres
@@ -109,3 +110,25 @@ def test_refused_credentials_are_not_a_reason_to_restart(
     assert "check the credentials and database name in its dsn" in reachable.message
     assert report.actions == [] and report.status is RunStatus.unhealthy
     assert (victim.data / "postmaster.pid").read_text().split()[0] == started
+
+
+def test_a_migration_cut_off_by_the_outage_is_reported_once_it_is_back(
+    victim: LocalPostgres, inventory: Any
+) -> None:
+    """Seed 004 s3: after the restart, a dirty golang-migrate version is a finding."""
+    inventory(config(victim))
+    with psycopg.connect(victim.dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version bigint not null primary key, "
+            "dirty boolean not null)"
+        )
+        # migrate up marks the version dirty before it runs it; the crash comes first.
+        conn.execute("INSERT INTO schema_migrations VALUES (3, true)")
+    victim.stop(remove=False)
+
+    report = postgres_down("main", dry_run=False, approval="auto")
+    assert victim.is_running()
+    failed = {f.check: f for f in report.findings}["failed_migration"]
+    assert failed.severity is Severity.critical
+    assert "golang-migrate version 3 (dirty) in public.schema_migrations" in failed.message
+    assert report.status is RunStatus.unhealthy
