@@ -125,6 +125,10 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "enable_aof": RateLimit(max=2, per_seconds=3600),
     # Destructive when it turns eviction on: keys start going at once if memory is full.
     "set_maxmemory_policy": RateLimit(max=2, per_seconds=3600),
+    # block-ips is run by hand during an attack, a handful of changes an hour (each one a
+    # whole-configuration check and reload); a run that keeps rewriting the file is a loop.
+    "block_addresses": RateLimit(max=20, per_seconds=3600),
+    "unblock_addresses": RateLimit(max=20, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue
