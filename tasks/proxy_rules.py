@@ -192,17 +192,28 @@ def block_findings(
             )
         )
     for net in unblock:
-        entry = entry_text(net)
-        still = entry in held or any(_as_network(e) == net for e in held)
+        entry, by, probe = entry_text(net), covered(net, held), probes.get(entry_text(net))
+        if by == entry:
+            message = f"{entry} is still denied in {proxy.deny_file}"
+        elif by is not None:
+            message = (
+                f"{entry} is denied in {proxy.deny_file} by the range {by}: unblock {by}, "
+                "or block its other addresses and ranges instead"
+            )
+        elif probe == 403:
+            message = (
+                f"{entry} is not in {proxy.deny_file}, but {proxy.probe_url} still answers it "
+                "403: another deny rule, or the proxy was not reloaded"
+            )
+        else:
+            message = f"{entry} is not in {proxy.deny_file}"
         findings.append(
             Finding(
                 check="unblocked",
                 target=name,
-                severity=Severity.warning if still else Severity.ok,
-                observed=probes.get(entry),
-                message=f"{entry} is still denied in {proxy.deny_file}"
-                if still
-                else f"{entry} is not in {proxy.deny_file}",
+                severity=Severity.warning if by is not None or probe == 403 else Severity.ok,
+                observed=probe,
+                message=message,
             )
         )
     over = len(held) > proxy.max_entries

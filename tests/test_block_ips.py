@@ -214,3 +214,21 @@ def test_over_max_entries_the_block_is_skipped(nginx: dict[str, Any], prefect_ap
     [action] = report.actions
     assert action.status is ActionStatus.skipped and "max_entries = 2" in action.detail
     assert nginx["deny"].read_text() == BEFORE
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("allow", '["10.0.0.0/33"]', "proxies.edge.allow"),
+        ("service", '"nginx"', "proxies.edge.service names 'nginx'"),
+        ("max_entries", "0", "proxies.edge.max_entries"),
+        ("probe_url", '"ftp://x/"', "proxies.edge.probe_url"),
+    ],
+)
+def test_a_bad_proxies_entry_is_a_config_error(
+    nginx: dict[str, Any], prefect_api: str, key: str, value: str, said: str
+) -> None:
+    path = nginx["write"](**{key: value})
+    code, report = run("--set", f"add={BLOCKED}", api=prefect_api)
+    assert code == 2, report
+    assert said in report["err"] and str(path) in report["err"]

@@ -90,3 +90,18 @@ def test_a_block_over_max_entries_is_skipped() -> None:
     [action] = plan_blocks("edge", PROXY, text, validate_blocks(["203.0.113.7"], [], "x"), [])
     assert action.status is ActionStatus.skipped
     assert "4 entries, over max_entries = 3" in action.detail
+
+
+def test_an_unblock_inside_a_denied_range_says_which_range() -> None:
+    text = "deny 203.0.113.0/24;\n"
+    unblock = validate_unblocks(["203.0.113.5"], "x")
+    [finding, _] = block_findings("edge", PROXY, text, [], unblock, {})
+    assert finding.severity is Severity.warning
+    assert "by the range 203.0.113.0/24: unblock 203.0.113.0/24" in finding.message
+    assert plan_blocks("edge", PROXY, text, [], unblock) == []  # never a wider unblock
+
+
+def test_an_unblocked_address_still_answered_403_is_a_problem() -> None:
+    unblock = validate_unblocks(["127.0.0.2"], "x")
+    [finding, _] = block_findings("edge", PROXY, "", [], unblock, {"127.0.0.2": 403})
+    assert finding.severity is Severity.warning and "still answers it 403" in finding.message
