@@ -320,7 +320,8 @@ RUNBOOKS: dict[str, Runbook] = {
             entrypoint="flows.block_ips:block_ips",
             purpose="Denies abusive addresses or CIDR ranges at the reverse proxy (an nginx "
             "deny file), or lifts a block; checks the 403 where it can be tested.",
-            seeds="002 Isolate: block suspicious IPs, 002 DDoS, 001 and 004 s4 block abusive IPs",
+            seeds="002 Suspected Security Breach (Isolate), 002 DDoS Attack, 001 Excessive "
+            "login lockouts (brute-force IPs), 004 s4 (block abusive IPs)",
             inventory="proxies",
             params_class="tasks.proxy_rules:BlockParams",
             changes="rewrites the deny file (never 0.0.0.0/0 or the allow-list, at most "

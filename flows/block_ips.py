@@ -1,7 +1,7 @@
 """block-ips: deny abusive addresses or ranges at the reverse proxy, or lift a block, through
 an nginx deny file; checked, reloaded, rolled back when the proxy refuses it, and proven by a
-403 where it can be tested (seeds 002 "Isolate: block suspicious IPs" and "DDoS", 001 and 004
-s4 "block abusive IPs")."""
+403 where it can be tested (seeds 002 "Suspected Security Breach" (Isolate) and "DDoS Attack",
+001 "Excessive login lockouts" (brute-force IPs), 004 s4 "block abusive IPs")."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def write_deny_file(name: str, proxy: ProxyTarget, text: str) -> str:
         ActionFailed: the file cannot be written."""
     path = proxy.deny_file
     try:
-        previous = path.read_text(encoding="utf-8") if path.exists() else ABSENT
+        previous = _current(name, proxy)
         txn = get_transaction()
         if txn is not None:
             txn.set("deny_file", str(path))
@@ -141,6 +141,16 @@ def write_deny_file(name: str, proxy: ProxyTarget, text: str) -> str:
 
 
 write_deny_file.on_rollback(_put_back)
+
+
+def _current(name: str, proxy: ProxyTarget) -> str | None:
+    """The deny file's text, ABSENT when there is none; ActionFailed when it cannot be read."""
+    try:
+        return proxy.deny_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ABSENT
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ActionFailed(f"proxy {name!r}: cannot read {str(proxy.deny_file)!r}: {exc}") from None
 
 
 def _run(name: str, what: str, argv: list[str]) -> str:
@@ -223,6 +233,7 @@ def change_deny_file(
     Raises:
         ActionFailed: a step failed; its message is the proxy's (the file is back as it was).
         TargetError: what restart_service raises."""
+    before = _current(name, proxy)
     try:
         with transaction():
             write_deny_file(name, proxy, text)
@@ -234,5 +245,10 @@ def change_deny_file(
                 assert proxy.service is not None and service is not None
                 done = restart_service(proxy.service, service)
     except TargetError as exc:
-        raise ActionFailed(f"{exc} (the previous {proxy.deny_file} was put back)") from exc
+        if _current(name, proxy) == before:
+            raise ActionFailed(f"{exc} (the previous {proxy.deny_file} was put back)") from exc
+        raise ActionFailed(
+            f"{exc}; and the previous {proxy.deny_file} could NOT be put back (see the run's "
+            "log): restore it by hand before the proxy is next reloaded"
+        ) from exc
     return f"written, checked, {done}"

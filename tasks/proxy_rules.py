@@ -1,6 +1,6 @@
-"""Pure decisions for block-ips (seed 002 "Isolate: block suspicious IPs" and "DDoS", 001 and
-004 s4 "block abusive IPs"): which entries are valid, what the nginx deny file holds and what
-it should hold, the findings and the plan."""
+"""Pure decisions for block-ips (seeds 002 "Suspected Security Breach" and "DDoS Attack", 001
+"Excessive login lockouts", 004 s4 "block abusive IPs"): which entries are valid, what the
+nginx deny file holds and what it should hold, the findings and the plan."""
 
 from __future__ import annotations
 
