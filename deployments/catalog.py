@@ -356,6 +356,21 @@ RUNBOOKS: dict[str, Runbook] = {
             action_kinds="tasks.migration_rules:MigrationAction",
             cron=None,
         ),
+        Runbook(
+            name="block-ips",
+            entrypoint="flows.block_ips:block_ips",
+            purpose="Denies abusive addresses or CIDR ranges at the reverse proxy (an nginx "
+            "deny file), or lifts a block; checks the 403 where it can be tested.",
+            seeds="002 Suspected Security Breach (Isolate), 002 DDoS Attack, 001 Excessive "
+            "login lockouts (brute-force IPs), 004 s4 (block abusive IPs)",
+            inventory="proxies",
+            params_class="tasks.proxy_rules:BlockParams",
+            changes="rewrites the deny file (never 0.0.0.0/0 or the allow-list, at most "
+            "max_entries lines), checks the configuration and reloads the proxy; a refused "
+            "check or reload puts the previous file back",
+            action_kinds="tasks.proxy_rules:BlockAction",
+            cron=None,
+        ),
     )
 }
 

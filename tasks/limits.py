@@ -139,6 +139,10 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     # within an hour on one database is a deploy loop to look at, not to automate.
     "resolve_prisma_migration": RateLimit(max=3, per_seconds=3600),
     "force_migration_version": RateLimit(max=3, per_seconds=3600),
+    # block-ips is run by hand during an attack, a handful of changes an hour (each one a
+    # whole-configuration check and reload); a run that keeps rewriting the file is a loop.
+    "block_addresses": RateLimit(max=20, per_seconds=3600),
+    "unblock_addresses": RateLimit(max=20, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

@@ -12,6 +12,7 @@ by the entry points that load it (deployments.config.load_config); a run checks 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -486,6 +487,65 @@ class Route(_Strict):
         return self
 
 
+class ProxyTarget(_Target):
+    """A reverse proxy whose deny file block-ips edits: an nginx file of `deny ADDRESS;` lines
+    that the proxy's configuration includes (in http, server or location context)."""
+
+    kind: Literal["nginx"] = "nginx"
+    deny_file: Path = Field(description="the included file of deny lines, written whole")
+    test_command: list[str] = Field(
+        default_factory=lambda: ["nginx", "-t"],
+        min_length=1,
+        description="checks the whole configuration with the new file, e.g. nginx -t -c CONF",
+    )
+    reload_command: list[str] | None = Field(
+        None, min_length=1, description="unset (and no service): nginx -s reload"
+    )
+    service: str | None = Field(
+        None, description="restarted through its controller instead of reload_command"
+    )
+    allow: list[str] = Field(
+        default_factory=list,
+        description="addresses and CIDR ranges never blocked (your office, monitors, the LB)",
+    )
+    max_entries: int = Field(1000, ge=1, le=100_000, description="deny lines the file may hold")
+    probe_url: str | None = Field(
+        None,
+        description="http(s) URL of the proxy; a blocked address this host can send from "
+        "must be answered 403 there",
+    )
+    timeout_seconds: float = Field(5, gt=0, le=120)
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_is_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"allow: {entry!r} is not an address or CIDR range, e.g. 203.0.113.7 "
+                    "or 10.0.0.0/8"
+                ) from None
+        return value
+
+    @field_validator("probe_url")
+    @classmethod
+    def _probe_is_http(cls, value: str | None) -> str | None:
+        if value is not None and (
+            urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname
+        ):
+            raise ValueError("probe_url: use http(s)://HOST[:PORT]/PATH")
+        return value
+
+    def reload_argv(self) -> list[str] | None:
+        """The reload command: reload_command, else nginx -s reload unless a service is
+        restarted instead (None)."""
+        if self.reload_command:
+            return self.reload_command
+        return None if self.service else ["nginx", "-s", "reload"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
@@ -515,6 +575,8 @@ class Settings(BaseSettings):
     integrity: dict[str, IntegritySet] = Field(default_factory=dict)
     # Where one application keeps sessions, audit log and JWT key (security-incident).
     security: dict[str, SecurityTarget] = Field(default_factory=dict)
+    # Reverse proxies whose deny file block-ips edits.
+    proxies: dict[str, ProxyTarget] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -584,6 +646,9 @@ class Settings(BaseSettings):
     def tls_target(self, name: str | None) -> tuple[str, TlsEndpoint]:
         return _pick("tls", self.tls, name)
 
+    def proxy_target(self, name: str | None) -> tuple[str, ProxyTarget]:
+        return _pick("proxies", self.proxies, name)
+
     def service_target(self, name: str | None) -> tuple[str, ServiceTarget]:
         return _pick("services", self.services, name)
 
@@ -635,6 +700,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"security.{name}.jwt_services is set but jwt_secret is not: name the "
                     "Prefect Secret block that holds the key the services read"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_services_resolve(self) -> Settings:
+        for name, proxy in self.proxies.items():
+            if proxy.service is not None and proxy.service not in self.services:
+                known = ", ".join(self.services) or "none"
+                raise ValueError(
+                    f"proxies.{name}.service names {proxy.service!r}, which is not a "
+                    f"[services.*] entry (configured: {known})"
                 )
         return self
 
