@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
@@ -89,6 +90,55 @@ health_url = "{health_url}"
 status_command = ["true"]
 restart_command = ["true"]
 timeout_seconds = 5
+
+# The seed's Menu -> Category -> Item relations (seed 003 "Data Corruption"), with orphans at
+# both levels, and expired sessions (Prisma's timestamp(3)): data-integrity deletes them.
+[integrity.app]
+target = "main"
+sessions = {{ table = "Session", expires_column = "expiresAt" }}
+
+[[integrity.app.relations]]
+child_table = "Category"
+child_column = "menuId"
+parent_table = "Menu"
+
+[[integrity.app.relations]]
+child_table = "Item"
+child_column = "categoryId"
+parent_table = "Category"
+
+# Sessions of users u1 to u3 and a day of audit log (seed 004 s12). Nothing is compromised
+# until a run names users: run security-incident from the UI with params.users = ["u1"].
+# No JWT key block here, so no rotation.
+[security.app]
+postgres = "main"
+
+[security.app.sessions]
+table = "users.session"
+user_column = "userid"
+revoked_column = "revokedat"
+
+[security.app.audit_log]
+table = "system.auditlog"
+time_column = "createdat"
+
+# A deny file checked by a real `nginx -t` of a small configuration that includes it; no nginx
+# runs, so the reload does nothing. Block an address from the UI with params.add.
+[proxies.edge]
+deny_file = "{deny_file}"
+test_command = {nginx_test}
+reload_command = ["true"]
+allow = ["127.0.0.1"]
+"""
+# A configuration for `nginx -t` only: it never serves.
+NGINX_CONF = """\
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{}}
+http {{
+  access_log off;
+  server {{ listen 127.0.0.1:{port}; include {deny_file}; location / {{ return 204; }} }}
+}}
 """
 # Sandbox runs carry out their plans: nothing there is anybody's data.
 PARAMETERS: dict[str, Any] = {"dry_run": False, "approval": "auto"}
@@ -119,6 +169,7 @@ class Sandbox:
         self.sessions: list[psycopg.Connection[Any]] = []
         self.config = self.pg.dir / "runbook.toml"
         self.backups = self.pg.dir / "backups"
+        self.deny_file = self.pg.dir / "blocked-ips.conf"
 
     def start(self) -> Sandbox:
         self.pg.start()
@@ -150,11 +201,25 @@ class Sandbox:
                 scratch_dsn=self.pg.dsn_for("postgres"),
                 dead_port=free_port(),
                 tls_ca=ca.pem,
+                deny_file=self.deny_file,
+                nginx_test=json.dumps(self.nginx_test()),
             )
         )
         self.plant()
         self.dump_backups(dsn)
         return self
+
+    def nginx_test(self) -> list[str]:
+        """`nginx -t` of a configuration that includes the deny file, or `true` on a machine
+        without nginx (scripts/setup.sh installs it)."""
+        self.deny_file.touch()
+        if shutil.which("nginx") is None:
+            return ["true"]
+        conf = self.pg.dir / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(dir=self.pg.dir, port=free_port(), deny_file=self.deny_file)
+        )
+        return ["nginx", "-t", "-q", "-e", str(self.pg.dir / "nginx-error.log"), "-c", str(conf)]
 
     def dump_backups(self, dsn: str) -> None:
         self.backups.mkdir(exist_ok=True)
@@ -188,6 +253,34 @@ class Sandbox:
             )
             conn.execute("INSERT INTO event SELECT g, 'x' FROM generate_series(1, 50000) g")
             conn.execute("UPDATE event SET payload = 'y'")
+            # data-integrity: two menus, one gone; categories and items left behind.
+            conn.execute('CREATE TABLE "Menu" (id text PRIMARY KEY)')
+            conn.execute('CREATE TABLE "Category" (id text PRIMARY KEY, "menuId" text)')
+            conn.execute('CREATE TABLE "Item" (id text PRIMARY KEY, "categoryId" text)')
+            conn.execute("""INSERT INTO "Menu" VALUES ('m1')""")
+            conn.execute(
+                """INSERT INTO "Category" VALUES ('c1', 'm1'), ('c2', 'm2'), ('c3', 'm2')"""
+            )
+            conn.execute(
+                """INSERT INTO "Item"
+                   VALUES ('i1', 'c1'), ('i2', 'c2'), ('i3', 'c3'), ('i4', 'c9')"""
+            )
+            conn.execute('CREATE TABLE "Session" (id text PRIMARY KEY, "expiresAt" timestamp(3))')
+            conn.execute("""INSERT INTO "Session" SELECT 's' || g,
+                (now() AT TIME ZONE 'UTC') + make_interval(hours => g - 3)
+                FROM generate_series(1, 6) g""")
+            # security-incident: sessions of three users, one revoked; a day of audit log.
+            conn.execute("CREATE SCHEMA users")
+            conn.execute("""CREATE TABLE users.session (id serial PRIMARY KEY, userid text,
+                            revokedat timestamp)""")
+            conn.execute("""INSERT INTO users.session (userid, revokedat) VALUES
+                ('u1', NULL), ('u1', NULL), ('u2', NULL), ('u3', now() AT TIME ZONE 'UTC')""")
+            conn.execute("CREATE SCHEMA system")
+            conn.execute(
+                "CREATE TABLE system.auditlog (id serial, action text, createdat timestamptz)"
+            )
+            conn.execute("""INSERT INTO system.auditlog (action, createdat)
+                SELECT 'login', now() - make_interval(hours => g) FROM generate_series(1, 30) g""")
         for n in range(3):
             conn = psycopg.connect(app, application_name=f"worker-{n}")
             conn.execute("SELECT 1")  # a transaction left open: idle in transaction
