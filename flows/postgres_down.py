@@ -9,11 +9,12 @@ from typing import get_args
 from prefect import State
 
 from tasks.engine import run_action, runbook_flow
+from tasks.errors import RunbookError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.host import read_disk_usage
 from tasks.migration_rules import migration_findings
 from tasks.migrations import read_migrations
-from tasks.models import AlertInfo, Approval, Finding, Report
+from tasks.models import AlertInfo, Approval, Finding, Report, Severity
 from tasks.postgres import Probe, await_postgres_ready, probe_postgres
 from tasks.run import open_run
 from tasks.service_rules import (
@@ -26,9 +27,26 @@ from tasks.service_rules import (
     status_finding,
 )
 from tasks.services import restart_service, service_logs, service_status
-from tasks.settings import Settings
+from tasks.settings import PostgresTarget, Settings
 
 RUNBOOK = "postgres-down"
+
+
+def migrations_after_restart(name: str, pg: PostgresTarget) -> list[Finding]:
+    """failed-migration's findings once the server answers again; a check that cannot run
+    (migrations misconfigured, no privilege) is a warning saying so, not the end of a run whose
+    restart worked."""
+    try:
+        return migration_findings(name, read_migrations(name, pg))
+    except RunbookError as exc:
+        return [
+            Finding(
+                check="migrations",
+                target=name,
+                severity=Severity.warning,
+                message=f"migrations not checked after the restart: {exc}",
+            )
+        ]
 
 
 @runbook_flow(RUNBOOK, inventory="postgres", actions=get_args(PostgresDownAction))
@@ -84,5 +102,5 @@ def postgres_down(
         probe, after = diagnose()
         # Seed 004 s3: a migration cut off by the outage shows once the server is back.
         if probe.ok:
-            after += migration_findings(name, read_migrations(name, pg))
+            after += migrations_after_restart(name, pg)
     return run.finish(before, after, actions)

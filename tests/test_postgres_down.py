@@ -132,3 +132,20 @@ def test_a_migration_cut_off_by_the_outage_is_reported_once_it_is_back(
     assert failed.severity is Severity.critical
     assert "golang-migrate version 3 (dirty) in public.schema_migrations" in failed.message
     assert report.status is RunStatus.unhealthy
+
+
+def test_a_migration_check_that_cannot_run_is_a_warning_after_a_good_restart(
+    victim: LocalPostgres, inventory: Any
+) -> None:
+    """migrations = "prisma" but no _prisma_migrations table: the restart still counts, and the
+    report says the check did not run (not exit 2 for the whole run)."""
+    inventory(
+        config(victim).replace("[postgres.main]\n", '[postgres.main]\nmigrations = "prisma"\n')
+    )
+    victim.stop(remove=False)
+    report = postgres_down("main", dry_run=False, approval="auto")
+    assert victim.is_running()
+    assert {a.status for a in report.actions} == {ActionStatus.done}
+    checked = {f.check: f for f in report.findings}["migrations"]
+    assert checked.severity is Severity.warning
+    assert "migrations not checked after the restart" in checked.message
