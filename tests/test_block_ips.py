@@ -5,6 +5,8 @@ reload that fails) puts the previous file back with nginx still serving."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import pytest
 from deployments.localpg import free_port
 from flows.block_ips import block_ips
 from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.wait import poll
 from tests.test_cli import cli, no_traceback
 
 BLOCKED, CLIENT = "127.0.0.2", "127.0.0.1"
@@ -88,7 +91,19 @@ def nginx(tmp_path: Path, inventory: Any) -> Iterator[dict[str, Any]]:
     try:
         yield {"dir": d, "deny": deny, "url": url, "write": write, "base": base}
     finally:
-        subprocess.run([*base, "-s", "stop"], capture_output=True, timeout=30)
+        # By its pid, not `nginx -s stop`: that parses the configuration first, which a test
+        # may have left broken on purpose.
+        master = int((d / "nginx.pid").read_text())
+        os.kill(master, signal.SIGTERM)
+        poll(lambda: not _alive(master), what="nginx to stop", timeout_seconds=30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run(*args: str, api: str) -> tuple[int, dict[str, Any]]:
