@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.engine import io_task
-from tasks.errors import ConfigError
+from tasks.errors import ActionFailed, ConfigError
 from tasks.integrity_rules import IntegrityState, LiveRows, Orphans
 from tasks.postgres import TimeColumn, _configured_table, connect
 from tasks.settings import IntegritySet, PostgresTarget, Relation, SessionsTable
@@ -168,22 +168,39 @@ def _delete_in_batches(
     batch_size: int,
 ) -> int:
     """DELETE up to `limit` rows matching `where` (on alias c), batch_size at a time, each
-    batch one transaction; stops early when none is left. Returns the rows deleted."""
+    batch one transaction; stops early when none is left. Returns the rows deleted.
+
+    Rows are named by (tableoid, ctid): a ctid alone is the same in every partition of a
+    partitioned table (or child of an inherited one), and would delete their rows too.
+
+    Raises ActionFailed saying how many rows went before a batch failed (the batches before it
+    are committed); a failure of the first batch as psycopg raised it."""
     deleted = 0
     query = sql.SQL(
-        "DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-        "SELECT c.ctid FROM {table} AS c WHERE {where} LIMIT %(batch)s))"
+        "DELETE FROM {table} WHERE (tableoid, ctid) IN ("
+        "SELECT c.tableoid, c.ctid FROM {table} AS c WHERE {where} LIMIT %(batch)s)"
     ).format(table=table, where=where)
     while deleted < limit:
-        with conn.transaction():
-            n = conn.execute(query, {**args, "batch": min(batch_size, limit - deleted)}).rowcount
+        try:
+            with conn.transaction():
+                batch = {**args, "batch": min(batch_size, limit - deleted)}
+                n = conn.execute(query, batch).rowcount
+        except psycopg.Error as exc:
+            if not deleted:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ActionFailed(
+                f"deleted {deleted} rows, then a batch failed: {first}; run it again to go on"
+            ) from exc
         deleted += n
         if n == 0:
             break
     return deleted
 
 
-@io_task("delete-orphans", timeout_seconds=1800)
+# No retries for the deletes: a retry would start again from the whole limit, over the batches
+# already committed.
+@io_task("delete-orphans", timeout_seconds=1800, retries=0)
 def delete_orphans(
     pg_name: str,
     pg: PostgresTarget,
@@ -213,7 +230,9 @@ def delete_orphans(
     Raises:
         ConfigError: a configured table or column does not exist.
         AuthenticationFailed: the server refused the login (password, role, database).
-        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetUnreachable: no connection, or it was lost (not retried: the batches done
+            are committed, and a retry would count its limit again).
+        ActionFailed: a batch failed after others were deleted (how many went).
         TargetError: any other error the server answered with (a standby refuses writes;
             a foreign key the database does enforce)."""
     r = relations[index]
@@ -232,7 +251,7 @@ def delete_orphans(
     return f"deleted {deleted} rows, at most {batch_size} per transaction"
 
 
-@io_task("delete-expired-sessions", timeout_seconds=1800)
+@io_task("delete-expired-sessions", timeout_seconds=1800, retries=0)
 def delete_expired_sessions(
     pg_name: str,
     pg: PostgresTarget,

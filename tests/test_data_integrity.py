@@ -282,3 +282,26 @@ def test_from_the_cli_report_then_fix_then_clean(db: Db, prefect_api: str) -> No
     assert proc.returncode == 2
     assert "integrity.app.target names 'elsewhere'" in proc.stderr
     no_traceback(proc)
+
+
+def test_a_partitioned_sessions_table_loses_only_its_expired_rows(db: Db) -> None:
+    """The same ctid is in every partition: rows are named by (tableoid, ctid), so the live
+    session beside an expired one in another partition stays."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with db.admin() as conn:
+        conn.execute('CREATE TABLE "Menu" ("id" TEXT PRIMARY KEY)')
+        conn.execute('CREATE TABLE "Category" ("id" TEXT PRIMARY KEY, "menuId" TEXT NOT NULL)')
+        conn.execute('CREATE TABLE "Item" ("id" TEXT PRIMARY KEY, "categoryId" TEXT NOT NULL)')
+        conn.execute("""CREATE TABLE "Session" ("id" TEXT NOT NULL, "userId" TEXT NOT NULL,
+                        "expiresAt" TIMESTAMP(3) NOT NULL) PARTITION BY LIST ("userId")""")
+        conn.execute("""CREATE TABLE "Session_u1" PARTITION OF "Session" FOR VALUES IN ('u1')""")
+        conn.execute("""CREATE TABLE "Session_u2" PARTITION OF "Session" FOR VALUES IN ('u2')""")
+        # The first row of each partition: the same ctid (0,1).
+        conn.execute(
+            """INSERT INTO "Session" VALUES ('s1', 'u1', %s), ('s2', 'u2', %s)""",
+            [now - timedelta(days=1), now + timedelta(days=1)],
+        )
+    db.write_config(config())
+    report = data_integrity("app", dry_run=False, approval="auto")
+    assert report.status is RunStatus.fixed, report.findings
+    assert ids(db, "Session") == ["s2"]
