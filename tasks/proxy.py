@@ -95,6 +95,12 @@ def _put_back(txn: Transaction) -> None:
         _replace(path, previous)
 
 
+def previous_copy(path: Path) -> Path:
+    """Where write_deny_file keeps the content it replaced: DENY_FILE.previous (not matched by
+    an `include conf.d/*.conf`)."""
+    return path.with_name(path.name + ".previous")
+
+
 def _replace(path: Path, text: str) -> None:
     """Write text to path atomically (a temporary file beside it, renamed over it), keeping
     the mode of the file it replaces."""
@@ -112,8 +118,9 @@ def _replace(path: Path, text: str) -> None:
 
 @io_task("write-deny-file", timeout_seconds=30, retries=0)
 def write_deny_file(name: str, proxy: ProxyTarget, text: str) -> str:
-    """Replace the deny file with text (atomically). Inside a Prefect transaction, its
-    rollback puts the previous content back (or removes the file if there was none).
+    """Replace the deny file with text (atomically), keeping what it held in
+    DENY_FILE.previous (previous_copy). Inside a Prefect transaction, its rollback puts the
+    previous content back (or removes the file if there was none).
 
     Args:
         name: the [proxies.NAME] entry's name, for messages.
@@ -132,6 +139,9 @@ def write_deny_file(name: str, proxy: ProxyTarget, text: str) -> str:
         if txn is not None:
             txn.set("deny_file", str(path))
             txn.set("previous", previous)
+        if previous is not ABSENT:
+            # On disk too: what the rollback puts back outlives a killed run.
+            _replace(previous_copy(path), previous)
         _replace(path, text)
     except OSError as exc:
         raise ActionFailed(
@@ -248,7 +258,7 @@ def change_deny_file(
         if _current(name, proxy) == before:
             raise ActionFailed(f"{exc} (the previous {proxy.deny_file} was put back)") from exc
         raise ActionFailed(
-            f"{exc}; and the previous {proxy.deny_file} could NOT be put back (see the run's "
-            "log): restore it by hand before the proxy is next reloaded"
+            f"{exc}; and the previous {proxy.deny_file} could NOT be put back: copy "
+            f"{previous_copy(proxy.deny_file)} over it before the proxy is next reloaded"
         ) from exc
     return f"written, checked, {done}"

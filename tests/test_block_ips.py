@@ -190,6 +190,8 @@ def test_a_configuration_nginx_refuses_is_rolled_back(
     assert 'unknown directive "this_is_no_directive"' in action["detail"]
     assert "was put back" in action["detail"]
     assert nginx["deny"].read_text() == BEFORE
+    # and kept on disk, should a run die before its rollback
+    assert nginx["deny"].with_name("blocked-ips.conf.previous").read_text() == BEFORE
     # nginx still serves what it had; nothing was blocked.
     assert status_from(CLIENT, nginx["url"]) == 200
     assert status_from(BLOCKED, nginx["url"]) == 200
