@@ -382,6 +382,15 @@ def _plan_prisma(target_name: str, t: MigrationTable, p: MigrationParams) -> lis
             id=m.id, migration_name=m.name, checksum=m.checksum, resolve_as=p.resolve_as
         ),
     )
+    if not m.objects and "resolve_as" not in p.model_fields_set:
+        return [
+            _skipped(
+                action,
+                f"refused: {_partial(m)}, so whether it partially applied cannot be shown; "
+                "check the schema by hand, then say how to resolve it: --set "
+                "resolve_as=rolled-back (it will run again) or resolve_as=applied",
+            )
+        ]
     if p.resolve_as == "rolled-back" and m.existing:
         return [
             _skipped(
@@ -425,13 +434,15 @@ def _plan_golang(target_name: str, t: MigrationTable, p: MigrationParams) -> lis
     if p.force_version is not None:
         return [force(p.force_version)]
     fallback = m.previous_version if m.previous_version is not None else m.version - 1
-    if m.objects is None:
+    if not m.objects:
+        # No file, or one whose changes cannot be looked up (data changes, drops, renames):
+        # nothing shows it did not partly run, and forcing back would run it again.
         return [
             _skipped(
                 force(fallback),
-                f"refused: without its file it cannot be shown that version {m.version} did "
-                "not partially apply; set migrations_dir, or give --set force_version=V "
-                "once the schema is at version V",
+                f"refused: {_partial(m)}, so it cannot be shown that version {m.version} did "
+                "not partially apply; check the schema by hand, then give --set "
+                "force_version=V once it is at version V",
             )
         ]
     if m.existing:

@@ -113,11 +113,26 @@ def test_prisma_plan_chooses_the_named_migration_or_asks_for_one() -> None:
     two = _prisma(_failed("m1", None), _failed("m2", None))
     (ask,) = plan_migrations("main", two, MigrationParams())
     assert ask.status is ActionStatus.skipped and "--set migration=NAME" in ask.detail
-    (named,) = plan_migrations("main", two, MigrationParams(migration="m2"))
+    # No migration file: nothing shows whether it partly ran, so the run needs to be told how.
+    (unknown,) = plan_migrations("main", two, MigrationParams(migration="m2"))
+    assert unknown.status is ActionStatus.skipped and "cannot be shown" in unknown.detail
+    told = MigrationParams(migration="m2", resolve_as="rolled-back")
+    (named,) = plan_migrations("main", two, told)
     assert isinstance(named.args, PrismaResolve) and named.args.migration_name == "m2"
     assert named.status is ActionStatus.planned
     with pytest.raises(ConfigError, match=r"'m3' is not a failed migration.*failed: m1, m2"):
         plan_migrations("main", two, MigrationParams(migration="m3"))
+
+
+def test_a_migration_file_with_nothing_to_look_up_is_no_evidence() -> None:
+    """A dirty golang-migrate version whose file only changes data or drops things: forcing it
+    back would run it again (the data changed twice), so only an explicit version does."""
+    m = FailedMigration(tool="golang-migrate", name="7", version=7, objects=[], previous_version=5)
+    table = [MigrationTable(tool="golang-migrate", table="s", present=True, failed=[m])]
+    (refused,) = plan_migrations("main", table, MigrationParams())
+    assert refused.status is ActionStatus.skipped and "creates no table" in refused.detail
+    (forced,) = plan_migrations("main", table, MigrationParams(force_version=5))
+    assert forced.status is ActionStatus.planned
 
 
 def test_golang_default_version_needs_the_file_and_nothing_applied() -> None:
