@@ -78,9 +78,14 @@ def parse_entry(value: str, where: str) -> Network:
         ) from None
 
 
+# The widest range block-ips denies: an IPv4 /8 (IANA's unit of allocation to the regional
+# registries) and an IPv6 /32 (a registry's usual allocation to one network, RFC 6177).
+WIDEST_PREFIX = {4: 8, 6: 32}
+
+
 def validate_blocks(entries: list[str], allow: list[str], where: str) -> list[Network]:
-    """The entries to block, parsed and checked: never a /0 (every address), never one that
-    overlaps the allow-list. Duplicates are dropped, the order kept.
+    """The entries to block, parsed and checked: never a /0 (every address) nor a range wider
+    than WIDEST_PREFIX, never one that overlaps the allow-list. Duplicates are dropped, the order kept.
 
     Raises ConfigError naming the refused entry and why."""
     allowed = [ipaddress.ip_network(a, strict=False) for a in allow]
@@ -91,6 +96,11 @@ def validate_blocks(entries: list[str], allow: list[str], where: str) -> list[Ne
             raise ConfigError(
                 f"{where}: {value!r} is every address: block-ips never denies the whole "
                 "internet; name the abusive addresses or ranges"
+            )
+        if net.prefixlen < WIDEST_PREFIX[net.version]:
+            raise ConfigError(
+                f"{where}: {value!r} is wider than a /{WIDEST_PREFIX[net.version]}, a large "
+                "part of the internet (and likely of your users): name narrower ranges"
             )
         for ok in allowed:
             if net.version == ok.version and net.overlaps(ok):

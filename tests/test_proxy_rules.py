@@ -40,7 +40,8 @@ def test_entries_are_normalised_and_deduplicated() -> None:
         ("0.0.0.0/0", "every address"),
         ("::/0", "every address"),
         ("10.1.2.3", "overlaps the allow-list entry '10.0.0.0/8'"),
-        ("8.0.0.0/6", "overlaps the allow-list"),  # a range holding the allowed one
+        ("10.0.0.0/8", "overlaps the allow-list"),  # the allowed range itself
+        ("8.0.0.0/6", "wider than a /8"),  # and one holding it
         ("300.1.1.1", "not an address or CIDR range"),
         ("198.51.100.1/24", "host bits set"),
         ("example.com", "not an address or CIDR range"),
@@ -105,3 +106,10 @@ def test_an_unblocked_address_still_answered_403_is_a_problem() -> None:
     unblock = validate_unblocks(["127.0.0.2"], "x")
     [finding, _] = block_findings("edge", PROXY, "", [], unblock, {"127.0.0.2": 403})
     assert finding.severity is Severity.warning and "still answers it 403" in finding.message
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/1", "10.0.0.0/7", "2000::/3", "2001:db8::/31"])
+def test_a_range_wider_than_a_registry_block_is_refused(entry: str) -> None:
+    with pytest.raises(ConfigError, match="wider than a /"):
+        validate_blocks([entry], [], "block-ips add")
+    assert validate_blocks(["10.0.0.0/8", "2001:db8::/32"], [], "block-ips add")
