@@ -85,7 +85,8 @@ WIDEST_PREFIX = {4: 8, 6: 32}
 
 def validate_blocks(entries: list[str], allow: list[str], where: str) -> list[Network]:
     """The entries to block, parsed and checked: never a /0 (every address) nor a range wider
-    than WIDEST_PREFIX, never one that overlaps the allow-list. Duplicates are dropped, the order kept.
+    than WIDEST_PREFIX, never one that overlaps the allow-list. Duplicates are dropped, the
+    order kept.
 
     Raises ConfigError naming the refused entry and why."""
     allowed = [ipaddress.ip_network(a, strict=False) for a in allow]
