@@ -234,8 +234,11 @@ def rotate_jwt_key(
     name: str, block: str, algorithm: Literal["RS256", "Ed25519"], now: datetime
 ) -> str:
     """Store a new private key (new_private_key) as the block's value, after saving the
-    previous value, when there is one, as `BLOCK-YYYYMMDDTHHMMSSZ` (now, UTC) for the grace
-    period in which tokens it signed are still checked.
+    previous value, when there is one, as `BLOCK-YYYYMMDDTHHMMSSZ` (now, UTC): a copy to go
+    back to if the new key breaks a service (the grace period), never read by the
+    services, which restart on the new key; every token the previous key signed stops
+    verifying. Delete the copy by hand once the services run on the new key: it is the
+    compromised key.
 
     Args:
         name: the [security.NAME] target, for messages.
