@@ -95,7 +95,9 @@ def nginx(tmp_path: Path, inventory: Any) -> Iterator[dict[str, Any]]:
         # may have left broken on purpose.
         master = int((d / "nginx.pid").read_text())
         os.kill(master, signal.SIGTERM)
-        poll(lambda: not _alive(master), what="nginx to stop", timeout_seconds=30)
+        if not poll(lambda: not _alive(master), what="nginx to stop", timeout_seconds=10).done:
+            os.kill(master, signal.SIGKILL)
+            poll(lambda: not _alive(master), what="nginx to die", timeout_seconds=10).result()
 
 
 def _alive(pid: int) -> bool:
