@@ -17,8 +17,8 @@ from tasks.integrity_rules import (
     integrity_findings,
     plan_integrity,
 )
-from tasks.models import ActionStatus, AlertInfo, Approval, Report
-from tasks.postgres import read_writability
+from tasks.models import AlertInfo, Approval, Report
+from tasks.postgres import skip_if_read_only
 from tasks.run import open_run
 from tasks.settings import Settings
 
@@ -49,10 +49,7 @@ def data_integrity(
     before = integrity_findings(name, cfg, state, p)
     # 2. plan: deepest level first, within the caps
     actions = plan_integrity(name, cfg, state, p)
-    refusal = read_writability(pg_name, pg).refusal if actions else None
-    for action in (a for a in actions if refusal and a.status is ActionStatus.planned):
-        action.status = ActionStatus.skipped
-        action.detail = f"the server refuses writes: {refusal}; run data-integrity on the primary"
+    skip_if_read_only(pg_name, pg, actions, "run data-integrity on the primary")
     # 3. gate
     approved = run.gate(actions, before)
     # 4. act: one batch per transaction

@@ -9,8 +9,8 @@ from prefect import State
 from tasks.engine import run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
-from tasks.models import ActionStatus, AlertInfo, Approval, Report
-from tasks.postgres import find_stuck_jobs, read_writability, reset_stuck_jobs
+from tasks.models import AlertInfo, Approval, Report
+from tasks.postgres import find_stuck_jobs, reset_stuck_jobs, skip_if_read_only
 from tasks.postgres_rules import (
     StuckJobsAction,
     StuckJobsParams,
@@ -52,10 +52,7 @@ def stuck_jobs(
     before = stuck_findings(name, jobs, stuck, p)
     # 2. plan
     actions = plan_stuck_jobs(name, jobs, stuck, p)
-    refusal = read_writability(name, pg).refusal if actions else None
-    for action in (a for a in actions if refusal and a.status is ActionStatus.planned):
-        action.status = ActionStatus.skipped
-        action.detail = f"the server refuses writes: {refusal}; run stuck-jobs on the primary"
+    skip_if_read_only(name, pg, actions, "run stuck-jobs on the primary")
     # 3. gate
     approved = run.gate(actions, before)
     # 4. act: one transaction, only rows still stuck

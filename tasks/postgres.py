@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from tasks.errors import (
     TargetError,
     TargetUnreachable,
 )
+from tasks.models import Action, ActionStatus
 from tasks.postgres_rules import BackendRef, TerminateWhen
 from tasks.settings import JobsTable, LockoutTable, PostgresTarget, TimedTable, dsn_keywords
 from tasks.wait import poll
@@ -880,6 +881,22 @@ def read_writability(name: str, target: PostgresTarget) -> Writability:
         ).fetchone()
     assert row is not None
     return Writability(**row)
+
+
+def skip_if_read_only(
+    name: str, target: PostgresTarget, actions: Sequence[Action], fix: str
+) -> None:
+    """Before the gate: when an action is still planned and the target refuses writes (a
+    standby, a read-only default), mark each planned action skipped with the reason and fix
+    (e.g. "run stuck-jobs on the primary"), instead of letting it fail. Reads the server only
+    when something is planned.
+
+    Raises what read_writability raises."""
+    planned = [a for a in actions if a.status is ActionStatus.planned]
+    refusal = read_writability(name, target).refusal if planned else None
+    for action in planned if refusal else []:
+        action.status = ActionStatus.skipped
+        action.detail = f"the server refuses writes: {refusal}; {fix}"
 
 
 # --- reachability ------------------------------------------------------------------------------
