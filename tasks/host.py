@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from contextlib import closing
 from pathlib import Path
 from typing import IO
@@ -14,7 +15,7 @@ import docker.errors
 from pydantic import BaseModel
 
 from tasks.engine import io_task
-from tasks.errors import TargetUnreachable
+from tasks.errors import ActionFailed, TargetUnreachable
 
 
 class HostStats(BaseModel):
@@ -125,3 +126,30 @@ def memory_file() -> IO[bytes]:
     incident being diagnosed. It is gone once closed. Linux only (os.memfd_create); OSError
     when the process is out of file descriptors."""
     return open(os.memfd_create("runbook-output", os.MFD_CLOEXEC), "w+b")
+
+
+def run_command(
+    subject: str, what: str, argv: list[str], timeout_seconds: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a configured command (a proxy's test or reload, a CA client's renew) on this
+    machine, text out, no stdin; its exit code is the caller's to judge. subject names the
+    target in messages ("proxy 'edge'").
+
+    Raises ActionFailed when it does not finish within timeout_seconds, or cannot run."""
+    try:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_seconds,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise ActionFailed(
+            f"{subject}: {what} command {argv[0]!r} did not finish within {timeout_seconds} s"
+        ) from None
+    except OSError as exc:
+        raise ActionFailed(
+            f"{subject}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
+        ) from None

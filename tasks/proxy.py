@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError
+from tasks.host import run_command
 from tasks.services import restart_service
 from tasks.settings import ProxyTarget, ServiceTarget
 
@@ -165,24 +165,7 @@ def _current(name: str, proxy: ProxyTarget) -> str | None:
 
 def _run(name: str, what: str, argv: list[str]) -> str:
     """The command's output; ActionFailed with its own words when it fails."""
-    try:
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise ActionFailed(
-            f"proxy {name!r}: {what} command {argv[0]!r} did not finish within "
-            f"{COMMAND_TIMEOUT_SECONDS} s"
-        ) from None
-    except OSError as exc:
-        raise ActionFailed(
-            f"proxy {name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
-        ) from None
+    proc = run_command(f"proxy {name!r}", what, argv, COMMAND_TIMEOUT_SECONDS)
     said = (proc.stderr + proc.stdout).strip()
     if proc.returncode != 0:
         raise ActionFailed(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import subprocess
 from collections.abc import Callable
 from datetime import datetime
 
@@ -18,6 +17,7 @@ from pydantic import BaseModel
 
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError
+from tasks.host import run_command
 from tasks.settings import TlsEndpoint
 from tasks.tls_rules import declined
 from tasks.wait import poll
@@ -221,24 +221,7 @@ def read_until_served(
 
 def _run(what: str, name: str, argv: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:
     """The command's stdout and stderr; ActionFailed when it exits with another code."""
-    try:
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise ActionFailed(
-            f"tls endpoint {name!r}: {what} command {argv[0]!r} did not finish "
-            f"within {COMMAND_TIMEOUT_SECONDS} s"
-        ) from None
-    except OSError as exc:
-        raise ActionFailed(
-            f"tls endpoint {name!r}: {what} command {argv[0]!r} cannot run: {exc.strerror}"
-        ) from None
+    proc = run_command(f"tls endpoint {name!r}", what, argv, COMMAND_TIMEOUT_SECONDS)
     said = proc.stdout + proc.stderr
     if proc.returncode not in ok_codes or (proc.returncode != 0 and not declined(said)):
         raise ActionFailed(
