@@ -371,6 +371,22 @@ RUNBOOKS: dict[str, Runbook] = {
             action_kinds="tasks.proxy_rules:BlockAction",
             cron=None,
         ),
+        Runbook(
+            name="maintenance-mode",
+            entrypoint="flows.maintenance_mode:maintenance_mode",
+            purpose="Puts an application in maintenance mode or takes it out (enable=true or "
+            "false) through its own admin API, and reads the flag back.",
+            seeds="004 s2 step 5, s3 step 6, s12 step 3; 001 Redis unavailable",
+            inventory="services",
+            params_class="tasks.maintenance_rules:MaintenanceParams",
+            changes="sends the admin API's configured request (PUT body_on or body_off with "
+            "its bearer token); postgres-down, redis-health and security-incident send the "
+            "same pair around their actions when their target has a maintenance_service",
+            action_kinds="tasks.maintenance_rules:MaintenanceAction",
+            cron=None,
+            requires="a maintenance API ([services.NAME.maintenance] with url, body_on, body_off)",
+            accepts=lambda target: target.maintenance is not None,
+        ),
     )
 }
 

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -27,6 +28,8 @@ CONFIG = """\
 dsn = "{dsn}"
 service = "db"
 data_directory = "{data}"
+# postgres-down puts the small app below in maintenance while it restarts the database.
+maintenance_service = "api"
 
 [postgres.main.jobs]
 table = "crawler.job"
@@ -91,6 +94,9 @@ status_command = ["true"]
 restart_command = ["true"]
 timeout_seconds = 5
 
+# Its admin API's maintenance flag (seed 004 s2 step 5), off: run maintenance-mode from the UI
+# with params.enable = true to see /health answer 503 maintenance, then false to take it out.
+{api_maintenance}
 # The seed's Menu -> Category -> Item relations (seed 003 "Data Corruption"), with orphans at
 # both levels, and expired sessions (Prisma's timestamp(3)): data-integrity deletes them.
 [integrity.app]
@@ -196,6 +202,7 @@ class Sandbox:
                 restart=json.dumps(self.pg.ctl_argv("restart")),
                 log=self.pg.dir / "log",
                 health_url=self.app.url,
+                api_maintenance=self.app.maintenance_toml("api"),
                 tls_port=tls_port,
                 backups=self.backups,
                 scratch_dsn=self.pg.dsn_for("postgres"),
@@ -310,15 +317,34 @@ def _quietly(conn: psycopg.Connection[Any], query: str) -> None:
 
 class HealthApp:
     """GET /health: 200 {"status": "ok", "database": "ok"}, or 503 with "database": "error"
-    when the database does not answer (as seed 001's API does)."""
+    when the database does not answer (as seed 001's API does); 503 {"status": "maintenance"}
+    while its maintenance flag is on.
 
-    def __init__(self, dsn: str) -> None:
+    Its admin API, as seed 004 s2 step 5 calls it (Authorization: Bearer TOKEN, else 401):
+    PUT ADMIN_PATH {"key": "site.maintenance_mode", "value": "true"|"false"} switches the flag;
+    GET ADMIN_PATH/site.maintenance_mode answers {"key": ..., "value": "true"|"false"}.
+    Each switch is recorded in `switches` as (on, observe()) at the moment it happens."""
+
+    ADMIN_PATH = "/api/v1/admin/settings"
+    KEY = "site.maintenance_mode"
+
+    def __init__(
+        self,
+        dsn: str | None,
+        token: str = "sandbox-admin-token",  # noqa: S107 - the sandbox app's own token
+        maintenance: bool = False,
+        observe: Callable[[], object] = lambda: None,
+    ) -> None:
         self.dsn = dsn
+        self.token = token
+        self.maintenance = maintenance
+        self.observe = observe
+        self.switches: list[tuple[bool, object]] = []
+        self.refused = 0
         app = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                code, body = app.answer()
+            def reply(self, code: int, body: object) -> None:
                 data = (body if isinstance(body, str) else json.dumps(body)).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -326,20 +352,74 @@ class HealthApp:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def authorised(self) -> bool:
+                if self.headers.get("Authorization") == f"Bearer {app.token}":
+                    return True
+                app.refused += 1
+                self.reply(401, {"error": "unauthorized"})
+                return False
+
+            def do_GET(self) -> None:
+                if self.path == f"{app.ADMIN_PATH}/{app.KEY}":
+                    if self.authorised():
+                        self.reply(200, {"key": app.KEY, "value": json.dumps(app.maintenance)})
+                    return
+                self.reply(*app.answer())
+
+            def do_PUT(self) -> None:
+                if self.path != app.ADMIN_PATH:
+                    self.reply(404, {"error": "not found"})
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if not self.authorised():
+                    return
+                try:
+                    body = json.loads(self.rfile.read(length))
+                    assert body["key"] == app.KEY and body["value"] in ("true", "false")
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    self.reply(400, {"error": f"want {{'key': {app.KEY!r}, 'value': 'true'}}"})
+                    return
+                app.switch(body["value"] == "true")
+                self.reply(200, {"key": app.KEY, "value": body["value"]})
+
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{base}/health"
+        self.admin_url = f"{base}{self.ADMIN_PATH}"
+        self.check_url = f"{self.admin_url}/{self.KEY}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def switch(self, on: bool) -> None:
+        self.switches.append((on, self.observe()))
+        self.maintenance = on
+
     def answer(self) -> tuple[int, object]:
+        if self.maintenance:
+            return 503, {"status": "maintenance"}
+        if self.dsn is None:
+            return 200, {"status": "ok"}
         try:
             with psycopg.connect(self.dsn, connect_timeout=2) as conn:
                 conn.execute("SELECT 1")
         except psycopg.OperationalError:
             return 503, {"status": "error", "database": "error", "redis": "ok"}
         return 200, {"status": "ok", "database": "ok", "redis": "ok"}
+
+    def maintenance_toml(self, service: str) -> str:
+        """The [services.SERVICE.maintenance] table that reaches this app's admin API."""
+        return (
+            f"[services.{service}.maintenance]\n"
+            f'url = "{self.admin_url}"\n'
+            f'body_on = {{ key = "{self.KEY}", value = "true" }}\n'
+            f'body_off = {{ key = "{self.KEY}", value = "false" }}\n'
+            f'token = "{self.token}"\n'
+            f'check_url = "{self.check_url}"\n'
+            'check_path = "value"\n'
+            "timeout_seconds = 5\n"
+        )
 
     def close(self) -> None:
         self.server.shutdown()

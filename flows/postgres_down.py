@@ -12,6 +12,7 @@ from tasks.engine import run_action, runbook_flow
 from tasks.errors import RunbookError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.host import read_disk_usage
+from tasks.maintenance import MaintenancePair
 from tasks.migration_rules import migration_findings
 from tasks.migrations import read_migrations
 from tasks.models import AlertInfo, Approval, Finding, Report, Severity
@@ -63,7 +64,8 @@ def postgres_down(
 
     May restart its service (never while it is recovering or when credentials are refused),
     then waits for it to answer; once it answers, reports a failed or dirty migration
-    (failed-migration's checks).
+    (failed-migration's checks). With the target's maintenance_service, the application is
+    put in maintenance before the restart and taken out once it verifies (seed 004 s3 step 6).
     """
     run = open_run(Settings.postgres_target, target, PostgresDownParams, params)
     name, pg, p = run.name, run.target, run.p
@@ -81,13 +83,15 @@ def postgres_down(
 
     # 1. diagnose
     probe, before = diagnose()
+    maintenance = MaintenancePair.read(run.settings, name, pg.maintenance_service)
+    before += maintenance.findings
     # 2. plan: a restart, only when the server is down (not when credentials are wrong, nor
-    # while it is starting up or recovering)
-    actions = plan_postgres_restart(name, probe, pg, svc is not None, p)
+    # while it is starting up or recovering); in maintenance around it when configured
+    actions = maintenance.around(plan_postgres_restart(name, probe, pg, svc is not None, p))
     # 3. gate
     approved = run.gate(actions, before)
-    # 4. act
-    for action in approved:
+    # 4. act: maintenance on first, then the restart
+    for action in maintenance.enter(approved):
         assert svc is not None and pg.service is not None
         if run_action(action, restart_service, pg.service, svc) is not None:
             waited = await_postgres_ready(name, pg, p.ready_timeout_seconds)
@@ -103,4 +107,6 @@ def postgres_down(
         # Seed 004 s3: a migration cut off by the outage shows once the server is back.
         if probe.ok:
             after += migrations_after_restart(name, pg)
+        # Out of maintenance only when it verifies; else the app stays in and the report says so.
+        after += maintenance.leave(after)
     return run.finish(before, after, actions)

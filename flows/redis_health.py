@@ -9,6 +9,7 @@ from prefect import State
 
 from tasks.engine import run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
+from tasks.maintenance import MaintenancePair
 from tasks.models import AlertInfo, Approval, Report, ServiceRef
 from tasks.redis import (
     await_redis_ready,
@@ -43,7 +44,9 @@ def redis_health(
     its role wants, persistence and clients of one Redis.
 
     May CONFIG SET maxmemory-policy and appendonly (then CONFIG REWRITE), and restart it
-    through its service when it is down.
+    through its service when it is down. With the target's maintenance_service, the
+    application is put in maintenance before those and taken out once Redis verifies (seed
+    001: "keep the application in maintenance mode until Redis is restored").
     """
     run = open_run(Settings.redis_target, target, RedisHealthParams, params)
     name, rd, p = run.name, run.target, run.p
@@ -51,12 +54,14 @@ def redis_health(
     # 1. diagnose
     health = read_redis_health(name, rd, p.sample_seconds)
     before = health_findings(name, rd, health, p)
-    # 2. plan
-    actions = plan_health(name, rd, health)
+    maintenance = MaintenancePair.read(run.settings, name, rd.maintenance_service)
+    before += maintenance.findings
+    # 2. plan: in maintenance around the changes when configured
+    actions = maintenance.around(plan_health(name, rd, health))
     # 3. gate
     approved = run.gate(actions, before)
-    # 4. act
-    for action in approved:
+    # 4. act: maintenance on first
+    for action in maintenance.enter(approved):
         match action.args:
             case MaxmemoryPolicy(policy=policy):
                 run_action(action, set_maxmemory_policy, name, rd, policy)
@@ -71,4 +76,5 @@ def redis_health(
     after = before
     if approved:
         after = health_findings(name, rd, read_redis_health(name, rd, p.sample_seconds), p)
+        after += maintenance.leave(after)
     return run.finish(before, after, actions)

@@ -11,6 +11,7 @@ from prefect import State
 
 from tasks.engine import run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
+from tasks.maintenance import MaintenancePair
 from tasks.models import ActionStatus, AlertInfo, Approval, Finding, Report, ServiceRef, utcnow
 from tasks.run import open_run
 from tasks.security import (
@@ -51,6 +52,8 @@ def security_incident(
 
     May UPDATE the named users' live sessions to revoked, store a new key pair in the Secret
     block (the previous key kept under a dated name) and restart the services that read it.
+    With the target's maintenance_service, the application is put in maintenance before those
+    and taken out once the sessions and key verify (seed 004 s12 step 3).
     """
     run = open_run(Settings.security_target, target, SecurityParams, params)
     name, sec, p = run.name, run.target, run.p
@@ -71,13 +74,16 @@ def security_incident(
 
     # 1. diagnose
     before = diagnose(first=True)
-    # 2. plan
-    actions = plan_security(name, sec, p, before)
+    maintenance = MaintenancePair.read(run.settings, name, sec.maintenance_service)
+    before += maintenance.findings
+    # 2. plan: in maintenance around it when configured
+    actions = maintenance.around(plan_security(name, sec, p, before))
     # 3. gate
     approved = run.gate(actions, before)
-    # 4. act: sessions first (they stop the attacker at once), then the key, then restarts
+    # 4. act: maintenance on first, then sessions (they stop the attacker at once), then the
+    # key, then restarts
     rotated = False
-    for action in approved:
+    for action in maintenance.enter(approved):
         args = action.args
         if isinstance(args, Users):
             run_action(action, revoke_sessions, pg_name, pg, name, sec, args.users)
@@ -92,5 +98,8 @@ def security_incident(
                 continue
             run_action(action, restart_service, args.service, run.settings.service(args.service))
     # 5. verify and report
-    after = diagnose(first=False) if approved else before
+    after = before
+    if approved:
+        after = diagnose(first=False)
+        after += maintenance.leave(after)
     return run.finish(before, after, actions)

@@ -143,6 +143,12 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     # whole-configuration check and reload); a run that keeps rewriting the file is a loop.
     "block_addresses": RateLimit(max=20, per_seconds=3600),
     "unblock_addresses": RateLimit(max=20, per_seconds=3600),
+    # maintenance-mode, and the pair around postgres-down's, redis-health's and
+    # security-incident's actions, per service: an incident puts an application in and out
+    # once or twice an hour (seed 004 s2: "temporarily"); more is a flapping loop that keeps
+    # users out. The pair runs only when both halves are admitted (tasks.maintenance_rules).
+    "enable_maintenance": RateLimit(max=4, per_seconds=3600),
+    "disable_maintenance": RateLimit(max=4, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

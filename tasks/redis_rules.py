@@ -22,7 +22,15 @@ NO_CONTROLLER = (
 )
 
 # The kinds of action each runbook plans (the flow and deployments.catalog read them from here).
-RedisHealthAction = Literal["set_maxmemory_policy", "enable_aof", "restart_service"]
+# enable_/disable_maintenance: the pair around the mending when the target has a
+# maintenance_service (tasks.maintenance_rules).
+RedisHealthAction = Literal[
+    "set_maxmemory_policy",
+    "enable_aof",
+    "restart_service",
+    "enable_maintenance",
+    "disable_maintenance",
+]
 LockoutAction = Literal["clear_lockout_keys", "clear_lockout_rows"]
 QueueBacklogAction = Literal["scale_workers"]
 

@@ -16,7 +16,15 @@ if TYPE_CHECKING:
     from tasks.settings import SecurityTarget
 
 # The kinds of action security-incident plans (the flow and deployments.catalog read them here).
-SecurityAction = Literal["revoke_sessions", "rotate_jwt_key", "restart_service"]
+# enable_/disable_maintenance: the pair around the mending when the target has a
+# maintenance_service (tasks.maintenance_rules).
+SecurityAction = Literal[
+    "revoke_sessions",
+    "rotate_jwt_key",
+    "restart_service",
+    "enable_maintenance",
+    "disable_maintenance",
+]
 
 # The seed's audit query looks back 24 hours (004 s12, "Audit log review").
 AUDIT_WINDOW_HOURS = 24

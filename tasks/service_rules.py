@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from tasks.settings import PostgresTarget, ServiceTarget, Settings
 
 # The kinds of action each runbook plans (the flow and deployments.catalog read them from here).
-PostgresDownAction = Literal["restart_service"]
+# enable_/disable_maintenance: the pair around the mending when the target has a
+# maintenance_service (tasks.maintenance_rules).
+PostgresDownAction = Literal["restart_service", "enable_maintenance", "disable_maintenance"]
 ServiceHealthAction = Literal["restart_service", "handoff"]
 ResourceAction = Literal["restart_service"]
 # The inventory sections a failing dependency can be handed over for, and their runbooks.

@@ -13,6 +13,7 @@ by the entry points that load it (deployments.config.load_config); a run checks 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -122,6 +123,10 @@ class PostgresTarget(_Target):
     jobs: JobsTable | None = None
     service: str | None = Field(None, description="the [services.NAME] that runs it")
     data_directory: str | None = Field(None, description="local data directory, for disk space")
+    maintenance_service: str | None = Field(
+        None,
+        description="the [services.NAME] with `maintenance` put in maintenance while a run mends",
+    )
     # failed-migration: the tool whose table to read (unset: both), the schema its table is
     # in, and the migration files, to tell whether a failed migration partially applied.
     migrations: Literal["prisma", "golang-migrate"] | None = None
@@ -141,6 +146,59 @@ class PostgresTarget(_Target):
     @property
     def description(self) -> str:
         return describe_dsn(self.dsn)
+
+
+class MaintenanceApi(_Strict):
+    """[services.NAME] maintenance: the application's own admin API for its maintenance flag
+    (seed 004 s2 step 5: `curl -X PUT .../api/v1/admin/settings -H "Authorization: Bearer
+    ${ADMIN_TOKEN}" -d '{"key": "site.maintenance_mode", "value": "true"}'`). The bodies are
+    sent as JSON (Content-Type: application/json); the token as `Authorization: Bearer`.
+
+    How the flag is read back: `check_url` (a GET, with the token) and `check_path` (a dotted
+    path into its JSON answer, e.g. `value`: true/"true"/"on"/"1" is on, false/"false"/"off"/
+    "0"/null is off); without check_url, the service's health_url: an answer whose body's
+    state (or a component's) is `maintenance` means on, any other answer off."""
+
+    url: str = Field(description="http(s) URL of the setting, e.g. .../api/v1/admin/settings")
+    method: Literal["PUT", "POST", "PATCH"] = "PUT"
+    body_on: dict[str, Any] = Field(
+        description='JSON object that switches it on: {"key": "site.maintenance_mode", '
+        '"value": "true"}'
+    )
+    body_off: dict[str, Any] = Field(description="JSON object that switches it off")
+    token: SecretStr | None = Field(None, description="sent as Authorization: Bearer TOKEN")
+    check_url: str | None = Field(None, description="GET that answers the setting as JSON")
+    check_path: str = Field(
+        "value", min_length=1, description="dotted path into check_url's answer: value, data.value"
+    )
+    timeout_seconds: float = Field(10, gt=0, le=120, description="each call, in seconds")
+
+    @field_validator("body_on", "body_off", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        # A JSON text is accepted too, as the seed's curl writes it (and as an environment
+        # variable can carry it).
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    'not JSON: write an inline table, body_on = { key = "site.maintenance_mode", '
+                    'value = "true" }, or a JSON object text'
+                ) from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object (an inline table)")
+        return value
+
+    @field_validator("url", "check_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and (
+            urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname
+        ):
+            # Not quoted: a URL may carry credentials.
+            raise ValueError("use http(s)://HOST[:PORT]/PATH")
+        return value
 
 
 class ServiceTarget(_Target):
@@ -166,6 +224,18 @@ class ServiceTarget(_Target):
     # Health-body components and the inventory target each stands for, e.g.
     # database = "postgres.main"; unset: inferred when there is one target of that kind.
     dependencies: dict[str, str] = Field(default_factory=dict)
+    # maintenance-mode, and the runbooks whose target names this service as its
+    # maintenance_service (postgres-down, redis-health, security-incident).
+    maintenance: MaintenanceApi | None = None
+
+    @model_validator(mode="after")
+    def _maintenance_can_be_read_back(self) -> ServiceTarget:
+        if self.maintenance is not None and not (self.maintenance.check_url or self.health_url):
+            raise ValueError(
+                "maintenance needs a way to read the flag back: set maintenance.check_url (and "
+                "check_path) or the service's health_url"
+            )
+        return self
 
     @model_validator(mode="after")
     def _kind_has_what_it_needs(self) -> ServiceTarget:
@@ -373,6 +443,10 @@ class RedisTarget(_Target):
     worker_service: str | None = Field(
         None, description="the [services.NAME] of the queue's workers, scaled by queue-backlog"
     )
+    maintenance_service: str | None = Field(
+        None,
+        description="the [services.NAME] with `maintenance` put in maintenance while a run mends",
+    )
 
     @property
     def wanted_policy(self) -> str:
@@ -417,6 +491,10 @@ class SecurityTarget(_Target):
     )
     jwt_services: list[str] = Field(
         default_factory=list, description="the [services.NAME]s that read the key: restarted"
+    )
+    maintenance_service: str | None = Field(
+        None,
+        description="the [services.NAME] with `maintenance` put in maintenance while a run mends",
     )
 
 
@@ -712,6 +790,27 @@ class Settings(BaseSettings):
                     f"proxies.{name}.service names {proxy.service!r}, which is not a "
                     f"[services.*] entry (configured: {known})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _maintenance_services_resolve(self) -> Settings:
+        for kind in ("postgres", "redis", "security"):
+            for name, target in self.targets(kind).items():
+                ref = target.maintenance_service
+                if ref is None:
+                    continue
+                if ref not in self.services:
+                    known = ", ".join(self.services) or "none"
+                    raise ValueError(
+                        f"{kind}.{name}.maintenance_service names {ref!r}, which is not a "
+                        f"[services.*] entry (configured: {known})"
+                    )
+                if self.services[ref].maintenance is None:
+                    raise ValueError(
+                        f"{kind}.{name}.maintenance_service names {ref!r}, which has no "
+                        f"maintenance API: add [services.{ref}.maintenance] (url, body_on, "
+                        "body_off, token) or unset maintenance_service"
+                    )
         return self
 
 
