@@ -179,7 +179,7 @@ def test_unreadable_flag_settings_are_exit_2(app: HealthApp, inventory: Any) -> 
     assert proc.returncode == 2 and "needs a maintenance API" in proc.stderr
     no_traceback(proc)
     # A run a worker starts (no registry) says the same.
-    with pytest.raises(ConfigError, match="services.db has no maintenance API"):
+    with pytest.raises(ConfigError, match=r"services\.db has no maintenance API"):
         maintenance_mode("db", params={"enable": True})
 
 
