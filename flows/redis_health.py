@@ -45,8 +45,8 @@ def redis_health(
 
     May CONFIG SET maxmemory-policy and appendonly (then CONFIG REWRITE), and restart it
     through its service when it is down. With the target's maintenance_service, the
-    application is put in maintenance before those and taken out once Redis verifies (seed
-    001: "keep the application in maintenance mode until Redis is restored").
+    application is put in maintenance before that restart and taken out once Redis verifies
+    (seed 001: "keep the application in maintenance mode until Redis is restored").
     """
     run = open_run(Settings.redis_target, target, RedisHealthParams, params)
     name, rd, p = run.name, run.target, run.p
@@ -54,9 +54,12 @@ def redis_health(
     # 1. diagnose
     health = read_redis_health(name, rd, p.sample_seconds)
     before = health_findings(name, rd, health, p)
-    maintenance = MaintenancePair.read(run.settings, name, rd.maintenance_service)
+    # Seed 001: the application stays in maintenance while Redis is down, not for a policy
+    # change on a Redis that answers.
+    down = None if health.reachable else rd.maintenance_service
+    maintenance = MaintenancePair.read(run.settings, name, down)
     before += maintenance.findings
-    # 2. plan: in maintenance around the changes when configured
+    # 2. plan: in maintenance around the restart when Redis is down and it is configured
     actions = maintenance.around(plan_health(name, rd, health))
     # 3. gate
     approved = run.gate(actions, before)

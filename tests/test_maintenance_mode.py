@@ -8,6 +8,7 @@ pair against the mending is read from the systems themselves."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tasks.maintenance import read_maintenance
 from tasks.maintenance_rules import at_path, flag_of
 from tasks.models import ActionStatus, Report, RunStatus, Severity
 from tasks.settings import load_settings
-from tests.conftest import Db
+from tests.conftest import Db, free_port
 from tests.test_cli import cli, no_traceback
 from tests.test_postgres_down import config as postgres_config
 from tests.test_redis_health import QUICK
@@ -286,14 +287,50 @@ def test_a_pair_refused_by_policy_does_not_hold_back_the_restart(
 # --- the pair around redis-health and security-incident -----------------------------------
 
 
-def test_redis_health_sets_the_policy_inside_maintenance(redis_server: Any, inventory: Any) -> None:
+def test_redis_health_restarts_a_down_redis_inside_maintenance(
+    inventory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    server = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    server += ["--dir", str(tmp_path), "--daemonize", "yes"]
+    server += ["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]
+    ping = ["redis-cli", "-p", str(port), "ping"]
+
+    def answers() -> object:
+        done = subprocess.run(ping, capture_output=True, text=True, check=False, timeout=10)
+        return done.stdout.strip() == "PONG"
+
+    app = HealthApp(None, token=TOKEN, observe=answers)
+    try:
+        inventory(
+            f'[redis.cache]\nurl = "redis://127.0.0.1:{port}/0"\nservice = "cache"\n'
+            'maintenance_service = "api"\n'
+            f'[services.cache]\nkind = "command"\ntimeout_seconds = 10\n'
+            f"status_command = {json.dumps(ping)}\nstart_command = {json.dumps(server)}\n"
+            f"restart_command = {json.dumps(server)}\n" + service(app)
+        )
+        report = redis_health("cache", dry_run=False, approval="auto", params=QUICK)
+        assert report.status is RunStatus.fixed, report.findings
+        assert [k for k, _ in kinds(report)] == [
+            "enable_maintenance",
+            "restart_service",
+            "disable_maintenance",
+        ]
+        # In maintenance while Redis was down, out once it answered again.
+        assert app.switches == [(True, False), (False, True)]
+        assert not app.maintenance
+    finally:
+        app.close()
+        subprocess.run(
+            ["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True, check=False
+        )
+
+
+def test_a_policy_change_on_a_redis_that_answers_leaves_the_app_alone(
+    redis_server: Any, inventory: Any
+) -> None:
     server = redis_server(maxmemory="64mb")  # a cache on noeviction
-
-    def policy() -> object:
-        with server.client() as r:
-            return r.config_get("maxmemory-policy")["maxmemory-policy"]
-
-    app = HealthApp(None, token=TOKEN, observe=policy)
+    app = HealthApp(None, token=TOKEN)
     try:
         inventory(
             f'[redis.cache]\nurl = "{server.url}"\nrole = "cache"\nmaintenance_service = "api"\n'
@@ -301,13 +338,8 @@ def test_redis_health_sets_the_policy_inside_maintenance(redis_server: Any, inve
         )
         report = redis_health("cache", dry_run=False, approval="auto", params=QUICK)
         assert report.status is RunStatus.fixed, report.findings
-        assert [k for k, _ in kinds(report)] == [
-            "enable_maintenance",
-            "set_maxmemory_policy",
-            "disable_maintenance",
-        ]
-        assert app.switches == [(True, "noeviction"), (False, "allkeys-lru")]
-        assert not app.maintenance
+        assert [k for k, _ in kinds(report)] == ["set_maxmemory_policy"]
+        assert app.switches == [] and not app.maintenance
     finally:
         app.close()
 
