@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.localpg import LocalPostgres
+from deployments.localpg import LocalPostgres, free_port
 from deployments.sandbox import HealthApp
 from flows.maintenance_mode import maintenance_mode
 from flows.postgres_down import postgres_down
@@ -27,7 +27,7 @@ from tasks.maintenance import read_maintenance
 from tasks.maintenance_rules import at_path, flag_of
 from tasks.models import ActionStatus, Report, RunStatus, Severity
 from tasks.settings import load_settings
-from tests.conftest import Db, free_port
+from tests.conftest import Db
 from tests.test_cli import cli, no_traceback
 from tests.test_postgres_down import config as postgres_config
 from tests.test_redis_health import QUICK
