@@ -371,6 +371,23 @@ RUNBOOKS: dict[str, Runbook] = {
             action_kinds="tasks.proxy_rules:BlockAction",
             cron=None,
         ),
+        Runbook(
+            name="disk-space",
+            entrypoint="flows.disk_space:disk_space",
+            purpose="Space and inodes used per filesystem, the largest entries, container logs, "
+            "tables, old backups and partitions; truncates logs and frees what is past policy.",
+            seeds="000 s4 (Disk Full), 004 s9 (Disk Space Critical, DiskUsageHigh), 002 "
+            "monitoring thresholds (80 % warning, 90 % critical)",
+            inventory="disk",
+            params_class="tasks.disk_rules:DiskParams",
+            changes="truncates configured containers' json-file logs over max_log_mb; while the "
+            "disk is over a warning threshold, deletes backups past the set's retention policy "
+            "and detaches and drops dated tables older than keep_months (caps per run; VACUUM "
+            "FULL only suggested)",
+            action_kinds="tasks.disk_rules:DiskAction",
+            cron="*/15 * * * *",
+            scheduled={"dry_run": True},
+        ),
     )
 }
 
