@@ -93,6 +93,8 @@ def walk_largest(root: str, depth: int, budget_seconds: float, top: int) -> Walk
                         unreadable += 1
                         continue
                     seen += 1
+                    if stat.S_ISLNK(st.st_mode):
+                        continue  # never followed; the link itself takes no room to speak of
                     if st.st_dev != root_dev:
                         other_fs += 1  # a mount point: another filesystem, not this one's
                         continue
