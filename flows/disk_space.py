@@ -213,7 +213,9 @@ def disk_space(
         return run.finish(before.findings + context, before.findings + context, actions)
     after = diagnose()
     freed = freed_findings(name, before.usages, after.usages)
-    return run.finish(before.findings + context, after.findings + freed + context, actions)
+    # The walk and the table sizes are not repeated: said to be from before acting.
+    seen_before = [f.model_copy(update={"message": f"before acting: {f.message}"}) for f in context]
+    return run.finish(before.findings + context, after.findings + freed + seen_before, actions)
 
 
 def _unread(name: str, check: str, exc: TargetError) -> Finding:

@@ -342,3 +342,29 @@ def test_the_sandbox_plants_old_partitions_that_disk_space_drops(
         assert left == {"pageview", this_month, "pageview_2020_01_backup"}
     finally:
         box.stop()
+
+
+def test_a_drop_gives_up_on_a_held_lock_and_never_drops_a_look_alike(db: Db) -> None:
+    from tasks.errors import ActionFailed
+    from tasks.partitions import drop_partition
+    from tasks.settings import PostgresTarget
+
+    planted = plant_partitions(db)
+    target = PostgresTarget(dsn=db.dsn)  # type: ignore[arg-type]
+    pattern = "analytics.pageview_YYYY_MM"
+    reader = db.session(user="postgres")
+    reader.execute("SELECT count(*) FROM analytics.pageview")  # a transaction left open
+    with pytest.raises(ActionFailed, match="lock was not granted within lock_timeout_seconds"):
+        drop_partition.fn("main", target, "analytics", planted["old"][0], pattern, 0.2)
+    reader.rollback()
+    assert planted["old"][0] in tables(db)  # rolled back: still attached and there
+    for look_alike in ("pageview_2020_01_backup", "pageviews_2020_01"):
+        with pytest.raises(ActionFailed, match="never dropped"):
+            drop_partition.fn("main", target, "analytics", look_alike, pattern, 5)
+    assert tables(db) >= set(planted["kept"])
+    done = drop_partition.fn("main", target, "analytics", planted["old"][0], pattern, 5)
+    assert done.startswith("detached from analytics.pageview and dropped (")
+    assert planted["old"][0] not in tables(db)
+    assert drop_partition.fn("main", target, "analytics", planted["old"][0], pattern, 5) == (
+        "already gone"
+    )
