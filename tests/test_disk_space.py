@@ -350,7 +350,7 @@ def test_a_drop_gives_up_on_a_held_lock_and_never_drops_a_look_alike(db: Db) -> 
     from tasks.settings import PostgresTarget
 
     planted = plant_partitions(db)
-    target = PostgresTarget(dsn=db.dsn)  # type: ignore[arg-type]
+    target = PostgresTarget(dsn=db.dsn)
     pattern = "analytics.pageview_YYYY_MM"
     reader = db.session(user="postgres")
     reader.execute("SELECT count(*) FROM analytics.pageview")  # a transaction left open
