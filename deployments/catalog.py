@@ -387,6 +387,23 @@ RUNBOOKS: dict[str, Runbook] = {
             requires="a maintenance API ([services.NAME.maintenance] with url, body_on, body_off)",
             accepts=lambda target: target.maintenance is not None,
         ),
+        Runbook(
+            name="disk-space",
+            entrypoint="flows.disk_space:disk_space",
+            purpose="Space and inodes used per filesystem, the largest entries, container logs, "
+            "tables, old backups and partitions; truncates logs and frees what is past policy.",
+            seeds="000 s4 (Disk Full), 004 s9 (Disk Space Critical, DiskUsageHigh), 002 "
+            "monitoring thresholds (80 % warning, 90 % critical)",
+            inventory="disk",
+            params_class="tasks.disk_rules:DiskParams",
+            changes="truncates configured containers' json-file logs over max_log_mb; while the "
+            "disk is over a warning threshold, deletes backups past the set's retention policy "
+            "and detaches and drops dated tables older than keep_months (caps per run; VACUUM "
+            "FULL only suggested)",
+            action_kinds="tasks.disk_rules:DiskAction",
+            cron="*/15 * * * *",
+            scheduled={"dry_run": True},
+        ),
     )
 }
 

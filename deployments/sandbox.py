@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from deployments.localpg import LocalPostgres, free_port
 from deployments.localredis import LocalRedis
@@ -135,6 +136,21 @@ deny_file = "{deny_file}"
 test_command = {nginx_test}
 reload_command = ["true"]
 allow = ["127.0.0.1"]
+
+# disk-space: the sandbox's own directory, judged against a warning threshold of 1 % so that
+# its filesystem is "over" it (the sandbox fills no real disk), and the seed's monthly
+# analytics.pageview partitions: those of 2020 are dropped, this month's and a look-alike
+# table (pageview_2020_01_backup) stay. The disk stays over 1 %: the run stays Unhealthy.
+[disk.sandbox]
+paths = ["{data}"]
+postgres = "main"
+partitions = ["analytics.pageview_YYYY_MM"]
+
+[disk.sandbox.thresholds]
+used_warning_percent = 1
+used_critical_percent = 100
+inodes_warning_percent = 100
+inodes_critical_percent = 100
 """
 # A configuration for `nginx -t` only: it never serves.
 NGINX_CONF = """\
@@ -288,6 +304,32 @@ class Sandbox:
             )
             conn.execute("""INSERT INTO system.auditlog (action, createdat)
                 SELECT 'login', now() - make_interval(hours => g) FROM generate_series(1, 30) g""")
+            # disk-space: monthly partitions of 2020 (old) and of this month, and a look-alike.
+            conn.execute("CREATE SCHEMA analytics")
+            conn.execute("""CREATE TABLE analytics.pageview (id bigint, viewed_at timestamptz
+                            NOT NULL) PARTITION BY RANGE (viewed_at)""")
+            month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            after = (month + timedelta(days=32)).replace(day=1)
+            for start, end in (
+                (datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 2, 1, tzinfo=UTC)),
+                (datetime(2020, 2, 1, tzinfo=UTC), datetime(2020, 3, 1, tzinfo=UTC)),
+                (month, after),
+            ):
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE {} PARTITION OF analytics.pageview "
+                        "FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        sql.Identifier("analytics", f"pageview_{start:%Y_%m}"),
+                        sql.Literal(start),
+                        sql.Literal(end),
+                    )
+                )
+                conn.execute(
+                    "INSERT INTO analytics.pageview SELECT g, %s FROM generate_series(1, 5000) g",
+                    [start],
+                )
+            conn.execute("CREATE TABLE analytics.pageview_2020_01_backup (id bigint)")
         for n in range(3):
             conn = psycopg.connect(app, application_name=f"worker-{n}")
             conn.execute("SELECT 1")  # a transaction left open: idle in transaction

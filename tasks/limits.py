@@ -149,6 +149,13 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     # users out. The pair runs only when both halves are admitted (tasks.maintenance_rules).
     "enable_maintenance": RateLimit(max=4, per_seconds=3600),
     "disable_maintenance": RateLimit(max=4, per_seconds=3600),
+    # disk-space: a container log that needs truncating more than 4 times an hour is a logging
+    # loop to fix at its source (seed 000 s4: rotate with max-size), not to truncate over and
+    # over. Counted per service.
+    "truncate_container_log": RateLimit(max=4, per_seconds=3600),
+    # disk-space drops at most max_partitions_dropped (12: a year of months) a run; two
+    # years' worth in a day clears a first backlog, more is a loop or a wrong keep_months.
+    "drop_partition": RateLimit(max=24, per_seconds=86_400),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue

@@ -389,6 +389,11 @@ class DockerController:
             )
         return sorted(found, key=lambda c: c.name)
 
+    def containers(self) -> list[Any]:
+        """The service's containers (docker-py Container objects), by name; TargetError when
+        there are none, TargetUnreachable (transient) when the engine does not answer."""
+        return self._containers()
+
     @contextmanager
     def _reading(self, what: str) -> Iterator[None]:
         """Docker API errors of a read in the block (`what`: "logs of api-1") as the tree of

@@ -624,6 +624,49 @@ class ProxyTarget(_Target):
         return None if self.service else ["nginx", "-s", "reload"]
 
 
+class DiskTarget(_Target):
+    """[disk.NAME]: paths whose filesystems disk-space judges, and what may fill them: the
+    json-file logs of docker services, a backup directory, dated tables of a database."""
+
+    paths: list[str] = Field(
+        min_length=1, description="absolute paths; each one's filesystem is judged"
+    )
+    postgres: str | None = Field(None, description="a [postgres.NAME]: its largest tables")
+    services: list[str] = Field(
+        default_factory=list, description="[services.NAME]s of kind docker: their json-file logs"
+    )
+    backups: str | None = Field(
+        None, description="a [backups.NAME] with a directory: backups past its retention"
+    )
+    partitions: list[str] = Field(
+        default_factory=list,
+        description="dated tables of `postgres`, e.g. analytics.pageview_YYYY_MM",
+    )
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not os.path.isabs(path):
+                raise ValueError(f"{path!r} is not an absolute path: write it from /")
+        return value
+
+    @field_validator("partitions")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        from tasks.disk_rules import parse_partition_pattern
+
+        for text in value:
+            parse_partition_pattern(text)
+        return value
+
+    @model_validator(mode="after")
+    def _partitions_need_postgres(self) -> DiskTarget:
+        if self.partitions and self.postgres is None:
+            raise ValueError('partitions need postgres = "NAME", the database that holds them')
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
@@ -655,6 +698,8 @@ class Settings(BaseSettings):
     security: dict[str, SecurityTarget] = Field(default_factory=dict)
     # Reverse proxies whose deny file block-ips edits.
     proxies: dict[str, ProxyTarget] = Field(default_factory=dict)
+    # Filesystems disk-space watches, and what may fill them.
+    disk: dict[str, DiskTarget] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -810,6 +855,47 @@ class Settings(BaseSettings):
                         f"{kind}.{name}.maintenance_service names {ref!r}, which has no "
                         f"maintenance API: add [services.{ref}.maintenance] (url, body_on, "
                         "body_off, token) or unset maintenance_service"
+                    )
+        return self
+
+    def disk_target(self, name: str | None) -> tuple[str, DiskTarget]:
+        """A [disk.NAME]: its name and entry (ConfigError naming the known ones)."""
+        return _pick("disk", self.disk, name)
+
+    @model_validator(mode="after")
+    def _disk_references_resolve(self) -> Settings:
+        for name, found in self.disk.items():
+            if found.postgres is not None and found.postgres not in self.postgres:
+                known = ", ".join(self.postgres) or "none"
+                raise ValueError(
+                    f"disk.{name}.postgres names {found.postgres!r}, which is not a "
+                    f"[postgres.*] target (configured: {known})"
+                )
+            for service in found.services:
+                if service not in self.services:
+                    known = ", ".join(self.services) or "none"
+                    raise ValueError(
+                        f"disk.{name}.services names {service!r}, which is not a "
+                        f"[services.*] entry (configured: {known})"
+                    )
+                if self.services[service].kind != "docker":
+                    raise ValueError(
+                        f"disk.{name}.services names {service!r}, of kind "
+                        f"{self.services[service].kind}: only kind docker has json-file logs "
+                        "to check; remove it there"
+                    )
+            if found.backups is not None:
+                backup = self.backups.get(found.backups)
+                if backup is None:
+                    known = ", ".join(self.backups) or "none"
+                    raise ValueError(
+                        f"disk.{name}.backups names {found.backups!r}, which is not a "
+                        f"[backups.*] set (configured: {known})"
+                    )
+                if backup.directory is None:
+                    raise ValueError(
+                        f"disk.{name}.backups names {found.backups!r}, which is kept in S3: "
+                        "only a set with a local directory takes room on this disk"
                     )
         return self
 

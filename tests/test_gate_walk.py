@@ -23,7 +23,7 @@ from tasks.models import Action, ActionStatus, Report
 FLOWS = Path(__file__).resolve().parents[1] / "flows"
 # The verbs of the task functions that change a system (tasks/*.py).
 MUTATING = re.compile(
-    r"^(cancel|terminate|restart|set|enable|clear|delete|reset|scale|renew|reload|vacuum|"
+    r"^(cancel|terminate|restart|set|enable|clear|delete|reset|scale|renew|reload|vacuum|truncate|"
     r"create|drop|restore|dump|unlink)_"
 )
 
