@@ -180,7 +180,7 @@ def has_inventory(settings: Settings) -> bool:
     """Any configured target means a real inventory: the sandbox only starts with none."""
     return any(
         getattr(settings, kind)
-        for kind in ("postgres", "redis", "services", "tls", "s3", "backups")
+        for kind in ("postgres", "redis", "services", "tls", "s3", "backups", "smtp", "metrics")
     )
 
 
