@@ -39,6 +39,8 @@ FailureKind = Literal[
     "data",
     "protocol",
 ]
+# smtplib's order of preference (SMTP.login).
+AUTH_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")
 _TLS_PROTOCOL = ("WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "PROTOCOL_VERSION", "NO_PROTOCOLS")
 
 
@@ -96,6 +98,12 @@ def classify(exc: BaseException, timeout: float) -> tuple[FailureKind, int | Non
     OSErrors, and so are ssl's: the most specific are tested first."""
     if isinstance(exc, _Refused):
         return exc.kind, exc.code, exc.text
+    # smtplib turns a read that timed out into "Connection unexpectedly closed: timed out",
+    # keeping the timeout as the exception's context.
+    if isinstance(exc, smtplib.SMTPServerDisconnected) and isinstance(
+        exc.__context__, TimeoutError
+    ):
+        return "timeout", None, f"no answer within {timeout:g} s"
     if isinstance(exc, smtplib.SMTPServerDisconnected | ConnectionResetError | BrokenPipeError):
         return "closed", None, f"the server closed the connection ({exc or type(exc).__name__})"
     if isinstance(exc, smtplib.SMTPAuthenticationError):
@@ -196,9 +204,6 @@ def probe_smtp(name: str, smtp: SmtpTarget) -> SmtpProbe:
         Nothing of its own: network, TLS and SMTP failures are in the SmtpProbe."""
     t = smtp.timeout_seconds
     steps: list[SmtpStep] = []
-    probe = SmtpProbe(
-        target=name, host=smtp.host, port=smtp.port, security=smtp.security, steps=steps
-    )
 
     def step(label: str, call: Callable[[], str]) -> bool:
         start = time.perf_counter()
@@ -253,8 +258,16 @@ def probe_smtp(name: str, smtp: SmtpTarget) -> SmtpProbe:
         assert smtp.username is not None and smtp.password is not None  # the settings pair them
         if not session.has_extn("auth"):
             raise _Refused("auth", None, "the server offers no AUTH (after EHLO)")
-        code, text = session.login(smtp.username, smtp.password.get_secret_value())
-        return f"{code} {_text(text)} (as {smtp.username})"
+        offered = session.esmtp_features["auth"].upper().split()
+        mechanism = next((m for m in AUTH_MECHANISMS if m in offered), None)
+        if mechanism is None:
+            raise _Refused("auth", None, f"no mechanism this check speaks ({' '.join(offered)})")
+        # One mechanism, one attempt: smtplib's login() would retry a refused password with
+        # each other mechanism offered, and count against the account's lockout as many times.
+        session.user, session.password = smtp.username, smtp.password.get_secret_value()
+        method = getattr(session, "auth_" + mechanism.lower().replace("-", "_"))
+        code, text = session.auth(mechanism, method, initial_response_ok=True)
+        return f"{code} {_text(text)} ({mechanism} as {smtp.username})"
 
     def mail_from() -> str:
         return _expect("sender", session.mail(smtp.sender), 250)
@@ -305,4 +318,6 @@ def probe_smtp(name: str, smtp: SmtpTarget) -> SmtpProbe:
         session.close()
         for opened in sock:
             opened.close()  # closing twice is harmless; one never handed over is closed here
-    return probe
+    return SmtpProbe(
+        target=name, host=smtp.host, port=smtp.port, security=smtp.security, steps=steps
+    )
