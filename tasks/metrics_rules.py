@@ -44,13 +44,15 @@ def _who(probe: MetricsProbe) -> str:
     return f"{what} {probe.source}" if probe.source else what
 
 
-def _refusal(probe: MetricsProbe, target: MetricsTarget) -> tuple[Severity, str]:
-    """A request the guard must refuse."""
+def _refusal(probe: MetricsProbe, target: MetricsTarget, open_: bool) -> tuple[Severity, str]:
+    """A request the guard must refuse; open_: one without the secret was let in already."""
     code = probe.status_code
     if code in REFUSED:
         return Severity.ok, f"{_who(probe)} is refused ({code}), as it should be"
     if code is not None and 200 <= code < 300:
-        if probe.probe == "without_secret":
+        if open_:
+            why = "no guard at all (see without_secret)"
+        elif probe.probe == "without_secret":
             why = (
                 "the endpoint is open to anyone: set METRICS_GUARD=secret and "
                 "METRICS_GUARD_SECRET in the app (or METRICS_GUARD=cidr with "
@@ -128,6 +130,10 @@ def metrics_findings(
     request that must be refused and an admitted Prometheus scrape is critical, but too few
     metric families, a warning. An endpoint open to anyone is critical."""
     found: list[Finding] = []
+    open_ = any(
+        probe.probe == "without_secret" and 200 <= (probe.status_code or 0) < 300
+        for probe in probes
+    )
     disabled = [probe for probe in probes if probe.status_code == 404]
     if disabled:
         found.append(
@@ -160,7 +166,7 @@ def metrics_findings(
             severity, message = _admission(probe, target, p)
             observed = probe.status_code
         else:
-            severity, message = _refusal(probe, target)
+            severity, message = _refusal(probe, target, open_ and probe.probe == "wrong_secret")
             observed = probe.status_code
         found.append(
             Finding(

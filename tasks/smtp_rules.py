@@ -141,14 +141,16 @@ def _plan(smtp: SmtpTarget) -> list[str]:
 
 
 def step_findings(
-    probe: SmtpProbe, smtp: SmtpTarget, p: SmtpParams, failure_severity: Severity
+    probe: SmtpProbe, smtp: SmtpTarget, p: SmtpParams, failure_severity: Severity, prefix: str = ""
 ) -> list[Finding]:
-    """One finding per step attempted: a failure at failure_severity, a success judged by its
-    milliseconds (observed) against latency_warning_ms and latency_critical_ms."""
+    """One finding per step attempted (check: prefix + the step's name): a failure at
+    failure_severity, a success judged by its milliseconds (observed) against
+    latency_warning_ms and latency_critical_ms."""
     found = []
     for step in probe.steps:
         if step.failed:
-            found.append(_failed(step, probe, smtp, failure_severity))
+            failed = _failed(step, probe, smtp, failure_severity)
+            found.append(failed.model_copy(update={"check": prefix + step.step}))
             continue
         severity = (
             Severity.critical
@@ -164,7 +166,7 @@ def step_findings(
         )
         found.append(
             Finding(
-                check=step.step,
+                check=prefix + step.step,
                 target=probe.target,
                 severity=severity,
                 observed=round(step.ms, 1),
@@ -190,15 +192,17 @@ def smtp_findings(
     fallback: tuple[SmtpTarget, SmtpProbe] | None = None,
 ) -> list[Finding]:
     """The findings of smtp-check: the primary's steps (a failure critical), then, with a
-    fallback, its steps (a failure critical when the primary fails too, else a warning) and
+    fallback, its steps (checks fallback.STEP, target the fallback's name; a failure critical
+    when the primary fails too, else a warning) and
     a `fallback` finding saying whether to switch and how (seed 004 s7 step 4)."""
     found = step_findings(probe, smtp, p, Severity.critical)
     if fallback is None:
         return found
     spare, spare_probe = fallback
     failure, spare_failure = probe.failure, spare_probe.failure
+    # The fallback's steps, named fallback.STEP: a report's table may show no target column.
     found += step_findings(
-        spare_probe, spare, p, Severity.critical if failure else Severity.warning
+        spare_probe, spare, p, Severity.critical if failure else Severity.warning, "fallback."
     )
     where = f"[smtp.{spare_probe.target}] ({spare.host}:{spare.port})"
     if failure is not None and spare_failure is None:

@@ -126,6 +126,7 @@ def test_an_endpoint_open_to_anyone_through_the_cli(
     assert found["without_secret"]["severity"] == "critical"
     assert "the endpoint is open to anyone" in found["without_secret"]["message"]
     assert "METRICS_GUARD=secret" in found["without_secret"]["message"]
+    assert "no guard at all" in found["wrong_secret"]["message"]
     assert found["with_secret"]["severity"] == "ok"
     assert SECRET not in proc.stdout + proc.stderr
 

@@ -334,7 +334,7 @@ def test_a_healthy_fallback_while_the_primary_is_down_through_the_cli(
     spare = [f for f in report["findings"] if f["target"] == "relay"]
     assert [f["check"] for f in primary] == ["dns", "connect"]
     assert primary[-1]["severity"] == "critical"
-    assert [f["check"] for f in spare] == [*STARTTLS_STEPS, "rset"]
+    assert [f["check"] for f in spare] == [f"fallback.{s}" for s in [*STARTTLS_STEPS, "rset"]]
     assert all(f["severity"] == "ok" for f in spare)
     [fallback] = [f for f in report["findings"] if f["check"] == "fallback"]
     assert fallback["severity"] == "warning"
@@ -453,7 +453,7 @@ def test_the_fallback_finding(
     fallback = found[-1]
     assert fallback.check == "fallback" and fallback.severity is severity
     assert says in fallback.message and PASSWORD not in fallback.message
-    relay_failure = [f for f in found if f.target == "relay" and f.check == "connect"]
+    relay_failure = [f for f in found if f.target == "relay" and f.check == "fallback.connect"]
     if spare:  # the fallback's own failure: critical only when the primary fails too
         expected = Severity.critical if primary else Severity.warning
         assert relay_failure[0].severity is expected
