@@ -404,6 +404,33 @@ RUNBOOKS: dict[str, Runbook] = {
             cron="*/15 * * * *",
             scheduled={"dry_run": True},
         ),
+        Runbook(
+            name="smtp-check",
+            entrypoint="flows.smtp_check:smtp_check",
+            purpose="One SMTP session as the app has it (DNS, connect, TLS, EHLO, AUTH, MAIL, "
+            "RCPT), each step timed, a failure classified; the fallback's, and what to switch to.",
+            seeds="004 s7 (SMTP / Email Delivery Failure, and its step 4 fallback to SMTP)",
+            inventory="smtp",
+            params_class="tasks.smtp_rules:SmtpParams",
+            changes="nothing (RSET after RCPT TO); with send_test = true one small test message "
+            "to the target's `to` addresses",
+            action_kinds=None,
+            cron="*/15 * * * *",
+            scheduled={"dry_run": True},
+        ),
+        Runbook(
+            name="metrics-guard",
+            entrypoint="flows.metrics_guard:metrics_guard",
+            purpose="Requests the metrics guard must refuse (no or a wrong secret, a denied "
+            "address) and one it must admit with Prometheus text; says which part is wrong.",
+            seeds="001 Metrics endpoint failing authentication (METRICS_ENABLED, METRICS_GUARD)",
+            inventory="metrics",
+            params_class="tasks.metrics_rules:MetricsParams",
+            changes="nothing: read-only",
+            action_kinds=None,
+            cron="0 * * * *",
+            scheduled={"dry_run": True},
+        ),
     )
 }
 

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from deployments.localapps import MetricsApp, SmtpServer
 from deployments.localpg import LocalPostgres, free_port
 from deployments.localredis import LocalRedis
 from deployments.localtls import CA, Servers
@@ -151,6 +152,32 @@ used_warning_percent = 1
 used_critical_percent = 100
 inodes_warning_percent = 100
 inodes_critical_percent = 100
+
+# The mail provider refuses the recipient (seed 004 s7: 550, relaying denied); the fallback
+# relay takes it: smtp-check says what to switch the app to. Both inside `runbook serve`.
+[smtp.provider]
+host = "127.0.0.1"
+port = {smtp_port}
+security = "none"
+from = "noreply@sandbox.test"
+to = "signup@example.com"
+timeout_seconds = 5
+fallback = "relay"
+
+[smtp.relay]
+host = "127.0.0.1"
+port = {relay_port}
+security = "none"
+from = "noreply@sandbox.test"
+to = "signup@example.com"
+timeout_seconds = 5
+
+# The API's /metrics with METRICS_GUARD unset (seed 001): open to anyone.
+[metrics.api]
+url = "{metrics_url}"
+guard = "secret"
+secret = "sandbox-metrics-secret"
+timeout_seconds = 5
 """
 # A configuration for `nginx -t` only: it never serves.
 NGINX_CONF = """\
@@ -207,6 +234,9 @@ class Sandbox:
         self.tls = Servers()
         ca = CA(self.pg.dir, "Runbook Sandbox CA")
         tls_port = self.tls.tls(*ca.issue("sandbox", ["sandbox.test"], days=5))
+        self.mail = SmtpServer(rcpt_reply=b"550 5.7.1 <signup@example.com>: Relaying denied")
+        self.relay = SmtpServer()
+        self.metrics = MetricsApp()
         self.config.write_text(
             CONFIG.format(
                 dsn=dsn,
@@ -226,6 +256,9 @@ class Sandbox:
                 tls_ca=ca.pem,
                 deny_file=self.deny_file,
                 nginx_test=json.dumps(self.nginx_test()),
+                smtp_port=self.mail.port,
+                relay_port=self.relay.port,
+                metrics_url=self.metrics.url,
             )
         )
         self.plant()
@@ -344,6 +377,9 @@ class Sandbox:
         if hasattr(self, "app"):
             self.app.close()
             self.tls.close()
+        for server in ("mail", "relay", "metrics"):
+            if hasattr(self, server):
+                getattr(self, server).close()
         for conn in self.sessions:
             conn.close()
         self.pg.stop()

@@ -24,7 +24,7 @@ import httpx
 import psycopg
 
 from deployments import sandbox
-from deployments.catalog import RUNBOOKS
+from deployments.catalog import RUNBOOKS, SECTIONS
 from deployments.config import load_config
 from deployments.localpg import stop_process
 from deployments.prefect_api import require_prefect_api
@@ -177,11 +177,9 @@ def build_deployments(
 
 
 def has_inventory(settings: Settings) -> bool:
-    """Any configured target means a real inventory: the sandbox only starts with none."""
-    return any(
-        getattr(settings, kind)
-        for kind in ("postgres", "redis", "services", "tls", "s3", "backups")
-    )
+    """Any configured target of any runbook's section means a real inventory: the sandbox only
+    starts with none."""
+    return any(settings.targets(kind) for kind in SECTIONS)
 
 
 class Stop(Exception):

@@ -18,6 +18,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -667,6 +668,120 @@ class DiskTarget(_Target):
         return self
 
 
+def _mail_address(value: str) -> str:
+    """A bare address (user@domain), as MAIL FROM and RCPT TO take it."""
+    name, address = parseaddr(value)
+    if not address or "@" not in address or name or address != value.strip():
+        raise ValueError(f"{value!r} is not a mail address: write user@example.com")
+    return address
+
+
+class SmtpTarget(_Target):
+    """[smtp.NAME]: an SMTP server the application sends mail through (seed 004 s7, "SMTP /
+    Email Delivery Failure"), checked by smtp-check as the application uses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    host: str = Field(min_length=1, description="the server's DNS name (or address)")
+    port: int = Field(587, ge=1, le=65535, description="587 submission, 465 TLS, 25 relay")
+    security: Literal["starttls", "tls", "none"] = Field(
+        "starttls", description="starttls: STARTTLS after EHLO; tls: TLS at once (465); none"
+    )
+    username: str | None = Field(None, min_length=1)
+    password: SecretStr | None = None
+    ca_file: str | None = Field(None, description="PEM CAs to trust; unset: the system's")
+    sender: str = Field(alias="from", description="the MAIL FROM address the app sends as")
+    to: list[str] = Field(min_length=1, description="an address or a list of them (RCPT TO)")
+    send_test: bool = Field(
+        False, description="true: a small test message is sent; false: RSET after RCPT TO"
+    )
+    timeout_seconds: float = Field(10, gt=0, le=120, description="of each SMTP call")
+    fallback: str | None = Field(None, description="another [smtp.NAME] to switch to")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("sender")
+    @classmethod
+    def _sender_is_an_address(cls, value: str) -> str:
+        return _mail_address(value)
+
+    @field_validator("to")
+    @classmethod
+    def _recipients_are_addresses(cls, value: list[str]) -> list[str]:
+        return [_mail_address(v) for v in value]
+
+    @model_validator(mode="after")
+    def _credentials_in_pairs(self) -> SmtpTarget:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password (AUTH), or neither")
+        if self.username is not None and self.security == "none":
+            raise ValueError(
+                'security = "none" with a username would send the password in clear: '
+                'use "starttls" (port 587) or "tls" (port 465)'
+            )
+        return self
+
+
+class MetricsTarget(_Target):
+    """[metrics.NAME]: an application's Prometheus endpoint behind its guard (seed 001,
+    "Metrics endpoint failing authentication": METRICS_GUARD=secret checks a header against
+    METRICS_GUARD_SECRET; METRICS_GUARD=cidr checks the caller against
+    METRICS_GUARD_ALLOWLIST)."""
+
+    url: str = Field(description="http(s)://HOST[:PORT]/metrics")
+    guard: Literal["secret", "cidr"]
+    header: str = Field(
+        "x-metrics-secret", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", description="guard=secret"
+    )
+    secret: SecretStr | None = Field(None, description="METRICS_GUARD_SECRET; guard=secret")
+    allowed_source: str | None = Field(
+        None, description="an address of this host inside METRICS_GUARD_ALLOWLIST; guard=cidr"
+    )
+    denied_source: str | None = Field(
+        None, description="an address of this host outside METRICS_GUARD_ALLOWLIST; guard=cidr"
+    )
+    timeout_seconds: float = Field(5, gt=0, le=120)
+    ca_file: str | None = Field(None, description="PEM CAs to trust; unset: the system's")
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.password:
+            raise ValueError("url: use http(s)://HOST[:PORT]/PATH, without credentials")
+        return value
+
+    @field_validator("allowed_source", "denied_source")
+    @classmethod
+    def _single_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address: give one of this host's addresses, "
+                    "e.g. 127.0.0.2 or 10.0.0.5"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _guard_has_what_it_needs(self) -> MetricsTarget:
+        if self.guard == "secret" and (self.secret is None or not self.secret.get_secret_value()):
+            raise ValueError("guard secret needs secret (the app's METRICS_GUARD_SECRET)")
+        if self.guard == "cidr":
+            if self.allowed_source is None or self.denied_source is None:
+                raise ValueError(
+                    "guard cidr needs allowed_source and denied_source: two addresses of this "
+                    "host, one inside METRICS_GUARD_ALLOWLIST and one outside it"
+                )
+            if self.allowed_source == self.denied_source:
+                raise ValueError("allowed_source and denied_source must differ")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
@@ -700,6 +815,10 @@ class Settings(BaseSettings):
     proxies: dict[str, ProxyTarget] = Field(default_factory=dict)
     # Filesystems disk-space watches, and what may fill them.
     disk: dict[str, DiskTarget] = Field(default_factory=dict)
+    # SMTP servers the application sends mail through (smtp-check).
+    smtp: dict[str, SmtpTarget] = Field(default_factory=dict)
+    # Prometheus endpoints behind the application's metrics guard (metrics-guard).
+    metrics: dict[str, MetricsTarget] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -898,6 +1017,32 @@ class Settings(BaseSettings):
                         "only a set with a local directory takes room on this disk"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _smtp_fallbacks_resolve(self) -> Settings:
+        for name, server in self.smtp.items():
+            if server.fallback is None:
+                continue
+            if server.fallback == name:
+                raise ValueError(
+                    f"smtp.{name}.fallback names the server itself: name another [smtp.*] "
+                    "entry, or remove fallback"
+                )
+            if server.fallback not in self.smtp:
+                known = ", ".join(n for n in self.smtp if n != name) or "none"
+                raise ValueError(
+                    f"smtp.{name}.fallback names {server.fallback!r}, which is not an "
+                    f"[smtp.*] entry (configured: {known})"
+                )
+        return self
+
+    def smtp_target(self, name: str | None) -> tuple[str, SmtpTarget]:
+        """An [smtp.NAME]: its name and entry (ConfigError naming the known ones)."""
+        return _pick("smtp", self.smtp, name)
+
+    def metrics_target(self, name: str | None) -> tuple[str, MetricsTarget]:
+        """A [metrics.NAME]: its name and entry (ConfigError naming the known ones)."""
+        return _pick("metrics", self.metrics, name)
 
 
 class _InventoryEnv(EnvSettingsSource):
