@@ -143,6 +143,9 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     # whole-configuration check and reload); a run that keeps rewriting the file is a loop.
     "block_addresses": RateLimit(max=20, per_seconds=3600),
     "unblock_addresses": RateLimit(max=20, per_seconds=3600),
+    # release-rollback: a bad release is rolled back once; a second within the hour means the
+    # last healthy image is not healthy either (or deploys keep coming): a person decides.
+    "rollback_image": RateLimit(max=2, per_seconds=3600),
 }
 
 # The kinds with no rate over time, and why (tests/test_limits.py: every kind of the catalogue
