@@ -355,6 +355,18 @@ def recreate_body(
     return body
 
 
+def one_network_at_create(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The create body with only its primary network (the one its NetworkMode names, else the
+    first), and the other networks' endpoint settings, to connect before it starts: the
+    Docker API before 1.44 refuses a container created on several networks."""
+    endpoints = body["NetworkingConfig"]["EndpointsConfig"]
+    mode = (body.get("HostConfig") or {}).get("NetworkMode")
+    primary = mode if mode in endpoints else next(iter(endpoints), None)
+    first = {k: v for k, v in endpoints.items() if k == primary}
+    rest = {k: v for k, v in endpoints.items() if k != primary}
+    return {**body, "NetworkingConfig": {"EndpointsConfig": first}}, rest
+
+
 def aside_name(name: str, container_id: str) -> str:
     """The name an old container is renamed to while its replacement starts."""
     return f"{name}-rollback-{container_id[:12]}"

@@ -29,6 +29,7 @@ from tasks.release_rules import (
     aside_name,
     healthy_image_variable,
     healthy_value,
+    one_network_at_create,
     recreate_body,
     short,
 )
@@ -277,7 +278,7 @@ def _recreate(c: DockerController, container: str, rollback: Rollback, grace: fl
         image_config = api.inspect_image(old_image).get("Config")
     except docker.errors.NotFound:
         image_config = None  # removed by force: keep all of the container's own
-    body = recreate_body(attrs, image_config, rollback.image_id)
+    body, networks = one_network_at_create(recreate_body(attrs, image_config, rollback.image_id))
     aside = aside_name(container, old_id)
     try:
         api.stop(old_id, timeout=timeout)
@@ -290,6 +291,17 @@ def _recreate(c: DockerController, container: str, rollback: Rollback, grace: fl
     new_id: str | None = None
     try:
         new_id = api.create_container_from_config(body, name=container)["Id"]
+        for net, ep in networks.items():
+            ipam = ep.get("IPAMConfig") or {}
+            api.connect_container_to_network(
+                new_id,
+                net,
+                aliases=ep.get("Aliases"),
+                links=dict(link.split(":", 1) for link in ep.get("Links") or []) or None,
+                ipv4_address=ipam.get("IPv4Address"),
+                ipv6_address=ipam.get("IPv6Address"),
+                driver_opt=ep.get("DriverOpts"),
+            )
         api.start(new_id)
         exited = poll(
             lambda: api.inspect_container(new_id)["State"],
