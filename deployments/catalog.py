@@ -386,8 +386,9 @@ RUNBOOKS: dict[str, Runbook] = {
             action_kinds="tasks.release_rules:ReleaseAction",
             cron=None,
             requires='kind = "docker" and a health_url or ready_url',
-            accepts=lambda target: target.kind == "docker"
-            and bool(target.health_url or target.ready_url),
+            accepts=lambda target: (
+                target.kind == "docker" and bool(target.health_url or target.ready_url)
+            ),
         ),
     )
 }
