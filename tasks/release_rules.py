@@ -287,10 +287,11 @@ ENDPOINT_KEYS = ("IPAMConfig", "Links", "Aliases", "DriverOpts")
 
 
 def recreate_body(
-    container: dict[str, Any], image_config: dict[str, Any] | None, image_id: str
+    container: dict[str, Any], image_config: dict[str, Any] | None, image: str
 ) -> dict[str, Any]:
     """The Docker API create body (Config with HostConfig and NetworkingConfig) that recreates
-    `container` (its inspect) on `image_id` with the same definition: env, command,
+    `container` (its inspect) on `image` (an id, or a reference naming it) with the same
+    definition: env, command,
     entrypoint, labels (compose's included), exposed ports, healthcheck, network mode and
     networks with their aliases, binds, mounts, port bindings, restart policy and the rest of
     its HostConfig. image_config: the Config of the image it runs now (None: unknown); what
@@ -323,7 +324,7 @@ def recreate_body(
             body[key] = own
         else:
             body.pop(key, None)
-    body["Image"] = image_id
+    body["Image"] = image
 
     host = dict(container.get("HostConfig") or {})
     binds = host.get("Binds") or []

@@ -255,12 +255,20 @@ def rollback_image(
                 f"service {name!r}: image {rollback.reference} ({short(rollback.image_id)}) is "
                 "no longer on the Docker engine: not rolled back (no pulls here)"
             )
+        # By its reference when that still names the same image (what `docker ps` and
+        # compose show), else by id: a tag moved to the bad release must not be followed.
+        image = rollback.image_id
+        with contextlib.suppress(docker.errors.DockerException, *_DOCKER_UNREACHABLE):
+            if c.client.images.get(rollback.reference).id == rollback.image_id:
+                image = rollback.reference
         for container in rollback.containers:
-            done.append(_recreate(c, container, rollback, start_grace_seconds))
+            done.append(_recreate(c, container, rollback, image, start_grace_seconds))
     return "; ".join(done)
 
 
-def _recreate(c: DockerController, container: str, rollback: Rollback, grace: float) -> str:
+def _recreate(
+    c: DockerController, container: str, rollback: Rollback, image: str, grace: float
+) -> str:
     api, timeout = c.client.api, int(c.cfg.timeout_seconds)
     try:
         attrs: dict[str, Any] = api.inspect_container(container)
@@ -278,7 +286,7 @@ def _recreate(c: DockerController, container: str, rollback: Rollback, grace: fl
         image_config = api.inspect_image(old_image).get("Config")
     except docker.errors.NotFound:
         image_config = None  # removed by force: keep all of the container's own
-    body, networks = one_network_at_create(recreate_body(attrs, image_config, rollback.image_id))
+    body, networks = one_network_at_create(recreate_body(attrs, image_config, image))
     aside = aside_name(container, old_id)
     try:
         api.stop(old_id, timeout=timeout)

@@ -163,7 +163,7 @@ def test_a_bad_release_is_rolled_back_to_the_last_healthy_image(
 
     now = inspect(engine)
     assert now["Image"] == images["good"] and now["State"]["Running"]
-    assert now["Name"] == f"/{NAME}"
+    assert now["Name"] == f"/{NAME}" and now["Config"]["Image"] == "shop-api:good"
     # The same definition: the service's own env and labels, the good image's own ENV and
     # LABEL (not the broken one's), the same ports, bind, anonymous volume, restart policy,
     # healthcheck and network mode.
