@@ -431,6 +431,25 @@ RUNBOOKS: dict[str, Runbook] = {
             cron="0 * * * *",
             scheduled={"dry_run": True},
         ),
+        Runbook(
+            name="release-rollback",
+            entrypoint="flows.release_rollback:release_rollback",
+            purpose="A docker service failing its health check after its image changed goes "
+            "back to the image service-health last recorded it healthy on.",
+            seeds="000 s6 (rollback image), 002 s6 (rollback to previous version), 003 "
+            "Deployment Failures, 004 s1 step 3 (rollback)",
+            inventory="services",
+            params_class="tasks.release_rules:ReleaseParams",
+            changes="recreates the service's containers on its last healthy image (same name, "
+            "env, labels, networks, volumes, ports, restart policy), one at a time; the old "
+            "one is put back if the new one does not start; never pulls",
+            action_kinds="tasks.release_rules:ReleaseAction",
+            cron=None,
+            requires='kind = "docker" and a health_url or ready_url',
+            accepts=lambda target: (
+                target.kind == "docker" and bool(target.health_url or target.ready_url)
+            ),
+        ),
     )
 }
 

@@ -178,6 +178,9 @@ url = "{metrics_url}"
 guard = "secret"
 secret = "sandbox-metrics-secret"
 timeout_seconds = 5
+
+# No [services.*] of kind docker: the sandbox starts no Docker Engine, so release-rollback
+# has no target here (see the README, release-rollback, to try it on your own engine).
 """
 # A configuration for `nginx -t` only: it never serves.
 NGINX_CONF = """\
@@ -191,6 +194,10 @@ http {{
 """
 # Sandbox runs carry out their plans: nothing there is anybody's data.
 PARAMETERS: dict[str, Any] = {"dry_run": False, "approval": "auto"}
+# Runbooks the sandbox has no target for, and why: serve says so when it starts the sandbox.
+NOT_SERVED: dict[str, str] = {
+    "release-rollback": "needs a docker service, and the sandbox starts no Docker Engine",
+}
 # Every minute for three minutes, so the planted incidents are found and fixed at once (some
 # need a minute to age past their thresholds), then every five minutes, which a small busy
 # machine holds for as long as the sandbox runs (bench/serve_capacity.py).

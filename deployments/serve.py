@@ -242,6 +242,8 @@ def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: li
         stable.write_text(box.config.read_text())
         stack.callback(stable.unlink, missing_ok=True)
         print(f"Sandbox inventory: {stable} (`runbook run` finds it while this runs)", flush=True)
+        for name, why in sandbox.NOT_SERVED.items():
+            print(f"Not in the sandbox: {name} ({why})", flush=True)
     if not api:
         os.environ["PREFECT_API_URL"] = start_server(host, port, stack)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -16,7 +16,17 @@ from tasks.engine import RunbookFlow, run_action, runbook_flow
 from tasks.errors import ConfigError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.http import is_answering, probe_services
-from tasks.models import ActionStatus, AlertInfo, Approval, Report, ServiceRef
+from tasks.models import (
+    ActionStatus,
+    AlertInfo,
+    Approval,
+    Finding,
+    Report,
+    ServiceRef,
+    Severity,
+    problems,
+)
+from tasks.releases import record_healthy_images, snapshot_images
 from tasks.run import open_each
 from tasks.service_rules import (
     DependencyKind,
@@ -71,7 +81,9 @@ def service_health(
     # Each service's own ready_timeout_seconds (per); a value given for the run wins over them.
     services, per = run.targets, run.per
 
-    # 1. diagnose
+    # 1. diagnose (the docker services' images first: a deploy during the probes is not
+    # recorded as healthy below)
+    images = snapshot_images(services)
     probes = probe_services(services)
     before = http_findings(probes)
     # 2. plan: dependencies go to their runbook; only an app failing on its own is restarted
@@ -109,4 +121,15 @@ def service_health(
             )
     # 5. verify and report
     after = http_findings(probe_services(services)) if handoffs or approved else before
+    # The image each healthy docker service runs is its last healthy one (release-rollback)
+    failing = {f.target for f in problems(after)}
+    healthy = [n for n in images if n not in failing]
+    unrecorded = record_healthy_images(services, healthy, images, run.started_at)
+    after = [
+        *after,
+        *(
+            Finding(check="healthy_image", target=n, severity=Severity.warning, message=text)
+            for n, text in unrecorded.items()
+        ),
+    ]
     return run.finish(before, after, actions)

@@ -24,7 +24,7 @@ FLOWS = Path(__file__).resolve().parents[1] / "flows"
 # The verbs of the task functions that change a system (tasks/*.py).
 MUTATING = re.compile(
     r"^(cancel|terminate|restart|set|enable|clear|delete|reset|scale|renew|reload|vacuum|truncate|"
-    r"create|drop|restore|dump|unlink)_"
+    r"create|drop|restore|dump|unlink|rollback)_"
 )
 
 

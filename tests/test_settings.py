@@ -56,7 +56,7 @@ def test_environment_overrides_the_file_and_merges(
         (
             '[services.api]\nkind = "systemd"\nunit = "api"\n'
             "[services.api.thresholds]\nhost_memory_percent = 50\n",
-            "unknown host_memory_percent; known: cpu_percent, memory_percent",
+            "unknown host_memory_percent; known: cpu_percent, max_containers, memory_percent",
         ),
         ('[postgres.main]\ndsn = "host=x"\napproval = "sometimes"\n', "postgres.main.approval"),
         ('[approval]\nnosuch.terminate_backend = "ask"\n', "approval.nosuch: unknown runbook"),
