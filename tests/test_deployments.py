@@ -26,6 +26,8 @@ from tasks.settings import load_settings
 from tasks.wait import poll
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every entry of the registry that is a deployment: the runbooks and the routines.
+ALL_ENTRIES: list[Any] = [*RUNBOOKS.values(), *ROUTINES.values()]
 
 
 def test_prefect_yaml_matches_the_catalogue() -> None:
@@ -35,7 +37,7 @@ def test_prefect_yaml_matches_the_catalogue() -> None:
         path, function = d["entrypoint"].split(":")
         module = path.removesuffix(".py").replace("/", ".")
         by_flow[f"{module}:{function}"] = d
-    entrypoints = {rb.entrypoint for rb in [*RUNBOOKS.values(), *ROUTINES.values()]}
+    entrypoints = {rb.entrypoint for rb in ALL_ENTRIES}
     missing = sorted(entrypoints - set(by_flow))
     assert not missing, f"prefect.yaml has no deployment of {missing}: add one per target"
     assert set(by_flow) == entrypoints
@@ -260,9 +262,7 @@ def test_prefect_deploy_all_creates_every_deployment(tmp_path: Path) -> None:
         scheduled = {
             flows[d["flow_id"]]: [s["schedule"]["cron"] for s in d["schedules"]] for d in deployed
         }
-        assert scheduled == {
-            rb.name: [rb.cron] if rb.cron else [] for rb in [*RUNBOOKS.values(), *ROUTINES.values()]
-        }
+        assert scheduled == {rb.name: [rb.cron] if rb.cron else [] for rb in ALL_ENTRIES}
         automations = httpx.post(f"{server.api}/automations/filter", json={}, timeout=60).json()
         assert len(automations) == len([d for d in spec["deployments"] if d.get("triggers")])
     finally:
