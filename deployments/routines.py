@@ -29,7 +29,7 @@ from tasks.cancel import raise_if_cancel_requested
 from tasks.engine import OUTCOME_STATES
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.journal import journal_scope
-from tasks.models import Approval, utcnow
+from tasks.models import Approval, RunStatus, utcnow
 from tasks.notify import run_link
 from tasks.routines import RoutineReport, RoutineRow, render_summary, row_of, worst_status
 
@@ -80,19 +80,34 @@ def run_routine(
                 continue
             sub = rb.load()
             step_dry_run = dry_run or step.diagnose_only
+            # What the routine passes down, as far as the runbook takes it (a read-only one
+            # has no approval_timeout_seconds).
+            options = {
+                k: v
+                for k, v in (
+                    ("dry_run", step_dry_run),
+                    ("approval", approval),
+                    ("approval_timeout_seconds", approval_timeout_seconds),
+                )
+                if k in sub.parameters.properties
+            }
             for target in targets:
                 # A cancelled routine stops between runbooks (tasks.cancel).
                 raise_if_cancel_requested("before the next runbook")
-                state = cast(
-                    "State[Any]",
-                    sub(
-                        target=target,
-                        dry_run=step_dry_run,
-                        approval=approval,
-                        approval_timeout_seconds=approval_timeout_seconds,
-                        return_state=True,
-                    ),
-                )
+                try:
+                    state = cast("State[Any]", sub(target=target, **options, return_state=True))
+                except Exception as exc:  # it could not even start: the others still run
+                    logger.error("%s on %s could not start: %s", rb.name, target, exc)
+                    rows.append(
+                        RoutineRow(
+                            runbook=rb.name,
+                            target=target,
+                            status=RunStatus.failed,
+                            dry_run=step_dry_run,
+                            detail=f"could not start: {type(exc).__name__}: {exc}"[:500],
+                        )
+                    )
+                    continue
                 flow_run_id = state.state_details.flow_run_id
                 row = row_of(
                     rb.name,

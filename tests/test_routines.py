@@ -119,20 +119,26 @@ def test_monthly_vacuums_and_drills_only_when_its_run_acts(db: Db, tmp_path: Pat
     backups = tmp_path / "backups"
     backups.mkdir()
     pg_dump(db, backups / "app-1.dump", "-Fc")
+
+    # By hand, with no flags, before any backup set is configured: the routine is a dry run,
+    # and so is every runbook in it; the drill has no target, which the summary says.
+    planned = routine_monthly(return_state=True).result(raise_on_failure=False)
+    assert isinstance(planned, RoutineReport)
+    assert dead_tuples(db, "event") >= 20000
+    assert [(r.runbook, r.target, r.status, r.dry_run) for r in planned.rows] == [
+        ("postgres-maintenance", "main", RunStatus.unhealthy, True),
+        ("restore-drill", None, None, None),
+    ]
+    assert "no configured target: add a [backups.NAME] with a scratch target" in (
+        planned.rows[1].detail
+    )
+    assert planned.status is RunStatus.unhealthy
+
     db.write_config(
         f'[postgres.scratch]\ndsn = "{db.server.dsn_for("postgres")}"\n'
         f'[backups.app]\ndirectory = "{backups}"\ndatabase = "main"\nscratch = "scratch"\n'
         'checks = ["SELECT count(*) = 500 FROM items"]\n'
     )
-
-    # By hand, with no flags: the routine is a dry run, and so is every runbook in it.
-    planned = routine_monthly(return_state=True).result(raise_on_failure=False)
-    assert isinstance(planned, RoutineReport)
-    assert dead_tuples(db, "event") >= 20000
-    assert all(r.dry_run for r in planned.rows)
-    assert {(r.runbook, r.target): r.status for r in planned.rows}[
-        ("postgres-maintenance", "main")
-    ] is RunStatus.unhealthy
 
     # As scheduled: both runbooks have earned acting on their own schedule (the registry),
     # so the routine's scheduled runs act, each through its own gate.
@@ -153,11 +159,11 @@ def test_monthly_vacuums_and_drills_only_when_its_run_acts(db: Db, tmp_path: Pat
     assert child_runs(UUID(report.flow_run_id)) == ran(report)
 
 
-def test_daily_from_the_cli_says_what_has_no_target_and_exits_with_the_worst(
-    inventory: Any, prefect_api: str, tmp_path: Path
+def test_daily_from_the_cli_runs_every_runbook_and_exits_with_the_worst(
+    db: Db, prefect_api: str, tmp_path: Path
 ) -> None:
-    """`runbook run routine-daily --json` against a real service's health URL; no backups are
-    configured, and disk-space may not be installed: the summary says so, not an error."""
+    """`runbook run routine-daily --json` against a real service's health URLs and a real
+    dump in a backup directory; disk-space may not be installed: the summary says so."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
 
@@ -177,13 +183,18 @@ def test_daily_from_the_cli_says_what_has_no_target_and_exits_with_the_worst(
     Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        inventory(
+        fill(db, rows=10)
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        pg_dump(db, backups / "app-1.dump", "-Fc")
+        db.write_config(
+            f'[backups.app]\ndirectory = "{backups}"\n'
             f'[services.api]\nkind = "command"\nhealth_url = "{base}/health"\n'
             'status_command = ["true"]\nrestart_command = ["true"]\n'
             f'[services.worker]\nkind = "command"\nhealth_url = "{base}/down"\n'
             'status_command = ["true"]\nrestart_command = ["true"]\n'
         )
-        env = {"PREFECT_API_URL": prefect_api, "RUNBOOK_CONFIG": str(tmp_path / "runbook.toml")}
+        env = {"PREFECT_API_URL": prefect_api, "RUNBOOK_CONFIG": str(db.config)}
         proc = cli("run", "routine-daily", "--json", env=env)
         no_traceback(proc)
         report = RoutineReport.model_validate_json(proc.stdout)
@@ -192,8 +203,8 @@ def test_daily_from_the_cli_says_what_has_no_target_and_exits_with_the_worst(
         assert proc.returncode == 1 == report.exit_code, proc.stderr
         rows = {r.runbook: r for r in report.rows}
         assert rows["service-health"].status is RunStatus.unhealthy
-        assert rows["backup-verification"].status is None
-        assert "no configured target" in rows["backup-verification"].detail
+        assert rows["backup-verification"].target == "app"
+        assert rows["backup-verification"].status in (RunStatus.healthy, RunStatus.unhealthy)
         if "disk-space" not in RUNBOOKS:
             assert rows["disk-space"].status is None
             assert "not installed" in rows["disk-space"].detail
