@@ -137,7 +137,7 @@ def run_routine(
     worse = [r for r in ran if r.status == status]
     message = f"{name}: {status.value}; {len(ran)} run(s)"
     if worse and status.value in ("unhealthy", "failed"):
-        message += f"; {worse[0].runbook} on {worse[0].target}: {worse[0].detail}"
+        message += f"; {worse[0].detail}"
     return OUTCOME_STATES[status](
         data=report, name=status.value.capitalize(), message=message[:500]
     )
