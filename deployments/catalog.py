@@ -475,3 +475,111 @@ def __getattr__(name: str) -> frozenset[str]:
     if name == "ACTION_KINDS":
         return frozenset(kind for rb in RUNBOOKS.values() for kind in rb.actions)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The routine schedules of seed 002 "Routine Maintenance" (its daily, weekly and monthly
+# checklists): each runs its runbooks as subflows on every target they have
+# (deployments.routines). A routine is not a runbook: it has no inventory section, no target and
+# no action of its own; what it may change is what its runbooks' gates let through.
+
+
+@dataclass(frozen=True)
+class Step:
+    """One runbook of a routine. diagnose_only: always a dry run, whatever the routine's
+    dry_run (a review item of the checklist). optional: run once a runbook of that name is in
+    RUNBOOKS (one built elsewhere); until then the summary says it is not installed."""
+
+    runbook: str
+    diagnose_only: bool = False
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Routine:
+    name: str
+    entrypoint: str  # module:function
+    purpose: str
+    seeds: str
+    cron: str  # UTC
+    steps: tuple[Step, ...]
+
+    @property
+    def runbooks(self) -> tuple[Step, ...]:
+        """The steps whose runbook is in the registry, in order."""
+        return tuple(step for step in self.steps if step.runbook in RUNBOOKS)
+
+    @property
+    def scheduled(self) -> dict[str, Any]:
+        """The parameters of its scheduled runs, derived from its runbooks' own `scheduled`:
+        a routine acts on schedule only when every step that may act (not diagnose_only, a
+        runbook that plans actions) has earned acting on its own schedule, and then with the
+        strictest approval of theirs; otherwise its scheduled runs are dry runs."""
+        acting = [
+            RUNBOOKS[s.runbook]
+            for s in self.runbooks
+            if not s.diagnose_only and RUNBOOKS[s.runbook].action_kinds is not None
+        ]
+        if not acting or any(rb.scheduled.get("dry_run", True) for rb in acting):
+            return {"dry_run": True}
+        order = ("auto", "ask", "never")
+        approval = max((rb.scheduled.get("approval", "ask") for rb in acting), key=order.index)
+        return {"dry_run": False, "approval": approval}
+
+    @property
+    def triggers(self) -> str:
+        mode = "applies" if not self.scheduled["dry_run"] else "diagnose only"
+        return f"schedule `{self.cron}` ({mode}); manual"
+
+    @property
+    def changes(self) -> str:
+        acting = [s.runbook for s in self.runbooks if not s.diagnose_only]
+        changing = [n for n in acting if RUNBOOKS[n].action_kinds is not None]
+        if not changing:
+            return "nothing: every runbook in it runs as a dry run"
+        return "what the gates of " + ", ".join(changing) + " let through"
+
+    def load(self) -> Flow[..., Any]:
+        module, function = self.entrypoint.split(":")
+        flow: Flow[..., Any] = getattr(importlib.import_module(module), function)
+        return flow
+
+
+ROUTINES: dict[str, Routine] = {
+    r.name: r
+    for r in (
+        Routine(
+            name="routine-daily",
+            entrypoint="deployments.routines:routine_daily",
+            purpose="The daily checklist: health endpoints, the last backup, disk space; each "
+            "runbook on every target it has, one summary.",
+            seeds="002 Routine Maintenance (daily)",
+            cron="0 6 * * *",
+            steps=(
+                Step("service-health"),
+                Step("backup-verification"),
+                Step("disk-space", optional=True),
+            ),
+        ),
+        Routine(
+            name="routine-weekly",
+            entrypoint="deployments.routines:routine_weekly",
+            purpose="The weekly checklist: slow queries (postgres-maintenance's diagnosis) and "
+            "certificate expiry dates, as reviews; one summary.",
+            seeds="002 Routine Maintenance (weekly)",
+            cron="0 6 * * 1",
+            steps=(
+                Step("postgres-maintenance", diagnose_only=True),
+                Step("tls-certificates", diagnose_only=True),
+            ),
+        ),
+        Routine(
+            name="routine-monthly",
+            entrypoint="deployments.routines:routine_monthly",
+            purpose="The monthly checklist: VACUUM ANALYZE through postgres-maintenance and a "
+            "disaster recovery drill; one summary.",
+            seeds="002 Routine Maintenance (monthly)",
+            cron="0 5 1 * *",
+            steps=(Step("postgres-maintenance"), Step("restore-drill")),
+        ),
+    )
+}

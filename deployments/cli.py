@@ -18,6 +18,7 @@ import typer
 from tasks.errors import ConfigError, RunbookError
 
 if TYPE_CHECKING:
+    from prefect import State
     from rich.console import Console
     from rich.status import Status
 
@@ -62,10 +63,11 @@ def fail(exc: RunbookError) -> typer.Exit:
 @app.command("list")
 def list_runbooks() -> None:
     """Every runbook with its triggers, purpose and what it may change."""
-    from deployments.catalog import RUNBOOKS
+    from deployments.catalog import ROUTINES, RUNBOOKS
 
     header = ("runbook", "triggers", "purpose", "may change")
     rows = [(rb.name, rb.triggers, rb.purpose, rb.changes) for rb in RUNBOOKS.values()]
+    rows += [(r.name, r.triggers, r.purpose, r.changes) for r in ROUTINES.values()]
     if not sys.stdout.isatty():
         sys.stdout.write(plain_table(header, rows))
         return
@@ -221,10 +223,13 @@ def run(
     yes: Annotated[bool, typer.Option("--yes", help="approve destructive actions")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Run a runbook: plan only unless --apply."""
+    """Run a runbook (or a routine: every target of its runbooks): plan only unless --apply."""
+    from deployments.catalog import ROUTINES
     from tasks.gate import approver, login_name
     from tasks.models import utcnow
 
+    if name in ROUTINES:
+        run_routine(name, target=target, sets=set_ or [], apply=apply, yes=yes, as_json=as_json)
     try:
         rb = find_runbook(name)
         params = parse_sets(rb, set_ or [])
@@ -274,6 +279,92 @@ def run(
     else:
         show(report)
     raise typer.Exit(report.exit_code)
+
+
+def run_routine(
+    name: str, *, target: str | None, sets: list[str], apply: bool, yes: bool, as_json: bool
+) -> None:
+    """`runbook run routine-...`: the routine's runbooks on every target each has
+    (deployments.routines), with --apply and --yes passed down to each; prints the summary
+    rows (--json: the RoutineReport) and exits with the worst status's exit code."""
+    from deployments.catalog import ROUTINES
+    from deployments.config import load_config
+    from tasks.gate import approver, login_name
+    from tasks.routines import RoutineReport
+
+    try:
+        if target is not None:
+            raise ConfigError(
+                f"--target: {name} runs every target of its runbooks; to run one target, "
+                f"run the runbook itself (`runbook run RUNBOOK --target {target}`)"
+            )
+        if sets:
+            raise ConfigError(
+                f"--set: {name} runs its runbooks with their parameters from the inventory's "
+                "thresholds; to set one, run the runbook itself"
+            )
+        load_config()
+    except RunbookError as exc:
+        raise fail(exc) from None
+    try:
+        with prefect_context(), console(stderr=True).status(f"{name}…") as status:
+            flow = ROUTINES[name].load()
+            decide = (
+                (lambda actions: True)
+                if yes
+                else (terminal_approver(status) if sys.stdin.isatty() else None)
+            )
+            with approver(decide, who=f"{login_name()} (--yes)" if yes else None):
+                state = cast(
+                    "State[Any]", flow(dry_run=not apply, approval="ask", return_state=True)
+                )
+            report = state.result(raise_on_failure=False)
+            if not isinstance(report, RoutineReport):
+                state.result()  # raises what the routine raised
+                raise RunbookError(f"{name} ended {state.name} without a summary")
+    except RunbookError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        console(stderr=True).print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get("RUNBOOK_DEBUG"):
+            traceback.print_exc()
+        raise fail(
+            RunbookError(
+                f"{name} failed: {type(exc).__name__}: {exc} (RUNBOOK_DEBUG=1 shows the traceback)"
+            )
+        ) from None
+    if as_json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    else:
+        show_routine(report)
+    raise typer.Exit(report.exit_code)
+
+
+def show_routine(report: Any) -> None:
+    """A routine's summary (a tasks.routines.RoutineReport): one row per runbook and target."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console()
+    table = Table("runbook", "target", "status", "run", "detail", title=report.routine)
+    for row in report.rows:
+        status = row.status.value if row.status is not None else "not run"
+        table.add_row(
+            row.runbook,
+            Text(row.target or "-"),
+            Text(status, STATUS_STYLE.get(status, "dim")),
+            Text(row.link or row.flow_run_id or ""),
+            Text(row.detail),
+        )
+    out.print(table)
+    mode = "dry run" if report.dry_run else "applied"
+    out.print(
+        Text.assemble(
+            f"{report.routine} ({mode}): ", (report.status.value, STATUS_STYLE[report.status])
+        )
+    )
 
 
 def failed_report(

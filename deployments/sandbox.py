@@ -215,6 +215,19 @@ def schedule_rrule(now: datetime) -> str:
     )
 
 
+# The routines (deployments.routines) run the sandbox's runbooks over its planted incidents
+# once the burst above is over, then every half hour: each is several runbooks at once.
+ROUTINE_DELAY_SECONDS = 150
+ROUTINE_MINUTES = 30
+
+
+def routine_rrule(now: datetime) -> str:
+    """The sandbox's schedule of a routine, as schedule_rrule: first ROUTINE_DELAY_SECONDS
+    after now (UTC), then every ROUTINE_MINUTES."""
+    start = (now + timedelta(seconds=ROUTINE_DELAY_SECONDS)).astimezone(UTC).replace(microsecond=0)
+    return f"DTSTART:{start:%Y%m%dT%H%M%SZ}\nRRULE:FREQ=MINUTELY;INTERVAL={ROUTINE_MINUTES}"
+
+
 class Sandbox:
     def __init__(self) -> None:
         self.pg = LocalPostgres()

@@ -24,7 +24,7 @@ import httpx
 import psycopg
 
 from deployments import sandbox
-from deployments.catalog import RUNBOOKS, SECTIONS
+from deployments.catalog import ROUTINES, RUNBOOKS, SECTIONS
 from deployments.config import load_config
 from deployments.localpg import stop_process
 from deployments.prefect_api import require_prefect_api
@@ -173,7 +173,35 @@ def build_deployments(
                 ],
             )
             deployments.append((deployment, flow))
+    if deployments:
+        deployments += routine_deployments(settings, in_sandbox=in_sandbox, now=now)
     return deployments
+
+
+def routine_deployments(
+    settings: Settings, *, in_sandbox: bool, now: datetime
+) -> list[tuple[RunnerDeployment, Flow[..., Any]]]:
+    """One deployment ("all") per routine (deployments.routines) with a runbook that has a
+    target: its cron and the parameters of its scheduled runs (Routine.scheduled). No alert
+    trigger: an alert names one runbook and target, which its own deployment serves."""
+    from prefect.schedules import Cron, RRule
+
+    found: list[tuple[RunnerDeployment, Flow[..., Any]]] = []
+    for routine in ROUTINES.values():
+        if not any(RUNBOOKS[s.runbook].targets(settings) for s in routine.runbooks):
+            continue
+        flow = routine.load()
+        deployment: RunnerDeployment = flow.to_deployment(  # type: ignore[assignment]
+            name="all",
+            schedule=RRule(sandbox.routine_rrule(now), timezone="UTC")
+            if in_sandbox
+            else Cron(routine.cron, timezone="UTC"),
+            parameters=dict(sandbox.PARAMETERS if in_sandbox else routine.scheduled),
+            description=routine.purpose,
+            tags=["runbook", "routine"] + (["sandbox"] if in_sandbox else []),
+        )
+        found.append((deployment, flow))
+    return found
 
 
 def has_inventory(settings: Settings) -> bool:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prefect.client.base import PrefectHttpxSyncClient
 
-from deployments.catalog import RUNBOOKS
+from deployments.catalog import ROUTINES, RUNBOOKS
 from deployments.localpg import free_port, stop_process
 from deployments.prefect_api import automations_possible
 from tests.conftest import Db
@@ -50,8 +50,9 @@ def test_list_outside_a_terminal_is_one_unwrapped_line_per_runbook() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["runbook", "triggers", "purpose", "may", "change"]
-    assert len(lines) == 1 + len(RUNBOOKS)
-    for line, rb in zip(lines[1:], RUNBOOKS.values(), strict=True):
+    entries: list[Any] = [*RUNBOOKS.values(), *ROUTINES.values()]
+    assert len(lines) == 1 + len(entries)
+    for line, rb in zip(lines[1:], entries, strict=True):
         assert line.split("  ")[0] == rb.name
         for text in (rb.triggers, rb.purpose, rb.changes):
             assert f"  {text}" in line

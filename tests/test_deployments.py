@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import yaml
 
-from deployments.catalog import RUNBOOKS
+from deployments.catalog import ROUTINES, RUNBOOKS
 from deployments.localpg import free_port
 from deployments.sandbox import NOT_SERVED, Sandbox
 from deployments.serve import alert_trigger_spec, build_deployments
@@ -26,6 +26,8 @@ from tasks.settings import load_settings
 from tasks.wait import poll
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every entry of the registry that is a deployment: the runbooks and the routines.
+ALL_ENTRIES: list[Any] = [*RUNBOOKS.values(), *ROUTINES.values()]
 
 
 def test_prefect_yaml_matches_the_catalogue() -> None:
@@ -35,9 +37,10 @@ def test_prefect_yaml_matches_the_catalogue() -> None:
         path, function = d["entrypoint"].split(":")
         module = path.removesuffix(".py").replace("/", ".")
         by_flow[f"{module}:{function}"] = d
-    missing = sorted({rb.entrypoint for rb in RUNBOOKS.values()} - set(by_flow))
+    entrypoints = {rb.entrypoint for rb in ALL_ENTRIES}
+    missing = sorted(entrypoints - set(by_flow))
     assert not missing, f"prefect.yaml has no deployment of {missing}: add one per target"
-    assert set(by_flow) == {rb.entrypoint for rb in RUNBOOKS.values()}
+    assert set(by_flow) == entrypoints
     for rb in RUNBOOKS.values():
         d = by_flow[rb.entrypoint]
         assert [s["cron"] for s in d.get("schedules", [])] == ([rb.cron] if rb.cron else [])
@@ -46,6 +49,15 @@ def test_prefect_yaml_matches_the_catalogue() -> None:
         assert flow.name == rb.name
         assert set(d["parameters"]) <= set(flow.parameters.properties)
         assert d["triggers"] == [alert_trigger_spec(rb.name, d["parameters"]["target"])]
+    for routine in ROUTINES.values():
+        d = by_flow[routine.entrypoint]
+        assert d["name"] == "all"
+        assert [s["cron"] for s in d["schedules"]] == [routine.cron]
+        assert d["parameters"] == routine.scheduled
+        flow = routine.load()
+        assert flow.name == routine.name
+        assert set(d["parameters"]) <= set(flow.parameters.properties)
+        assert "triggers" not in d
 
 
 def test_alert_trigger_renders_typed_parameters_from_the_event() -> None:
@@ -96,13 +108,17 @@ def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
     try:
         settings = load_settings(box.config)
         deployments = [d for d, _ in build_deployments(settings, in_sandbox=True)]
-        assert {d.flow_name for d in deployments} == set(RUNBOOKS) - set(NOT_SERVED)
+        assert {d.flow_name for d in deployments} == (set(RUNBOOKS) - set(NOT_SERVED)) | set(
+            ROUTINES
+        )
         assert all(d.parameters["dry_run"] is False for d in deployments)
         assert all(
             [match_of(t) for t in d.triggers]
             == [{"runbook.runbook": d.flow_name, "runbook.target": d.name}]
             for d in deployments
+            if d.flow_name in RUNBOOKS
         )
+        assert all(not d.triggers for d in deployments if d.flow_name in ROUTINES)
         with psycopg.connect(settings.postgres["main"].dsn.get_secret_value()) as conn:
             states = [
                 r[0]
@@ -208,6 +224,13 @@ def test_readme_catalogue_matches_the_catalogue() -> None:
         for name, field in rb.params.model_fields.items():
             cell = f"`{name}` [{field.default}]"
             assert cell in readme, f"README.md's parameter table: {rb.name}'s row needs {cell}"
+    for routine in ROUTINES.values():
+        steps = ", ".join(
+            f"`{s.runbook}`" + (" (diagnose only)" if s.diagnose_only else "")
+            for s in routine.steps
+        )
+        row = f"| `{routine.name}` | {routine.seeds} | {routine.triggers} | {steps} |"
+        assert row in readme, f"README.md's routines table needs this row:\n{row}"
 
 
 @pytest.mark.timeout(600)
@@ -241,8 +264,8 @@ def test_prefect_deploy_all_creates_every_deployment(tmp_path: Path) -> None:
         scheduled = {
             flows[d["flow_id"]]: [s["schedule"]["cron"] for s in d["schedules"]] for d in deployed
         }
-        assert scheduled == {rb.name: [rb.cron] if rb.cron else [] for rb in RUNBOOKS.values()}
+        assert scheduled == {rb.name: [rb.cron] if rb.cron else [] for rb in ALL_ENTRIES}
         automations = httpx.post(f"{server.api}/automations/filter", json={}, timeout=60).json()
-        assert len(automations) == len(spec["deployments"])
+        assert len(automations) == len([d for d in spec["deployments"] if d.get("triggers")])
     finally:
         server.stop()
