@@ -486,12 +486,10 @@ def __getattr__(name: str) -> frozenset[str]:
 @dataclass(frozen=True)
 class Step:
     """One runbook of a routine. diagnose_only: always a dry run, whatever the routine's
-    dry_run (a review item of the checklist). optional: run once a runbook of that name is in
-    RUNBOOKS (one built elsewhere); until then the summary says it is not installed."""
+    dry_run (a review item of the checklist)."""
 
     runbook: str
     diagnose_only: bool = False
-    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -557,7 +555,7 @@ ROUTINES: dict[str, Routine] = {
             steps=(
                 Step("service-health"),
                 Step("backup-verification"),
-                Step("disk-space", optional=True),
+                Step("disk-space"),
             ),
         ),
         Routine(

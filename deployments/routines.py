@@ -55,16 +55,6 @@ def run_routine(
     # served routine's subflow that needs a human pauses for the Prefect UI's form.
     with journal_scope(runbook=name):
         for step in routine.steps:
-            if step.runbook not in RUNBOOKS:
-                rows.append(
-                    RoutineRow(
-                        runbook=step.runbook,
-                        target=None,
-                        status=None,
-                        detail=f"not installed: no runbook {step.runbook!r} in this version",
-                    )
-                )
-                continue
             rb = RUNBOOKS[step.runbook]
             targets = rb.targets(settings)
             if not targets:

@@ -28,7 +28,7 @@ SEVERITY_ORDER: tuple[RunStatus, ...] = (
 
 class RoutineRow(BaseModel):
     """One runbook on one target within a routine. status None: it did not run (no configured
-    target, or the runbook is not installed), and `detail` says why."""
+    target), and `detail` says why."""
 
     runbook: str
     target: str | None
