@@ -121,14 +121,21 @@ def service_health(
             )
     # 5. verify and report
     after = http_findings(probe_services(services)) if handoffs or approved else before
-    # The image each healthy docker service runs is its last healthy one (release-rollback)
+    # The image each healthy docker service runs is its last healthy one (release-rollback).
+    # One not recorded (a deploy under way, the Prefect API away) is said, but leaves the
+    # service's health as it is: release-rollback keeps the record before it.
     failing = {f.target for f in problems(after)}
     healthy = [n for n in images if n not in failing]
     unrecorded = record_healthy_images(services, healthy, images, run.started_at)
     after = [
         *after,
         *(
-            Finding(check="healthy_image", target=n, severity=Severity.warning, message=text)
+            Finding(
+                check="healthy_image",
+                target=n,
+                severity=Severity.ok,
+                message=f"{text}; release-rollback keeps the one recorded before",
+            )
             for n, text in unrecorded.items()
         ),
     ]
