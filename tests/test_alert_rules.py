@@ -308,7 +308,7 @@ def test_example_config_routes_runbook_alerts_to_the_receiver(
     started = utcnow() - timedelta(minutes=5)
     disk = {
         "alertname": "DiskUsageHigh",
-        "runbook": "postgres-maintenance",
+        "runbook": "disk-space",
         "instance": "db:9100",
         "target": "main",
         "mountpoint": "/var/lib/postgresql",
