@@ -233,6 +233,72 @@ def test_readme_catalogue_matches_the_catalogue() -> None:
         assert row in readme, f"README.md's routines table needs this row:\n{row}"
 
 
+# Every incident section of the seeds (the team's own runbooks, ../shared/seeds/, not part of
+# this repository): (seed, incident) as their headings name them.
+SEED_INCIDENTS = [
+    ("000 s1", "Redis Crash / Data Loss"),
+    ("000 s2", "DB Connection Pool Exhaustion"),
+    ("000 s3", "Worker Backlog Spike"),
+    ("000 s4", "Disk Full (Log/Upload Bloat)"),
+    ("000 s5", "SSL Certificate Expiration"),
+    ("000 s6", "Migration Failure"),
+    ("000 s7", "AdminJS Crash"),
+    ("001", "Postgres unavailable"),
+    ("001", "Redis unavailable / rate limiter failing open"),
+    ("001", "Excessive login lockouts"),
+    ("001", "Metrics endpoint failing authentication"),
+    ("001", "Operational tasks: backups, secrets rotation"),
+    ("002 s1", "Database Performance Issues"),
+    ("002 s2", "Service Downtime"),
+    ("002 s3", "SSL Certificate Issues"),
+    ("002 s4", "High CPU/Memory Usage"),
+    ("002 s5", "Database Connection Pool Exhausted"),
+    ("002 s6", "Deployment Failures"),
+    ("002", "Routine Maintenance: Daily"),
+    ("002", "Routine Maintenance: Weekly"),
+    ("002", "Routine Maintenance: Monthly"),
+    ("002", "Monitoring Thresholds"),
+    ("002", "Suspected Security Breach"),
+    ("002", "DDoS Attack"),
+    ("002", "Backup Verification"),
+    ("002", "Database Recovery"),
+    ("002", "Change Management"),
+    ("003", "Application Not Responding"),
+    ("003", "Database Connection Issues"),
+    ("003", "High CPU/Memory Usage"),
+    ("003", "SSL Certificate Issues"),
+    ("003", "Login Problems"),
+    ("003", "Data Corruption"),
+    ("003", "Deployment Failures"),
+    ("004 s1", "High API Error Rate (5xx)"),
+    ("004 s2", "High API Latency"),
+    ("004 s3", "PostgreSQL Down / Unreachable"),
+    ("004 s4", "Redis Down / Unreachable"),
+    ("004 s5", "DB Connection Pool Exhausted"),
+    ("004 s6", "Crawler Stuck Jobs"),
+    ("004 s7", "SMTP / Email Delivery Failure"),
+    ("004 s8", "Object Storage Unreachable"),
+    ("004 s9", "Disk Space Critical"),
+    ("004 s10", "Memory / OOM"),
+    ("004 s11", "Failed Migration"),
+    ("004 s12", "Security Incident (Token Compromise)"),
+]
+
+
+def test_every_seed_incident_maps_to_a_runbook_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Every seed incident and its runbook", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| 00") and len(cells) == 3:
+            rows[(cells[0], cells[1])] = [n.strip(" `") for n in cells[2].split(",")]
+    assert list(rows) == SEED_INCIDENTS
+    for incident, names in rows.items():
+        unknown = [n for n in names if n not in RUNBOOKS and n not in ROUTINES]
+        assert names and not unknown, (incident, unknown)
+
+
 @pytest.mark.timeout(600)
 def test_prefect_deploy_all_creates_every_deployment(tmp_path: Path) -> None:
     """`prefect deploy --all` against a real server (Prefect 3.9.1 with the pinned FastAPI):
