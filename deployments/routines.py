@@ -140,7 +140,7 @@ def routine_daily(
     approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
 ) -> State[RoutineReport]:
     """Seed 002's daily checklist: service-health (health endpoints), backup-verification (the
-    last backup) and disk-space (once installed), on every target each has.
+    last backup) and disk-space, on every target each has.
 
     Args:
         dry_run: True (the default): every runbook diagnoses and plans only; False: each acts

@@ -10,11 +10,11 @@ from prefect import State
 
 from tasks.backup_rules import storage_finding
 from tasks.backups import backups_location, list_backups
-from tasks.engine import gated, run_action, runbook_flow
-from tasks.errors import ActionFailed, AuthenticationFailed, TargetError, TargetUnreachable
+from tasks.engine import runbook_flow
+from tasks.errors import AuthenticationFailed, TargetUnreachable
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import Action, ActionStatus, AlertInfo, Approval, Report, utcnow
-from tasks.retention import delete_backups
+from tasks.retention import delete_approved
 from tasks.retention_rules import (
     BackupKey,
     RetentionAction,
@@ -24,7 +24,7 @@ from tasks.retention_rules import (
     retention_findings,
 )
 from tasks.run import open_run
-from tasks.settings import BackupSet, S3Target, Settings
+from tasks.settings import Settings
 
 RUNBOOK = "backup-retention"
 RetentionStep = Action[RetentionAction, BackupKey]
@@ -65,7 +65,7 @@ def backup_retention(
     approved = run.gate(actions, before)
     # 4. act: one batched call for all of them; each action gets its own outcome
     if approved:
-        _delete(name, cfg, s3, approved)
+        delete_approved(name, cfg, s3, approved)
     # 5. verify: list again and hold what is left to the same policy and the same `now`
     after = before
     if approved:
@@ -77,22 +77,6 @@ def backup_retention(
             after = retention_findings(name, where, plan_retention(left, now, p), p)
             _still_listed(approved, {b.key for b in left})
     return run.finish(before, after, actions)
-
-
-def _delete(name: str, cfg: BackupSet, s3: S3Target | None, approved: list[RetentionStep]) -> None:
-    approved = gated(approved)
-    try:
-        failed = delete_backups(name, cfg, s3, [a.args.key for a in approved])
-    except TargetError as exc:
-        failed = {a.args.key: str(exc) for a in approved}
-    for action in approved:
-        run_action(action, _outcome, failed.get(action.args.key))
-
-
-def _outcome(error: str | None) -> str:
-    if error is not None:
-        raise ActionFailed(error)
-    return "deleted, with its .sha256 if it had one"
 
 
 def _still_listed(approved: list[RetentionStep], listed: set[str]) -> None:

@@ -38,12 +38,12 @@ from tasks.disk_rules import (
     usage_findings,
     walk_findings,
 )
-from tasks.engine import gated, run_action, runbook_flow
-from tasks.errors import ActionFailed, TargetError
+from tasks.engine import run_action, runbook_flow
+from tasks.errors import TargetError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.models import Action, AlertInfo, Approval, Finding, Report, Severity, utcnow
 from tasks.partitions import drop_partition, read_dated_tables, read_largest_tables
-from tasks.retention import delete_backups
+from tasks.retention import delete_approved
 from tasks.retention_rules import (
     BackupKey,
     RetentionAction,
@@ -53,7 +53,7 @@ from tasks.retention_rules import (
     plan_retention,
 )
 from tasks.run import open_run
-from tasks.settings import BackupSet, Settings
+from tasks.settings import Settings
 
 RUNBOOK = "disk-space"
 
@@ -194,7 +194,7 @@ def disk_space(
             ref.log_path,
         )
     if bset is not None and disk.backups is not None:
-        _delete_backups(disk.backups, bset, [a for a in backups if id(a) in passed])
+        delete_approved(disk.backups, bset, None, [a for a in backups if id(a) in passed])
     for drop in (a for a in drops if id(a) in passed):
         part: PartitionRef = drop.args
         assert pg is not None  # drops are planned only with a linked postgres
@@ -221,25 +221,3 @@ def disk_space(
 def _unread(name: str, check: str, exc: TargetError) -> Finding:
     """A source of the diagnosis that could not be read: the rest of it goes on."""
     return Finding(check=check, target=name, severity=Severity.warning, message=str(exc))
-
-
-def _delete_backups(
-    backups: str, bset: BackupSet, approved: list[Action[RetentionAction, BackupKey]]
-) -> None:
-    """backup-retention's deletion (tasks.retention.delete_backups, each backup with its
-    .sha256), for the gated ones; each action gets its own outcome."""
-    approved = gated(approved)
-    if not approved:
-        return
-    try:
-        failed = delete_backups(backups, bset, None, [a.args.key for a in approved])
-    except TargetError as exc:
-        failed = {a.args.key: str(exc) for a in approved}
-    for action in approved:
-        run_action(action, _outcome, failed.get(action.args.key))
-
-
-def _outcome(error: str | None) -> str:
-    if error is not None:
-        raise ActionFailed(error)
-    return "deleted, with its .sha256 if it had one"

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import botocore.exceptions
 
-from tasks.engine import io_task
+from tasks.engine import gated, io_task, run_action
+from tasks.errors import ActionFailed, TargetError
+from tasks.models import Action
+from tasks.retention_rules import BackupKey, RetentionAction
 from tasks.settings import BackupSet, S3Target
 from tasks.storage import classify, s3_client, storage_errors
 
@@ -75,3 +78,35 @@ def delete_backups(
                 why = f"{what}{error.get('Code', '?')}: {error.get('Message', '')}".strip()
                 failed[owner] = f"{failed[owner]}; {why}" if owner in failed else why
     return failed
+
+
+def delete_approved(
+    name: str,
+    backup: BackupSet,
+    s3: S3Target | None,
+    approved: list[Action[RetentionAction, BackupKey]],
+) -> None:
+    """Delete the gated backups of `approved` in one delete_backups call (each with its
+    .sha256), and give each action its own outcome: done, or failed with why (a store that
+    cannot be reached fails them all). backup-retention and disk-space both delete this way.
+
+    Args:
+        name: the [backups.NAME] set's name.
+        backup: the set's inventory entry.
+        s3: its [s3.NAME] target, or None for a directory.
+        approved: delete_backup actions the gate let through."""
+    approved = gated(approved)
+    if not approved:
+        return
+    try:
+        failed = delete_backups(name, backup, s3, [a.args.key for a in approved])
+    except TargetError as exc:
+        failed = {a.args.key: str(exc) for a in approved}
+    for action in approved:
+        run_action(action, _deleted, failed.get(action.args.key))
+
+
+def _deleted(error: str | None) -> str:
+    if error is not None:
+        raise ActionFailed(error)
+    return "deleted, with its .sha256 if it had one"

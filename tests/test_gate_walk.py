@@ -61,7 +61,7 @@ def _mutating_tasks(tree: ast.Module) -> set[str]:
 def test_flows_change_systems_only_through_run_action_or_after_gated() -> None:
     """A call of a task that changes a system, made directly in a flow module, must sit in a
     function that first keeps only the gated actions (backup-retention's batched delete)."""
-    checked, violations, seen = 0, [], set()
+    checked, violations = 0, []
     for path in sorted(FLOWS.glob("*.py")):
         tree = ast.parse(path.read_text())
         mutating = _mutating_tasks(tree) - {n for f, n in OWN_MAKING if f == path.name}
@@ -79,12 +79,23 @@ def test_flows_change_systems_only_through_run_action_or_after_gated() -> None:
                     continue
                 if call.func.id not in mutating:
                     continue
-                seen.add(path.name)
                 if not any(line < call.lineno for line in gated_at):
                     violations.append(f"{path.name}:{call.lineno} {call.func.id}")
     assert checked >= 15  # the walk saw the flows' actions
-    assert "backup_retention.py" in seen  # a batched delete, checked for its gated()
     assert violations == []
+
+
+def test_the_batched_backup_delete_keeps_only_the_gated_actions_first() -> None:
+    """backup-retention and disk-space delete backups in one call (tasks.retention.
+    delete_approved), outside run_action: gated() must come before that call."""
+    tree = ast.parse((FLOWS.parent / "tasks" / "retention.py").read_text())
+    (fn,) = (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "delete_approved")
+    calls = {
+        c.func.id: c.lineno
+        for c in ast.walk(fn)
+        if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+    }
+    assert calls["gated"] < calls["delete_backups"] < calls["run_action"]
 
 
 @runbook_flow("gate-walk")
