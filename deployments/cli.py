@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
@@ -207,6 +207,38 @@ def terminal_approver(status: Status) -> Any:
     return decide
 
 
+def cli_approver(status: Any, yes: bool) -> AbstractContextManager[None]:
+    """Who answers a run's approvals from the CLI: --yes approves every action (as the login
+    name with "(--yes)"); else the prompt on a terminal; else nobody (the gate skips what
+    needs approval)."""
+    from tasks.gate import approver, login_name
+
+    if yes:
+        return approver(lambda actions: True, who=f"{login_name()} (--yes)")
+    return approver(terminal_approver(status) if sys.stdin.isatty() else None)
+
+
+@contextmanager
+def unexpected_errors(name: str) -> Iterator[None]:
+    """Within: Ctrl-C exits 130, and an error that is no RunbookError becomes one line naming
+    NAME (exit 3; the traceback only with RUNBOOK_DEBUG=1). RunbookErrors pass through."""
+    try:
+        yield
+    except (RunbookError, typer.Exit):
+        raise
+    except KeyboardInterrupt:
+        console(stderr=True).print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get("RUNBOOK_DEBUG"):
+            traceback.print_exc()
+        raise fail(
+            RunbookError(
+                f"{name} failed: {type(exc).__name__}: {exc} (RUNBOOK_DEBUG=1 shows the traceback)"
+            )
+        ) from None
+
+
 @app.command()
 def run(
     name: Annotated[str, typer.Argument(metavar="NAME", help="the runbook, see `runbook list`")],
@@ -225,7 +257,6 @@ def run(
 ) -> None:
     """Run a runbook (or a routine: every target of its runbooks): plan only unless --apply."""
     from deployments.catalog import ROUTINES
-    from tasks.gate import approver, login_name
     from tasks.models import utcnow
 
     if name in ROUTINES:
@@ -242,16 +273,12 @@ def run(
     started = utcnow()
     try:
         with (
+            unexpected_errors(rb.name),
             prefect_context(),
             console(stderr=True).status(f"{rb.name} on {target_name}…") as status,
         ):
             flow = rb.load()
-            decide = (
-                (lambda actions: True)
-                if yes
-                else (terminal_approver(status) if sys.stdin.isatty() else None)
-            )
-            with approver(decide, who=f"{login_name()} (--yes)" if yes else None):
+            with cli_approver(status, yes):
                 report = cast(
                     "Report",
                     flow(target=target_name, dry_run=not apply, approval="ask", params=params),
@@ -262,18 +289,6 @@ def run(
                 failed_report(rb, target_name, not apply, started, exc).model_dump_json()
             )
         raise fail(exc) from None
-    except KeyboardInterrupt:
-        console(stderr=True).print("interrupted")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        if os.environ.get("RUNBOOK_DEBUG"):
-            traceback.print_exc()
-        raise fail(
-            RunbookError(
-                f"{rb.name} failed: {type(exc).__name__}: {exc} "
-                "(RUNBOOK_DEBUG=1 shows the traceback)"
-            )
-        ) from None
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
     else:
@@ -289,7 +304,6 @@ def run_routine(
     rows (--json: the RoutineReport) and exits with the worst status's exit code."""
     from deployments.catalog import ROUTINES
     from deployments.config import load_config
-    from tasks.gate import approver, login_name
     from tasks.routines import RoutineReport
 
     try:
@@ -307,14 +321,13 @@ def run_routine(
     except RunbookError as exc:
         raise fail(exc) from None
     try:
-        with prefect_context(), console(stderr=True).status(f"{name}…") as status:
+        with (
+            unexpected_errors(name),
+            prefect_context(),
+            console(stderr=True).status(f"{name}…") as status,
+        ):
             flow = ROUTINES[name].load()
-            decide = (
-                (lambda actions: True)
-                if yes
-                else (terminal_approver(status) if sys.stdin.isatty() else None)
-            )
-            with approver(decide, who=f"{login_name()} (--yes)" if yes else None):
+            with cli_approver(status, yes):
                 state = cast(
                     "State[Any]", flow(dry_run=not apply, approval="ask", return_state=True)
                 )
@@ -324,17 +337,6 @@ def run_routine(
                 raise RunbookError(f"{name} ended {state.name} without a summary")
     except RunbookError as exc:
         raise fail(exc) from None
-    except KeyboardInterrupt:
-        console(stderr=True).print("interrupted")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        if os.environ.get("RUNBOOK_DEBUG"):
-            traceback.print_exc()
-        raise fail(
-            RunbookError(
-                f"{name} failed: {type(exc).__name__}: {exc} (RUNBOOK_DEBUG=1 shows the traceback)"
-            )
-        ) from None
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
     else:
