@@ -81,7 +81,10 @@ class Action(BaseModel, Generic[K, A]):
     """One change a runbook plans, typed by its runbook: Action[ConnectionsAction, BackendRef].
     mypy refuses a kind its runbook's Literal does not list, and pydantic refuses it at run
     time. In the report only kind, target, description, destructive, status and detail show:
-    `args` is for the act step."""
+    `args` is for the act step. `touches`: the inventory target ("section.NAME") the action
+    changes when it is not the run's own target (disk-space drops a partition of
+    "postgres.main"): the gate then also applies that target's approval, production flag,
+    rate limits and one-mutating-run lock."""
 
     kind: K
     target: str
@@ -90,6 +93,7 @@ class Action(BaseModel, Generic[K, A]):
     status: ActionStatus = ActionStatus.planned
     detail: str = ""
     args: A = Field(default=None, exclude=True)  # type: ignore[assignment]
+    touches: str | None = Field(default=None, exclude=True)
 
     # Written out so that mypy checks `kind` against the runbook's Literal (the pydantic
     # plugin's own __init__ takes Any).
@@ -103,6 +107,7 @@ class Action(BaseModel, Generic[K, A]):
         status: ActionStatus = ActionStatus.planned,
         detail: str = "",
         args: A = None,  # type: ignore[assignment]
+        touches: str | None = None,
     ) -> None:
         super().__init__(
             kind=kind,
@@ -112,6 +117,7 @@ class Action(BaseModel, Generic[K, A]):
             status=status,
             detail=detail,
             args=args,
+            touches=touches,
         )
 
 
