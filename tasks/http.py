@@ -27,10 +27,17 @@ class HttpProbe(BaseModel):
     body_note: str = ""
 
     @property
+    def in_maintenance(self) -> bool:
+        """It answered, and its body's own state is `maintenance` (seed 004 s2 step 5: an
+        application put there on purpose, by maintenance-mode or by hand), whatever the
+        status code (503 as a rule): unavailable to users, but nothing to restart."""
+        return self.status_code is not None and (self.status or "").strip().lower() == "maintenance"
+
+    @property
     def severity(self) -> Severity:
         """critical when it did not answer 2xx or its body says it fails; warning when its
-        body says it is degraded."""
-        if not self.ok:
+        body says it is degraded or in maintenance."""
+        if not self.ok and not self.in_maintenance:
             return Severity.critical
         return severity_of(self.status or "ok") or Severity.ok
 

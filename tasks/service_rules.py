@@ -298,6 +298,11 @@ def probe_findings(name: str, probe: HttpProbe) -> list[Finding]:
     )
     if probe.status:
         what += f", status {probe.status}"
+    if probe.in_maintenance:
+        what += (
+            f"; in maintenance mode, not restarted: once it may serve again, runbook run "
+            f"maintenance-mode --target {name} --set enable=false --apply"
+        )
     found = [
         Finding(
             check="http",
@@ -507,7 +512,9 @@ def plan_services(
 ) -> list[ServiceHealthStep]:
     """Per service: a hand-off of each failing dependency it names (dependency_for) to that
     dependency's runbook; only a service failing with no dependency to blame gets a restart,
-    waited for up to its own ready_timeout_seconds (per: parameters by service)."""
+    waited for up to its own ready_timeout_seconds (per: parameters by service). An app that
+    answers it is in maintenance (HttpProbe.in_maintenance) was put there on purpose: never
+    restarted."""
     actions: list[ServiceHealthStep] = []
     for name, found in probes.items():
         failing = {c: s for probe in found for c, s in probe.failing.items()}
@@ -525,7 +532,7 @@ def plan_services(
                     args=handoff,
                 )
             )
-        if not refs and any(not probe.ok for probe in found):
+        if not refs and any(not probe.ok and not probe.in_maintenance for probe in found):
             actions.append(
                 Action(
                     kind="restart_service",

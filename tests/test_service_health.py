@@ -90,6 +90,17 @@ def test_stuck_app_gets_a_gated_restart(stack: Any) -> None:
     assert report.status is RunStatus.fixed
 
 
+def test_an_app_in_maintenance_is_reported_and_never_restarted(stack: Any) -> None:
+    _, app = stack
+    app.maintenance = True  # as maintenance-mode or postgres-down's pair leaves it
+    report = service_health(dry_run=False, approval="auto")
+    http = next(f for f in report.findings if f.check == "http")
+    assert http.severity is Severity.warning and http.observed == 503
+    assert "in maintenance mode, not restarted" in http.message
+    assert report.actions == [] and report.status is RunStatus.unhealthy
+    assert app.maintenance
+
+
 def test_a_third_restart_within_the_hour_is_refused_by_the_rate_limit(stack: Any) -> None:
     _, app = stack
     for _ in range(2):
