@@ -92,11 +92,12 @@ def plain_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str
 
 
 def find_runbook(name: str) -> Runbook:
-    from deployments.catalog import RUNBOOKS
+    from deployments.catalog import ROUTINES, RUNBOOKS
 
     if name not in RUNBOOKS:
         raise ConfigError(
-            f"unknown runbook {name!r}; known: {', '.join(RUNBOOKS)} (see `runbook list`)"
+            f"unknown runbook {name!r}; known: {', '.join([*RUNBOOKS, *ROUTINES])} "
+            "(see `runbook list`)"
         )
     return RUNBOOKS[name]
 

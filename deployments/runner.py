@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -256,9 +257,7 @@ class InProcessRunner:
                 force=True,
             )
         if stale:
-            print(
-                f"Marked {len(stale)} runs left in flight by an earlier serve Crashed", flush=True
-            )
+            _say(f"Marked {len(stale)} runs left in flight by an earlier serve Crashed")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -273,7 +272,7 @@ class InProcessRunner:
             except Exception as exc:
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
-                    print(f"runner poll failed ({failures}x): {type(exc).__name__}: {exc}")
+                    _say(f"runner poll failed ({failures}x): {type(exc).__name__}: {exc}")
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
@@ -330,7 +329,7 @@ class InProcessRunner:
     def _skip(self, client: SyncPrefectClient, run: FlowRunResponse, why: str) -> None:
         from prefect.states import Cancelled
 
-        print(f"{_now()} {self.served[run.deployment_id].name}: Skipped: {why}", flush=True)  # type: ignore[index]
+        _say(f"{_now()} {self.served[run.deployment_id].name}: Skipped: {why}")  # type: ignore[index]
         client.set_flow_run_state(run.id, Cancelled(name=SKIPPED, message=f"skipped: {why}"))
 
     def _claim(self, client: SyncPrefectClient, served: Served, run: FlowRunResponse) -> None:
@@ -363,13 +362,13 @@ class InProcessRunner:
         cancelled, failure = False, ""
         try:
             state: Any = run_flow(flow, flow_run=run, return_type="state")
-            print(f"{_now()} {name}: {state.name}: {state.message or ''}", flush=True)
+            _say(f"{_now()} {name}: {state.name}: {state.message or ''}")
         except Abort:
             cancelled = True
-            print(f"{_now()} {name}: Cancelled", flush=True)
+            _say(f"{_now()} {name}: Cancelled")
         except BaseException as exc:  # keep the thread; the run must not stay Pending
             failure = f"{type(exc).__name__}: {exc}"
-            print(f"{_now()} {name}: ended with {failure}", flush=True)
+            _say(f"{_now()} {name}: ended with {failure}")
         finally:
             forget_cancel(run.id)
             try:
@@ -422,7 +421,7 @@ class InProcessRunner:
         for run_id in active:
             request_cancel(run_id)
         if active:
-            print(f"Stopping {len(active)} runs in flight at their next task", flush=True)
+            _say(f"Stopping {len(active)} runs in flight at their next task")
 
         def ended() -> bool:
             with self._lock:
@@ -446,7 +445,7 @@ class InProcessRunner:
             try:
                 client.pause_deployment(deployment_id)
             except Exception as exc:
-                print(f"could not pause {self.served[deployment_id].name}: {exc}", flush=True)
+                _say(f"could not pause {self.served[deployment_id].name}: {exc}")
         self._delete_left_scheduled(client)
 
     def _delete_left_scheduled(self, client: SyncPrefectClient) -> None:
@@ -476,12 +475,22 @@ class InProcessRunner:
                 if run.auto_scheduled:
                     client.delete_flow_run(run.id)
         except Exception as exc:
-            print(f"could not delete the scheduled runs left: {exc}", flush=True)
+            _say(f"could not delete the scheduled runs left: {exc}")
 
     @property
     def active(self) -> int:
         with self._lock:
             return len(self._active)
+
+
+_OUTPUT = threading.Lock()
+
+
+def _say(line: str) -> None:
+    """One line to standard output, whole: runs end in several threads at once."""
+    with _OUTPUT:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def _now() -> str:

@@ -37,6 +37,7 @@ from tasks.models import (
     Finding,
     Report,
     RunStatus,
+    Severity,
     final_status,
     problems,
 )
@@ -200,8 +201,9 @@ OUTCOME_STATES: dict[RunStatus, Callable[..., State[Any]]] = {
 
 def outcome_state(report: Report) -> State[Report]:
     """The run's final state: COMPLETED Healthy or Fixed, FAILED Unhealthy or Failed (see the
-    module docstring), the report as its data and the problems in its message."""
-    found = problems(report.findings)
+    module docstring), the report as its data and the problems in its message, the first
+    critical one named (a routine's summary row shows this message)."""
+    found = sorted(problems(report.findings), key=lambda f: f.severity is not Severity.critical)
     failed = [a for a in report.actions if a.status is ActionStatus.failed]
     message = f"{report.runbook} on {report.target}: {report.status.value}"
     if failed:

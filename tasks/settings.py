@@ -1029,10 +1029,10 @@ class Settings(BaseSettings):
                     "entry, or remove fallback"
                 )
             if server.fallback not in self.smtp:
-                known = ", ".join(n for n in self.smtp if n != name) or "none"
+                others = ", ".join(n for n in self.smtp if n != name) or "none"
                 raise ValueError(
                     f"smtp.{name}.fallback names {server.fallback!r}, which is not an "
-                    f"[smtp.*] entry (configured: {known})"
+                    f"[smtp.*] entry (the other entries: {others})"
                 )
         return self
 
