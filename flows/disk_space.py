@@ -24,12 +24,13 @@ from tasks.disk_rules import (
     DiskParams,
     LogFile,
     LogRef,
+    PartitionDisk,
     PartitionRef,
-    PathUsage,
     backup_findings,
     freed_findings,
     log_findings,
     months_before,
+    partition_disk,
     partition_findings,
     plan_partition_drops,
     plan_truncations,
@@ -41,8 +42,11 @@ from tasks.disk_rules import (
 from tasks.engine import run_action, runbook_flow
 from tasks.errors import TargetError
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
+from tasks.host import DiskUsage
 from tasks.models import Action, AlertInfo, Approval, Finding, Report, Severity, utcnow
-from tasks.partitions import drop_partition, read_dated_tables, read_largest_tables
+from tasks.partitions import drop_partition, read_dated_tables
+from tasks.postgres import read_table_stats
+from tasks.postgres_rules import MaintenanceParams
 from tasks.retention import delete_approved
 from tasks.retention_rules import (
     BackupKey,
@@ -63,12 +67,12 @@ class Seen:
     """One look at the disk: its findings, and what the plan needs."""
 
     findings: list[Finding]
-    usages: list[PathUsage]
+    usages: list[DiskUsage]
     logs: list[LogFile] = field(default_factory=list)
     dated: list[DatedTable] = field(default_factory=list)
     retention: RetentionPlan | None = None
     backups_pressured: bool = False
-    partitions_pressured: bool = False
+    partitions_disk: PartitionDisk = "cool"
 
 
 @runbook_flow(RUNBOOK, inventory="disk", actions=get_args(DiskAction))
@@ -81,17 +85,20 @@ def disk_space(
     alert: AlertInfo | None = None,
 ) -> State[Report]:
     """Per path: space and inodes used against the warning and critical thresholds and the
-    free bytes (statvfs); the largest entries under it (a walk bounded by scan_depth and
-    scan_seconds, one filesystem, no symlinks followed); the json-file logs of the configured
-    docker services (the engine's LogPath); the largest tables of the linked PostgreSQL, with
-    VACUUM FULL only ever suggested (it locks the table ACCESS EXCLUSIVE) and never run;
-    dated tables older than keep_months; backups past the linked set's retention policy.
+    free bytes (statvfs); the largest entries under it (a walk bounded by scan_depth and by
+    scan_seconds for all paths together, one filesystem, no symlinks followed); the
+    json-file logs of the configured docker services (the engine's LogPath); the largest
+    tables of the linked PostgreSQL, with VACUUM FULL only ever suggested (it locks the table
+    ACCESS EXCLUSIVE) and never run; dated tables older than keep_months; backups past the
+    linked set's retention policy.
 
     May truncate a container's json-file log over max_log_mb whatever the disk's usage, and,
     only while the filesystem that holds them is over a warning threshold (space or inodes),
     delete backups past the set's own retention policy (backup-retention's rules) and detach
-    and drop dated tables older than keep_months, oldest first; each capped per run. Then
-    reads the usage again and reports the free bytes before and after.
+    and drop dated tables older than keep_months, oldest first; each capped per run. The
+    tables' filesystem is that of PostgreSQL's data_directory: without it (or not readable
+    here), old tables are reported, never dropped. Then reads the usage again and reports
+    the free bytes before and after.
     """
     run = open_run(Settings.disk_target, target, DiskParams, params)
     name, disk, p, settings = run.name, run.target, run.p, run.settings
@@ -99,6 +106,13 @@ def disk_space(
     pg = settings.postgres[pg_name] if pg_name else None
     services = {s: settings.service(s) for s in disk.services}
     bset = settings.backups[disk.backups] if disk.backups else None
+    # The dead-tuple thresholds postgres-maintenance vacuums at on that database, for the
+    # VACUUM FULL suggestion.
+    vacuum = (
+        MaintenanceParams.resolve(None, pg.thresholds, f"{RUNBOOK} on {name}: postgres.{pg_name}")
+        if pg is not None
+        else MaintenanceParams()
+    )
     policy = (
         RetentionParams.resolve(None, bset.thresholds, f"{RUNBOOK} on {name}: backups")
         if bset
@@ -122,17 +136,17 @@ def disk_space(
                 seen.findings.append(_unread(name, "container_log", exc))
         seen.findings += log_findings(name, seen.logs, p)
         if pg is not None and pg_name is not None and disk.partitions:
-            # Without a local data_directory, which disk holds the tables is unknown: any
-            # path of this target over a threshold counts.
+            # Dropping tables frees room only on the filesystem of the data directory: without
+            # it (not set, or a remote server's, not readable here) nothing is dropped.
             data = device_of(pg.data_directory) if pg.data_directory else None
-            seen.partitions_pressured = data in hot if data is not None else bool(hot)
+            seen.partitions_disk = partition_disk(data, hot)
             try:
                 seen.dated = read_dated_tables(pg_name, pg, disk.partitions)
             except TargetError as exc:
                 seen.findings.append(_unread(name, "old_partitions", exc))
             else:
                 seen.findings += partition_findings(
-                    name, seen.dated, cutoff, seen.partitions_pressured, p
+                    name, pg_name, seen.dated, cutoff, seen.partitions_disk, p
                 )
         if bset is not None and policy is not None and disk.backups is not None:
             seen.backups_pressured = device_of(bset.directory or "/") in hot
@@ -161,21 +175,24 @@ def disk_space(
     context = walk_findings(name, walks)
     if pg is not None and pg_name is not None:
         try:
-            context += table_findings(
-                name, pg_name, read_largest_tables(pg_name, pg, p.largest_entries), p
-            )
+            context += table_findings(name, pg_name, read_table_stats(pg_name, pg), p, vacuum)
         except TargetError as exc:
             context.append(_unread(name, "largest_tables", exc))
     # 2. plan
     logs = plan_truncations(name, before.logs, p)
+    # The backup deletions show backup-retention's target, the set's name (as its runs on that
+    # set do), not this disk's; and touch backups.SET: the gate applies that set's approval,
+    # rate limits and lock as well as this disk's.
     backups: list[Action[RetentionAction, BackupKey]] = (
-        plan_deletions(name, before.retention)
-        if before.retention is not None and before.backups_pressured
+        plan_deletions(disk.backups, before.retention)
+        if disk.backups is not None and before.retention is not None and before.backups_pressured
         else []
     )
+    for deletion in backups:
+        deletion.touches = f"backups.{disk.backups}"
     drops = (
         plan_partition_drops(name, pg_name, before.dated, cutoff, p)
-        if pg_name is not None and before.partitions_pressured
+        if pg_name is not None and before.partitions_disk == "hot"
         else []
     )
     actions: list[Action] = [*logs, *backups, *drops]

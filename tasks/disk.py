@@ -14,9 +14,10 @@ from urllib.parse import urlsplit
 
 import docker.errors
 
-from tasks.disk_rules import MIB, Entry, LogFile, PathUsage, Walk
+from tasks.disk_rules import MIB, Entry, LogFile, Walk
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetUnreachable
+from tasks.host import DiskUsage, disk_usage_of
 from tasks.services import DockerController
 from tasks.settings import ServiceTarget
 
@@ -26,50 +27,38 @@ TRUNCATABLE_DRIVERS = ("json-file",)
 
 
 @io_task("read-path-usage", timeout_seconds=30, retries=0)
-def read_path_usage(paths: list[str]) -> list[PathUsage]:
-    """The filesystem of each path, from os.statvfs (no subprocess, no file written).
+def read_path_usage(paths: list[str]) -> list[DiskUsage]:
+    """The file system of each path (tasks.host.disk_usage_of: os.statvfs, no subprocess, no
+    file written).
 
     Args:
         paths: absolute paths (files or directories).
 
     Returns:
-        One PathUsage per path, in order: bytes total and free to an unprivileged writer
-        (f_blocks and f_bavail times f_frsize), inodes total and free (f_files, f_favail),
-        the device (st_dev); a path that cannot be read has `error` set instead.
+        One DiskUsage per path, in order: bytes total and free to an unprivileged writer,
+        inodes total and free, the device (st_dev); a path that cannot be read has `error`
+        set instead.
 
     Raises:
-        Nothing of its own: an unreadable path is reported in its PathUsage."""
-    found = []
-    for path in paths:
-        try:
-            vfs = os.statvfs(path)
-            device = os.stat(path).st_dev
-        except OSError as exc:
-            found.append(PathUsage(path=path, error=exc.strerror or str(exc)))
-            continue
-        found.append(
-            PathUsage(
-                path=path,
-                total_bytes=vfs.f_blocks * vfs.f_frsize,
-                free_bytes=vfs.f_bavail * vfs.f_frsize,
-                inodes_total=vfs.f_files,
-                inodes_free=vfs.f_favail,
-                device=device,
-            )
-        )
-    return found
+        Nothing of its own: an unreadable path is reported in its DiskUsage."""
+    return [disk_usage_of(path) for path in paths]
 
 
-def walk_largest(root: str, depth: int, budget_seconds: float, top: int) -> Walk:
+def walk_largest(
+    root: str, depth: int, budget_seconds: float, top: int, deadline: float | None = None
+) -> Walk:
     """The `top` largest files and directories under root, as `du -a -x` would size them
     (st_blocks), from a walk that reads at most `depth` levels below root, never follows a
-    symlink, never leaves root's filesystem, and stops when budget_seconds are spent.
+    symlink, never leaves root's filesystem, and stops when budget_seconds are spent, or at
+    `deadline` (time.monotonic()) when given: a deadline shared with other walks, of which
+    budget_seconds is then the whole budget (for the message).
 
     A directory's size is the sum of what the walk saw under it: with a walk cut short, a
     lower bound; Walk.cut_short then says why. Unreadable directories are counted and
-    skipped. Plain Python (no task): the caller's task bounds it; budget_seconds 0 reads
-    nothing."""
-    deadline = time.monotonic() + budget_seconds
+    skipped. Plain Python (no task): the caller's task bounds it; budget_seconds 0 (or a
+    deadline passed) reads nothing."""
+    if deadline is None:
+        deadline = time.monotonic() + budget_seconds
     try:
         root_dev = os.lstat(root).st_dev
     except OSError as exc:
@@ -80,6 +69,9 @@ def walk_largest(root: str, depth: int, budget_seconds: float, top: int) -> Walk
     seen = not_entered = unreadable = other_fs = 0
     out_of_time = False
     while stack and not out_of_time:
+        if time.monotonic() >= deadline:
+            out_of_time = True  # a shared deadline may be spent before this walk begins
+            break
         folder, level, ancestors = stack.pop()
         try:
             with os.scandir(folder) as listing:
@@ -130,14 +122,18 @@ def walk_largest(root: str, depth: int, budget_seconds: float, top: int) -> Walk
     return Walk(path=root, entries=entries[:top], seen=seen, cut_short="; ".join(why) or None)
 
 
+# Above the most scan_seconds allows (600, tasks.disk_rules.DiskParams) for all paths together:
+# the walks stop at their shared deadline, the task's timeout is only a backstop.
 @io_task("largest-entries", timeout_seconds=660, retries=0)
 def largest_entries(paths: list[str], depth: int, budget_seconds: float, top: int) -> list[Walk]:
-    """walk_largest for each path (each with its own budget_seconds).
+    """walk_largest for each path, in order, against one deadline: budget_seconds from the
+    start is the time all walks together may take (a path reached after it is not walked,
+    and says so).
 
     Args:
         paths: absolute paths.
         depth: levels below each path that are read.
-        budget_seconds: the time each walk may take.
+        budget_seconds: the time all walks together may take, in seconds (at most 600).
         top: how many entries each keeps.
 
     Returns:
@@ -145,7 +141,8 @@ def largest_entries(paths: list[str], depth: int, budget_seconds: float, top: in
 
     Raises:
         Nothing of its own: unreadable paths are in the Walks."""
-    return [walk_largest(path, depth, budget_seconds, top) for path in paths]
+    deadline = time.monotonic() + budget_seconds
+    return [walk_largest(path, depth, budget_seconds, top, deadline) for path in paths]
 
 
 def _remote(cfg: ServiceTarget) -> bool:

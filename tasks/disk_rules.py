@@ -16,11 +16,16 @@ from __future__ import annotations
 import calendar
 import re
 from datetime import UTC, date, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.models import Action, ActionStatus, Finding, Params, ServiceRef, Severity
+from tasks.postgres_rules import MaintenanceParams, bloated
+
+if TYPE_CHECKING:
+    from tasks.host import DiskUsage
+    from tasks.postgres import TableStats
 
 # The kinds of action disk-space plans (the flow and deployments.catalog read them from here).
 # delete_backup is backup-retention's kind: the same deletion, the same default rate.
@@ -149,8 +154,8 @@ class DiskParams(Params):
         20,
         gt=0,
         le=600,
-        description="time budget of the largest-entries walk per path, in seconds; over 0, "
-        "at most 600",
+        description="time budget of the whole largest-entries walk, all paths together (one "
+        "deadline per run), in seconds; over 0, at most 600",
     )
     max_truncations: int = Field(
         10, ge=1, le=1000, description="most container logs truncated per run; 1 to 1000"
@@ -187,31 +192,6 @@ class DiskParams(Params):
 
 
 # --- what the tasks read ---------------------------------------------------------------
-
-
-class PathUsage(BaseModel):
-    """The filesystem holding a path (os.statvfs): sizes in bytes, inode counts, and its
-    device (st_dev), which tells whether two paths share a filesystem. free_bytes is what an
-    unprivileged user may still write (f_bavail), as `df` and node_exporter's avail show.
-    error: why it could not be read (then the numbers are 0)."""
-
-    path: str
-    total_bytes: int = 0
-    free_bytes: int = 0
-    inodes_total: int = 0
-    inodes_free: int = 0
-    device: int | None = None
-    error: str | None = None
-
-    @property
-    def used_percent(self) -> float:
-        """Space not free to write, 0 to 100: 1 - avail/size, as the DiskUsageHigh rule."""
-        return 100 * (1 - self.free_bytes / self.total_bytes) if self.total_bytes else 0.0
-
-    @property
-    def inodes_used_percent(self) -> float | None:
-        """Inodes in use, 0 to 100; None where the filesystem has no fixed count (btrfs: 0)."""
-        return 100 * (1 - self.inodes_free / self.inodes_total) if self.inodes_total else None
 
 
 class Entry(BaseModel):
@@ -257,18 +237,6 @@ class LogRef(ServiceRef):
     log_path: str
 
 
-class TableSize(BaseModel):
-    """One table's size with TOAST and indexes (pg_total_relation_size), in bytes, and its
-    live and dead tuple estimates (pg_stat_user_tables)."""
-
-    schema_name: str
-    table: str
-    bytes: int
-    live_tuples: int | None = None
-    dead_tuples: int | None = None
-    partition_of: str | None = None
-
-
 class DatedTable(BaseModel):
     """A table whose name matches a partition pattern: its parent when attached as a
     partition, its size in bytes and the period its name gives."""
@@ -312,7 +280,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def usage_findings(name: str, usages: list[PathUsage], p: DiskParams) -> list[Finding]:
+def usage_findings(name: str, usages: list[DiskUsage], p: DiskParams) -> list[Finding]:
     """Per path: space used (warning at used_warning_percent, critical at
     used_critical_percent; seed 002) and inodes used (inodes_*); a path that cannot be read
     is critical (it is configured to be watched)."""
@@ -336,8 +304,8 @@ def usage_findings(name: str, usages: list[PathUsage], p: DiskParams) -> list[Fi
                 severity=_grade(used, p.used_warning_percent, p.used_critical_percent),
                 observed=round(used, 1),
                 threshold=p.used_warning_percent,
-                message=f"{u.path}: {used:.1f}% used, {_size(u.free_bytes)} free of "
-                f"{_size(u.total_bytes)} (warning at {p.used_warning_percent:g}%, critical at "
+                message=f"{u.path}: {used:.1f}% used, {_size(u.free)} free of "
+                f"{_size(u.total)} (warning at {p.used_warning_percent:g}%, critical at "
                 f"{p.used_critical_percent:g}%)",
             )
         )
@@ -360,7 +328,7 @@ def usage_findings(name: str, usages: list[PathUsage], p: DiskParams) -> list[Fi
     return found
 
 
-def pressured(usages: list[PathUsage], p: DiskParams) -> set[int]:
+def pressured(usages: list[DiskUsage], p: DiskParams) -> set[int]:
     """The devices (st_dev) of the filesystems over a warning threshold, space or inodes."""
     return {
         u.device
@@ -431,10 +399,12 @@ def log_findings(name: str, logs: list[LogFile], p: DiskParams) -> list[Finding]
 
 
 def table_findings(
-    name: str, postgres: str, tables: list[TableSize], p: DiskParams
+    name: str, postgres: str, tables: list[TableStats], p: DiskParams, vacuum: MaintenanceParams
 ) -> list[Finding]:
-    """The largest tables of the linked database (seed 004 s9 step 2), and VACUUM FULL as a
-    suggestion only, for those with many dead tuples: it is never run here."""
+    """The largest tables of the linked database (seed 004 s9 step 2; tables largest first,
+    the first largest_entries shown), and VACUUM FULL as a suggestion only, for the tables
+    postgres-maintenance would vacuum (tasks.postgres_rules.bloated with that database's
+    MaintenanceParams: dead_tuple_ratio, min_dead_tuples; seed 002 s1): it is never run here."""
     found = [
         Finding(
             check="largest_tables",
@@ -443,7 +413,7 @@ def table_findings(
             observed=[
                 {
                     "table": f"{t.schema_name}.{t.table}",
-                    "MiB": round(t.bytes / MIB, 1),
+                    "MiB": round(t.total_bytes / MIB, 1),
                     "dead_tuples": t.dead_tuples,
                     "partition_of": t.partition_of or "",
                 }
@@ -452,23 +422,16 @@ def table_findings(
             message=f"largest tables of postgres.{postgres} (pg_total_relation_size)",
         )
     ]
-    bloated = [
-        t
-        for t in tables
-        if t.dead_tuples
-        and t.live_tuples is not None
-        # the dead-tuple ratio postgres-maintenance vacuums at (seed 002 s1)
-        and t.dead_tuples / (t.dead_tuples + t.live_tuples) >= 0.2
-    ]
-    if bloated:
+    dead = bloated(tables, vacuum)
+    if dead:
         found.append(
             Finding(
                 check="vacuum_full",
                 target=name,
                 severity=Severity.ok,
-                observed=[f"{t.schema_name}.{t.table}" for t in bloated],
+                observed=[t.qualified for t in dead],
                 message="suggestion, not run: VACUUM FULL "
-                + ", ".join(f"{t.schema_name}.{t.table}" for t in bloated)
+                + ", ".join(t.qualified for t in dead)
                 + " gives their dead space back to the filesystem (seed 004 s9), but holds an "
                 "ACCESS EXCLUSIVE lock (no reads, no writes) for its whole duration and needs "
                 "free space for a full copy of the table; plain VACUUM (postgres-maintenance) "
@@ -478,11 +441,42 @@ def table_findings(
     return found
 
 
+# Where the dated tables are, against the filesystems over a warning threshold (partition_disk).
+PartitionDisk = Literal["hot", "elsewhere", "unknown", "cool"]
+
+
+def partition_disk(data_device: int | None, hot: set[int]) -> PartitionDisk:
+    """Whether dropping dated tables would free room on a filesystem that needs it.
+
+    Args:
+        data_device: the st_dev of PostgreSQL's data_directory; None when it is not
+            configured or cannot be read on this machine (a remote server).
+        hot: the devices over a warning threshold (pressured).
+
+    Returns:
+        "hot": the data directory's filesystem is over a threshold (drop them);
+        "elsewhere": another filesystem is, not the data directory's (dropping frees nothing
+        there); "unknown": one is, and which holds the tables is not known here; "cool":
+        none is."""
+    if not hot:
+        return "cool"
+    if data_device is None:
+        return "unknown"
+    return "hot" if data_device in hot else "elsewhere"
+
+
 def partition_findings(
-    name: str, dated: list[DatedTable], cutoff: datetime, pressure: bool, p: DiskParams
+    name: str,
+    postgres: str,
+    dated: list[DatedTable],
+    cutoff: datetime,
+    disk: PartitionDisk,
+    p: DiskParams,
 ) -> list[Finding]:
     """The dated tables older than keep_months (their whole period before cutoff): a warning
-    while the disk that holds them is over a warning threshold, else information."""
+    while the filesystem of the data directory holding them is over a warning threshold
+    (they are dropped) or while one is and which holds them is unknown (nothing is dropped:
+    data_directory is needed); else information (see partition_disk)."""
     old = stale(dated, cutoff)
     if not old:
         message = f"no table of the partition patterns is older than keep_months={p.keep_months}"
@@ -492,16 +486,22 @@ def partition_findings(
     total = sum(t.bytes for t in old)
     names = ", ".join(f"{t.schema_name}.{t.table}" for t in old[:10])
     more = f" and {len(old) - 10} more" if len(old) > 10 else ""
-    why = (
-        "the disk is over its warning threshold: drop them, oldest first"
-        if pressure
-        else "kept while the disk is below its warning thresholds"
-    )
+    why = {
+        "hot": f"the filesystem of postgres.{postgres}'s data_directory is over its warning "
+        "threshold: drop them, oldest first",
+        "elsewhere": f"not dropped: postgres.{postgres}'s data_directory is not on a filesystem "
+        "of this target's paths over a warning threshold, so dropping them frees nothing there",
+        "unknown": f"not dropped: a filesystem is over its warning threshold, but which one "
+        f"holds postgres.{postgres}'s tables is unknown here (data_directory is not set, or "
+        f"not readable on this machine); set [postgres.{postgres}] data_directory to have them "
+        "dropped while its filesystem is over",
+        "cool": "kept while the disk is below its warning thresholds",
+    }[disk]
     return [
         Finding(
             check="old_partitions",
             target=name,
-            severity=Severity.warning if pressure else Severity.ok,
+            severity=Severity.warning if disk in ("hot", "unknown") else Severity.ok,
             observed=len(old),
             threshold=p.keep_months,
             message=f"{len(old)} tables older than keep_months={p.keep_months} "
@@ -546,7 +546,7 @@ def backup_findings(
     )
 
 
-def freed_findings(name: str, before: list[PathUsage], after: list[PathUsage]) -> list[Finding]:
+def freed_findings(name: str, before: list[DiskUsage], after: list[DiskUsage]) -> list[Finding]:
     """Free bytes per path before and after acting (information)."""
     earlier = {u.path: u for u in before}
     found = []
@@ -559,9 +559,9 @@ def freed_findings(name: str, before: list[PathUsage], after: list[PathUsage]) -
                 check="freed",
                 target=name,
                 severity=Severity.ok,
-                observed={"before_free_bytes": was.free_bytes, "after_free_bytes": u.free_bytes},
-                message=f"{u.path}: {_size(was.free_bytes)} free before, "
-                f"{_size(u.free_bytes)} after ({_size(max(0, u.free_bytes - was.free_bytes))} "
+                observed={"before_free_bytes": was.free, "after_free_bytes": u.free},
+                message=f"{u.path}: {_size(was.free)} free before, "
+                f"{_size(u.free)} after ({_size(max(0, u.free - was.free))} "
                 "freed)",
             )
         )
@@ -575,7 +575,8 @@ def plan_truncations(
     name: str, logs: list[LogFile], p: DiskParams
 ) -> list[Action[DiskAction, LogRef]]:
     """A truncate of each judged json-file log over max_log_mb, largest first; those over
-    max_truncations are skipped, for a later run."""
+    max_truncations are skipped, for a later run. Each touches services.SERVICE
+    (tasks.models.Action.touches)."""
     over = sorted(
         (g for g in logs if g.note is None and (g.bytes or 0) > p.max_log_mb * MIB),
         key=lambda g: -(g.bytes or 0),
@@ -589,6 +590,7 @@ def plan_truncations(
             f"{log.service}) to 0 bytes, freeing {_size(log.bytes or 0)}: {log.log_path}",
             destructive=True,
             args=LogRef(service=log.service, container_id=log.container_id, log_path=log.log_path),
+            touches=f"services.{log.service}",
         )
         if n >= p.max_truncations:
             action.status = ActionStatus.skipped
@@ -602,7 +604,9 @@ def plan_partition_drops(
 ) -> list[Action[DiskAction, PartitionRef]]:
     """A detach (when attached) and drop of each dated table older than keep_months, oldest
     first; those over max_partitions_dropped are skipped, for a later run. Call it only when
-    the disk is pressured."""
+    the data directory's filesystem is over a threshold (partition_disk "hot"). Each touches
+    postgres.POSTGRES (tasks.models.Action.touches): the gate applies that target's policy,
+    rate limits and lock."""
     actions: list[Action[DiskAction, PartitionRef]] = []
     for n, t in enumerate(stale(dated, cutoff)):
         how = f"detach from {t.parent} and drop" if t.parent else "drop"
@@ -615,6 +619,7 @@ def plan_partition_drops(
             args=PartitionRef(
                 postgres=postgres, schema_name=t.schema_name, table=t.table, pattern=t.pattern
             ),
+            touches=f"postgres.{postgres}",
         )
         if n >= p.max_partitions_dropped:
             action.status = ActionStatus.skipped

@@ -4,7 +4,6 @@ machine, or memory from the Docker engine's info when the services run on a remo
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from contextlib import closing
 from pathlib import Path
@@ -37,17 +36,53 @@ class HostStats(BaseModel):
 
 
 class DiskUsage(BaseModel):
-    """The file system holding `path`: total and free bytes (free: what an unprivileged user
-    may still write, as `df` shows as available)."""
+    """The file system holding `path` (os.statvfs): total and free bytes (free: what an
+    unprivileged user may still write, f_bavail, as `df` and node_exporter's avail show),
+    inodes total and free (f_files, f_favail), and its device (st_dev), which tells whether
+    two paths share a file system. error: why it could not be read (then the numbers are 0;
+    only disk_usage_of sets it)."""
 
     path: str
-    total: int
-    free: int
+    total: int = 0
+    free: int = 0
+    inodes_total: int = 0
+    inodes_free: int = 0
+    device: int | None = None
+    error: str | None = None
 
     @property
     def used_percent(self) -> float:
-        """Space not free to write, 0 to 100; 0.0 for a file system of size 0."""
+        """Space not free to write, 0 to 100 (1 - avail/size, as the DiskUsageHigh rule);
+        0.0 for a file system of size 0."""
         return 100 * (1 - self.free / self.total) if self.total else 0.0
+
+    @property
+    def inodes_used_percent(self) -> float | None:
+        """Inodes in use, 0 to 100; None where the file system has no fixed count (btrfs: 0)."""
+        return 100 * (1 - self.inodes_free / self.inodes_total) if self.inodes_total else None
+
+
+def disk_usage_of(path: str) -> DiskUsage:
+    """The usage of the file system that holds `path`, from os.statvfs and os.stat (no
+    subprocess, no file written: it works on a full disk). Plain function: callers' tasks
+    bound it.
+
+    Returns:
+        DiskUsage in bytes and inodes; with `error` set (the OS's reason) when the path
+        cannot be read."""
+    try:
+        vfs = os.statvfs(path)
+        device = os.stat(path).st_dev
+    except OSError as exc:
+        return DiskUsage(path=path, error=exc.strerror or str(exc))
+    return DiskUsage(
+        path=path,
+        total=vfs.f_blocks * vfs.f_frsize,
+        free=vfs.f_bavail * vfs.f_frsize,
+        inodes_total=vfs.f_files,
+        inodes_free=vfs.f_favail,
+        device=device,
+    )
 
 
 @io_task("read-host-stats", timeout_seconds=30, retries=0)
@@ -113,11 +148,8 @@ def read_disk_usage(path: str) -> DiskUsage | None:
 
     Raises:
         Nothing of its own: an unreadable path is None."""
-    try:
-        usage = shutil.disk_usage(path)
-    except OSError:
-        return None
-    return DiskUsage(path=path, total=usage.total, free=usage.free)
+    usage = disk_usage_of(path)
+    return None if usage.error is not None else usage
 
 
 def memory_file() -> IO[bytes]:

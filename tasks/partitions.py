@@ -1,30 +1,18 @@
-"""disk-space on PostgreSQL (seed 004 s9): the largest tables, the tables of the configured
-partition patterns (analytics.pageview_YYYY_MM), and the drop of one of them, detached first
-when it is attached as a partition, in one transaction with a lock timeout."""
+"""disk-space on PostgreSQL (seed 004 s9): the tables of the configured partition patterns
+(analytics.pageview_YYYY_MM), and the drop of one of them, detached first when it is
+attached as a partition, in one transaction with a lock timeout. The largest tables are
+tasks.postgres.read_table_stats's."""
 
 from __future__ import annotations
 
 import psycopg
 from psycopg import sql
 
-from tasks.disk_rules import MIB, DatedTable, TableSize, parse_partition_pattern
+from tasks.disk_rules import MIB, DatedTable, parse_partition_pattern
 from tasks.engine import io_task
 from tasks.errors import ActionFailed
 from tasks.postgres import connect
 from tasks.settings import PostgresTarget
-
-_LARGEST = """
-SELECT n.nspname AS schema_name, c.relname AS table, pg_total_relation_size(c.oid) AS bytes,
-       s.n_live_tup AS live_tuples, s.n_dead_tup AS dead_tuples,
-       (SELECT pn.nspname || '.' || p.relname FROM pg_inherits i
-          JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
-         WHERE i.inhrelid = c.oid AND p.relkind = 'p') AS partition_of
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
-WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname !~ '^pg_toast'
-ORDER BY bytes DESC, 1, 2 LIMIT %s
-"""
 
 # Plain tables (relkind r) of one schema whose names start with the pattern's prefix; the
 # pattern's exact match is checked in Python. Partitioned parents (p) are never candidates.
@@ -43,26 +31,6 @@ ORDER BY c.relname
 """
 
 
-@io_task("read-largest-tables", timeout_seconds=60)
-def read_largest_tables(name: str, target: PostgresTarget, limit: int) -> list[TableSize]:
-    """The largest tables and materialized views (TOAST and indexes included), largest first.
-
-    Args:
-        name: the [postgres.NAME] target's name, for messages.
-        target: its inventory entry.
-        limit: how many.
-
-    Returns:
-        Up to limit TableSize rows: bytes, tuple estimates, the partitioned parent if any.
-
-    Raises:
-        AuthenticationFailed: the server refused the login.
-        TargetUnreachable: no connection, or it was lost (transient: retried).
-        TargetError: any other error the server answered with."""
-    with connect(name, target) as conn:
-        return [TableSize(**r) for r in conn.execute(_LARGEST, [limit]).fetchall()]
-
-
 @io_task("read-dated-tables", timeout_seconds=60)
 def read_dated_tables(name: str, target: PostgresTarget, patterns: list[str]) -> list[DatedTable]:
     """The plain tables whose names match one of the patterns exactly
@@ -78,7 +46,9 @@ def read_dated_tables(name: str, target: PostgresTarget, patterns: list[str]) ->
         One DatedTable per match, oldest period first.
 
     Raises:
-        AuthenticationFailed, TargetUnreachable, TargetError: as read_largest_tables."""
+        AuthenticationFailed: the server refused the login.
+        TargetUnreachable: no connection, or it was lost (transient: retried).
+        TargetError: any other error the server answered with."""
     found: list[DatedTable] = []
     with connect(name, target) as conn:
         for text in patterns:
@@ -130,7 +100,7 @@ def drop_partition(
     Raises:
         ActionFailed: the lock was not granted in time, something depends on the table, or
             it no longer matches.
-        AuthenticationFailed, TargetUnreachable, TargetError: as read_largest_tables."""
+        AuthenticationFailed, TargetUnreachable, TargetError: as read_dated_tables."""
     parsed = parse_partition_pattern(pattern)
     if schema_name != parsed.schema_name or parsed.period(table) is None:
         raise ActionFailed(f"{schema_name}.{table} does not match {pattern}: never dropped")

@@ -356,8 +356,10 @@ def terminate_backend(
 
 
 class TableStats(BaseModel):
-    """One row of pg_stat_user_tables: tuple counts (estimates), the last (auto)vacuum and
-    analyze, and sizes in bytes (table with TOAST, its indexes, and both)."""
+    """One row of pg_stat_user_tables (plain and partitioned tables, materialized views):
+    tuple counts (estimates), the last (auto)vacuum and analyze, sizes in bytes (table with
+    TOAST, its indexes, and both), and the partitioned table it is a partition of, if any
+    (schema.table)."""
 
     schema_name: str
     table: str
@@ -370,6 +372,7 @@ class TableStats(BaseModel):
     table_bytes: int
     index_bytes: int
     total_bytes: int
+    partition_of: str | None = None
 
     @property
     def qualified(self) -> str:
@@ -387,14 +390,18 @@ _TABLE_STATS = """
 SELECT s.schemaname AS schema_name, s.relname AS table, s.n_live_tup AS live_tuples,
        s.n_dead_tup AS dead_tuples, s.last_vacuum, s.last_autovacuum, s.last_analyze,
        s.last_autoanalyze, pg_table_size(s.relid) AS table_bytes,
-       pg_indexes_size(s.relid) AS index_bytes, pg_total_relation_size(s.relid) AS total_bytes
-FROM pg_stat_user_tables s ORDER BY total_bytes DESC
+       pg_indexes_size(s.relid) AS index_bytes, pg_total_relation_size(s.relid) AS total_bytes,
+       (SELECT pn.nspname || '.' || p.relname FROM pg_inherits i
+          JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+         WHERE i.inhrelid = s.relid AND p.relkind = 'p') AS partition_of
+FROM pg_stat_user_tables s ORDER BY total_bytes DESC, 1, 2
 """
 
 
 @io_task("read-table-stats", timeout_seconds=60)
 def read_table_stats(name: str, target: PostgresTarget) -> list[TableStats]:
-    """Tuples, sizes and last (auto)vacuum and analyze of every user table, largest first.
+    """Tuples, sizes, last (auto)vacuum and analyze, and partitioned parent of every user
+    table, largest first (postgres-maintenance; disk-space's largest tables).
 
     Args:
         name: the [postgres.NAME] target's name, for messages.

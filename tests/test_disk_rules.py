@@ -9,22 +9,27 @@ from pathlib import Path
 
 import pytest
 
-from tasks.disk import walk_largest
+from tasks.disk import largest_entries, walk_largest
 from tasks.disk_rules import (
     DatedTable,
     DiskParams,
     LogFile,
-    PathUsage,
     months_before,
     parse_partition_pattern,
+    partition_disk,
+    partition_findings,
     plan_partition_drops,
     plan_truncations,
     pressured,
     stale,
+    table_findings,
     usage_findings,
 )
 from tasks.errors import ConfigError
+from tasks.host import DiskUsage
 from tasks.models import ActionStatus, Severity
+from tasks.postgres import TableStats
+from tasks.postgres_rules import MaintenanceParams
 
 MIB = 2**20
 
@@ -122,6 +127,8 @@ def test_drops_are_oldest_first_and_capped() -> None:
     ]
     assert [a.status for a in plan] == [ActionStatus.planned] * 2 + [ActionStatus.skipped]
     assert "detach from analytics.pageview and drop" in plan[0].description
+    # The gate applies postgres.main's policy, rate limits and lock to them (Action.touches).
+    assert {a.touches for a in plan} == {"postgres.main"}
 
 
 def test_truncations_largest_first_capped_and_only_judged_logs() -> None:
@@ -147,21 +154,16 @@ def test_truncations_largest_first_capped_and_only_judged_logs() -> None:
     assert [a.args.container_id for a in plan] == ["bbbb", "dddd", "aaaa"]
     assert [a.status for a in plan] == [ActionStatus.planned] * 2 + [ActionStatus.skipped]
     assert plan[0].args.service == "api"  # its rate limit counts per service
+    assert {a.touches for a in plan} == {"services.api"}
 
 
 def test_thresholds_grade_space_and_inodes() -> None:
     p = DiskParams()
     usages = [
-        PathUsage(
-            path="/a", total_bytes=100, free_bytes=25, inodes_total=10, inodes_free=9, device=1
-        ),
-        PathUsage(
-            path="/b", total_bytes=100, free_bytes=10, inodes_total=0, inodes_free=0, device=2
-        ),
-        PathUsage(
-            path="/c", total_bytes=100, free_bytes=50, inodes_total=10, inodes_free=0, device=3
-        ),
-        PathUsage(path="/gone", error="No such file or directory"),
+        DiskUsage(path="/a", total=100, free=25, inodes_total=10, inodes_free=9, device=1),
+        DiskUsage(path="/b", total=100, free=10, inodes_total=0, inodes_free=0, device=2),
+        DiskUsage(path="/c", total=100, free=50, inodes_total=10, inodes_free=0, device=3),
+        DiskUsage(path="/gone", error="No such file or directory"),
     ]
     found = {
         (f.message.split(":")[0], f.check): f.severity for f in usage_findings("box", usages, p)
@@ -207,3 +209,63 @@ def test_the_walk_is_bounded_in_depth_and_time_and_says_so(tmp_path: Path) -> No
     assert none.entries == [] and none.cut_short == "the time budget of 0 s ran out"
     missing = walk_largest(str(tmp_path / "nope"), depth=2, budget_seconds=1, top=10)
     assert missing.error == "No such file or directory"
+
+
+def test_a_deadline_shared_by_the_walks_is_kept_whatever_each_budget(tmp_path: Path) -> None:
+    """scan_seconds bounds all paths together: a walk reached after the run's deadline reads
+    nothing, however much of the budget a walk of its own would have had."""
+    _tree(tmp_path)
+    # time.monotonic() 0.0 is the clock's start (boot, on Linux): long past.
+    late = walk_largest(str(tmp_path), depth=10, budget_seconds=60, top=10, deadline=0.0)
+    assert late.entries == [] and late.cut_short == "the time budget of 60 s ran out"
+    walks = largest_entries.fn([str(tmp_path), str(tmp_path / "a")], 10, 0, 10)
+    assert [w.cut_short for w in walks] == ["the time budget of 0 s ran out"] * 2
+
+
+def test_old_partitions_are_dropped_only_for_the_data_directorys_filesystem() -> None:
+    assert partition_disk(7, {7, 8}) == "hot"
+    assert partition_disk(9, {7}) == "elsewhere"  # another disk is full: dropping frees nothing
+    assert partition_disk(None, {7}) == "unknown"  # no data_directory here: never dropped
+    assert partition_disk(None, set()) == partition_disk(7, set()) == "cool"
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    old = [_dated("pageview_2020_01", date(2020, 1, 1), date(2020, 2, 1))]
+    found = {
+        disk: partition_findings("box", "main", old, months_before(now, 12), disk, DiskParams())
+        for disk in ("hot", "elsewhere", "unknown", "cool")
+    }
+    severity = {disk: f.severity for disk, [f] in found.items()}
+    assert severity == {
+        "hot": Severity.warning,
+        "elsewhere": Severity.ok,
+        "unknown": Severity.warning,
+        "cool": Severity.ok,
+    }
+    assert "drop them, oldest first" in found["hot"][0].message
+    assert "frees nothing there" in found["elsewhere"][0].message
+    assert "set [postgres.main] data_directory" in found["unknown"][0].message
+
+
+def test_vacuum_full_is_suggested_at_postgres_maintenances_thresholds() -> None:
+    def table(name: str, live: int, dead: int) -> TableStats:
+        return TableStats(
+            schema_name="public",
+            table=name,
+            live_tuples=live,
+            dead_tuples=dead,
+            last_vacuum=None,
+            last_autovacuum=None,
+            last_analyze=None,
+            last_autoanalyze=None,
+            table_bytes=MIB,
+            index_bytes=0,
+            total_bytes=MIB,
+        )
+
+    tables = [table("bloated", 6000, 4000), table("few", 10, 90), table("clean", 9000, 1000)]
+    [_, suggestion] = table_findings("box", "main", tables, DiskParams(), MaintenanceParams())
+    # "few" is over the ratio with fewer than min_dead_tuples; "clean" is at 10 %.
+    assert suggestion.check == "vacuum_full" and suggestion.observed == ["public.bloated"]
+    stricter = MaintenanceParams(dead_tuple_ratio=0.5)
+    assert [f.check for f in table_findings("box", "main", tables, DiskParams(), stricter)] == [
+        "largest_tables"
+    ]

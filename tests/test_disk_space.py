@@ -154,8 +154,11 @@ def chatty(docker_engine: Any) -> Iterator[dict[str, Any]]:
 
 
 def write_inventory(db: Db, disk: Path, backups: Path, chatty: dict[str, Any]) -> None:
+    """The disk, the backups on it and the container; PostgreSQL's data_directory is the
+    test server's, on another filesystem than the disk."""
     db.write_config(
-        f"""
+        f"""data_directory = "{db.server.data}"
+
 [services.chatty]
 kind = "docker"
 container = "{chatty["name"]}"
@@ -212,8 +215,12 @@ def test_a_full_disk_is_diagnosed_then_freed_through_the_cli(
     assert space["severity"] == Severity.critical and space["observed"] == 100.0
     [log] = by_check(report, "container_log")
     assert log["severity"] == Severity.warning and log["observed"] > 1
+    # The old partitions are in a data_directory on another filesystem: dropping them would
+    # free nothing on the full disk.
+    assert os.stat(db.server.data).st_dev != os.stat(small_disk).st_dev
     [old] = by_check(report, "old_partitions")
-    assert old["severity"] == Severity.warning and old["observed"] == 2
+    assert old["severity"] == Severity.ok and old["observed"] == 2
+    assert "frees nothing there" in old["message"]
     [gone] = by_check(report, "old_backups")
     assert gone["severity"] == Severity.warning and gone["observed"] == 5
     [largest] = by_check(report, "largest_entries")
@@ -222,7 +229,9 @@ def test_a_full_disk_is_diagnosed_then_freed_through_the_cli(
     tables_found = by_check(report, "largest_tables")[0]["observed"]
     assert {r["table"] for r in tables_found} >= {"analytics.pageview_2020_01"}
     kinds = [a["kind"] for a in report["actions"]]
-    assert kinds == ["truncate_container_log"] + ["delete_backup"] * 5 + ["drop_partition"] * 2
+    assert kinds == ["truncate_container_log"] + ["delete_backup"] * 5
+    # Backup deletions name the set, as backup-retention's do.
+    assert {a["target"] for a in report["actions"][1:]} == {"local"}
     assert all(a["status"] == ActionStatus.planned for a in report["actions"])
     # A dry run changed nothing.
     assert all(b.exists() for b in backups)
@@ -232,24 +241,19 @@ def test_a_full_disk_is_diagnosed_then_freed_through_the_cli(
     code, report = run("--apply", "--yes", api=prefect_api)
     assert code == 0, report
     assert report["status"] == RunStatus.fixed
-    assert [a["status"] for a in report["actions"]] == [ActionStatus.done] * 8, report["actions"]
+    assert [a["status"] for a in report["actions"]] == [ActionStatus.done] * 6, report["actions"]
     # The incident is gone: below the thresholds, backups past the policy deleted (the newest
-    # kept), old partitions dropped and the look-alikes kept, the log emptied, the container
-    # still running.
+    # kept), the log emptied, the container still running; the partitions, elsewhere, kept.
     vfs = os.statvfs(small_disk)
     assert 1 - vfs.f_bavail / vfs.f_blocks < 0.8
     assert [b.exists() for b in backups] == [True] + [False] * 5
     assert not any(Path(f"{b}.sha256").exists() for b in backups[1:])
-    left = tables(db)
-    assert not left & set(planted["old"]) and left >= set(planted["kept"])
+    assert tables(db) >= set(planted["old"]) | set(planted["kept"])
     assert chatty["log"].stat().st_size < 2**20
     chatty["container"].reload()
     assert chatty["container"].status == "running"
     [freed] = by_check(report, "freed")
     assert freed["observed"]["after_free_bytes"] > freed["observed"]["before_free_bytes"] == 0
-    with db.admin() as conn:
-        # The partitioned table lives on with its recent months.
-        assert conn.execute("SELECT count(*) FROM analytics.pageview").fetchone() == (4000,)
 
     code, report = run(api=prefect_api)
     assert code == 0, report
@@ -264,8 +268,13 @@ def test_below_the_thresholds_only_an_oversized_log_is_cleaned(
     backups = plant_backups(tmp_path / "backups")
     planted = plant_partitions(db)
     write_inventory(db, tmp_path, tmp_path / "backups", chatty)
-    # Thresholds no real filesystem here reaches.
-    params = DiskParams(used_warning_percent=99.99, used_critical_percent=100)
+    # Thresholds no real filesystem here reaches, space nor inodes.
+    params = DiskParams(
+        used_warning_percent=99.99,
+        used_critical_percent=100,
+        inodes_warning_percent=99.99,
+        inodes_critical_percent=100,
+    )
     report = disk_space(target="box", dry_run=False, approval="auto", params=params)
     assert [(a.kind, a.status) for a in report.actions] == [
         ("truncate_container_log", ActionStatus.done)
@@ -275,6 +284,48 @@ def test_below_the_thresholds_only_an_oversized_log_is_cleaned(
     assert chatty["log"].stat().st_size < 2**20
     [old] = [f for f in report.findings if f.check == "old_partitions"]
     assert old.severity is Severity.ok and "kept while the disk is below" in old.message
+
+
+@pytest.mark.parametrize("data_directory", [True, False], ids=["data_directory", "unknown"])
+def test_old_partitions_are_dropped_when_the_data_directorys_filesystem_is_over(
+    db: Db, prefect_api: str, data_directory: bool
+) -> None:
+    """The filesystem holding PostgreSQL's data directory is over a (low) warning threshold:
+    the old partitions go, the recent ones and the look-alikes stay. Without data_directory
+    which filesystem holds them is unknown: they are reported, never dropped."""
+    planted = plant_partitions(db)
+    data = db.server.data
+    db.write_config(
+        (f'data_directory = "{data}"\n' if data_directory else "")
+        + f"""
+[disk.box]
+paths = ["{data}"]
+postgres = "main"
+partitions = ["analytics.pageview_YYYY_MM"]
+
+[disk.box.thresholds]
+used_warning_percent = 0.001
+used_critical_percent = 100
+inodes_warning_percent = 100
+inodes_critical_percent = 100
+"""
+    )
+    report = disk_space(target="box", dry_run=False, approval="auto")
+    drops = [a for a in report.actions if a.kind == "drop_partition"]
+    left = tables(db)
+    [old] = [f for f in report.findings if f.check == "old_partitions"]
+    if data_directory:
+        assert [a.status for a in drops] == [ActionStatus.done] * 2, report.actions
+        assert not left & set(planted["old"]) and left >= set(planted["kept"])
+        with db.admin() as conn:
+            # The partitioned table lives on with its recent months.
+            assert conn.execute("SELECT count(*) FROM analytics.pageview").fetchone() == (4000,)
+        # Honest: the filesystem is still over 0.001 %.
+        assert report.status is RunStatus.unhealthy
+    else:
+        assert drops == [] and left >= set(planted["old"]) | set(planted["kept"])
+        assert old.severity is Severity.warning and old.observed == 2
+        assert "set [postgres.main] data_directory" in old.message
 
 
 BAD = [
