@@ -30,6 +30,7 @@ from tasks.maintenance_rules import (
     verification_passed,
 )
 from tasks.models import Action, ActionStatus, Finding, Severity
+from tasks.redact import redact
 from tasks.settings import MaintenanceApi, ServiceTarget, Settings, config_path
 
 # How much of a refusing answer's body the report quotes.
@@ -45,10 +46,7 @@ def _headers(api: MaintenanceApi) -> dict[str, str]:
 
 def _quote(api: MaintenanceApi, text: str) -> str:
     """An answer's body for a message: cut short, and never the token (an API may echo it)."""
-    text = text.strip()[:BODY_CHARS]
-    if api.token is not None and (secret := api.token.get_secret_value()):
-        text = text.replace(secret, "***")
-    return text
+    return redact(text.strip()[:BODY_CHARS], [api.token])
 
 
 def _refused(service: str, api: MaintenanceApi, url: str, response: httpx.Response) -> None:

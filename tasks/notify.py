@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from tasks.journal import run_logger
 from tasks.models import ActionStatus, Finding, Report, RunStatus, Severity, problems
+from tasks.redact import redact
 
 NotifyEvent = Literal["approval_needed", "remediation_failed", "verification_failed", "fixed"]
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = get_args(NotifyEvent)
@@ -364,9 +365,7 @@ def _redact(text: str, urls: list[SecretStr] | None = None) -> str:
     pieces = set(_secret_pieces)
     for url in urls or []:
         pieces |= _pieces(url.get_secret_value())
-    for piece in sorted(pieces, key=len, reverse=True):
-        text = text.replace(piece, "***")
-    return text
+    return redact(text, pieces)
 
 
 class _RedactSecrets(logging.Filter):

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from tasks.engine import io_task
+from tasks.redact import redact
 from tasks.settings import SmtpTarget
 
 # The class of a step's failure: what smtp_rules gives advice for.
@@ -176,9 +177,7 @@ def test_message(name: str, smtp: SmtpTarget, now: datetime) -> bytes:
 
 def _scrub(text: str, smtp: SmtpTarget) -> str:
     """A server's reply never quotes the password; if one ever did, it would not go further."""
-    if smtp.password is not None and (secret := smtp.password.get_secret_value()):
-        text = text.replace(secret, "**********")
-    return text
+    return redact(text, [smtp.password])
 
 
 # No Prefect retries: a probe reports what one session saw. Every smtplib call is bounded by

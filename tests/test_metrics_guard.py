@@ -15,13 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from prefect import get_client
 
 from deployments.localapps import METRICS_BODY, MetricsApp
 from deployments.localpg import free_port
 from flows.metrics_guard import metrics_guard
 from flows.smtp_check import smtp_check
 from tasks.models import RunStatus, Severity
+from tests.prefect_records import run_records
 from tests.test_cli import cli, no_traceback
 from tests.test_smtp_check import PASSWORD, Smtp, start_smtp  # noqa: F401 (a fixture)
 from tests.test_smtp_check import ca as ca
@@ -265,10 +265,13 @@ def test_neither_the_smtp_password_nor_the_metrics_secret_reaches_a_log_or_repor
     reports = [metrics_guard("api"), smtp_check("mail")]
     assert all(r.status is RunStatus.unhealthy for r in reports)
     assert by_check(reports[1])["fallback"].observed == "down"  # its AUTH refused: 535
+    records = run_records(r.flow_run_id for r in reports)
+    # Their own lines and reports were read: the check below cannot pass by reading nothing.
+    assert {"metrics-guard on api: unhealthy", "smtp-check on mail: unhealthy"} <= set(records.logs)
+    assert len(records.artifacts) == 4  # each run's report: markdown and table
+    for run in ("metrics-guard on api: unhealthy", "smtp-check on mail: unhealthy"):
+        assert any(a.startswith(run) for a in records.artifacts), run
     texts = [r.model_dump_json() for r in reports] + [caplog.text]
-    with get_client(sync_client=True) as client:
-        texts += [entry.message for entry in client.read_logs(limit=200)]
-        texts += [json.dumps(a.data) for a in client.read_artifacts(limit=200)]
-    assert len(texts) > 4
+    texts += records.logs + records.artifacts
     for secret in (SECRET, PASSWORD, "Old-Pass-0000"):
         assert not [t for t in texts if secret in t], secret

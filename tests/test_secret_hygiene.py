@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -24,6 +23,7 @@ from tasks.errors import RunbookError
 from tasks.models import Report, RunStatus
 from tasks.security import new_private_key
 from tests.conftest import Db
+from tests.prefect_records import flow_run_id, run_records
 from tests.test_notify import Hook, hook  # noqa: F401 (a fixture)
 
 PG_SECRET = "Pg-Secret-7f3a9c"
@@ -75,7 +75,6 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
     pids = db.idle_in_transaction(2)
     time.sleep(1.5)
     caplog.set_level("DEBUG")
-    errors: list[str] = []
 
     fixed = postgres_connections(
         "main", dry_run=False, approval="auto", params={"idle_in_transaction_seconds": 1}
@@ -88,23 +87,26 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
     new_key = Secret.load("hygiene-jwt-key").get()  # type: ignore[union-attr]
     assert isinstance(new_key, str) and new_key != old_key
     keys = (old_key, new_key)
-    runs: list[Callable[[], Report]] = [
-        lambda: postgres_connections("gone"),
-        lambda: redis_health("cache"),
-    ]
-    for unreachable in runs:
-        try:
-            report = unreachable()
-        except RunbookError as exc:
-            errors.append(str(exc))
-        else:
-            errors.append(report.model_dump_json())
-    assert len(errors) == 2
+    # Two runs that cannot reach their target: one raises, one reports; their states for their ids.
+    gone = postgres_connections("gone", return_state=True)
+    with pytest.raises(RunbookError) as unreachable:
+        gone.result()
+    cache = redis_health("cache", return_state=True)
+    report = cache.result(raise_on_failure=False)
+    assert isinstance(report, Report) and report.status is RunStatus.unhealthy
+    errors = [str(unreachable.value), report.model_dump_json()]
+    run_ids = [fixed.flow_run_id, rotated.flow_run_id, flow_run_id(gone), flow_run_id(cache)]
 
-    # Everything the session's Prefect API holds: logs, artifacts, events.
+    # What the session's Prefect API holds of these four runs (logs, artifacts), and every event.
+    records = run_records(run_ids)
+    logs, artifacts = records.logs, records.artifacts
+    # Their own lines were read: the check below cannot pass by reading nothing.
+    finals = {"postgres-connections on main: fixed", "security-incident on app: fixed"}
+    assert finals | {"redis-health on cache: unhealthy"} <= set(logs)
+    assert any(line.startswith("Encountered exception during execution: Target") for line in logs)
+    for run in finals:
+        assert any(a.startswith(run) for a in artifacts), run
     with get_client(sync_client=True) as client:
-        logs = [entry.message for entry in client.read_logs(limit=200)]
-        artifacts = [json.dumps(a.data) for a in client.read_artifacts(limit=200)]
         time.sleep(2)  # events are sent in batches
         every = {"filter": {"occurred": {"since": "2020-01-01T00:00:00Z"}}, "limit": 50}
         page = client.request("POST", "/events/filter", json=every).json()

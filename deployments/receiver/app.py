@@ -33,6 +33,7 @@ from deployments.catalog import RUNBOOKS
 from deployments.receiver.runs import AlertResult, Starter, emit_alert_event, log_result
 from tasks.errors import ConfigError
 from tasks.models import utcnow
+from tasks.redact import redact as redact_secrets
 from tasks.settings import ReceiverSettings, Route
 
 JSON_TYPES = ("application/json", "application/vnd.json")
@@ -168,11 +169,7 @@ def prefect_secrets() -> list[str]:
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
     """text without the credentials of any URL in it, nor any of `secrets`."""
-    text = URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
-    for secret in sorted(secrets, key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    return redact_secrets(URL_CREDENTIALS.sub(r"\g<scheme>***@", text), secrets)
 
 
 def create_app(receiver: Receiver) -> FastAPI:
