@@ -159,9 +159,11 @@ def gate(
 def _within_limits(actions: list[Action], runbook: str, target: str) -> None:
     """Blast-radius limits over time (tasks.limits), after approval so that a run waiting for
     an answer holds nothing: one mutating run at a time per target (held until the run ends,
-    by its journal; a run changing it already is waited for, up to a minute), then the rate
-    of each action kind on what it acts on. What is over a limit is skipped, saying which
-    limit and when it frees."""
+    by its journal; a run changing it already is waited for, up to a minute), then the same
+    for each other target the actions touch (Action.touches), in name order so that two runs
+    never wait on each other, then the rate of each action kind on what it acts on
+    (tasks.limits.acted_on). What is over a limit is skipped, saying which limit and when it
+    frees; an action whose touched target is held by another run is skipped alone."""
     if not actions:
         return
     from tasks import limits

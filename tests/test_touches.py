@@ -21,7 +21,13 @@ from deployments.sandbox import HealthApp
 from flows.maintenance_mode import maintenance_mode
 from flows.postgres_down import postgres_down
 from tasks.gate import approver, touched_target
-from tasks.limits import RateLimit, admit, mutating_limit_name, rate_limit_name
+from tasks.limits import (
+    MUTATING_WAIT_SECONDS,
+    RateLimit,
+    admit,
+    mutating_limit_name,
+    rate_limit_name,
+)
 from tasks.models import Action, ActionStatus, RunStatus, Severity
 from tasks.settings import load_settings
 from tests.test_limits import CHILD_HOLD, child_env, read_limit, wait_for
@@ -128,7 +134,9 @@ def test_a_run_changing_the_touched_service_makes_the_pair_skip(
 ) -> None:
     """Another process holds services.api's one-mutating-run lock (as a maintenance-mode run
     on api does): the pair skips saying so, the restart on postgres.main goes on."""
-    monkeypatch.setattr("tasks.limits.MUTATING_WAIT_SECONDS", 1.0)
+    # Long enough for a busy API to grant a free limit (the run's own), short enough not to
+    # wait the minute for the held one.
+    monkeypatch.setattr("tasks.limits.MUTATING_WAIT_SECONDS", 10.0)
     inventory(pg_config(victim, pg_app))
     held, release = tmp_path / "held", tmp_path / "release"
     holder = subprocess.Popen(
@@ -157,6 +165,7 @@ def test_a_run_changing_the_touched_service_makes_the_pair_skip(
     assert pg_app.switches == []
     # This run released what it held: the next one takes the lock and runs the pair.
     assert read_limit(mutating_limit_name("services.api")).active_slots == 0
+    monkeypatch.setattr("tasks.limits.MUTATING_WAIT_SECONDS", MUTATING_WAIT_SECONDS)
     victim.stop(remove=False)
     again = postgres_down("main", dry_run=False, approval="auto")
     assert {s for _, s in kinds(again)} == {ActionStatus.done}, again.actions
