@@ -439,6 +439,9 @@ class HealthApp:
         self.observe = observe
         self.switches: list[tuple[bool, object]] = []
         self.refused = 0
+        # The next PUTs that apply the switch and then answer 500 (a proxy's timeout, a
+        # crash after the write), as a real admin API can.
+        self.failing_puts = 0
         app = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -478,6 +481,10 @@ class HealthApp:
                     self.reply(400, {"error": f"want {{'key': {app.KEY!r}, 'value': 'true'}}"})
                     return
                 app.switch(body["value"] == "true")
+                if app.failing_puts > 0:  # applied, then a failure answered (a test's fault)
+                    app.failing_puts -= 1
+                    self.reply(500, {"error": "internal error after the setting was saved"})
+                    return
                 self.reply(200, {"key": app.KEY, "value": body["value"]})
 
             def log_message(self, *args: Any) -> None:

@@ -17,7 +17,8 @@ DSNs are shown through `tasks.settings.describe_dsn`, which drops the password.
 Outside this tree are only Prefect's own control exceptions (`prefect.exceptions.Abort` for a
 cancelled run), Python's own errors for a call that can only be a bug in the caller (waiting
 for an approval or opening a run (tasks.run) outside a runbook's flow run, polling with bounds
-out of order, filtering deliveries by a column that does not exist), and
+out of order, filtering deliveries by a column that does not exist, an action that touches
+a target the inventory does not have), and
 the private exceptions a module raises and catches itself.
 """
 

@@ -5,8 +5,9 @@ destructive one passes as its policy says (action_policy): the strictest of
 
 - the run's `approval` parameter (what a schedule, a route or the person starting it asks);
 - the inventory's `[approval] <runbook>.<action_kind>`;
-- the `approval` of the targets it touches (the run's target, and the target of the same
-  inventory section the action names, e.g. the service a restart acts on);
+- the `approval` of the targets it touches (the run's target, the target of the same
+  inventory section the action names, e.g. the service a restart acts on, and the target its
+  `touches` names in another section, e.g. "services.api" for the maintenance pair);
 
 where auto < ask < never, and `production = true` on such a target turns auto into ask.
 
@@ -158,22 +159,37 @@ def gate(
 def _within_limits(actions: list[Action], runbook: str, target: str) -> None:
     """Blast-radius limits over time (tasks.limits), after approval so that a run waiting for
     an answer holds nothing: one mutating run at a time per target (held until the run ends,
-    by its journal; a run changing it already is waited for, up to a minute), then the rate
-    of each action kind on what it acts on. What is over a limit is skipped, saying which
-    limit and when it frees."""
+    by its journal; a run changing it already is waited for, up to a minute), then the same
+    for each other target the actions touch (Action.touches), in name order so that two runs
+    never wait on each other, then the rate of each action kind on what it acts on
+    (tasks.limits.acted_on). What is over a limit is skipped, saying which limit and when it
+    frees; an action whose touched target is held by another run is skipped alone."""
     if not actions:
         return
+    from tasks import limits
     from tasks.limits import admit, mutating_run
     from tasks.settings import load_settings
 
-    inventory = journal().inventory
-    resource = f"{inventory}.{target}" if inventory is not None else target
-    busy = journal().held.enter_context(mutating_run(resource))
+    log = journal()
+    resource = f"{log.inventory}.{target}" if log.inventory is not None else target
+    # Read at the call, not bound at import: how long a busy target is waited for.
+    wait = limits.MUTATING_WAIT_SECONDS
+    busy = log.held.enter_context(mutating_run(resource, wait))
     if busy is not None:
         for action in actions:
             _skip(action, busy)
         return
-    admit(actions, rates=load_settings().limits)
+    # The targets other than the run's own that the actions change (Action.touches), each
+    # locked as its own runbooks lock it, in sorted order so two runs never wait on each other.
+    for touched in sorted({a.touches for a in actions if a.touches} - {resource}):
+        busy = log.held.enter_context(mutating_run(touched, wait))
+        if busy is not None:
+            for action in (a for a in actions if a.touches == touched):
+                _skip(action, busy)
+    admit(
+        [a for a in actions if a.status is ActionStatus.planned],
+        rates=load_settings().limits,
+    )
 
 
 def _run_identity() -> tuple[str | None, str | None]:
@@ -204,11 +220,29 @@ def _policies(
 
     def policy(action: Action) -> Policy:
         touched = {n: section[n] for n in {target, action.target} if n is not None and n in section}
+        if action.touches is not None:
+            touched[action.touches] = touched_target(settings, action.touches)
         return action_policy(
             requested, action, runbook=runbook, kind_policies=settings.approval, targets=touched
         )
 
     return policy
+
+
+def touched_target(settings: Any, touches: str) -> Any:
+    """The inventory entry an Action.touches names ("section.NAME", e.g. "services.api"),
+    with its .approval and .production.
+
+    Raises ValueError when the inventory has no such section or target: a runbook sets
+    touches only to a target it read from the inventory, so this is a bug in the runbook."""
+    section, _, name = touches.partition(".")
+    entries = getattr(settings, section, None) if section and name else None
+    if not isinstance(entries, dict) or name not in entries:
+        raise ValueError(
+            f"an action touches {touches!r}, which is no inventory target (want "
+            "'section.NAME' of a target the inventory has): a bug in the runbook that planned it"
+        )
+    return entries[name]
 
 
 def _known_kinds(

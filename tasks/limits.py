@@ -202,9 +202,15 @@ def mutating_limit_name(resource: str) -> str:
 
 
 def acted_on(action: Action) -> str:
-    """What an action changes, for its rate limit: the service a restart acts on (its
-    args, a ServiceRef: postgres-down and redis-health name their target's service,
-    service-health and resource-pressure the service), else the action's target."""
+    """What an action changes, for its rate limit: the NAME of the target its `touches`
+    names ("backups.local" -> "local"), so that disk-space's delete_backup on a backup set
+    counts against the budget backup-retention keeps on that set (whose action.target is the
+    set's NAME); else the service a restart acts on (its args, a ServiceRef: postgres-down
+    and redis-health name their target's service, service-health and resource-pressure the
+    service); else the action's target. The kind is part of the limit's name, and a kind
+    changes targets of one inventory section, so the NAME alone does not mix sections."""
+    if action.touches is not None:
+        return action.touches.partition(".")[2] or action.touches
     return action.args.service if isinstance(action.args, ServiceRef) else action.target
 
 

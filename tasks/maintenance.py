@@ -268,11 +268,16 @@ class MaintenancePair:
     def leave(self, after: list[Finding]) -> list[Finding]:
         """Verify and report: take the application out of maintenance when this run put it in
         and verification passed (verification_passed over `after` and the mending actions),
-        and read the flag back; otherwise leave it in and say so. Returns the findings to add
-        to `after`."""
+        and read the flag back; otherwise leave it in and say so. When the switch in failed
+        (a request that timed out or was refused after the application applied it), the flag
+        is read again: on, it is taken out as usual when verification passed, else the
+        report says it is in maintenance and how to take it out; unreadable, the report says
+        so. Returns the findings to add to `after`."""
         if self.pair is None:
             return []
         enable, disable = self.pair
+        if enable.status is ActionStatus.failed and disable.status is ActionStatus.planned:
+            return self._after_failed_enable(after)
         if enable.status is not ActionStatus.done:
             if disable.status is ActionStatus.planned:
                 disable.status = ActionStatus.skipped
@@ -283,17 +288,61 @@ class MaintenancePair:
         if failed is not None:
             disable.status = ActionStatus.skipped
             disable.detail = f"{failed}: {self.service} stays in maintenance"
+            return [self._stays(f"{self.service} stays in maintenance mode ({failed})")]
+        run_action(disable, set_maintenance, self.service, self.svc, False)
+        return [maintenance_finding(self.name, read_flag(self.service, self.svc), False)]
+
+    def _after_failed_enable(self, after: list[Finding]) -> list[Finding]:
+        """leave() when enable_maintenance failed: what the flag reads now decides."""
+        assert self.pair is not None and self.service is not None and self.svc is not None
+        _, disable = self.pair
+        reading = read_flag(self.service, self.svc)
+        if reading.on is False:
+            disable.status = ActionStatus.skipped
+            disable.detail = (
+                f"the application was not put in maintenance ({self.service} reads off "
+                f"after the failed switch, {reading.source})"
+            )
+            return []
+        if reading.on is None:
+            disable.status = ActionStatus.skipped
+            disable.detail = (
+                f"the switch into maintenance failed and {self.service}'s flag cannot be read "
+                "again: it may be in maintenance"
+            )
             return [
-                Finding(
-                    check="maintenance",
-                    target=self.name,
-                    severity=Severity.warning,
-                    observed="on",
-                    threshold="off",
-                    message=f"{self.service} stays in maintenance mode ({failed}); take it "
-                    f"out once mended: runbook run maintenance-mode --target {self.service} "
-                    "--set enable=false --apply",
+                self._stays(
+                    f"the switch of {self.service} into maintenance failed and its flag cannot "
+                    f"be read ({reading.source}: {reading.error}): it may be in maintenance; "
+                    "check it, and if it is",
+                    observed=None,
+                )
+            ]
+        failed = verification_passed(after, self.mending)
+        if failed is not None:
+            disable.status = ActionStatus.skipped
+            disable.detail = (
+                f"{failed}: {self.service} is in maintenance (the switch reported a failure "
+                "but was applied) and stays in"
+            )
+            return [
+                self._stays(
+                    f"{self.service} is in maintenance mode ({reading.source}) although the "
+                    f"switch into it reported a failure, and stays in ({failed})"
                 )
             ]
         run_action(disable, set_maintenance, self.service, self.svc, False)
         return [maintenance_finding(self.name, read_flag(self.service, self.svc), False)]
+
+    def _stays(self, why: str, observed: str | None = "on") -> Finding:
+        """The warning that the application is (or may be) left in maintenance, with the
+        command that takes it out."""
+        return Finding(
+            check="maintenance",
+            target=self.name,
+            severity=Severity.warning,
+            observed=observed,
+            threshold="off",
+            message=f"{why}; take it out once mended: runbook run maintenance-mode --target "
+            f"{self.service} --set enable=false --apply",
+        )

@@ -149,11 +149,13 @@ def _word(on: bool) -> str:
 
 def switch(name: str, service: str, on: bool, why: str = "") -> MaintenanceStep:
     """One switch of the flag, destructive both ways: on takes the application away from its
-    users, off lets them back in."""
+    users, off lets them back in. It changes "services.<service>" (touches): that service's
+    approval, production flag, rate limits and one-mutating-run lock apply (tasks.gate)."""
     return Action(
         kind="enable_maintenance" if on else "disable_maintenance",
         target=name,
         destructive=True,
+        touches=f"services.{service}",
         description=(
             f"put {service} in maintenance mode" if on else f"take {service} out of maintenance"
         )
