@@ -155,6 +155,7 @@ DEFAULT_RATES: dict[str, RateLimit] = {
     "truncate_container_log": RateLimit(max=4, per_seconds=3600),
     # disk-space drops at most max_partitions_dropped (12: a year of months) a run; two
     # years' worth in a day clears a first backlog, more is a loop or a wrong keep_months.
+    # Counted per database.
     "drop_partition": RateLimit(max=24, per_seconds=86_400),
     # release-rollback: a bad release is rolled back once; a second within the hour means the
     # last healthy image is not healthy either (or deploys keep coming): a person decides.

@@ -302,6 +302,7 @@ def plan_health(name: str, target: RedisTarget, h: RedisHealth) -> list[RedisHea
             description=f"restart {target.service or 'the service of'} redis "
             f"target {name!r} and wait for PING",
             args=ServiceRef(service=target.service) if target.service else None,
+            touches=f"services.{target.service}" if target.service else None,
         )
         if target.service is None:
             restart.status = ActionStatus.skipped

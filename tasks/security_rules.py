@@ -234,6 +234,7 @@ def plan_security(
                     destructive=True,
                     description=f"restart service {service!r} so it reads the new key",
                     args=ServiceRef(service=service),
+                    touches=f"services.{service}",
                 )
             )
     return actions

@@ -484,6 +484,7 @@ def plan_postgres_restart(
         description=f"restart {pg.service or 'its service'} and wait up to "
         f"{p.ready_timeout_seconds:g} s for SELECT 1",
         args=ServiceRef(service=pg.service) if pg.service else None,
+        touches=f"services.{pg.service}" if pg.service else None,
     )
     if not has_service:
         restart.status = ActionStatus.skipped

@@ -68,7 +68,7 @@ def test_the_pair_names_the_service_it_touches(
     plan = postgres_down("main")
     assert [(a.kind, a.touches) for a in plan.actions] == [
         (ENABLE, "services.api"),
-        (RESTART, None),
+        (RESTART, "services.db"),  # the service that runs PostgreSQL
         (DISABLE, "services.api"),
     ]
     # Not in the report (DESIGN.md's report JSON).
