@@ -46,9 +46,11 @@ def release_rollback(
     variable); whether it fails because its image changed.
 
     May recreate its containers on that last healthy image with the same definition, one at a
-    time (the old one is removed only once the new one runs, and put back if it does not),
-    then waits for it to answer. Refuses when no healthy image is known, when the image did not
-    change, when a dependency is to blame, or when the image is no longer on the engine.
+    time (the old one is removed only once the new one runs, and put back if it does not), and
+    only those still the containers judged bad on their image (a release deployed while the
+    approval waited is left alone: the action fails saying so), then waits for it to answer.
+    Refuses when no healthy image is known, when the image did not change, when a dependency
+    is to blame, or when the image is no longer on the engine.
     """
     run = open_run(Settings.service_target, target, ReleaseParams, params)
     name, svc, p = run.name, run.target, run.p

@@ -87,13 +87,30 @@ class Release(BaseModel):
     record_problem: str = ""
 
 
+class JudgedContainer(BaseModel):
+    """A container as diagnose judged it bad: its name, its id and the image id it ran. The
+    rollback recreates it only while the name still holds that container on that image (a
+    release deployed since, e.g. while the approval waited, is not reverted)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    container: str
+    container_id: str
+    image_id: str
+
+
 class Rollback(ServiceRef):
-    """The rollback of a service's containers (by name) to one image id; its rate limit
+    """The rollback of a service's containers (as judged bad) to one image id; its rate limit
     counts against the service (a ServiceRef)."""
 
     image_id: str
     reference: str
-    containers: tuple[str, ...]
+    containers: tuple[JudgedContainer, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """The containers' names, in rollback order."""
+        return [c.container for c in self.containers]
 
 
 RollbackStep = Action[ReleaseAction, Rollback]
@@ -240,7 +257,10 @@ def release_findings(
         service=name,
         image_id=rec.image_id,
         reference=rec.reference,
-        containers=tuple(c.container for c in changed),
+        containers=tuple(
+            JudgedContainer(container=c.container, container_id=c.container_id, image_id=c.image_id)
+            for c in changed
+        ),
     )
     return [
         running,
@@ -261,8 +281,9 @@ def plan_rollback(name: str, rollback: Rollback | None, p: ReleaseParams) -> lis
         kind="rollback_image",
         target=name,
         destructive=True,
-        description=f"recreate {', '.join(rollback.containers)} on {rollback.reference} "
-        f"({short(rollback.image_id)}) with the same definition, one at a time; each old "
+        description=f"recreate {', '.join(rollback.names)} on {rollback.reference} "
+        f"({short(rollback.image_id)}) with the same definition, one at a time, each only "
+        "while it is still the container judged bad on its image; each old "
         f"container is removed once its new one has run {p.start_grace_seconds:g} s, "
         f"then wait up to {p.ready_timeout_seconds:g} s for health",
         args=rollback,

@@ -23,6 +23,7 @@ from tasks.journal import run_logger
 from tasks.release_rules import (
     VARIABLE_TAGS,
     HealthyImage,
+    JudgedContainer,
     Release,
     Rollback,
     RunningImage,
@@ -43,7 +44,7 @@ _PREFECT_API_ERRORS = (httpx.HTTPError, PrefectException, ValidationError, Value
 
 
 def _images(c: DockerController) -> list[RunningImage]:
-    containers = c._containers()
+    containers = c.containers()
     return [
         RunningImage(
             container=x.name,
@@ -226,28 +227,35 @@ def record_healthy_images(
 def rollback_image(
     name: str, cfg: ServiceTarget, rollback: Rollback, start_grace_seconds: float
 ) -> str:
-    """Recreate each named container of the service on rollback.image_id with the same
+    """Recreate each container of the service judged bad on rollback.image_id with the same
     definition (release_rules.recreate_body), one at a time: stop it (up to timeout_seconds),
     rename it aside, create and start the new one under its name, and remove the old one only
     once the new one has kept running for start_grace_seconds. If the new one cannot be
-    created, does not start or exits within the grace, it is removed and the old one is put
-    back under its name and started: the service never stays without its container. Never
-    pulls: the image must be on the engine.
+    created, does not start or exits within the grace, or the run is cancelled meanwhile, it
+    is removed and the old one is put back under its name and started: the service never
+    stays without its container. Never pulls: the image must be on the engine.
+
+    Only a container still the one judged bad is recreated: when a name holds another
+    container, or the same one on another image (a newer release deployed since the run
+    judged it, e.g. while the approval waited), nothing at all is changed when seen before
+    the first recreate, and the rest is left when seen after.
 
     Args:
         name: the [services.NAME] service's name (kind docker).
         cfg: its inventory entry.
-        rollback: the image id and the containers (by name) to recreate.
+        rollback: the image id and the containers (name, id, image id as judged) to recreate.
         start_grace_seconds: how long a new container must keep running.
 
     Returns:
         What was done, for the action's detail ("api: 3f2a... -> 0b1c... (app:1.4.1)").
 
     Raises:
-        ActionFailed: the image is not on the engine, a container was made with --rm, or a new
-            container did not come up (the old one is back; the message says why).
-        TargetUnreachable: the Docker API cannot be reached (transient).
-        TargetError: a named container is gone."""
+        ActionFailed: the image is not on the engine, a container is gone or is no longer the
+            one judged bad, a container was made with --rm, or a new container did not come
+            up (the old one is back; the message says why, and which containers were already
+            rolled back and stay so). Its output is never copied (it may hold credentials).
+        TargetUnreachable: the Docker API cannot be reached before anything changed
+            (transient)."""
     done: list[str] = []
     with closing(DockerController(name, cfg)) as c:
         if not _image_exists(c, rollback.image_id):
@@ -255,27 +263,69 @@ def rollback_image(
                 f"service {name!r}: image {rollback.reference} ({short(rollback.image_id)}) is "
                 "no longer on the Docker engine: not rolled back (no pulls here)"
             )
+        changed = [why for judged in rollback.containers if (why := _changed(c, judged))]
+        if changed:
+            raise ActionFailed(
+                f"service {name!r}: not rolled back, nothing changed: {'; '.join(changed)} "
+                "since this run judged it bad (a newer release deployed?); run "
+                "release-rollback again to judge what runs now"
+            )
         # By its reference when that still names the same image (what `docker ps` and
         # compose show), else by id: a tag moved to the bad release must not be followed.
         image = rollback.image_id
         with contextlib.suppress(docker.errors.DockerException, *_DOCKER_UNREACHABLE):
             if c.client.images.get(rollback.reference).id == rollback.image_id:
                 image = rollback.reference
-        for container in rollback.containers:
-            done.append(_recreate(c, container, rollback, image, start_grace_seconds))
+        for judged in rollback.containers:
+            try:
+                done.append(_recreate(c, judged, rollback, image, start_grace_seconds))
+            except RunbookError as exc:
+                if not done:
+                    raise
+                raise ActionFailed(
+                    f"{exc}; already rolled back before it, and left so: {'; '.join(done)}"
+                ) from exc
     return "; ".join(done)
 
 
+def _changed(c: DockerController, judged: JudgedContainer) -> str:
+    """Why the container named judged.container is no longer the one judged bad ("" when it
+    still is): gone, another container under that name, or the same one on another image."""
+    try:
+        attrs: dict[str, Any] = c.client.api.inspect_container(judged.container)
+    except docker.errors.NotFound:
+        return f"{judged.container!r} is gone"
+    except _DOCKER_UNREACHABLE as exc:
+        raise TargetUnreachable(f"service {c.name!r}: Docker API: {exc}", transient=True) from exc
+    return _differs(judged, attrs)
+
+
+def _differs(judged: JudgedContainer, attrs: Mapping[str, Any]) -> str:
+    if attrs.get("Id") == judged.container_id and attrs.get("Image") == judged.image_id:
+        return ""
+    now = (attrs.get("Config") or {}).get("Image") or short(str(attrs.get("Image")))
+    return (
+        f"{judged.container!r} is now container {str(attrs.get('Id'))[:12]} on {now} "
+        f"({short(str(attrs.get('Image')))}), not {judged.container_id[:12]} on "
+        f"{short(judged.image_id)}"
+    )
+
+
 def _recreate(
-    c: DockerController, container: str, rollback: Rollback, image: str, grace: float
+    c: DockerController, judged: JudgedContainer, rollback: Rollback, image: str, grace: float
 ) -> str:
-    api, timeout = c.client.api, int(c.cfg.timeout_seconds)
+    api, timeout, container = c.client.api, int(c.cfg.timeout_seconds), judged.container
     try:
         attrs: dict[str, Any] = api.inspect_container(container)
     except docker.errors.NotFound:
-        raise TargetError(f"service {c.name!r}: container {container!r} is gone") from None
+        raise ActionFailed(f"service {c.name!r}: container {container!r} is gone") from None
     except _DOCKER_UNREACHABLE as exc:
         raise TargetUnreachable(f"service {c.name!r}: Docker API: {exc}", transient=True) from exc
+    if why := _differs(judged, attrs):
+        raise ActionFailed(
+            f"service {c.name!r}: {container!r} not rolled back: {why} since this run judged "
+            "it bad (a newer release deployed?)"
+        )
     if (attrs.get("HostConfig") or {}).get("AutoRemove"):
         raise ActionFailed(
             f"service {c.name!r}: container {container!r} was created with --rm: stopping it "
@@ -288,13 +338,17 @@ def _recreate(
         image_config = None  # removed by force: keep all of the container's own
     body, networks = one_network_at_create(recreate_body(attrs, image_config, image))
     aside = aside_name(container, old_id)
+    # From the stop on, whatever ends this (a Docker error, a cancellation of the run, a bug)
+    # puts the old container back under its name, running, before it goes on.
     try:
         api.stop(old_id, timeout=timeout)
         api.rename(old_id, aside)
-    except _DOCKER_UNREACHABLE as exc:
-        _put_back(c, old_id, container)
+    except BaseException as exc:
+        back = _put_back(c, old_id, container, aside)
+        if not isinstance(exc, _DOCKER_UNREACHABLE):
+            raise
         raise ActionFailed(
-            f"service {c.name!r}: stopping {container!r} failed: {exc}; it was started again"
+            f"service {c.name!r}: stopping {container!r} failed: {exc}; {back}"
         ) from exc
     new_id: str | None = None
     try:
@@ -320,21 +374,24 @@ def _recreate(
             max_delay_seconds=min(1.0, grace),
         )
         if exited.done:
-            state = exited.value
-            logs = api.logs(new_id, tail=5).decode(errors="replace").strip()
+            # Its output is not copied: startup logs often print DSNs or tokens.
             raise ActionFailed(
-                f"the new container exited with code {state.get('ExitCode')} within "
-                f"{grace:g} s" + (f": {logs[-300:]}" if logs else "")
+                f"the new container exited with code {exited.value.get('ExitCode')} within "
+                f"{grace:g} s (its output is not copied here, it may hold credentials; it went "
+                f"with the container: run `docker run --rm {rollback.reference}` with the "
+                "service's settings to read it)"
             )
-    except (ActionFailed, *_DOCKER_UNREACHABLE) as exc:
-        why = exc.explanation if isinstance(exc, docker.errors.APIError) else exc
+    except BaseException as exc:
         if new_id is not None:
             with contextlib.suppress(*_DOCKER_UNREACHABLE):
                 api.remove_container(new_id, force=True)
-        _put_back(c, old_id, container)
+        back = _put_back(c, old_id, container, aside)
+        if not isinstance(exc, (RunbookError, *_DOCKER_UNREACHABLE)):
+            raise
+        cause = exc.explanation if isinstance(exc, docker.errors.APIError) else exc
         raise ActionFailed(
             f"service {c.name!r}: {container!r} not rolled back to {rollback.reference} "
-            f"({short(rollback.image_id)}): {why}; the previous container was put back"
+            f"({short(rollback.image_id)}): {cause}; {back}"
         ) from exc
     try:
         api.remove_container(old_id)
@@ -345,9 +402,10 @@ def _recreate(
     return f"{container}: {short(old_image)} -> {short(rollback.image_id)} ({rollback.reference})"
 
 
-def _put_back(c: DockerController, old_id: str, name: str) -> None:
-    """The old container back under its name, and started; what fails here is logged, as
-    the caller raises the first error."""
+def _put_back(c: DockerController, old_id: str, name: str, aside: str) -> str:
+    """The old container back under its name, and started. Returns what became of it, for
+    the caller's error ("the previous container was put back", or where it is left); what
+    fails here is logged, as the caller raises the first error."""
     api = c.client.api
     try:
         attrs = api.inspect_container(old_id)
@@ -359,3 +417,8 @@ def _put_back(c: DockerController, old_id: str, name: str) -> None:
         run_logger(__name__).error(
             "service %r: putting the previous container %s back failed: %s", c.name, name, exc
         )
+        return (
+            f"putting the previous container back failed ({type(exc).__name__}): it may be "
+            f"stopped as {aside}: `docker rename {aside} {name} && docker start {name}`"
+        )
+    return "the previous container was put back"

@@ -20,9 +20,11 @@ from prefect.variables import Variable
 from deployments.localpg import free_port
 from flows.release_rollback import release_rollback
 from flows.service_health import service_health
+from tasks import releases
 from tasks.errors import ActionFailed
-from tasks.models import RunStatus, Severity
-from tasks.release_rules import Rollback, healthy_image_variable
+from tasks.gate import approver
+from tasks.models import ActionStatus, RunStatus, Severity
+from tasks.release_rules import JudgedContainer, Rollback, healthy_image_variable
 from tasks.releases import rollback_image
 from tasks.settings import ServiceTarget
 from tests.docker_engine import IMAGE
@@ -34,6 +36,9 @@ NAME = "shop-api-1"
 SERVE = "mkdir -p /www && echo ok > /www/health && exec httpd -f -p 127.0.0.1:$PORT -h /www"
 # Seed 000 s6: "App crash on startup, relation X does not exist".
 CRASH = "echo 'Error: relation \"Menu\" does not exist' >&2; exit 1"
+# An app that prints its DSN at startup, then dies.
+LEAKED = "postgresql://app:s3cret-pw@db/app"
+LEAKY = f"echo 'connecting to {LEAKED}'; sleep 0.2; exit 3"
 
 
 def dockerfile(version: str, command: str) -> bytes:
@@ -49,7 +54,14 @@ def images(docker_engine: Any) -> dict[str, str]:
     """Two releases of one app, built from the same base: good serves /health, broken exits."""
     client = docker_engine.client()
     built = {}
-    for version, command in (("good", SERVE), ("broken", CRASH), ("noexec", SERVE)):
+    versions = (
+        ("good", SERVE),
+        ("broken", CRASH),
+        ("noexec", SERVE),
+        ("fixed", SERVE),
+        ("leaky", LEAKY),
+    )
+    for version, command in versions:
         text = dockerfile(version, command)
         if version == "noexec":  # its entrypoint does not exist: the container cannot start
             text += b'ENTRYPOINT ["/bin/no-such-app"]\n'
@@ -69,14 +81,14 @@ def engine(docker_engine: Any) -> Iterator[Any]:
     client.close()
 
 
-def deploy(engine: Any, image: str, port: int, data: Path) -> str:
+def deploy(engine: Any, image: str, port: int, data: Path, restart: bool = True) -> str:
     """Create and start NAME on image with the service's definition, as `docker compose up`
     does for a new release: compose labels, env, a bind, exposed and published ports, a
     restart policy and a healthcheck. Host network: the tests' engine has no bridge."""
     client = engine.client()
     for old in client.containers.list(all=True, filters={"name": f"^{NAME}$"}):
         old.remove(force=True)  # the previous release's container goes, its image stays
-    body = {
+    body: dict[str, Any] = {
         "Image": image,
         "Env": [f"PORT={port}", "DATABASE_URL=postgresql://app@db/app"],
         "Labels": {
@@ -94,6 +106,8 @@ def deploy(engine: Any, image: str, port: int, data: Path) -> str:
             "RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 2},
         },
     }
+    if not restart:  # Docker would restart a container that exits: its state would flap
+        del body["HostConfig"]["RestartPolicy"]
     made = client.api.create_container_from_config(body, name=NAME)["Id"]
     client.api.start(made)
     client.close()
@@ -256,29 +270,164 @@ def test_a_recorded_image_gone_from_the_engine_is_refused(
     assert "docker pull shop-api:1.0" in release.message
 
 
-def test_a_new_container_that_cannot_start_puts_the_old_one_back(
-    engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
-) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path)
-    cfg = ServiceTarget(
+def docker_cfg(engine: Any) -> ServiceTarget:
+    return ServiceTarget(
         kind="docker",
         docker_host=engine.socket,
         compose_project="shop",
         compose_service="api",
         timeout_seconds=5,
     )
+
+
+def judged(made: str, image_id: str, name: str = NAME) -> JudgedContainer:
+    return JudgedContainer(container=name, container_id=made, image_id=image_id)
+
+
+def names(engine: Any) -> list[str]:
+    client = engine.client()
+    try:
+        return sorted(c.name for c in client.containers.list(all=True))
+    finally:
+        client.close()
+
+
+def test_a_new_container_that_cannot_start_puts_the_old_one_back(
+    engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    inventory(inventory_text(engine, port))
+    made = deploy(engine, images["good"], port, tmp_path)
     target = Rollback(
-        service="api", image_id=images["noexec"], reference="shop-api:noexec", containers=(NAME,)
+        service="api",
+        image_id=images["noexec"],
+        reference="shop-api:noexec",
+        containers=(judged(made, images["good"]),),
     )
-    with pytest.raises(ActionFailed, match="the previous container was put back"):
-        rollback_image.fn("api", cfg, target, 1)
+    with pytest.raises(ActionFailed, match="the previous container was put back") as failed:
+        rollback_image.fn("api", cfg=docker_cfg(engine), rollback=target, start_grace_seconds=1)
+    assert "already rolled back" not in str(failed.value)
     back = inspect(engine)
     assert back["Id"] == made and back["State"]["Running"] and back["Image"] == images["good"]
+    assert names(engine) == [NAME]
+
+
+def test_a_release_deployed_while_the_approval_waited_is_not_reverted(
+    engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    inventory(inventory_text(engine, port))
+    deploy(engine, "shop-api:good", port, tmp_path)
+    wait_healthy()
+    broken = deploy(engine, "shop-api:broken", port, tmp_path)
+    fixed: list[str] = []
+
+    def deploy_a_fix_then_approve(actions: list[Any]) -> bool:
+        # While the engineer reads the plan, the team deploys a fixed release.
+        assert [a.kind for a in actions] == ["rollback_image"]
+        fixed.append(deploy(engine, "shop-api:fixed", port, tmp_path))
+        return True
+
+    with approver(deploy_a_fix_then_approve):
+        report = release_rollback(target="api", dry_run=False, approval="ask")
+    [action] = report.actions
+    assert action.status is ActionStatus.failed
+    assert "not rolled back, nothing changed" in action.detail
+    assert f"not {broken[:12]} on {images['broken'][7:19]}" in action.detail
+    assert f"now container {fixed[0][:12]} on shop-api:fixed" in action.detail
+    now = inspect(engine)
+    assert now["Id"] == fixed[0] and now["Image"] == images["fixed"]  # the fix stays
+    assert names(engine) == [NAME]
+
+
+def test_a_failure_after_a_rollback_says_what_was_rolled_back(
+    engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
+) -> None:
+    """Two replicas: the first goes back, the second is no longer the one judged (a deploy
+    replaced it in between): the error names the first as rolled back."""
+    port = free_port()
+    inventory(inventory_text(engine, port))
+    first = deploy(engine, images["broken"], port, tmp_path, restart=False)
     client = engine.client()
-    assert [c.name for c in client.containers.list(all=True)] == [NAME]
+    client.api.rename(first, "shop-api-2")
     client.close()
+    second = deploy(engine, images["broken"], port, tmp_path, restart=False)
+    target = Rollback(
+        service="api",
+        image_id=images["good"],
+        reference="shop-api:good",
+        containers=(
+            judged(first, images["broken"], "shop-api-2"),
+            judged(second, images["broken"]),
+        ),
+    )
+    real_recreate = releases._recreate
+    replaced: list[str] = []
+
+    def deploy_between(c: Any, one: JudgedContainer, *args: Any) -> str:
+        if one.container == NAME:  # a deploy lands while shop-api-2 is being rolled back
+            replaced.append(deploy(engine, images["fixed"], port, tmp_path))
+        return real_recreate(c, one, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(releases, "_recreate", deploy_between)
+        with pytest.raises(ActionFailed) as failed:
+            rollback_image.fn("api", docker_cfg(engine), target, 1)
+    message = str(failed.value)
+    assert f"{NAME!r} not rolled back: {NAME!r} is now container {replaced[0][:12]}" in message
+    assert "already rolled back before it, and left so: shop-api-2: " in message
+    assert f"-> {images['good'][7:19]} (shop-api:good)" in message
+    client = engine.client()
+    assert client.api.inspect_container("shop-api-2")["Image"] == images["good"]
+    client.close()
+    assert inspect(engine)["Id"] == replaced[0]
+
+
+def test_a_cancellation_while_the_new_one_starts_puts_the_old_one_back(
+    engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    inventory(inventory_text(engine, port))
+    made = deploy(engine, images["good"], port, tmp_path)
+    target = Rollback(
+        service="api",
+        image_id=images["fixed"],
+        reference="shop-api:fixed",
+        containers=(judged(made, images["good"]),),
+    )
+
+    def cancelled(*args: Any, **kwargs: Any) -> Any:
+        # Stands in for a cancellation of the run (Prefect's Abort, Ctrl-C) arriving during
+        # the grace poll: it cannot be timed from outside, so the poll raises it itself.
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(releases, "poll", cancelled)
+        with pytest.raises(KeyboardInterrupt):
+            rollback_image.fn("api", docker_cfg(engine), target, 1)
+    back = inspect(engine)
+    assert back["Id"] == made and back["Name"] == f"/{NAME}"
+    assert back["State"]["Running"] and back["Image"] == images["good"]
+    assert names(engine) == [NAME]  # the new one was removed, the old one has its name back
+
+
+def test_the_failed_container_output_is_not_in_the_report(
+    engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    inventory(inventory_text(engine, port))
+    made = deploy(engine, images["good"], port, tmp_path, restart=False)
+    target = Rollback(
+        service="api",
+        image_id=images["leaky"],
+        reference="shop-api:leaky",
+        containers=(judged(made, images["good"]),),
+    )
+    with pytest.raises(ActionFailed, match="exited with code 3") as failed:
+        rollback_image.fn("api", docker_cfg(engine), target, 30)  # it exits at once
+    assert LEAKED not in str(failed.value)
+    assert "docker run --rm shop-api:leaky" in str(failed.value)
+    assert inspect(engine)["Id"] == made
 
 
 def test_a_service_that_is_not_docker_is_a_configuration_error(

@@ -11,6 +11,7 @@ from prefect.client.schemas.actions import VariableCreate
 from tasks.models import ActionStatus, Severity
 from tasks.release_rules import (
     HealthyImage,
+    JudgedContainer,
     Release,
     ReleaseParams,
     RunningImage,
@@ -116,7 +117,10 @@ def test_decisions() -> None:
 
     found, rollback = release_findings("api", bad, True, [])
     assert found[-1].severity is Severity.critical and rollback is not None
-    assert rollback.image_id == GOOD and rollback.containers == ("api-1",)
+    # Each container as judged: its id and the bad image id, for act to check it still is.
+    assert rollback.image_id == GOOD and rollback.containers == (
+        JudgedContainer(container="api-1", container_id="c" * 64, image_id=BAD),
+    )
     [step] = plan_rollback("api", rollback, p)
     assert step.destructive and step.status is ActionStatus.planned
 
