@@ -67,7 +67,9 @@ def release_rollback(
         probes = probe_services({name: svc})[name]
         health = http_findings({name: probes})
         status = status_finding(name, name, service_status(name, svc))
-        failing = any(not probe.ok for probe in probes) or status.severity is not Severity.ok
+        # An app that says it is in maintenance was put there on purpose: no bad release.
+        failing = any(not p.ok and not p.in_maintenance for p in probes)
+        failing = failing or status.severity is not Severity.ok
         blamed = sorted(
             f"{component} ({ref})"
             for probe in probes
