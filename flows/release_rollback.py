@@ -68,7 +68,7 @@ def release_rollback(
         health = http_findings({name: probes})
         status = status_finding(name, name, service_status(name, svc))
         # An app that says it is in maintenance was put there on purpose: no bad release.
-        failing = any(not p.ok and not p.in_maintenance for p in probes)
+        failing = any(not probe.ok and not probe.in_maintenance for probe in probes)
         failing = failing or status.severity is not Severity.ok
         blamed = sorted(
             f"{component} ({ref})"

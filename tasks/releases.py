@@ -251,11 +251,15 @@ def rollback_image(
 
     Raises:
         ActionFailed: the image is not on the engine, a container is gone or is no longer the
-            one judged bad, a container was made with --rm, or a new container did not come
-            up (the old one is back; the message says why, and which containers were already
-            rolled back and stay so). Its output is never copied (it may hold credentials).
+            one judged bad, a container was made with --rm, a new container did not come up,
+            or any other error once a container was touched (a bug, Prefect's task timeout):
+            the old one is back, or the message gives the docker commands to finish by hand;
+            it says why, and which containers were already rolled back and stay so. A new
+            container's output is never copied (it may hold credentials).
         TargetUnreachable: the Docker API cannot be reached before anything changed
-            (transient)."""
+            (transient).
+        Only what is not an Exception (Abort, TerminationSignal, KeyboardInterrupt) goes on
+        as it is, once the old container is back."""
     done: list[str] = []
     with closing(DockerController(name, cfg)) as c:
         if not _image_exists(c, rollback.image_id):
@@ -263,7 +267,12 @@ def rollback_image(
                 f"service {name!r}: image {rollback.reference} ({short(rollback.image_id)}) is "
                 "no longer on the Docker engine: not rolled back (no pulls here)"
             )
-        changed = [why for judged in rollback.containers if (why := _changed(c, judged))]
+        changed: list[str] = []
+        for judged in rollback.containers:
+            try:
+                _still_judged(c, judged)
+            except ActionFailed as exc:
+                changed.append(str(exc))
         if changed:
             raise ActionFailed(
                 f"service {name!r}: not rolled back, nothing changed: {'; '.join(changed)} "
@@ -279,25 +288,38 @@ def rollback_image(
         for judged in rollback.containers:
             try:
                 done.append(_recreate(c, judged, rollback, image, start_grace_seconds))
-            except RunbookError as exc:
-                if not done:
+            except Exception as exc:
+                # A bug or Prefect's task timeout too: the report must say what was done.
+                if isinstance(exc, RunbookError) and not done:
                     raise
-                raise ActionFailed(
-                    f"{exc}; already rolled back before it, and left so: {'; '.join(done)}"
-                ) from exc
+                what = (
+                    str(exc)
+                    if isinstance(exc, RunbookError)
+                    else f"service {name!r}: rolling back {judged.container!r} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                so_far = f"; already rolled back before it, and left so: {'; '.join(done)}"
+                raise ActionFailed(what + (so_far if done else "")) from exc
     return "; ".join(done)
 
 
-def _changed(c: DockerController, judged: JudgedContainer) -> str:
-    """Why the container named judged.container is no longer the one judged bad ("" when it
-    still is): gone, another container under that name, or the same one on another image."""
+def _still_judged(c: DockerController, judged: JudgedContainer) -> dict[str, Any]:
+    """The container named judged.container (its `docker inspect` attrs) when it is still the
+    one judged bad: the same container id on the same image id.
+
+    Raises:
+        ActionFailed: it is not, and why, without the service's name ("'api-1' is gone",
+            "'api-1' is now container 3f2a... on app:1.5 (...), not ... on ...").
+        TargetUnreachable: the Docker API cannot be reached (transient)."""
     try:
         attrs: dict[str, Any] = c.client.api.inspect_container(judged.container)
     except docker.errors.NotFound:
-        return f"{judged.container!r} is gone"
+        raise ActionFailed(f"{judged.container!r} is gone") from None
     except _DOCKER_UNREACHABLE as exc:
         raise TargetUnreachable(f"service {c.name!r}: Docker API: {exc}", transient=True) from exc
-    return _differs(judged, attrs)
+    if why := _differs(judged, attrs):
+        raise ActionFailed(why)
+    return attrs
 
 
 def _differs(judged: JudgedContainer, attrs: Mapping[str, Any]) -> str:
@@ -316,16 +338,12 @@ def _recreate(
 ) -> str:
     api, timeout, container = c.client.api, int(c.cfg.timeout_seconds), judged.container
     try:
-        attrs: dict[str, Any] = api.inspect_container(container)
-    except docker.errors.NotFound:
-        raise ActionFailed(f"service {c.name!r}: container {container!r} is gone") from None
-    except _DOCKER_UNREACHABLE as exc:
-        raise TargetUnreachable(f"service {c.name!r}: Docker API: {exc}", transient=True) from exc
-    if why := _differs(judged, attrs):
+        attrs = _still_judged(c, judged)
+    except ActionFailed as why:
         raise ActionFailed(
             f"service {c.name!r}: {container!r} not rolled back: {why} since this run judged "
             "it bad (a newer release deployed?)"
-        )
+        ) from None
     if (attrs.get("HostConfig") or {}).get("AutoRemove"):
         raise ActionFailed(
             f"service {c.name!r}: container {container!r} was created with --rm: stopping it "
@@ -336,19 +354,28 @@ def _recreate(
         image_config = api.inspect_image(old_image).get("Config")
     except docker.errors.NotFound:
         image_config = None  # removed by force: keep all of the container's own
+    except docker.errors.APIError as exc:
+        raise ActionFailed(
+            f"service {c.name!r}: {container!r} not rolled back: Docker API: looking up its "
+            f"image {short(old_image)}: {exc.explanation or exc}"
+        ) from exc
+    except _DOCKER_UNREACHABLE as exc:
+        raise TargetUnreachable(f"service {c.name!r}: Docker API: {exc}", transient=True) from exc
     body, networks = one_network_at_create(recreate_body(attrs, image_config, image))
     aside = aside_name(container, old_id)
-    # From the stop on, whatever ends this (a Docker error, a cancellation of the run, a bug)
-    # puts the old container back under its name, running, before it goes on.
+    # From the stop on, whatever ends this (a Docker error, a cancellation of the run, a bug,
+    # Prefect's task timeout) puts the old container back under its name, running, before it
+    # goes on. Only what is not an Exception (Abort, TerminationSignal, KeyboardInterrupt,
+    # cancellation) goes on as it is; every other error becomes ActionFailed saying so.
     try:
         api.stop(old_id, timeout=timeout)
         api.rename(old_id, aside)
     except BaseException as exc:
         back = _put_back(c, old_id, container, aside)
-        if not isinstance(exc, _DOCKER_UNREACHABLE):
+        if not isinstance(exc, Exception):
             raise
         raise ActionFailed(
-            f"service {c.name!r}: stopping {container!r} failed: {exc}; {back}"
+            f"service {c.name!r}: stopping {container!r} failed: {_cause(exc)}; {back}"
         ) from exc
     new_id: str | None = None
     try:
@@ -375,23 +402,22 @@ def _recreate(
         )
         if exited.done:
             # Its output is not copied: startup logs often print DSNs or tokens.
+            # Never started against production again to read it (migrations, consumers).
             raise ActionFailed(
                 f"the new container exited with code {exited.value.get('ExitCode')} within "
-                f"{grace:g} s (its output is not copied here, it may hold credentials; it went "
-                f"with the container: run `docker run --rm {rollback.reference}` with the "
-                "service's settings to read it)"
+                f"{grace:g} s (its output is not copied here, it may hold credentials, and it "
+                f"went with the container: see the CI/build logs of {rollback.reference}, or "
+                "`docker run` it on a machine that is not production, without the service's "
+                "environment)"
             )
     except BaseException as exc:
-        if new_id is not None:
-            with contextlib.suppress(*_DOCKER_UNREACHABLE):
-                api.remove_container(new_id, force=True)
+        left = _remove_new(c, new_id, old_id, container)
         back = _put_back(c, old_id, container, aside)
-        if not isinstance(exc, (RunbookError, *_DOCKER_UNREACHABLE)):
+        if not isinstance(exc, Exception):
             raise
-        cause = exc.explanation if isinstance(exc, docker.errors.APIError) else exc
         raise ActionFailed(
             f"service {c.name!r}: {container!r} not rolled back to {rollback.reference} "
-            f"({short(rollback.image_id)}): {cause}; {back}"
+            f"({short(rollback.image_id)}): {_cause(exc)}; {left}{back}"
         ) from exc
     try:
         api.remove_container(old_id)
@@ -400,6 +426,46 @@ def _recreate(
             "service %r: the old container %s could not be removed: %s", c.name, aside, exc
         )
     return f"{container}: {short(old_image)} -> {short(rollback.image_id)} ({rollback.reference})"
+
+
+def _cause(exc: Exception) -> str:
+    """An error for a message: a runbook error's own text, the Docker engine's explanation,
+    else its type and text (a bug, Prefect's task timeout: TimeoutError)."""
+    if isinstance(exc, RunbookError):
+        return str(exc)
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _remove_new(c: DockerController, new_id: str | None, old_id: str, name: str) -> str:
+    """Remove (by force) the new container made under `name`. new_id None (an interruption
+    after Docker made it but before its id came back) looks `name` up: whatever holds it and
+    is not old_id is the new one. Returns "" when none is left, else what failed and the
+    command to finish by hand ("...; " to go before _put_back's text); what fails is logged,
+    as the caller raises the first error."""
+    api = c.client.api
+    try:
+        if new_id is None:
+            try:
+                new_id = str(api.inspect_container(name)["Id"])
+            except docker.errors.NotFound:
+                return ""
+            if new_id == old_id:
+                return ""
+        api.remove_container(new_id, force=True)
+    except docker.errors.NotFound:
+        return ""
+    except _DOCKER_UNREACHABLE as exc:
+        held = new_id[:12] if new_id else name
+        run_logger(__name__).error(
+            "service %r: removing the new container %s failed: %s", c.name, held, exc
+        )
+        return (
+            f"removing the new container {held} failed ({type(exc).__name__}: "
+            f"{_cause(exc)}): `docker rm -f {held}`, then "
+        )
+    return ""
 
 
 def _put_back(c: DockerController, old_id: str, name: str, aside: str) -> str:

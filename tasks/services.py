@@ -360,7 +360,9 @@ class DockerController:
                 f"service {name!r}: cannot reach the Docker API: {exc}", transient=True
             ) from exc
 
-    def _containers(self) -> list[Any]:
+    def containers(self) -> list[Any]:
+        """The service's containers (docker-py Container objects), by name; TargetError when
+        there are none, TargetUnreachable (transient) when the engine does not answer."""
         try:
             if self.cfg.container:
                 return [self.client.containers.get(self.cfg.container)]
@@ -389,11 +391,6 @@ class DockerController:
             )
         return sorted(found, key=lambda c: c.name)
 
-    def containers(self) -> list[Any]:
-        """The service's containers (docker-py Container objects), by name; TargetError when
-        there are none, TargetUnreachable (transient) when the engine does not answer."""
-        return self._containers()
-
     @contextmanager
     def _reading(self, what: str) -> Iterator[None]:
         """Docker API errors of a read in the block (`what`: "logs of api-1") as the tree of
@@ -412,7 +409,7 @@ class DockerController:
             ) from exc
 
     def status(self) -> ServiceStatus:
-        containers = self._containers()
+        containers = self.containers()
         states = [c.attrs["State"] for c in containers]
         health = [s.get("Health", {}).get("Status") for s in states]
         known = [h for h in health if h]
@@ -430,7 +427,7 @@ class DockerController:
         )
 
     def restart(self) -> str:
-        containers = self._containers()
+        containers = self.containers()
         try:
             for c in containers:
                 c.restart(timeout=int(self.cfg.timeout_seconds))
@@ -440,7 +437,7 @@ class DockerController:
 
     def logs(self, lines: int) -> list[str]:
         out: list[str] = []
-        for c in self._containers():
+        for c in self.containers():
             with self._reading(f"logs of {c.name}"):
                 out += _tail(c.logs(tail=lines).decode(errors="replace"), lines)
         return out[-lines:]
@@ -448,7 +445,7 @@ class DockerController:
     def stats(self) -> ServiceStats | None:
         total = ServiceStats(cpu_percent=0.0, memory_bytes=0, memory_limit_bytes=0)
         host_memory: int | None = None  # the engine's machine, which may not be this one
-        for c in self._containers():
+        for c in self.containers():
             if c.status != "running":
                 continue
             with self._reading(f"stats of {c.name}"):
@@ -480,7 +477,7 @@ class DockerController:
                 f"service {self.name!r} is one container: scaling needs "
                 "compose_project and compose_service"
             )
-        containers = self._containers()
+        containers = self.containers()
         have = len(containers)
         plan = compose_scale(self.cfg, containers[0].labels, replicas, self.base_url, compose_cli())
         if plan.argv is not None:
@@ -528,7 +525,7 @@ class DockerController:
                 f"service {self.name!r}: {shlex.join(argv)} exited {proc.returncode}: "
                 f"{(proc.stderr or proc.stdout).strip()[-500:]}"
             )
-        now = len(self._containers())
+        now = len(self.containers())
         if now != replicas:
             raise ActionFailed(
                 f"service {self.name!r}: {shlex.join(argv)} left {now} containers, not "
