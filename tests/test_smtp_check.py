@@ -173,7 +173,8 @@ def test_a_healthy_starttls_server_with_auth_through_the_cli(
     assert report["status"] == "healthy" and report["actions"] == []
     assert [f["check"] for f in report["findings"]] == [*STARTTLS_STEPS, "rset"]
     for finding in report["findings"]:
-        assert finding["severity"] == "ok" and 0 < finding["observed"] < 60000
+        # Each step's time in ms, to 0.1 ms: a quick step on loopback may show 0.0.
+        assert finding["severity"] == "ok" and 0 <= finding["observed"] < 60000
     found = {f["check"]: f for f in report["findings"]}
     assert "certificate verified for 127.0.0.1" in found["starttls"]["message"]
     assert f"as {USER}" in found["auth"]["message"]
