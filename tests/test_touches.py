@@ -386,3 +386,30 @@ def test_a_failed_switch_that_was_not_applied_says_so(
     assert disable.status is ActionStatus.skipped
     assert disable.detail.startswith("the application was not put in maintenance (api reads off")
     assert not [f for f in report.findings if f.check == "maintenance" and f.observed == "on"]
+
+
+def test_an_action_on_another_section_borrows_no_policy_from_its_runs_section(
+    inventory: Any, tmp_path: Path
+) -> None:
+    """disk-space's delete_backup names the backup set (action.target "local", touches
+    "backups.local"): a [disk.local] of the same name does not lend it its `never`."""
+    from tasks.gate import _policies
+    from tasks.journal import journal_scope
+
+    inventory(
+        f'[backups.local]\ndirectory = "{tmp_path}"\npattern = ["*.dump"]\n'
+        f'[disk.root]\npaths = ["{tmp_path}"]\nbackups = "local"\n'
+        f'[disk.local]\npaths = ["{tmp_path}"]\napproval = "never"\n'
+    )
+
+    def delete(touches: str | None) -> Action:
+        return Action(
+            kind="delete_backup", target="local", description="d", destructive=True, touches=touches
+        )
+
+    with journal_scope("disk"):
+        policy = _policies("auto", "disk-space", "root")
+        assert policy(delete("backups.local")).approval == "auto"
+        # Named in its run's own section, the same name is that target's.
+        assert policy(delete(None)).approval == "never"
+        assert policy(delete("disk.local")).approval == "never"
