@@ -255,9 +255,8 @@ class MaintenancePair:
         if not planned:
             return
         if not any(a.status is ActionStatus.planned for a in self.mending):
-            why = "no action it was to cover passed the gate: " + "; ".join(
-                f"{a.kind}: {a.detail}" for a in self.mending if a.detail
-            )
+            said = "; ".join(f"{a.kind}: {a.detail}" for a in self.mending if a.detail)
+            why = "no action it was to cover passed the gate" + (f": {said}" if said else "")
         elif len(planned) < 2:
             why = "the pair did not pass the gate together: " + "; ".join(
                 f"{a.kind}: {a.detail}" for a in self.pair if all(a is not b for b in planned)
