@@ -5,14 +5,25 @@ rotation)."""
 
 from __future__ import annotations
 
-from typing import get_args
+from functools import partial
+from typing import Any, get_args
 
 from prefect import State
 
 from tasks.engine import run_action, runbook_flow
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
+from tasks.journal import journal
 from tasks.maintenance import MaintenancePair
-from tasks.models import ActionStatus, AlertInfo, Approval, Finding, Report, ServiceRef, utcnow
+from tasks.models import (
+    Action,
+    ActionStatus,
+    AlertInfo,
+    Approval,
+    Finding,
+    Report,
+    ServiceRef,
+    utcnow,
+)
 from tasks.run import open_run
 from tasks.security import (
     count_live_sessions,
@@ -77,9 +88,17 @@ def security_incident(
     maintenance = MaintenancePair.read(run.settings, name, sec.maintenance_service)
     before += maintenance.findings
     # 2. plan: in maintenance around it when configured
-    actions = maintenance.around(plan_security(name, sec, p, before))
+    planned = plan_security(name, sec, p, before)
+    # A rotation whose restarts did not all pass the gate is held back: before rate slots are
+    # taken when a lock or the policy skipped a restart (and before the pair's check), after
+    # them when a rate did.
+    hold_back = partial(rotation_without_restarts, planned)
+    journal().before_admit.append(hold_back)
+    actions = maintenance.around(planned)
     # 3. gate
     approved = run.gate(actions, before)
+    hold_back()
+    approved = [a for a in approved if a.status is ActionStatus.planned]
     # 4. act: maintenance on first, then sessions (they stop the attacker at once), then the
     # key, then restarts
     rotated = False
@@ -103,3 +122,27 @@ def security_incident(
         after = diagnose(first=False)
         after += maintenance.leave(after)
     return run.finish(before, after, actions)
+
+
+def rotation_without_restarts(actions: list[Action[SecurityAction, Any]]) -> None:
+    """Skip a planned rotate_jwt_key when the restart of a service that reads the key did not
+    pass the gate (skipped by a lock, the approval policy or a rate): that service would go
+    on trusting the compromised key while the report said it was rotated. The reverse of the
+    act step's rule (no rotation: no restart). Mutates the actions."""
+    unrestarted = [
+        a for a in actions if isinstance(a.args, ServiceRef) and a.status is ActionStatus.skipped
+    ]
+    if not unrestarted:
+        return
+    for action in actions:
+        if isinstance(action.args, KeyRotation) and action.status is ActionStatus.planned:
+            action.status = ActionStatus.skipped
+            action.detail = (
+                "not rotated: "
+                + "; ".join(
+                    f"the restart of {a.args.service} did not pass the gate ({a.detail})"
+                    for a in unrestarted
+                    if isinstance(a.args, ServiceRef)
+                )
+                + "; it would keep trusting the compromised key"
+            )

@@ -27,11 +27,12 @@ from __future__ import annotations
 import getpass
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from difflib import SequenceMatcher
-from typing import Annotated, Any
+from functools import cache
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import Field
 
@@ -46,6 +47,7 @@ from tasks.models import (
     Decision,
     Finding,
     problems,
+    touched_ref,
     utcnow,
 )
 
@@ -159,33 +161,35 @@ def gate(
 def _within_limits(actions: list[Action], runbook: str, target: str) -> None:
     """Blast-radius limits over time (tasks.limits), after approval so that a run waiting for
     an answer holds nothing: one mutating run at a time per target (held until the run ends,
-    by its journal; a run changing it already is waited for, up to a minute), then the same
-    for each other target the actions touch (Action.touches), in name order so that two runs
-    never wait on each other, then the rate of each action kind on what it acts on
-    (tasks.limits.acted_on). What is over a limit is skipped, saying which limit and when it
-    frees; an action whose touched target is held by another run is skipped alone."""
+    by its journal; a run changing it already is waited for, up to a minute), for the run's
+    own target and each other target the actions touch (Action.touches), all taken in one
+    pass in name order so that two runs never wait on each other; then the rate of each
+    action kind on what it acts on (tasks.limits.acted_on). What is over a limit is skipped,
+    saying which limit and when it frees: everything when the run's own target is held by
+    another run, else only the actions whose touched target is. The journal's before_admit
+    checks run between the two, so that what a lock skip leaves pointless takes no rate."""
     if not actions:
         return
-    from tasks import limits
     from tasks.limits import admit, mutating_run
     from tasks.settings import load_settings
 
     log = journal()
     resource = f"{log.inventory}.{target}" if log.inventory is not None else target
-    # Read at the call, not bound at import: how long a busy target is waited for.
-    wait = limits.MUTATING_WAIT_SECONDS
-    busy = log.held.enter_context(mutating_run(resource, wait))
-    if busy is not None:
-        for action in actions:
-            _skip(action, busy)
-        return
-    # The targets other than the run's own that the actions change (Action.touches), each
-    # locked as its own runbooks lock it, in sorted order so two runs never wait on each other.
-    for touched in sorted({a.touches for a in actions if a.touches} - {resource}):
-        busy = log.held.enter_context(mutating_run(touched, wait))
-        if busy is not None:
-            for action in (a for a in actions if a.touches == touched):
+    with ExitStack() as taken:
+        for name in sorted({resource} | {a.touches for a in actions if a.touches}):
+            busy = taken.enter_context(mutating_run(name))
+            if busy is None:
+                continue
+            if name == resource:
+                # Release what this pass took before it: the run changes nothing.
+                for action in actions:
+                    _skip(action, busy)
+                return
+            for action in (a for a in actions if a.touches == name):
                 _skip(action, busy)
+        log.held.enter_context(taken.pop_all())
+    for check in log.before_admit:
+        check()
     admit(
         [a for a in actions if a.status is ActionStatus.planned],
         rates=load_settings().limits,
@@ -219,7 +223,12 @@ def _policies(
     section = settings.targets(log.inventory) if log.inventory is not None else {}
 
     def policy(action: Action) -> Policy:
-        touched = {n: section[n] for n in {target, action.target} if n is not None and n in section}
+        # action.target names a target of the run's section unless touches names another
+        # section (disk-space's delete_backup: its target is a backup set's NAME, and a
+        # [disk.NAME] of that name is not what it changes).
+        own = action.touches is None or action.touches.startswith(f"{log.inventory}.")
+        names = {target, action.target} if own else {target}
+        touched = {n: section[n] for n in names if n is not None and n in section}
         if action.touches is not None:
             touched[action.touches] = touched_target(settings, action.touches)
         return action_policy(
@@ -231,18 +240,35 @@ def _policies(
 
 def touched_target(settings: Any, touches: str) -> Any:
     """The inventory entry an Action.touches names ("section.NAME", e.g. "services.api"),
-    with its .approval and .production.
+    with its .approval and .production. Only inventory sections (the Settings fields that map
+    names to targets) count: "limits.restart_service" is none.
 
     Raises ValueError when the inventory has no such section or target: a runbook sets
     touches only to a target it read from the inventory, so this is a bug in the runbook."""
-    section, _, name = touches.partition(".")
-    entries = getattr(settings, section, None) if section and name else None
-    if not isinstance(entries, dict) or name not in entries:
+    ref = touched_ref(touches)
+    entries = getattr(settings, ref[0]) if ref and ref[0] in inventory_sections() else None
+    if ref is None or not isinstance(entries, dict) or ref[1] not in entries:
         raise ValueError(
             f"an action touches {touches!r}, which is no inventory target (want "
             "'section.NAME' of a target the inventory has): a bug in the runbook that planned it"
         )
-    return entries[name]
+    return entries[ref[1]]
+
+
+@cache
+def inventory_sections() -> frozenset[str]:
+    """The inventory's sections of targets: the Settings fields of dict[str, <a target>],
+    a target being a model with approval and production (postgres, services, backups ...)."""
+    from tasks.settings import Settings
+
+    found = set()
+    for name, info in Settings.model_fields.items():
+        args = get_args(info.annotation)
+        if get_origin(info.annotation) is dict and len(args) == 2:
+            fields = getattr(args[1], "model_fields", {})
+            if "approval" in fields and "production" in fields:
+                found.add(name)
+    return frozenset(found)
 
 
 def _known_kinds(

@@ -9,7 +9,7 @@ its own journal and gives its parent's back when it ends."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -50,9 +50,38 @@ class Journal:
     # targets, and the kinds of action it may plan; None: not declared (a test's flow).
     inventory: str | None = None
     actions: tuple[str, ...] | None = None
+    # The run's parent in this process (a subflow's), and the one-mutating-run slots this run
+    # holds (resources, tasks.limits.mutating_run): a subflow does not wait for its parent.
+    parent: Journal | None = None
+    locks: set[str] = field(default_factory=set)
+    # Called by the gate after approval and the locks, before rate slots are taken: each
+    # skips the actions that can no longer run because others were skipped
+    # (tasks.maintenance.MaintenancePair), so that they spend no rate.
+    before_admit: list[Callable[[], None]] = field(default_factory=list)
 
     def note(self, event: str, detail: str = "") -> None:
         self.timeline.append(TimelineEntry(at=utcnow(), event=event, detail=detail))
+
+    @contextmanager
+    def holding(self, resource: str) -> Iterator[None]:
+        """Within: this run holds the mutating slot of `resource` (held_by_ancestor)."""
+        self.locks.add(resource)
+        try:
+            yield
+        finally:
+            self.locks.discard(resource)
+
+
+def held_by_ancestor(resource: str) -> bool:
+    """Whether a flow run enclosing the current one in this process (its parent, the
+    parent's parent ...) holds the mutating slot of `resource` (tasks.limits.mutating_run)."""
+    found = _current.get()
+    ancestor = found.parent if found is not None else None
+    while ancestor is not None:
+        if resource in ancestor.locks:
+            return True
+        ancestor = ancestor.parent
+    return False
 
 
 _current: ContextVar[Journal | None] = ContextVar("runbook_journal", default=None)
@@ -88,6 +117,7 @@ def journal_scope(
         options=options,
         inventory=inventory,
         actions=actions,
+        parent=parent,
     )
     token = _current.set(found)
     try:

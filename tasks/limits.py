@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import TargetError
 from tasks.journal import run_logger
-from tasks.models import Action, ActionStatus, ServiceRef
+from tasks.models import Action, ActionStatus, ServiceRef, touched_ref
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -211,7 +211,8 @@ def acted_on(action: Action) -> str:
     service); else the action's target. The kind is part of the limit's name, and a kind
     changes targets of one inventory section, so the NAME alone does not mix sections."""
     if action.touches is not None:
-        return action.touches.partition(".")[2] or action.touches
+        ref = touched_ref(action.touches)
+        return ref[1] if ref is not None else action.touches
     return action.args.service if isinstance(action.args, ServiceRef) else action.target
 
 
@@ -294,15 +295,23 @@ class _SlotsTaken(Exception):
 
 
 @contextmanager
-def mutating_run(
-    resource: str, wait_seconds: float = MUTATING_WAIT_SECONDS
-) -> Iterator[str | None]:
+def mutating_run(resource: str, wait_seconds: float | None = None) -> Iterator[str | None]:
     """Hold the global concurrency limit of 1 `runbook-mutating-<resource>` (resource is an
     inventory target like "postgres.main") while the body runs: one mutating run at a time per
     target. Yields None when held; or, when another run still holds it after wait_seconds
-    (said in the run's log when the wait begins), the reason it is not (which limit, that
-    another run holds it, where to look) and the body
-    must not change anything. The slot is released when the body ends, also by an exception.
+    (default: MUTATING_WAIT_SECONDS as it is at the call; said in the run's log when the wait
+    begins), the reason it is not (which limit, that another run holds it, where to look) and
+    the body must not change anything. The slot is released when the body ends, also by an
+    exception.
+
+    A slot an ancestor flow run in this process holds (tasks.journal.Journal.locks) counts as
+    held, and yields None at once without asking the API: service-health hands a failing
+    dependency over to postgres-down or redis-health as a subflow after its gate, holding
+    services.X for each X it plans to restart; postgres-down's restart of the database's
+    service, or its maintenance pair on an application, may touch one of those X. The
+    subflow runs inside its parent's turn (the parent waits for it and acts on X only after
+    it returns), so it is no second run on X; asking the API would make it wait for its own
+    parent and then skip.
 
     The limit is created when missing and taken with strict=True. The slot is held under a
     lease of MUTATING_LEASE_SECONDS that Prefect's client renews in the background (recorded
@@ -319,6 +328,13 @@ def mutating_run(
     """
     from prefect.concurrency.sync import concurrency
 
+    from tasks.journal import held_by_ancestor, journal
+
+    if held_by_ancestor(resource):
+        yield None
+        return
+    if wait_seconds is None:
+        wait_seconds = MUTATING_WAIT_SECONDS
     name = mutating_limit_name(resource)
     with _client(f"the concurrency limit {name}") as client:
         limit = ensure_limit(client, name, limit=1, slot_decay_per_second=0.0)
@@ -349,7 +365,11 @@ def mutating_run(
                 reason: str | None = _still_busy(client, name, resource, wait_seconds)
             else:
                 reason = None
-            yield reason
+            if reason is not None:
+                yield reason
+                return
+            with journal().holding(resource):
+                yield None
 
 
 def _still_busy(client: SyncPrefectClient, name: str, resource: str, waited: float) -> str:

@@ -19,6 +19,7 @@ import httpx
 from tasks.engine import io_task, run_action
 from tasks.errors import ActionFailed, AuthenticationFailed, ConfigError, TargetUnreachable
 from tasks.http import probe_http
+from tasks.journal import journal
 from tasks.maintenance_rules import (
     MaintenanceReading,
     MaintenanceStep,
@@ -239,8 +240,31 @@ class MaintenancePair:
         self.pair = plan_pair(self.name, self.reading, self.mending)
         if self.pair is None:
             return actions
+        journal().before_admit.append(self._drop_if_pointless)
         enable, disable = (cast(AnyAction, a) for a in self.pair)
         return [enable, *actions, disable]
+
+    def _drop_if_pointless(self) -> None:
+        """The gate's check before rate slots are taken (Journal.before_admit): when a lock or
+        the approval policy skipped every mending action, or one half of the pair, the pair
+        would be skipped by enter() anyway: skip it now, so that it spends no
+        enable/disable_maintenance budget."""
+        if self.pair is None:
+            return
+        planned = [a for a in self.pair if a.status is ActionStatus.planned]
+        if not planned:
+            return
+        if not any(a.status is ActionStatus.planned for a in self.mending):
+            said = "; ".join(f"{a.kind}: {a.detail}" for a in self.mending if a.detail)
+            why = "no action it was to cover passed the gate" + (f": {said}" if said else "")
+        elif len(planned) < 2:
+            why = "the pair did not pass the gate together: " + "; ".join(
+                f"{a.kind}: {a.detail}" for a in self.pair if all(a is not b for b in planned)
+            )
+        else:
+            return
+        for action in planned:
+            action.status, action.detail = ActionStatus.skipped, why
 
     def enter(self, approved: list[AnyAction]) -> list[AnyAction]:
         """Act, first: put the application in maintenance when the whole pair passed the gate

@@ -121,6 +121,14 @@ class Action(BaseModel, Generic[K, A]):
         )
 
 
+def touched_ref(touches: str) -> tuple[str, str] | None:
+    """An Action.touches split into (section, NAME): "services.api" -> ("services", "api");
+    None when it is not of that shape (no dot, or an empty side). The one parser of touches
+    (tasks.limits.acted_on, tasks.gate.touched_target)."""
+    section, dot, name = touches.partition(".")
+    return (section, name) if dot and section and name else None
+
+
 # Any runbook's action, for helpers that hand back the actions they were given (the gate).
 AnyAction = TypeVar("AnyAction", bound=Action)
 

@@ -253,6 +253,8 @@ def plan_blocks(
     the block is skipped when the file would then hold more than max_entries lines."""
     held = denied_entries(text)
     actions: list[Action[BlockAction, DenyChange]] = []
+    # Without a reload command the change restarts the proxy's service (tasks.proxy).
+    touches = f"services.{proxy.service}" if proxy.reload_argv() is None else None
     removing = [e for e in (entry_text(n) for n in unblock) if e in held]
     if removing:
         actions.append(
@@ -263,6 +265,7 @@ def plan_blocks(
                 description=f"remove {', '.join(removing)} from {proxy.deny_file}, check the "
                 "configuration, reload",
                 args=DenyChange(entries=removing),
+                touches=touches,
             )
         )
     adding = [entry_text(n) for n in add if covered(n, held) is None]
@@ -274,6 +277,7 @@ def plan_blocks(
             description=f"deny {', '.join(adding)} in {proxy.deny_file}, check the "
             "configuration, reload",
             args=DenyChange(entries=adding),
+            touches=touches,
         )
         total = len(held) - len(removing) + len(adding)
         if total > proxy.max_entries:

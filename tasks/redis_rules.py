@@ -545,6 +545,7 @@ def plan_backlog(
         description=f"scale {target.worker_service or 'the workers'} of "
         f"{', '.join(sorted(set(stuck)))} to {p.scale_workers_to} replicas",
         args=ScaleTo(replicas=p.scale_workers_to),
+        touches=f"services.{target.worker_service}" if target.worker_service else None,
     )
     if target.worker_service is None:
         scale.status = ActionStatus.skipped

@@ -542,6 +542,7 @@ def plan_services(
                     description=f"restart {name} and wait up to "
                     f"{per[name].ready_timeout_seconds:g} s for it to answer",
                     args=ServiceRef(service=name),
+                    touches=f"services.{name}",
                 )
             )
     return actions
@@ -575,6 +576,7 @@ def plan_resource_restarts(
             destructive=True,
             description=f"restart {f.target}: {f.message}",
             args=ServiceRef(service=f.target),
+            touches=f"services.{f.target}",
         )
         for f in findings
         if f.check == "memory"

@@ -211,6 +211,8 @@ def plan_renewals(
             args=PlannedCert(
                 fingerprint=cert.fingerprint, names=cert.names, not_after=cert.not_after
             ),
+            # Without a reload command the act step restarts the proxy's service.
+            touches=f"services.{ep.service}" if ep.service and not ep.reload_command else None,
         )
         if renew_argv(ep) is None:
             action.status = ActionStatus.skipped

@@ -15,6 +15,7 @@ from prefect.blocks.system import Secret
 
 from flows.security_incident import security_incident
 from tasks.errors import ConfigError
+from tasks.limits import rate_limit_name
 from tasks.models import ActionStatus, RunStatus
 from tasks.security import key_fingerprint, new_private_key
 from tasks.security_rules import SecurityParams
@@ -220,3 +221,34 @@ def test_bad_configuration_is_a_config_error(db: Db, tmp_path: Path, prefect_api
 )
 def test_users_parameter_takes_a_comma_separated_list(given: Any, users: list[str]) -> None:
     assert SecurityParams.model_validate({"users": given}).users == users
+
+
+def test_no_rotation_when_a_service_reading_the_key_may_not_be_restarted(
+    db: Db, tmp_path: Path
+) -> None:
+    """[services.api] approval = "never": its restart is skipped by the policy, so the key is
+    not rotated either (api would go on trusting the compromised one while the report said
+    rotated), and the rotation spends none of its rate; the sessions are still revoked."""
+    from tests.test_touches import rate_slots
+
+    make_tables(db)
+    marker = config(db, tmp_path)
+    db.config.write_text(
+        db.config.read_text().replace("[services.api]\n", '[services.api]\napproval = "never"\n')
+    )
+    old_pem = new_private_key("RS256")
+    Secret(value=old_pem).save("jwt-signing-key", overwrite=True)
+    rate = rate_limit_name("rotate_jwt_key", "app")
+    slots = rate_slots(rate)
+
+    report = security_incident(
+        "app", dry_run=False, approval="auto", params=SecurityParams(users=["u1"], rotate_jwt=True)
+    )
+    revoke, rotate, restart = report.actions
+    assert revoke.status is ActionStatus.done
+    assert restart.status is ActionStatus.skipped and "'never'" in restart.detail
+    assert rotate.status is ActionStatus.skipped
+    assert rotate.detail.startswith("not rotated: the restart of api did not pass the gate")
+    assert stored_key() == old_pem and not marker.exists()
+    assert rate_slots(rate) == slots
+    assert report.status is not RunStatus.fixed  # the key is still the compromised one

@@ -20,9 +20,9 @@ from deployments.localpg import LocalPostgres
 from deployments.sandbox import HealthApp
 from flows.maintenance_mode import maintenance_mode
 from flows.postgres_down import postgres_down
+from tasks import limits
 from tasks.gate import approver, touched_target
 from tasks.limits import (
-    MUTATING_WAIT_SECONDS,
     RateLimit,
     admit,
     mutating_limit_name,
@@ -133,11 +133,11 @@ def test_a_run_changing_the_touched_service_makes_the_pair_skip(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Another process holds services.api's one-mutating-run lock (as a maintenance-mode run
-    on api does): the pair skips saying so, the restart on postgres.main goes on."""
-    # Long enough for a busy API to grant a free limit (the run's own), short enough not to
-    # wait the minute for the held one.
-    monkeypatch.setattr("tasks.limits.MUTATING_WAIT_SECONDS", 10.0)
+    on api does): the pair skips saying so and spends none of its rate, the restart on
+    postgres.main goes on. Once free, the pair holds that lock while it switches."""
+    short_wait_for(monkeypatch, "services.api")
     inventory(pg_config(victim, pg_app))
+    slots = {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)}
     held, release = tmp_path / "held", tmp_path / "release"
     holder = subprocess.Popen(
         [sys.executable, "-c", CHILD_HOLD, str(held), str(release), "services.api"],
@@ -163,13 +163,106 @@ def test_a_run_changing_the_touched_service_makes_the_pair_skip(
     assert "another run is changing services.api" in report.actions[0].detail
     assert mutating_limit_name("services.api") in report.actions[0].detail
     assert pg_app.switches == []
+    # The skipped pair took no slot of enable/disable_maintenance's rate on api.
+    assert {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)} == slots
     # This run released what it held: the next one takes the lock and runs the pair.
-    assert read_limit(mutating_limit_name("services.api")).active_slots == 0
-    monkeypatch.setattr("tasks.limits.MUTATING_WAIT_SECONDS", MUTATING_WAIT_SECONDS)
+    lock = mutating_limit_name("services.api")
+    assert read_limit(lock).active_slots == 0
+    # Each switch records whether PostgreSQL ran and how many slots services.api's lock had
+    # taken at that moment (read from the Prefect API by the app's own request handler).
+    pg_app.observe = lambda: (victim.is_running(), read_limit(lock).active_slots)
     victim.stop(remove=False)
     again = postgres_down("main", dry_run=False, approval="auto")
     assert {s for _, s in kinds(again)} == {ActionStatus.done}, again.actions
-    assert pg_app.switches == [(True, False), (False, True)]
+    assert pg_app.switches == [(True, (False, 1)), (False, (True, 1))]
+    assert read_limit(lock).active_slots == 0
+
+
+def test_a_pair_whose_restart_is_held_spends_no_rate(
+    victim: LocalPostgres,
+    pg_app: HealthApp,
+    inventory: Any,
+    prefect_api: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another process holds services.db, the service postgres-down restarts: the restart
+    skips, and the pair around it (services.api is free) is skipped before it takes any
+    slot of enable/disable_maintenance's rate on api."""
+    short_wait_for(monkeypatch, "services.db")
+    inventory(pg_config(victim, pg_app))
+    slots = {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)}
+    held, release = tmp_path / "held", tmp_path / "release"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), "services.db"],
+        env=child_env(prefect_api),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(held, holder, "hold")
+        victim.stop(remove=False)
+        report = postgres_down("main", dry_run=False, approval="auto")
+    finally:
+        release.touch()
+        _, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, err
+    assert not victim.is_running() and report.status is not RunStatus.fixed
+    assert [s for _, s in kinds(report)] == [ActionStatus.skipped] * 3
+    assert "another run is changing services.db" in report.actions[1].detail
+    assert "no action it was to cover passed the gate" in report.actions[0].detail
+    assert pg_app.switches == [] and not pg_app.maintenance
+    assert {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)} == slots
+
+
+def short_wait_for(monkeypatch: pytest.MonkeyPatch, held: str) -> None:
+    """mutating_run waits 10 s instead of the minute for `held` (which another process
+    holds), and its usual wait for every other lock, however slowly a busy API grants it."""
+    real = limits.mutating_run
+
+    def mutating_run(resource: str, wait_seconds: float | None = None) -> Any:
+        return real(resource, 10.0 if resource == held else wait_seconds)
+
+    monkeypatch.setattr("tasks.limits.mutating_run", mutating_run)
+
+
+def rate_slots(name: str) -> int:
+    """The active slots of a rate limit, 0 when no run created it yet."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return int(read_limit(name).active_slots)
+    except ObjectNotFound:
+        return 0
+
+
+def test_a_subflow_does_not_wait_for_the_lock_its_parent_holds(prefect_api: str) -> None:
+    """service-health holds services.X for its restart of X and hands a failing dependency
+    over to postgres-down as a subflow, whose restart may touch X: the subflow counts the
+    slot as held rather than waiting for its own parent (another process still waits:
+    tests.test_limits)."""
+    from prefect import flow
+
+    from tasks.journal import journal_scope
+    from tasks.limits import mutating_run
+
+    resource = f"services.{uuid.uuid4().hex[:8]}"
+    lock = mutating_limit_name(resource)
+
+    @flow
+    def child() -> tuple[str | None, int]:
+        with journal_scope(), mutating_run(resource, wait_seconds=5) as reason:
+            return reason, read_limit(lock).active_slots
+
+    @flow
+    def parent() -> tuple[str | None, int]:
+        with journal_scope(), mutating_run(resource) as reason:
+            assert reason is None
+            return child()
+
+    assert parent() == (None, 1)  # granted at once; the one slot is the parent's
+    assert read_limit(lock).active_slots == 0
 
 
 def test_the_touched_service_shares_its_rate_with_maintenance_mode(
@@ -214,10 +307,12 @@ def test_a_touched_backup_set_shares_backup_retentions_budget() -> None:
 def test_an_unknown_touched_target_is_a_bug_said_plainly(inventory: Any) -> None:
     inventory(
         '[services.api]\nkind = "command"\nstatus_command = ["true"]\nrestart_command = ["true"]\n'
+        "[limits]\nrestart_service = { max = 1, per_seconds = 3600 }\n"
     )
     settings = load_settings()
     assert touched_target(settings, "services.api") is settings.services["api"]
-    for wrong in ("services.web", "sevices.api", "api", "limits.x"):
+    # limits is a section of the file but no section of targets.
+    for wrong in ("services.web", "sevices.api", "api", "limits.x", "limits.restart_service"):
         with pytest.raises(ValueError, match=f"touches '{wrong}', which is no inventory target"):
             touched_target(settings, wrong)
 
@@ -291,3 +386,30 @@ def test_a_failed_switch_that_was_not_applied_says_so(
     assert disable.status is ActionStatus.skipped
     assert disable.detail.startswith("the application was not put in maintenance (api reads off")
     assert not [f for f in report.findings if f.check == "maintenance" and f.observed == "on"]
+
+
+def test_an_action_on_another_section_borrows_no_policy_from_its_runs_section(
+    inventory: Any, tmp_path: Path
+) -> None:
+    """disk-space's delete_backup names the backup set (action.target "local", touches
+    "backups.local"): a [disk.local] of the same name does not lend it its `never`."""
+    from tasks.gate import _policies
+    from tasks.journal import journal_scope
+
+    inventory(
+        f'[backups.local]\ndirectory = "{tmp_path}"\npattern = ["*.dump"]\n'
+        f'[disk.root]\npaths = ["{tmp_path}"]\nbackups = "local"\n'
+        f'[disk.local]\npaths = ["{tmp_path}"]\napproval = "never"\n'
+    )
+
+    def delete(touches: str | None) -> Action:
+        return Action(
+            kind="delete_backup", target="local", description="d", destructive=True, touches=touches
+        )
+
+    with journal_scope("disk"):
+        policy = _policies("auto", "disk-space", "root")
+        assert policy(delete("backups.local")).approval == "auto"
+        # Named in its run's own section, the same name is that target's.
+        assert policy(delete(None)).approval == "never"
+        assert policy(delete("disk.local")).approval == "never"
