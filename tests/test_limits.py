@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,39 @@ def read_limit(name: str) -> Any:
 
 def child_env(api_url: str) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": api_url}
+
+
+@contextmanager
+def held_elsewhere(prefect_api: str, tmp_path: Path, resource: str) -> Iterator[Path]:
+    """Within: another process holds `resource`'s one-mutating-run lock (as another run
+    changing that target does); it lets go when the body ends, or earlier once the yielded
+    file exists, and must have held it cleanly."""
+    held, release = tmp_path / f"held-{resource}", tmp_path / f"release-{resource}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), resource],
+        env=child_env(prefect_api),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(held, holder, "hold")
+        yield release
+    finally:
+        release.touch()
+        _, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, err
+
+
+def short_wait_for(monkeypatch: pytest.MonkeyPatch, held: str) -> None:
+    """mutating_run waits 10 s instead of the minute for `held` (which another process
+    holds), and its usual wait for every other lock, however slowly a busy API grants it."""
+    real = mutating_run
+
+    def shortened(resource: str, wait_seconds: float | None = None) -> Any:
+        return real(resource, 10.0 if resource == held else wait_seconds)
+
+    monkeypatch.setattr("tasks.limits.mutating_run", shortened)
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str], what: str) -> None:
@@ -311,16 +345,7 @@ def test_limits_hold_under_concurrent_runs_in_two_processes(
 def test_one_mutating_run_at_a_time_across_processes(prefect_api: str, tmp_path: Path) -> None:
     resource = f"postgres.{uuid.uuid4().hex[:8]}"
     name = mutating_limit_name(resource)
-    held, release = tmp_path / "held", tmp_path / "release"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), resource],
-        env=child_env(prefect_api),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(held, holder, "hold")
+    with held_elsewhere(prefect_api, tmp_path, resource):
         assert read_limit(name).active_slots == 1
         started = time.monotonic()
         with mutating_run(resource, wait_seconds=2) as reason:
@@ -330,10 +355,6 @@ def test_one_mutating_run_at_a_time_across_processes(prefect_api: str, tmp_path:
         # It waited its wait_seconds for the holder, not for the holder to finish.
         assert time.monotonic() - started < 60
         assert read_limit(name).active_slots == 1
-    finally:
-        release.touch()
-        _, err = holder.communicate(timeout=120)
-    assert holder.returncode == 0, err
     assert read_limit(name).active_slots == 0
     with mutating_run(resource) as reason:  # free: granted
         assert reason is None
@@ -346,21 +367,11 @@ def test_a_run_waits_for_the_run_changing_its_target_then_goes_on(
 ) -> None:
     """Two runs due together on one target follow one another instead of one skipping."""
     resource = f"redis.{uuid.uuid4().hex[:8]}"
-    held, release = tmp_path / "held", tmp_path / "release"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), resource],
-        env=child_env(prefect_api),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(held, holder, "hold")
-    threading.Timer(2, release.touch).start()  # the first run finishes while we wait
-    with mutating_run(resource, wait_seconds=120) as reason:
-        assert reason is None
-        assert read_limit(mutating_limit_name(resource)).active_slots == 1
-    holder.communicate(timeout=120)
-    assert holder.returncode == 0
+    with held_elsewhere(prefect_api, tmp_path, resource) as release:
+        threading.Timer(2, release.touch).start()  # the first run finishes while we wait
+        with mutating_run(resource, wait_seconds=120) as reason:
+            assert reason is None
+            assert read_limit(mutating_limit_name(resource)).active_slots == 1
 
 
 def test_a_mutating_run_releases_its_slot_when_the_body_raises(prefect_api: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +15,12 @@ from deployments.localpg import LocalPostgres
 from deployments.sandbox import HealthApp
 from flows.resource_pressure import resource_pressure
 from flows.service_health import service_health
-from tasks import limits
 from tasks.limits import mutating_limit_name
 from tasks.models import ActionStatus, RunStatus, Severity
 from tasks.service_rules import dependency_for
 from tasks.services import proc_stats
 from tasks.settings import load_settings
-from tests.test_limits import CHILD_HOLD, child_env, read_limit, wait_for
+from tests.test_limits import held_elsewhere, read_limit, short_wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -127,29 +124,10 @@ def test_a_restart_waits_for_no_run_but_its_own_on_the_service(
     holding that target's one-mutating-run lock (another process, as a maintenance-mode run
     on api) makes the restart skip saying so, and the app stays broken."""
     _, app = stack
-    real = limits.mutating_run
-
-    def mutating_run(resource: str, wait_seconds: float | None = None) -> Any:
-        # 10 s for the held lock instead of the minute; the usual wait for the free ones.
-        return real(resource, 10.0 if resource == "services.api" else wait_seconds)
-
-    monkeypatch.setattr("tasks.limits.mutating_run", mutating_run)
-    held, release = tmp_path / "held", tmp_path / "release"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), "services.api"],
-        env=child_env(prefect_api),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(held, holder, "hold")
+    short_wait_for(monkeypatch, "services.api")
+    with held_elsewhere(prefect_api, tmp_path, "services.api"):
         app.broken.touch()
         report = service_health(dry_run=False, approval="auto")
-    finally:
-        release.touch()
-        _, err = holder.communicate(timeout=120)
-    assert holder.returncode == 0, err
     [restart] = report.actions
     assert restart.kind == "restart_service" and restart.status is ActionStatus.skipped
     assert "another run is changing services.api" in restart.detail

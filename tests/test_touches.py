@@ -7,8 +7,6 @@ from the app itself, and the session's real Prefect API keeping the limits."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,6 @@ from deployments.localpg import LocalPostgres
 from deployments.sandbox import HealthApp
 from flows.maintenance_mode import maintenance_mode
 from flows.postgres_down import postgres_down
-from tasks import limits
 from tasks.gate import approver, touched_target
 from tasks.limits import (
     RateLimit,
@@ -30,7 +27,7 @@ from tasks.limits import (
 )
 from tasks.models import Action, ActionStatus, RunStatus, Severity
 from tasks.settings import load_settings
-from tests.test_limits import CHILD_HOLD, child_env, read_limit, wait_for
+from tests.test_limits import held_elsewhere, read_limit, short_wait_for
 from tests.test_maintenance_mode import TOKEN, health, kinds, pg_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -138,22 +135,9 @@ def test_a_run_changing_the_touched_service_makes_the_pair_skip(
     short_wait_for(monkeypatch, "services.api")
     inventory(pg_config(victim, pg_app))
     slots = {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)}
-    held, release = tmp_path / "held", tmp_path / "release"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), "services.api"],
-        env=child_env(prefect_api),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(held, holder, "hold")
+    with held_elsewhere(prefect_api, tmp_path, "services.api"):
         victim.stop(remove=False)
         report = postgres_down("main", dry_run=False, approval="auto")
-    finally:
-        release.touch()
-        _, err = holder.communicate(timeout=120)
-    assert holder.returncode == 0, err
     assert report.status is RunStatus.fixed and victim.is_running()
     assert [s for _, s in kinds(report)] == [
         ActionStatus.skipped,
@@ -192,39 +176,15 @@ def test_a_pair_whose_restart_is_held_spends_no_rate(
     short_wait_for(monkeypatch, "services.db")
     inventory(pg_config(victim, pg_app))
     slots = {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)}
-    held, release = tmp_path / "held", tmp_path / "release"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD_HOLD, str(held), str(release), "services.db"],
-        env=child_env(prefect_api),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(held, holder, "hold")
+    with held_elsewhere(prefect_api, tmp_path, "services.db"):
         victim.stop(remove=False)
         report = postgres_down("main", dry_run=False, approval="auto")
-    finally:
-        release.touch()
-        _, err = holder.communicate(timeout=120)
-    assert holder.returncode == 0, err
     assert not victim.is_running() and report.status is not RunStatus.fixed
     assert [s for _, s in kinds(report)] == [ActionStatus.skipped] * 3
     assert "another run is changing services.db" in report.actions[1].detail
     assert "no action it was to cover passed the gate" in report.actions[0].detail
     assert pg_app.switches == [] and not pg_app.maintenance
     assert {kind: rate_slots(rate_limit_name(kind, "api")) for kind in (ENABLE, DISABLE)} == slots
-
-
-def short_wait_for(monkeypatch: pytest.MonkeyPatch, held: str) -> None:
-    """mutating_run waits 10 s instead of the minute for `held` (which another process
-    holds), and its usual wait for every other lock, however slowly a busy API grants it."""
-    real = limits.mutating_run
-
-    def mutating_run(resource: str, wait_seconds: float | None = None) -> Any:
-        return real(resource, 10.0 if resource == held else wait_seconds)
-
-    monkeypatch.setattr("tasks.limits.mutating_run", mutating_run)
 
 
 def rate_slots(name: str) -> int:
