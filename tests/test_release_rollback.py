@@ -296,18 +296,31 @@ def names(engine: Any) -> list[str]:
         client.close()
 
 
+def good_and_rollback_to(
+    engine: Any,
+    images: dict[str, str],
+    inventory: Any,
+    tmp_path: Path,
+    release: str,
+    restart: bool = True,
+) -> tuple[str, Rollback]:
+    """The service on the good image (its container id), and a rollback of it to `release`
+    (an image of `images`) as the plan would carry it, judged on the good image."""
+    port = free_port()
+    inventory(inventory_text(engine, port))
+    made = deploy(engine, images["good"], port, tmp_path, restart=restart)
+    return made, Rollback(
+        service="api",
+        image_id=images[release],
+        reference=f"shop-api:{release}",
+        containers=(judged(made, images["good"]),),
+    )
+
+
 def test_a_new_container_that_cannot_start_puts_the_old_one_back(
     engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path)
-    target = Rollback(
-        service="api",
-        image_id=images["noexec"],
-        reference="shop-api:noexec",
-        containers=(judged(made, images["good"]),),
-    )
+    made, target = good_and_rollback_to(engine, images, inventory, tmp_path, "noexec")
     with pytest.raises(ActionFailed, match="the previous container was put back") as failed:
         rollback_image.fn("api", cfg=docker_cfg(engine), rollback=target, start_grace_seconds=1)
     assert "already rolled back" not in str(failed.value)
@@ -390,15 +403,7 @@ def test_a_failure_after_a_rollback_says_what_was_rolled_back(
 def test_a_cancellation_while_the_new_one_starts_puts_the_old_one_back(
     engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path)
-    target = Rollback(
-        service="api",
-        image_id=images["fixed"],
-        reference="shop-api:fixed",
-        containers=(judged(made, images["good"]),),
-    )
+    made, target = good_and_rollback_to(engine, images, inventory, tmp_path, "fixed")
 
     def cancelled(*args: Any, **kwargs: Any) -> Any:
         # Stands in for a cancellation of the run (Prefect's Abort, Ctrl-C) arriving during
@@ -418,15 +423,7 @@ def test_a_cancellation_while_the_new_one_starts_puts_the_old_one_back(
 def test_an_error_in_the_grace_puts_the_old_one_back_and_says_so(
     engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path)
-    target = Rollback(
-        service="api",
-        image_id=images["fixed"],
-        reference="shop-api:fixed",
-        containers=(judged(made, images["good"]),),
-    )
+    made, target = good_and_rollback_to(engine, images, inventory, tmp_path, "fixed")
 
     def broken_poll(*args: Any, **kwargs: Any) -> Any:
         # Stands in for a bug or Prefect's task timeout (a TimeoutError raised into the task)
@@ -451,15 +448,7 @@ def test_an_error_in_the_grace_puts_the_old_one_back_and_says_so(
 def test_an_interruption_before_the_new_id_is_known_removes_the_new_one(
     engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path)
-    target = Rollback(
-        service="api",
-        image_id=images["fixed"],
-        reference="shop-api:fixed",
-        containers=(judged(made, images["good"]),),
-    )
+    made, target = good_and_rollback_to(engine, images, inventory, tmp_path, "fixed")
     real_create = docker.APIClient.create_container_from_config
     created: list[str] = []
 
@@ -482,15 +471,7 @@ def test_an_interruption_before_the_new_id_is_known_removes_the_new_one(
 def test_a_new_container_that_cannot_be_removed_is_named_with_the_commands(
     engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path)
-    target = Rollback(
-        service="api",
-        image_id=images["noexec"],
-        reference="shop-api:noexec",
-        containers=(judged(made, images["good"]),),
-    )
+    made, target = good_and_rollback_to(engine, images, inventory, tmp_path, "noexec")
     real_remove = docker.APIClient.remove_container
 
     def refused(self: Any, container: str, *args: Any, **kwargs: Any) -> Any:
@@ -528,15 +509,7 @@ def test_a_new_container_that_cannot_be_removed_is_named_with_the_commands(
 def test_the_failed_container_output_is_not_in_the_report(
     engine: Any, images: dict[str, str], inventory: Any, tmp_path: Path
 ) -> None:
-    port = free_port()
-    inventory(inventory_text(engine, port))
-    made = deploy(engine, images["good"], port, tmp_path, restart=False)
-    target = Rollback(
-        service="api",
-        image_id=images["leaky"],
-        reference="shop-api:leaky",
-        containers=(judged(made, images["good"]),),
-    )
+    made, target = good_and_rollback_to(engine, images, inventory, tmp_path, "leaky", restart=False)
     with pytest.raises(ActionFailed, match="exited with code 3") as failed:
         rollback_image.fn("api", docker_cfg(engine), target, 30)  # it exits at once
     assert LEAKED not in str(failed.value)
