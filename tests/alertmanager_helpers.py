@@ -164,12 +164,14 @@ def prefect_env(home: Path) -> dict[str, str]:
 
 
 class PrefectServer:
-    """`prefect server start` (SQLite) on a free port, its home in `home`; stopped by the test
+    """`prefect server start` on a free port, its home in `home`, its database SQLite there
+    unless `env` says otherwise (PREFECT_API_DATABASE_CONNECTION_URL); stopped by the test
     itself, so nothing outlives a serve that had to be killed."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.home = home
+        self.env = env or {}
         self.log = home / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -183,7 +185,7 @@ class PrefectServer:
         with self.log.open("wb") as sink:
             self.proc = subprocess.Popen(
                 [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=prefect_env(self.home),
+                env={**prefect_env(self.home), **self.env},
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -1,0 +1,258 @@
+"""Beyond one machine, on Prefect's own machinery: a Prefect server whose database is a
+PostgreSQL of its own (not a runbook target), the process work pool, `prefect deploy --all` from
+this checkout, and two `prefect worker start` processes that run the runbooks on real targets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import yaml
+
+from deployments.catalog import ROUTINES, RUNBOOKS
+from deployments.localpg import LocalPostgres, stop_process
+from deployments.pull import HOME_VARIABLE, checkout, set_runbook_home
+from tasks.wait import poll
+from tests.alertmanager_helpers import PrefectServer, prefect_env
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+POOL = "runbooks"
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class Cluster:
+    """A Prefect server on PostgreSQL with every deployment of prefect.yaml on the pool."""
+
+    api: str
+    home: Path
+    deploy_output: str
+
+    def env(self, home: Path) -> dict[str, str]:
+        return {**prefect_env(home), "PREFECT_API_URL": self.api}
+
+    def get(self, path: str) -> Any:
+        answer = httpx.get(f"{self.api}{path}", timeout=60)
+        answer.raise_for_status()
+        return answer.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        answer = httpx.post(f"{self.api}{path}", json=body, timeout=60)
+        answer.raise_for_status()
+        return answer.json()
+
+    def create_run(self, deployment: str, **parameters: Any) -> str:
+        """A run of `deployment` ("flow/deployment"), Scheduled for now: a worker picks it up."""
+        found = self.get(f"/deployments/name/{deployment}")
+        return str(
+            self.post(f"/deployments/{found['id']}/create_flow_run", {"parameters": parameters})[
+                "id"
+            ]
+        )
+
+    def wait_final(self, run_ids: list[str], timeout: float = 600) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            return self.post("/flow_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}})
+
+        if not poll(
+            lambda: all(r["state_type"] in FINAL for r in read()),
+            what="the runs to end",
+            timeout_seconds=timeout,
+            max_delay_seconds=1,
+        ).done:
+            raise AssertionError(f"runs not final in {timeout} s: {read()}")
+        return read()
+
+
+class Worker:
+    """`prefect worker start` on the pool, in a directory of its own (as on another host), one
+    run at a time, polling every second; its output in a file."""
+
+    def __init__(self, cluster: Cluster, name: str, home: Path, env: dict[str, str]) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log = home / "worker.log"
+        self.argv = [PREFECT, "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"]
+        self.env = {**cluster.env(home), "PREFECT_WORKER_QUERY_SECONDS": "1", **env}
+        self.cwd = home
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Prefect's own database on a PostgreSQL server of its own; the server's scheduler off so
+    that the only runs are the test's; the pool created, then `prefect deploy --all`."""
+    home = tmp_path_factory.mktemp("prefect")
+    database = LocalPostgres().start()
+    server: PrefectServer | None = None
+    try:
+        database.create_database("prefect")
+        url = database.dsn_for("prefect").replace("postgresql://", "postgresql+asyncpg://")
+        server = PrefectServer(
+            home / "server",
+            env={
+                "PREFECT_API_DATABASE_CONNECTION_URL": url,
+                "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            },
+        ).start()
+        made = Cluster(api=server.api, home=home, deploy_output="")
+        env = made.env(home / "deployer")
+        for argv in (
+            [PREFECT, "work-pool", "create", POOL, "--type", "process"],
+            [PREFECT, "--no-prompt", "deploy", "--all"],
+        ):
+            done = subprocess.run(
+                argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            made.deploy_output += done.stdout
+        yield made
+    finally:
+        if server is not None:
+            server.stop()
+        database.stop()
+
+
+def test_deploy_all_on_postgresql_creates_every_deployment_with_a_portable_pull_step(
+    cluster: Cluster,
+) -> None:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployed = cluster.post("/deployments/filter", {})
+    flows = {f["id"]: f["name"] for f in cluster.post("/flows/filter", {})}
+    assert sorted(f"{flows[d['flow_id']]}/{d['name']}" for d in deployed) == sorted(
+        f"{d['entrypoint'].split(':')[1].replace('_', '-')}/{d['name']}"
+        for d in spec["deployments"]
+    )
+    scheduled = {
+        flows[d["flow_id"]]: [s["schedule"]["cron"] for s in d["schedules"]] for d in deployed
+    }
+    entries: list[Any] = [*RUNBOOKS.values(), *ROUTINES.values()]
+    assert scheduled == {rb.name: [rb.cron] if rb.cron else [] for rb in entries}
+    automations = cluster.post("/automations/filter", {})
+    assert len(automations) == len([d for d in spec["deployments"] if d.get("triggers")])
+    # The pull step is stored as written, to be resolved on each worker: nothing of the
+    # deploying machine's checkout is baked into any deployment.
+    assert {json.dumps(d["pull_steps"]) for d in deployed} == {json.dumps(spec["pull"])}
+    assert not [d["name"] for d in deployed if str(ROOT) in json.dumps(d)]
+
+
+JOBS_TABLE = """
+CREATE SCHEMA crawler;
+CREATE TABLE crawler.job (id bigserial PRIMARY KEY, status text NOT NULL, startedat timestamptz);
+INSERT INTO crawler.job (status, startedat) VALUES
+    ('running', now() - interval '2 hours'), ('running', now() - interval '5 minutes');
+"""
+
+
+def job_states(dsn: str) -> list[str]:
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        return [r[0] for r in conn.execute("SELECT status FROM crawler.job ORDER BY id")]
+
+
+def test_two_workers_share_the_runs_and_each_mends_its_own_target(
+    cluster: Cluster, pg: LocalPostgres, redis_server: Any, tmp_path: Path
+) -> None:
+    """Six runs of two runbooks, each on a target of its own: three databases with a stuck job
+    (stuck-jobs resets it) and three Redis caches with the wrong eviction policy (redis-health
+    sets allkeys-lru). Both workers run some; each run changed its own target and nothing else.
+    The second worker runs the flows from a copy of the checkout named by RUNBOOK_HOME."""
+    inventory = tmp_path / "runbook.toml"
+    databases, caches, sections = {}, {}, []
+    for n in (1, 2, 3):
+        name = f"jobs_{n}_{tmp_path.name[-8:]}".lower().replace("-", "_")
+        databases[f"jobs{n}"] = dsn = pg.create_database(name)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(JOBS_TABLE)
+        sections.append(f'[postgres.jobs{n}]\ndsn = "{dsn}"\n[postgres.jobs{n}.jobs]\n')
+        sections.append('table = "crawler.job"\n')
+        caches[f"cache{n}"] = cache = redis_server(
+            config_file=True, maxmemory="64mb", policy="noeviction"
+        )
+        sections.append(f'[redis.cache{n}]\nurl = "{cache.url}"\nrole = "cache"\n')
+    inventory.write_text("".join(sections))
+    other_host = tmp_path / "other-host" / "runbook-automation"
+    for part in ("flows", "tasks", "deployments"):
+        shutil.copytree(
+            ROOT / part, other_host / part, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    shutil.copy(ROOT / "prefect.yaml", other_host)
+    workers = [
+        Worker(cluster, "worker-a", tmp_path / "a", {"RUNBOOK_CONFIG": str(inventory)}),
+        Worker(
+            cluster,
+            "worker-b",
+            tmp_path / "b",
+            {"RUNBOOK_CONFIG": str(inventory), HOME_VARIABLE: str(other_host)},
+        ),
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        mend = {"dry_run": False, "approval": "auto"}
+        run_ids = [
+            cluster.create_run(deployment, target=target, **mend)
+            for n in (1, 2, 3)
+            for deployment, target in (
+                ("stuck-jobs/main", f"jobs{n}"),
+                ("redis-health/cache", f"cache{n}"),
+            )
+        ]
+        runs = cluster.wait_final(run_ids)
+    finally:
+        for worker in workers:
+            worker.stop()
+    ended = {r["name"]: (r["state_type"], r["state_name"]) for r in runs}
+    logs = "\n".join(w.log.read_text()[-3000:] for w in workers)
+    assert ended == {t: ("COMPLETED", "Fixed") for t in [*databases, *caches]}, logs
+    ran_on = {r["name"]: r["labels"].get("prefect.worker.name") for r in runs}
+    assert set(ran_on.values()) == {"worker-a", "worker-b"}, ran_on
+    for dsn in databases.values():
+        assert job_states(dsn) == ["pending", "running"]  # the stuck one reset, the other left
+    for cache in caches.values():
+        assert cache.client().config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+
+
+def test_the_pull_step_goes_to_runbook_home_or_the_installed_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(HOME_VARIABLE, raising=False)
+    assert set_runbook_home() == {"directory": str(checkout())}
+    assert Path.cwd() == checkout() == ROOT
+    (tmp_path / "copy" / "flows").mkdir(parents=True)
+    monkeypatch.setenv(HOME_VARIABLE, str(tmp_path / "copy"))
+    assert set_runbook_home() == {"directory": str(tmp_path / "copy")}
+    assert Path.cwd() == tmp_path / "copy"
+    monkeypatch.setenv(HOME_VARIABLE, str(tmp_path))
+    with pytest.raises(FileNotFoundError) as raised:
+        set_runbook_home()
+    assert str(raised.value) == (
+        f"{tmp_path} (RUNBOOK_HOME={tmp_path}) has no flows/: set RUNBOOK_HOME in this "
+        "worker's environment to the runbook-automation checkout the worker runs from"
+    )
+    assert Path.cwd() == tmp_path / "copy"
