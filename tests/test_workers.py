@@ -62,7 +62,10 @@ class Cluster:
 
     def wait_final(self, run_ids: list[str], timeout: float = 600) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
-            return self.post("/flow_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}})
+            found: list[dict[str, Any]] = self.post(
+                "/flow_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}}
+            )
+            return found
 
         if not poll(
             lambda: all(r["state_type"] in FINAL for r in read()),
