@@ -148,15 +148,17 @@ class AlertStore:
     def _open(self) -> None:
         """Create what is missing, then forget what is older than KEEP_DELIVERIES; under the
         writer lock, so receivers opening at once do not race on the schema."""
-        with self._transaction() as db:
-            self._create_schema(db)
-            cutoff = _ts(datetime.now(UTC) - KEEP_DELIVERIES)
-            self._run(db, "DELETE FROM deliveries WHERE received_at < ?", cutoff)
-            self._run(db, "DELETE FROM runs WHERE started_at < ?", cutoff)
-            # Alertmanager re-sends what still fires (repeat_interval): one unseen for this
-            # long is over, whether or not its resolution arrived.
-            self._run(db, "DELETE FROM alerts WHERE last_seen < ?", cutoff)
-        self.close()  # the opening thread may never record: no connection kept for it
+        try:
+            with self._transaction() as db:
+                self._create_schema(db)
+                cutoff = _ts(datetime.now(UTC) - KEEP_DELIVERIES)
+                self._run(db, "DELETE FROM deliveries WHERE received_at < ?", cutoff)
+                self._run(db, "DELETE FROM runs WHERE started_at < ?", cutoff)
+                # Alertmanager re-sends what still fires (repeat_interval): one unseen for
+                # this long is over, whether or not its resolution arrived.
+                self._run(db, "DELETE FROM alerts WHERE last_seen < ?", cutoff)
+        finally:
+            self.close()  # the opening thread may never record: no connection kept for it
 
     def _run(self, db: Any, statement: str, *params: Any) -> Any:
         """Execute one statement written with ? placeholders; its cursor."""
