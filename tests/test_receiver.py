@@ -1034,14 +1034,19 @@ def cli_env(prefect_api: str, config: Path) -> dict[str, str]:
     return env | {"PREFECT_API_URL": prefect_api, "RUNBOOK_CONFIG": str(config)}
 
 
-def test_runbook_receiver_without_a_token_exits_2(db: Db) -> None:
-    proc = subprocess.run(
-        [RUNBOOK_CLI, "receiver"],
+def receiver_exits(prefect_api: str, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`runbook receiver ARGS` that is to exit at once, on an error: its result."""
+    return subprocess.run(
+        [RUNBOOK_CLI, "receiver", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=cli_env("http://127.0.0.1:1/api", db.config),
+        env=cli_env(prefect_api, config),
     )
+
+
+def test_runbook_receiver_without_a_token_exits_2(db: Db) -> None:
+    proc = receiver_exits("http://127.0.0.1:1/api", db.config)
     assert proc.returncode == 2 and "no [receiver] token" in proc.stderr
     assert "Traceback" not in proc.stderr
 

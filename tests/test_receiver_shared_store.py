@@ -36,6 +36,7 @@ from tests.test_receiver import (
     auth,
     cli_env,
     receiver_config,
+    receiver_exits,
 )
 
 PASSWORD = "pw-of-the-store-9f3c2a"
@@ -197,13 +198,7 @@ def test_a_store_gone_is_a_503_and_the_resend_is_recorded_once(
             for secret in (PASSWORD, dsn, str(pw_pg.port)):
                 assert secret not in response.text
             # A receiver starting now: the clear error of an unreachable target, exit 3.
-            alone = subprocess.run(
-                [RUNBOOK_CLI, "receiver", "--listen", f"127.0.0.1:{free_port()}"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env=cli_env(prefect_api, db.config),
-            )
+            alone = receiver_exits(prefect_api, db.config, "--listen", f"127.0.0.1:{free_port()}")
             assert alone.returncode == 3, alone.stderr
             assert "the alert store (PostgreSQL 127.0.0.1:" in alone.stderr
             assert "Traceback" not in alone.stderr and PASSWORD not in alone.stdout + alone.stderr
@@ -229,13 +224,7 @@ def test_a_wrong_password_is_a_clear_error_that_prints_no_password(
     wrong = "not-the-password-4b1d"
     dsn = store_database(pw_pg, password=wrong)
     db.write_config(receiver_config(dsn))
-    proc = subprocess.run(
-        [RUNBOOK_CLI, "receiver", "--listen", f"127.0.0.1:{free_port()}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(prefect_api, db.config),
-    )
+    proc = receiver_exits(prefect_api, db.config, "--listen", f"127.0.0.1:{free_port()}")
     assert proc.returncode == 3, proc.stderr
     assert "receiver.state_dsn (127.0.0.1:" in proc.stderr
     assert "refused the login" in proc.stderr and "password authentication failed" in proc.stderr
@@ -247,13 +236,7 @@ def test_a_wrong_password_is_a_clear_error_that_prints_no_password(
 def test_state_file_and_state_dsn_together_exit_2(db: Db, tmp_path: Path) -> None:
     dsn = f"postgresql://{STORE_ROLE}:{PASSWORD}@127.0.0.1:1/store"
     db.write_config(receiver_config(tmp_path / "alerts.sqlite", receiver=f'state_dsn = "{dsn}"\n'))
-    proc = subprocess.run(
-        [RUNBOOK_CLI, "receiver"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env("http://127.0.0.1:1/api", db.config),
-    )
+    proc = receiver_exits("http://127.0.0.1:1/api", db.config)
     assert proc.returncode == 2, proc.stderr
     assert "set either receiver.state_file" in proc.stderr and "not both" in proc.stderr
     assert "Traceback" not in proc.stderr and PASSWORD not in proc.stdout + proc.stderr
