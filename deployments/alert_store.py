@@ -1,12 +1,23 @@
-"""Storm control's memory: one SQLite file, shared by every receiver process on the machine.
+"""Storm control's memory, shared by every receiver that opens the same store: a SQLite file
+(the receivers of one machine) or a PostgreSQL database (receivers on several machines, e.g.
+behind a load balancer).
 
-Each delivered alert is recorded and decided in one IMMEDIATE transaction (SQLite's write
-lock, which also holds across processes), so two deliveries of one alert at the same instant
-start one run. Tables:
+Each delivered alert is recorded and decided in one transaction that takes the store's one
+writer lock before its first read (SQLite: BEGIN IMMEDIATE, its write lock, which also holds
+across processes; PostgreSQL: pg_advisory_xact_lock on one constant key, which holds across
+processes and hosts), so two deliveries of one alert at the same instant start one run. The
+decision and its bookkeeping are one code path (AlertStore); the backends (SqliteAlertStore,
+PostgresAlertStore) differ only in connecting, their schema's column types, their placeholder
+and the statements that open that transaction. Tables:
 
     alerts      one row per fingerprint: firing or resolved, and the run of its episode
     runs        one row per run started (or being started), for the per-runbook cap
     deliveries  every alert of every payload with its outcome: nothing is dropped
+
+Errors: StoreUnavailable (a TargetUnreachable, transient) when PostgreSQL cannot be reached or
+does not answer in time, the transaction rolled back: nothing of it recorded; at opening also
+AuthenticationFailed (PostgreSQL refused the login) and ConfigError (no privilege to create
+the schema). Their messages never quote the DSN nor its password.
 """
 
 from __future__ import annotations
@@ -14,39 +25,51 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from pydantic import SecretStr
+
 from deployments.alert_routes import CAP_PERIOD, Alert, Dispatch, Episode, Outcome, storm_decision
+from tasks.errors import AuthenticationFailed, ConfigError, TargetUnreachable
+from tasks.redact import redact
+from tasks.settings import describe_dsn, dsn_keywords
 
 BUSY_TIMEOUT_SECONDS = 30  # a writer waits this long for another process's transaction
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_SECONDS = 60  # over BUSY_TIMEOUT_SECONDS: a lock wait ends first
 KEEP_DELIVERIES = timedelta(days=30)  # and runs, and alerts not seen since
+PG_SCHEMA = "runbook_receiver"
+# The one writer lock of PostgreSQL stores: an advisory lock of the database, on this key.
+PG_LOCK_KEY = 0x72756E626F6F6B  # "runbook"
 
+# One schema for both backends; {id} and {time} are the column types that differ.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     fingerprint TEXT PRIMARY KEY,
     alert TEXT NOT NULL,
     status TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    started_at REAL,
+    first_seen {time} NOT NULL,
+    last_seen {time} NOT NULL,
+    started_at {time},
     flow_run_id TEXT,
     deliveries INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
+    id {id},
     runbook TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
-    started_at REAL NOT NULL,
+    started_at {time} NOT NULL,
     flow_run_id TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_runbook ON runs (runbook, started_at);
 CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
-    received_at REAL NOT NULL,
+    id {id},
+    received_at {time} NOT NULL,
     source TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     alert TEXT NOT NULL,
@@ -59,6 +82,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received_at);
 """
+
+
+class StoreUnavailable(TargetUnreachable):
+    """The store could not be reached or did not answer in time; the transaction rolled back."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
 
 
 @dataclass(frozen=True)
@@ -81,57 +111,129 @@ def _dt(value: float | None) -> datetime | None:
 
 
 class AlertStore:
-    def __init__(self, path: Path, *, window_seconds: int, max_runs_per_hour: int) -> None:
-        self.path = path
+    """The decision and its bookkeeping, whichever backend keeps them. A backend gives its
+    connections (one per thread), its schema, its placeholder and BEGIN: the statements that
+    open a transaction holding the one writer lock."""
+
+    BEGIN: tuple[str, ...] = ("BEGIN",)
+    PLACEHOLDER = "?"
+    # The backend's errors meaning "unreachable or too slow now": StoreUnavailable.
+    UNAVAILABLE: tuple[type[Exception], ...] = ()
+
+    def __init__(self, *, window_seconds: int, max_runs_per_hour: int) -> None:
         self.window_seconds = window_seconds
         self.max_runs_per_hour = max_runs_per_hour
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[Any] = []
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._init()
 
-    def _init(self) -> None:
-        with closing(self._connect()) as db:
-            # WAL: readers never block the one writer; the journal mode sticks to the file.
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-            cutoff = _ts(datetime.now(UTC) - KEEP_DELIVERIES)
-            db.execute("DELETE FROM deliveries WHERE received_at < ?", (cutoff,))
-            db.execute("DELETE FROM runs WHERE started_at < ?", (cutoff,))
-            # Alertmanager re-sends what still fires (repeat_interval): one unseen for this
-            # long is over, whether or not its resolution arrived.
-            db.execute("DELETE FROM alerts WHERE last_seen < ?", (cutoff,))
+    # -- what a backend provides -------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        # Each connection is used by one thread only; close() may close it from another.
-        db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-        )
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
+    @property
+    def description(self) -> str:
+        raise NotImplementedError
 
-    def _db(self) -> sqlite3.Connection:
-        # One connection per thread: sqlite3 connections are not shared across threads.
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _create_schema(self, db: Any) -> None:
+        raise NotImplementedError
+
+    def _broken(self, db: Any) -> bool:
+        """Whether the connection died (its server restarted): the thread needs a new one."""
+        return False
+
+    # -- connections and the one-writer transaction -------------------------------------------
+
+    def _open(self) -> None:
+        """Create what is missing, then forget what is older than KEEP_DELIVERIES; under the
+        writer lock, so receivers opening at once do not race on the schema."""
+        try:
+            with self._transaction() as db:
+                self._create_schema(db)
+                cutoff = _ts(datetime.now(UTC) - KEEP_DELIVERIES)
+                self._run(db, "DELETE FROM deliveries WHERE received_at < ?", cutoff)
+                self._run(db, "DELETE FROM runs WHERE started_at < ?", cutoff)
+                # Alertmanager re-sends what still fires (repeat_interval): one unseen for
+                # this long is over, whether or not its resolution arrived.
+                self._run(db, "DELETE FROM alerts WHERE last_seen < ?", cutoff)
+        finally:
+            self.close()  # the opening thread may never record: no connection kept for it
+
+    def _run(self, db: Any, statement: str, *params: Any) -> Any:
+        """Execute one statement written with ? placeholders; its cursor."""
+        return db.execute(statement.replace("?", self.PLACEHOLDER), params)
+
+    def _db(self) -> Any:
+        db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = self._connect()
+            db = self._connect()
+            self._local.db = db
             with self._lock:
                 self._connections.append(db)
         return db
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _forget(self, db: Any) -> None:
+        if getattr(self._local, "db", None) is db:
+            self._local.db = None
+        with self._lock:
+            if db in self._connections:
+                self._connections.remove(db)
+        with suppress(Exception):
+            db.close()
+
+    def _begin(self) -> Any:
         db = self._db()
-        # IMMEDIATE takes the write lock up front: the read that decides and the write that
-        # records happen under it, whichever process gets there first.
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
+            db.execute(self.BEGIN[0])
+        except self.UNAVAILABLE:
+            if not self._broken(db):
+                raise
+            # It died while idle (the server restarted): nothing was sent on it, so one new
+            # connection may try again.
+            self._forget(db)
+            db = self._db()
+            db.execute(self.BEGIN[0])
+        try:
+            for statement in self.BEGIN[1:]:
+                db.execute(statement)
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback(db)
             raise
-        db.execute("COMMIT")
+        return db
+
+    def _rollback(self, db: Any) -> None:
+        try:
+            db.execute("ROLLBACK")
+        except self.UNAVAILABLE:
+            self._forget(db)  # the server drops a transaction it never saw committed
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """One transaction holding the writer lock from its start: committed at the end of
+        the block, rolled back on any error. Raises StoreUnavailable for the backend's
+        UNAVAILABLE errors."""
+        try:
+            db = self._begin()
+            try:
+                yield db
+            except BaseException:
+                self._rollback(db)
+                raise
+            db.execute("COMMIT")
+        except self.UNAVAILABLE as exc:
+            stale = getattr(self._local, "db", None)
+            if stale is not None and self._broken(stale):
+                self._forget(stale)
+            raise StoreUnavailable(
+                f"the alert store ({self.description}) is unavailable: {self._say(exc)}"
+            ) from exc
+
+    def _say(self, exc: BaseException) -> str:
+        """The first line of a backend error, for a message."""
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+    # -- the decision and its bookkeeping -----------------------------------------------------
 
     def record(
         self,
@@ -145,11 +247,13 @@ class AlertStore:
         """Record one delivered alert and decide its outcome, atomically.
 
         A resolved alert closes its episode; a firing one that routes to `dispatch` starts a
-        run unless deduplicated or capped (a started run reserves its place in `runs`)."""
+        run unless deduplicated or capped (a started run reserves its place in `runs`).
+        Raises StoreUnavailable, with nothing recorded."""
         with self._transaction() as db:
-            row = db.execute(
+            row = self._run(
+                db,
                 "SELECT status, started_at, flow_run_id FROM alerts WHERE fingerprint = ?",
-                (alert.fingerprint,),
+                alert.fingerprint,
             ).fetchone()
             previous = (
                 None
@@ -166,9 +270,11 @@ class AlertStore:
             elif rejected is not None or dispatch is None:
                 outcome, detail = Outcome.rejected, rejected or "nothing to run"
             else:
-                runs = db.execute(
+                runs = self._run(
+                    db,
                     "SELECT count(*) FROM runs WHERE runbook = ? AND started_at > ?",
-                    (dispatch.runbook, _ts(now - CAP_PERIOD)),
+                    dispatch.runbook,
+                    _ts(now - CAP_PERIOD),
                 ).fetchone()[0]
                 outcome = storm_decision(
                     previous,
@@ -186,35 +292,37 @@ class AlertStore:
                         f"(max_runs_per_hour = {self.max_runs_per_hour})"
                     )
                 else:
-                    run_id = db.execute(
-                        "INSERT INTO runs (runbook, fingerprint, started_at) VALUES (?, ?, ?)",
-                        (dispatch.runbook, alert.fingerprint, _ts(now)),
-                    ).lastrowid
+                    run_id = self._run(
+                        db,
+                        "INSERT INTO runs (runbook, fingerprint, started_at) VALUES (?, ?, ?) "
+                        "RETURNING id",
+                        dispatch.runbook,
+                        alert.fingerprint,
+                        _ts(now),
+                    ).fetchone()[0]
             self._upsert_alert(db, alert, now, previous, started=run_id is not None)
-            delivery_id = db.execute(
+            delivery_id: int = self._run(
+                db,
                 "INSERT INTO deliveries (received_at, source, fingerprint, alert, status, "
                 "outcome, runbook, target, flow_run_id, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _ts(now),
-                    alert.source,
-                    alert.fingerprint,
-                    alert.name,
-                    alert.status,
-                    outcome.value,
-                    dispatch.runbook if dispatch else None,
-                    dispatch.target if dispatch else None,
-                    flow_run_id,
-                    detail,
-                ),
-            ).lastrowid
-        assert delivery_id is not None
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                _ts(now),
+                alert.source,
+                alert.fingerprint,
+                alert.name,
+                alert.status,
+                outcome.value,
+                dispatch.runbook if dispatch else None,
+                dispatch.target if dispatch else None,
+                flow_run_id,
+                detail,
+            ).fetchone()[0]
         started_at = _ts(now) if run_id is not None else None
         return Decision(outcome, detail, delivery_id, run_id, started_at, flow_run_id)
 
-    @staticmethod
     def _upsert_alert(
-        db: sqlite3.Connection,
+        self,
+        db: Any,
         alert: Alert,
         now: datetime,
         previous: Episode | None,
@@ -223,28 +331,43 @@ class AlertStore:
     ) -> None:
         ts = _ts(now)
         if previous is None:
-            db.execute(
+            self._run(
+                db,
                 "INSERT INTO alerts (fingerprint, alert, status, first_seen, last_seen, "
                 "started_at, deliveries) VALUES (?, ?, ?, ?, ?, ?, 1)",
-                (alert.fingerprint, alert.name, alert.status, ts, ts, ts if started else None),
+                alert.fingerprint,
+                alert.name,
+                alert.status,
+                ts,
+                ts,
+                ts if started else None,
             )
             return
         if alert.status == "resolved":
             # Closed: the next firing of this fingerprint is a new episode.
-            db.execute(
+            self._run(
+                db,
                 "UPDATE alerts SET status = 'resolved', last_seen = ?, started_at = NULL, "
                 "deliveries = deliveries + 1 WHERE fingerprint = ?",
-                (ts, alert.fingerprint),
+                ts,
+                alert.fingerprint,
             )
             return
         reopened = previous.status == "resolved"
-        db.execute(
+        self._run(
+            db,
             "UPDATE alerts SET status = 'firing', last_seen = ?, deliveries = deliveries + 1, "
             "first_seen = CASE WHEN ? THEN ? ELSE first_seen END, "
             "started_at = CASE WHEN ? THEN ? ELSE started_at END, "
             "flow_run_id = CASE WHEN ? THEN NULL ELSE flow_run_id END "
             "WHERE fingerprint = ?",
-            (ts, reopened, ts, started, ts, started, alert.fingerprint),
+            ts,
+            reopened,
+            ts,
+            started,
+            ts,
+            started,
+            alert.fingerprint,
         )
 
     def started(self, decision: Decision, fingerprint: str, flow_run_id: str | None) -> None:
@@ -253,29 +376,39 @@ class AlertStore:
         The alerts row is updated only while it is still the episode `decision` started: a
         resolve and a new firing in between made another, which this must not overwrite."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE runs SET flow_run_id = ? WHERE id = ?", (flow_run_id, decision.run_id)
+            self._run(
+                db, "UPDATE runs SET flow_run_id = ? WHERE id = ?", flow_run_id, decision.run_id
             )
-            db.execute(
+            self._run(
+                db,
                 "UPDATE alerts SET flow_run_id = ? WHERE fingerprint = ? AND started_at = ?",
-                (flow_run_id, fingerprint, decision.started_at),
+                flow_run_id,
+                fingerprint,
+                decision.started_at,
             )
-            db.execute(
+            self._run(
+                db,
                 "UPDATE deliveries SET flow_run_id = ? WHERE id = ?",
-                (flow_run_id, decision.delivery_id),
+                flow_run_id,
+                decision.delivery_id,
             )
 
     def not_started(self, decision: Decision, fingerprint: str, detail: str) -> None:
         """The reserved run could not be created: free its place, so a re-send may retry."""
         with self._transaction() as db:
-            db.execute("DELETE FROM runs WHERE id = ?", (decision.run_id,))
-            db.execute(
+            self._run(db, "DELETE FROM runs WHERE id = ?", decision.run_id)
+            self._run(
+                db,
                 "UPDATE alerts SET started_at = NULL WHERE fingerprint = ? AND started_at = ?",
-                (fingerprint, decision.started_at),
+                fingerprint,
+                decision.started_at,
             )
-            db.execute(
+            self._run(
+                db,
                 "UPDATE deliveries SET outcome = ?, detail = ? WHERE id = ?",
-                (Outcome.rejected.value, detail, decision.delivery_id),
+                Outcome.rejected.value,
+                detail,
+                decision.delivery_id,
             )
 
     def deliveries(self, **where: Any) -> list[dict[str, Any]]:
@@ -283,16 +416,13 @@ class AlertStore:
         for column in where:
             if column not in DELIVERY_COLUMNS:
                 raise ValueError(f"no column {column!r} in deliveries")
-        clauses = " AND ".join(f"{column} = ?" for column in where) or "1"
-        db = self._db()
-        db.row_factory = sqlite3.Row
-        try:
-            rows = db.execute(
-                f"SELECT * FROM deliveries WHERE {clauses} ORDER BY id", tuple(where.values())
-            ).fetchall()
-        finally:
-            db.row_factory = None
-        return [dict(r) for r in rows]
+        clauses = " AND ".join(f"{column} = ?" for column in where) or "TRUE"
+        with self._transaction() as db:
+            cursor = self._run(
+                db, f"SELECT * FROM deliveries WHERE {clauses} ORDER BY id", *where.values()
+            )
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def close(self) -> None:
         """Close every thread's connection, not only the caller's: the receiver records from
@@ -302,6 +432,125 @@ class AlertStore:
         for db in connections:
             db.close()
         self._local = threading.local()
+
+
+class SqliteAlertStore(AlertStore):
+    """One SQLite file: every receiver process of one machine that opens it."""
+
+    # IMMEDIATE takes the write lock up front: the read that decides and the write that
+    # records happen under it, whichever process gets there first.
+    BEGIN = ("BEGIN IMMEDIATE",)
+
+    def __init__(self, path: Path, *, window_seconds: int, max_runs_per_hour: int) -> None:
+        super().__init__(window_seconds=window_seconds, max_runs_per_hour=max_runs_per_hour)
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # WAL: readers never block the one writer; the journal mode sticks to the file (and
+        # cannot change inside a transaction).
+        self._db().execute("PRAGMA journal_mode=WAL")
+        self._open()
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    def _connect(self) -> sqlite3.Connection:
+        # Each connection is used by one thread only; close() may close it from another.
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        for statement in SCHEMA.format(id="INTEGER PRIMARY KEY", time="REAL").split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+
+class PostgresAlertStore(AlertStore):
+    """Tables in the schema runbook_receiver of one PostgreSQL database: every receiver that
+    opens it, on any host.
+
+    The one writer lock is pg_advisory_xact_lock(PG_LOCK_KEY), taken first in every
+    transaction: the same one-writer semantics as SQLite's BEGIN IMMEDIATE, across processes
+    and hosts, held until COMMIT or ROLLBACK (also when the connection drops). Connections:
+    one per thread, connect timeout CONNECT_TIMEOUT_SECONDS, lock timeout
+    BUSY_TIMEOUT_SECONDS and statement timeout STATEMENT_TIMEOUT_SECONDS.
+
+    Raises (on opening) AuthenticationFailed when PostgreSQL refuses the login, ConfigError
+    when the role may not create the schema, StoreUnavailable when it cannot be reached."""
+
+    BEGIN = ("BEGIN", f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+    PLACEHOLDER = "%s"
+    UNAVAILABLE = (psycopg.OperationalError,)
+
+    def __init__(self, dsn: SecretStr, *, window_seconds: int, max_runs_per_hour: int) -> None:
+        super().__init__(window_seconds=window_seconds, max_runs_per_hour=max_runs_per_hour)
+        self.dsn = dsn
+        self._parts = dsn_keywords(dsn)
+        self._open()
+
+    @property
+    def description(self) -> str:
+        return f"PostgreSQL {describe_dsn(self.dsn)} schema {PG_SCHEMA}"
+
+    def _say(self, exc: BaseException) -> str:
+        # libpq's texts name the host and user, never the password; masked anyway.
+        return redact(super()._say(exc), [self.dsn, self._parts.get("password")])
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        options = (
+            f"-c search_path={PG_SCHEMA} "
+            f"-c lock_timeout={BUSY_TIMEOUT_SECONDS * 1000} "
+            f"-c statement_timeout={STATEMENT_TIMEOUT_SECONDS * 1000}"
+        )
+        try:
+            return psycopg.connect(
+                self.dsn.get_secret_value(),
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                autocommit=True,  # transactions are the explicit BEGIN ... COMMIT
+                application_name="runbook-receiver",
+                options=options,
+            )
+        except psycopg.OperationalError as exc:
+            from tasks.postgres import credentials_refused
+
+            if credentials_refused(exc):
+                raise AuthenticationFailed(
+                    f"receiver.state_dsn ({describe_dsn(self.dsn)}): PostgreSQL refused the "
+                    f"login: {self._say(exc)}; check the user, password and database name"
+                ) from None
+            raise
+
+    def _broken(self, db: psycopg.Connection[Any]) -> bool:
+        return db.closed or db.broken
+
+    def _open(self) -> None:
+        try:
+            super()._open()
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidSchemaName):
+            # InvalidSchemaName: the schema exists, but not for this role (no USAGE), so
+            # search_path skips it.
+            user = self._parts.get("user") or "ROLE"
+            dbname = self._parts.get("dbname") or "DBNAME"
+            raise ConfigError(
+                f"receiver.state_dsn ({describe_dsn(self.dsn)}): the role may not create or "
+                f"use the schema {PG_SCHEMA} and its tables. As the database's owner run "
+                f"GRANT CREATE ON DATABASE {dbname} TO {user} (the receiver creates the "
+                f"schema), or create it ahead of time: CREATE SCHEMA {PG_SCHEMA} AUTHORIZATION "
+                f"{user}; every receiver logs in as that one role"
+            ) from None
+
+    def _create_schema(self, db: psycopg.Connection[Any]) -> None:
+        # CREATE SCHEMA needs CREATE on the database even when the schema exists.
+        exists = db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (PG_SCHEMA,))
+        if exists.fetchone() is None:
+            db.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}")
+        time, id_ = "DOUBLE PRECISION", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+        for statement in SCHEMA.format(id=id_, time=time).split(";"):
+            if statement.strip():
+                db.execute(statement)
 
 
 DELIVERY_COLUMNS = frozenset(

@@ -511,7 +511,16 @@ class ReceiverSettings(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     max_runs_per_hour: int = Field(20, ge=0, le=100_000)
     dispatch: Literal["direct", "trigger"] = "direct"
-    state_file: Path | None = Field(None, description="storm-control SQLite file")
+    state_file: Path | None = Field(
+        None,
+        description="storm control's SQLite file, shared by the receivers on this machine; "
+        "unset (and no state_dsn): PREFECT_HOME/runbook-alerts.sqlite",
+    )
+    state_dsn: SecretStr | None = Field(
+        None,
+        description="storm control in PostgreSQL (schema runbook_receiver), shared by "
+        "receivers on several machines: postgresql://USER:PASSWORD@HOST:PORT/DBNAME",
+    )
     # In-process runs at once in `runbook serve`; more wait, Pending, in order.
     max_concurrent_runs: int = Field(4, ge=1, le=32)
 
@@ -522,6 +531,22 @@ class ReceiverSettings(_Strict):
             if secret is not None and len(secret.get_secret_value()) < 8:
                 raise ValueError(f"receiver.{key} must be at least 8 characters")
         return self
+
+    @model_validator(mode="after")
+    def _one_store(self) -> ReceiverSettings:
+        if self.state_file is not None and self.state_dsn is not None:
+            raise ValueError(
+                "set either receiver.state_file (SQLite, one machine) or receiver.state_dsn "
+                "(PostgreSQL, several receivers), not both"
+            )
+        return self
+
+    @field_validator("state_dsn")
+    @classmethod
+    def _state_dsn_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            dsn_keywords(value)
+        return value
 
     @field_validator("listen")
     @classmethod

@@ -18,21 +18,28 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from deployments.alert_routes import Alert, AlertmanagerPayload, Dispatch, fingerprint_of
-from deployments.alert_store import KEEP_DELIVERIES, AlertStore
+from deployments.alert_store import (
+    KEEP_DELIVERIES,
+    AlertStore,
+    PostgresAlertStore,
+    SqliteAlertStore,
+)
 from deployments.catalog import RUNBOOKS
-from deployments.localpg import free_port
+from deployments.localpg import LocalPostgres, free_port
 from deployments.receiver import ReceiverServer, build_receiver
 from tasks.settings import load_settings
 from tasks.wait import poll
@@ -58,7 +65,7 @@ set = {{ idle_in_transaction_seconds = 1, max_backends_ended = 50 }}
 
 
 def receiver_config(
-    state: Path,
+    state: Path | str,
     *,
     apply: bool = False,
     window: int = 600,
@@ -68,10 +75,12 @@ def receiver_config(
     extra: str = "",
     receiver: str = "",
 ) -> str:
-    """receiver: more [receiver] keys; extra: more [[routes]]."""
+    """state: the SQLite file, or a PostgreSQL DSN (state_dsn); receiver: more [receiver] keys;
+    extra: more [[routes]]."""
+    store = f'state_dsn = "{state}"' if isinstance(state, str) else f'state_file = "{state}"'
     return (
         f'[receiver]\nlisten = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n'
-        f'hmac_secret = "{HMAC_SECRET}"\nstate_file = "{state}"\n'
+        f'hmac_secret = "{HMAC_SECRET}"\n{store}\n'
         f"dedup_window_seconds = {window}\nmax_runs_per_hour = {cap}\n"
         f'dispatch = "{dispatch}"\n' + receiver + ROUTE.format(apply=str(apply).lower()) + extra
     )
@@ -110,6 +119,53 @@ def am_alert(
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class StoreAt:
+    """Where a test's alert store lives: a SQLite file, or a fresh PostgreSQL database."""
+
+    where: Path | str  # the file, or the DSN
+
+    def open(self, window: int = 600, cap: int = 20) -> AlertStore:
+        if isinstance(self.where, Path):
+            return SqliteAlertStore(self.where, window_seconds=window, max_runs_per_hour=cap)
+        return PostgresAlertStore(
+            SecretStr(self.where), window_seconds=window, max_runs_per_hour=cap
+        )
+
+    def rows(self, query: str) -> list[tuple[Any, ...]]:
+        """A query on the store's tables, read back past the store."""
+        if isinstance(self.where, Path):
+            with closing(sqlite3.connect(self.where)) as db:
+                return db.execute(query).fetchall()
+        with psycopg.connect(self.where, options="-c search_path=runbook_receiver") as conn:
+            return conn.execute(query).fetchall()
+
+    def connections(self) -> int:
+        """Connections open on the store: the file's descriptors, or PostgreSQL sessions."""
+        if isinstance(self.where, Path):
+            return open_files(self.where)
+        with psycopg.connect(self.where, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'runbook-receiver'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def new_store_at(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> StoreAt:
+    if kind == "sqlite":
+        return StoreAt(tmp_path / "alerts.sqlite")
+    pg: LocalPostgres = request.getfixturevalue("pg")
+    return StoreAt(pg.create_database(f"store_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreAt:
+    """Each storm-control test runs against both backends."""
+    return new_store_at(request, tmp_path, request.param)
 
 
 # The test session's Prefect server is SQLite: a write lock held by its event recording can
@@ -196,8 +252,10 @@ def make_receiver(
     """A receiver for this test's inventory, listening on a free port (stopped after it)."""
     servers: list[ReceiverServer] = []
 
-    def make(*, in_process: bool = True, **kwargs: Any) -> ReceiverServer:
-        state = tmp_path / f"alerts-{len(servers)}.sqlite"
+    def make(
+        *, in_process: bool = True, store: StoreAt | None = None, **kwargs: Any
+    ) -> ReceiverServer:
+        state = store.where if store else tmp_path / f"alerts-{len(servers)}.sqlite"
         db.write_config(receiver_config(state, port=free_port(), **kwargs))
         server = ReceiverServer(build_receiver(load_settings(), in_process=in_process)).start()
         servers.append(server)
@@ -264,9 +322,9 @@ def test_alert_runs_the_deployment_in_process_and_fixes_the_incident(
 
 
 def test_a_replayed_alert_starts_one_run_within_the_window(
-    prefect_api: str, served_deployment: str, make_receiver: Any
+    prefect_api: str, served_deployment: str, make_receiver: Any, store_at: StoreAt
 ) -> None:
-    server = make_receiver()
+    server = make_receiver(store=store_at)
     since = datetime.now(UTC)
     payload = am_payload(am_alert())
     outcomes = [
@@ -295,9 +353,9 @@ def test_after_the_window_the_same_alert_runs_again(make_receiver: Any, prefect_
 
 
 def test_simultaneous_deliveries_of_one_alert_start_one_run(
-    prefect_api: str, served_deployment: str, make_receiver: Any
+    prefect_api: str, served_deployment: str, make_receiver: Any, store_at: StoreAt
 ) -> None:
-    server = make_receiver()
+    server = make_receiver(store=store_at)
     since = datetime.now(UTC)
     payload = am_payload(am_alert())
     barrier = threading.Barrier(8)
@@ -322,10 +380,16 @@ RACER = """
 import sys, time
 from datetime import UTC, datetime
 from pathlib import Path
-from deployments.alert_store import AlertStore
+from pydantic import SecretStr
+from deployments.alert_store import PostgresAlertStore, SqliteAlertStore
 from deployments.alert_routes import Alert, Dispatch
 
-store = AlertStore(Path(sys.argv[1]), window_seconds=600, max_runs_per_hour=20)
+where = sys.argv[1]
+store = (
+    PostgresAlertStore(SecretStr(where), window_seconds=600, max_runs_per_hour=20)
+    if where.startswith("postgresql://")
+    else SqliteAlertStore(Path(where), window_seconds=600, max_runs_per_hour=20)
+)
 alert = Alert("alertmanager", "IdleInTransaction", "firing", {}, {}, "racefingerprint01")
 dispatch = Dispatch("postgres-connections", "main", {})
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
@@ -333,13 +397,12 @@ print(store.record(alert, datetime.now(UTC), dispatch=dispatch).outcome.value)
 """
 
 
-def test_two_processes_recording_one_alert_at_once_start_one_run(tmp_path: Path) -> None:
-    state = tmp_path / "alerts.sqlite"
-    AlertStore(state, window_seconds=600, max_runs_per_hour=20).close()
+def test_two_processes_recording_one_alert_at_once_start_one_run(store_at: StoreAt) -> None:
+    store_at.open().close()
     at = str(time.time() + 3)  # every process imports first, then all go at this instant
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, str(state), at],
+            [sys.executable, "-c", RACER, str(store_at.where), at],
             stdout=subprocess.PIPE,
             text=True,
             cwd=Path(__file__).resolve().parents[1],
@@ -348,32 +411,30 @@ def test_two_processes_recording_one_alert_at_once_start_one_run(tmp_path: Path)
     ]
     outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(outcomes) == ["deduplicated"] * 3 + ["started"]
-    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
-    assert len(store.deliveries(fingerprint="racefingerprint01")) == 4
-    store.close()
+    opened = store_at.open()
+    assert len(opened.deliveries(fingerprint="racefingerprint01")) == 4
+    opened.close()
 
 
-def test_the_record_forgets_what_is_older_than_30_days(tmp_path: Path) -> None:
-    state = tmp_path / "alerts.sqlite"
-    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
+def test_the_record_forgets_what_is_older_than_30_days(store_at: StoreAt) -> None:
+    at, store = store_at, store_at.open()
     dispatch = Dispatch("postgres-connections", "main", {})
     now = datetime.now(UTC)
     for fingerprint, when in (("old", now - KEEP_DELIVERIES - timedelta(hours=1)), ("new", now)):
         alert = Alert("generic", "A", "firing", {}, {}, fingerprint)
         assert store.record(alert, when, dispatch=dispatch).outcome.value == "started"
     store.close()
-    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)  # prunes on opening
+    store = at.open()  # prunes on opening
     assert [d["fingerprint"] for d in store.deliveries()] == ["new"]
-    with closing(sqlite3.connect(state)) as db:
-        assert db.execute("SELECT fingerprint FROM alerts").fetchall() == [("new",)]
-        assert db.execute("SELECT fingerprint FROM runs").fetchall() == [("new",)]
+    assert at.rows("SELECT fingerprint FROM alerts") == [("new",)]
+    assert at.rows("SELECT fingerprint FROM runs") == [("new",)]
     store.close()
 
 
 def test_late_bookkeeping_of_an_earlier_episode_leaves_the_newer_one_alone(
-    tmp_path: Path,
+    store_at: StoreAt,
 ) -> None:
-    store = AlertStore(tmp_path / "alerts.sqlite", window_seconds=600, max_runs_per_hour=20)
+    at, store = store_at, store_at.open()
     dispatch = Dispatch("postgres-connections", "main", {})
     firing = Alert("alertmanager", "A", "firing", {}, {}, "episodes00000001")
     resolved = Alert("alertmanager", "A", "resolved", {}, {}, "episodes00000001")
@@ -386,10 +447,9 @@ def test_late_bookkeeping_of_an_earlier_episode_leaves_the_newer_one_alone(
     # The first episode's start is settled only now, both ways: neither may touch the second.
     store.not_started(first, firing.fingerprint, "could not start")
     store.started(first, firing.fingerprint, "run-of-the-first-episode")
-    with closing(sqlite3.connect(tmp_path / "alerts.sqlite")) as db:
-        assert db.execute("SELECT started_at, flow_run_id FROM alerts").fetchall() == [
-            (second.started_at, "run-of-the-second-episode")
-        ]
+    assert at.rows("SELECT started_at, flow_run_id FROM alerts") == [
+        (second.started_at, "run-of-the-second-episode")
+    ]
     again = store.record(firing, now + timedelta(seconds=3), dispatch=dispatch)
     assert again.outcome.value == "deduplicated"
     assert again.flow_run_id == "run-of-the-second-episode"
@@ -405,9 +465,8 @@ def open_files(path: Path) -> int:
     return found
 
 
-def test_close_closes_the_connection_of_every_thread(tmp_path: Path) -> None:
-    state = tmp_path / "alerts.sqlite"
-    store = AlertStore(state, window_seconds=600, max_runs_per_hour=20)
+def test_close_closes_the_connection_of_every_thread(store_at: StoreAt) -> None:
+    at, store = store_at, store_at.open()
     dispatch = Dispatch("postgres-connections", "main", {})
 
     def record(i: int) -> None:
@@ -419,15 +478,16 @@ def test_close_closes_the_connection_of_every_thread(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert open_files(state) == 4  # one connection per thread, still open
+    assert at.connections() == 4  # one connection per thread, still open
     store.close()  # from a thread that never used the store
-    assert open_files(state) == 0
+    # PostgreSQL ends a closed session's backend a moment later.
+    assert poll(lambda: at.connections() == 0, what="closed", timeout_seconds=10).done
 
 
 def test_resolved_never_starts_and_closes_the_episode(
-    prefect_api: str, served_deployment: str, make_receiver: Any
+    prefect_api: str, served_deployment: str, make_receiver: Any, store_at: StoreAt
 ) -> None:
-    server = make_receiver()
+    server = make_receiver(store=store_at)
     since = datetime.now(UTC)
     fingerprint = uuid.uuid4().hex[:16]
     firing = am_payload(am_alert(fingerprint))
@@ -454,9 +514,9 @@ def test_resolved_never_starts_and_closes_the_episode(
 
 @pytest.mark.timeout(240)
 def test_a_burst_of_500_alerts_is_recorded_whole_and_runs_are_capped(
-    prefect_api: str, served_deployment: str, make_receiver: Any
+    prefect_api: str, served_deployment: str, make_receiver: Any, store_at: StoreAt
 ) -> None:
-    server = make_receiver(cap=3)
+    server = make_receiver(cap=3, store=store_at)
     since = datetime.now(UTC)
     fingerprints = [f"burst{i:011d}" for i in range(500)]
     batches = [fingerprints[i : i + 10] for i in range(0, 500, 10)]
@@ -974,14 +1034,19 @@ def cli_env(prefect_api: str, config: Path) -> dict[str, str]:
     return env | {"PREFECT_API_URL": prefect_api, "RUNBOOK_CONFIG": str(config)}
 
 
-def test_runbook_receiver_without_a_token_exits_2(db: Db) -> None:
-    proc = subprocess.run(
-        [RUNBOOK_CLI, "receiver"],
+def receiver_exits(prefect_api: str, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`runbook receiver ARGS` that is to exit at once, on an error: its result."""
+    return subprocess.run(
+        [RUNBOOK_CLI, "receiver", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=cli_env("http://127.0.0.1:1/api", db.config),
+        env=cli_env(prefect_api, config),
     )
+
+
+def test_runbook_receiver_without_a_token_exits_2(db: Db) -> None:
+    proc = receiver_exits("http://127.0.0.1:1/api", db.config)
     assert proc.returncode == 2 and "no [receiver] token" in proc.stderr
     assert "Traceback" not in proc.stderr
 

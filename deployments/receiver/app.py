@@ -28,15 +28,20 @@ from deployments.alert_routes import (
     route_for,
     split_alerts,
 )
-from deployments.alert_store import AlertStore
+from deployments.alert_store import AlertStore, StoreUnavailable
 from deployments.catalog import RUNBOOKS
 from deployments.receiver.runs import AlertResult, Starter, emit_alert_event, log_result
-from tasks.errors import ConfigError
+from tasks.errors import AuthenticationFailed, ConfigError
 from tasks.models import utcnow
 from tasks.redact import redact as redact_secrets
 from tasks.settings import ReceiverSettings, Route
 
 JSON_TYPES = ("application/json", "application/vnd.json")
+# Fixed: the store's own error names its host and database, which callers need not see.
+STORE_UNAVAILABLE = (
+    "the alert store is unavailable: the alerts not yet decided were not recorded; "
+    "send them again (Alertmanager does)"
+)
 UNAUTHORIZED = (
     "missing or invalid credentials: send 'Authorization: Bearer <receiver.token>' or "
     "'X-Runbook-Signature: sha256=<hex HMAC-SHA256 of the body with receiver.hmac_secret>'"
@@ -219,7 +224,16 @@ def create_app(receiver: Receiver) -> FastAPI:
             return error(
                 422, exc.errors(include_url=False, include_context=False, include_input=False)
             )
-        results = await run_in_threadpool(receiver.handle_all, split_alerts(source, payload))
+        try:
+            results = await run_in_threadpool(receiver.handle_all, split_alerts(source, payload))
+        except (StoreUnavailable, AuthenticationFailed) as exc:
+            # 503: Alertmanager re-sends the group. What was decided before stays decided,
+            # and a re-send of it is deduplicated; the failing alert's transaction rolled back.
+            print(
+                f"alert store unavailable source={source}: {redact(str(exc), receiver.secrets)}",
+                flush=True,
+            )
+            return error(503, STORE_UNAVAILABLE, **{"Retry-After": "10"})
         truncated = 0 if isinstance(payload, GenericPayload) else payload.truncatedAlerts
         if truncated:
             # The sender left these out of the group (its max_alerts): they were never seen.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from deployments.alert_routes import DEFAULT_ROUTES, check_routes, load_routes
-from deployments.alert_store import AlertStore
+from deployments.alert_store import AlertStore, PostgresAlertStore, SqliteAlertStore
 from deployments.catalog import RUNBOOKS
 from deployments.receiver.app import Receiver, create_app, prefect_secrets, secret_values
 from deployments.receiver.runs import (
@@ -23,7 +23,7 @@ from deployments.receiver.runs import (
     TriggerStarter,
 )
 from tasks.errors import ConfigError
-from tasks.settings import ReceiverSettings, Settings, config_path
+from tasks.settings import ReceiverSettings, Settings, config_path, dsn_keywords
 from tasks.wait import poll
 
 if TYPE_CHECKING:
@@ -51,6 +51,20 @@ def default_state_file() -> Path:
     return Path(PREFECT_HOME.value()) / "runbook-alerts.sqlite"
 
 
+def open_store(config: ReceiverSettings) -> AlertStore:
+    """Storm control's store: PostgreSQL with state_dsn, else the SQLite state_file.
+
+    Raises StoreUnavailable (exit 3) when PostgreSQL cannot be reached, AuthenticationFailed
+    (exit 3) when it refuses the login, ConfigError (exit 2) when the role may not create the
+    schema."""
+    window, cap = config.dedup_window_seconds, config.max_runs_per_hour
+    if config.state_dsn is not None:
+        return PostgresAlertStore(config.state_dsn, window_seconds=window, max_runs_per_hour=cap)
+    return SqliteAlertStore(
+        config.state_file or default_state_file(), window_seconds=window, max_runs_per_hour=cap
+    )
+
+
 def build_receiver(
     settings: Settings, *, in_process: bool, runner: InProcessRunner | None = None
 ) -> Receiver:
@@ -58,12 +72,14 @@ def build_receiver(
     (on runner's threads, when given).
 
     Raises ConfigError when [receiver] has no credentials or a [[routes]] entry names what the
-    registry does not know (check_routes)."""
+    registry does not know (check_routes); what open_store raises when the store cannot be
+    opened."""
     config = receiver_settings(settings)
     check_routes(settings)
     routes = list(settings.routes) or load_routes(
         DEFAULT_ROUTES, {name: rb.params for name, rb in RUNBOOKS.items()}
     )
+    store = open_store(config)  # first: an unreachable store starts nothing
     starter: Starter
     if config.dispatch == "trigger":
         starter = TriggerStarter()
@@ -71,14 +87,12 @@ def build_receiver(
         starter = InProcessStarter(config.max_concurrent_runs, runner)
     else:
         starter = DeploymentStarter()
-    store = AlertStore(
-        config.state_file or default_state_file(),
-        window_seconds=config.dedup_window_seconds,
-        max_runs_per_hour=config.max_runs_per_hour,
-    )
     targets = {name: rb.alert_targets(settings) for name, rb in RUNBOOKS.items()}
-    secrets = tuple(secret_values(settings) + prefect_secrets())
-    return Receiver(config, routes, targets, store, starter, secrets)
+    secrets = secret_values(settings) + prefect_secrets()
+    if config.state_dsn is not None:
+        # Also alone: libpq never quotes it, but a text built from the DSN's pieces might.
+        secrets.append(dsn_keywords(config.state_dsn).get("password") or "")
+    return Receiver(config, routes, targets, store, starter, tuple(secrets))
 
 
 def http_server(receiver: Receiver) -> uvicorn.Server:
