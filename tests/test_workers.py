@@ -8,7 +8,9 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,14 @@ import pytest
 import yaml
 
 from deployments.catalog import ROUTINES, RUNBOOKS
-from deployments.localpg import LocalPostgres, stop_process
+from deployments.localpg import LocalPostgres, free_port, stop_process
 from deployments.pull import HOME_VARIABLE, checkout, set_runbook_home
 from tasks.wait import poll
 from tests.alertmanager_helpers import PrefectServer, prefect_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
+RUNBOOK = str(Path(sys.executable).parent / "runbook")
 POOL = "runbooks"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -259,3 +262,149 @@ def test_the_pull_step_goes_to_runbook_home_or_the_installed_checkout(
         "worker's environment to the runbook-automation checkout the worker runs from"
     )
     assert Path.cwd() == tmp_path / "copy"
+
+
+TOKEN = "receiver-token-" + "x" * 16
+ALERT_ROUTE = """
+[receiver]
+listen = "127.0.0.1:8787"
+token = "{token}"
+state_dsn = "{state_dsn}"
+dispatch = "direct"
+
+[[routes]]
+alert = "RedisEvictionPolicy"
+runbook = "redis-health"
+target = "cache"
+apply = true
+approval = "auto"
+"""
+
+
+class Receiver:
+    """`runbook receiver --listen` in its own session, its output in a file."""
+
+    def __init__(self, cluster: Cluster, home: Path, config: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home / "receiver.log"
+        self.env = {**cluster.env(home), "RUNBOOK_CONFIG": str(config)}
+        self.argv = [RUNBOOK, "receiver", "--listen", f"127.0.0.1:{self.port}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Receiver:
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the receiver exited: {self.log.read_text()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert poll(listening, what="the receiver", timeout_seconds=60, max_delay_seconds=1).done
+        return self
+
+    def post(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        answer = httpx.post(
+            f"{self.url}/alerts/alertmanager",
+            json=payload,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=60,
+        )
+        assert answer.status_code == 202, answer.text
+        alerts: list[dict[str, Any]] = answer.json()["alerts"]
+        return alerts
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def alertmanager_group(status: str, fingerprint: str) -> dict[str, Any]:
+    """An Alertmanager webhook (version 4) with one alert."""
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="RedisEvictionPolicy"}',
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "runbook-receiver",
+        "groupLabels": {"alertname": "RedisEvictionPolicy"},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example:9093",
+        "alerts": [
+            {
+                "status": status,
+                "labels": {"alertname": "RedisEvictionPolicy", "target": "cache"},
+                "annotations": {"summary": "a cache that does not evict"},
+                "startsAt": "2026-12-01T03:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus.example/graph",
+                "fingerprint": fingerprint,
+            }
+        ],
+    }
+
+
+def test_an_alert_to_two_receivers_runs_once_on_a_worker_and_mends_the_target(
+    cluster: Cluster, pg: LocalPostgres, redis_server: Any, tmp_path: Path
+) -> None:
+    """Alertmanager's webhook reaching two receivers at the same instant, three times (its
+    re-sends), both recording in one PostgreSQL: one run of redis-health/cache, created through
+    the API, run by a worker of the pool, and the cache's eviction policy fixed."""
+    cache = redis_server(config_file=True, maxmemory="64mb", policy="noeviction")
+    state_dsn = pg.create_database(f"receiver_{tmp_path.name[-8:]}".lower().replace("-", "_"))
+    config = tmp_path / "runbook.toml"
+    config.write_text(
+        f'[redis.cache]\nurl = "{cache.url}"\nrole = "cache"\n'
+        + ALERT_ROUTE.format(token=TOKEN, state_dsn=state_dsn)
+    )
+    receivers = [Receiver(cluster, tmp_path / n, config) for n in ("r1", "r2")]
+    worker = Worker(cluster, "worker-alerts", tmp_path / "w", {"RUNBOOK_CONFIG": str(config)})
+    fingerprint = uuid.uuid4().hex[:16]
+    deployment = cluster.get("/deployments/name/redis-health/cache")
+    try:
+        for receiver in receivers:
+            receiver.start()
+        worker.start()
+        group = alertmanager_group("firing", fingerprint)
+        rounds: list[list[dict[str, Any]]] = []
+        with ThreadPoolExecutor(len(receivers)) as pool:
+            for _ in range(3):
+                rounds.append(
+                    [a for answer in pool.map(lambda r: r.post(group), receivers) for a in answer]
+                )
+        answers = [a for answered in rounds for a in answered]
+        outcomes = sorted(a["outcome"] for a in answers)
+        assert outcomes == ["deduplicated"] * 5 + ["started"], answers
+        run_id = next(a["flow_run_id"] for a in answers if a["outcome"] == "started")
+        # The first round's other receiver may answer before the run's id is recorded.
+        assert {a["flow_run_id"] for a in rounds[0]} <= {run_id, None}
+        assert {a["flow_run_id"] for a in rounds[1] + rounds[2]} == {run_id}
+        (run,) = cluster.wait_final([run_id])
+        resolved = receivers[1].post(alertmanager_group("resolved", fingerprint))
+    finally:
+        worker.stop()
+        for receiver in receivers:
+            receiver.stop()
+    assert [a["outcome"] for a in resolved] == ["resolved"]
+    assert run["deployment_id"] == deployment["id"]
+    assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Fixed"), worker.log.read_text()
+    assert run["labels"]["prefect.worker.name"] == "worker-alerts"
+    assert cache.client().config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+    runs = cluster.post(
+        "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
+    )
+    assert [r["id"] for r in runs if "alert" in r["tags"]] == [run_id]
+    logs = "".join(r.log.read_text() for r in receivers)
+    assert state_dsn not in logs and TOKEN not in logs
