@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from deployments.catalog import Runbook
     from tasks.models import Report
+    from tasks.progress import Snapshot
 
 app = typer.Typer(
     add_completion=False,
@@ -231,7 +232,7 @@ class ProgressBar:
         self.bar: Any = None
         self.row: Any = None
 
-    def __call__(self, snapshot: Any) -> None:
+    def __call__(self, snapshot: Snapshot) -> None:
         from rich.progress import (
             BarColumn,
             Progress,

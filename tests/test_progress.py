@@ -11,6 +11,7 @@ import pty
 import select
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from tasks.models import RunStatus
 from tasks.progress import Snapshot, amount, listening, progress
 from tests.conftest import Db
 from tests.test_cli import RUNBOOK, cli
-from tests.test_restore_drill import drill_config, pg_dump
+from tests.test_restore_drill import BUCKET, drill_config, pg_dump, s3_backups
 
 MiB = 1 << 20
 
@@ -219,6 +220,34 @@ def test_a_pre_change_backup_publishes_its_dump_against_the_database_size(
     assert artifacts["runbook-pre-change-backup-app-dump"].data == 100
     # Then it is read back whole: backup-verification's check, under this runbook's key.
     assert artifacts["runbook-pre-change-backup-app-integrity"].data == 100
+
+
+@pytest.mark.usefixtures("prefect_api", "every_percent")
+def test_a_dump_to_s3_read_by_boto3s_threads_is_published_from_them(
+    db: Db, tmp_path: Path, moto_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    threads: list[str] = []
+
+    def where(snapshot: Snapshot) -> None:
+        threads.append(threading.current_thread().name)
+
+    moto_server.fresh_bucket(BUCKET)
+    several_mib(db, tmp_path)
+    db.write_config(
+        s3_backups(moto_server.url) + '[backups.app]\ns3 = "store"\ndatabase = "main"\n'
+    )
+    heard = Heard()
+    caplog.set_level(logging.WARNING)
+    with listening(heard), listening(where):
+        report = pre_change_backup("app", dry_run=False, approval="auto")
+    assert report.status is RunStatus.healthy, report.findings
+    dumped = heard.of("dump of main")
+    assert len(dumped) > 2 and dumped[-1].finished
+    # s3transfer reads the dump on its own threads: they publish, with the run's context.
+    assert {t for t in threads if t != threading.current_thread().name}
+    assert not [r for r in caplog.records if "not published" in r.getMessage()]
+    artifacts = progress_artifacts(report.flow_run_id)
+    assert artifacts["runbook-pre-change-backup-app-dump"].data == 100
 
 
 @pytest.mark.usefixtures("prefect_api", "every_percent")
