@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from deployments.catalog import Runbook
     from tasks.models import Report
+    from tasks.progress import Snapshot
 
 app = typer.Typer(
     add_completion=False,
@@ -219,6 +220,77 @@ def cli_approver(status: Any, yes: bool) -> AbstractContextManager[None]:
     return approver(terminal_approver(status) if sys.stdin.isatty() else None)
 
 
+class ProgressBar:
+    """A listener of tasks.progress: while a step reports progress, a rich bar (what, bar,
+    percent, amount, elapsed) in place of the run's spinner, which comes back when it ends.
+    Steps may report from another thread (boto3's upload threads read a dump)."""
+
+    def __init__(self, status: Status) -> None:
+        import threading
+
+        self.status, self.lock = status, threading.Lock()
+        self.bar: Any = None
+        self.row: Any = None
+
+    def __call__(self, snapshot: Snapshot) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from tasks.progress import amount
+
+        with self.lock:
+            if self.bar is None:
+                self.status.stop()
+                self.bar = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TaskProgressColumn(),
+                    TextColumn("{task.fields[amount]}"),
+                    TimeElapsedColumn(),
+                    console=console(stderr=True),
+                    transient=True,
+                )
+                self.row = self.bar.add_task(snapshot.what, total=100, amount="")
+                self.bar.start()
+            self.bar.update(
+                self.row,
+                description=snapshot.what,
+                completed=snapshot.percent,
+                amount=amount(snapshot.done, snapshot.total, snapshot.unit, snapshot.estimate),
+            )
+            if snapshot.ended:
+                self.close()
+                self.status.start()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@contextmanager
+def progress_bar(status: Status, as_json: bool) -> Iterator[None]:
+    """On a terminal, without --json: the steps' progress as a bar (ProgressBar). Otherwise
+    nothing: piped, redirected or --json output stays exactly what it was."""
+    if as_json or not console(stderr=True).is_terminal:
+        yield
+        return
+    from tasks.progress import listening
+
+    bar = ProgressBar(status)
+    try:
+        with listening(bar):
+            yield
+    finally:
+        with bar.lock:
+            bar.close()
+
+
 @contextmanager
 def unexpected_errors(name: str) -> Iterator[None]:
     """Within: Ctrl-C exits 130, and an error that is no RunbookError becomes one line naming
@@ -279,7 +351,7 @@ def run(
             console(stderr=True).status(f"{rb.name} on {target_name}…") as status,
         ):
             flow = rb.load()
-            with cli_approver(status, yes):
+            with cli_approver(status, yes), progress_bar(status, as_json):
                 report = cast(
                     "Report",
                     flow(target=target_name, dry_run=not apply, approval="ask", params=params),
@@ -328,7 +400,7 @@ def run_routine(
             console(stderr=True).status(f"{name}…") as status,
         ):
             flow = ROUTINES[name].load()
-            with cli_approver(status, yes):
+            with cli_approver(status, yes), progress_bar(status, as_json):
                 state = cast(
                     "State[Any]", flow(dry_run=not apply, approval="ask", return_state=True)
                 )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import itertools
+import os
 import subprocess
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from tasks.backup_rules import newer_client_needed
 from tasks.engine import io_task
 from tasks.errors import ActionFailed, TargetError, TargetUnreachable
 from tasks.host import memory_file
+from tasks.progress import progress
 from tasks.settings import BackupSet, S3Target
 from tasks.storage import CHUNK, s3_client, storage_errors
 
@@ -157,21 +159,33 @@ def list_backups(name: str, backup: BackupSet, s3: S3Target | None) -> list[Back
     return sorted(found, key=lambda b: b.modified, reverse=True)
 
 
-def read_chunks(backup: BackupSet, s3: S3Target | None, key: str, name: str) -> Iterator[bytes]:
+def read_chunks(
+    backup: BackupSet,
+    s3: S3Target | None,
+    key: str,
+    name: str,
+    sized: Callable[[int], None] | None = None,
+) -> Iterator[bytes]:
     """A backup's stored bytes as they arrive, in chunks of up to CHUNK (1 MiB): a file's, or
     an S3 object's (fetched on the first next()). Closing the iterator early closes the file
     or the S3 response. Raises TargetUnreachable (not transient, naming the set `name` and
     the path) for a file that cannot be read, and boto3's errors untranslated (callers wrap
-    it in tasks.storage.storage_errors)."""
+    it in tasks.storage.storage_errors). `sized` hears the size in bytes of what is read, once
+    it is open (a progress's begin)."""
     if s3 is None:
         try:
             with open(key, "rb") as fh:
+                if sized is not None:
+                    sized(os.fstat(fh.fileno()).st_size)
                 while chunk := fh.read(CHUNK):
                     yield chunk
         except OSError as exc:
             raise unreadable(name, exc) from exc
         return
-    body = s3_client(s3).get_object(Bucket=s3.bucket, Key=key)["Body"]
+    found = s3_client(s3).get_object(Bucket=s3.bucket, Key=key)
+    body = found["Body"]
+    if sized is not None and isinstance(found.get("ContentLength"), int):
+        sized(found["ContentLength"])
     try:
         yield from body.iter_chunks(CHUNK)
     finally:
@@ -232,8 +246,11 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
             within PG_RESTORE_TIMEOUT (3600 s) of the stream's end.
         ConfigError: botocore refuses the s3 target's endpoint_url or region."""
     digest = hashlib.sha256()
-    with memory_file() as stderr:  # a file: pg_restore never blocks on a full pipe; in memory
-        chunks = _hashed(read_chunks(backup, s3, key, name), digest)
+    with (
+        memory_file() as stderr,  # a file: pg_restore never blocks on a full pipe; in memory
+        progress("integrity", f"integrity check of {name} ({_file(key)})") as read,
+    ):
+        chunks = _hashed(read.count(read_chunks(backup, s3, key, name, read.begin)), digest)
         problem, head, passed = _verify_stream(chunks, name, key, stderr)
     with storage_errors(f"backups {name!r}: {key}"):
         expected = _expected(backup, s3, key, name)
@@ -253,6 +270,10 @@ def verify_backup(name: str, backup: BackupSet, s3: S3Target | None, key: str) -
         sha256=sha,
         expected_sha256=expected,
     )
+
+
+def _file(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
 
 
 def _verify_stream(

@@ -36,6 +36,7 @@ from tasks.engine import io_task
 from tasks.errors import ActionFailed, ConfigError, RunbookError
 from tasks.host import memory_file
 from tasks.postgres import _first_line, connect, dsn_parts
+from tasks.progress import Progress, progress
 from tasks.settings import BackupSet, PostgresTarget, S3Target
 from tasks.storage import CHUNK, s3_client, storage_errors
 
@@ -178,21 +179,27 @@ def restore_backup(
         ActionFailed: psql or pg_restore cannot be started (not installed), or did not
             finish within RESTORE_TIMEOUT_SECONDS (6 h) of the stream's end."""
     start = time.perf_counter()
-    try:
-        with storage_errors(f"backups {name!r}: {key}"):
-            head, stream, plain = dump_stream(read_chunks(backup, s3, key, name), key)
-    except BadGzip as exc:
-        return Restore(ok=False, seconds=time.perf_counter() - start, detail=str(exc))
-    if plain:
-        argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"]
-        stream = _one_database(stream)
-    else:
-        argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--no-password"]
-        argv += ["--dbname", dbname]  # with -d, pg_restore restores instead of printing SQL
-    env = libpq_env(scratch_name, scratch, dbname)
-    with memory_file() as stderr:  # a file: the tool never blocks on a full pipe; in memory
-        proc = start_tool(argv, stderr, env=env)
-        problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
+    with progress("restore", f"restore of {name} ({key.rsplit('/', 1)[-1]})") as fed:
+        try:
+            with storage_errors(f"backups {name!r}: {key}"):
+                chunks = fed.count(read_chunks(backup, s3, key, name, fed.begin))
+                head, stream, plain = dump_stream(chunks, key)
+        except BadGzip as exc:
+            return Restore(ok=False, seconds=time.perf_counter() - start, detail=str(exc))
+        if plain:
+            argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"]
+            stream = _one_database(stream)
+        else:
+            argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error"]
+            argv += ["--no-password", "--dbname", dbname]  # with -d it restores, not prints
+        env = libpq_env(scratch_name, scratch, dbname)
+        with memory_file() as stderr:  # a file: the tool never blocks on a full pipe; in memory
+            proc = start_tool(argv, stderr, env=env)
+            # Counted as the tool takes them: a pipe holds 64 KiB, so bytes fed are bytes
+            # restored, give or take a chunk; the indexes and constraints come after the last.
+            problem = run_fed(proc, stream, name, key, stderr, RESTORE_TIMEOUT_SECONDS)
+        if problem:
+            fed.fall_short()
     seconds = time.perf_counter() - start
     advice = newer_client_needed(problem, head, pg_restore_version()) if problem else None
     if problem and not advice:
@@ -329,9 +336,9 @@ class _DumpReader:
     goes; at its end, pg_dump's exit code, so a failed dump fails the write instead of
     completing it."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], written: Progress) -> None:
         assert proc.stdout is not None
-        self.proc, self.stream = proc, proc.stdout
+        self.proc, self.stream, self.written = proc, proc.stdout, written
         self.digest, self.size = hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:
@@ -340,7 +347,20 @@ class _DumpReader:
             raise _DumpFailed(code)
         self.digest.update(data)
         self.size += len(data)
+        self.written.advance(len(data))
         return data
+
+
+def database_size(name: str, target: PostgresTarget) -> int | None:
+    """pg_database_size of the target's database, in bytes: what a dump's progress is
+    measured against, as an estimate (a custom-format dump is compressed and has no
+    indexes, so it is usually smaller); None when it cannot be asked (the dump then says why)."""
+    try:
+        with connect(name, target) as conn:
+            row = conn.execute("SELECT pg_database_size(current_database()) AS n").fetchone()
+    except (RunbookError, psycopg.Error):
+        return None
+    return int(row["n"]) if row else None
 
 
 def dump_key(backup: BackupSet, s3: S3Target | None, database: str, label: str, stamp: str) -> str:
@@ -381,14 +401,20 @@ def dump_to_storage(
         AuthenticationFailed: the storage refused the credentials.
         TargetUnreachable: the storage did not answer."""
     start = time.perf_counter()
-    with memory_file() as stderr:
+    estimate = database_size(source_name, source)
+    with (
+        memory_file() as stderr,
+        progress(
+            "dump", f"dump of {source_name}", estimate, estimate="the database's size on disk"
+        ) as written,
+    ):
         proc = start_tool(
             ["pg_dump", "--format=custom", "--no-password"],
             stderr,
             stdout=subprocess.PIPE,
             env=libpq_env(source_name, source),
         )
-        reader = _DumpReader(proc)
+        reader = _DumpReader(proc, written)
         try:
             _write(s3, key, reader, name)
         except _DumpFailed as exc:
