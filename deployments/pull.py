@@ -23,9 +23,10 @@ def set_runbook_home() -> dict[str, str]:
     directory in RUNBOOK_HOME when the worker's environment sets it, else the checkout the
     installed package comes from.
 
-    Returns {"directory": the absolute path}, as Prefect's own set_working_directory step does.
+    Prints the directory (one line in the worker's output). Returns {"directory": the
+    absolute path}, as Prefect's own set_working_directory step does.
     Raises FileNotFoundError, naming the directory and RUNBOOK_HOME, when that directory has no
-    `flows/` (Prefect then marks the run Crashed with that message)."""
+    `flows/`: the run ends Crashed, the message in its logs."""
     given = os.environ.get(HOME_VARIABLE, "").strip()
     home = Path(given).expanduser().resolve() if given else checkout()
     if not (home / "flows").is_dir():
@@ -35,4 +36,5 @@ def set_runbook_home() -> dict[str, str]:
             "to the runbook-automation checkout the worker runs from"
         )
     os.chdir(home)
+    print(f"runbook home: {home}", flush=True)
     return {"directory": str(home)}

@@ -5,6 +5,7 @@ this checkout, and two `prefect worker start` processes that run the runbooks on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,14 +22,21 @@ import pytest
 import yaml
 
 from deployments.catalog import ROUTINES, RUNBOOKS
-from deployments.localpg import LocalPostgres, free_port, stop_process
+from deployments.localpg import LocalPostgres, stop_process
 from deployments.pull import HOME_VARIABLE, checkout, set_runbook_home
 from tasks.wait import poll
 from tests.alertmanager_helpers import PrefectServer, prefect_env
+from tests.test_receiver import TOKEN, am_alert, am_payload
+from tests.test_receiver_shared_store import (
+    PASSWORD,
+    post,
+    pw_pg,  # noqa: F401 (a fixture)
+    receivers,
+    store_database,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
-RUNBOOK = str(Path(sys.executable).parent / "runbook")
 POOL = "runbooks"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -62,6 +70,15 @@ class Cluster:
                 "id"
             ]
         )
+
+    def wait_online(self, names: list[str], timeout: float = 120) -> None:
+        """Until every worker named has polled the pool (the server lists it ONLINE)."""
+
+        def online() -> bool:
+            found = self.post(f"/work_pools/{POOL}/workers/filter", {})
+            return set(names) <= {w["name"] for w in found if w["status"] == "ONLINE"}
+
+        assert poll(online, what="the workers", timeout_seconds=timeout, max_delay_seconds=1).done
 
     def wait_final(self, run_ids: list[str], timeout: float = 600) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
@@ -219,6 +236,7 @@ def test_two_workers_share_the_runs_and_each_mends_its_own_target(
     try:
         for worker in workers:
             worker.start()
+        cluster.wait_online([w.name for w in workers])
         mend = {"dry_run": False, "approval": "auto"}
         run_ids = [
             cluster.create_run(deployment, target=target, **mend)
@@ -237,6 +255,9 @@ def test_two_workers_share_the_runs_and_each_mends_its_own_target(
     assert ended == {t: ("COMPLETED", "Fixed") for t in [*databases, *caches]}, logs
     ran_on = {r["name"]: r["labels"].get("prefect.worker.name") for r in runs}
     assert set(ran_on.values()) == {"worker-a", "worker-b"}, ran_on
+    # Each worker's runs started in its own checkout: the installed one, and the copy.
+    homes = {w.name: set(re.findall(r"runbook home: (\S+)", w.log.read_text())) for w in workers}
+    assert homes == {"worker-a": {str(ROOT)}, "worker-b": {str(other_host)}}
     for dsn in databases.values():
         assert job_states(dsn) == ["pending", "running"]  # the stuck one reset, the other left
     for cache in caches.values():
@@ -264,7 +285,6 @@ def test_the_pull_step_goes_to_runbook_home_or_the_installed_checkout(
     assert Path.cwd() == tmp_path / "copy"
 
 
-TOKEN = "receiver-token-" + "x" * 16
 ALERT_ROUTE = """
 [receiver]
 listen = "127.0.0.1:8787"
@@ -281,123 +301,49 @@ approval = "auto"
 """
 
 
-class Receiver:
-    """`runbook receiver --listen` in its own session, its output in a file."""
-
-    def __init__(self, cluster: Cluster, home: Path, config: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / "receiver.log"
-        self.env = {**cluster.env(home), "RUNBOOK_CONFIG": str(config)}
-        self.argv = [RUNBOOK, "receiver", "--listen", f"127.0.0.1:{self.port}"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Receiver:
-        with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the receiver exited: {self.log.read_text()}")
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert poll(listening, what="the receiver", timeout_seconds=60, max_delay_seconds=1).done
-        return self
-
-    def post(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        answer = httpx.post(
-            f"{self.url}/alerts/alertmanager",
-            json=payload,
-            headers={"Authorization": f"Bearer {TOKEN}"},
-            timeout=60,
-        )
-        assert answer.status_code == 202, answer.text
-        alerts: list[dict[str, Any]] = answer.json()["alerts"]
-        return alerts
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-def alertmanager_group(status: str, fingerprint: str) -> dict[str, Any]:
-    """An Alertmanager webhook (version 4) with one alert."""
-    return {
-        "version": "4",
-        "groupKey": '{}:{alertname="RedisEvictionPolicy"}',
-        "truncatedAlerts": 0,
-        "status": status,
-        "receiver": "runbook-receiver",
-        "groupLabels": {"alertname": "RedisEvictionPolicy"},
-        "commonLabels": {},
-        "commonAnnotations": {},
-        "externalURL": "http://alertmanager.example:9093",
-        "alerts": [
-            {
-                "status": status,
-                "labels": {"alertname": "RedisEvictionPolicy", "target": "cache"},
-                "annotations": {"summary": "a cache that does not evict"},
-                "startsAt": "2026-12-01T03:00:00Z",
-                "endsAt": "0001-01-01T00:00:00Z",
-                "generatorURL": "http://prometheus.example/graph",
-                "fingerprint": fingerprint,
-            }
-        ],
-    }
-
-
 def test_an_alert_to_two_receivers_runs_once_on_a_worker_and_mends_the_target(
-    cluster: Cluster, pg: LocalPostgres, redis_server: Any, tmp_path: Path
+    cluster: Cluster,
+    pw_pg: LocalPostgres,  # noqa: F811 (the fixture imported above)
+    redis_server: Any,
+    tmp_path: Path,
 ) -> None:
     """Alertmanager's webhook reaching two receivers at the same instant, three times (its
-    re-sends), both recording in one PostgreSQL: one run of redis-health/cache, created through
-    the API, run by a worker of the pool, and the cache's eviction policy fixed."""
+    re-sends), both recording in one PostgreSQL (a password in the DSN): one run of
+    redis-health/cache, created through the API, run by a worker of the pool, and the cache's
+    eviction policy fixed."""
     cache = redis_server(config_file=True, maxmemory="64mb", policy="noeviction")
-    state_dsn = pg.create_database(f"receiver_{tmp_path.name[-8:]}".lower().replace("-", "_"))
+    state_dsn = store_database(pw_pg)
     config = tmp_path / "runbook.toml"
     config.write_text(
         f'[redis.cache]\nurl = "{cache.url}"\nrole = "cache"\n'
         + ALERT_ROUTE.format(token=TOKEN, state_dsn=state_dsn)
     )
-    receivers = [Receiver(cluster, tmp_path / n, config) for n in ("r1", "r2")]
     worker = Worker(cluster, "worker-alerts", tmp_path / "w", {"RUNBOOK_CONFIG": str(config)})
     fingerprint = uuid.uuid4().hex[:16]
+    firing = am_payload(am_alert(fingerprint, alertname="RedisEvictionPolicy", target="cache"))
     deployment = cluster.get("/deployments/name/redis-health/cache")
     try:
-        for receiver in receivers:
-            receiver.start()
         worker.start()
-        group = alertmanager_group("firing", fingerprint)
-        rounds: list[list[dict[str, Any]]] = []
-        with ThreadPoolExecutor(len(receivers)) as pool:
-            for _ in range(3):
-                rounds.append(
-                    [a for answer in pool.map(lambda r: r.post(group), receivers) for a in answer]
-                )
-        answers = [a for answered in rounds for a in answered]
-        outcomes = sorted(a["outcome"] for a in answers)
-        assert outcomes == ["deduplicated"] * 5 + ["started"], answers
-        run_id = next(a["flow_run_id"] for a in answers if a["outcome"] == "started")
-        # The first round's other receiver may answer before the run's id is recorded.
-        assert {a["flow_run_id"] for a in rounds[0]} <= {run_id, None}
-        assert {a["flow_run_id"] for a in rounds[1] + rounds[2]} == {run_id}
-        (run,) = cluster.wait_final([run_id])
-        resolved = receivers[1].post(alertmanager_group("resolved", fingerprint))
+        with receivers(config, cluster.api, 2) as started, ThreadPoolExecutor(2) as pool:
+            urls = [url for url, _ in started]
+            rounds = [
+                [a for answer in pool.map(lambda url: accepted(url, firing), urls) for a in answer]
+                for _ in range(3)
+            ]
+            answers = [a for answered in rounds for a in answered]
+            outcomes = sorted(a["outcome"] for a in answers)
+            assert outcomes == ["deduplicated"] * 5 + ["started"], answers
+            run_id = next(a["flow_run_id"] for a in answers if a["outcome"] == "started")
+            # The first round's other receiver may answer before the run's id is recorded.
+            assert {a["flow_run_id"] for a in rounds[0]} <= {run_id, None}
+            assert {a["flow_run_id"] for a in rounds[1] + rounds[2]} == {run_id}
+            (run,) = cluster.wait_final([run_id])
+            resolved = am_payload(
+                am_alert(fingerprint, "resolved", alertname="RedisEvictionPolicy", target="cache")
+            )
+            assert [a["outcome"] for a in accepted(urls[1], resolved)] == ["resolved"]
     finally:
         worker.stop()
-        for receiver in receivers:
-            receiver.stop()
-    assert [a["outcome"] for a in resolved] == ["resolved"]
     assert run["deployment_id"] == deployment["id"]
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Fixed"), worker.log.read_text()
     assert run["labels"]["prefect.worker.name"] == "worker-alerts"
@@ -406,5 +352,15 @@ def test_an_alert_to_two_receivers_runs_once_on_a_worker_and_mends_the_target(
         "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
     )
     assert [r["id"] for r in runs if "alert" in r["tags"]] == [run_id]
-    logs = "".join(r.log.read_text() for r in receivers)
-    assert state_dsn not in logs and TOKEN not in logs
+    output = "".join(proc.output for _, proc in started)  # type: ignore[attr-defined]
+    assert "alert started" in output
+    for secret in (PASSWORD, state_dsn, TOKEN):
+        assert secret not in output
+
+
+def accepted(url: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The alerts of a 202 answer to `payload` posted to the receiver at `url`."""
+    answer = post(url, payload)
+    assert answer.status_code == 202, answer.text
+    alerts: list[dict[str, Any]] = answer.json()["alerts"]
+    return alerts
