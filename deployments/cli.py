@@ -377,6 +377,7 @@ def run_routine(
     rows (--json: the RoutineReport) and exits with the worst status's exit code."""
     from deployments.catalog import ROUTINES
     from deployments.config import load_config
+    from tasks.engine import state_report
     from tasks.routines import RoutineReport
 
     try:
@@ -404,7 +405,7 @@ def run_routine(
                 state = cast(
                     "State[Any]", flow(dry_run=not apply, approval="ask", return_state=True)
                 )
-            report = state.result(raise_on_failure=False)
+            report = state_report(state)
             if not isinstance(report, RoutineReport):
                 state.result()  # raises what the routine raised
                 raise RunbookError(f"{name} ended {state.name} without a summary")

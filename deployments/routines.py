@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from deployments.catalog import ROUTINES, RUNBOOKS
 from deployments.config import load_config
 from tasks.cancel import raise_if_cancel_requested
-from tasks.engine import OUTCOME_STATES
+from tasks.engine import final_state
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.journal import journal_scope
 from tasks.models import Approval, RunStatus, utcnow
@@ -128,9 +128,7 @@ def run_routine(
     message = f"{name}: {status.value}; {len(ran)} run(s)"
     if worse and status.value in ("unhealthy", "failed"):
         message += f"; {worse[0].detail}"
-    return OUTCOME_STATES[status](
-        data=report, name=status.value.capitalize(), message=message[:500]
-    )
+    return final_state(status, report, message)
 
 
 @flow(name="routine-daily", flow_run_name=_run_name)

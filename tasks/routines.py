@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks.engine import state_report
 from tasks.models import Report, RunStatus
 
 # Worse comes later.
@@ -68,7 +69,7 @@ def row_of(runbook: str, target: str, state: Any, *, dry_run: bool, link: str | 
     """The row of a finished subflow from its final state (a prefect State): the report's
     status when it made one, else failed with the state's message (the runbook raised: a
     target unreachable, bad configuration, a crash, a cancellation)."""
-    result = state.result(raise_on_failure=False)
+    result = state_report(state)
     flow_run_id = state.state_details.flow_run_id
     status = result.status if isinstance(result, Report) else RunStatus.failed
     return RoutineRow(

@@ -15,6 +15,7 @@ import pytest
 from deployments.catalog import ROUTINES, RUNBOOKS
 from deployments.localpg import free_port
 from deployments.routines import routine_monthly, routine_weekly
+from tasks.engine import state_report
 from tasks.models import RunStatus
 from tasks.routines import RoutineReport, RoutineRow, render_summary, worst_status
 from tests.conftest import Db
@@ -81,7 +82,7 @@ def test_weekly_reviews_every_target_and_a_target_down_fails_alone(
     # As scheduled: the registry's parameters of its scheduled runs (a review: dry runs).
     assert ROUTINES["routine-weekly"].scheduled == {"dry_run": True}
     state = routine_weekly(**ROUTINES["routine-weekly"].scheduled, return_state=True)
-    report = state.result(raise_on_failure=False)
+    report = state_report(state)
     assert isinstance(report, RoutineReport)
 
     rows = {(r.runbook, r.target): r for r in report.rows}
@@ -122,7 +123,7 @@ def test_monthly_vacuums_and_drills_only_when_its_run_acts(db: Db, tmp_path: Pat
 
     # By hand, with no flags, before any backup set is configured: the routine is a dry run,
     # and so is every runbook in it; the drill has no target, which the summary says.
-    planned = routine_monthly(return_state=True).result(raise_on_failure=False)
+    planned = state_report(routine_monthly(return_state=True))
     assert isinstance(planned, RoutineReport)
     assert dead_tuples(db, "event") >= 20000
     assert [(r.runbook, r.target, r.status, r.dry_run) for r in planned.rows] == [
@@ -145,7 +146,7 @@ def test_monthly_vacuums_and_drills_only_when_its_run_acts(db: Db, tmp_path: Pat
     scheduled = ROUTINES["routine-monthly"].scheduled
     assert scheduled == {"dry_run": False, "approval": "auto"}
     state = routine_monthly(**scheduled, return_state=True)
-    report = state.result(raise_on_failure=False)
+    report = state_report(state)
     assert isinstance(report, RoutineReport)
     statuses = {(r.runbook, r.target): r.status for r in report.rows}
     assert statuses["postgres-maintenance", "main"] is RunStatus.fixed

@@ -19,6 +19,7 @@ from flows.postgres_connections import postgres_connections
 from flows.redis_health import redis_health
 from flows.security_incident import security_incident
 from tasks.audit import AuditSettings, init_table
+from tasks.engine import state_report
 from tasks.errors import RunbookError
 from tasks.models import Report, RunStatus
 from tasks.security import new_private_key
@@ -92,7 +93,7 @@ def test_no_secret_reaches_a_log_artifact_event_audit_row_or_notification(
     with pytest.raises(RunbookError) as unreachable:
         gone.result()
     cache = redis_health("cache", return_state=True)
-    report = cache.result(raise_on_failure=False)
+    report = state_report(cache)
     assert isinstance(report, Report) and report.status is RunStatus.unhealthy
     errors = [str(unreachable.value), report.model_dump_json()]
     run_ids = [fixed.flow_run_id, rotated.flow_run_id, flow_run_id(gone), flow_run_id(cache)]

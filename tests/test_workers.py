@@ -200,9 +200,10 @@ def job_states(dsn: str) -> list[str]:
 def test_two_workers_share_the_runs_and_each_mends_its_own_target(
     cluster: Cluster, pg: LocalPostgres, redis_server: Any, tmp_path: Path
 ) -> None:
-    """Six runs of two runbooks, each on a target of its own: three databases with a stuck job
-    (stuck-jobs resets it) and three Redis caches with the wrong eviction policy (redis-health
-    sets allkeys-lru). Both workers run some; each run changed its own target and nothing else.
+    """Seven runs of two runbooks, each on a target of its own: three databases with a stuck
+    job (stuck-jobs resets it) and three Redis caches with the wrong eviction policy
+    (redis-health sets allkeys-lru), and a dry run on a fourth cache, which ends Unhealthy and
+    changes nothing. Both workers run some; each run changed its own target and nothing else.
     The second worker runs the flows from a copy of the checkout named by RUNBOOK_HOME."""
     inventory = tmp_path / "runbook.toml"
     databases, caches, sections = {}, {}, []
@@ -217,6 +218,8 @@ def test_two_workers_share_the_runs_and_each_mends_its_own_target(
             config_file=True, maxmemory="64mb", policy="noeviction"
         )
         sections.append(f'[redis.cache{n}]\nurl = "{cache.url}"\nrole = "cache"\n')
+    untouched = redis_server(config_file=True, maxmemory="64mb", policy="noeviction")
+    sections.append(f'[redis.untouched]\nurl = "{untouched.url}"\nrole = "cache"\n')
     inventory.write_text("".join(sections))
     other_host = tmp_path / "other-host" / "runbook-automation"
     for part in ("flows", "tasks", "deployments"):
@@ -246,13 +249,22 @@ def test_two_workers_share_the_runs_and_each_mends_its_own_target(
                 ("redis-health/cache", f"cache{n}"),
             )
         ]
+        run_ids.append(cluster.create_run("redis-health/cache", target="untouched"))
         runs = cluster.wait_final(run_ids)
     finally:
         for worker in workers:
             worker.stop()
     ended = {r["name"]: (r["state_type"], r["state_name"]) for r in runs}
     logs = "\n".join(w.log.read_text()[-3000:] for w in workers)
-    assert ended == {t: ("COMPLETED", "Fixed") for t in [*databases, *caches]}, logs
+    assert ended == {
+        **{t: ("COMPLETED", "Fixed") for t in [*databases, *caches]},
+        "untouched": ("FAILED", "Unhealthy"),
+    }, logs
+    # The engine of a worker's run raises a failed state's data at its end: the outcome, with
+    # its message, never a TypeError over the report.
+    output = "".join(w.log.read_text() for w in workers)
+    assert "Outcome: redis-health on untouched: unhealthy" in output
+    assert "Unexpected result for failed state" not in output
     ran_on = {r["name"]: r["labels"].get("prefect.worker.name") for r in runs}
     assert set(ran_on.values()) == {"worker-a", "worker-b"}, ran_on
     # Each worker's runs started in its own checkout: the installed one, and the copy.
@@ -262,6 +274,7 @@ def test_two_workers_share_the_runs_and_each_mends_its_own_target(
         assert job_states(dsn) == ["pending", "running"]  # the stuck one reset, the other left
     for cache in caches.values():
         assert cache.client().config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+    assert untouched.client().config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
 
 
 def test_the_pull_step_goes_to_runbook_home_or_the_installed_checkout(
