@@ -26,7 +26,7 @@ def set_runbook_home() -> dict[str, str]:
     Prints the directory (one line in the worker's output). Returns {"directory": the
     absolute path}, as Prefect's own set_working_directory step does.
     Raises FileNotFoundError, naming the directory and RUNBOOK_HOME, when that directory has no
-    `flows/`: the run ends Crashed, the message in its logs."""
+    `flows/`: the run ends Crashed, the message in the worker's output."""
     given = os.environ.get(HOME_VARIABLE, "").strip()
     home = Path(given).expanduser().resolve() if given else checkout()
     if not (home / "flows").is_dir():
