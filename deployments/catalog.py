@@ -82,6 +82,16 @@ class Runbook:
             return [self.default_target] if eligible else []
         return eligible
 
+    def accepted(self, settings: Settings) -> dict[str, dict[str, str]]:
+        """Every target of its section it can run on, one at a time (a fleet selects among
+        these, even for a runbook that otherwise looks at its whole section at once): each
+        name with its labels."""
+        return {
+            name: dict(target.labels)
+            for name, target in sorted(settings.targets(self.inventory).items())
+            if self.accepts(target)
+        }
+
     def alert_targets(self, settings: Settings) -> list[str]:
         """What an alert route may name: a deployment's target, or a target the runbook is
         narrowed to."""
