@@ -35,6 +35,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from deployments.catalog import RUNBOOKS
 from deployments.config import load_config
+from deployments.runner import quiet_thread_timeout_notice
 from tasks.cancel import raise_if_cancel_requested
 from tasks.engine import OUTCOME_STATES
 from tasks.errors import ConfigError
@@ -106,6 +107,9 @@ def run_fleet(
     FleetReport as its data. Raises ConfigError (before any target runs) for an unknown
     runbook, a bad selector or rate, or an invalid inventory."""
     started = utcnow()
+    # The targets' tasks run on worker threads: Prefect's notice that a task timeout cannot
+    # interrupt them there would be most of the log (each bounds its own I/O).
+    quiet_thread_timeout_notice()
     if runbook not in RUNBOOKS:
         raise ConfigError(f"unknown runbook {runbook!r}; known: {', '.join(RUNBOOKS)}")
     rb = RUNBOOKS[runbook]
