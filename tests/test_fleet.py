@@ -367,6 +367,7 @@ def test_a_fleet_from_the_cli_prints_its_json_and_exits_with_the_worst(
         (("--target", "all", "--max-errors", "x%"), "--max-errors 'x%': expected a whole"),
         (("--target", "a", "--max-errors", "1"), "--max-errors goes with a fleet"),
         (("--target", "all", "--apply"), "--apply on a fleet needs --yes"),
+        (("--target", "all", "--set", "long_query_seconds=abc"), "valid integer"),
     ],
 )
 def test_fleet_usage_errors_exit_2(
