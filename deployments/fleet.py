@@ -9,7 +9,8 @@ Each target's run is the runbook's own flow as a tracked subflow of the fleet's 
 from one task per target (`fleet-target`) on a ThreadPoolTaskRunner: Prefect 3.9 gives a
 subflow called inside a task a unique key (Task.create_run, `_is_subflow_tracking_task`), so
 concurrent subflows of one parent never share a tracking task run, as subflows called from
-plain threads could (their keys are a per-flow counter). The fleet starts one target (the
+plain threads could (their keys are a per-flow counter; PrefectHQ/prefect#22259, fixed for
+task-called subflows by #22286, which 3.9.1 has). The fleet starts one target (the
 canary), then doubles the number in flight each time that many have finished without error, up
 to the cap; once more targets than --max-errors allows have erred, it starts no more, lets the
 ones in flight finish, and reports the rest `not_started` with the reason.
