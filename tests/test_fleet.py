@@ -205,6 +205,22 @@ def child_runs(parent: str | None) -> list[ChildRun]:
     return sorted(found, key=lambda r: r.start)
 
 
+def fleet_artifact(report: FleetReport) -> str:
+    """The markdown of the fleet run's `fleet-<runbook>` artifact, from the API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    assert report.flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.flow_run_id)])
+            )
+        )
+    (artifact,) = [a for a in found if a.key == f"fleet-{report.runbook}"]
+    return str(artifact.data)
+
+
 def running_at_each_start(runs: list[ChildRun]) -> list[int]:
     """For each run in start order: how many runs (itself included) were running as it began."""
     return [sum(1 for o in runs if o.start <= r.start < o.end) for r in runs]
@@ -299,6 +315,16 @@ def test_the_first_error_stops_the_fleet_and_in_flight_targets_finish(
     runs = one_child_per_target(report)
     assert [r.state for r in runs] == ["COMPLETED", "FAILED", "FAILED"]
     assert "Connection refused" in report.targets[1].findings[0].message
+    # The fleet's artifact: its targets worst first, then those not started.
+    rows = [line.split(" | ") for line in fleet_artifact(report).splitlines()[6:]]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("| b", "failed"),
+        ("| c", "failed"),
+        ("| a", "healthy"),
+        ("| d", "not started"),
+        ("| e", "not started"),
+        ("| f", "not started"),
+    ]
 
     # 50% of six: three errors allowed; the two down targets do not stop it.
     report = run_fleet("env=prod", max_concurrency="2", max_errors="50%")
@@ -384,4 +410,12 @@ def test_fleet_usage_errors_exit_2(
     proc = cli("run", "postgres-connections", *args)
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
+    no_traceback(proc)
+
+
+def test_a_bad_label_is_a_configuration_error_naming_its_section(inventory: Any) -> None:
+    inventory('[postgres.a]\ndsn = "host=x"\nlabels = { "env-name" = "prod" }\n')
+    proc = cli("run", "postgres-connections", "--target", "all")
+    assert proc.returncode == 2, proc.stderr
+    assert "postgres.a.labels: label name 'env-name'" in proc.stderr
     no_traceback(proc)
