@@ -92,6 +92,20 @@ class Runbook:
             if self.accepts(target)
         }
 
+    def select(self, settings: Settings, selector: str) -> list[str]:
+        """The targets a fleet selector picks among accepted() (tasks.fleet_rules), or
+        ConfigError saying what is configured."""
+        from tasks.fleet_rules import select_targets
+
+        return select_targets(
+            selector,
+            self.accepted(settings),
+            section=self.inventory,
+            runbook=self.name,
+            configured=tuple(settings.targets(self.inventory)),
+            requires=self.requires,
+        )
+
     def alert_targets(self, settings: Settings) -> list[str]:
         """What an alert route may name: a deployment's target, or a target the runbook is
         narrowed to."""

@@ -9,9 +9,9 @@ import functools
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 
@@ -19,6 +19,7 @@ from tasks.errors import ConfigError, RunbookError
 
 if TYPE_CHECKING:
     from prefect import State
+    from pydantic import BaseModel
     from rich.console import Console
     from rich.status import Status
 
@@ -368,16 +369,32 @@ def run_routine(
                 state = cast(
                     "State[Any]", flow(dry_run=not apply, approval="ask", return_state=True)
                 )
-            report = state.result(raise_on_failure=False)
-            if not isinstance(report, RoutineReport):
-                state.result()  # raises what the routine raised
-                raise RunbookError(f"{name} ended {state.name} without a summary")
+            report = report_of(state, RoutineReport, f"{name} ended {state.name} without a summary")
     except RunbookError as exc:
         raise fail(exc) from None
+    print_and_exit(report, as_json, show_routine)
+
+
+R = TypeVar("R", bound="BaseModel")
+
+
+def report_of(state: State[Any], kind: type[R], missing: str) -> R:
+    """The report a routine's or fleet's final state holds; what its flow raised when it
+    holds none, else RunbookError(missing)."""
+    report = state.result(raise_on_failure=False)
+    if not isinstance(report, kind):
+        state.result()  # raises what the flow raised
+        raise RunbookError(missing)
+    return report
+
+
+def print_and_exit(report: Any, as_json: bool, show_it: Callable[[Any], None]) -> NoReturn:
+    """--json: the report as one JSON object on stdout, else show_it(report); then exit with
+    the report's exit code."""
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
     else:
-        show_routine(report)
+        show_it(report)
     raise typer.Exit(report.exit_code)
 
 
@@ -414,7 +431,6 @@ def run_fleet(
         DEFAULT_MAX_CONCURRENCY,
         DEFAULT_MAX_ERRORS,
         parse_rate,
-        select_targets,
     )
 
     concurrency = max_concurrency or DEFAULT_MAX_CONCURRENCY
@@ -431,14 +447,7 @@ def run_fleet(
                 "actions of every selected target, or leave out --apply to plan only"
             )
         settings = load_config()
-        selected = select_targets(
-            selector,
-            rb.accepted(settings),
-            section=rb.inventory,
-            runbook=rb.name,
-            configured=tuple(settings.targets(rb.inventory)),
-            requires=rb.requires,
-        )
+        selected = rb.select(settings, selector)
         for target in selected:
             _, cfg = settings.target(rb.inventory, target)
             rb.params.resolve(
@@ -472,17 +481,12 @@ def run_fleet(
                         return_state=True,
                     ),
                 )
-            report = state.result(raise_on_failure=False)
-            if not isinstance(report, FleetReport):
-                state.result()  # raises what the fleet raised
-                raise RunbookError(f"the fleet of {rb.name} ended {state.name} without a report")
+            report = report_of(
+                state, FleetReport, f"the fleet of {rb.name} ended {state.name} without a report"
+            )
     except RunbookError as exc:
         raise fail(exc) from None
-    if as_json:
-        sys.stdout.write(report.model_dump_json() + "\n")
-    else:
-        show_fleet(report)
-    raise typer.Exit(report.exit_code)
+    print_and_exit(report, as_json, show_fleet)
 
 
 def show_fleet(report: Any) -> None:

@@ -49,7 +49,6 @@ from tasks.fleet_rules import (
     concurrency_of,
     is_error,
     parse_rate,
-    select_targets,
 )
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.journal import journal_scope
@@ -117,14 +116,7 @@ def run_fleet(
     settings = load_config()
     concurrency_rate = parse_rate(max_concurrency, "--max-concurrency", minimum=1)
     errors_rate = parse_rate(max_errors, "--max-errors", minimum=0)
-    selected = select_targets(
-        selector,
-        rb.accepted(settings),
-        section=rb.inventory,
-        runbook=rb.name,
-        configured=tuple(settings.targets(rb.inventory)),
-        requires=rb.requires,
-    )
+    selected = rb.select(settings, selector)
     ramp = Ramp(
         cap=concurrency_of(concurrency_rate, len(selected)),
         max_errors=errors_rate.of(len(selected)),

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from tasks.models import Report, RunStatus
+from tasks.models import Report, RunStatus, exit_code_of
 from tasks.routines import SEVERITY_ORDER
 
 
@@ -48,9 +48,7 @@ class FleetReport(BaseModel):
     @property
     def exit_code(self) -> int:
         """0 healthy or fixed, 1 unhealthy (or targets not started), 3 failed."""
-        return {RunStatus.healthy: 0, RunStatus.fixed: 0, RunStatus.unhealthy: 1}.get(
-            self.status, 3
-        )
+        return exit_code_of(self.status)
 
     def worst_first(self) -> list[Report]:
         """The targets' reports, worst status first, then by target name."""
