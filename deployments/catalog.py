@@ -82,6 +82,30 @@ class Runbook:
             return [self.default_target] if eligible else []
         return eligible
 
+    def accepted(self, settings: Settings) -> dict[str, dict[str, str]]:
+        """Every target of its section it can run on, one at a time (a fleet selects among
+        these, even for a runbook that otherwise looks at its whole section at once): each
+        name with its labels."""
+        return {
+            name: dict(target.labels)
+            for name, target in sorted(settings.targets(self.inventory).items())
+            if self.accepts(target)
+        }
+
+    def select(self, settings: Settings, selector: str) -> list[str]:
+        """The targets a fleet selector picks among accepted() (tasks.fleet_rules), or
+        ConfigError saying what is configured."""
+        from tasks.fleet_rules import select_targets
+
+        return select_targets(
+            selector,
+            self.accepted(settings),
+            section=self.inventory,
+            runbook=self.name,
+            configured=tuple(settings.targets(self.inventory)),
+            requires=self.requires,
+        )
+
     def alert_targets(self, settings: Settings) -> list[str]:
         """What an alert route may name: a deployment's target, or a target the runbook is
         narrowed to."""

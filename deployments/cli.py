@@ -9,9 +9,9 @@ import functools
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 
@@ -19,6 +19,7 @@ from tasks.errors import ConfigError, RunbookError
 
 if TYPE_CHECKING:
     from prefect import State
+    from pydantic import BaseModel
     from rich.console import Console
     from rich.status import Status
 
@@ -327,14 +328,50 @@ def run(
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", help="approve destructive actions")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    max_concurrency: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|P%", help="a fleet: targets at once, a count or a percentage (default 5)"
+        ),
+    ] = None,
+    max_errors: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|P%",
+            help="a fleet: errors before no new target starts, a count or a percentage "
+            "(default 0: stop after the first)",
+        ),
+    ] = None,
 ) -> None:
-    """Run a runbook (or a routine: every target of its runbooks): plan only unless --apply."""
+    """Run a runbook (or a routine: every target of its runbooks): plan only unless --apply.
+
+    --target all, a,b,c or env=prod,tier=db runs it on each of those targets (a fleet), one
+    first, then more at once up to --max-concurrency, stopping after --max-errors."""
     from deployments.catalog import ROUTINES
     from tasks.models import utcnow
 
+    rates = {"--max-concurrency": max_concurrency, "--max-errors": max_errors}
     if name in ROUTINES:
+        if given := [option for option, value in rates.items() if value is not None]:
+            raise fail(ConfigError(f"{given[0]} goes with a fleet of one runbook, not {name}"))
         run_routine(name, target=target, sets=set_ or [], apply=apply, yes=yes, as_json=as_json)
+    if is_fleet(target):
+        run_fleet(
+            name,
+            selector=cast("str", target),
+            sets=set_ or [],
+            max_concurrency=max_concurrency,
+            max_errors=max_errors,
+            apply=apply,
+            yes=yes,
+            as_json=as_json,
+        )
     try:
+        if given := [option for option, value in rates.items() if value is not None]:
+            raise ConfigError(
+                f"{given[0]} goes with a fleet (--target all, a,b,c or env=prod); "
+                f"--target {target or 'NAME'} runs one target"
+            )
         rb = find_runbook(name)
         params = parse_sets(rb, set_ or [])
         target_name, thresholds = resolve_target(rb, target)
@@ -377,7 +414,6 @@ def run_routine(
     rows (--json: the RoutineReport) and exits with the worst status's exit code."""
     from deployments.catalog import ROUTINES
     from deployments.config import load_config
-    from tasks.engine import state_report
     from tasks.routines import RoutineReport
 
     try:
@@ -405,17 +441,155 @@ def run_routine(
                 state = cast(
                     "State[Any]", flow(dry_run=not apply, approval="ask", return_state=True)
                 )
-            report = state_report(state)
-            if not isinstance(report, RoutineReport):
-                state.result()  # raises what the routine raised
-                raise RunbookError(f"{name} ended {state.name} without a summary")
+            report = report_of(state, RoutineReport, f"{name} ended {state.name} without a summary")
     except RunbookError as exc:
         raise fail(exc) from None
+    print_and_exit(report, as_json, show_routine)
+
+
+R = TypeVar("R", bound="BaseModel")
+
+
+def report_of(state: State[Any], kind: type[R], missing: str) -> R:
+    """The report a routine's or fleet's final state holds; what its flow raised when it
+    holds none, else RunbookError(missing)."""
+    from tasks.engine import state_report
+
+    report = state_report(state)
+    if not isinstance(report, kind):
+        state.result()  # raises what the flow raised
+        raise RunbookError(missing)
+    return report
+
+
+def print_and_exit(report: Any, as_json: bool, show_it: Callable[[Any], None]) -> NoReturn:
+    """--json: the report as one JSON object on stdout, else show_it(report); then exit with
+    the report's exit code."""
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
     else:
-        show_routine(report)
+        show_it(report)
     raise typer.Exit(report.exit_code)
+
+
+def is_fleet(target: str | None) -> bool:
+    """tasks.fleet_rules.is_fleet, without importing tasks (`--help` stays light)."""
+    from tasks.fleet_rules import is_fleet as fleet_selector
+
+    return fleet_selector(target)
+
+
+def run_fleet(
+    name: str,
+    *,
+    selector: str,
+    sets: list[str],
+    max_concurrency: str | None,
+    max_errors: str | None,
+    apply: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """`runbook run NAME --target SELECTOR`: the fleet flow (deployments.fleet) in this
+    process, after every check it makes before a target runs (exit 2 on any); prints its
+    targets worst first, then those not started (--json: the FleetReport), and exits with the
+    fleet's exit code.
+
+    A fleet never prompts: several targets may ask at once, and one prompt per target is not
+    an answer to any of them. --apply therefore needs --yes, which approves every target's
+    destructive actions (the inventory's `approval = "never"`, production targets' rules
+    beyond `ask`, and [limits] still apply)."""
+    from deployments.config import load_config
+    from tasks.fleet import FleetReport
+    from tasks.fleet_rules import (
+        DEFAULT_MAX_CONCURRENCY,
+        DEFAULT_MAX_ERRORS,
+        parse_rate,
+    )
+
+    concurrency = max_concurrency or DEFAULT_MAX_CONCURRENCY
+    errors = max_errors or DEFAULT_MAX_ERRORS
+    try:
+        rb = find_runbook(name)
+        params = parse_sets(rb, sets)
+        parse_rate(concurrency, "--max-concurrency", minimum=1)
+        parse_rate(errors, "--max-errors", minimum=0)
+        if apply and not yes:
+            raise ConfigError(
+                "--apply on a fleet needs --yes: a fleet runs several targets at once and "
+                "cannot stop for a prompt per target. Add --yes to approve the destructive "
+                "actions of every selected target, or leave out --apply to plan only"
+            )
+        settings = load_config()
+        selected = rb.select(settings, selector)
+        for target in selected:
+            _, cfg = settings.target(rb.inventory, target)
+            rb.params.resolve(
+                rb.params.model_validate(params), cfg.thresholds, f"{rb.name} on {target}"
+            )
+    except RunbookError as exc:
+        raise fail(exc) from None
+    from tasks.gate import approver, login_name
+
+    try:
+        with (
+            unexpected_errors(rb.name),
+            prefect_context(),
+            console(stderr=True).status(f"{rb.name} on {len(selected)} target(s)…"),
+        ):
+            from deployments.fleet import fleet
+
+            # --yes answers for every target; without it nobody is asked (a dry run asks none).
+            who = f"{login_name()} (--yes)"
+            with approver((lambda actions: True) if yes else None, who=who if yes else None):
+                state = cast(
+                    "State[Any]",
+                    fleet(
+                        runbook=rb.name,
+                        selector=selector,
+                        max_concurrency=concurrency,
+                        max_errors=errors,
+                        dry_run=not apply,
+                        approval="ask",
+                        params=params or None,
+                        return_state=True,
+                    ),
+                )
+            report = report_of(
+                state, FleetReport, f"the fleet of {rb.name} ended {state.name} without a report"
+            )
+    except RunbookError as exc:
+        raise fail(exc) from None
+    print_and_exit(report, as_json, show_fleet)
+
+
+def show_fleet(report: Any) -> None:
+    """A fleet's report (a tasks.fleet.FleetReport): its targets worst first, then those not
+    started, then the totals."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from tasks.fleet import summary_of
+
+    out = console()
+    table = Table("target", "status", "summary", title=f"{report.runbook} on {report.selector}")
+    for r in report.worst_first():
+        table.add_row(
+            Text(r.target), Text(r.status.value, STATUS_STYLE[r.status]), Text(summary_of(r))
+        )
+    for n in report.not_started:
+        table.add_row(Text(n.target), Text("not started", "dim"), Text(n.reason))
+    out.print(table)
+    t = report.totals
+    mode = "dry run" if report.dry_run else "applied"
+    out.print(
+        Text.assemble(
+            f"{report.runbook} on {report.selector} ({mode}): ",
+            (report.status.value, STATUS_STYLE[report.status]),
+            f"; {t.healthy} healthy, {t.fixed} fixed, {t.unhealthy} unhealthy, "
+            f"{t.failed} failed, {t.not_started} not started",
+        )
+    )
 
 
 def show_routine(report: Any) -> None:

@@ -187,9 +187,12 @@ class Report(BaseModel):
 
     @property
     def exit_code(self) -> int:
-        return {RunStatus.healthy: 0, RunStatus.fixed: 0, RunStatus.unhealthy: 1}.get(
-            self.status, 3
-        )
+        return exit_code_of(self.status)
+
+
+def exit_code_of(status: RunStatus) -> int:
+    """The CLI's exit code for an outcome: 0 healthy or fixed, 1 unhealthy, 3 failed."""
+    return {RunStatus.healthy: 0, RunStatus.fixed: 0, RunStatus.unhealthy: 1}.get(status, 3)
 
 
 def problems(findings: list[Finding]) -> list[Finding]:

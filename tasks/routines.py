@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.engine import state_report
-from tasks.models import Report, RunStatus
+from tasks.models import Report, RunStatus, exit_code_of
 
 # Worse comes later.
 SEVERITY_ORDER: tuple[RunStatus, ...] = (
@@ -54,9 +54,7 @@ class RoutineReport(BaseModel):
     @property
     def exit_code(self) -> int:
         """The CLI's exit code, as a runbook's (0 healthy or fixed, 1 unhealthy, 3 failed)."""
-        return {RunStatus.healthy: 0, RunStatus.fixed: 0, RunStatus.unhealthy: 1}.get(
-            self.status, 3
-        )
+        return exit_code_of(self.status)
 
 
 def worst_status(rows: list[RoutineRow]) -> RunStatus:

@@ -102,7 +102,35 @@ class JobsTable(TimedTable):
     clear_started: bool = True
 
 
+# A label's name as Prometheus spells one (names starting "__" are Prometheus's own); its value
+# any text of at most LABEL_VALUE_MAX characters without control characters.
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+LABEL_VALUE_MAX = 256
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """labels as given, or ValueError naming the first bad name or value and the rule."""
+    for key, value in labels.items():
+        if not LABEL_NAME.fullmatch(key) or key.startswith("__"):
+            raise ValueError(
+                f"label name {key!r}: use letters, digits and underscores, not starting with a "
+                "digit or with two underscores (a Prometheus label name), e.g. env or tier"
+            )
+        if not value:
+            raise ValueError(f'label {key}: the value is empty; give it one, e.g. {key} = "prod"')
+        if len(value) > LABEL_VALUE_MAX:
+            raise ValueError(
+                f"label {key}: the value has {len(value)} characters; at most {LABEL_VALUE_MAX}"
+            )
+        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+            raise ValueError(f"label {key}: the value holds a control character; remove it")
+    return labels
+
+
 class _Target(_Strict):
+    # What selects it among its section's targets for a fleet run (`--target env=prod`):
+    # tasks.fleet_rules.select_targets.
+    labels: dict[str, str] = Field(default_factory=dict)
     # Per-target values for a runbook's parameters, e.g. idle_in_transaction_seconds = 300:
     # the names its section's runbooks take (deployments.catalog.threshold_names).
     thresholds: dict[str, int | float] = Field(default_factory=dict)
@@ -111,6 +139,11 @@ class _Target(_Strict):
     # `auto` into `ask` for destructive actions (tasks.gate).
     approval: Approval = "auto"
     production: bool = False
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_labels(value)
 
 
 class PostgresTarget(_Target):

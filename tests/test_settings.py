@@ -66,6 +66,27 @@ def test_environment_overrides_the_file_and_merges(
             "terminate_backend",
         ),
         ('[approval]\nstuck-jobs.reset_stuck_jobs = "maybe"\n', "stuck-jobs.reset_stuck_jobs"),
+        (
+            '[postgres.main]\ndsn = "host=x"\nlabels = { "bad-key" = "x" }\n',
+            "postgres.main.labels: label name 'bad-key': use letters, digits and underscores",
+        ),
+        (
+            '[redis.cache]\nurl = "redis://h:6379/0"\nlabels = { __env = "x" }\n',
+            "redis.cache.labels: label name '__env'",
+        ),
+        (
+            '[postgres.main]\ndsn = "host=x"\nlabels = { env = "" }\n',
+            "label env: the value is empty",
+        ),
+        (
+            f'[postgres.main]\ndsn = "host=x"\nlabels = {{ env = "{"x" * 257}" }}\n',
+            "postgres.main.labels: label env: the value has 257 characters; at most 256",
+        ),
+        (
+            '[postgres.main]\ndsn = "host=x"\nlabels = { env = "a\\tb" }\n',
+            "label env: the value holds a control character",
+        ),
+        ('[postgres.main]\ndsn = "host=x"\nlabels = { tier = 1 }\n', "postgres.main.labels.tier"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
@@ -227,3 +248,20 @@ def test_loads_on_many_threads_at_once_all_see_the_inventory(
     assert len(results) == 8 * 150
     assert set(results) == {(("queue",), "jobs")}
     assert os.environ["RUNBOOK_CONFIG"] == str(path)
+
+
+def test_labels_on_every_kind_of_target_and_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_POSTGRES__MAIN__LABELS__REGION", "eu")
+    settings = load_config(
+        write(
+            tmp_path,
+            '[postgres.main]\ndsn = "host=x"\nlabels = { env = "prod", tier = "db" }\n'
+            '[redis.cache]\nurl = "redis://h:6379/0"\n[redis.cache.labels]\nenv = "stage"\n'
+            '[tls.app]\nhost = "app.test"\nlabels = { env = "prod é" }\n',
+        )
+    )
+    assert settings.postgres["main"].labels == {"env": "prod", "tier": "db", "region": "eu"}
+    assert settings.redis["cache"].labels == {"env": "stage"}
+    assert settings.tls["app"].labels == {"env": "prod é"}
