@@ -535,13 +535,16 @@ def run_fleet(
         with (
             unexpected_errors(rb.name),
             prefect_context(),
-            console(stderr=True).status(f"{rb.name} on {len(selected)} target(s)…"),
+            console(stderr=True).status(f"{rb.name} on {len(selected)} target(s)…") as status,
         ):
             from deployments.fleet import fleet
 
             # --yes answers for every target; without it nobody is asked (a dry run asks none).
             who = f"{login_name()} (--yes)"
-            with approver((lambda actions: True) if yes else None, who=who if yes else None):
+            with (
+                approver((lambda actions: True) if yes else None, who=who if yes else None),
+                progress_bar(status, as_json),
+            ):
                 state = cast(
                     "State[Any]",
                     fleet(

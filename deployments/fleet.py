@@ -18,7 +18,8 @@ ones in flight finish, and reports the rest `not_started` with the reason.
 Every target's run goes through its own gate as any run of the runbook: the inventory's
 [approval] policies, production targets and limits apply to each. The fleet publishes one
 markdown artifact (key `fleet-<runbook>`: its targets worst first, then those not started) and
-ends with the worst of their statuses, in a runbook's final states (tasks.engine)."""
+a progress artifact (targets ended of those selected, updated as they end: tasks.progress),
+and ends with the worst of their statuses, in a runbook's final states (tasks.engine)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from tasks.fleet_rules import (
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.journal import journal_scope
 from tasks.models import Approval, Finding, Report, RunStatus, Severity, utcnow
+from tasks.progress import progress
 
 
 def failed_report(runbook: str, target: str, dry_run: bool, message: str) -> Report:
@@ -148,8 +150,12 @@ def run_fleet(
     running: dict[PrefectFuture[Report], str] = {}
     reports: dict[str, Report] = {}
     first_error: str | None = None
-    # The subflows' journals inherit from this one whether the run is a deployment's.
-    with journal_scope(runbook="fleet"):
+    # The subflows' journals inherit from this one whether the run is a deployment's. The
+    # fleet's progress: targets ended of those selected (the UI's Artifacts tab, the CLI bar).
+    with (
+        journal_scope(runbook="fleet"),
+        progress("targets", f"{rb.name} on {selector}", len(selected), "targets") as done,
+    ):
         while True:
             while pending and ramp.may_start():
                 # A cancelled fleet stops between targets (tasks.cancel).
@@ -168,6 +174,7 @@ def run_fleet(
             except Exception as exc:  # the task itself failed: count it as the target's
                 report = failed_report(rb.name, target, dry_run, f"{type(exc).__name__}: {exc}")
             reports[target] = report
+            done.advance(1)
             error = is_error(report)
             if error and first_error is None:
                 first_error = f"{target} {report.status.value}"
@@ -182,6 +189,8 @@ def run_fleet(
                 ramp.limit,
                 ramp.errors,
             )
+        if pending:
+            done.fall_short()
     reason = ramp.stop_reason(errors_rate, first_error)
     not_started = [NotStarted(target=t, reason=reason) for t in pending]
     if not_started:

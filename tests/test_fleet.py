@@ -206,8 +206,9 @@ def child_runs(parent: str | None) -> list[ChildRun]:
     return sorted(found, key=lambda r: r.start)
 
 
-def fleet_artifact(report: FleetReport) -> str:
-    """The markdown of the fleet run's `fleet-<runbook>` artifact, from the API."""
+def fleet_artifact(report: FleetReport, kind: str = "markdown") -> Any:
+    """The fleet run's artifact of `kind`, from the API: `fleet-<runbook>`'s markdown, or its
+    progress artifact (its percent, its description)."""
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -218,6 +219,9 @@ def fleet_artifact(report: FleetReport) -> str:
                 flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.flow_run_id)])
             )
         )
+    if kind == "progress":
+        (artifact,) = [a for a in found if a.type == "progress"]
+        return artifact.data, artifact.description
     (artifact,) = [a for a in found if a.key == f"fleet-{report.runbook}"]
     return str(artifact.data)
 
@@ -326,6 +330,11 @@ def test_the_first_error_stops_the_fleet_and_in_flight_targets_finish(
         ("| e", "not started"),
         ("| f", "not started"),
     ]
+    # Its progress: where it stopped, three targets of six.
+    assert fleet_artifact(report, "progress") == (
+        50.0,
+        "postgres-connections on env=prod: stopped at 3 of 6 targets",
+    )
 
     # 50% of six: three errors allowed; the two down targets do not stop it.
     report = run_fleet("env=prod", max_concurrency="2", max_errors="50%")
@@ -333,6 +342,10 @@ def test_the_first_error_stops_the_fleet_and_in_flight_targets_finish(
     assert report.not_started == [] and report.max_errors == 3
     assert report.totals.failed == 2 and report.totals.healthy == 4
     one_child_per_target(report)
+    assert fleet_artifact(report, "progress") == (
+        100.0,
+        "postgres-connections on env=prod: 6 of 6 targets",
+    )
 
 
 def test_a_fleet_from_the_cli_prints_its_json_and_exits_with_the_worst(
