@@ -453,7 +453,7 @@ R = TypeVar("R", bound="BaseModel")
 def report_of(state: State[Any], kind: type[R], missing: str) -> R:
     """The report a routine's or fleet's final state holds; what its flow raised when it
     holds none, else RunbookError(missing)."""
-    from tasks.engine import state_report
+    from tasks.outcome import state_report
 
     report = state_report(state)
     if not isinstance(report, kind):

@@ -39,7 +39,7 @@ from deployments.catalog import RUNBOOKS
 from deployments.config import load_config
 from deployments.runner import quiet_thread_timeout_notice
 from tasks.cancel import raise_if_cancel_requested
-from tasks.engine import final_state, state_report
+from tasks.engine import final_state
 from tasks.errors import ConfigError
 from tasks.fleet import FleetReport, NotStarted, fleet_status, render_fleet, totals_of
 from tasks.fleet_rules import (
@@ -54,6 +54,7 @@ from tasks.fleet_rules import (
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.journal import journal_scope
 from tasks.models import Approval, Finding, Report, RunStatus, Severity, utcnow
+from tasks.outcome import state_report
 from tasks.progress import progress
 
 

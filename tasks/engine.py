@@ -41,6 +41,7 @@ from tasks.models import (
     final_status,
     problems,
 )
+from tasks.outcome import Outcome, state_report
 from tasks.render import publish
 
 P = ParamSpec("P")
@@ -191,22 +192,6 @@ def with_args(doc: str, signature: inspect.Signature) -> str:
     return inspect.cleandoc(doc) + "\n\nArgs:\n" + "\n".join(lines) if lines else doc
 
 
-class Outcome(Exception):
-    """A report as the data of a FAILED final state (Unhealthy or Failed).
-
-    Prefect resolves a failed state's data into the exception it raises when the run's result
-    is asked for; a worker's flow-run process asks at its end and logs that exception. As an
-    Outcome it is the state's message, where a bare report was a TypeError over the report.
-    `report`: the Report (a routine's RoutineReport); read it with state_report."""
-
-    def __init__(self, report: Any, message: str) -> None:
-        super().__init__(message)
-        self.report = report
-
-    def __reduce__(self) -> tuple[type[Outcome], tuple[Any, str]]:
-        return (type(self), (self.report, str(self)))
-
-
 def final_state(status: RunStatus, report: Any, message: str) -> State[Any]:
     """The final state of a run that made `report`: COMPLETED Healthy or Fixed with the report
     as its data, FAILED Unhealthy or Failed with it inside an Outcome; named after the status,
@@ -215,13 +200,6 @@ def final_state(status: RunStatus, report: Any, message: str) -> State[Any]:
     if status in (RunStatus.healthy, RunStatus.fixed):
         return Completed(data=report, name=name, message=message)
     return Failed(data=Outcome(report, message), name=name, message=message)
-
-
-def state_report(state: State[Any]) -> Any:
-    """What a run's final state carries: its report (a Report, a RoutineReport) when it made
-    one, else what the run raised or returned."""
-    result = state.result(raise_on_failure=False)
-    return result.report if isinstance(result, Outcome) else result
 
 
 def outcome_state(report: Report) -> State[Report]:

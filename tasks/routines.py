@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.engine import state_report
 from tasks.models import Report, RunStatus, exit_code_of
+from tasks.outcome import state_report
 
 # Worse comes later.
 SEVERITY_ORDER: tuple[RunStatus, ...] = (

@@ -21,9 +21,9 @@ import pytest
 
 from deployments.fleet import fleet
 from deployments.localpg import LocalPostgres, free_port
-from tasks.engine import state_report
 from tasks.fleet import FleetReport
 from tasks.models import RunStatus
+from tasks.outcome import state_report
 from tests.test_cli import cli, no_traceback
 
 

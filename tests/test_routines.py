@@ -15,8 +15,8 @@ import pytest
 from deployments.catalog import ROUTINES, RUNBOOKS
 from deployments.localpg import free_port
 from deployments.routines import routine_monthly, routine_weekly
-from tasks.engine import state_report
 from tasks.models import RunStatus
+from tasks.outcome import state_report
 from tasks.routines import RoutineReport, RoutineRow, render_summary, worst_status
 from tests.conftest import Db
 from tests.test_cli import cli, no_traceback

@@ -19,9 +19,9 @@ from flows.postgres_connections import postgres_connections
 from flows.redis_health import redis_health
 from flows.security_incident import security_incident
 from tasks.audit import AuditSettings, init_table
-from tasks.engine import state_report
 from tasks.errors import RunbookError
 from tasks.models import Report, RunStatus
+from tasks.outcome import state_report
 from tasks.security import new_private_key
 from tests.conftest import Db
 from tests.prefect_records import flow_run_id, run_records

@@ -263,7 +263,7 @@ def test_two_workers_share_the_runs_and_each_mends_its_own_target(
     # The engine of a worker's run raises a failed state's data at its end: the outcome, with
     # its message, never a TypeError over the report.
     output = "".join(w.log.read_text() for w in workers)
-    assert "Outcome: redis-health on untouched: unhealthy" in output
+    assert "tasks.outcome.Outcome: redis-health on untouched: unhealthy" in output
     assert "Unexpected result for failed state" not in output
     ran_on = {r["name"]: r["labels"].get("prefect.worker.name") for r in runs}
     assert set(ran_on.values()) == {"worker-a", "worker-b"}, ran_on
