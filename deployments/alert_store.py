@@ -260,10 +260,11 @@ class AlertStore:
             db = self._begin()
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
+                # Also after a failed COMMIT: SQLite's may leave the transaction open.
                 self._rollback(db)
                 raise
-            db.execute("COMMIT")
         except self.ERRORS as exc:
             if self._db is not None and self._broken(self._db):
                 self._forget()
