@@ -34,6 +34,12 @@ DEFAULT_ROUTES = Path(__file__).resolve().parent / "alerts" / "routes.toml"
 # Flow parameters the route sets itself (target from labels, dry_run from apply): never `set`.
 RESERVED = ("target", "dry_run", "approval", "alert")
 CAP_PERIOD = timedelta(hours=1)
+# A started run's reservation is settled (run created, or released) within this: longer than
+# a start takes (a Prefect API call, its 60 s request timeout by default, or a wait of
+# DEPLOYMENT_WAIT_SECONDS for a registering deployment), shorter than Alertmanager's
+# group_interval (5 min), so that its next re-send of an alert whose settling was lost (the
+# store went away in between) starts the run instead of being deduplicated for the window.
+SETTLE_GRACE = timedelta(seconds=120)
 
 Source = Literal["alertmanager", "grafana", "generic"]
 Status = Literal["firing", "resolved"]
@@ -359,6 +365,8 @@ class Episode:
     status: Status
     started_at: datetime | None  # the run started for the current firing episode, if any
     flow_run_id: str | None = None
+    # Whether that start was settled: the run created, or its reservation released.
+    settled: bool = True
 
 
 def storm_decision(
@@ -372,14 +380,13 @@ def storm_decision(
     """For a firing alert that routes to a run: start it, or not.
 
     One run per fingerprint until it resolves or the window passes; at most max_runs_per_hour
-    per runbook."""
-    if (
-        previous is not None
-        and previous.status == "firing"
-        and previous.started_at is not None
-        and now - previous.started_at < timedelta(seconds=window_seconds)
-    ):
-        return Outcome.deduplicated
+    per runbook. A start never settled within SETTLE_GRACE is taken as not started: its
+    settling was lost (the store failed after the reservation), and a lost alert is worse than
+    a second run."""
+    if previous is not None and previous.status == "firing" and previous.started_at is not None:
+        age = now - previous.started_at
+        if age < timedelta(seconds=window_seconds) and (previous.settled or age < SETTLE_GRACE):
+            return Outcome.deduplicated
     if runs_in_last_hour >= max_runs_per_hour:
         return Outcome.capped
     return Outcome.started

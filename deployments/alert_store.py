@@ -14,8 +14,22 @@ and the statements that open that transaction. Tables:
     runs        one row per run started (or being started), for the per-runbook cap
     deliveries  every alert of every payload with its outcome: nothing is dropped
 
-Errors: StoreUnavailable (a TargetUnreachable, transient) when PostgreSQL cannot be reached or
-does not answer in time, the transaction rolled back: nothing of it recorded; at opening also
+A run started is first reserved (record: a runs row, alerts.started_at), then settled
+(started: the run exists; not_started: the reservation released; alerts.settled_at). A
+reservation whose settling was lost (the store failed in between, or a COMMIT was lost after
+the server applied it) is taken as not started once SETTLE_GRACE has passed: the re-send
+starts the run rather than being deduplicated for the window (a run may then start twice,
+when only started() was lost; an alert is never dropped).
+
+Connections: ONE per store, shared by every thread under a lock held for the whole
+transaction: the writer lock serializes every transaction anyway, and the receiver records
+from worker threads that come and go (a connection per thread would outlive them).
+
+Errors: every backend error inside a transaction rolls it back (nothing of it recorded) and
+is raised as a StoreError: StoreUnavailable (also a TargetUnreachable, transient) when the
+store cannot be reached or does not answer in time (PostgreSQL down or partitioned, a lock
+wait over BUSY_TIMEOUT_SECONDS, SQLite's "database is locked"), StoreError itself for the rest
+(a read-only standby after a failover, a privilege revoked, a table dropped). At opening also
 AuthenticationFailed (PostgreSQL refused the login) and ConfigError (no privilege to create
 the schema). Their messages never quote the DSN nor its password.
 """
@@ -35,13 +49,27 @@ import psycopg
 from pydantic import SecretStr
 
 from deployments.alert_routes import CAP_PERIOD, Alert, Dispatch, Episode, Outcome, storm_decision
-from tasks.errors import AuthenticationFailed, ConfigError, TargetUnreachable
+from tasks.errors import AuthenticationFailed, ConfigError, TargetError, TargetUnreachable
 from tasks.redact import redact
 from tasks.settings import describe_dsn, dsn_keywords
 
 BUSY_TIMEOUT_SECONDS = 30  # a writer waits this long for another process's transaction
 CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_SECONDS = 60  # over BUSY_TIMEOUT_SECONDS: a lock wait ends first
+# A transaction left open by a client cut off (a network partition) holds the writer lock
+# until the server ends it: after this long idle in it. Over any pause between the
+# statements of one transaction, which run back to back.
+IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 30
+# The client side of a partition: TCP keepalives on an idle connection, and a limit on data
+# left unacknowledged (libpq's names; ignored on a Unix socket), so a statement waiting on a
+# dead network fails within about 30 s, not the kernel's 15 minutes.
+PG_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
 KEEP_DELIVERIES = timedelta(days=30)  # and runs, and alerts not seen since
 PG_SCHEMA = "runbook_receiver"
 # The one writer lock of PostgreSQL stores: an advisory lock of the database, on this key.
@@ -57,7 +85,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     last_seen {time} NOT NULL,
     started_at {time},
     flow_run_id TEXT,
-    deliveries INTEGER NOT NULL DEFAULT 0
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    settled_at {time}
 );
 CREATE TABLE IF NOT EXISTS runs (
     id {id},
@@ -84,7 +113,11 @@ CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received_at);
 """
 
 
-class StoreUnavailable(TargetUnreachable):
+class StoreError(TargetError):
+    """A transaction of the store failed and rolled back: nothing of it recorded."""
+
+
+class StoreUnavailable(StoreError, TargetUnreachable):
     """The store could not be reached or did not answer in time; the transaction rolled back."""
 
     def __init__(self, message: str) -> None:
@@ -112,19 +145,23 @@ def _dt(value: float | None) -> datetime | None:
 
 class AlertStore:
     """The decision and its bookkeeping, whichever backend keeps them. A backend gives its
-    connections (one per thread), its schema, its placeholder and BEGIN: the statements that
+    connection, its schema's column types, its placeholder and BEGIN: the statements that
     open a transaction holding the one writer lock."""
 
     BEGIN: tuple[str, ...] = ("BEGIN",)
     PLACEHOLDER = "?"
-    # The backend's errors meaning "unreachable or too slow now": StoreUnavailable.
+    ID_TYPE = "INTEGER PRIMARY KEY"
+    TIME_TYPE = "REAL"
+    # The backend's errors: StoreError; those meaning "unreachable or too slow now":
+    # StoreUnavailable.
+    ERRORS: tuple[type[Exception], ...] = ()
     UNAVAILABLE: tuple[type[Exception], ...] = ()
 
     def __init__(self, *, window_seconds: int, max_runs_per_hour: int) -> None:
         self.window_seconds = window_seconds
         self.max_runs_per_hour = max_runs_per_hour
-        self._local = threading.local()
-        self._connections: list[Any] = []
+        self._db: Any = None  # the one connection, opened on first use
+        # Held for a whole transaction: one thread at a time uses the connection.
         self._lock = threading.Lock()
 
     # -- what a backend provides -------------------------------------------------------------
@@ -137,10 +174,18 @@ class AlertStore:
         raise NotImplementedError
 
     def _create_schema(self, db: Any) -> None:
-        raise NotImplementedError
+        """The tables, and what a store written by an earlier version lacks."""
+        for statement in SCHEMA.format(id=self.ID_TYPE, time=self.TIME_TYPE).split(";"):
+            if statement.strip():
+                db.execute(statement)
+        columns = {column[0] for column in db.execute("SELECT * FROM alerts LIMIT 0").description}
+        if "settled_at" not in columns:
+            db.execute(f"ALTER TABLE alerts ADD COLUMN settled_at {self.TIME_TYPE}")
+            # Reserved before settling was recorded: settled then, or long since.
+            db.execute("UPDATE alerts SET settled_at = started_at WHERE started_at IS NOT NULL")
 
     def _broken(self, db: Any) -> bool:
-        """Whether the connection died (its server restarted): the thread needs a new one."""
+        """Whether the connection died (its server restarted): a new one is needed."""
         return False
 
     # -- connections and the one-writer transaction -------------------------------------------
@@ -157,43 +202,35 @@ class AlertStore:
                 # Alertmanager re-sends what still fires (repeat_interval): one unseen for
                 # this long is over, whether or not its resolution arrived.
                 self._run(db, "DELETE FROM alerts WHERE last_seen < ?", cutoff)
-        finally:
-            self.close()  # the opening thread may never record: no connection kept for it
+        except BaseException:
+            self.close()  # a store that failed to open keeps no connection
+            raise
 
     def _run(self, db: Any, statement: str, *params: Any) -> Any:
         """Execute one statement written with ? placeholders; its cursor."""
         return db.execute(statement.replace("?", self.PLACEHOLDER), params)
 
-    def _db(self) -> Any:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._connect()
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
-
-    def _forget(self, db: Any) -> None:
-        if getattr(self._local, "db", None) is db:
-            self._local.db = None
-        with self._lock:
-            if db in self._connections:
-                self._connections.remove(db)
-        with suppress(Exception):
-            db.close()
+    def _forget(self) -> None:
+        """Drop the connection (under self._lock): the next transaction opens a new one."""
+        db, self._db = self._db, None
+        if db is not None:
+            with suppress(*self.ERRORS):  # already dead
+                db.close()
 
     def _begin(self) -> Any:
-        db = self._db()
+        if self._db is None:
+            self._db = self._connect()
         try:
-            db.execute(self.BEGIN[0])
+            self._db.execute(self.BEGIN[0])
         except self.UNAVAILABLE:
-            if not self._broken(db):
+            if not self._broken(self._db):
                 raise
             # It died while idle (the server restarted): nothing was sent on it, so one new
             # connection may try again.
-            self._forget(db)
-            db = self._db()
-            db.execute(self.BEGIN[0])
+            self._forget()
+            self._db = self._connect()
+            self._db.execute(self.BEGIN[0])
+        db = self._db
         try:
             for statement in self.BEGIN[1:]:
                 db.execute(statement)
@@ -205,29 +242,41 @@ class AlertStore:
     def _rollback(self, db: Any) -> None:
         try:
             db.execute("ROLLBACK")
-        except self.UNAVAILABLE:
-            self._forget(db)  # the server drops a transaction it never saw committed
+        except self.ERRORS:
+            self._forget()  # the server drops a transaction it never saw committed
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        """One transaction holding the writer lock from its start: committed at the end of
-        the block, rolled back on any error. Raises StoreUnavailable for the backend's
-        UNAVAILABLE errors."""
+        """One transaction holding the writer lock from its start, on the one connection:
+        committed at the end of the block, rolled back on any error. Raises StoreUnavailable
+        for the backend's UNAVAILABLE errors, StoreError for its other ERRORS."""
+        # Bounded: each transaction ahead ends within its statement timeout.
+        if not self._lock.acquire(timeout=STATEMENT_TIMEOUT_SECONDS):
+            raise StoreUnavailable(
+                f"the alert store ({self.description}) is busy: this receiver's other "
+                f"transactions held it for {STATEMENT_TIMEOUT_SECONDS} s"
+            )
         try:
             db = self._begin()
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
+                # Also after a failed COMMIT: SQLite's may leave the transaction open.
                 self._rollback(db)
                 raise
-            db.execute("COMMIT")
-        except self.UNAVAILABLE as exc:
-            stale = getattr(self._local, "db", None)
-            if stale is not None and self._broken(stale):
-                self._forget(stale)
-            raise StoreUnavailable(
-                f"the alert store ({self.description}) is unavailable: {self._say(exc)}"
+        except self.ERRORS as exc:
+            if self._db is not None and self._broken(self._db):
+                self._forget()
+            if isinstance(exc, self.UNAVAILABLE):
+                raise StoreUnavailable(
+                    f"the alert store ({self.description}) is unavailable: {self._say(exc)}"
+                ) from exc
+            raise StoreError(
+                f"the alert store ({self.description}) failed: {self._say(exc)}"
             ) from exc
+        finally:
+            self._lock.release()
 
     def _say(self, exc: BaseException) -> str:
         """The first line of a backend error, for a message."""
@@ -248,17 +297,23 @@ class AlertStore:
 
         A resolved alert closes its episode; a firing one that routes to `dispatch` starts a
         run unless deduplicated or capped (a started run reserves its place in `runs`).
-        Raises StoreUnavailable, with nothing recorded."""
+        Raises StoreError (StoreUnavailable), with nothing recorded."""
         with self._transaction() as db:
             row = self._run(
                 db,
-                "SELECT status, started_at, flow_run_id FROM alerts WHERE fingerprint = ?",
+                "SELECT status, started_at, flow_run_id, settled_at FROM alerts "
+                "WHERE fingerprint = ?",
                 alert.fingerprint,
             ).fetchone()
             previous = (
                 None
                 if row is None
-                else Episode(status=row[0], started_at=_dt(row[1]), flow_run_id=row[2])
+                else Episode(
+                    status=row[0],
+                    started_at=_dt(row[1]),
+                    flow_run_id=row[2],
+                    settled=row[3] is not None,
+                )
             )
             run_id: int | None = None
             detail = ""
@@ -359,7 +414,8 @@ class AlertStore:
             "UPDATE alerts SET status = 'firing', last_seen = ?, deliveries = deliveries + 1, "
             "first_seen = CASE WHEN ? THEN ? ELSE first_seen END, "
             "started_at = CASE WHEN ? THEN ? ELSE started_at END, "
-            "flow_run_id = CASE WHEN ? THEN NULL ELSE flow_run_id END "
+            "flow_run_id = CASE WHEN ? THEN NULL ELSE flow_run_id END, "
+            "settled_at = CASE WHEN ? THEN NULL ELSE settled_at END "
             "WHERE fingerprint = ?",
             ts,
             reopened,
@@ -367,22 +423,32 @@ class AlertStore:
             started,
             ts,
             started,
+            started,
             alert.fingerprint,
         )
 
-    def started(self, decision: Decision, fingerprint: str, flow_run_id: str | None) -> None:
-        """The run reserved by `decision` exists now (None: a trigger creates it).
+    def started(
+        self,
+        decision: Decision,
+        fingerprint: str,
+        flow_run_id: str | None,
+        now: datetime | None = None,
+    ) -> None:
+        """The run reserved by `decision` exists now (None: a trigger creates it): settled.
 
         The alerts row is updated only while it is still the episode `decision` started: a
         resolve and a new firing in between made another, which this must not overwrite."""
+        settled_at = _ts(now or datetime.now(UTC))
         with self._transaction() as db:
             self._run(
                 db, "UPDATE runs SET flow_run_id = ? WHERE id = ?", flow_run_id, decision.run_id
             )
             self._run(
                 db,
-                "UPDATE alerts SET flow_run_id = ? WHERE fingerprint = ? AND started_at = ?",
+                "UPDATE alerts SET flow_run_id = ?, settled_at = ? "
+                "WHERE fingerprint = ? AND started_at = ?",
                 flow_run_id,
+                settled_at,
                 fingerprint,
                 decision.started_at,
             )
@@ -393,13 +459,19 @@ class AlertStore:
                 decision.delivery_id,
             )
 
-    def not_started(self, decision: Decision, fingerprint: str, detail: str) -> None:
-        """The reserved run could not be created: free its place, so a re-send may retry."""
+    def not_started(
+        self, decision: Decision, fingerprint: str, detail: str, now: datetime | None = None
+    ) -> None:
+        """The reserved run could not be created: free its place, so a re-send may retry.
+        Settled too; should this fail, the reservation lapses after SETTLE_GRACE."""
+        settled_at = _ts(now or datetime.now(UTC))
         with self._transaction() as db:
             self._run(db, "DELETE FROM runs WHERE id = ?", decision.run_id)
             self._run(
                 db,
-                "UPDATE alerts SET started_at = NULL WHERE fingerprint = ? AND started_at = ?",
+                "UPDATE alerts SET started_at = NULL, settled_at = ? "
+                "WHERE fingerprint = ? AND started_at = ?",
+                settled_at,
                 fingerprint,
                 decision.started_at,
             )
@@ -425,13 +497,10 @@ class AlertStore:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def close(self) -> None:
-        """Close every thread's connection, not only the caller's: the receiver records from
-        a pool of worker threads."""
+        """Close the connection, from any thread (after the transaction under way); a later
+        transaction opens a new one."""
         with self._lock:
-            connections, self._connections = self._connections, []
-        for db in connections:
-            db.close()
-        self._local = threading.local()
+            self._forget()
 
 
 class SqliteAlertStore(AlertStore):
@@ -440,14 +509,14 @@ class SqliteAlertStore(AlertStore):
     # IMMEDIATE takes the write lock up front: the read that decides and the write that
     # records happen under it, whichever process gets there first.
     BEGIN = ("BEGIN IMMEDIATE",)
+    ERRORS = (sqlite3.Error,)
+    # "database is locked": another process's transaction held the write lock too long.
+    UNAVAILABLE = (sqlite3.OperationalError,)
 
     def __init__(self, path: Path, *, window_seconds: int, max_runs_per_hour: int) -> None:
         super().__init__(window_seconds=window_seconds, max_runs_per_hour=max_runs_per_hour)
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        # WAL: readers never block the one writer; the journal mode sticks to the file (and
-        # cannot change inside a transaction).
-        self._db().execute("PRAGMA journal_mode=WAL")
         self._open()
 
     @property
@@ -455,17 +524,15 @@ class SqliteAlertStore(AlertStore):
         return str(self.path)
 
     def _connect(self) -> sqlite3.Connection:
-        # Each connection is used by one thread only; close() may close it from another.
+        # Used by one thread at a time (under self._lock), by whichever thread records.
         db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
         )
+        # WAL: readers never block the one writer; the journal mode sticks to the file (and
+        # cannot change inside a transaction: here, before the first).
+        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         return db
-
-    def _create_schema(self, db: sqlite3.Connection) -> None:
-        for statement in SCHEMA.format(id="INTEGER PRIMARY KEY", time="REAL").split(";"):
-            if statement.strip():
-                db.execute(statement)
 
 
 class PostgresAlertStore(AlertStore):
@@ -474,15 +541,25 @@ class PostgresAlertStore(AlertStore):
 
     The one writer lock is pg_advisory_xact_lock(PG_LOCK_KEY), taken first in every
     transaction: the same one-writer semantics as SQLite's BEGIN IMMEDIATE, across processes
-    and hosts, held until COMMIT or ROLLBACK (also when the connection drops). Connections:
-    one per thread, connect timeout CONNECT_TIMEOUT_SECONDS, lock timeout
-    BUSY_TIMEOUT_SECONDS and statement timeout STATEMENT_TIMEOUT_SECONDS.
+    and hosts, held until COMMIT or ROLLBACK (also when the connection drops). Every
+    transaction is READ COMMITTED, whatever the database's default_transaction_isolation:
+    under REPEATABLE READ or SERIALIZABLE its snapshot would predate the lock wait and miss
+    what the transaction ahead committed. The connection: connect timeout
+    CONNECT_TIMEOUT_SECONDS, lock timeout BUSY_TIMEOUT_SECONDS, statement timeout
+    STATEMENT_TIMEOUT_SECONDS, idle-in-transaction timeout
+    IDLE_IN_TRANSACTION_TIMEOUT_SECONDS, TCP keepalives and user timeout PG_KEEPALIVES.
 
     Raises (on opening) AuthenticationFailed when PostgreSQL refuses the login, ConfigError
     when the role may not create the schema, StoreUnavailable when it cannot be reached."""
 
-    BEGIN = ("BEGIN", f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+    BEGIN = (
+        "BEGIN ISOLATION LEVEL READ COMMITTED",
+        f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})",
+    )
     PLACEHOLDER = "%s"
+    ID_TYPE = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    TIME_TYPE = "DOUBLE PRECISION"
+    ERRORS = (psycopg.Error,)
     UNAVAILABLE = (psycopg.OperationalError,)
 
     def __init__(self, dsn: SecretStr, *, window_seconds: int, max_runs_per_hour: int) -> None:
@@ -503,7 +580,8 @@ class PostgresAlertStore(AlertStore):
         options = (
             f"-c search_path={PG_SCHEMA} "
             f"-c lock_timeout={BUSY_TIMEOUT_SECONDS * 1000} "
-            f"-c statement_timeout={STATEMENT_TIMEOUT_SECONDS * 1000}"
+            f"-c statement_timeout={STATEMENT_TIMEOUT_SECONDS * 1000} "
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_SECONDS * 1000}"
         )
         try:
             return psycopg.connect(
@@ -512,6 +590,7 @@ class PostgresAlertStore(AlertStore):
                 autocommit=True,  # transactions are the explicit BEGIN ... COMMIT
                 application_name="runbook-receiver",
                 options=options,
+                **PG_KEEPALIVES,
             )
         except psycopg.OperationalError as exc:
             from tasks.postgres import credentials_refused
@@ -529,9 +608,12 @@ class PostgresAlertStore(AlertStore):
     def _open(self) -> None:
         try:
             super()._open()
-        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidSchemaName):
+        except StoreError as exc:
             # InvalidSchemaName: the schema exists, but not for this role (no USAGE), so
             # search_path skips it.
+            denied = (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidSchemaName)
+            if not isinstance(exc.__cause__, denied):
+                raise
             user = self._parts.get("user") or "ROLE"
             dbname = self._parts.get("dbname") or "DBNAME"
             raise ConfigError(
@@ -547,10 +629,7 @@ class PostgresAlertStore(AlertStore):
         exists = db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (PG_SCHEMA,))
         if exists.fetchone() is None:
             db.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}")
-        time, id_ = "DOUBLE PRECISION", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-        for statement in SCHEMA.format(id=id_, time=time).split(";"):
-            if statement.strip():
-                db.execute(statement)
+        super()._create_schema(db)
 
 
 DELIVERY_COLUMNS = frozenset(

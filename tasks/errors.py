@@ -9,7 +9,10 @@
         +-- ActionFailed         an action was attempted and the system refused it
         +-- WaitTimedOut         a condition waited for (tasks.wait.poll) did not come in time
         +-- tasks.storage.BadGzip, BackupRefused
-                                 a backup's content refused; the callers report it as a finding
+        |                        a backup's content refused; the callers report it as a finding
+        +-- deployments.alert_store.StoreError
+                                 a transaction of the alert store failed and rolled back; its
+                                 StoreUnavailable (unreachable, too slow) is a TargetUnreachable
 
 Messages name the target, what was observed and how to fix it. They never contain a secret:
 DSNs are shown through `tasks.settings.describe_dsn`, which drops the password.

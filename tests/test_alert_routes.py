@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from deployments.alert_routes import (
     DEFAULT_ROUTES,
     PAYLOADS,
+    SETTLE_GRACE,
     AlertmanagerPayload,
     Episode,
     GenericPayload,
@@ -276,6 +277,10 @@ def test_an_alert_naming_one_service_narrows_the_runbook_served_for_all(
         (Episode("resolved", None), 0, Outcome.started),
         (None, 3, Outcome.capped),
         (Episode("firing", NOW - timedelta(seconds=30)), 3, Outcome.deduplicated),
+        # A start not settled yet: being started within the grace, lost after it.
+        (Episode("firing", NOW - timedelta(seconds=30), settled=False), 0, Outcome.deduplicated),
+        (Episode("firing", NOW - SETTLE_GRACE, settled=False), 0, Outcome.started),
+        (Episode("firing", NOW - SETTLE_GRACE, settled=False), 3, Outcome.capped),
     ],
 )
 def test_storm_decision(previous: Episode | None, runs: int, expected: Outcome) -> None:

@@ -31,12 +31,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
-from deployments.alert_routes import Alert, AlertmanagerPayload, Dispatch, fingerprint_of
+from deployments.alert_routes import (
+    SETTLE_GRACE,
+    Alert,
+    AlertmanagerPayload,
+    Dispatch,
+    fingerprint_of,
+)
 from deployments.alert_store import (
     KEEP_DELIVERIES,
+    PG_LOCK_KEY,
     AlertStore,
     PostgresAlertStore,
     SqliteAlertStore,
+    StoreError,
 )
 from deployments.catalog import RUNBOOKS
 from deployments.localpg import LocalPostgres, free_port
@@ -392,12 +400,30 @@ store = (
 )
 alert = Alert("alertmanager", "IdleInTransaction", "firing", {}, {}, "racefingerprint01")
 dispatch = Dispatch("postgres-connections", "main", {})
+store.deliveries(fingerprint="none")  # connected ahead: the transactions begin at once
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 print(store.record(alert, datetime.now(UTC), dispatch=dispatch).outcome.value)
 """
 
 
 def test_two_processes_recording_one_alert_at_once_start_one_run(store_at: StoreAt) -> None:
+    race(store_at)
+
+
+def test_under_a_serializable_default_two_processes_at_once_start_one_run_without_an_error(
+    pg: LocalPostgres,
+) -> None:
+    # A snapshot taken before the writer lock was granted would miss the winner's row:
+    # every transaction of the store is READ COMMITTED, whatever the database's default.
+    name = f"store_{uuid.uuid4().hex[:12]}"
+    dsn = pg.create_database(name)
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = 'serializable'")
+    race(StoreAt(dsn))
+
+
+def race(store_at: StoreAt) -> None:
+    """Four processes record one alert at the same instant: one starts, none fails."""
     store_at.open().close()
     at = str(time.time() + 3)  # every process imports first, then all go at this instant
     procs = [
@@ -465,7 +491,9 @@ def open_files(path: Path) -> int:
     return found
 
 
-def test_close_closes_the_connection_of_every_thread(store_at: StoreAt) -> None:
+def test_connections_stay_bounded_as_recording_threads_come_and_go(store_at: StoreAt) -> None:
+    # The receiver records from anyio's worker threads, which exit when idle: the store must
+    # not keep a connection for each thread that ever recorded.
     at, store = store_at, store_at.open()
     dispatch = Dispatch("postgres-connections", "main", {})
 
@@ -473,15 +501,94 @@ def test_close_closes_the_connection_of_every_thread(store_at: StoreAt) -> None:
         alert = Alert("generic", "A", "firing", {}, {}, f"thread{i:010d}")
         store.record(alert, datetime.now(UTC), dispatch=dispatch)
 
-    threads = [threading.Thread(target=record, args=(i,)) for i in range(4)]
-    for t in threads:
+    for i in range(6):  # one short-lived thread after another, and then two at once
+        thread = threading.Thread(target=record, args=(i,))
+        thread.start()
+        thread.join()
+    pair = [threading.Thread(target=record, args=(i,)) for i in (6, 7)]
+    for t in pair:
         t.start()
-    for t in threads:
+    for t in pair:
         t.join()
-    assert at.connections() == 4  # one connection per thread, still open
-    store.close()  # from a thread that never used the store
+    assert len(store.deliveries()) == 8
+    assert at.connections() == 1
+    store.close()  # from a thread that never recorded
     # PostgreSQL ends a closed session's backend a moment later.
     assert poll(lambda: at.connections() == 0, what="closed", timeout_seconds=10).done
+
+
+def hold_writer_lock(at: StoreAt) -> Any:
+    """A connection of the test's own holding the store's writer lock until it is closed."""
+    if isinstance(at.where, Path):
+        lite = sqlite3.connect(at.where, isolation_level=None)
+        lite.execute("BEGIN IMMEDIATE")
+        return lite
+    conn = psycopg.connect(at.where, autocommit=True)
+    conn.execute("SELECT pg_advisory_lock(%s)", (PG_LOCK_KEY,))
+    return conn
+
+
+def test_a_start_whose_settling_was_lost_starts_again_after_the_grace(
+    store_at: StoreAt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer lock held elsewhere past the busy timeout: the settling fails as it would
+    # with the store gone (or a COMMIT lost after the server applied it).
+    monkeypatch.setattr("deployments.alert_store.BUSY_TIMEOUT_SECONDS", 1)
+    store = store_at.open()
+    dispatch = Dispatch("postgres-connections", "main", {})
+    alert = Alert("alertmanager", "A", "firing", {}, {}, "unsettled0000001")
+    now = datetime.now(UTC)
+    reserved = store.record(alert, now, dispatch=dispatch)
+    assert reserved.outcome.value == "started"
+    blocker = hold_writer_lock(store_at)
+    try:
+        with pytest.raises(StoreError):
+            store.not_started(reserved, alert.fingerprint, "could not start")
+    finally:
+        blocker.close()
+    # Within the grace the start may still be under way: deduplicated.
+    soon = store.record(alert, now + timedelta(seconds=5), dispatch=dispatch)
+    assert soon.outcome.value == "deduplicated"
+    later = store.record(alert, now + SETTLE_GRACE, dispatch=dispatch)
+    assert later.outcome.value == "started"
+    # Settled, the episode is deduplicated for the rest of the window.
+    store.started(later, alert.fingerprint, None)
+    after = store.record(alert, now + SETTLE_GRACE * 2, dispatch=dispatch)
+    assert after.outcome.value == "deduplicated"
+    store.close()
+
+
+OLD_ALERTS = """CREATE TABLE alerts (fingerprint TEXT PRIMARY KEY, alert TEXT NOT NULL,
+status TEXT NOT NULL, first_seen {time} NOT NULL, last_seen {time} NOT NULL, started_at {time},
+flow_run_id TEXT, deliveries INTEGER NOT NULL DEFAULT 0)"""
+
+
+def test_a_store_written_before_settling_was_recorded_opens_and_keeps_its_episodes(
+    store_at: StoreAt,
+) -> None:
+    started = datetime.now(UTC) - timedelta(minutes=5)  # past the grace, within the window
+    row = ("before0000000001", "A", "firing", started.timestamp())
+    insert = (
+        "INSERT INTO alerts (fingerprint, alert, status, first_seen, last_seen, started_at) "
+        "VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
+    )
+    if isinstance(store_at.where, Path):
+        with closing(sqlite3.connect(store_at.where)) as lite, lite:
+            lite.execute(OLD_ALERTS.format(time="REAL"))
+            lite.execute(insert.format(p="?"), (*row, row[3], row[3]))
+    else:
+        with psycopg.connect(store_at.where, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA runbook_receiver")
+            conn.execute("SET search_path = runbook_receiver")
+            conn.execute(OLD_ALERTS.format(time="DOUBLE PRECISION"))
+            conn.execute(insert.format(p="%s"), (*row, row[3], row[3]))
+    store = store_at.open()
+    alert = Alert("alertmanager", "A", "firing", {}, {}, "before0000000001")
+    dispatch = Dispatch("postgres-connections", "main", {})
+    # Started before the upgrade: settled then, deduplicated for the rest of its window.
+    again = store.record(alert, datetime.now(UTC), dispatch=dispatch)
+    assert again.outcome.value == "deduplicated"
+    store.close()
 
 
 def test_resolved_never_starts_and_closes_the_episode(

@@ -271,3 +271,61 @@ def test_a_restarted_server_is_reconnected_to_without_an_error(pw_pg: LocalPostg
     again = store.record(alert, datetime.now(UTC), dispatch=dispatch)
     assert again.outcome.value == "deduplicated"
     store.close()
+
+
+def test_a_store_error_other_than_unreachable_is_a_503_with_one_line_and_no_traceback(
+    db: Db, pw_pg: LocalPostgres, prefect_api: str
+) -> None:
+    # E.g. a privilege revoked (or a read-only standby after a failover, a table dropped):
+    # the transaction rolled back, Alertmanager sends it again.
+    dsn = store_database(pw_pg)
+    admin = pw_pg.dsn_for(dsn.rsplit("/", 1)[1])
+    db.write_config(receiver_config(dsn, dispatch="trigger"))
+    refused = am_alert()
+    with receivers(db.config, prefect_api, 1) as running:
+        [(url, proc)] = running
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA runbook_receiver FROM {STORE_ROLE}")
+        response = post(url, am_payload(refused))
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "10"
+        assert "alert store is unavailable" in response.json()["detail"]
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA runbook_receiver TO {STORE_ROLE}")
+        response = post(url, am_payload(refused))  # as Alertmanager re-sends
+        assert response.status_code == 202, response.text
+        assert [r["outcome"] for r in response.json()["alerts"]] == ["started"]
+    out = proc.output  # type: ignore[attr-defined]
+    [line] = [line for line in out.splitlines() if "alert store failed" in line]
+    assert "source=alertmanager" in line and "permission denied" in line
+    assert "Traceback" not in out
+    assert PASSWORD not in out and dsn not in out
+
+
+def test_the_store_connects_with_keepalives_and_an_idle_in_transaction_timeout(
+    pw_pg: LocalPostgres,
+) -> None:
+    # A network partition while holding the writer lock: the client gives up within about
+    # 30 s (keepalives, tcp_user_timeout), the server ends the orphaned transaction and its
+    # lock (idle_in_transaction_session_timeout).
+    store = PostgresAlertStore(
+        SecretStr(store_database(pw_pg)), window_seconds=600, max_runs_per_hour=20
+    )
+    conn = store._connect()
+    try:
+        parameters = conn.info.get_parameters()
+        assert {k: parameters.get(k) for k in KEEPALIVES} == KEEPALIVES
+        shown = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+        assert shown == ("30s",)
+    finally:
+        conn.close()
+        store.close()
+
+
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}

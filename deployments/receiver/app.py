@@ -28,7 +28,7 @@ from deployments.alert_routes import (
     route_for,
     split_alerts,
 )
-from deployments.alert_store import AlertStore, StoreUnavailable
+from deployments.alert_store import AlertStore, StoreError, StoreUnavailable
 from deployments.catalog import RUNBOOKS
 from deployments.receiver.runs import AlertResult, Starter, emit_alert_event, log_result
 from tasks.errors import AuthenticationFailed, ConfigError
@@ -226,11 +226,14 @@ def create_app(receiver: Receiver) -> FastAPI:
             )
         try:
             results = await run_in_threadpool(receiver.handle_all, split_alerts(source, payload))
-        except (StoreUnavailable, AuthenticationFailed) as exc:
+        except (StoreError, AuthenticationFailed) as exc:
             # 503: Alertmanager re-sends the group. What was decided before stays decided,
             # and a re-send of it is deduplicated; the failing alert's transaction rolled back.
+            # Also for what a retry cannot fix by itself (a privilege revoked, a read-only
+            # standby): nothing was recorded, and the re-send succeeds once it is fixed.
+            state = "unavailable" if isinstance(exc, StoreUnavailable) else "failed"
             print(
-                f"alert store unavailable source={source}: {redact(str(exc), receiver.secrets)}",
+                f"alert store {state} source={source}: {redact(str(exc), receiver.secrets)}",
                 flush=True,
             )
             return error(503, STORE_UNAVAILABLE, **{"Retry-After": "10"})
