@@ -521,7 +521,7 @@ class SqliteAlertStore(AlertStore):
 
     @property
     def description(self) -> str:
-        return str(self.path)
+        return f"SQLite {self.path}"
 
     def _connect(self) -> sqlite3.Connection:
         # Used by one thread at a time (under self._lock), by whichever thread records.

@@ -367,6 +367,9 @@ def test_an_alert_to_two_receivers_runs_once_on_a_worker_and_mends_the_target(
     assert [r["id"] for r in runs if "alert" in r["tags"]] == [run_id]
     output = "".join(proc.output for _, proc in started)  # type: ignore[attr-defined]
     assert "alert started" in output
+    # Each says at start how it starts runs and where storm control keeps its record.
+    assert output.count("dispatch = 'direct': runs are created through their deployments") == 2
+    assert output.count(f"storm control: PostgreSQL 127.0.0.1:{pw_pg.port}/") == 2
     for secret in (PASSWORD, state_dsn, TOKEN):
         assert secret not in output
 

@@ -38,6 +38,7 @@ class AlertResult:
 
 class Starter(Protocol):
     name: str
+    description: str  # how runs start, for the receiver's first lines
 
     def start(self, alert: Alert, dispatch: Dispatch) -> str | None:
         """Start the run; its flow run id, or None when something else creates it."""
@@ -60,6 +61,7 @@ class InProcessStarter:
     UI, its stop); alone, to a pool of max_workers threads here."""
 
     name = "in-process"
+    description = "runs start in this process, on its threads"
 
     def __init__(self, max_workers: int, runner: InProcessRunner | None = None) -> None:
         self._runner = runner
@@ -180,6 +182,7 @@ class DeploymentStarter:
     """For `runbook receiver` alone: the served runner or a worker runs it on its next poll."""
 
     name = "deployment"
+    description = "runs are created through their deployments, for a worker or `runbook serve`"
 
     def start(self, alert: Alert, dispatch: Dispatch) -> str:
         from prefect.deployments import run_deployment
@@ -205,6 +208,7 @@ class TriggerStarter:
     """Prefect's automation path: the deployment's trigger matches runbook.alert.dispatch."""
 
     name = "trigger"
+    description = "runbook.alert.dispatch events; the deployments' triggers create the runs"
 
     def start(self, alert: Alert, dispatch: Dispatch) -> None:
         from prefect.events import emit_event

@@ -95,6 +95,15 @@ def build_receiver(
     return Receiver(config, routes, targets, store, starter, tuple(secrets))
 
 
+def banner(receiver: Receiver) -> str:
+    """How the receiver starts runs and where storm control keeps its record, for the line
+    printed at start ([receiver] dispatch names the first, state_file or state_dsn the second)."""
+    return (
+        f"  dispatch = {receiver.config.dispatch!r}: {receiver.starter.description}; "
+        f"storm control: {receiver.store.description}"
+    )
+
+
 def http_server(receiver: Receiver) -> uvicorn.Server:
     import uvicorn
 
@@ -166,11 +175,8 @@ def run_receiver(settings: Settings, listen: str | None = None) -> None:
         settings = settings.model_copy(update={"receiver": config})
     receiver = build_receiver(settings, in_process=False)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    print(
-        f"Alert receiver at http://{receiver.config.host}:{receiver.config.port} "
-        f"(dispatch: {receiver.starter.name})",
-        flush=True,
-    )
+    print(f"Alert receiver at http://{receiver.config.host}:{receiver.config.port}", flush=True)
+    print(banner(receiver), flush=True)
     server = http_server(receiver)
     try:
         # uvicorn exits when it cannot bind: the usual configuration error instead.
@@ -199,5 +205,6 @@ def start_receiver(
         return None
     server = ReceiverServer(build_receiver(settings, in_process=True, runner=runner)).start()
     stack.callback(server.stop)
-    print(f"Alert receiver at {server.url} (dispatch: {server.receiver.starter.name})", flush=True)
+    print(f"Alert receiver at {server.url}", flush=True)
+    print(banner(server.receiver), flush=True)
     return server
