@@ -85,9 +85,10 @@ def run_count(api: str) -> int:
     )
 
 
-def target_task_seconds(api: str, names: list[str]) -> list[float]:
+def target_task_seconds(api: str, names: list[str], since: datetime) -> list[float]:
     """Start-to-end seconds of the task runs named `names` (a fleet names its `fleet-target`
-    task runs after their targets): what one target costs the fleet, its subflow included."""
+    task runs after their targets) started since `since`: what one target costs the fleet,
+    its subflow included."""
     out: list[float] = []
     offset = 0
     while True:
@@ -101,7 +102,9 @@ def target_task_seconds(api: str, names: list[str]) -> list[float]:
                 datetime.fromisoformat(r["end_time"]) - datetime.fromisoformat(r["start_time"])
             ).total_seconds()
             for r in page
-            if r["start_time"] and r["end_time"]
+            if r["start_time"]
+            and r["end_time"]
+            and datetime.fromisoformat(r["start_time"]) >= since
         ]
         if len(page) < 200:
             return out
@@ -156,12 +159,21 @@ def run_fleet_timed(
         time.sleep(2)  # the server records the last events after the run ends
         server_after = tree_cpu(server.proc.pid) - server_before
         runs = run_count(server.api) - runs_before
-        # the warm-up's two targets are counted too (as many short ones as the measured ones)
-        tasks = target_task_seconds(server.api, [r.target for r in report.targets])
+        tasks = target_task_seconds(
+            server.api, [r.target for r in report.targets], report.started_at
+        )
         # Send what the client still holds while the server is there: events left for a
         # stopped server are retried for minutes at exit.
         EventsWorker.drain_all(timeout=120)
     per_target = [(r.finished_at - r.started_at).total_seconds() for r in report.targets]
+    # How many of the runbook's runs were ever in flight at once (their reports' spans).
+    edges = sorted(
+        [(r.started_at, 1) for r in report.targets] + [(r.finished_at, -1) for r in report.targets]
+    )
+    overlap = peak = 0
+    for _, step in edges:
+        overlap += step
+        peak = max(peak, overlap)
     return {
         "seconds": seconds,
         "targets": len(report.targets),
@@ -173,6 +185,9 @@ def run_fleet_timed(
         "runs": runs,
         "target_run_p50": statistics.median(per_target) if per_target else 0.0,
         "target_task_p50": statistics.median(tasks) if tasks else 0.0,
+        # the fleet's tasks' seconds over the wall: the targets in flight on average
+        "in_flight_mean": sum(tasks) / seconds,
+        "runs_overlap_peak": peak,
     }
 
 
@@ -228,7 +243,9 @@ def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int)
             f"({fleet['client_cpu'] / fleet['seconds']:.0%} of a core); "
             f"per target: the fleet's task p50 {fleet['target_task_p50']:.2f} s, the runbook's "
             f"own run (its report) p50 {fleet['target_run_p50']:.3f} s, a script check "
-            f"{script['check_p50']:.3f} s"
+            f"{script['check_p50']:.3f} s; targets in flight: {fleet['in_flight_mean']:.1f} on "
+            f"average (cap {concurrency}), the runbook's runs at most "
+            f"{fleet['runs_overlap_peak']} at once"
         ),
     }
 
