@@ -185,6 +185,8 @@ def run_fleet_timed(
         "runs": runs,
         "target_run_p50": statistics.median(per_target) if per_target else 0.0,
         "target_task_p50": statistics.median(tasks) if tasks else 0.0,
+        "target_task_mean": statistics.fmean(tasks) if tasks else 0.0,
+        "target_task_max": max(tasks, default=0.0),
         # the fleet's tasks' seconds over the wall: the targets in flight on average
         "in_flight_mean": sum(tasks) / seconds,
         "runs_overlap_peak": peak,
@@ -241,8 +243,10 @@ def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int)
             f"{1000 * fleet['server_cpu'] / runs:.0f} ms per flow/task run ({fleet['runs']} runs); "
             f"client CPU {fleet['client_cpu']:.1f} s "
             f"({fleet['client_cpu'] / fleet['seconds']:.0%} of a core); "
-            f"per target: the fleet's task p50 {fleet['target_task_p50']:.2f} s, the runbook's "
-            f"own run (its report) p50 {fleet['target_run_p50']:.3f} s, a script check "
+            f"per target: the fleet's task p50 {fleet['target_task_p50']:.2f} s, mean "
+            f"{fleet['target_task_mean']:.2f} s, max {fleet['target_task_max']:.1f} s, "
+            f"the runbook's own run (its report) p50 {fleet['target_run_p50']:.3f} s, a script "
+            f"check "
             f"{script['check_p50']:.3f} s; targets in flight: {fleet['in_flight_mean']:.1f} on "
             f"average (cap {concurrency}), the runbook's runs at most "
             f"{fleet['runs_overlap_peak']} at once"
