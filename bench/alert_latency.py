@@ -23,6 +23,7 @@ path and the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import secrets
@@ -194,16 +195,12 @@ def stats(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), p99, max(values)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--alerts", type=int, default=50)
-    parser.add_argument("--interval", type=float, default=5.0, help="mean seconds between alerts")
-    parser.add_argument(
-        "--runner-poll", type=int, default=None, help="seconds; Prefect's default 10"
-    )
-    parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+def measure(
+    alerts: int, interval: float = 5.0, runner_poll: int | None = None, seed: int = 7
+) -> dict[str, Any]:
+    """Both paths measured (module docstring): per path, seconds to the run's creation and to
+    Running as [p50, p99, max], and the runs that did not complete."""
+    rng = random.Random(seed)
     token = secrets.token_urlsafe(24)
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, HOME, True)
@@ -225,8 +222,8 @@ def main() -> None:
             )
         )
         env = {**os.environ, "RUNBOOK_CONFIG": str(config)}
-        if args.runner_poll is not None:
-            env["PREFECT_RUNNER_POLL_FREQUENCY"] = str(args.runner_poll)
+        if runner_poll is not None:
+            env["PREFECT_RUNNER_POLL_FREQUENCY"] = str(runner_poll)
         log = HOME / "serve.log"
         with log.open("wb") as sink:
             serve = subprocess.Popen(
@@ -250,48 +247,74 @@ def main() -> None:
         if not poll(ready, what="runbook serve to be ready", timeout_seconds=120).done:
             raise SystemExit(f"runbook serve not ready: {log.read_text()[-3000:]}")
         receiver = f"http://127.0.0.1:{receiver_port}"
-        n = args.alerts
+        n = alerts
 
         # Warm-up runs on both paths (first imports, first subprocess), then the measured ones.
-        send_ours(receiver, token, WARMUP, "warmup", rng, args.interval)
-        send_prefect(WARMUP, 900, rng, args.interval)
+        send_ours(receiver, token, WARMUP, "warmup", rng, interval)
+        send_prefect(WARMUP, 900, rng, interval)
         settle(api, 2 * WARMUP)
         before = {r["id"] for r in runs_of(api)}
 
-        ours_sent = send_ours(receiver, token, n, "ours", rng, args.interval)
+        ours_sent = send_ours(receiver, token, n, "ours", rng, interval)
         runs = {r["id"]: r for r in settle(api, len(before) + n)}
         ours_runs = [runs[s.flow_run_id] for s in ours_sent if s.flow_run_id]
         before |= set(runs)
 
-        prefect_sent = send_prefect(n, 0, rng, args.interval)
+        prefect_sent = send_prefect(n, 0, rng, interval)
         fresh = [r for r in settle(api, len(before) + n) if r["id"] not in before]
         by_tag = {r["parameters"]["params"]["max_backends_ended"]: r for r in fresh}
         prefect_runs = [by_tag[i] for i in range(n)]
 
     failed = [r["id"] for r in ours_runs + prefect_runs if r["state_type"] != "COMPLETED"]
-    runner_poll = args.runner_poll or 10
-    rows = {
-        "ours (receiver, direct)": (ours_sent, ours_runs),
-        f"prefect (event -> trigger -> runner, poll {runner_poll} s)": (prefect_sent, prefect_runs),
+    figures: dict[str, Any] = {"alerts": n, "interval": interval, "runner_poll": runner_poll or 10}
+    for name, (sent, path_runs) in {
+        "ours": (ours_sent, ours_runs),
+        "prefect": (prefect_sent, prefect_runs),
+    }.items():
+        figures[name] = {
+            label: stats(latencies(sent, path_runs, field))
+            for field, label in (("created", "created"), ("start_time", "running"))
+        }
+    figures["failed"] = failed
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alerts", type=int, default=50)
+    parser.add_argument("--interval", type=float, default=5.0, help="mean seconds between alerts")
+    parser.add_argument(
+        "--runner-poll", type=int, default=None, help="seconds; Prefect's default 10"
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="one JSON line of figures")
+    args = parser.parse_args()
+    figures = measure(args.alerts, args.interval, args.runner_poll, args.seed)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    names = {
+        "ours": "ours (receiver, direct)",
+        "prefect": f"prefect (event -> trigger -> runner, poll {figures['runner_poll']} s)",
     }
-    print(f"alert -> flow run, {n} alerts per path, mean interval {args.interval} s (seconds)")
+    print(
+        f"alert -> flow run, {figures['alerts']} alerts per path, mean interval "
+        f"{figures['interval']} s (seconds)"
+    )
     print(f"{'path':<48} {'to':<8} {'p50':>6} {'p99':>6} {'max':>6}")
-    figures = {}
-    for name, (sent, path_runs) in rows.items():
-        for field, label in (("created", "created"), ("start_time", "Running")):
-            p50, p99, top = stats(latencies(sent, path_runs, field))
-            figures[name, label] = (p50, p99)
-            print(f"{name:<48} {label:<8} {p50:6.2f} {p99:6.2f} {top:6.2f}")
-    (ours, prefect) = rows
-    o50, o99 = figures[ours, "Running"]
-    p50, p99 = figures[prefect, "Running"]
+    for key, name in names.items():
+        for label, shown in (("created", "created"), ("running", "Running")):
+            p50, p99, top = figures[key][label]
+            print(f"{name:<48} {shown:<8} {p50:6.2f} {p99:6.2f} {top:6.2f}")
+    o50, o99, _ = figures["ours"]["running"]
+    p50, p99, _ = figures["prefect"]["running"]
     print(f"prefect / ours to Running: p50 {p50 / o50:.1f}x, p99 {p99 / o99:.1f}x")
     print(
         f"targets for ours: p50 <= 1 s {'met' if o50 <= 1 else 'MISSED'}, "
         f"p99 <= 3 s {'met' if o99 <= 3 else 'MISSED'}"
     )
-    if failed:
-        print(f"runs that did not complete: {failed}")
+    if figures["failed"]:
+        print(f"runs that did not complete: {figures['failed']}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import tempfile
 import time
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="runbook-bench-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -87,7 +88,8 @@ def timed_child(argv: list[str]) -> tuple[float, int, str]:
         return seconds, peak, out.read().decode()
 
 
-def integrity(size_mb: int, rounds: int, workdir: Path) -> None:
+def integrity(size_mb: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Part 1 (module docstring): medians in seconds, peak RSS in MiB, the file's MiB."""
     path = workdir / "big.sql.gz"
     print(f"making a {size_mb} MiB gzip file ...", flush=True)
     make_gzip(path, size_mb)
@@ -103,21 +105,34 @@ def integrity(size_mb: int, rounds: int, workdir: Path) -> None:
         ours_rss.append(result["rss_peak_kib"])
         imports_rss.append(result["rss_before_kib"])
     path.unlink()
-    t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
-    print(f"\nintegrity check of a {mib:.0f} MiB gzip backup, median of {rounds}")
+    return {
+        "mib": mib,
+        "rounds": rounds,
+        "gzip_t": statistics.median(theirs),
+        "ours": statistics.median(ours),
+        "gzip_t_rss": max(theirs_rss) / 1024,
+        "ours_rss": max(ours_rss) / 1024,
+        "ours_rss_after_imports": max(imports_rss) / 1024,
+    }
+
+
+def print_integrity(f: dict[str, Any]) -> None:
+    mib, t_ours, t_theirs = f["mib"], f["ours"], f["gzip_t"]
+    print(f"\nintegrity check of a {mib:.0f} MiB gzip backup, median of {f['rounds']}")
     print(
         f"  gzip -t            {t_theirs:6.2f} s  {mib / t_theirs:6.0f} MiB/s  "
-        f"peak RSS {max(theirs_rss) / 1024:.0f} MiB"
+        f"peak RSS {f['gzip_t_rss']:.0f} MiB"
     )
     print(
         f"  ours (+ sha256)    {t_ours:6.2f} s  {mib / t_ours:6.0f} MiB/s  "
-        f"peak RSS {max(ours_rss) / 1024:.0f} MiB ({max(imports_rss) / 1024:.0f} MiB "
+        f"peak RSS {f['ours_rss']:.0f} MiB ({f['ours_rss_after_imports']:.0f} MiB "
         "after imports, before the check)"
     )
     print(f"  throughput ratio (ours / gzip -t): {t_theirs / t_ours:.2f}x  (target >= 0.9x)")
 
 
-def restore(rows: int, rounds: int, workdir: Path) -> None:
+def restore(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Part 2 (module docstring): medians in seconds, peak RSS in MiB, the dump's MiB."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
@@ -170,20 +185,47 @@ def restore(rows: int, rounds: int, workdir: Path) -> None:
                 drill.append(time.perf_counter() - start)
                 assert report.status.value == "healthy", report.findings
             rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t_bare, t_drill = statistics.median(bare), statistics.median(drill)
-    mib = dump.stat().st_size / 2**20
-    print(f"\nrestore of a {mib:.0f} MiB custom-format dump ({rows} rows), median of {rounds}")
-    print(f"  bare pg_restore     {t_bare:6.2f} s  peak RSS {max(bare_rss) / 1024:.0f} MiB")
-    print(f"  restore-drill flow  {t_drill:6.2f} s  (create, restore, check, tables, drop, report)")
+    return {
+        "mib": dump.stat().st_size / 2**20,
+        "rows": rows,
+        "rounds": rounds,
+        "pg_restore": statistics.median(bare),
+        "createdb_pg_restore_dropdb": statistics.median(bare_full),
+        "drill": statistics.median(drill),
+        "pg_restore_rss": max(bare_rss) / 1024,
+        "flow_rss_before": rss_before / 1024,
+        "flow_rss_after": rss_after / 1024,
+    }
+
+
+def print_restore(f: dict[str, Any]) -> None:
+    t_bare, t_drill, full = f["pg_restore"], f["drill"], f["createdb_pg_restore_dropdb"]
     print(
-        f"  createdb + pg_restore + dropdb {statistics.median(bare_full):6.2f} s "
-        f"(drill / this: {t_drill / statistics.median(bare_full):.2f}x)"
+        f"\nrestore of a {f['mib']:.0f} MiB custom-format dump ({f['rows']} rows), "
+        f"median of {f['rounds']}"
     )
+    print(f"  bare pg_restore     {t_bare:6.2f} s  peak RSS {f['pg_restore_rss']:.0f} MiB")
+    print(f"  restore-drill flow  {t_drill:6.2f} s  (create, restore, check, tables, drop, report)")
+    print(f"  createdb + pg_restore + dropdb {full:6.2f} s (drill / this: {t_drill / full:.2f}x)")
     print(
-        f"  the flow's process: peak RSS {rss_before / 1024:.0f} MiB before the drills, "
-        f"{rss_after / 1024:.0f} MiB after (the dump streams through it)"
+        f"  the flow's process: peak RSS {f['flow_rss_before']:.0f} MiB before the drills, "
+        f"{f['flow_rss_after']:.0f} MiB after (the dump streams through it)"
     )
     print(f"  time ratio (drill / bare pg_restore): {t_drill / t_bare:.2f}x  (target <= 1.1x)")
+
+
+def measure(size_mb: int, rows: int, rounds: int, only: str | None = None) -> dict[str, Any]:
+    """Both parts (or `only` one): {"integrity": ..., "restore": ...}."""
+    workdir = Path(tempfile.mkdtemp(prefix="runbook-bench-backups-"))
+    figures: dict[str, Any] = {}
+    try:
+        if only in (None, "integrity"):
+            figures["integrity"] = integrity(size_mb, rounds, workdir)
+        if only in (None, "restore"):
+            figures["restore"] = restore(rows, rounds, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return figures
 
 
 def main() -> None:
@@ -192,15 +234,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=6_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["integrity", "restore"])
+    parser.add_argument("--json", action="store_true", help="one JSON line of figures")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="runbook-bench-backups-"))
-    try:
-        if args.only in (None, "integrity"):
-            integrity(args.size_mb, args.rounds, workdir)
-        if args.only in (None, "restore"):
-            restore(args.rows, args.rounds, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    figures = measure(args.size_mb, args.rows, args.rounds, args.only)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    if "integrity" in figures:
+        print_integrity(figures["integrity"])
+    if "restore" in figures:
+        print_restore(figures["restore"])
 
 
 if __name__ == "__main__":

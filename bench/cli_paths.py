@@ -18,6 +18,7 @@ in the same rounds (interleaved, so a busy machine slows all alike):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -97,11 +99,10 @@ def prefect_server(home: Path, env: dict[str, str]) -> Iterator[str]:
         log.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--skip-temporary", action="store_true")
-    args = parser.parse_args()
+def measure(rounds: int = 5, skip_temporary: bool = False) -> dict[str, Any]:
+    """Every path timed (module docstring), rounds interleaved: per path, wall seconds
+    (median, min, max) and the command's own CPU seconds (median); the load average before
+    and after."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, True)
@@ -141,27 +142,53 @@ def main() -> None:
             "run, no server (cold)": lambda: timed(run, cold_env),
             "run, fresh PREFECT_HOME (first)": first,
         }
-        if not args.skip_temporary:
+        if not skip_temporary:
             paths["before: Prefect's temporary server"] = temporary
         times: dict[str, list[float]] = {name: [] for name in paths}
         cpu: dict[str, list[float]] = {name: [] for name in paths}
         load = os.getloadavg()[0]
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, measure in paths.items():
                 CPU.clear()
                 times[name].append(measure())
                 cpu[name].append(sum(CPU))
-    plain = statistics.median(times["plain psycopg script"])
+    return {
+        "rounds": rounds,
+        "load": [load, os.getloadavg()[0]],
+        "paths": {
+            name: {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "cpu": statistics.median(cpu[name]),
+            }
+            for name, values in times.items()
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-temporary", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON line of figures")
+    args = parser.parse_args()
+    figures = measure(args.rounds, args.skip_temporary)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    paths = figures["paths"]
+    plain = paths["plain psycopg script"]["median"]
+    load_before, load_after = figures["load"]
     print(
         f"rounds: {args.rounds}, interleaved; seconds, interpreter start included; "
-        f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"{'':36} {'median':>7} {'min':>6} {'max':>6}  vs plain   CPU s")
-    for name, values in times.items():
-        median = statistics.median(values)
+    for name, p in paths.items():
         print(
-            f"{name:36} {median:7.2f} {min(values):6.2f} {max(values):6.2f}  "
-            f"{median / plain:6.1f}x  {statistics.median(cpu[name]):6.2f}"
+            f"{name:36} {p['median']:7.2f} {p['min']:6.2f} {p['max']:6.2f}  "
+            f"{p['median'] / plain:6.1f}x  {p['cpu']:6.2f}"
         )
     print("CPU s: the command's own user + system seconds (median), not those of a server it calls")
 

@@ -38,8 +38,10 @@ from tasks.settings import load_settings
 TASKS = 20
 
 
-def plain(dsn: str) -> None:
-    target = load_settings().postgres["main"]
+def plain(dsn: str, name: str = "main") -> None:
+    """The hand-written check of target `name` of the inventory: connect, the same two
+    queries, the same findings (bench/fleet_paths.py runs it per database too)."""
+    target = load_settings().postgres[name]
     with psycopg.connect(
         dsn, connect_timeout=5, autocommit=True, row_factory=psycopg.rows.dict_row
     ) as conn:
@@ -55,7 +57,7 @@ def plain(dsn: str) -> None:
         role=head["role"],
         backends=[Backend(**r) for r in rows],
     )
-    connection_findings("main", activity, target, ConnectionsParams())
+    connection_findings(name, activity, target, ConnectionsParams())
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
