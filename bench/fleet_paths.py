@@ -125,8 +125,8 @@ def run_fleet_timed(
     )
 
     from deployments.fleet import fleet
-    from tasks.engine import state_report
     from tasks.fleet import FleetReport
+    from tasks.outcome import state_report
 
     assert server.proc is not None
 
