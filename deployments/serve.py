@@ -210,6 +210,16 @@ def has_inventory(settings: Settings) -> bool:
     return any(settings.targets(kind) for kind in SECTIONS)
 
 
+def flush_to_api(timeout_seconds: float = 15) -> None:
+    """Send the run logs and events still queued in this process to the Prefect API, waiting
+    at most timeout_seconds for each kind."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_seconds)
+    EventsWorker.drain_all(timeout=timeout_seconds)
+
+
 class Stop(Exception):
     """SIGTERM or SIGINT asked `runbook serve` to stop."""
 
@@ -298,6 +308,10 @@ def _serve(host: str, port: int, max_runs: int, stack: ExitStack, runner_ref: li
         )
     )
     client = stack.enter_context(get_client(sync_client=True))
+    # Runs into after runner.stop (a stack unwinds last in, first out): the logs and events the
+    # stopping runs left queued reach the API while it still answers; queued for a server
+    # already stopped, Prefect's exit-time drain of them would wait without end.
+    stack.callback(flush_to_api)
     runner = InProcessRunner(deployments, max_runs=max_runs)
     stack.callback(runner.stop, client)
     runner.register(client)
