@@ -124,7 +124,7 @@ def run_fleet_timed(
         temporary_settings,
     )
 
-    from deployments.fleet import fleet
+    from deployments.fleet import FLEETS
     from tasks.fleet import FleetReport
     from tasks.outcome import state_report
 
@@ -132,8 +132,7 @@ def run_fleet_timed(
 
     def call(selector: str) -> tuple[FleetReport, float]:
         start = time.perf_counter()
-        state = fleet(
-            runbook=runbook,
+        state = FLEETS[runbook](
             selector=selector,
             max_concurrency=str(concurrency),
             max_errors="100%",

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from tasks.errors import ConfigError
+from tasks.fleet_rules import FLEET
 from tasks.models import AlertInfo, Params, explain_params
 from tasks.settings import Route, Settings
 
@@ -93,6 +94,12 @@ def check_routes(settings: Settings) -> None:
     params = {name: rb.params for name, rb in RUNBOOKS.items()}
     for i, route in enumerate(settings.routes):
         check_route(f"routes[{i}]", route, params)
+        if route.selector is not None:
+            try:
+                RUNBOOKS[route.runbook].select(settings, route.selector)
+            except ConfigError as exc:
+                raise ConfigError(f"routes[{i}].selector: {exc}") from None
+            continue
         targets = RUNBOOKS[route.runbook].alert_targets(settings)
         if route.target is not None and route.target not in targets:
             raise ConfigError(
@@ -284,7 +291,8 @@ def route_for(alert: Alert, routes: list[Route]) -> Route | None:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """A run to start: deployment <runbook>/<target> with these flow parameters."""
+    """A run to start: deployment <runbook>/<target> with these flow parameters; target FLEET:
+    the runbook's fleet deployment, whose parameters name the selector."""
 
     runbook: str
     target: str
@@ -330,11 +338,16 @@ def plan_dispatch(
 ) -> Dispatch:
     """The run the route asks for; parameters typed by the runbook's Params class, so numbers
     and lists reach the flow as numbers and lists. narrow: (the one target a runbook is served
-    as, the parameter that narrows it to another of `targets`)."""
-    target = pick_target(alert, route, targets)
+    as, the parameter that narrows it to another of `targets`). A route with a selector: a
+    fleet run (target FLEET), its targets chosen by the fleet when it runs."""
     values = dict(route.set)
-    if narrow is not None and target != narrow[0]:
-        target, values[narrow[1]] = narrow[0], target
+    if route.selector is not None:
+        target, where = FLEET, {"selector": route.selector}
+    else:
+        target = pick_target(alert, route, targets)
+        if narrow is not None and target != narrow[0]:
+            target, values[narrow[1]] = narrow[0], target
+        where = {"target": target}
     try:
         typed = params.model_validate(values).model_dump(mode="json", exclude_unset=True)
     except ValidationError as exc:
@@ -343,7 +356,7 @@ def plan_dispatch(
         runbook=route.runbook,
         target=target,
         parameters={
-            "target": target,
+            **where,
             "dry_run": not route.apply,
             "approval": route.approval if route.apply else "never",
             "params": typed,

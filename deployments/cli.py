@@ -537,7 +537,7 @@ def run_fleet(
             prefect_context(),
             console(stderr=True).status(f"{rb.name} on {len(selected)} target(s)…") as status,
         ):
-            from deployments.fleet import fleet
+            from deployments.fleet import FLEETS
 
             # --yes answers for every target; without it nobody is asked (a dry run asks none).
             who = f"{login_name()} (--yes)"
@@ -547,8 +547,7 @@ def run_fleet(
             ):
                 state = cast(
                     "State[Any]",
-                    fleet(
-                        runbook=rb.name,
+                    FLEETS[rb.name](
                         selector=selector,
                         max_concurrency=concurrency,
                         max_errors=errors,

@@ -1,19 +1,30 @@
-"""The `fleet` flow: one runbook on many targets of its inventory section, chosen by a selector
-(`all`, `a,b,c`, `env=prod,tier=db`), with AWS Systems Manager's rate control: a concurrency
-cap and an error threshold, each a count or a percentage (tasks.fleet_rules).
+"""A runbook's fleet flow: the runbook on many targets of its inventory section, chosen by a
+selector (`all`, `a,b,c`, `env=prod,tier=db`), with AWS Systems Manager's rate control: a
+concurrency cap and an error threshold, each a count or a percentage (tasks.fleet_rules).
 
-It lives here, not in flows/: like a routine (deployments.routines) it is a way of running
-runbooks, and it looks them up in the registry, which flows/ may not import.
+Every runbook has one (fleet_of), named after the runbook, so that its deployment is
+`NAME/fleet` and its runs sit beside the runbook's own in the UI; this module exposes each as an
+attribute (the runbook's name with underscores) for prefect.yaml's entrypoints. It lives here,
+not in flows/: like a routine (deployments.routines) it is a way of running runbooks, and it
+looks them up in the registry, which flows/ may not import.
 
-Each target's run is the runbook's own flow as a tracked subflow of the fleet's run, called
-from one task per target (`fleet-target`) on a ThreadPoolTaskRunner: Prefect 3.9 gives a
-subflow called inside a task a unique key (Task.create_run, `_is_subflow_tracking_task`), so
-concurrent subflows of one parent never share a tracking task run, as subflows called from
-plain threads could (their keys are a per-flow counter; PrefectHQ/prefect#22259, fixed for
-task-called subflows by #22286, which 3.9.1 has). The fleet starts one target (the
-canary), then doubles the number in flight each time that many have finished without error, up
-to the cap; once more targets than --max-errors allows have erred, it starts no more, lets the
-ones in flight finish, and reports the rest `not_started` with the reason.
+Each target's run is a tracked child run of the fleet's run, started from one task per target
+(`fleet-target`) on a ThreadPoolTaskRunner, in one of two places:
+- in this process, as a subflow: from the CLI, `runbook serve`, or a worker when the runbook
+  has no deployment on the fleet's work pool. Prefect 3.9 gives a subflow called inside a task
+  a unique key (Task.create_run, `_is_subflow_tracking_task`), so concurrent subflows of one
+  parent never share a tracking task run, as subflows called from plain threads could
+  (PrefectHQ/prefect#22259, fixed for task-called subflows by #22286, which 3.9.1 has);
+- on the work pool, when the fleet itself runs there: a run of the runbook's deployment
+  `NAME/TARGET`, else of another of its deployments on that pool with `target` set (the
+  run is named after its target either way), linked to its `fleet-target` task, so that the
+  pool's workers share the targets' runs. Its report comes back as its `runbook.report` event
+  (tasks.render), since its result stays in its worker's process.
+
+The fleet starts one target (the canary), then doubles the number in flight each time that
+many have finished while the errors stay within --max-errors, up to the cap; once more targets
+than --max-errors allows have erred, it starts no more, lets the ones in flight finish, and
+reports the rest `not_started` with the reason.
 
 Every target's run goes through its own gate as any run of the runbook: the inventory's
 [approval] policies, production targets and limits apply to each. The fleet publishes one
@@ -25,17 +36,21 @@ from __future__ import annotations
 
 import queue
 from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, cast
+from uuid import UUID
 
-from prefect import State, flow, task
+from prefect import Flow, State, get_client, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from deployments.catalog import RUNBOOKS
+from deployments.catalog import RUNBOOKS, Runbook
 from deployments.config import load_config
 from deployments.runner import quiet_thread_timeout_notice
 from tasks.cancel import raise_if_cancel_requested
@@ -45,6 +60,7 @@ from tasks.fleet import FleetReport, NotStarted, fleet_status, render_fleet, tot
 from tasks.fleet_rules import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_MAX_ERRORS,
+    FLEET,
     MAX_CONCURRENCY,
     Ramp,
     concurrency_of,
@@ -53,46 +69,248 @@ from tasks.fleet_rules import (
 )
 from tasks.gate import APPROVAL_TIMEOUT_SECONDS, ApprovalTimeout
 from tasks.journal import journal_scope
-from tasks.models import Approval, Finding, Report, RunStatus, Severity, utcnow
+from tasks.models import (
+    AlertInfo,
+    Approval,
+    Finding,
+    Report,
+    RunStatus,
+    Severity,
+    utcnow,
+)
 from tasks.outcome import state_report
 from tasks.progress import progress
+from tasks.render import REPORT_EVENT
+from tasks.wait import poll
+
+# A target's run on the pool that no worker has taken after this long is cancelled and counted
+# failed (no worker online, or all busy: the fleet's own run holds a slot of its worker).
+START_TIMEOUT_SECONDS = 600
+# A target's run taken by a worker that then died stays Running in Prefect: the fleet gives up
+# on it after this long (beyond any approval wait), longer than any runbook's own bounds.
+RUN_TIMEOUT_SECONDS = 6 * 3600
+# The run's report event: sent when its process ends, stored by the server's event persister,
+# which writes every few seconds (PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL, 5).
+REPORT_WAIT_SECONDS = 60
+POLL_SECONDS = 2
+TASK_RUN_WAIT_SECONDS = 30
 
 
-def failed_report(runbook: str, target: str, dry_run: bool, message: str) -> Report:
-    """The report of a target whose run ended without one (it raised, crashed or could not
-    start): failed, with the reason as its one critical finding."""
+def bare_report(
+    runbook: str, target: str, dry_run: bool, message: str, status: RunStatus = RunStatus.failed
+) -> Report:
+    """The report of a target whose run ended without one the fleet could read (it raised,
+    crashed, could not start, or its report never arrived): `status` (failed by default), with
+    `message` as its one finding, critical unless the status is healthy or fixed."""
     now = utcnow()
+    ok = status in (RunStatus.healthy, RunStatus.fixed)
+    severity = Severity.ok if ok else Severity.critical
     return Report(
         runbook=runbook,
         target=target,
         dry_run=dry_run,
-        status=RunStatus.failed,
-        findings=[
-            Finding(check="runbook", target=target, severity=Severity.critical, message=message)
-        ],
+        status=status,
+        findings=[Finding(check="runbook", target=target, severity=severity, message=message)],
         actions=[],
         started_at=now,
         finished_at=now,
     )
 
 
-@task(name="fleet-target", task_run_name="{target}", cache_policy=NO_CACHE, persist_result=False)
-def run_target(runbook: str, target: str, options: dict[str, Any]) -> Report:
-    """The runbook's flow on one target, as a subflow of the fleet's run; its report, or a
-    failed one saying why there is none. Never raises: one target's end is not the fleet's."""
+@dataclass(frozen=True)
+class Placement:
+    """Where the targets' runs go: `deployments` maps a target to the deployment its run is
+    created from on work pool `pool`; a target not in it runs in this process."""
+
+    pool: str | None = None
+    deployments: dict[str, UUID] = field(default_factory=dict)
+
+
+def placement(rb: Runbook, targets: list[str]) -> Placement:
+    """On a work pool (the fleet's own run came from one): each target's own deployment
+    `NAME/TARGET` of the runbook's flow on that pool, else the first (by name) of its others
+    there; off a pool, or with none there, every target runs here."""
+    context = FlowRunContext.get()
+    pool = context.flow_run.work_pool_name if context and context.flow_run else None
+    if pool is None:
+        return Placement()
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[rb.name])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        )
+    module = rb.entrypoint.split(":")[0]
+    own = {
+        d.name: d.id
+        for d in found
+        if (d.entrypoint or "").split(":")[0].removesuffix(".py").replace("/", ".") == module
+    }
+    if not own:
+        return Placement(pool)
+    shared = own[min(own)]
+    return Placement(pool, {t: own.get(t, shared) for t in targets})
+
+
+def run_here(runbook: str, target: str, options: dict[str, Any]) -> Report:
+    """The runbook's flow on one target as a subflow of the fleet's run."""
     sub = RUNBOOKS[runbook].load()
     dry_run = bool(options.get("dry_run", True))
     try:
         state = cast("State[Any]", sub(target=target, **options, return_state=True))
     except Exception as exc:  # it could not even start
-        return failed_report(runbook, target, dry_run, f"could not start: {exc}"[:500])
+        return bare_report(runbook, target, dry_run, f"could not start: {exc}"[:500])
     result = state_report(state)
     if isinstance(result, Report):
         return result
-    report = failed_report(runbook, target, dry_run, (state.message or state.name or "")[:500])
+    report = bare_report(runbook, target, dry_run, (state.message or state.name or "")[:500])
     run_id = state.state_details.flow_run_id
     report.flow_run_id = None if run_id is None else str(run_id)
     return report
+
+
+def run_on_pool(
+    deployment: UUID, runbook: str, target: str, options: dict[str, Any], wait_extra: float
+) -> Report:
+    """A run of `deployment` on `target`, linked to the calling task as its child, for a worker
+    of the pool; its report (its runbook.report event), once it ends. A run no worker takes
+    within START_TIMEOUT_SECONDS is cancelled; either way, the report says why it has none.
+    wait_extra: seconds a run may also spend paused for approval."""
+    from prefect.states import Cancelled
+
+    dry_run = bool(options.get("dry_run", True))
+    with get_client(sync_client=True) as client:
+        child = client.create_flow_run_from_deployment(
+            deployment,
+            parameters={"target": target, **options},
+            name=target,
+            tags=["fleet"],
+            parent_task_run_id=recorded_task_run(client),
+        )
+
+        def state_type() -> str:
+            state = client.read_flow_run(child.id).state
+            return "" if state is None else state.type.value
+
+        started = poll(
+            lambda: state_type() not in ("SCHEDULED", "PENDING", ""),
+            what=f"a worker to take the run of {target}",
+            timeout_seconds=START_TIMEOUT_SECONDS,
+            first_delay_seconds=POLL_SECONDS,
+            max_delay_seconds=POLL_SECONDS,
+        )
+        if not started.done:
+            client.set_flow_run_state(
+                child.id, Cancelled(message="no worker took it in time"), force=True
+            )
+            message = f"no worker of the pool took its run within {START_TIMEOUT_SECONDS} s"
+            return with_run(bare_report(runbook, target, dry_run, message), child.id)
+        final = poll(
+            lambda: state_type() in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"),
+            what=f"the run of {target} to end",
+            timeout_seconds=RUN_TIMEOUT_SECONDS + wait_extra,
+            first_delay_seconds=POLL_SECONDS,
+            max_delay_seconds=POLL_SECONDS,
+        )
+        if not final.done:
+            message = f"its run did not end within {RUN_TIMEOUT_SECONDS + wait_extra:.0f} s"
+            return with_run(bare_report(runbook, target, dry_run, message), child.id)
+        report = poll(
+            lambda: report_event(client, child.id, child.created),
+            what=f"the report of {target}",
+            timeout_seconds=REPORT_WAIT_SECONDS,
+            first_delay_seconds=1,
+            max_delay_seconds=5,
+        ).value
+        if report is not None:
+            return report
+        ended = client.read_flow_run(child.id).state
+        name = ((ended.name if ended else "") or "").lower()
+        status = RunStatus(name) if name in RunStatus.__members__ else RunStatus.failed
+        message = (ended.message if ended else "") or name
+        message += f" (its report did not reach the fleet within {REPORT_WAIT_SECONDS} s)"
+        return with_run(bare_report(runbook, target, dry_run, message[:500], status), child.id)
+
+
+def recorded_task_run(client: Any) -> UUID | None:
+    """The calling task's run id once the server has it, to link a child run to it; None when
+    it does not within TASK_RUN_WAIT_SECONDS. Prefect records task runs from their events, a
+    moment after they start; a child created earlier fails on the server's foreign key."""
+    from prefect.exceptions import ObjectNotFound
+
+    context = TaskRunContext.get()
+    if context is None:
+        return None
+    run_id = context.task_run.id
+
+    def recorded() -> bool:
+        try:
+            client.read_task_run(run_id)
+        except ObjectNotFound:
+            return False
+        return True
+
+    found = poll(
+        recorded,
+        what="the server to record the fleet-target task run",
+        timeout_seconds=TASK_RUN_WAIT_SECONDS,
+        first_delay_seconds=0.2,
+        max_delay_seconds=2,
+    )
+    return run_id if found.done else None
+
+
+def with_run(report: Report, run_id: UUID) -> Report:
+    report.flow_run_id = str(run_id)
+    return report
+
+
+def report_event(client: Any, run_id: UUID, since: Any) -> Report | None:
+    """The report in the runbook.report event of flow run `run_id`, if the server has it."""
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventResourceFilter,
+    )
+
+    page = client.read_events(
+        filter=EventFilter(
+            event=EventNameFilter(name=[REPORT_EVENT]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+            occurred=EventOccurredFilter(
+                since=(since or utcnow()) - timedelta(minutes=5),
+                until=utcnow() + timedelta(minutes=5),
+            ),
+        ),
+        limit=1,
+    )
+    for event in page.events:
+        return Report.model_validate(event.payload["report"])
+    return None
+
+
+@task(name="fleet-target", task_run_name="{target}", cache_policy=NO_CACHE, persist_result=False)
+def run_target(
+    runbook: str, target: str, options: dict[str, Any], deployment: UUID | None = None
+) -> Report:
+    """The runbook's run on one target (the module docstring says where); its report, or one
+    saying why there is none. Never raises: one target's end is not the fleet's."""
+    if deployment is None:
+        return run_here(runbook, target, options)
+    wait_extra = float(options.get("approval_timeout_seconds") or 0)
+    try:
+        return run_on_pool(deployment, runbook, target, options, wait_extra)
+    except Exception as exc:
+        dry_run = bool(options.get("dry_run", True))
+        message = f"its run on the pool failed: {type(exc).__name__}: {exc}"[:500]
+        return bare_report(runbook, target, dry_run, message)
 
 
 def run_fleet(
@@ -105,6 +323,7 @@ def run_fleet(
     approval: Approval,
     approval_timeout_seconds: int,
     params: dict[str, Any] | None,
+    alert: AlertInfo | None = None,
 ) -> State[FleetReport]:
     """The fleet in the current flow run (module docstring); its final state, with the
     FleetReport as its data. Raises ConfigError (before any target runs) for an unknown
@@ -126,7 +345,7 @@ def run_fleet(
     )
     sub = rb.load()
     # What the fleet passes down, as far as the runbook takes it (a read-only one has no
-    # approval_timeout_seconds).
+    # approval_timeout_seconds), in JSON's types: a run on the pool gets them as parameters.
     options = {
         k: v
         for k, v in (
@@ -134,6 +353,7 @@ def run_fleet(
             ("approval", approval),
             ("approval_timeout_seconds", approval_timeout_seconds),
             ("params", params),
+            ("alert", None if alert is None else alert.model_dump(mode="json")),
         )
         if k in sub.parameters.properties and v is not None
     }
@@ -146,6 +366,16 @@ def run_fleet(
         ramp.cap,
         ramp.max_errors,
     )
+    where = placement(rb, selected)
+    if where.pool is not None:
+        here = [t for t in selected if t not in where.deployments]
+        logger.info(
+            "on work pool %s: %d target run(s) go to its workers; %d run in this process%s",
+            where.pool,
+            len(selected) - len(here),
+            len(here),
+            f" ({rb.name} has no deployment on the pool)" if here else "",
+        )
     pending = deque(selected)
     finished: queue.SimpleQueue[PrefectFuture[Report]] = queue.SimpleQueue()
     running: dict[PrefectFuture[Report], str] = {}
@@ -163,7 +393,7 @@ def run_fleet(
                 raise_if_cancel_requested("before the next target")
                 target = pending.popleft()
                 ramp.start()
-                future = run_target.submit(rb.name, target, options)
+                future = run_target.submit(rb.name, target, options, where.deployments.get(target))
                 running[future] = target
                 future.add_done_callback(finished.put)
             if not running:
@@ -173,7 +403,7 @@ def run_fleet(
             try:
                 report = future.result()
             except Exception as exc:  # the task itself failed: count it as the target's
-                report = failed_report(rb.name, target, dry_run, f"{type(exc).__name__}: {exc}")
+                report = bare_report(rb.name, target, dry_run, f"{type(exc).__name__}: {exc}")
             reports[target] = report
             done.advance(1)
             error = is_error(report)
@@ -230,47 +460,62 @@ THREADS = cast(
     "TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner[Any](max_workers=MAX_CONCURRENCY)
 )
 
+FLEET_DOC = """{runbook} on many targets, with rate control: a canary first, then doubling up
+to max_concurrency; no new target once the errors exceed max_errors.
 
-@flow(
-    name="fleet",
-    flow_run_name="{runbook} on {selector}",
-    task_runner=THREADS,
-)
-def fleet(
-    runbook: str,
-    selector: str = "all",
-    max_concurrency: str = DEFAULT_MAX_CONCURRENCY,
-    max_errors: str = DEFAULT_MAX_ERRORS,
-    dry_run: bool = True,
-    approval: Approval = "ask",
-    approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
-    params: dict[str, Any] | None = None,
-) -> State[FleetReport]:
-    """One runbook on many targets, with rate control: a canary first, then doubling up to
-    max_concurrency; no new target once the errors exceed max_errors.
+Args:
+    selector: "all", target names "a,b,c", or labels "env=prod,tier=db" (all must match).
+    max_concurrency: targets at once: a count (1 to 50) or a percentage of the selected
+        targets ("20%"), at least 1.
+    max_errors: errors allowed before no new target starts: a count or a percentage of the
+        selected targets (rounded down); "0" stops after the first. An error: a target whose
+        run failed, or stayed unhealthy after acting.
+    dry_run: True (the default): every target's run diagnoses and plans only.
+    approval: passed to every target's run: "auto", "ask" (the default) or "never"; the
+        inventory's [approval] and its targets may be stricter.
+    approval_timeout_seconds: how long a target's run paused for approval waits, seconds.
+    params: the runbook's parameters, the same for every target (its thresholds in the
+        inventory still apply per target).
+    alert: the alert that started the fleet, set by the alert receiver; every target's run
+        begins with it.
+"""
 
-    Args:
-        runbook: the runbook to run (see `runbook list`).
-        selector: "all", target names "a,b,c", or labels "env=prod,tier=db" (all must match).
-        max_concurrency: targets at once: a count (1 to 50) or a percentage of the selected
-            targets ("20%"), at least 1.
-        max_errors: errors allowed before no new target starts: a count or a percentage of the
-            selected targets (rounded down); "0" stops after the first. An error: a target
-            whose run failed, or stayed unhealthy after acting.
-        dry_run: True (the default): every target's run diagnoses and plans only.
-        approval: passed to every target's run: "auto", "ask" (the default) or "never"; the
-            inventory's [approval] and its targets may be stricter.
-        approval_timeout_seconds: how long a target's run paused for approval waits, seconds.
-        params: the runbook's parameters, the same for every target (its thresholds in the
-            inventory still apply per target).
-    """
-    return run_fleet(
-        runbook,
-        selector,
-        max_concurrency=max_concurrency,
-        max_errors=max_errors,
-        dry_run=dry_run,
-        approval=approval,
-        approval_timeout_seconds=approval_timeout_seconds,
-        params=params,
+
+def fleet_of(runbook: str) -> Flow[..., State[FleetReport]]:
+    """The fleet flow of one runbook: named after it (its deployment is `NAME/fleet`), each run
+    named `fleet on SELECTOR`. Raises KeyError for an unknown runbook."""
+    RUNBOOKS[runbook]
+
+    def fleet(
+        selector: str = "all",
+        max_concurrency: str = DEFAULT_MAX_CONCURRENCY,
+        max_errors: str = DEFAULT_MAX_ERRORS,
+        dry_run: bool = True,
+        approval: Approval = "ask",
+        approval_timeout_seconds: ApprovalTimeout = APPROVAL_TIMEOUT_SECONDS,
+        params: dict[str, Any] | None = None,
+        alert: AlertInfo | None = None,
+    ) -> State[FleetReport]:
+        return run_fleet(
+            runbook,
+            selector,
+            max_concurrency=max_concurrency,
+            max_errors=max_errors,
+            dry_run=dry_run,
+            approval=approval,
+            approval_timeout_seconds=approval_timeout_seconds,
+            params=params,
+            alert=alert,
+        )
+
+    fleet.__doc__ = FLEET_DOC.format(runbook=runbook)
+    # Its attribute here (prefect.yaml's entrypoint), which Prefect also reads from __name__.
+    fleet.__qualname__ = fleet.__name__ = runbook.replace("-", "_")
+    return Flow(
+        fn=fleet, name=runbook, flow_run_name=f"{FLEET} on {{selector}}", task_runner=THREADS
     )
+
+
+FLEETS: dict[str, Flow[..., State[FleetReport]]] = {name: fleet_of(name) for name in RUNBOOKS}
+# prefect.yaml's entrypoints: deployments/fleet.py:<runbook name with underscores>.
+globals().update({found.fn.__name__: found for found in FLEETS.values()})

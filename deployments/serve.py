@@ -29,6 +29,7 @@ from deployments.config import load_config
 from deployments.localpg import stop_process
 from deployments.prefect_api import require_prefect_api
 from tasks.errors import ConfigError, TargetError
+from tasks.fleet_rules import ALL, FLEET
 from tasks.settings import ENV_PREFIX, Settings, sandbox_config_path
 from tasks.wait import poll
 
@@ -120,6 +121,14 @@ def _from_event(field: str, default: str = "") -> dict[str, Any]:
     return {"__prefect_kind": "json", "value": {"__prefect_kind": "jinja", "template": template}}
 
 
+def fleet_trigger_spec(runbook: str) -> dict[str, Any]:
+    """The trigger of a runbook's fleet deployment (NAME/fleet), as prefect.yaml spells it: a
+    dispatch event of a route with a selector names target FLEET and carries the selector."""
+    spec = alert_trigger_spec(runbook, FLEET)
+    del spec["parameters"]["target"]
+    return {**spec, "parameters": {"selector": _from_event("selector"), **spec["parameters"]}}
+
+
 def alert_trigger_spec(runbook: str, target: str) -> dict[str, Any]:
     """The deployment trigger of one runbook on one target, as prefect.yaml spells it.
 
@@ -142,7 +151,8 @@ def alert_trigger_spec(runbook: str, target: str) -> dict[str, Any]:
 def build_deployments(
     settings: Settings, *, in_sandbox: bool
 ) -> list[tuple[RunnerDeployment, Flow[..., Any]]]:
-    """One deployment per runbook and target, with the flow it runs."""
+    """One deployment per runbook and target, and its fleet's (`NAME/fleet`, unscheduled) for a
+    runbook with targets, each with the flow it runs."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron, RRule
 
@@ -173,9 +183,30 @@ def build_deployments(
                 ],
             )
             deployments.append((deployment, flow))
+        if rb.accepted(settings):
+            deployments.append(fleet_deployment(rb.name, in_sandbox=in_sandbox))
     if deployments:
         deployments += routine_deployments(settings, in_sandbox=in_sandbox, now=now)
     return deployments
+
+
+def fleet_deployment(runbook: str, *, in_sandbox: bool) -> tuple[RunnerDeployment, Flow[..., Any]]:
+    """A runbook's fleet deployment (deployments.fleet): run by hand or by an alert route with
+    a selector; every target, a dry run (the sandbox's: acting), unless a run's parameters say
+    otherwise."""
+    from prefect.events import DeploymentEventTrigger
+
+    from deployments.fleet import FLEETS
+
+    rb, flow = RUNBOOKS[runbook], FLEETS[runbook]
+    deployment: RunnerDeployment = flow.to_deployment(  # type: ignore[assignment]
+        name=FLEET,
+        parameters={"selector": ALL, **(sandbox.PARAMETERS if in_sandbox else {"dry_run": True})},
+        description=f"{rb.name} on many targets, with rate control: {rb.purpose}",
+        tags=["runbook", "fleet", rb.inventory] + (["sandbox"] if in_sandbox else []),
+        triggers=[DeploymentEventTrigger.model_validate(fleet_trigger_spec(runbook))],
+    )
+    return deployment, flow
 
 
 def routine_deployments(

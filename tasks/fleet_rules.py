@@ -28,6 +28,10 @@ from tasks.errors import ConfigError
 from tasks.models import ActionStatus, Report, RunStatus
 
 ALL = "all"
+# A runbook's fleet deployment is NAME/fleet (deployments.fleet), and an alert route's fleet
+# dispatch names it as its target. Neither word may name an inventory target (tasks.settings).
+FLEET = "fleet"
+RESERVED_NAMES = (ALL, FLEET)
 # The most target runs a fleet runs at once: each is a thread of the fleet's process and a
 # flow run against the Prefect API.
 MAX_CONCURRENCY = 50

@@ -1,5 +1,9 @@
 """A finished run's report as Prefect artifacts: a markdown page and a table, under a key stable
-per runbook and target so the UI shows their history (tasks.engine.finish publishes them)."""
+per runbook and target so the UI shows their history; and as a `runbook.report` event about
+its flow run (resource `prefect.flow-run.ID`, labels runbook.runbook, runbook.target and
+runbook.status, payload {"report": the report's JSON}), which a fleet reads back for a run
+that ended on another worker, and an automation may match. tasks.engine.finish publishes
+them."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import re
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
 
 from tasks.models import Finding, Report
 
@@ -16,9 +21,13 @@ def artifact_key(runbook: str, target: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"runbook-{runbook}-{target}".lower()).strip("-")
 
 
+REPORT_EVENT = "runbook.report"
+
+
 def publish(report: Report, before: list[Finding]) -> None:
     """Create the report's markdown artifact (render_markdown) and its table artifact (one row
-    per finding and action), keyed artifact_key and artifact_key-table."""
+    per finding and action), keyed artifact_key and artifact_key-table, and emit its
+    REPORT_EVENT (the module docstring) when it has a flow run."""
     key = artifact_key(report.runbook, report.target)
     create_markdown_artifact(
         markdown=render_markdown(report, before),
@@ -47,6 +56,17 @@ def publish(report: Report, before: list[Finding]) -> None:
         for a in report.actions
     ]
     create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
+    if report.flow_run_id is not None:
+        emit_event(
+            REPORT_EVENT,
+            resource={
+                "prefect.resource.id": f"prefect.flow-run.{report.flow_run_id}",
+                "runbook.runbook": report.runbook,
+                "runbook.target": report.target,
+                "runbook.status": report.status.value,
+            },
+            payload={"report": report.model_dump(mode="json")},
+        )
 
 
 def _cell(value: object) -> str:

@@ -43,6 +43,7 @@ from pydantic_settings import (
 
 from tasks.audit import AuditSettings
 from tasks.errors import ConfigError
+from tasks.fleet_rules import RESERVED_NAMES, is_fleet
 from tasks.limits import RateLimit
 from tasks.models import Approval
 from tasks.notify import NotifySettings
@@ -611,6 +612,11 @@ class Route(_Strict):
     target_label: str | None = Field(
         None, description='the label naming the target; unset: "target"'
     )
+    selector: str | None = Field(
+        None,
+        description='a fleet instead of one target: "all", "a,b,c" or "env=prod" (the '
+        "runbook's NAME/fleet deployment runs it)",
+    )
     # false: the run diagnoses and plans only. true: it acts, its destructive actions as
     # `approval` says: ask (the default: it pauses for a human in the Prefect UI), auto, never.
     apply: bool = False
@@ -619,8 +625,14 @@ class Route(_Strict):
 
     @model_validator(mode="after")
     def _one_target_source(self) -> Route:
-        if self.target is not None and self.target_label is not None:
-            raise ValueError("set either target or target_label, not both")
+        given = [k for k in ("target", "target_label", "selector") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"set one of target, target_label and selector, not {given}")
+        if self.selector is not None and not is_fleet(self.selector):
+            raise ValueError(
+                f"selector {self.selector!r} names one target: set target instead, or give "
+                '"all", several names "a,b" or labels "env=prod"'
+            )
         return self
 
 
@@ -979,6 +991,20 @@ class Settings(BaseSettings):
     def security_target(self, name: str | None) -> tuple[str, SecurityTarget]:
         """A [security.NAME]: its name and entry (ConfigError naming the known ones)."""
         return _pick("security", self.security, name)
+
+    @model_validator(mode="after")
+    def _no_reserved_target_names(self) -> Settings:
+        for section in type(self).model_fields:
+            entries = getattr(self, section)
+            if not isinstance(entries, dict):
+                continue
+            targets = {k for k, v in entries.items() if isinstance(v, _Target)}
+            for name in sorted(targets & set(RESERVED_NAMES)):
+                raise ValueError(
+                    f"{section}.{name}: {name!r} cannot name a target (`--target all` selects "
+                    "every target, and NAME/fleet is a runbook's fleet deployment); rename it"
+                )
+        return self
 
     @model_validator(mode="after")
     def _security_references_resolve(self) -> Settings:

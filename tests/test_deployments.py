@@ -3,6 +3,7 @@ and serve leaves nothing running when stopped."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sqlite3
@@ -19,9 +20,10 @@ import pytest
 import yaml
 
 from deployments.catalog import ROUTINES, RUNBOOKS
+from deployments.fleet import FLEETS
 from deployments.localpg import free_port
 from deployments.sandbox import NOT_SERVED, Sandbox
-from deployments.serve import alert_trigger_spec, build_deployments
+from deployments.serve import alert_trigger_spec, build_deployments, fleet_trigger_spec
 from tasks.settings import load_settings
 from tasks.wait import poll
 
@@ -32,11 +34,22 @@ ALL_ENTRIES: list[Any] = [*RUNBOOKS.values(), *ROUTINES.values()]
 
 def test_prefect_yaml_matches_the_catalogue() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    by_flow = {}
+    by_flow, fleets = {}, {}
     for d in spec["deployments"]:
         path, function = d["entrypoint"].split(":")
         module = path.removesuffix(".py").replace("/", ".")
-        by_flow[f"{module}:{function}"] = d
+        if d["name"] == "fleet":
+            fleets[f"{module}:{function}"] = d
+        else:
+            by_flow[f"{module}:{function}"] = d
+    # A fleet deployment per runbook (NAME/fleet), unscheduled, with its alert trigger.
+    assert set(fleets) == {f"deployments.fleet:{n.replace('-', '_')}" for n in RUNBOOKS}
+    for entry, d in fleets.items():
+        fleet = getattr(importlib.import_module("deployments.fleet"), entry.split(":")[1])
+        assert fleet is FLEETS[fleet.name]
+        assert "schedules" not in d and d["parameters"] == {"selector": "all", "dry_run": True}
+        assert set(d["parameters"]) <= set(fleet.parameters.properties)
+        assert d["triggers"] == [fleet_trigger_spec(fleet.name)]
     entrypoints = {rb.entrypoint for rb in ALL_ENTRIES}
     missing = sorted(entrypoints - set(by_flow))
     assert not missing, f"prefect.yaml has no deployment of {missing}: add one per target"

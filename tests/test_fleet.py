@@ -19,7 +19,7 @@ from uuid import UUID
 
 import pytest
 
-from deployments.fleet import fleet
+from deployments.fleet import FLEETS
 from deployments.localpg import LocalPostgres, free_port
 from tasks.fleet import FleetReport
 from tasks.models import RunStatus
@@ -162,7 +162,8 @@ def write(made: Fleet, inventory: Any) -> None:
 
 
 def run_fleet(selector: str, **kwargs: Any) -> FleetReport:
-    state = fleet(runbook="postgres-connections", selector=selector, return_state=True, **kwargs)
+    fleet = FLEETS["postgres-connections"]
+    state = fleet(selector=selector, return_state=True, **kwargs)
     report = state_report(state)
     assert isinstance(report, FleetReport), state
     return report

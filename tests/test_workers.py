@@ -26,6 +26,7 @@ from deployments.localpg import LocalPostgres, stop_process
 from deployments.pull import HOME_VARIABLE, checkout, set_runbook_home
 from tasks.wait import poll
 from tests.alertmanager_helpers import PrefectServer, prefect_env
+from tests.test_fleet import Fleet, Waves
 from tests.test_receiver import TOKEN, am_alert, am_payload
 from tests.test_receiver_shared_store import (
     PASSWORD,
@@ -98,14 +99,17 @@ class Cluster:
 
 
 class Worker:
-    """`prefect worker start` on the pool, in a directory of its own (as on another host), one
-    run at a time, polling every second; its output in a file."""
+    """`prefect worker start` on the pool, in a directory of its own (as on another host),
+    `limit` runs at a time, polling every second; its output in a file."""
 
-    def __init__(self, cluster: Cluster, name: str, home: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, cluster: Cluster, name: str, home: Path, env: dict[str, str], limit: int = 1
+    ) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log = home / "worker.log"
-        self.argv = [PREFECT, "worker", "start", "--pool", POOL, "--name", name, "--limit", "1"]
+        self.argv = [PREFECT, "worker", "start", "--pool", POOL, "--name", name]
+        self.argv += ["--limit", str(limit)]
         self.env = {**cluster.env(home), "PREFECT_WORKER_QUERY_SECONDS": "1", **env}
         self.cwd = home
         self.proc: subprocess.Popen[bytes] | None = None
@@ -172,8 +176,11 @@ def test_deploy_all_on_postgresql_creates_every_deployment_with_a_portable_pull_
         for d in spec["deployments"]
     )
     scheduled = {
-        flows[d["flow_id"]]: [s["schedule"]["cron"] for s in d["schedules"]] for d in deployed
+        flows[d["flow_id"]]: [s["schedule"]["cron"] for s in d["schedules"]]
+        for d in deployed
+        if d["name"] != "fleet"
     }
+    assert sorted(flows[d["flow_id"]] for d in deployed if d["name"] == "fleet") == sorted(RUNBOOKS)
     entries: list[Any] = [*RUNBOOKS.values(), *ROUTINES.values()]
     assert scheduled == {rb.name: [rb.cron] if rb.cron else [] for rb in entries}
     automations = cluster.post("/automations/filter", {})
@@ -380,3 +387,73 @@ def accepted(url: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
     assert answer.status_code == 202, answer.text
     alerts: list[dict[str, Any]] = answer.json()["alerts"]
     return alerts
+
+
+def test_a_fleet_deployment_spreads_its_targets_runs_over_two_workers(
+    cluster: Cluster, pg: LocalPostgres, tmp_path: Path
+) -> None:
+    """postgres-connections/fleet on `env=prod` (six databases; a seventh, env=dev, is left
+    out), run through the pool: the fleet's run on one worker, each target's run a run of
+    postgres-connections/main with its target, a child of the fleet's run, on either worker.
+    Each database is reached through a proxy that holds the first query until the ramp's wave
+    is complete (1, then 2, then 3 at once): with two slots on each worker and one held by the
+    fleet, the wave of three needs both workers. The fleet's report holds every target's own,
+    read back from its runbook.report event."""
+    waves = Waves([1, 2, 3], quiet=120)
+    made = Fleet(pg, stopped="")
+    try:
+        for n in range(1, 7):
+            made.healthy(f"p{n}", waves=waves, env="prod")
+        made.healthy("d1", env="dev")
+        inventory = tmp_path / "runbook.toml"
+        inventory.write_text(made.text())
+        env = {"RUNBOOK_CONFIG": str(inventory)}
+        workers = [Worker(cluster, name, tmp_path / name, env, limit=2) for name in ("wa", "wb")]
+        try:
+            for worker in workers:
+                worker.start()
+            cluster.wait_online([w.name for w in workers])
+            fleet_id = cluster.create_run(
+                "postgres-connections/fleet", selector="env=prod", max_concurrency="3"
+            )
+            (fleet,) = cluster.wait_final([fleet_id])
+        finally:
+            for worker in workers:
+                worker.stop()
+    finally:
+        for proxy in made.proxies:
+            proxy.close()
+    (artifact,) = cluster.post(
+        "/artifacts/filter",
+        {
+            "artifacts": {"key": {"any_": ["fleet-postgres-connections"]}},
+            "flow_runs": {"id": {"any_": [fleet_id]}},
+        },
+    )
+    logs = "\n".join(w.log.read_text()[-4000:] for w in workers)
+    assert (fleet["state_type"], fleet["state_name"]) == ("COMPLETED", "Healthy"), (
+        artifact["data"] + logs
+    )
+    assert fleet["name"] == "fleet on env=prod"
+    assert waves.sizes == [1, 2, 3]
+    tasks = cluster.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [fleet_id]}}})
+    children = cluster.post(
+        "/flow_runs/filter",
+        {"flow_runs": {"parent_task_run_id": {"any_": [t["id"] for t in tasks]}}},
+    )
+    main = cluster.get("/deployments/name/postgres-connections/main")
+    assert sorted(c["name"] for c in children) == [f"p{n}" for n in range(1, 7)]
+    assert {c["deployment_id"] for c in children} == {main["id"]}
+    assert {(c["state_type"], c["state_name"]) for c in children} == {("COMPLETED", "Healthy")}
+    ran_on = {c["name"]: c["labels"].get("prefect.worker.name") for c in children}
+    assert set(ran_on.values()) == {"wa", "wb"}, ran_on
+    # Every target's report came back as its event, none made up from its state.
+    events = cluster.post(
+        "/events/filter",
+        {"filter": {"event": {"name": ["runbook.report"]}}, "limit": 50},
+    )["events"]
+    reported = {e["resource"]["runbook.target"] for e in events}
+    assert {f"p{n}" for n in range(1, 7)} <= reported
+    assert "did not reach the fleet" not in artifact["data"]
+    assert all(f"p{n}" in artifact["data"] for n in range(1, 7))
+    assert "| d1 |" not in artifact["data"]

@@ -13,6 +13,7 @@ from uuid import UUID
 from deployments.alert_routes import Alert, Dispatch, Outcome
 from deployments.catalog import RUNBOOKS
 from tasks.errors import TargetError
+from tasks.fleet_rules import FLEET
 from tasks.wait import poll
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class InProcessStarter:
 
         with self._lock:
             self._refuse_if_closed()
-        flow = RUNBOOKS[dispatch.runbook].load()
+        flow = dispatch_flow(dispatch)
         with _sync_client() as client:
 
             def create() -> FlowRun:
@@ -176,6 +177,15 @@ class InProcessStarter:
         if running:
             print(f"Waiting for {running} alert runs in flight to finish", flush=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def dispatch_flow(dispatch: Dispatch) -> Flow[..., Any]:
+    """The flow a dispatch's deployment runs: the runbook's, or its fleet's (deployments.fleet)."""
+    if dispatch.target == FLEET:
+        from deployments.fleet import FLEETS
+
+        return FLEETS[dispatch.runbook]
+    return RUNBOOKS[dispatch.runbook].load()
 
 
 class DeploymentStarter:
