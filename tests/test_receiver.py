@@ -326,6 +326,83 @@ def test_alert_runs_the_deployment_in_process_and_fixes_the_incident(
     assert delivery["outcome"] == "started" and delivery["flow_run_id"] == result["flow_run_id"]
 
 
+FLEET_ROUTE = """
+[[routes]]
+alert = "ConnectionsEverywhere"
+runbook = "postgres-connections"
+selector = "env=prod"
+
+[postgres.second]
+dsn = "{dsn}"
+labels = {{ env = "prod" }}
+[postgres.third]
+dsn = "{dsn}"
+labels = {{ env = "dev" }}
+"""
+
+
+def test_a_route_with_a_selector_starts_the_runbooks_fleet(
+    db: Db, prefect_api: str, make_receiver: Any
+) -> None:
+    """A route naming a selector starts postgres-connections/fleet (registered as `runbook
+    serve` registers it) with that selector, in this process: one child run per selected
+    target, each carrying the alert; `main` (no labels) and the dev database are left out."""
+    from deployments.fleet import FLEETS
+
+    fleet = FLEETS[RUNBOOK]
+    deployment = str(
+        runner_deployment(
+            fleet.to_deployment(name="fleet", parameters={"selector": "all", "dry_run": True})
+        ).apply()
+    )
+    db.config.write_text("")  # make_receiver writes it whole
+    server = make_receiver(extra=FLEET_ROUTE.format(dsn=db.dsn))
+    fingerprint = uuid.uuid4().hex[:16]
+    alert = am_alert(fingerprint, alertname="ConnectionsEverywhere")
+    response = post(server.url, "/alerts/alertmanager", am_payload(alert))
+    assert response.status_code == 202, response.text
+    [result] = response.json()["alerts"]
+    assert (result["outcome"], result["runbook"], result["target"]) == (
+        "started",
+        RUNBOOK,
+        "fleet",
+    ), result
+    run = wait_final(prefect_api, result["flow_run_id"])
+    assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Healthy"), run["state"]
+    assert run["deployment_id"] == deployment and run["name"] == "fleet on env=prod"
+    assert run["parameters"]["selector"] == "env=prod"
+    assert run["parameters"]["alert"]["fingerprint"] == fingerprint
+    tasks = api_post(prefect_api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    children = api_post(
+        prefect_api,
+        "/flow_runs/filter",
+        {"flow_runs": {"parent_task_run_id": {"any_": [t["id"] for t in tasks]}}},
+    )
+    assert [c["name"] for c in children] == ["second"]
+    assert children[0]["parameters"]["alert"]["fingerprint"] == fingerprint
+
+
+@pytest.mark.parametrize(
+    ("route", "problem"),
+    [
+        ('selector = "env=prod"\ntarget = "main"', "set one of target, target_label and selector"),
+        ('selector = "main"', "selector 'main' names one target: set target instead"),
+        ('selector = "env=nowhere"', "routes[0].selector: "),
+        ('selector = "main,missing"', "routes[0].selector: "),
+    ],
+)
+def test_a_route_selector_is_checked_when_the_inventory_loads(
+    db: Db, route: str, problem: str
+) -> None:
+    from deployments.config import load_config
+    from tasks.errors import ConfigError
+
+    db.write_config(f'[[routes]]\nalert = "A"\nrunbook = "{RUNBOOK}"\n{route}\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config()
+    assert problem in str(raised.value)
+
+
 # -- storm control -------------------------------------------------------------------------
 
 
