@@ -106,6 +106,26 @@ def test_alert_trigger_renders_typed_parameters_from_the_event() -> None:
     assert rendered["approval"] == "{{ 7 * 7 }}"
 
 
+def test_the_fleet_trigger_renders_the_selector_from_the_event() -> None:
+    from prefect.events import DeploymentEventTrigger
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    spec = fleet_trigger_spec("postgres-connections")
+    trigger = DeploymentEventTrigger.model_validate(spec)
+    assert match_of(trigger) == {
+        "runbook.runbook": "postgres-connections",
+        "runbook.target": "fleet",
+    }
+    RunDeployment.validate_parameters(spec["parameters"])
+    sent = {"selector": "env=prod", "dry_run": True, "approval": "never", "params": {}}
+    event: dict[str, Any] = {"payload": {"parameters": {**sent, "alert": {"name": "A"}}}}
+    rendered = hydrate(
+        spec["parameters"], HydrationContext(render_jinja=True, jinja_context={"event": event})
+    )
+    assert rendered == {**sent, "alert": {"name": "A"}}
+
+
 def match_of(trigger: object) -> dict[str, str | list[str]]:
     """The resource labels an event trigger matches (runbook serve builds only those)."""
     from prefect.events.schemas.automations import EventTrigger
