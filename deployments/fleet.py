@@ -35,7 +35,9 @@ and ends with the worst of their statuses, in a runbook's final states (tasks.en
 from __future__ import annotations
 
 import queue
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
@@ -47,13 +49,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from deployments.catalog import RUNBOOKS, Runbook
 from deployments.config import load_config
 from deployments.runner import quiet_thread_timeout_notice
-from tasks.cancel import raise_if_cancel_requested
+from tasks.cancel import cancel_requested, cancel_scope, raise_if_cancel_requested
 from tasks.engine import final_state
 from tasks.errors import ConfigError
 from tasks.fleet import FleetReport, NotStarted, fleet_status, render_fleet, totals_of
@@ -80,6 +81,7 @@ from tasks.models import (
 )
 from tasks.outcome import state_report
 from tasks.progress import progress
+from tasks.redact import prefect_secrets, redact_urls
 from tasks.render import REPORT_EVENT
 from tasks.wait import poll
 
@@ -96,44 +98,52 @@ POLL_SECONDS = 2
 TASK_RUN_WAIT_SECONDS = 30
 
 
-def bare_report(
-    runbook: str, target: str, dry_run: bool, message: str, status: RunStatus = RunStatus.failed
+def report_without_run(
+    runbook: str,
+    target: str,
+    dry_run: bool,
+    message: str,
+    status: RunStatus = RunStatus.failed,
+    flow_run_id: UUID | None = None,
 ) -> Report:
     """The report of a target whose run ended without one the fleet could read (it raised,
     crashed, could not start, or its report never arrived): `status` (failed by default), with
-    `message` as its one finding, critical unless the status is healthy or fixed."""
+    `message` (cut to 500 characters) as its one finding, critical unless the status is
+    healthy or fixed."""
     now = utcnow()
     ok = status in (RunStatus.healthy, RunStatus.fixed)
     severity = Severity.ok if ok else Severity.critical
+    finding = Finding(check="runbook", target=target, severity=severity, message=message[:500])
     return Report(
         runbook=runbook,
         target=target,
         dry_run=dry_run,
         status=status,
-        findings=[Finding(check="runbook", target=target, severity=severity, message=message)],
+        findings=[finding],
         actions=[],
         started_at=now,
         finished_at=now,
+        flow_run_id=None if flow_run_id is None else str(flow_run_id),
     )
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where the targets' runs go: `deployments` maps a target to the deployment its run is
+class TargetDeployments:
+    """Where the targets' runs go: `by_target` maps a target to the deployment its run is
     created from on work pool `pool`; a target not in it runs in this process."""
 
     pool: str | None = None
-    deployments: dict[str, UUID] = field(default_factory=dict)
+    by_target: dict[str, UUID] = field(default_factory=dict)
 
 
-def placement(rb: Runbook, targets: list[str]) -> Placement:
+def target_deployments(rb: Runbook, targets: list[str]) -> TargetDeployments:
     """On a work pool (the fleet's own run came from one): each target's own deployment
     `NAME/TARGET` of the runbook's flow on that pool, else the first (by name) of its others
     there; off a pool, or with none there, every target runs here."""
     context = FlowRunContext.get()
     pool = context.flow_run.work_pool_name if context and context.flow_run else None
     if pool is None:
-        return Placement()
+        return TargetDeployments()
     from prefect.client.schemas.filters import (
         FlowFilter,
         FlowFilterName,
@@ -153,89 +163,145 @@ def placement(rb: Runbook, targets: list[str]) -> Placement:
         if (d.entrypoint or "").split(":")[0].removesuffix(".py").replace("/", ".") == module
     }
     if not own:
-        return Placement(pool)
+        return TargetDeployments(pool)
     shared = own[min(own)]
-    return Placement(pool, {t: own.get(t, shared) for t in targets})
+    return TargetDeployments(pool, {t: own.get(t, shared) for t in targets})
 
 
-def run_here(runbook: str, target: str, options: dict[str, Any]) -> Report:
+def run_as_subflow(runbook: str, target: str, options: dict[str, Any], dry_run: bool) -> Report:
     """The runbook's flow on one target as a subflow of the fleet's run."""
     sub = RUNBOOKS[runbook].load()
-    dry_run = bool(options.get("dry_run", True))
     try:
         state = cast("State[Any]", sub(target=target, **options, return_state=True))
     except Exception as exc:  # it could not even start
-        return bare_report(runbook, target, dry_run, f"could not start: {exc}"[:500])
+        return report_without_run(runbook, target, dry_run, f"could not start: {exc}")
     result = state_report(state)
     if isinstance(result, Report):
         return result
-    report = bare_report(runbook, target, dry_run, (state.message or state.name or "")[:500])
-    run_id = state.state_details.flow_run_id
-    report.flow_run_id = None if run_id is None else str(run_id)
-    return report
+    message = state.message or state.name or ""
+    return report_without_run(
+        runbook, target, dry_run, message, flow_run_id=state.state_details.flow_run_id
+    )
 
 
-def run_on_pool(
-    deployment: UUID, runbook: str, target: str, options: dict[str, Any], wait_extra: float
+ENDED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def run_as_deployment_run(
+    deployment: UUID, pool: str, runbook: str, target: str, options: dict[str, Any], dry_run: bool
 ) -> Report:
-    """A run of `deployment` on `target`, linked to the calling task as its child, for a worker
-    of the pool; its report (its runbook.report event), once it ends. A run no worker takes
-    within START_TIMEOUT_SECONDS is cancelled; either way, the report says why it has none.
-    wait_extra: seconds a run may also spend paused for approval."""
-    from prefect.states import Cancelled
-
-    dry_run = bool(options.get("dry_run", True))
+    """A run of `deployment` on `target`, a child of the calling task, for a worker of `pool`;
+    its report (its runbook.report event), once it ends. A run still waiting for a worker
+    after START_TIMEOUT_SECONDS while the pool has no worker online (or is paused), or not
+    ended within RUN_TIMEOUT_SECONDS (plus any approval wait), is cancelled, and the report
+    says why it has none. Whatever ends this early (an API error too), the run is not left
+    behind: it is asked to cancel (Cancelling: a worker that has it stops it)."""
     with get_client(sync_client=True) as client:
+        parent = recorded_task_run(client)
+        if parent is None:
+            get_run_logger().warning(
+                "%s: the fleet-target task run was not recorded within %d s; the run is "
+                "created without a link to the fleet's run",
+                target,
+                TASK_RUN_WAIT_SECONDS,
+            )
         child = client.create_flow_run_from_deployment(
             deployment,
             parameters={"target": target, **options},
             name=target,
             tags=["fleet"],
-            parent_task_run_id=recorded_task_run(client),
+            parent_task_run_id=parent,
         )
+        try:
+            return follow(client, child.id, pool, runbook, target, options, dry_run)
+        finally:
+            cancel_unless_ended(client, child.id)
 
-        def state_type() -> str:
-            state = client.read_flow_run(child.id).state
-            return "" if state is None else state.type.value
 
-        started = poll(
-            lambda: state_type() not in ("SCHEDULED", "PENDING", ""),
-            what=f"a worker to take the run of {target}",
-            timeout_seconds=START_TIMEOUT_SECONDS,
+def follow(
+    client: Any,
+    run_id: UUID,
+    pool: str,
+    runbook: str,
+    target: str,
+    options: dict[str, Any],
+    dry_run: bool,
+) -> Report:
+    """run_as_deployment_run's wait for `run_id` and its report."""
+    from prefect.client.schemas.objects import WorkPoolStatus
+
+    limit = RUN_TIMEOUT_SECONDS + float(options.get("approval_timeout_seconds") or 0)
+    begun = time.monotonic()
+
+    def state_type() -> str:
+        state = client.read_flow_run(run_id).state
+        return "" if state is None else state.type.value
+
+    def wait(until: Callable[[], bool], what: str, seconds: float) -> bool:
+        return poll(
+            until,
+            what=what,
+            timeout_seconds=max(0.0, seconds),
             first_delay_seconds=POLL_SECONDS,
             max_delay_seconds=POLL_SECONDS,
-        )
-        if not started.done:
-            client.set_flow_run_state(
-                child.id, Cancelled(message="no worker took it in time"), force=True
-            )
-            message = f"no worker of the pool took its run within {START_TIMEOUT_SECONDS} s"
-            return with_run(bare_report(runbook, target, dry_run, message), child.id)
-        final = poll(
-            lambda: state_type() in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"),
-            what=f"the run of {target} to end",
-            timeout_seconds=RUN_TIMEOUT_SECONDS + wait_extra,
-            first_delay_seconds=POLL_SECONDS,
-            max_delay_seconds=POLL_SECONDS,
-        )
-        if not final.done:
-            message = f"its run did not end within {RUN_TIMEOUT_SECONDS + wait_extra:.0f} s"
-            return with_run(bare_report(runbook, target, dry_run, message), child.id)
-        report = poll(
-            lambda: report_event(client, child.id, child.created),
-            what=f"the report of {target}",
-            timeout_seconds=REPORT_WAIT_SECONDS,
-            first_delay_seconds=1,
-            max_delay_seconds=5,
-        ).value
-        if report is not None:
-            return report
-        ended = client.read_flow_run(child.id).state
-        name = ((ended.name if ended else "") or "").lower()
-        status = RunStatus(name) if name in RunStatus.__members__ else RunStatus.failed
-        message = (ended.message if ended else "") or name
-        message += f" (its report did not reach the fleet within {REPORT_WAIT_SECONDS} s)"
-        return with_run(bare_report(runbook, target, dry_run, message[:500], status), child.id)
+        ).done
+
+    def taken() -> bool:
+        return state_type() not in ("SCHEDULED", "")
+
+    what = f"a worker to take the run of {target}"
+    while not wait(taken, what, START_TIMEOUT_SECONDS):
+        # Waiting behind other runs on a pool with workers is not a fault; no worker is.
+        if client.read_work_pool(pool).status != WorkPoolStatus.READY:
+            message = f"no worker of pool {pool} took its run within {START_TIMEOUT_SECONDS} s"
+            return report_without_run(runbook, target, dry_run, message, flow_run_id=run_id)
+        if time.monotonic() - begun > limit:
+            break
+    left = limit - (time.monotonic() - begun)
+    if not wait(lambda: state_type() in ENDED, f"the run of {target} to end", left):
+        message = f"its run did not end within {limit:.0f} s"
+        return report_without_run(runbook, target, dry_run, message, flow_run_id=run_id)
+    ended = client.read_flow_run(run_id).state
+    name = (ended.name or "").lower()
+    message = ended.message or ended.name or ""
+    if ended.type.value in ("CRASHED", "CANCELLED") or name not in RunStatus.__members__:
+        # Ended before it made a report: none will come.
+        return report_without_run(runbook, target, dry_run, message, flow_run_id=run_id)
+    seen, report = poll(
+        lambda: report_event(client, run_id),
+        what=f"the report of {target}",
+        timeout_seconds=REPORT_WAIT_SECONDS,
+        done=lambda sent: sent[0],
+        first_delay_seconds=1,
+        max_delay_seconds=5,
+    ).value
+    if report is not None:
+        return report
+    status = RunStatus(name)
+    message += (
+        " (its report was too large for an event"
+        if seen
+        else f" (its report did not reach the fleet within {REPORT_WAIT_SECONDS} s"
+    )
+    if not dry_run and status not in (RunStatus.healthy, RunStatus.fixed):
+        # It may have acted and failed to mend: rate control counts it as an error.
+        status, message = RunStatus.failed, message + f"; {name} after it could act"
+    return report_without_run(
+        runbook, target, dry_run, message + ")", status=status, flow_run_id=run_id
+    )
+
+
+def cancel_unless_ended(client: Any, run_id: UUID) -> None:
+    """Ask a run that has not ended to cancel (Cancelling: Prefect cancels one no worker has
+    yet; a worker that has it stops it); a failure to ask is logged, not raised."""
+    from prefect.states import Cancelling
+
+    try:
+        state = client.read_flow_run(run_id).state
+        if state is None or state.type.value not in ENDED:
+            client.set_flow_run_state(run_id, Cancelling(message="the fleet stopped waiting"))
+    except Exception as exc:
+        get_run_logger().warning("could not cancel run %s: %s", run_id, type(exc).__name__)
 
 
 def recorded_task_run(client: Any) -> UUID | None:
@@ -266,13 +332,9 @@ def recorded_task_run(client: Any) -> UUID | None:
     return run_id if found.done else None
 
 
-def with_run(report: Report, run_id: UUID) -> Report:
-    report.flow_run_id = str(run_id)
-    return report
-
-
-def report_event(client: Any, run_id: UUID, since: Any) -> Report | None:
-    """The report in the runbook.report event of flow run `run_id`, if the server has it."""
+def report_event(client: Any, run_id: UUID) -> tuple[bool, Report | None]:
+    """Whether the server has the runbook.report event of flow run `run_id` (of the last
+    day), and the report in it (None when it was too large to send)."""
     from prefect.events.filters import (
         EventFilter,
         EventNameFilter,
@@ -285,32 +347,42 @@ def report_event(client: Any, run_id: UUID, since: Any) -> Report | None:
             event=EventNameFilter(name=[REPORT_EVENT]),
             resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
             occurred=EventOccurredFilter(
-                since=(since or utcnow()) - timedelta(minutes=5),
-                until=utcnow() + timedelta(minutes=5),
+                since=utcnow() - timedelta(days=1), until=utcnow() + timedelta(minutes=5)
             ),
         ),
         limit=1,
     )
     for event in page.events:
-        return Report.model_validate(event.payload["report"])
-    return None
+        sent = event.payload.get("report")
+        return True, None if sent is None else Report.model_validate(sent)
+    return False, None
 
 
 @task(name="fleet-target", task_run_name="{target}", cache_policy=NO_CACHE, persist_result=False)
 def run_target(
-    runbook: str, target: str, options: dict[str, Any], deployment: UUID | None = None
+    runbook: str,
+    target: str,
+    options: dict[str, Any],
+    dry_run: bool,
+    where: TargetDeployments,
 ) -> Report:
     """The runbook's run on one target (the module docstring says where); its report, or one
     saying why there is none. Never raises: one target's end is not the fleet's."""
-    if deployment is None:
-        return run_here(runbook, target, options)
-    wait_extra = float(options.get("approval_timeout_seconds") or 0)
+    deployment = where.by_target.get(target)
+    if deployment is None or where.pool is None:
+        return run_as_subflow(runbook, target, options, dry_run)
     try:
-        return run_on_pool(deployment, runbook, target, options, wait_extra)
+        return run_as_deployment_run(deployment, where.pool, runbook, target, options, dry_run)
     except Exception as exc:
-        dry_run = bool(options.get("dry_run", True))
-        message = f"its run on the pool failed: {type(exc).__name__}: {exc}"[:500]
-        return bare_report(runbook, target, dry_run, message)
+        # The error's text may quote the API's URL and its credentials: the log gets it
+        # redacted, the report only its kind.
+        get_run_logger().error(
+            "%s: its run on the pool failed: %s",
+            target,
+            redact_urls(f"{type(exc).__name__}: {exc}", prefect_secrets()),
+        )
+        message = f"its run on the pool failed ({type(exc).__name__}); see the fleet's log"
+        return report_without_run(runbook, target, dry_run, message)
 
 
 def run_fleet(
@@ -358,6 +430,9 @@ def run_fleet(
         if k in sub.parameters.properties and v is not None
     }
     logger = get_run_logger()
+    context = FlowRunContext.get()
+    assert context is not None and context.flow_run is not None, "run_fleet runs in a flow run"
+    fleet_run_id = context.flow_run.id
     logger.info(
         "%s on %d target(s) (%s): at most %d at once, stops after more than %d error(s)",
         rb.name,
@@ -366,9 +441,9 @@ def run_fleet(
         ramp.cap,
         ramp.max_errors,
     )
-    where = placement(rb, selected)
+    where = target_deployments(rb, selected)
     if where.pool is not None:
-        here = [t for t in selected if t not in where.deployments]
+        here = [t for t in selected if t not in where.by_target]
         logger.info(
             "on work pool %s: %d target run(s) go to its workers; %d run in this process%s",
             where.pool,
@@ -383,17 +458,18 @@ def run_fleet(
     first_error: str | None = None
     # The subflows' journals inherit from this one whether the run is a deployment's. The
     # fleet's progress: targets ended of those selected (the UI's Artifacts tab, the CLI bar).
+    # A cancelled fleet (tasks.cancel: the UI's Cancel, serve stopping) starts no new target;
+    # its subflows in flight here stop at their next task, within its cancel_scope.
     with (
         journal_scope(runbook="fleet"),
+        cancel_scope(fleet_run_id),
         progress("targets", f"{rb.name} on {selector}", len(selected), "targets") as done,
     ):
         while True:
-            while pending and ramp.may_start():
-                # A cancelled fleet stops between targets (tasks.cancel).
-                raise_if_cancel_requested("before the next target")
+            while pending and ramp.may_start() and not cancel_requested():
                 target = pending.popleft()
                 ramp.start()
-                future = run_target.submit(rb.name, target, options, where.deployments.get(target))
+                future = run_target.submit(rb.name, target, options, dry_run, where)
                 running[future] = target
                 future.add_done_callback(finished.put)
             if not running:
@@ -403,7 +479,8 @@ def run_fleet(
             try:
                 report = future.result()
             except Exception as exc:  # the task itself failed: count it as the target's
-                report = bare_report(rb.name, target, dry_run, f"{type(exc).__name__}: {exc}")
+                message = f"{type(exc).__name__}: {exc}"
+                report = report_without_run(rb.name, target, dry_run, message)
             reports[target] = report
             done.advance(1)
             error = is_error(report)
@@ -422,6 +499,7 @@ def run_fleet(
             )
         if pending:
             done.fall_short()
+        raise_if_cancel_requested(f"with {len(pending)} target(s) not started")
     reason = ramp.stop_reason(errors_rate, first_error)
     not_started = [NotStarted(target=t, reason=reason) for t in pending]
     if not_started:
@@ -440,7 +518,7 @@ def run_fleet(
         max_errors=ramp.max_errors,
         started_at=started,
         finished_at=utcnow(),
-        flow_run_id=flow_run.get_id(),
+        flow_run_id=str(fleet_run_id),
     )
     create_markdown_artifact(
         markdown=render_fleet(fleet_report),

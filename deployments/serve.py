@@ -202,7 +202,7 @@ def fleet_deployment(runbook: str, *, in_sandbox: bool) -> tuple[RunnerDeploymen
     deployment: RunnerDeployment = flow.to_deployment(  # type: ignore[assignment]
         name=FLEET,
         parameters={"selector": ALL, **(sandbox.PARAMETERS if in_sandbox else {"dry_run": True})},
-        description=f"{rb.name} on many targets, with rate control: {rb.purpose}",
+        description=f"{rb.name} on many targets, with rate control.",
         tags=["runbook", "fleet", rb.inventory] + (["sandbox"] if in_sandbox else []),
         triggers=[DeploymentEventTrigger.model_validate(fleet_trigger_spec(runbook))],
     )

@@ -12,11 +12,27 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from uuid import UUID
 
 _lock = threading.Lock()
 _requested: set[UUID] = set()
+# The runs whose cancellation also stops the current one: a fleet's, for the subflows it runs
+# in its process (cancel_scope). A context variable, so its tasks' threads inherit it.
+_scope: ContextVar[frozenset[UUID]] = ContextVar("runbook_cancel_scope", default=frozenset())
 SLICE_SECONDS = 0.5
+
+
+@contextmanager
+def cancel_scope(flow_run_id: UUID) -> Iterator[None]:
+    """Within it, the cancellation of flow_run_id also stops the subflows started here."""
+    token = _scope.set(_scope.get() | {flow_run_id})
+    try:
+        yield
+    finally:
+        _scope.reset(token)
 
 
 def request_cancel(flow_run_id: UUID) -> None:
@@ -34,21 +50,32 @@ def forget_cancel(flow_run_id: UUID) -> bool:
         return False
 
 
-def raise_if_cancel_requested(where: str) -> None:
-    """Raises prefect.exceptions.Abort in a flow run whose cancellation was requested, after
-    logging that it stops `where` (e.g. "before the next task")."""
+def cancel_requested() -> bool:
+    """Whether the current flow run (or a run whose cancel_scope it is in) was asked to stop;
+    always False inside one of its tasks."""
     if not _requested:
-        return
+        return False
     from prefect.context import FlowRunContext, TaskRunContext
-    from prefect.exceptions import Abort
-    from prefect.logging import get_run_logger
 
     ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None or TaskRunContext.get() is not None:
-        return
+    if ctx is None or ctx.flow_run is None:
+        return False
+    task = TaskRunContext.get()
+    # A subflow called from a task still sees that task's context: only a task of this very
+    # run is "inside a task".
+    if task is not None and task.task_run.flow_run_id == ctx.flow_run.id:
+        return False
     with _lock:
-        cancelled = ctx.flow_run.id in _requested
-    if cancelled:
+        return ctx.flow_run.id in _requested or bool(_scope.get() & _requested)
+
+
+def raise_if_cancel_requested(where: str) -> None:
+    """Raises prefect.exceptions.Abort in a flow run whose cancellation was requested
+    (cancel_requested), after logging that it stops `where` (e.g. "before the next task")."""
+    if cancel_requested():
+        from prefect.exceptions import Abort
+        from prefect.logging import get_run_logger
+
         get_run_logger().warning("Cancelled: stopping %s", where)
         raise Abort(f"cancelled: stopped {where}")
 

@@ -4,11 +4,13 @@ into a report, a log, an artifact, an event or an exception message."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from pydantic import SecretStr
 
 MASK = "***"
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 
 
 def redact(text: str, secrets: Iterable[str | SecretStr | None]) -> str:
@@ -22,3 +24,18 @@ def redact(text: str, secrets: Iterable[str | SecretStr | None]) -> str:
     for secret in sorted((v for v in values if v), key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+
+
+def redact_urls(text: str, secrets: Iterable[str | SecretStr | None]) -> str:
+    """text without the credentials of any URL in it (USER:PASSWORD@ becomes ***@), nor any
+    of `secrets` (redact)."""
+    return redact(URL_CREDENTIALS.sub(r"\g<scheme>***@", text), secrets)
+
+
+def prefect_secrets() -> list[str]:
+    """The Prefect API's key and basic-auth string, when configured (PREFECT_API_KEY,
+    PREFECT_API_AUTH_STRING): what a Prefect client's error may quote."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    return [s.get_secret_value() for s in (api.key, api.auth_string) if s is not None]

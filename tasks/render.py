@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.exceptions import EventTooLarge
 
 from tasks.models import Finding, Report
 
@@ -57,16 +58,25 @@ def publish(report: Report, before: list[Finding]) -> None:
     ]
     create_table_artifact(table=rows, key=f"{key}-table", description=report.status.value)
     if report.flow_run_id is not None:
+        emit_report_event(report)
+
+
+def emit_report_event(report: Report) -> None:
+    """The REPORT_EVENT of a run's report; a report over Prefect's event size limit
+    (PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES, 1.5 MB) goes without its payload, so that a
+    large report never fails the run that made it (a fleet then reads its final state)."""
+    resource = {
+        "prefect.resource.id": f"prefect.flow-run.{report.flow_run_id}",
+        "runbook.runbook": report.runbook,
+        "runbook.target": report.target,
+        "runbook.status": report.status.value,
+    }
+    try:
         emit_event(
-            REPORT_EVENT,
-            resource={
-                "prefect.resource.id": f"prefect.flow-run.{report.flow_run_id}",
-                "runbook.runbook": report.runbook,
-                "runbook.target": report.target,
-                "runbook.status": report.status.value,
-            },
-            payload={"report": report.model_dump(mode="json")},
+            REPORT_EVENT, resource=resource, payload={"report": report.model_dump(mode="json")}
         )
+    except EventTooLarge:
+        emit_event(REPORT_EVENT, resource=resource, payload={"report": None, "too_large": True})
 
 
 def _cell(value: object) -> str:

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -30,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -612,7 +613,7 @@ class Route(_Strict):
     target_label: str | None = Field(
         None, description='the label naming the target; unset: "target"'
     )
-    selector: str | None = Field(
+    selector: Annotated[str, StringConstraints(strip_whitespace=True)] | None = Field(
         None,
         description='a fleet instead of one target: "all", "a,b,c" or "env=prod" (the '
         "runbook's NAME/fleet deployment runs it)",
@@ -627,7 +628,9 @@ class Route(_Strict):
     def _one_target_source(self) -> Route:
         given = [k for k in ("target", "target_label", "selector") if getattr(self, k)]
         if len(given) > 1:
-            raise ValueError(f"set one of target, target_label and selector, not {given}")
+            raise ValueError(
+                f"set one of target, target_label and selector, not {' and '.join(given)}"
+            )
         if self.selector is not None and not is_fleet(self.selector):
             raise ValueError(
                 f"selector {self.selector!r} names one target: set target instead, or give "

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -285,6 +286,57 @@ def test_the_ramp_starts_with_a_canary_and_doubles_to_the_cap(
     # then two at once: the two started when the canary ended run side by side
     assert at_start[1] <= 2 and at_start[2] <= 2 and runs[2].start < runs[1].end
     assert max(at_start) == cap  # then up to the cap, never beyond it
+
+
+class Gate:
+    """For a WavesProxy: holds every first query until open() (at most 60 s)."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Semaphore(0)
+        self.opened = threading.Event()
+
+    def hold(self) -> None:
+        self.arrived.release()
+        self.opened.wait(60)
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_cancelled_fleet_starts_no_new_target_and_ends_by_abort(
+    targets: Fleet, inventory: Any
+) -> None:
+    """Cancelled (as serve's runner asks, tasks.cancel) while its canary's first query is held:
+    no other target starts, the canary ends, and the fleet stops by Abort (the runner then
+    sets it Cancelled), saying how many targets it did not start."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.exceptions import Abort
+
+    from tasks.cancel import forget_cancel, request_cancel
+
+    gate = Gate()
+    for name in ("c1", "c2", "c3"):
+        targets.healthy(name, waves=gate, env="prod")  # type: ignore[arg-type]
+    write(targets, inventory)
+    fleet = FLEETS["postgres-connections"]
+    with ThreadPoolExecutor(1) as pool:
+        ran = pool.submit(fleet, selector="c1,c2,c3", max_concurrency="3")
+        assert gate.arrived.acquire(timeout=120), "the canary never reached its database"
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["fleet on c1,c2,c3"]))
+            )
+        request_cancel(run.id)
+        gate.open()
+        try:
+            with pytest.raises(Abort, match="stopped with 2 target"):
+                ran.result(timeout=120)
+        finally:
+            forget_cancel(run.id)
+    runs = child_runs(str(run.id))
+    assert [(r.target, r.state) for r in runs] == [("c1", "COMPLETED")]
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -1117,7 +1117,7 @@ def test_a_run_that_cannot_start_gets_a_fixed_detail_and_the_log_the_reason(
 
 
 def test_credentials_in_a_url_or_from_settings_never_reach_the_log() -> None:
-    from deployments.receiver import redact
+    from tasks.redact import redact_urls as redact
 
     text = (
         "Client error '404 Not Found' for url "

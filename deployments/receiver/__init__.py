@@ -22,7 +22,7 @@ runs, the alert's event and log line), server (building it, its routes checked, 
 cycle).
 """
 
-from deployments.receiver.app import Receiver, create_app, redact, secret_values
+from deployments.receiver.app import Receiver, create_app, secret_values
 from deployments.receiver.runs import AlertResult, InProcessStarter, Starter
 from deployments.receiver.server import (
     ReceiverServer,
@@ -41,7 +41,6 @@ __all__ = [
     "build_receiver",
     "create_app",
     "receiver_settings",
-    "redact",
     "run_receiver",
     "secret_values",
     "start_receiver",

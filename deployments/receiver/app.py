@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -33,7 +32,7 @@ from deployments.catalog import RUNBOOKS
 from deployments.receiver.runs import AlertResult, Starter, emit_alert_event, log_result
 from tasks.errors import AuthenticationFailed, ConfigError
 from tasks.models import utcnow
-from tasks.redact import redact as redact_secrets
+from tasks.redact import redact_urls
 from tasks.settings import ReceiverSettings, Route
 
 JSON_TYPES = ("application/json", "application/vnd.json")
@@ -63,7 +62,7 @@ class Receiver:
         self.targets = targets
         self.store = store
         self.starter = starter
-        self.secrets = secrets  # never printed: see redact()
+        self.secrets = secrets  # never printed: see tasks.redact.redact_urls
 
     def handle(self, alert: Alert) -> AlertResult:
         route = route_for(alert, self.routes)
@@ -102,7 +101,7 @@ class Receiver:
                 print(
                     f"alert start failed fingerprint={json.dumps(alert.fingerprint)} "
                     f"deployment={json.dumps(dispatch.deployment)}: "
-                    f"{redact(f'{type(exc).__name__}: {exc}', self.secrets)}",
+                    f"{redact_urls(f'{type(exc).__name__}: {exc}', self.secrets)}",
                     flush=True,
                 )
                 self.store.not_started(decision, alert.fingerprint, detail)
@@ -141,9 +140,6 @@ class Receiver:
         return hmac.compare_digest(signature.strip().encode(), f"sha256={expected}".encode())
 
 
-URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-
-
 def secret_values(model: BaseModel) -> list[str]:
     """Every SecretStr value in a settings model, however deeply nested."""
     found: list[str] = []
@@ -163,18 +159,6 @@ def secret_values(model: BaseModel) -> list[str]:
 
     walk(model)
     return found
-
-
-def prefect_secrets() -> list[str]:
-    from prefect.settings import get_current_settings
-
-    api = get_current_settings().api
-    return [s.get_secret_value() for s in (api.key, api.auth_string) if s is not None]
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """text without the credentials of any URL in it, nor any of `secrets`."""
-    return redact_secrets(URL_CREDENTIALS.sub(r"\g<scheme>***@", text), secrets)
 
 
 def create_app(receiver: Receiver) -> FastAPI:
@@ -233,7 +217,7 @@ def create_app(receiver: Receiver) -> FastAPI:
             # standby): nothing was recorded, and the re-send succeeds once it is fixed.
             state = "unavailable" if isinstance(exc, StoreUnavailable) else "failed"
             print(
-                f"alert store {state} source={source}: {redact(str(exc), receiver.secrets)}",
+                f"alert store {state} source={source}: {redact_urls(str(exc), receiver.secrets)}",
                 flush=True,
             )
             return error(503, STORE_UNAVAILABLE, **{"Retry-After": "10"})

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from deployments.alert_routes import DEFAULT_ROUTES, check_routes, load_routes
 from deployments.alert_store import AlertStore, PostgresAlertStore, SqliteAlertStore
 from deployments.catalog import RUNBOOKS
-from deployments.receiver.app import Receiver, create_app, prefect_secrets, secret_values
+from deployments.receiver.app import Receiver, create_app, secret_values
 from deployments.receiver.runs import (
     DeploymentStarter,
     InProcessStarter,
@@ -23,6 +23,7 @@ from deployments.receiver.runs import (
     TriggerStarter,
 )
 from tasks.errors import ConfigError
+from tasks.redact import prefect_secrets
 from tasks.settings import ReceiverSettings, Settings, config_path, dsn_keywords
 from tasks.wait import poll
 
