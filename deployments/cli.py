@@ -592,6 +592,10 @@ def show_fleet(report: Any) -> None:
             f"{t.failed} failed, {t.not_started} not started",
         )
     )
+    if report.flow_run_id:
+        from tasks.notify import run_link
+
+        out.print(Text(f"fleet run: {run_link(report.flow_run_id, None) or report.flow_run_id}"))
 
 
 def show_routine(report: Any) -> None:

@@ -49,6 +49,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
+from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from deployments.catalog import RUNBOOKS, Runbook
@@ -79,6 +80,7 @@ from tasks.models import (
     Severity,
     utcnow,
 )
+from tasks.notify import run_link
 from tasks.outcome import state_report
 from tasks.progress import progress
 from tasks.redact import prefect_secrets, redact_urls
@@ -521,7 +523,7 @@ def run_fleet(
         flow_run_id=str(fleet_run_id),
     )
     create_markdown_artifact(
-        markdown=render_fleet(fleet_report),
+        markdown=render_fleet(fleet_report, lambda run_id: run_link(run_id, settings.notify)),
         key=f"fleet-{rb.name}",
         description=f"{rb.name} on {selector}: {status.value}",
     )
@@ -574,17 +576,21 @@ def fleet_of(runbook: str) -> Flow[..., State[FleetReport]]:
         params: dict[str, Any] | None = None,
         alert: AlertInfo | None = None,
     ) -> State[FleetReport]:
-        return run_fleet(
-            runbook,
-            selector,
-            max_concurrency=max_concurrency,
-            max_errors=max_errors,
-            dry_run=dry_run,
-            approval=approval,
-            approval_timeout_seconds=approval_timeout_seconds,
-            params=params,
-            alert=alert,
-        )
+        try:
+            return run_fleet(
+                runbook,
+                selector,
+                max_concurrency=max_concurrency,
+                max_errors=max_errors,
+                dry_run=dry_run,
+                approval=approval,
+                approval_timeout_seconds=approval_timeout_seconds,
+                params=params,
+                alert=alert,
+            )
+        except ConfigError as exc:  # a bad selector or rate, an invalid inventory: one line
+            get_run_logger().error("%s", exc)
+            return Failed(name="Failed", message=f"{runbook} on {selector}: {exc}"[:500])
 
     fleet.__doc__ = FLEET_DOC.format(runbook=runbook)
     # Its attribute here (prefect.yaml's entrypoint), which Prefect also reads from __name__.

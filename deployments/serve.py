@@ -192,8 +192,7 @@ def build_deployments(
 
 def fleet_deployment(runbook: str, *, in_sandbox: bool) -> tuple[RunnerDeployment, Flow[..., Any]]:
     """A runbook's fleet deployment (deployments.fleet): run by hand or by an alert route with
-    a selector; every target, a dry run (the sandbox's: acting), unless a run's parameters say
-    otherwise."""
+    a selector; every target, a dry run, unless a run's parameters say otherwise."""
     from prefect.events import DeploymentEventTrigger
 
     from deployments.fleet import FLEETS
@@ -201,7 +200,8 @@ def fleet_deployment(runbook: str, *, in_sandbox: bool) -> tuple[RunnerDeploymen
     rb, flow = RUNBOOKS[runbook], FLEETS[runbook]
     deployment: RunnerDeployment = flow.to_deployment(  # type: ignore[assignment]
         name=FLEET,
-        parameters={"selector": ALL, **(sandbox.PARAMETERS if in_sandbox else {"dry_run": True})},
+        # A dry run, in the sandbox too: a fleet acts on many targets at once.
+        parameters={"selector": ALL, "dry_run": True},
         description=f"{rb.name} on many targets, with rate control.",
         tags=["runbook", "fleet", rb.inventory] + (["sandbox"] if in_sandbox else []),
         triggers=[DeploymentEventTrigger.model_validate(fleet_trigger_spec(runbook))],

@@ -7,6 +7,7 @@ a runbook's: 0 healthy or fixed, 1 unhealthy, 3 failed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -92,9 +93,12 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def render_fleet(report: FleetReport) -> str:
-    """The fleet's markdown artifact: a table of its targets, worst first, then those not
-    started with the reason. `|` and newlines in values escaped."""
+def render_fleet(
+    report: FleetReport, link: Callable[[str], str | None] = lambda run_id: None
+) -> str:
+    """The fleet's markdown artifact: a table of its targets, worst first (each run's id a
+    link where `link` gives its page in the UI), then those not started with the reason. `|`
+    and newlines in values escaped."""
     t = report.totals
     lines = [
         f"# {report.runbook} on {report.selector}: **{report.status.value}**",
@@ -109,10 +113,9 @@ def render_fleet(report: FleetReport) -> str:
         "|---|---|---|---|",
     ]
     for r in report.worst_first():
-        lines.append(
-            f"| {_cell(r.target)} | {r.status.value} | {r.flow_run_id or ''} | "
-            f"{_cell(summary_of(r))} |"
-        )
+        url = link(r.flow_run_id) if r.flow_run_id else None
+        run = f"[{r.flow_run_id}]({url})" if url else r.flow_run_id or ""
+        lines.append(f"| {_cell(r.target)} | {r.status.value} | {run} | {_cell(summary_of(r))} |")
     for n in report.not_started:
         lines.append(f"| {_cell(n.target)} | not started | | {_cell(n.reason)} |")
     return "\n".join(lines) + "\n"

@@ -74,13 +74,13 @@ def parse_selector(text: str) -> Selector:
     items = [item for item in items if item] if text.endswith(",") else items
     if not items or any(not item for item in items):
         raise ConfigError(
-            f"--target {text!r}: an empty item; give all, names (a,b,c) or labels "
+            f"selector {text!r}: an empty item; give all, names (a,b,c) or labels "
             "(env=prod,tier=db)"
         )
     with_labels = [item for item in items if "=" in item]
     if with_labels and len(with_labels) != len(items):
         raise ConfigError(
-            f"--target {text!r} mixes target names and labels: give names (a,b,c) or labels "
+            f"selector {text!r} mixes target names and labels: give names (a,b,c) or labels "
             "(env=prod,tier=db), not both"
         )
     if not with_labels:
@@ -90,11 +90,11 @@ def parse_selector(text: str) -> Selector:
         key, _, value = (part.strip() for part in item.partition("="))
         if not _LABEL_NAME.fullmatch(key) or not value:
             raise ConfigError(
-                f"--target {text!r}: {item!r} is not a label: write NAME=VALUE, e.g. env=prod"
+                f"selector {text!r}: {item!r} is not a label: write NAME=VALUE, e.g. env=prod"
             )
         if labels.get(key, value) != value:
             raise ConfigError(
-                f"--target {text!r}: label {key} is given twice with different values; no "
+                f"selector {text!r}: label {key} is given twice with different values; no "
                 "target can match both"
             )
         labels[key] = value
@@ -131,12 +131,17 @@ def select_targets(
                 continue
             if name in configured:
                 raise ConfigError(
-                    f"--target: {section} target {name!r} is not one {runbook} runs on (it "
+                    f"selector: {section} target {name!r} is not one {runbook} runs on (it "
                     f"needs {requires or 'something it lacks'}); it runs on: {names}"
                 )
+            fix = (
+                f"{name!r} cannot name a target; give `{ALL}` alone, or names"
+                if name in RESERVED_NAMES
+                else f"Correct the name or add a [{section}.{name}] section"
+            )
             raise ConfigError(
-                f"--target: unknown {section} target {name!r}; configured for {runbook}: "
-                f"{names}. Correct the name or add a [{section}.{name}] section."
+                f"selector: unknown {section} target {name!r}; configured for {runbook}: "
+                f"{names}. {fix}."
             )
         return sorted(selector.names)
     wanted = dict(selector.labels)
@@ -152,7 +157,7 @@ def select_targets(
         hint = 'none: add labels = { env = "prod" } to a [' + section + ".NAME]"
         given = ", ".join(f"{k}={v}" for k, v in wanted.items())
         raise ConfigError(
-            f"--target {selector.text!r}: no {section} target of {runbook} carries "
+            f"selector {selector.text!r}: no {section} target of {runbook} carries "
             f"{'all of ' if len(wanted) > 1 else ''}{given}; labels found: {found or hint}"
         )
     return chosen
@@ -253,7 +258,8 @@ class Ramp:
     def stop_reason(self, errors_rate: Rate, first_error: str | None) -> str:
         """Why the targets left were not started (once stopped)."""
         first = f" (the first: {first_error})" if first_error else ""
+        allowed = f" ({self.max_errors})" if errors_rate.percent else ""
         return (
-            f"not started: {self.errors} target(s) erred{first}, more than --max-errors "
-            f"{errors_rate.text} allows ({self.max_errors})"
+            f"not started: {self.errors} target(s) erred{first}, more than max errors "
+            f"{errors_rate.text}{allowed} allows"
         )

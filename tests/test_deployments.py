@@ -144,7 +144,7 @@ def test_sandbox_plants_incidents_and_serve_builds_its_deployments() -> None:
         assert {d.flow_name for d in deployments} == (set(RUNBOOKS) - set(NOT_SERVED)) | set(
             ROUTINES
         )
-        assert all(d.parameters["dry_run"] is False for d in deployments)
+        assert all(d.parameters["dry_run"] is (d.name == "fleet") for d in deployments)
         assert all(
             [match_of(t) for t in d.triggers]
             == [{"runbook.runbook": d.flow_name, "runbook.target": d.name}]

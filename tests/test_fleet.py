@@ -359,7 +359,7 @@ def test_the_first_error_stops_the_fleet_and_in_flight_targets_finish(
     ]
     assert [n.target for n in report.not_started] == ["d", "e", "f"]
     reason = report.not_started[0].reason
-    assert "2 target(s) erred" in reason and "more than --max-errors 0 allows (0)" in reason
+    assert "2 target(s) erred" in reason and "more than max errors 0 allows" in reason
     assert report.status is RunStatus.failed and report.exit_code == 3
     assert report.totals.model_dump() == {
         "healthy": 1,
@@ -426,7 +426,7 @@ def test_a_fleet_from_the_cli_prints_its_json_and_exits_with_the_worst(
         ("b", "failed"),
     ]
     (left,) = found["not_started"]
-    assert left["target"] == "c" and "more than --max-errors 0 allows" in left["reason"]
+    assert left["target"] == "c" and "more than max errors 0 allows" in left["reason"]
     assert found["totals"] == {
         "healthy": 1,
         "fixed": 0,
@@ -478,6 +478,23 @@ def test_fleet_usage_errors_exit_2(
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
     no_traceback(proc)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_fleet_run_with_a_bad_selector_fails_with_one_line(
+    targets: Fleet, inventory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As from a deployment or an alert route: the run ends Failed, its message says why, and
+    nothing is raised (no traceback in serve's console)."""
+    targets.healthy("a", env="prod")
+    write(targets, inventory)
+    state = FLEETS["postgres-connections"](selector="env=nowhere", return_state=True)
+    assert state.is_failed() and state.name == "Failed"
+    assert state.message == (
+        "postgres-connections on env=nowhere: selector 'env=nowhere': no postgres target of "
+        "postgres-connections carries env=nowhere; labels found: env=prod"
+    )
+    assert "Traceback" not in caplog.text
 
 
 def test_a_bad_label_is_a_configuration_error_naming_its_section(inventory: Any) -> None:

@@ -62,6 +62,7 @@ def test_selectors_pick_exactly_their_targets(text: str, expected: list[str]) ->
         ("a,env=prod", "mixes target names and labels"),
         ("a,,b", "an empty item"),
         ("x,a", "unknown postgres target 'x'; configured for stuck-jobs: a, b, c, d"),
+        ("all,a", "'all' cannot name a target; give `all` alone, or names"),
         ("nojobs,a", "'nojobs' is not one stuck-jobs runs on (it needs a jobs table)"),
         ("env=", "'env=' is not a label"),
         ("1env=x", "is not a label"),
