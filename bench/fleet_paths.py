@@ -43,6 +43,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
 
 import httpx
+from fleet_trace import Trace, server_log_summary
 
 from deployments.localpg import LocalPostgres, free_port
 from deployments.localtls import CA, Servers
@@ -152,8 +153,10 @@ def run_fleet_timed(
     ):
         call("t0000,t0001")  # warm-up: imports, the flows registered
         runs_before, server_before = run_count(server.api), tree_cpu(server.proc.pid)
+        log_before = server.log.stat().st_size if server.log.exists() else 0
         client_before = time.process_time()
-        report, seconds = call("all")
+        with Trace().install() as trace:
+            report, seconds = call("all")
         client_cpu = time.process_time() - client_before
         server_cpu = tree_cpu(server.proc.pid) - server_before
         time.sleep(2)  # the server records the last events after the run ends
@@ -162,6 +165,7 @@ def run_fleet_timed(
         tasks = target_task_seconds(
             server.api, [r.target for r in report.targets], report.started_at
         )
+        server_log = server_log_summary(server.log, log_before)
         # Send what the client still holds while the server is there: events left for a
         # stopped server are retried for minutes at exit.
         EventsWorker.drain_all(timeout=120)
@@ -190,6 +194,14 @@ def run_fleet_timed(
         # the fleet's tasks' seconds over the wall: the targets in flight on average
         "in_flight_mean": sum(tasks) / seconds,
         "runs_overlap_peak": peak,
+        "trace": trace.summary(),
+        "server_log": server_log,
+        # why the failed targets failed: their reports' messages
+        "failed": {
+            r.target: "; ".join(f.message for f in r.findings if f.severity.value != "ok")[:300]
+            for r in report.targets
+            if r.status.value == "failed"
+        },
     }
 
 
@@ -219,7 +231,9 @@ def run_script_timed(
 @contextmanager
 def prefect_server() -> Iterator[PrefectServer]:
     home = Path(tempfile.mkdtemp(prefix="runbook-bench-fleet-"))
-    server = PrefectServer(home / "server").start()
+    # Bench-only server setting: log the exception behind each 503 (what a client retries).
+    server = PrefectServer(home / "server", env={"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"})
+    server.start()
     try:
         yield server
     finally:
@@ -249,9 +263,36 @@ def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int)
             f"check "
             f"{script['check_p50']:.3f} s; targets in flight: {fleet['in_flight_mean']:.1f} on "
             f"average (cap {concurrency}), the runbook's runs at most "
-            f"{fleet['runs_overlap_peak']} at once"
+            f"{fleet['runs_overlap_peak']} at once; {waiting(fleet)}"
         ),
     }
+
+
+def waiting(fleet: dict[str, Any]) -> str:
+    """Where the targets' time went (bench/fleet_trace.py): the Prefect client's retries and
+    their backoff, the server's errors behind them, the sampled threads."""
+    t, log = fleet["trace"], fleet["server_log"]["kinds"]
+    total = max(t["sampled_seconds"], 1e-9)
+    where = ", ".join(f"{k} {v:.0f} s ({v / total:.0%})" for k, v in list(t["where"].items())[:3])
+    paths = ", ".join(
+        f"{path} {p['retries']}x, {p['backoff']:.0f} s" for path, p in t["retried_paths"].items()
+    )
+    retryable = sum(n for k, n in log.items() if "Encountered retryable exception" in k)
+    causes = sorted({k.split(": ", 1)[1] for k in log if k.startswith("sqlalchemy.exc.")})
+    slow = t["slowest"][0] if t["slowest"] else None
+    return (
+        f"the targets' time: {t['target_wall_sum']:.0f} s summed (submit to end), sampled on "
+        f"their threads: {where}; the Prefect client retried {t['retries']} requests' attempts "
+        f"({dict(t['retry_causes'])}), sleeping {t['backoff_seconds']:.0f} s of backoff "
+        f"(2^n s, no Retry-After): {paths or 'none'}; a 503 came back in "
+        f"{1000 * t['503_seconds_p50']:.0f} ms p50 (SQLite refusing the write, not its busy "
+        f"timeout); the server logged {retryable} retryable errors: {'; '.join(causes) or '-'}"
+        + (
+            f"; slowest target {slow['target']} {slow['wall']:.1f} s: {slow['where']}"
+            if slow
+            else ""
+        )
+    )
 
 
 def measure_postgres(databases: int, concurrency: int) -> dict[str, Any]:

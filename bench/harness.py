@@ -96,11 +96,24 @@ def fleet_lines(kind: str, goal: str) -> Callable[[dict[str, Any]], list[Line]]:
                 f["ours"],
                 f["baseline"],
                 1.5,
-                bound=f"{f['bound']}; totals {t}",
+                bound=f"{f['bound']}; totals {t}{failed(f['fleet'].get('failed', {}))}",
             )
         ]
 
     return lines
+
+
+def failed(messages: dict[str, str]) -> str:
+    """Why the failed targets failed: their reports' messages, the same ones counted once."""
+    if not messages:
+        return ""
+    by_message: dict[str, list[str]] = {}
+    for target, message in messages.items():
+        by_message.setdefault(message, []).append(target)
+    return "; failed: " + "; ".join(
+        f"{', '.join(targets[:4])}{' ...' if len(targets) > 4 else ''}: {message}"
+        for message, targets in by_message.items()
+    )
 
 
 def alert_lines(figures: dict[str, Any]) -> list[Line]:
