@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def target_task_seconds(api: str, names: list[str], since: datetime) -> list[flo
 
 
 def run_fleet_timed(
-    server: PrefectServer, runbook: str, concurrency: int, params: dict[str, Any] | None
+    bench_server: BenchServer, runbook: str, concurrency: int, params: dict[str, Any] | None
 ) -> dict[str, Any]:
     """One `fleet` flow run (dry run, every target, no error threshold) in this process, timed,
     with what bounds it: the server's and this process's CPU seconds while it ran, the runs
@@ -129,7 +130,7 @@ def run_fleet_timed(
     from tasks.fleet import FleetReport
     from tasks.outcome import state_report
 
-    assert server.proc is not None
+    server = bench_server.prefect
 
     def call(selector: str) -> tuple[FleetReport, float]:
         start = time.perf_counter()
@@ -152,15 +153,15 @@ def run_fleet_timed(
         updates={PREFECT_API_URL: server.api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):
         call("t0000,t0001")  # warm-up: imports, the flows registered
-        runs_before, server_before = run_count(server.api), tree_cpu(server.proc.pid)
+        runs_before, server_before = run_count(server.api), bench_server.cpu()
         log_before = server.log.stat().st_size if server.log.exists() else 0
         client_before = time.process_time()
         with Trace().install() as trace:
             report, seconds = call("all")
         client_cpu = time.process_time() - client_before
-        server_cpu = tree_cpu(server.proc.pid) - server_before
+        server_cpu = bench_server.cpu() - server_before
         time.sleep(2)  # the server records the last events after the run ends
-        server_after = tree_cpu(server.proc.pid) - server_before
+        server_after = bench_server.cpu() - server_before
         runs = run_count(server.api) - runs_before
         tasks = target_task_seconds(
             server.api, [r.target for r in report.targets], report.started_at
@@ -228,17 +229,53 @@ def run_script_timed(
     return {"seconds": seconds, "check_p50": statistics.median(durations), "results": results}
 
 
+# Bench-only settings of the bench's own Prefect server, by --server (each row's label says
+# which): "sqlite" is Prefect's default (what `runbook serve` embeds); "sqlite-batched" has the
+# task run recorder and the event persister write in batches (fewer SQLite commits for a
+# read-then-write transaction to collide with); "postgres" keeps Prefect's database in a
+# PostgreSQL of its own. Every one logs the exception behind each 503 it answers.
+SERVER_ENV: dict[str, dict[str, str]] = {
+    "sqlite": {},
+    "sqlite-batched": {
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "2",
+    },
+    "postgres": {},
+}
+
+
+@dataclass
+class BenchServer:
+    prefect: PrefectServer
+    pids: list[int]  # the processes whose CPU is the server's: Prefect's, its PostgreSQL's
+
+    def cpu(self) -> float:
+        return sum(tree_cpu(pid) for pid in self.pids)
+
+
 @contextmanager
-def prefect_server() -> Iterator[PrefectServer]:
+def prefect_server(kind: str = "sqlite") -> Iterator[BenchServer]:
     home = Path(tempfile.mkdtemp(prefix="runbook-bench-fleet-"))
-    # Bench-only server setting: log the exception behind each 503 (what a client retries).
-    server = PrefectServer(home / "server", env={"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    env = {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true", **SERVER_ENV[kind]}
+    with ExitStack() as stack:
+        pg_pid: list[int] = []
+        if kind == "postgres":
+            pg = stack.enter_context(LocalPostgres(max_connections=200))
+            dsn = pg.create_database("prefect")
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = dsn.replace(
+                "postgresql://", "postgresql+asyncpg://"
+            )
+            pg_pid = [int((pg.data / "postmaster.pid").read_text().split()[0])]
+        server = PrefectServer(home / "server", env=env)
+        server.start()
+        assert server.proc is not None
+        try:
+            yield BenchServer(server, [server.proc.pid, *pg_pid])
+        finally:
+            server.stop()
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int) -> dict[str, Any]:
@@ -295,7 +332,7 @@ def waiting(fleet: dict[str, Any]) -> str:
     )
 
 
-def measure_postgres(databases: int, concurrency: int) -> dict[str, Any]:
+def measure_postgres(databases: int, concurrency: int, kind: str) -> dict[str, Any]:
     """Row 1: postgres-connections fleet over `databases` databases of one PostgreSQL."""
     from connections_overhead import plain
 
@@ -308,13 +345,13 @@ def measure_postgres(databases: int, concurrency: int) -> dict[str, Any]:
             "".join(f'[postgres.{name}]\ndsn = "{dsn}"\n' for name, dsn in dsns.items())
         )
         os.environ["RUNBOOK_CONFIG"] = str(config)
-        server = stack.enter_context(prefect_server())
+        server = stack.enter_context(prefect_server(kind))
         script = run_script_timed(
             list(dsns.items()), lambda item: plain(item[1], item[0]), concurrency
         )
         fleet = run_fleet_timed(server, "postgres-connections", concurrency, None)
     assert fleet["targets"] == databases, fleet
-    return {"databases": databases, **with_bounds(fleet, script, concurrency)}
+    return {"databases": databases, "server": kind, **with_bounds(fleet, script, concurrency)}
 
 
 def ssl_check(endpoint: tuple[int, Path], timeout: float) -> bool:
@@ -331,7 +368,9 @@ def ssl_check(endpoint: tuple[int, Path], timeout: float) -> bool:
         return False
 
 
-def measure_tls(endpoints: int, dead: int, concurrency: int, timeout: float) -> dict[str, Any]:
+def measure_tls(
+    endpoints: int, dead: int, concurrency: int, timeout: float, kind: str
+) -> dict[str, Any]:
     """Row 2: tls-certificates fleet over `endpoints` local TLS endpoints, `dead` of them dead
     (half never answer, half closed ports)."""
     servers = Servers()
@@ -359,7 +398,7 @@ def measure_tls(endpoints: int, dead: int, concurrency: int, timeout: float) -> 
             )
         )
         os.environ["RUNBOOK_CONFIG"] = str(config)
-        server = stack.enter_context(prefect_server())
+        server = stack.enter_context(prefect_server(kind))
         script = run_script_timed(
             [(port, ca.pem) for port in ports.values()],
             lambda item: ssl_check(item, timeout),
@@ -374,6 +413,7 @@ def measure_tls(endpoints: int, dead: int, concurrency: int, timeout: float) -> 
         "endpoints": endpoints,
         "dead": dead,
         "timeout": timeout,
+        "server": kind,
         **with_bounds(fleet, script, concurrency),
     }
 
@@ -386,13 +426,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--only", choices=["postgres", "tls"])
+    parser.add_argument(
+        "--server",
+        choices=list(SERVER_ENV),
+        default="sqlite",
+        help="the bench's Prefect server: its database and settings (SERVER_ENV)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line of figures")
     args = parser.parse_args()
     figures: dict[str, Any] = {}
     if args.only in (None, "postgres"):
-        figures["postgres"] = measure_postgres(args.databases, args.concurrency)
+        figures["postgres"] = measure_postgres(args.databases, args.concurrency, args.server)
     if args.only in (None, "tls"):
-        figures["tls"] = measure_tls(args.endpoints, args.dead, args.concurrency, args.timeout)
+        figures["tls"] = measure_tls(
+            args.endpoints, args.dead, args.concurrency, args.timeout, args.server
+        )
     if args.json:
         print(json.dumps(figures))
         return

@@ -305,6 +305,13 @@ class Trace:
             "queued_sum": sum(queued),
             "requests": len(self.requests),
             "requests_per_target": len(target_requests) / max(len(targets), 1),
+            # what a target asks of the API on its own thread, first attempts only
+            "paths_per_target": {
+                path: round(n / max(len(targets), 1), 2)
+                for path, n in Counter(f"{r.method} {r.path}" for r in target_requests).most_common(
+                    12
+                )
+            },
             "request_seconds_in_targets": sum(r.end - r.start for r in target_requests),
             "outcomes": dict(outcomes),
             "retried_requests": len(retried),

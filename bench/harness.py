@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,6 +110,8 @@ def failed(messages: dict[str, str]) -> str:
         return ""
     by_message: dict[str, list[str]] = {}
     for target, message in messages.items():
+        # httpx's error text: the status and the URL say it; its response and link do not
+        message = re.sub(r"http://[^/]+", "", message.split(" - Response:")[0])
         by_message.setdefault(message, []).append(target)
     return "; failed: " + "; ".join(
         f"{', '.join(targets[:4])}{' ...' if len(targets) > 4 else ''}: {message}"
