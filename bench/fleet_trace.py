@@ -55,6 +55,9 @@ class Request:
 
     @property
     def backoff(self) -> float:
+        """Seconds between attempts: the client's sleep before each retry."""
+        if len(self.attempts) < 2:
+            return 0.0
         return max(0.0, self.end - self.start - self.sent)
 
 
