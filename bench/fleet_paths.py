@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
 
 import httpx
+from fleet_trace import Trace, server_log_summary
 
 from deployments.localpg import LocalPostgres, free_port
 from deployments.localtls import CA, Servers
@@ -112,7 +114,7 @@ def target_task_seconds(api: str, names: list[str], since: datetime) -> list[flo
 
 
 def run_fleet_timed(
-    server: PrefectServer, runbook: str, concurrency: int, params: dict[str, Any] | None
+    bench_server: BenchServer, runbook: str, concurrency: int, params: dict[str, Any] | None
 ) -> dict[str, Any]:
     """One `fleet` flow run (dry run, every target, no error threshold) in this process, timed,
     with what bounds it: the server's and this process's CPU seconds while it ran, the runs
@@ -128,7 +130,7 @@ def run_fleet_timed(
     from tasks.fleet import FleetReport
     from tasks.outcome import state_report
 
-    assert server.proc is not None
+    server = bench_server.prefect
 
     def call(selector: str) -> tuple[FleetReport, float]:
         start = time.perf_counter()
@@ -150,17 +152,20 @@ def run_fleet_timed(
         updates={PREFECT_API_URL: server.api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):
         call("t0000,t0001")  # warm-up: imports, the flows registered
-        runs_before, server_before = run_count(server.api), tree_cpu(server.proc.pid)
+        runs_before, server_before = run_count(server.api), bench_server.cpu()
+        log_before = server.log.stat().st_size if server.log.exists() else 0
         client_before = time.process_time()
-        report, seconds = call("all")
+        with Trace().install() as trace:
+            report, seconds = call("all")
         client_cpu = time.process_time() - client_before
-        server_cpu = tree_cpu(server.proc.pid) - server_before
+        server_cpu = bench_server.cpu() - server_before
         time.sleep(2)  # the server records the last events after the run ends
-        server_after = tree_cpu(server.proc.pid) - server_before
+        server_after = bench_server.cpu() - server_before
         runs = run_count(server.api) - runs_before
         tasks = target_task_seconds(
             server.api, [r.target for r in report.targets], report.started_at
         )
+        server_log = server_log_summary(server.log, log_before)
         # Send what the client still holds while the server is there: events left for a
         # stopped server are retried for minutes at exit.
         EventsWorker.drain_all(timeout=120)
@@ -189,6 +194,14 @@ def run_fleet_timed(
         # the fleet's tasks' seconds over the wall: the targets in flight on average
         "in_flight_mean": sum(tasks) / seconds,
         "runs_overlap_peak": peak,
+        "trace": trace.summary(),
+        "server_log": server_log,
+        # why the failed targets failed: their reports' messages
+        "failed": {
+            r.target: "; ".join(f.message for f in r.findings if f.severity.value != "ok")[:300]
+            for r in report.targets
+            if r.status.value == "failed"
+        },
     }
 
 
@@ -215,18 +228,50 @@ def run_script_timed(
     return {"seconds": seconds, "check_p50": statistics.median(durations), "results": results}
 
 
+# The bench's own Prefect server, by --server (a bench-only setting; the harness's rows say
+# which): "sqlite" is Prefect's default (what `runbook serve` starts), "postgres" keeps
+# Prefect's database in a PostgreSQL of its own (PREFECT_API_DATABASE_CONNECTION_URL). Both
+# log the exception behind each 503 they answer (PREFECT_API_LOG_RETRYABLE_ERRORS).
+# Batching the task run recorder's and the event persister's writes (their BATCH_SIZE 100 and
+# 200) left the SQLite server's 503s as they were: 92 retries against 84 over 100 endpoints.
+SERVER_ENV: dict[str, dict[str, str]] = {"sqlite": {}, "postgres": {}}
+
+
+@dataclass
+class BenchServer:
+    prefect: PrefectServer
+    pids: list[int]  # the processes whose CPU is the server's: Prefect's, its PostgreSQL's
+
+    def cpu(self) -> float:
+        return sum(tree_cpu(pid) for pid in self.pids)
+
+
 @contextmanager
-def prefect_server() -> Iterator[PrefectServer]:
+def prefect_server(kind: str = "sqlite") -> Iterator[BenchServer]:
     home = Path(tempfile.mkdtemp(prefix="runbook-bench-fleet-"))
-    server = PrefectServer(home / "server").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    env = {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true", **SERVER_ENV[kind]}
+    with ExitStack() as stack:
+        pg_pid: list[int] = []
+        if kind == "postgres":
+            pg = stack.enter_context(LocalPostgres(max_connections=200))
+            dsn = pg.create_database("prefect")
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = dsn.replace(
+                "postgresql://", "postgresql+asyncpg://"
+            )
+            pg_pid = [int((pg.data / "postmaster.pid").read_text().split()[0])]
+        server = PrefectServer(home / "server", env=env)
+        server.start()
+        assert server.proc is not None
+        try:
+            yield BenchServer(server, [server.proc.pid, *pg_pid])
+        finally:
+            server.stop()
+            shutil.rmtree(home, ignore_errors=True)
 
 
-def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int) -> dict[str, Any]:
+def with_bounds(
+    fleet: dict[str, Any], script: dict[str, Any], concurrency: int, kind: str
+) -> dict[str, Any]:
     """The row's figures: fleet seconds against the script's, and what bounds the fleet."""
     runs = max(fleet["runs"], 1)
     return {
@@ -237,7 +282,9 @@ def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int)
         "script_check_p50": script["check_p50"],
         "concurrency": concurrency,
         "bound": (
-            f"server CPU {fleet['server_cpu']:.1f} s in {fleet['seconds']:.1f} s wall "
+            f"{waiting(fleet)}; server CPU"
+            + (" (Prefect's and its PostgreSQL's)" if kind == "postgres" else "")
+            + f" {fleet['server_cpu']:.1f} s in {fleet['seconds']:.1f} s wall "
             f"({fleet['server_cpu'] / fleet['seconds']:.0%} of a core), "
             f"{1000 * fleet['server_cpu'] / runs:.0f} ms per flow/task run ({fleet['runs']} runs); "
             f"client CPU {fleet['client_cpu']:.1f} s "
@@ -253,7 +300,39 @@ def with_bounds(fleet: dict[str, Any], script: dict[str, Any], concurrency: int)
     }
 
 
-def measure_postgres(databases: int, concurrency: int) -> dict[str, Any]:
+def waiting(fleet: dict[str, Any]) -> str:
+    """Where the targets' time went (bench/fleet_trace.py): the Prefect client's retries and
+    their backoff, the server's errors behind them, the sampled threads."""
+    t, log = fleet["trace"], fleet["server_log"]["kinds"]
+    total = max(t["sampled_seconds"], 1e-9)
+    where = ", ".join(f"{k} {v:.0f} s ({v / total:.0%})" for k, v in list(t["where"].items())[:3])
+    paths = ", ".join(
+        f"{path} {p['retries']}x, {p['backoff']:.0f} s" for path, p in t["retried_paths"].items()
+    )
+    retryable = sum(n for k, n in log.items() if "Encountered retryable exception" in k)
+    causes = sorted({k.split(": ", 1)[1] for k in log if k.startswith("sqlalchemy.exc.")})
+    slow = t["slowest"][0] if t["slowest"] else None
+    return (
+        f"the targets' time: {t['target_wall_sum']:.0f} s summed (submit to end), sampled on "
+        f"their threads: {where}; the Prefect client retried {t['retries']} requests' attempts "
+        f"({dict(t['retry_causes'])}), sleeping {t['backoff_seconds']:.0f} s of backoff "
+        f"(2^n s, no Retry-After): {paths or 'none'}"
+        + (
+            f"; a 503 came back in {1000 * t['503_seconds_p50']:.0f} ms p50 (SQLite refusing "
+            f"the write at once, not after its busy timeout); the server logged {retryable} "
+            f"retryable errors: {'; '.join(causes) or '-'}"
+            if t["retries"]
+            else ""
+        )
+        + (
+            f"; slowest target {slow['target']} {slow['wall']:.1f} s: {slow['where']}"
+            if slow
+            else ""
+        )
+    )
+
+
+def measure_postgres(databases: int, concurrency: int, kind: str) -> dict[str, Any]:
     """Row 1: postgres-connections fleet over `databases` databases of one PostgreSQL."""
     from connections_overhead import plain
 
@@ -266,13 +345,13 @@ def measure_postgres(databases: int, concurrency: int) -> dict[str, Any]:
             "".join(f'[postgres.{name}]\ndsn = "{dsn}"\n' for name, dsn in dsns.items())
         )
         os.environ["RUNBOOK_CONFIG"] = str(config)
-        server = stack.enter_context(prefect_server())
+        server = stack.enter_context(prefect_server(kind))
         script = run_script_timed(
             list(dsns.items()), lambda item: plain(item[1], item[0]), concurrency
         )
         fleet = run_fleet_timed(server, "postgres-connections", concurrency, None)
     assert fleet["targets"] == databases, fleet
-    return {"databases": databases, **with_bounds(fleet, script, concurrency)}
+    return {"databases": databases, "server": kind, **with_bounds(fleet, script, concurrency, kind)}
 
 
 def ssl_check(endpoint: tuple[int, Path], timeout: float) -> bool:
@@ -289,7 +368,9 @@ def ssl_check(endpoint: tuple[int, Path], timeout: float) -> bool:
         return False
 
 
-def measure_tls(endpoints: int, dead: int, concurrency: int, timeout: float) -> dict[str, Any]:
+def measure_tls(
+    endpoints: int, dead: int, concurrency: int, timeout: float, kind: str
+) -> dict[str, Any]:
     """Row 2: tls-certificates fleet over `endpoints` local TLS endpoints, `dead` of them dead
     (half never answer, half closed ports)."""
     servers = Servers()
@@ -317,7 +398,7 @@ def measure_tls(endpoints: int, dead: int, concurrency: int, timeout: float) -> 
             )
         )
         os.environ["RUNBOOK_CONFIG"] = str(config)
-        server = stack.enter_context(prefect_server())
+        server = stack.enter_context(prefect_server(kind))
         script = run_script_timed(
             [(port, ca.pem) for port in ports.values()],
             lambda item: ssl_check(item, timeout),
@@ -332,7 +413,8 @@ def measure_tls(endpoints: int, dead: int, concurrency: int, timeout: float) -> 
         "endpoints": endpoints,
         "dead": dead,
         "timeout": timeout,
-        **with_bounds(fleet, script, concurrency),
+        "server": kind,
+        **with_bounds(fleet, script, concurrency, kind),
     }
 
 
@@ -344,13 +426,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--only", choices=["postgres", "tls"])
+    parser.add_argument(
+        "--server",
+        choices=list(SERVER_ENV),
+        default="sqlite",
+        help="the bench's Prefect server: its database and settings (SERVER_ENV)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line of figures")
     args = parser.parse_args()
     figures: dict[str, Any] = {}
     if args.only in (None, "postgres"):
-        figures["postgres"] = measure_postgres(args.databases, args.concurrency)
+        figures["postgres"] = measure_postgres(args.databases, args.concurrency, args.server)
     if args.only in (None, "tls"):
-        figures["tls"] = measure_tls(args.endpoints, args.dead, args.concurrency, args.timeout)
+        figures["tls"] = measure_tls(
+            args.endpoints, args.dead, args.concurrency, args.timeout, args.server
+        )
     if args.json:
         print(json.dumps(figures))
         return

@@ -9,7 +9,9 @@ stops when it ends; a row that fails prints its error in the table and the other
 
     .venv/bin/python bench/harness.py [--quick] [--only ROW[,ROW]]
 
-Rows: fleet-pg, fleet-tls (bench/fleet_paths.py), alert (bench/alert_latency.py), cli
+Rows: fleet-pg, fleet-tls (bench/fleet_paths.py) and the same two on a Prefect server on
+PostgreSQL, a bench-only setting labelled in the table (fleet-pg-pgserver,
+fleet-tls-pgserver), alert (bench/alert_latency.py), cli
 (bench/cli_paths.py), integrity, restore (bench/backup_paths.py).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -96,11 +99,26 @@ def fleet_lines(kind: str, goal: str) -> Callable[[dict[str, Any]], list[Line]]:
                 f["ours"],
                 f["baseline"],
                 1.5,
-                bound=f"{f['bound']}; totals {t}",
+                bound=f"{f['bound']}; totals {t}{failed(f['fleet'].get('failed', {}))}",
             )
         ]
 
     return lines
+
+
+def failed(messages: dict[str, str]) -> str:
+    """Why the failed targets failed: their reports' messages, the same ones counted once."""
+    if not messages:
+        return ""
+    by_message: dict[str, list[str]] = {}
+    for target, message in messages.items():
+        # httpx's error text: the status and the URL say it; its response and link do not
+        message = re.sub(r"http://[^/]+", "", message.split(" - Response:")[0])
+        by_message.setdefault(message, []).append(target)
+    return "; failed: " + "; ".join(
+        f"{', '.join(targets[:4])}{' ...' if len(targets) > 4 else ''}: {message}"
+        for message, targets in by_message.items()
+    )
 
 
 def alert_lines(figures: dict[str, Any]) -> list[Line]:
@@ -193,18 +211,25 @@ def rows(quick: bool) -> list[Row]:
     fleet = str(BENCH / "fleet_paths.py")
     pg_goal = f"fleet pg, {databases} dbs on 1 server (<= 1.5x script)"
     tls_goal = f"fleet tls, {endpoints} endpoints, {dead} dead (<= 1.5x)"
+    # The same fleets with the bench's Prefect server on PostgreSQL, a bench-only setting
+    # (--server postgres): what is left of the figure without the SQLite server's 503s.
+    pgserver = " [bench: Prefect on PG]"
+    pg_args = [fleet, "--only", "postgres", "--databases", str(databases)]
+    tls_args = [fleet, "--only", "tls", "--endpoints", str(endpoints), "--dead", str(dead)]
     return [
+        Row("fleet-pg", [*pg_args, "--json"], fleet_lines("postgres", pg_goal), [pg_goal]),
         Row(
-            "fleet-pg",
-            [fleet, "--only", "postgres", "--databases", str(databases), "--json"],
-            fleet_lines("postgres", pg_goal),
-            [pg_goal],
+            "fleet-pg-pgserver",
+            [*pg_args, "--server", "postgres", "--json"],
+            fleet_lines("postgres", pg_goal + pgserver),
+            [pg_goal + pgserver],
         ),
+        Row("fleet-tls", [*tls_args, "--json"], fleet_lines("tls", tls_goal), [tls_goal]),
         Row(
-            "fleet-tls",
-            [fleet, "--only", "tls", "--endpoints", str(endpoints), "--dead", str(dead), "--json"],
-            fleet_lines("tls", tls_goal),
-            [tls_goal],
+            "fleet-tls-pgserver",
+            [*tls_args, "--server", "postgres", "--json"],
+            fleet_lines("tls", tls_goal + pgserver),
+            [tls_goal + pgserver],
         ),
         Row(
             "alert",
