@@ -43,6 +43,7 @@ from datetime import timedelta
 from typing import Any, cast
 from uuid import UUID
 
+import httpx
 from prefect import Flow, State, get_client, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -170,13 +171,36 @@ def target_deployments(rb: Runbook, targets: list[str]) -> TargetDeployments:
     return TargetDeployments(pool, {t: own.get(t, shared) for t in targets})
 
 
+# A subflow the Prefect API refused to create (503) is started again, up to START_ATTEMPTS
+# times in all. On Prefect's SQLite server the two requests that create a subflow (its
+# tracking task run, its flow run) read before they write, and SQLite refuses the write at once
+# ("database is locked": a 503) when another write landed in between; Prefect's client gives
+# up after 6 attempts (2 to 32 s apart), and 1-4 of 200 databases and 6-9 of 500 endpoints
+# ended `failed` without their runbook having run (bench/fleet_paths.py). Only those creating
+# requests: a 503 once the run exists could come after it acted, and it must not act twice.
+START_ATTEMPTS = 3
+
+
+def refused_to_create(exc: Exception) -> bool:
+    """Whether exc is the API's 503 to a request creating a flow run or task run."""
+    if not isinstance(exc, httpx.HTTPStatusError) or exc.response.status_code != 503:
+        return False
+    request = exc.request
+    return request.method == "POST" and request.url.path.endswith(("/flow_runs/", "/task_runs/"))
+
+
 def run_as_subflow(runbook: str, target: str, options: dict[str, Any], dry_run: bool) -> Report:
-    """The runbook's flow on one target as a subflow of the fleet's run."""
+    """The runbook's flow on one target as a subflow of the fleet's run (started again when
+    the API refused to create it: START_ATTEMPTS)."""
     sub = RUNBOOKS[runbook].load()
-    try:
-        state = cast("State[Any]", sub(target=target, **options, return_state=True))
-    except Exception as exc:  # it could not even start
-        return report_without_run(runbook, target, dry_run, f"could not start: {exc}")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            state = cast("State[Any]", sub(target=target, **options, return_state=True))
+            break
+        except Exception as exc:  # it could not even start
+            if refused_to_create(exc) and attempt < START_ATTEMPTS:
+                continue
+            return report_without_run(runbook, target, dry_run, f"could not start: {exc}")
     result = state_report(state)
     if isinstance(result, Report):
         return result

@@ -497,6 +497,25 @@ def test_a_fleet_run_with_a_bad_selector_fails_with_one_line(
     assert "Traceback" not in caplog.text
 
 
+def test_only_a_503_to_a_creating_request_starts_a_subflow_again() -> None:
+    import httpx
+
+    from deployments.fleet import refused_to_create
+
+    def error(method: str, path: str, status: int) -> httpx.HTTPStatusError:
+        request = httpx.Request(method, f"http://127.0.0.1:4200/api{path}")
+        response = httpx.Response(status, request=request)
+        return httpx.HTTPStatusError("refused", request=request, response=response)
+
+    assert refused_to_create(error("POST", "/task_runs/", 503))
+    assert refused_to_create(error("POST", "/flow_runs/", 503))
+    # Once the run exists (its states, its logs) a retry could act twice; other errors are
+    # the target's answer.
+    assert not refused_to_create(error("POST", "/flow_runs/1234/set_state", 503))
+    assert not refused_to_create(error("POST", "/flow_runs/", 500))
+    assert not refused_to_create(ValueError("503"))
+
+
 def test_a_bad_label_is_a_configuration_error_naming_its_section(inventory: Any) -> None:
     inventory('[postgres.a]\ndsn = "host=x"\nlabels = { "env-name" = "prod" }\n')
     proc = cli("run", "postgres-connections", "--target", "all")
