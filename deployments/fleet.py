@@ -22,9 +22,12 @@ Each target's run is a tracked child run of the fleet's run, started from one ta
   (tasks.render), since its result stays in its worker's process.
 
 The fleet starts one target (the canary), then doubles the number in flight each time that
-many have finished while the errors stay within --max-errors, up to the cap; once more targets
-than --max-errors allows have erred, it starts no more, lets the ones in flight finish, and
-reports the rest `not_started` with the reason.
+many have finished without error, up to the cap; once more targets than --max-errors allows
+have erred, it starts no more, lets the ones in flight finish, and reports the rest
+`not_started` with the reason. Cancelled (tasks.cancel), it starts no more either; its
+subflows in flight stop at their next task, and on a pool Prefect's cancellation clean-up
+cancels the child runs of a cancelled run. A bad selector or rate ends the run Failed with the
+reason as its message.
 
 Every target's run goes through its own gate as any run of the runbook: the inventory's
 [approval] policies, production targets and limits apply to each. The fleet publishes one
