@@ -101,6 +101,7 @@ def baseline_app() -> Any:
 def serve_baseline(port: int) -> None:
     import uvicorn
 
+    HOME.rmdir()  # this process's own, made at import: nothing goes there
     uvicorn.run(baseline_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
