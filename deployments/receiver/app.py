@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -41,10 +42,32 @@ STORE_UNAVAILABLE = (
     "the alert store is unavailable: the alerts not yet decided were not recorded; "
     "send them again (Alertmanager does)"
 )
+START_UNAVAILABLE = (
+    "the Prefect API could not take a run now: what was decided is recorded (a re-send of it "
+    "is deduplicated), the runs not started start on the re-send (Alertmanager re-sends)"
+)
 UNAUTHORIZED = (
     "missing or invalid credentials: send 'Authorization: Bearer <receiver.token>' or "
     "'X-Runbook-Signature: sha256=<hex HMAC-SHA256 of the body with receiver.hmac_secret>'"
 )
+
+
+class StartsUnavailable(Exception):
+    """A run of the group could not start for a reason a re-send may not meet (the Prefect API
+    overloaded or away); every alert of the group was handled and recorded first."""
+
+    def __init__(self, results: list[AlertResult]) -> None:
+        super().__init__("runs not started: the Prefect API is unavailable")
+        self.results = results
+
+
+def start_unavailable(exc: Exception) -> bool:
+    """The Prefect API could not take the run now: a 5xx or 429 after its client's own retries
+    (SQLite's "database is locked" under a burst is a 503), a timeout, a connection cut."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code >= 500 or code == 429
+    return isinstance(exc, httpx.TransportError)
 
 
 class Receiver:
@@ -65,7 +88,13 @@ class Receiver:
         self.secrets = secrets  # never printed: see tasks.redact.redact_urls
 
     def handle(self, alert: Alert) -> AlertResult:
+        return self._handle(alert)[0]
+
+    def _handle(self, alert: Alert) -> tuple[AlertResult, bool]:
+        """The alert's result, and whether its run failed to start for a reason a re-send may
+        not meet (start_unavailable)."""
         route = route_for(alert, self.routes)
+        retry = False
         dispatch: Dispatch | None = None
         rejected: str | None = None
         if route is not None:
@@ -92,6 +121,7 @@ class Receiver:
                 flow_run_id = self.starter.start(alert, dispatch)
             except Exception as exc:  # one alert's failure must not lose the rest
                 outcome = Outcome.rejected
+                retry = start_unavailable(exc)
                 # The caller and the store get a fixed text: an exception's may carry the API
                 # URL and its credentials. The full text goes to the server's log, redacted.
                 detail = (
@@ -118,10 +148,18 @@ class Receiver:
         )
         emit_alert_event(alert, result, dispatch)
         log_result(result)
-        return result
+        return result, retry
 
     def handle_all(self, alerts: list[Alert]) -> list[AlertResult]:
-        return [self.handle(alert) for alert in alerts]
+        """Every alert's result. Raises StartsUnavailable, after handling them all, when a run
+        could not start because the Prefect API could not take it now: the caller answers 503
+        so that the group is sent again (a 202 would leave the episode without its run until
+        Alertmanager's next notification of the group, up to its repeat_interval)."""
+        handled = [self._handle(alert) for alert in alerts]
+        results = [result for result, _ in handled]
+        if any(retry for _, retry in handled):
+            raise StartsUnavailable(results)
+        return results
 
     def authorized_by_token(self, authorization: str | None) -> bool:
         token = self.config.token
@@ -221,6 +259,14 @@ def create_app(receiver: Receiver) -> FastAPI:
                 flush=True,
             )
             return error(503, STORE_UNAVAILABLE, **{"Retry-After": "10"})
+        except StartsUnavailable as exc:
+            failed = sum(r.outcome is Outcome.rejected for r in exc.results)
+            print(f"alert runs not started source={source} count={failed}: 503", flush=True)
+            return JSONResponse(
+                {"detail": START_UNAVAILABLE, "alerts": [asdict(r) for r in exc.results]},
+                status_code=503,
+                headers={"Retry-After": "10"},
+            )
         truncated = 0 if isinstance(payload, GenericPayload) else payload.truncatedAlerts
         if truncated:
             # The sender left these out of the group (its max_alerts): they were never seen.
