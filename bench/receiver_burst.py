@@ -159,6 +159,8 @@ def figures(burst: Burst, delivery: Delivery, rss: float) -> dict[str, Any]:
         "p50": p50,
         "p99": p99,
         "peak_rss_mib": rss,
+        # notifications sent again after a 503 (the receiver's: a run the API could not take)
+        "resent": len(delivery.sent) - burst.payloads,
     }
 
 
@@ -298,6 +300,7 @@ def table(f: dict[str, Any]) -> str:
             f"{label:<18}{form.format(ours[key]):>10}{form.format(base[key]):>10}"
             f"{ours[key] / base[key]:>7.2f}x"
         )
+    out.append(f"notifications sent again after a 503: {ours['resent']}")
     out.append(
         f"bounded by: receiver CPU {ours['receiver_cpu']:.1f} s, Prefect server CPU "
         f"{ours['prefect_server_cpu']:.1f} s in {ours['seconds']:.1f} s wall"

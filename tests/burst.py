@@ -33,6 +33,9 @@ from typing import Any
 import httpx
 
 GROUP_SIZE = 10
+# A 503 is answered with Retry-After: the notification is sent again, as Alertmanager does
+# (its own backoff is longer; the group's next notification waits for it, here as there).
+RESENDS, RESEND_SECONDS = 5, 1.0
 RESOLVE, REFIRE = 0.25, 0.5
 ALERT = "IdleInTransaction"  # what tests/test_receiver.py's ROUTE matches
 
@@ -130,6 +133,7 @@ class Sent:
     seconds: float  # the request's, sent to answered
     status: int
     body: Any  # the answer, JSON (the receiver's {"alerts": [...]}), or its text
+    attempt: int = 0  # 0, or which re-send of the notification after a 503
 
 
 @dataclass
@@ -144,7 +148,7 @@ class Delivery:
         return [s for group in self.by_group for s in group]
 
     def latency(self) -> tuple[float, float]:
-        """p50 and p99 of the requests' seconds."""
+        """p50 and p99 of the requests' seconds (every attempt)."""
         times = sorted(s.seconds for s in self.sent)
         return statistics.median(times), statistics.quantiles(times, n=100)[98]
 
@@ -166,14 +170,20 @@ def send(url: str, burst: Burst, senders: int, headers: dict[str, str]) -> Deliv
                     for g in mine:
                         if n >= len(bodies[g]):
                             continue
-                        began = time.perf_counter()
-                        response = client.post(url, content=bodies[g][n])
-                        seconds = time.perf_counter() - began
-                        try:
-                            body = response.json()
-                        except ValueError:
-                            body = response.text
-                        delivery.by_group[g].append(Sent(seconds, response.status_code, body))
+                        for attempt in range(RESENDS + 1):
+                            if attempt:
+                                time.sleep(RESEND_SECONDS)
+                            began = time.perf_counter()
+                            response = client.post(url, content=bodies[g][n])
+                            seconds = time.perf_counter() - began
+                            try:
+                                body = response.json()
+                            except ValueError:
+                                body = response.text
+                            sent = Sent(seconds, response.status_code, body, attempt)
+                            delivery.by_group[g].append(sent)
+                            if response.status_code != 503:
+                                break
         except BaseException as exc:  # a sender's crash fails the check, not silently
             errors.append(exc)
 
@@ -198,27 +208,47 @@ def problems(
     recorded: Iterable[tuple[str, str, str, str | None]],
     api_runs: Iterable[str],
 ) -> list[str]:
-    """What storm control got wrong, [] when nothing: every answer a 202 with each alert's
-    expected outcome, every delivery recorded in the store (recorded: its deliveries'
-    fingerprint, status, outcome, flow_run_id, oldest first) with that outcome, one run per
-    episode (api_runs: the ids of the runs the Prefect API has for the deployment, created
-    since the burst began) and none from a resolve."""
+    """What storm control got wrong, [] when nothing. recorded: the store's deliveries
+    (fingerprint, status, outcome, flow_run_id), oldest first; api_runs: the ids of the runs
+    the Prefect API has for the deployment, created since the burst began.
+
+    Every notification answered 202 in the end (a 503 re-sent); one run per firing episode
+    (per fingerprint, as many distinct runs as its expected starts) and the same ids answered,
+    recorded and in the API; a resolve always `resolved` and without a run; every delivery,
+    re-sends included, a row of the store; without re-sends, each alert's outcomes exactly
+    as expected."""
     found: list[str] = []
-    bad = Counter(s.status for s in delivery.sent if s.status != 202)
-    if bad:
-        example = next(s.body for s in delivery.sent if s.status != 202)
-        found.append(f"answers other than 202: {dict(bad)}, e.g. {str(example)[:300]}")
-    answered: dict[str, list[str]] = {}
-    started: list[str] = []
-    for group in delivery.by_group:
-        for s in group:
-            if s.status != 202:
-                continue
-            for a in s.body["alerts"]:
-                answered.setdefault(a["fingerprint"], []).append(a["outcome"])
-                if a["outcome"] == "started":
-                    started.append(a["flow_run_id"])
-    if bad == Counter():
+    final = [group[-1] for group in delivery.by_group if group]
+    bad = Counter(s.status for s in final if s.status != 202)
+    if bad or len(final) != burst.payloads:
+        example = next((s.body for s in final if s.status != 202), "")
+        found.append(
+            f"{len(final)} of {burst.payloads} notifications answered, in the end not 202: "
+            f"{dict(bad)}, e.g. {str(example)[:300]}"
+        )
+    answered: dict[str, list[str]] = {}  # outcomes of every answered alert, re-sends too
+    started: dict[str, list[str]] = {}
+    delivered = 0
+    for s in delivery.sent:
+        if not isinstance(s.body, dict) or "alerts" not in s.body:
+            continue
+        for a in s.body["alerts"]:
+            delivered += 1
+            answered.setdefault(a["fingerprint"], []).append(a["outcome"])
+            if a["outcome"] == "started":
+                started.setdefault(a["fingerprint"], []).append(a["flow_run_id"])
+            if a["outcome"] == "resolved" and a["flow_run_id"] is not None:
+                found.append(f"a resolve of {a['fingerprint']} answered run {a['flow_run_id']}")
+    resent = len(delivery.sent) - len(final)
+    due = {fp: outcomes.count("started") for fp, outcomes in burst.expected.items()}
+    wrong = [fp for fp, n in due.items() if len(set(started.get(fp, []))) != n]
+    if wrong:
+        fp = wrong[0]
+        found.append(
+            f"{len(wrong)} fingerprints started other than one run per episode, e.g. {fp}: "
+            f"{answered.get(fp)} (expected {burst.expected[fp]})"
+        )
+    if not resent:
         wrong = [fp for fp, outcomes in burst.expected.items() if answered.get(fp) != outcomes]
         if wrong:
             fp = wrong[0]
@@ -227,32 +257,34 @@ def problems(
                 f"{answered.get(fp)} (expected {burst.expected[fp]})"
             )
     rows = list(recorded)
-    if len(rows) != burst.alerts:
-        found.append(f"{len(rows)} deliveries recorded, {burst.alerts} sent")
+    if len(rows) != delivered:
+        found.append(f"{len(rows)} deliveries recorded, {delivered} answered ({burst.alerts} sent)")
     stored: dict[str, list[str]] = {}
     for fp, status, outcome, run_id in rows:
         stored.setdefault(fp, []).append(outcome)
         if status == "resolved" and (outcome != "resolved" or run_id is not None):
             found.append(f"a resolve of {fp} recorded {outcome} with run {run_id}")
-    wrong = [fp for fp, outcomes in burst.expected.items() if stored.get(fp) != outcomes]
+    wrong = [fp for fp in burst.expected if stored.get(fp) != answered.get(fp)]
     if wrong:
         fp = wrong[0]
         found.append(
-            f"{len(wrong)} fingerprints recorded other outcomes than expected, e.g. {fp}: "
-            f"{stored.get(fp)} (expected {burst.expected[fp]})"
+            f"{len(wrong)} fingerprints recorded other outcomes than answered, e.g. {fp}: "
+            f"{stored.get(fp)} (answered {answered.get(fp)})"
         )
-    episodes = burst.outcomes["started"]
-    runs = list(api_runs)
-    if len(started) != episodes or len(set(started)) != episodes:
-        found.append(f"{len(set(started))} runs started ({len(started)} answers), {episodes} due")
-    if sorted(runs) != sorted(started):
+    ids = sorted(run_id for runs in started.values() for run_id in runs)
+    if len(ids) != burst.outcomes["started"] or len(set(ids)) != len(ids):
+        found.append(
+            f"{len(set(ids))} runs started ({len(ids)} answers), {burst.outcomes['started']} due"
+        )
+    runs = sorted(api_runs)
+    if runs != ids:
         found.append(
             f"the Prefect API has {len(runs)} runs of the deployment ({len(set(runs))} "
-            f"distinct), the answers started {len(started)}"
+            f"distinct), the answers started {len(ids)}"
         )
-    stored_runs = [run_id for _, _, outcome, run_id in rows if outcome == "started"]
-    if sorted(str(r) for r in stored_runs) != sorted(started):
-        found.append(f"the store recorded {len(stored_runs)} started runs, answered {len(started)}")
+    stored_runs = sorted(str(run_id) for _, _, outcome, run_id in rows if outcome == "started")
+    if stored_runs != ids:
+        found.append(f"the store recorded {len(stored_runs)} started runs, answered {len(ids)}")
     return found
 
 
