@@ -164,7 +164,8 @@ def send(url: str, burst: Burst, senders: int, headers: dict[str, str]) -> Deliv
 
     def sender(mine: list[int]) -> None:
         try:
-            with httpx.Client(timeout=120, headers=headers) as client:
+            # Alertmanager waits up to its group_interval (5 min by default) for an answer.
+            with httpx.Client(timeout=300, headers=headers) as client:
                 rounds = max(len(bodies[g]) for g in mine)
                 for n in range(rounds):
                     for g in mine:
