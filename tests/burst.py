@@ -133,6 +133,7 @@ class Sent:
     seconds: float  # the request's, sent to answered
     status: int
     body: Any  # the answer, JSON (the receiver's {"alerts": [...]}), or its text
+    notification: int = 0  # which of its group's
     attempt: int = 0  # 0, or which re-send of the notification after a 503
 
 
@@ -181,7 +182,7 @@ def send(url: str, burst: Burst, senders: int, headers: dict[str, str]) -> Deliv
                                 body = response.json()
                             except ValueError:
                                 body = response.text
-                            sent = Sent(seconds, response.status_code, body, attempt)
+                            sent = Sent(seconds, response.status_code, body, n, attempt)
                             delivery.by_group[g].append(sent)
                             if response.status_code != 503:
                                 break
@@ -219,7 +220,8 @@ def problems(
     re-sends included, a row of the store; without re-sends, each alert's outcomes exactly
     as expected."""
     found: list[str] = []
-    final = [group[-1] for group in delivery.by_group if group]
+    last = {(g, s.notification): s for g, group in enumerate(delivery.by_group) for s in group}
+    final = list(last.values())  # each notification's last answer
     bad = Counter(s.status for s in final if s.status != 202)
     if bad or len(final) != burst.payloads:
         example = next((s.body for s in final if s.status != 202), "")
