@@ -293,12 +293,12 @@ def table(f: dict[str, Any]) -> str:
         f"{f['alerts']} alerts, {f['fingerprints']} fingerprints, {f['payloads']} notifications "
         f"from {f['senders']} senders; storm control on {ours['store']}; "
         f"{ours['runs']} runs due, outcomes {ours['outcomes']}",
-        f"{'':<18}{'receiver':>10}{'baseline':>10}{'ratio':>8}",
+        f"{'':<18}{'receiver':>10}{'baseline':>10}{'ratio':>10}",
     ]
     for label, key, form in rows:
         out.append(
             f"{label:<18}{form.format(ours[key]):>10}{form.format(base[key]):>10}"
-            f"{ours[key] / base[key]:>7.2f}x"
+            f"{ours[key] / base[key]:>9.2f}x"
         )
     out.append(f"notifications sent again after a 503: {ours['resent']}")
     out.append(
