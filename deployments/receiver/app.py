@@ -87,10 +87,7 @@ class Receiver:
         self.starter = starter
         self.secrets = secrets  # never printed: see tasks.redact.redact_urls
 
-    def handle(self, alert: Alert) -> AlertResult:
-        return self._handle(alert)[0]
-
-    def _handle(self, alert: Alert) -> tuple[AlertResult, bool]:
+    def handle(self, alert: Alert) -> tuple[AlertResult, bool]:
         """The alert's result, and whether its run failed to start for a reason a re-send may
         not meet (start_unavailable)."""
         route = route_for(alert, self.routes)
@@ -155,7 +152,7 @@ class Receiver:
         could not start because the Prefect API could not take it now: the caller answers 503
         so that the group is sent again (a 202 would leave the episode without its run until
         Alertmanager's next notification of the group, up to its repeat_interval)."""
-        handled = [self._handle(alert) for alert in alerts]
+        handled = [self.handle(alert) for alert in alerts]
         results = [result for result, _ in handled]
         if any(retry for _, retry in handled):
             raise StartsUnavailable(results)
